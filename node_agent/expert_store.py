@@ -1,0 +1,40 @@
+"""Reads one expert's weights from the checkpoint on local disk, paced by the disk throttle."""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+import torch
+
+from node_agent.model.checkpoint import Checkpoint
+from node_agent.model.config import MoeConfig
+from node_agent.model.moe import ExpertWeights
+from node_agent.throttle import Throttle
+from scheduler.types import ExpertId
+
+log = logging.getLogger(__name__)
+
+
+class ExpertStore:
+    def __init__(self, ckpt: Checkpoint, cfg: MoeConfig, dtype: torch.dtype, disk: Throttle) -> None:
+        self.ckpt, self.cfg, self.dtype, self.disk = ckpt, cfg, dtype, disk
+        self._lock = threading.Lock()
+        self.bytes_read = 0  # bytes read from disk since start (every chunk passed the throttle)
+        one = cfg.expert_tensor_names(next(i for i in range(cfg.num_layers) if cfg.is_moe(i)), 0)
+        # Bytes one expert takes in memory, in the compute dtype (may differ from the file's).
+        self.expert_nbytes = sum(
+            torch.Size(ckpt.locations[n].shape).numel() for n in one
+        ) * torch.empty((), dtype=dtype).element_size()
+
+    def _count(self, nbytes: int) -> None:
+        self.disk.pace(nbytes)
+        with self._lock:
+            self.bytes_read += nbytes
+
+    def load(self, eid: ExpertId) -> ExpertWeights:
+        """Blocking read of (gate, up, down); run it in the disk thread, never on the event loop."""
+        names = self.cfg.expert_tensor_names(eid.layer, eid.index)
+        tensors = [self.ckpt.read(n, before_chunk=self._count).to(self.dtype) for n in names]
+        log.debug("loaded expert %d/%d", eid.layer, eid.index)
+        return ExpertWeights(*tensors)

@@ -1,0 +1,102 @@
+"""Where each tensor of a safetensors checkpoint lies on disk, and reading it byte-exactly.
+
+Works on a single `model.safetensors` and on sharded checkpoints with `model.safetensors.index.json`
+(how Mixtral-8x7B and Qwen3-30B-A3B are published). Tensors are read with `os.pread` in chunks so
+a caller can pace every byte (the expert store's disk throttle); nothing is memory-mapped behind
+the throttle's back.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+DTYPES: dict[str, torch.dtype] = {
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F64": torch.float64,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+}
+READ_CHUNK = 1 << 20  # bytes per pread; the unit at which a throttle paces reads
+
+
+@dataclass(frozen=True)
+class TensorLocation:
+    file: Path
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    start: int  # absolute byte offset in the file
+    nbytes: int
+
+
+class Checkpoint:
+    """The tensor directory of a checkpoint folder (headers only; no weights are read here)."""
+
+    def __init__(self, model_dir: Path) -> None:
+        self.model_dir = Path(model_dir)
+        index = self.model_dir / "model.safetensors.index.json"
+        if index.exists():
+            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        elif (self.model_dir / "model.safetensors").exists():
+            files = ["model.safetensors"]
+        else:
+            raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {self.model_dir}")
+        self.locations: dict[str, TensorLocation] = {}
+        for name in files:
+            self.locations.update(_read_header(self.model_dir / name))
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.locations
+
+    def nbytes(self, names: Iterable[str]) -> int:
+        return sum(self.locations[n].nbytes for n in names)
+
+    def read(self, name: str, before_chunk: Callable[[int], None] | None = None) -> torch.Tensor:
+        """Read one tensor; `before_chunk(nbytes)` is called before every chunk is read."""
+        loc = self.locations.get(name)
+        if loc is None:
+            raise KeyError(f"tensor {name!r} is not in the checkpoint at {self.model_dir}")
+        buf = bytearray(loc.nbytes)
+        view = memoryview(buf)
+        fd = os.open(loc.file, os.O_RDONLY)
+        try:
+            done = 0
+            while done < loc.nbytes:
+                n = min(READ_CHUNK, loc.nbytes - done)
+                if before_chunk is not None:
+                    before_chunk(n)
+                got = os.preadv(fd, [view[done : done + n]], loc.start + done)
+                if got <= 0:
+                    raise OSError(f"short read of {name!r} in {loc.file}")
+                done += got
+        finally:
+            os.close(fd)
+        if loc.nbytes == 0:
+            return torch.empty(loc.shape, dtype=loc.dtype)
+        return torch.frombuffer(buf, dtype=loc.dtype).reshape(loc.shape)
+
+
+def _read_header(path: Path) -> dict[str, TensorLocation]:
+    with open(path, "rb") as f:
+        (size,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(size))
+    base = 8 + size
+    out = {}
+    for name, meta in header.items():
+        if name == "__metadata__":
+            continue
+        if meta["dtype"] not in DTYPES:
+            raise ValueError(f"{path}: tensor {name!r} has unsupported dtype {meta['dtype']}")
+        begin, end = meta["data_offsets"]
+        out[name] = TensorLocation(path, DTYPES[meta["dtype"]], tuple(meta["shape"]), base + begin, end - begin)
+    return out

@@ -1,0 +1,206 @@
+"""The decoder math of Mixtral and Qwen3-MoE, written so distribution is applied from outside.
+
+Every function works on the tokens it is given (a shard of a sequence) and takes their absolute
+positions, so the same code serves one process, sequence-parallel prefill and split-KV decode:
+attention returns a partial output and its log-sum-exp over whatever keys it saw, and `merge`
+combines partials exactly. Experts are weights looked up by expert index, never modules.
+
+Shapes: T new tokens, S keys, D hidden, H heads, KVH kv heads, hd head dim, E experts, k top-k.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from node_agent.model.checkpoint import Checkpoint
+from node_agent.model.config import MoeConfig
+
+QUERY_BLOCK = 512  # query rows per attention block: bounds the [H, block, S] score matrix
+
+
+@dataclass(frozen=True)
+class ExpertWeights:
+    gate: torch.Tensor  # [I, D]
+    up: torch.Tensor  # [I, D]
+    down: torch.Tensor  # [D, I]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.gate, self.up, self.down))
+
+
+@dataclass(frozen=True)
+class LayerWeights:
+    input_norm: torch.Tensor  # [D]
+    q: torch.Tensor  # [H*hd, D]
+    k: torch.Tensor  # [KVH*hd, D]
+    v: torch.Tensor  # [KVH*hd, D]
+    o: torch.Tensor  # [D, H*hd]
+    q_norm: torch.Tensor | None  # [hd] (Qwen3)
+    k_norm: torch.Tensor | None  # [hd] (Qwen3)
+    post_norm: torch.Tensor  # [D]
+    router: torch.Tensor | None  # [E, D]; None for a dense-MLP layer
+    dense_mlp: ExpertWeights | None  # the MLP of a dense layer
+
+
+@dataclass(frozen=True)
+class DenseWeights:
+    """Everything but the experts: loaded on every agent."""
+
+    embed: torch.Tensor  # [V, D]
+    layers: tuple[LayerWeights, ...]
+    norm: torch.Tensor  # [D]
+    lm_head: torch.Tensor  # [V, D]
+
+
+def load_dense(ckpt: Checkpoint, cfg: MoeConfig, dtype: torch.dtype, progress: Callable[[str], None] | None = None) -> DenseWeights:
+    def get(name: str) -> torch.Tensor:
+        return ckpt.read(name).to(dtype)
+
+    layers = []
+    for i in range(cfg.num_layers):
+        p = f"model.layers.{i}"
+        dense = None
+        if not cfg.is_moe(i):
+            dense = ExpertWeights(*(get(f"{p}.mlp.{n}_proj.weight") for n in ("gate", "up", "down")))
+        layers.append(
+            LayerWeights(
+                input_norm=get(f"{p}.input_layernorm.weight"),
+                q=get(f"{p}.self_attn.q_proj.weight"),
+                k=get(f"{p}.self_attn.k_proj.weight"),
+                v=get(f"{p}.self_attn.v_proj.weight"),
+                o=get(f"{p}.self_attn.o_proj.weight"),
+                q_norm=get(f"{p}.self_attn.q_norm.weight") if cfg.qk_norm else None,
+                k_norm=get(f"{p}.self_attn.k_norm.weight") if cfg.qk_norm else None,
+                post_norm=get(f"{p}.post_attention_layernorm.weight"),
+                router=get(f"{cfg.prefix(i)}.gate.weight") if cfg.is_moe(i) else None,
+                dense_mlp=dense,
+            )
+        )
+        if progress:
+            progress(f"dense weights: layer {i + 1}/{cfg.num_layers}")
+    embed = get("model.embed_tokens.weight")
+    lm_head = embed if cfg.tie_embeddings or "lm_head.weight" not in ckpt else get("lm_head.weight")
+    return DenseWeights(embed, tuple(layers), get("model.norm.weight"), lm_head)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    # Normalise in float32 whatever the compute dtype, as the reference implementation does.
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
+
+
+def rope(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
+    """Rotary embedding (rotate-half form) of x [T, heads, hd] at absolute positions [T]."""
+    hd = x.shape[-1]
+    inv_freq = 1.0 / (theta ** (torch.arange(0, hd, 2, dtype=torch.float32) / hd))  # [hd/2]
+    freqs = positions.float()[:, None] * inv_freq[None, :]  # [T, hd/2]
+    emb = torch.cat((freqs, freqs), dim=-1)[:, None, :]  # [T, 1, hd]
+    cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+    half = hd // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+def qkv(w: LayerWeights, cfg: MoeConfig, h: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Input norm + projections + (q/k norm) + RoPE. h [T, D] -> q [T,H,hd], k/v [T,KVH,hd]."""
+    x = rms_norm(h, w.input_norm, cfg.rms_eps)
+    T = x.shape[0]
+    q = F.linear(x, w.q).view(T, cfg.num_heads, cfg.head_dim)
+    k = F.linear(x, w.k).view(T, cfg.num_kv_heads, cfg.head_dim)
+    v = F.linear(x, w.v).view(T, cfg.num_kv_heads, cfg.head_dim)
+    if w.q_norm is not None and w.k_norm is not None:
+        q, k = rms_norm(q, w.q_norm, cfg.rms_eps), rms_norm(k, w.k_norm, cfg.rms_eps)
+    return rope(q, positions, cfg.rope_theta), rope(k, positions, cfg.rope_theta), v
+
+
+def attend(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor | None = None, k_pos: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax attention of q [T,H,hd] over k/v [S,KVH,hd]; causal by positions when both given.
+
+    Returns (out [T,H,hd], lse [T,H]); a query that sees no key gets out 0 and lse -inf, so it
+    drops out of `merge`.
+    """
+    T, H, hd = q.shape
+    kvh = k.shape[1]
+    rep = H // kvh
+    scale = 1.0 / math.sqrt(hd)
+    kt = k.permute(1, 2, 0)  # [KVH, hd, S]
+    vt = v.permute(1, 0, 2)  # [KVH, S, hd]
+    outs, lses = [], []
+    for start in range(0, T, QUERY_BLOCK):
+        qb = q[start : start + QUERY_BLOCK]  # [t, H, hd]
+        t = qb.shape[0]
+        qg = qb.view(t, kvh, rep, hd).permute(1, 2, 0, 3).reshape(kvh, rep * t, hd)  # [KVH, rep*t, hd]
+        scores = torch.matmul(qg, kt).float() * scale  # [KVH, rep*t, S]
+        scores = scores.view(kvh, rep, t, -1)
+        if q_pos is not None and k_pos is not None:
+            hidden = k_pos[None, :] > q_pos[start : start + t, None]  # [t, S]
+            scores = scores.masked_fill(hidden, float("-inf"))
+        lse = torch.logsumexp(scores, dim=-1)  # [KVH, rep, t]
+        probs = torch.exp(scores - lse[..., None]).nan_to_num(0.0)  # rows with no key: 0
+        out = torch.matmul(probs.view(kvh, rep * t, -1).to(v.dtype), vt)  # [KVH, rep*t, hd]
+        outs.append(out.view(kvh, rep, t, hd).permute(2, 0, 1, 3).reshape(t, H, hd))
+        lses.append(lse.permute(2, 0, 1).reshape(t, H))
+    return torch.cat(outs), torch.cat(lses)
+
+
+def merge(parts: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """Combine partial attentions over disjoint key sets: exact softmax over their union."""
+    if len(parts) == 1:
+        return parts[0][0]
+    lse = torch.stack([p[1] for p in parts])  # [P, T, H]
+    total = torch.logsumexp(lse, dim=0)  # [T, H]
+    weights = torch.exp(lse - total).nan_to_num(0.0)  # [P, T, H]
+    out = sum((weights[i][..., None].to(p[0].dtype) * p[0] for i, p in enumerate(parts)), torch.zeros_like(parts[0][0]))
+    return out
+
+
+def attention_output(w: LayerWeights, h: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+    """o_proj + residual. attn [T,H,hd] -> h [T,D]."""
+    return h + F.linear(attn.reshape(attn.shape[0], -1), w.o)
+
+
+def route(w: LayerWeights, cfg: MoeConfig, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Router of a MoE layer on normed hidden x [T,D] -> (expert ids [T,k] int64, weights [T,k])."""
+    assert w.router is not None
+    logits = F.linear(x, w.router)  # [T, E]
+    probs = torch.softmax(logits.float(), dim=-1)
+    top_w, top_i = torch.topk(probs, cfg.top_k, dim=-1)
+    if cfg.norm_topk_prob:
+        top_w = top_w / top_w.sum(dim=-1, keepdim=True)
+    return top_i, top_w.to(x.dtype)
+
+
+def swiglu(e: ExpertWeights, x: torch.Tensor) -> torch.Tensor:
+    """One SwiGLU MLP on x [n, D] -> [n, D]."""
+    return F.linear(F.silu(F.linear(x, e.gate)) * F.linear(x, e.up), e.down)
+
+
+def add_expert(out: torch.Tensor, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, index: int, e: ExpertWeights) -> None:
+    """out += routing weight * expert `index`(x) for the rows of x [n,D] whose ids [n,k] name it."""
+    rows, slots = torch.nonzero(ids == index, as_tuple=True)
+    if rows.numel():
+        out.index_add_(0, rows, swiglu(e, x[rows]) * weights[rows, slots, None])
+
+
+def run_experts(
+    x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, expert: Callable[[int], ExpertWeights]
+) -> torch.Tensor:
+    """Weighted sum of the experts named in ids [n,k] (slots with -1 are skipped) on x [n,D]."""
+    out = torch.zeros_like(x)
+    for index in torch.unique(ids[ids >= 0]).tolist():
+        add_expert(out, x, ids, weights, int(index), expert(int(index)))
+    return out
+
+
+def final_logits(dense: DenseWeights, cfg: MoeConfig, h: torch.Tensor) -> torch.Tensor:
+    """Final norm + lm_head: h [T,D] -> logits [T,V] in float32."""
+    return F.linear(rms_norm(h, dense.norm, cfg.rms_eps), dense.lm_head).float()

@@ -1,0 +1,211 @@
+"""The agent process: settings, the gRPC servicer (thin: parse, delegate, convert), health, signals."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import signal
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import grpc
+import torch
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from node_agent.expert_buffer import BufferTooSmall, ExpertBuffer
+from node_agent.expert_store import ExpertStore
+from node_agent.model.checkpoint import Checkpoint
+from node_agent.model.config import MoeConfig
+from node_agent.model.moe import load_dense
+from node_agent.peers import CHANNEL_OPTIONS, GrpcPeers, Link
+from node_agent.state import KVShard, Peer, RequestReleased, UnknownRequest
+from node_agent.throttle import Throttle
+from node_agent.worker import AgentCore
+from protos.convert import tensor_from_proto, tensor_to_proto
+from protos.potluck.v1 import agent_pb2 as pb
+from protos.potluck.v1 import agent_pb2_grpc as pb_grpc
+
+log = logging.getLogger("potluck.agent")
+
+
+class AgentSettings(BaseSettings):
+    """One node agent. Environment variables POTLUCK_AGENT_<FIELD> override defaults."""
+
+    model_config = SettingsConfigDict(env_prefix="POTLUCK_AGENT_", frozen=True)
+
+    listen: str = Field(description="host:port of the gRPC server")
+    model_dir: Path = Field(description="checkpoint folder on this device's disk")
+    name: str | None = Field(None, description="node name; defaults to the listen address")
+    expert_memory_bytes: int = Field(0, ge=0, description="expert buffer budget in bytes; 0 = unlimited")
+    disk_bytes_per_s: float = Field(0, ge=0, description="expert store read rate; 0 = unlimited")
+    link_bytes_per_s: float = Field(0, ge=0, description="send rate to peers and scheduler; 0 = unlimited")
+    torch_threads: int = Field(1, ge=1, description="torch intra-op threads for this agent")
+    dtype: str = Field("float32", description="compute dtype: float32 | bfloat16 | float16")
+    log_level: str = Field("INFO")
+
+    @property
+    def node_name(self) -> str:
+        return self.name or self.listen
+
+
+def model_fingerprint(model_dir: Path) -> str:
+    return hashlib.sha256((Path(model_dir) / "config.json").read_bytes()).hexdigest()[:16]
+
+
+def _plan(msg: pb.RoutingPlan, me: str) -> dict[int, str]:
+    return {a.expert: a.executor for a in msg.assignments if a.owner == me}
+
+
+class Servicer(pb_grpc.NodeAgentServicer):
+    def __init__(self, core: AgentCore, settings: AgentSettings, link: Link, store: ExpertStore, fingerprint: str) -> None:
+        self.core, self.settings, self.link, self.store, self.fingerprint = core, settings, link, store, fingerprint
+
+    async def Info(self, request: pb.InfoRequest, context: Any) -> pb.InfoReply:
+        cfg, s = self.core.cfg, self.settings
+        profile = pb.DeviceProfile(expert_memory_bytes=s.expert_memory_bytes, disk_bytes_per_s=s.disk_bytes_per_s,
+                                   link_bytes_per_s=s.link_bytes_per_s)
+        return pb.InfoReply(name=s.node_name, model_type=cfg.model_type, num_layers=cfg.num_layers,
+                            num_experts=cfg.num_experts, vocab_size=cfg.vocab_size, profile=profile,
+                            model_fingerprint=self.fingerprint, expert_bytes=self.store.expert_nbytes)
+
+    async def BeginStep(self, request: pb.BeginStepRequest, context: Any) -> pb.BeginStepReply:
+        peers = [Peer(p.name, p.address, p.new_min_position, p.new_max_position, p.cached_tokens) for p in request.peers]
+        await self.core.begin_step(request.request_id, request.step, request.token_ids, request.positions, peers,
+                                   request.all_logits)
+        return pb.BeginStepReply()
+
+    async def Forward(self, request: pb.ForwardRequest, context: Any) -> pb.ForwardReply:
+        r = await self.core.forward(request.request_id, request.layer, _plan(request.plan, self.core.name))
+        return pb.ForwardReply(expert_token_counts=r.counts, resident_experts=r.resident, loading_experts=r.loading,
+                               attention_seconds=r.attention_s)
+
+    async def Finish(self, request: pb.FinishRequest, context: Any) -> pb.FinishReply:
+        logits, positions = await self.core.finish(request.request_id, _plan(request.plan, self.core.name))
+        if logits is None:
+            return pb.FinishReply()
+        msg = tensor_to_proto(logits)
+        await self.link.send(msg)
+        return pb.FinishReply(logits=msg, positions=positions.tolist())
+
+    async def Release(self, request: pb.ReleaseRequest, context: Any) -> pb.ReleaseReply:
+        await self.core.release(request.request_id)
+        return pb.ReleaseReply()
+
+    async def CacheState(self, request: pb.CacheStateRequest, context: Any) -> pb.CacheStateReply:
+        buf, c = self.core.buffer, self.core.buffer.counters
+        counters = pb.CacheCounters(hits=c.hits, misses=c.misses, loads=c.loads, evictions=c.evictions,
+                                    bytes_read=self.store.bytes_read, bytes_sent=self.link.bytes_sent,
+                                    bytes_used=buf.bytes_used, capacity_bytes=buf.capacity)
+        resident = [e.layer * self.core.cfg.num_experts + e.index for e in buf.all_resident()]
+        return pb.CacheStateReply(counters=counters, resident=resident)
+
+    async def PushKV(self, request: pb.KVBlock, context: Any) -> pb.Ack:
+        shard = KVShard(tensor_from_proto(request.keys), tensor_from_proto(request.values), torch.tensor(list(request.positions)))
+        await self.core.receive_kv(request.request_id, request.step, request.layer, request.sender, request.chunk,
+                                   request.num_chunks, shard)
+        return pb.Ack()
+
+    async def Attend(self, request: pb.AttendRequest, context: Any) -> pb.AttendReply:
+        out, lse = await self.core.attend(request.request_id, request.layer, tensor_from_proto(request.queries))
+        reply = pb.AttendReply(output=tensor_to_proto(out), lse=tensor_to_proto(lse))
+        await self.link.send(reply.output, reply.lse)
+        return reply
+
+    async def RunExperts(self, request: pb.ExpertBatch, context: Any) -> pb.ExpertResult:
+        x = tensor_from_proto(request.hidden)
+        ids = tensor_from_proto(request.expert_ids).long()
+        out = await self.core.execute(request.layer, x, ids, tensor_from_proto(request.weights).to(x.dtype))
+        reply = pb.ExpertResult(output=tensor_to_proto(out))
+        await self.link.send(reply.output)
+        return reply
+
+
+class ErrorInterceptor(grpc.aio.ServerInterceptor):
+    """The one place where agent exceptions become gRPC status codes."""
+
+    CODES: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
+        (UnknownRequest, grpc.StatusCode.NOT_FOUND),
+        (RequestReleased, grpc.StatusCode.CANCELLED),
+        (TimeoutError, grpc.StatusCode.DEADLINE_EXCEEDED),
+        (ValueError, grpc.StatusCode.INVALID_ARGUMENT),
+    )
+
+    async def intercept_service(self, continuation: Callable[[Any], Awaitable[Any]], details: Any) -> Any:
+        handler = await continuation(details)
+        if handler is None or handler.unary_unary is None:
+            return handler
+        inner = handler.unary_unary
+
+        async def guarded(request: Any, context: Any) -> Any:
+            try:
+                return await inner(request, context)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                code = next((c for t, c in self.CODES if isinstance(exc, t)), grpc.StatusCode.INTERNAL)
+                if code is grpc.StatusCode.INTERNAL:
+                    log.exception("%s failed", details.method)
+                await context.abort(code, f"{type(exc).__name__}: {exc}")
+
+        return grpc.unary_unary_rpc_method_handler(
+            guarded, request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer
+        )
+
+
+async def serve(settings: AgentSettings, ready: asyncio.Event | None = None, stop: asyncio.Event | None = None) -> None:
+    """Load the dense weights, serve until `stop` is set (or forever)."""
+    torch.set_num_threads(settings.torch_threads)
+    dtype = getattr(torch, settings.dtype)
+    cfg = MoeConfig.load(settings.model_dir)
+    ckpt = Checkpoint(settings.model_dir)
+    log.info("agent %s: loading dense weights of %s from %s", settings.node_name, cfg.model_type, settings.model_dir)
+    dense = load_dense(ckpt, cfg, dtype, progress=lambda m: log.info("agent %s: %s", settings.node_name, m))
+    store = ExpertStore(ckpt, cfg, dtype, Throttle(settings.disk_bytes_per_s))
+    disk = ThreadPoolExecutor(1, thread_name_prefix="disk")
+    try:
+        buffer = ExpertBuffer(settings.expert_memory_bytes, store.expert_nbytes, store.load, disk)
+    except BufferTooSmall as exc:
+        raise SystemExit(f"--expert-memory: {exc}") from None
+    link = Link(settings.link_bytes_per_s)
+    peers = GrpcPeers(settings.node_name, link)
+    core = AgentCore(settings.node_name, cfg, dense, buffer, peers)
+    server = grpc.aio.server(interceptors=[ErrorInterceptor()], options=CHANNEL_OPTIONS)
+    pb_grpc.add_NodeAgentServicer_to_server(Servicer(core, settings, link, store, model_fingerprint(settings.model_dir)), server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    server.add_insecure_port(settings.listen)
+    await server.start()
+    await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    await health_servicer.set("potluck.v1.NodeAgent", health_pb2.HealthCheckResponse.SERVING)
+    log.info("agent %s: serving on %s (expert memory %s bytes, disk %s B/s, link %s B/s)", settings.node_name,
+             settings.listen, settings.expert_memory_bytes or "unlimited", settings.disk_bytes_per_s or "unlimited",
+             settings.link_bytes_per_s or "unlimited")
+    if ready is not None:
+        ready.set()
+    try:
+        await (stop or asyncio.Event()).wait()
+    finally:
+        await health_servicer.enter_graceful_shutdown()
+        await server.stop(grace=2.0)
+        await peers.close()
+        disk.shutdown(wait=False, cancel_futures=True)
+        log.info("agent %s: stopped", settings.node_name)
+
+
+def run_agent(settings: AgentSettings) -> None:
+    """Run one agent in this process until SIGINT or SIGTERM."""
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await serve(settings, stop=stop)
+
+    asyncio.run(main())

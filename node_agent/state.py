@@ -1,0 +1,113 @@
+"""What an agent keeps for one request: its KV shard, the current step's tokens, the K/V inbox."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+
+import torch
+
+
+class RequestReleased(Exception):
+    """The request was released (finished or cancelled) while work for it was waiting."""
+
+
+class UnknownRequest(KeyError):
+    """A message names a request this agent has no state for."""
+
+
+@dataclass(frozen=True)
+class Peer:
+    """Another agent as one step sees it (from the scheduler's StepPeer)."""
+
+    name: str
+    address: str
+    new_min: int  # smallest new position this step, -1 if it has no new tokens
+    new_max: int  # largest new position this step, -1 if none
+    cached: int  # KV entries it holds from earlier steps
+
+    @property
+    def has_new(self) -> bool:
+        return self.new_max >= 0
+
+
+@dataclass
+class KVShard:
+    """K/V of this agent's own tokens for one layer, RoPE applied."""
+
+    k: torch.Tensor  # [S, KVH, hd]
+    v: torch.Tensor  # [S, KVH, hd]
+    pos: torch.Tensor  # [S] absolute positions
+
+    def append(self, other: KVShard) -> KVShard:
+        return KVShard(torch.cat([self.k, other.k]), torch.cat([self.v, other.v]), torch.cat([self.pos, other.pos]))
+
+
+@dataclass
+class StepState:
+    step: int
+    positions: torch.Tensor  # [T] of this agent's new tokens
+    hidden: torch.Tensor  # [T, D] residual stream
+    peers: tuple[Peer, ...]  # every agent in the step, this one included
+    all_logits: bool
+    moe_in: torch.Tensor | None = None  # [T, D] post-attention-norm input of the pending MoE
+    route: tuple[torch.Tensor, torch.Tensor] | None = None  # (ids [T,k], weights [T,k]) pending
+    new_kv: dict[int, KVShard] = field(default_factory=dict)  # layer -> this step's own K/V
+
+
+@dataclass
+class RequestState:
+    request_id: str
+    kv: dict[int, KVShard] = field(default_factory=dict)  # layer -> K/V of earlier steps
+    step: StepState | None = None
+    # (step, layer) -> sender -> {chunk index: shard}: K/V pushed by peers for this step.
+    inbox: dict[tuple[int, int], dict[str, dict[int, tuple[int, KVShard]]]] = field(default_factory=dict)
+    arrived: asyncio.Condition = field(default_factory=asyncio.Condition)
+    released: bool = False
+
+    def commit_step(self) -> None:
+        """Fold the finished step's own K/V into the shard (called when the next step begins)."""
+        if self.step is None:
+            return
+        for layer, new in self.step.new_kv.items():
+            self.kv[layer] = self.kv[layer].append(new) if layer in self.kv else new
+        self.inbox = {key: v for key, v in self.inbox.items() if key[0] > self.step.step}
+        self.step = None
+
+    def cached_tokens(self) -> int:
+        return int(self.kv[0].pos.numel()) if 0 in self.kv else 0
+
+    async def deliver(self, step: int, layer: int, sender: str, chunk: int, num_chunks: int, shard: KVShard) -> None:
+        async with self.arrived:
+            self.inbox.setdefault((step, layer), {}).setdefault(sender, {})[chunk] = (num_chunks, shard)
+            self.arrived.notify_all()
+
+    async def wait_blocks(self, step: int, layer: int, senders: set[str], timeout_s: float) -> dict[str, KVShard]:
+        """K/V of this step and layer from every sender, each reassembled from its chunks."""
+
+        def complete() -> bool:
+            got = self.inbox.get((step, layer), {})
+            return all(s in got and len(got[s]) == next(iter(got[s].values()))[0] for s in senders)
+
+        async with self.arrived:
+            try:
+                await asyncio.wait_for(self.arrived.wait_for(lambda: self.released or complete()), timeout_s)
+            except TimeoutError:
+                missing = sorted(senders - set(self.inbox.get((step, layer), {})))
+                raise TimeoutError(f"K/V of layer {layer} from {missing} did not arrive within {timeout_s}s") from None
+            if self.released:
+                raise RequestReleased(self.request_id)
+            got = self.inbox.pop((step, layer), {})
+        out = {}
+        for sender in senders:
+            chunks = [got[sender][i][1] for i in sorted(got[sender])]
+            out[sender] = KVShard(
+                torch.cat([c.k for c in chunks]), torch.cat([c.v for c in chunks]), torch.cat([c.pos for c in chunks])
+            )
+        return out
+
+    async def release(self) -> None:
+        async with self.arrived:
+            self.released = True
+            self.inbox.clear()
+            self.arrived.notify_all()

@@ -1,0 +1,43 @@
+"""Byte pacing that emulates a device's disk or link bandwidth.
+
+A throttle is a single queue of bytes at `rate` bytes/s: each reservation starts when the previous
+one ends (or now, if the line is idle) and no idle time is banked as credit, so bursts after a
+pause are not faster than the rate, and concurrent users share the one rate. Rate 0 = unlimited.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+
+class Throttle:
+    def __init__(self, rate_bytes_per_s: float) -> None:
+        if rate_bytes_per_s < 0:
+            raise ValueError(f"rate must be >= 0 bytes/s, got {rate_bytes_per_s}")
+        self.rate = rate_bytes_per_s
+        self._lock = threading.Lock()
+        self._free_at = 0.0  # monotonic time at which the line is idle again
+
+    def _reserve(self, nbytes: int) -> float:
+        """Book nbytes on the line; return how long the caller must wait until they are through."""
+        if self.rate <= 0 or nbytes <= 0:
+            return 0.0
+        with self._lock:
+            now = time.monotonic()
+            start = max(now, self._free_at)
+            self._free_at = start + nbytes / self.rate
+            return self._free_at - now
+
+    def pace(self, nbytes: int) -> None:
+        """Block the calling thread (a disk reader) until nbytes have passed at the rate."""
+        wait = self._reserve(nbytes)
+        if wait > 0:
+            time.sleep(wait)
+
+    async def pace_async(self, nbytes: int) -> None:
+        """Wait on the event loop (a sender) until nbytes have passed at the rate."""
+        wait = self._reserve(nbytes)
+        if wait > 0:
+            await asyncio.sleep(wait)

@@ -1,0 +1,221 @@
+"""The agent's core: one request's steps, layer by layer, on this agent's shard of the tokens.
+
+No gRPC here: peers are reached through an injected `PeerTransport`, and all torch work runs on
+one compute thread so the event loop stays free for messages while expert reads run on the disk
+thread (overlap). The servicer (`service.py`) only converts messages and delegates.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Protocol, TypeVar
+
+import torch
+
+from node_agent.expert_buffer import ExpertBuffer
+from node_agent.model import moe
+from node_agent.model.config import MoeConfig
+from node_agent.state import KVShard, Peer, RequestState, StepState, UnknownRequest
+from scheduler.types import ExpertId
+
+log = logging.getLogger(__name__)
+R = TypeVar("R")
+
+
+class PeerTransport(Protocol):
+    async def push_kv(self, address: str, request_id: str, step: int, layer: int, shard: KVShard) -> None: ...
+    async def attend(self, address: str, request_id: str, layer: int, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
+    async def run_experts(
+        self, address: str, request_id: str, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor
+    ) -> torch.Tensor: ...
+
+
+@dataclass(frozen=True)
+class LayerReport:
+    counts: list[int]  # tokens routed to each expert of the layer ([] for a dense-MLP layer)
+    resident: list[int]  # expert indices of the layer in the buffer
+    loading: list[int]  # expert indices of the layer being read
+    attention_s: float  # seconds this agent spent in the layer's attention
+
+
+class AgentCore:
+    def __init__(
+        self,
+        name: str,
+        cfg: MoeConfig,
+        dense: moe.DenseWeights,
+        buffer: ExpertBuffer,
+        peers: PeerTransport,
+        peer_timeout_s: float = 120.0,
+    ) -> None:
+        self.name, self.cfg, self.dense, self.buffer, self.peers = name, cfg, dense, buffer, peers
+        self.peer_timeout_s = peer_timeout_s
+        self._compute = ThreadPoolExecutor(1, thread_name_prefix="compute")
+        self.requests: dict[str, RequestState] = {}
+
+    async def compute(self, fn: Callable[..., R], *args: object) -> R:
+        """Run torch work on the compute thread (torch releases the GIL inside its kernels)."""
+        def run() -> R:
+            with torch.inference_mode():
+                return fn(*args)
+
+        return await asyncio.get_running_loop().run_in_executor(self._compute, run)
+
+    def _state(self, request_id: str) -> RequestState:
+        state = self.requests.get(request_id)
+        if state is None:
+            raise UnknownRequest(f"request {request_id!r} is unknown to agent {self.name!r}")
+        return state
+
+    def _step(self, request_id: str) -> StepState:
+        step = self._state(request_id).step
+        if step is None:
+            raise UnknownRequest(f"request {request_id!r} has no step in progress on agent {self.name!r}")
+        return step
+
+    # Control plane ---------------------------------------------------------------------------
+
+    async def begin_step(self, request_id: str, step: int, token_ids: Sequence[int], positions: Sequence[int],
+                         peers: Sequence[Peer], all_logits: bool) -> None:
+        state = self.requests.setdefault(request_id, RequestState(request_id))
+        state.commit_step()
+        ids = torch.tensor(list(token_ids), dtype=torch.long)
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.cfg.vocab_size):
+            raise ValueError(f"token ids must be in [0, {self.cfg.vocab_size})")
+        hidden = self.dense.embed[ids]  # [T, D]
+        state.step = StepState(step, torch.tensor(list(positions), dtype=torch.long), hidden, tuple(peers), all_logits)
+
+    async def forward(self, request_id: str, layer: int, plan: dict[int, str]) -> LayerReport:
+        """MoE of layer-1 by `plan` (expert -> executor for this agent's tokens), then attention and
+        router of `layer`."""
+        st = self._step(request_id)
+        if layer > 0:
+            await self._apply_mlp(request_id, st, layer - 1, plan)
+        t0 = time.perf_counter()
+        if st.positions.numel():
+            await self._attention(request_id, st, layer)
+        attention_s = time.perf_counter() - t0
+        w = self.dense.layers[layer]
+        st.moe_in = await self.compute(moe.rms_norm, st.hidden, w.post_norm, self.cfg.rms_eps)
+        counts: list[int] = []
+        if self.cfg.is_moe(layer):
+            st.route = await self.compute(moe.route, w, self.cfg, st.moe_in)
+            counts = torch.bincount(st.route[0].flatten(), minlength=self.cfg.num_experts).tolist()
+        return LayerReport(counts, self.buffer.resident(layer), self.buffer.loading(layer), attention_s)
+
+    async def finish(self, request_id: str, plan: dict[int, str]) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """MoE of the last layer; logits if this agent owns the step's last position (with
+        all_logits: of every new token it owns)."""
+        st = self._step(request_id)
+        await self._apply_mlp(request_id, st, self.cfg.num_layers - 1, plan)
+        last = max(p.new_max for p in st.peers)
+        if st.all_logits and st.positions.numel():
+            rows = torch.arange(st.positions.numel())
+        elif st.positions.numel() and int(st.positions.max()) == last:
+            rows = (st.positions == last).nonzero()[0]
+        else:
+            return None, torch.empty(0, dtype=torch.long)
+        logits = await self.compute(moe.final_logits, self.dense, self.cfg, st.hidden[rows])
+        return logits, st.positions[rows]
+
+    async def release(self, request_id: str) -> None:
+        state = self.requests.pop(request_id, None)
+        if state is not None:
+            await state.release()
+
+    # Attention -------------------------------------------------------------------------------
+
+    async def _attention(self, request_id: str, st: StepState, layer: int) -> None:
+        state = self._state(request_id)
+        w = self.dense.layers[layer]
+        q, k, v = await self.compute(moe.qkv, w, self.cfg, st.hidden, st.positions)
+        own_new = KVShard(k, v, st.positions)
+        st.new_kv[layer] = own_new
+        lo, hi = int(st.positions.min()), int(st.positions.max())
+        others = [p for p in st.peers if p.name != self.name]
+        # Push my new K/V to every peer with a query that can see one of my keys.
+        pushes = [
+            asyncio.ensure_future(self.peers.push_kv(p.address, request_id, st.step, layer, own_new))
+            for p in others if p.has_new and p.new_max > lo
+        ]
+        # Split-KV over peers' K/V from earlier steps (decode): they return partial out + lse.
+        pulls = [asyncio.ensure_future(self.peers.attend(p.address, request_id, layer, q)) for p in others if p.cached > 0]
+        try:
+            mine = state.kv[layer].append(own_new) if layer in state.kv else own_new
+            parts = [await self.compute(moe.attend, q, mine.k, mine.v, st.positions, mine.pos)]
+            senders = {p.name for p in others if p.has_new and p.new_min < hi}
+            blocks = await state.wait_blocks(st.step, layer, senders, self.peer_timeout_s) if senders else {}
+            for sender in sorted(blocks):
+                b = blocks[sender]
+                parts.append(await self.compute(moe.attend, q, b.k, b.v, st.positions, b.pos))
+            parts.extend(await asyncio.gather(*pulls))
+            await asyncio.gather(*pushes)
+        except BaseException:
+            for task in pushes + pulls:
+                task.cancel()
+            raise
+        st.hidden = await self.compute(lambda: moe.attention_output(w, st.hidden, moe.merge(parts)))
+
+    async def attend(self, request_id: str, layer: int, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A peer's queries over my K/V from earlier steps (all of it precedes them)."""
+        shard = self._state(request_id).kv.get(layer)
+        if shard is None:
+            raise UnknownRequest(f"request {request_id!r} has no K/V for layer {layer} on agent {self.name!r}")
+        return await self.compute(moe.attend, q, shard.k, shard.v)
+
+    async def receive_kv(self, request_id: str, step: int, layer: int, sender: str, chunk: int, num_chunks: int,
+                         shard: KVShard) -> None:
+        await self._state(request_id).deliver(step, layer, sender, chunk, num_chunks, shard)
+
+    # Experts ---------------------------------------------------------------------------------
+
+    async def _apply_mlp(self, request_id: str, st: StepState, layer: int, plan: dict[int, str]) -> None:
+        """h += MoE(layer) for my tokens: group slots by executor, run local and remote at once."""
+        x = st.moe_in
+        if x is None or not st.positions.numel():
+            return
+        w = self.dense.layers[layer]
+        if w.dense_mlp is not None:
+            mlp = w.dense_mlp
+            st.hidden = await self.compute(lambda: st.hidden + moe.swiglu(mlp, x))
+            return
+        assert st.route is not None
+        ids, weights = st.route
+        executor = [plan.get(e, self.name) for e in range(self.cfg.num_experts)]
+        addresses = {p.name: p.address for p in st.peers}
+        jobs = []
+        for name in sorted(set(executor[e] for e in ids.unique().tolist())):
+            mask = torch.tensor([executor[e] == name for e in range(self.cfg.num_experts)])[ids]  # [T, k]
+            sub = torch.where(mask, ids, torch.full_like(ids, -1))
+            rows = mask.any(dim=1).nonzero().flatten()
+            if name == self.name:
+                jobs.append((rows, self.execute(layer, x[rows], sub[rows], weights[rows])))
+            else:
+                jobs.append((rows, self.peers.run_experts(addresses[name], request_id, layer, x[rows], sub[rows], weights[rows])))
+        outs = await asyncio.gather(*(job for _, job in jobs))
+
+        def combine() -> torch.Tensor:
+            h = st.hidden.clone()
+            for (rows, _), out in zip(jobs, outs):
+                h.index_add_(0, rows, out)
+            return h
+
+        st.hidden = await self.compute(combine)
+        st.moe_in, st.route = None, None
+
+    async def execute(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """Weighted sum of my experts on tokens sent to me. Loads overlap compute: every expert's
+        load starts at once (the buffer bounds memory), each is computed as soon as it is in."""
+        out = torch.zeros_like(x)
+
+        async def one(index: int) -> None:
+            async with self.buffer.pinned(ExpertId(layer, index)) as e:
+                await self.compute(moe.add_expert, out, x, ids, weights, index, e)
+
+        await asyncio.gather(*(one(int(i)) for i in ids[ids >= 0].unique().tolist()))
+        return out

@@ -1,0 +1,247 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class Tensor(_message.Message):
+    __slots__ = ("data", "dtype", "shape")
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    data: bytes
+    dtype: str
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, data: _Optional[bytes] = ..., dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class DeviceProfile(_message.Message):
+    __slots__ = ("expert_memory_bytes", "disk_bytes_per_s", "link_bytes_per_s")
+    EXPERT_MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
+    DISK_BYTES_PER_S_FIELD_NUMBER: _ClassVar[int]
+    LINK_BYTES_PER_S_FIELD_NUMBER: _ClassVar[int]
+    expert_memory_bytes: int
+    disk_bytes_per_s: float
+    link_bytes_per_s: float
+    def __init__(self, expert_memory_bytes: _Optional[int] = ..., disk_bytes_per_s: _Optional[float] = ..., link_bytes_per_s: _Optional[float] = ...) -> None: ...
+
+class CacheCounters(_message.Message):
+    __slots__ = ("hits", "misses", "loads", "evictions", "bytes_read", "bytes_sent", "bytes_used", "capacity_bytes")
+    HITS_FIELD_NUMBER: _ClassVar[int]
+    MISSES_FIELD_NUMBER: _ClassVar[int]
+    LOADS_FIELD_NUMBER: _ClassVar[int]
+    EVICTIONS_FIELD_NUMBER: _ClassVar[int]
+    BYTES_READ_FIELD_NUMBER: _ClassVar[int]
+    BYTES_SENT_FIELD_NUMBER: _ClassVar[int]
+    BYTES_USED_FIELD_NUMBER: _ClassVar[int]
+    CAPACITY_BYTES_FIELD_NUMBER: _ClassVar[int]
+    hits: int
+    misses: int
+    loads: int
+    evictions: int
+    bytes_read: int
+    bytes_sent: int
+    bytes_used: int
+    capacity_bytes: int
+    def __init__(self, hits: _Optional[int] = ..., misses: _Optional[int] = ..., loads: _Optional[int] = ..., evictions: _Optional[int] = ..., bytes_read: _Optional[int] = ..., bytes_sent: _Optional[int] = ..., bytes_used: _Optional[int] = ..., capacity_bytes: _Optional[int] = ...) -> None: ...
+
+class InfoRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class InfoReply(_message.Message):
+    __slots__ = ("name", "model_type", "num_layers", "num_experts", "vocab_size", "profile", "model_fingerprint", "expert_bytes")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    MODEL_TYPE_FIELD_NUMBER: _ClassVar[int]
+    NUM_LAYERS_FIELD_NUMBER: _ClassVar[int]
+    NUM_EXPERTS_FIELD_NUMBER: _ClassVar[int]
+    VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PROFILE_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    EXPERT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    model_type: str
+    num_layers: int
+    num_experts: int
+    vocab_size: int
+    profile: DeviceProfile
+    model_fingerprint: str
+    expert_bytes: int
+    def __init__(self, name: _Optional[str] = ..., model_type: _Optional[str] = ..., num_layers: _Optional[int] = ..., num_experts: _Optional[int] = ..., vocab_size: _Optional[int] = ..., profile: _Optional[_Union[DeviceProfile, _Mapping]] = ..., model_fingerprint: _Optional[str] = ..., expert_bytes: _Optional[int] = ...) -> None: ...
+
+class StepPeer(_message.Message):
+    __slots__ = ("name", "address", "new_min_position", "new_max_position", "cached_tokens")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    NEW_MIN_POSITION_FIELD_NUMBER: _ClassVar[int]
+    NEW_MAX_POSITION_FIELD_NUMBER: _ClassVar[int]
+    CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    address: str
+    new_min_position: int
+    new_max_position: int
+    cached_tokens: int
+    def __init__(self, name: _Optional[str] = ..., address: _Optional[str] = ..., new_min_position: _Optional[int] = ..., new_max_position: _Optional[int] = ..., cached_tokens: _Optional[int] = ...) -> None: ...
+
+class BeginStepRequest(_message.Message):
+    __slots__ = ("request_id", "step", "token_ids", "positions", "peers", "all_logits")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    POSITIONS_FIELD_NUMBER: _ClassVar[int]
+    PEERS_FIELD_NUMBER: _ClassVar[int]
+    ALL_LOGITS_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    step: int
+    token_ids: _containers.RepeatedScalarFieldContainer[int]
+    positions: _containers.RepeatedScalarFieldContainer[int]
+    peers: _containers.RepeatedCompositeFieldContainer[StepPeer]
+    all_logits: bool
+    def __init__(self, request_id: _Optional[str] = ..., step: _Optional[int] = ..., token_ids: _Optional[_Iterable[int]] = ..., positions: _Optional[_Iterable[int]] = ..., peers: _Optional[_Iterable[_Union[StepPeer, _Mapping]]] = ..., all_logits: _Optional[bool] = ...) -> None: ...
+
+class BeginStepReply(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ExpertAssignment(_message.Message):
+    __slots__ = ("expert", "owner", "executor")
+    EXPERT_FIELD_NUMBER: _ClassVar[int]
+    OWNER_FIELD_NUMBER: _ClassVar[int]
+    EXECUTOR_FIELD_NUMBER: _ClassVar[int]
+    expert: int
+    owner: str
+    executor: str
+    def __init__(self, expert: _Optional[int] = ..., owner: _Optional[str] = ..., executor: _Optional[str] = ...) -> None: ...
+
+class RoutingPlan(_message.Message):
+    __slots__ = ("layer", "assignments")
+    LAYER_FIELD_NUMBER: _ClassVar[int]
+    ASSIGNMENTS_FIELD_NUMBER: _ClassVar[int]
+    layer: int
+    assignments: _containers.RepeatedCompositeFieldContainer[ExpertAssignment]
+    def __init__(self, layer: _Optional[int] = ..., assignments: _Optional[_Iterable[_Union[ExpertAssignment, _Mapping]]] = ...) -> None: ...
+
+class ForwardRequest(_message.Message):
+    __slots__ = ("request_id", "layer", "plan")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    LAYER_FIELD_NUMBER: _ClassVar[int]
+    PLAN_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    layer: int
+    plan: RoutingPlan
+    def __init__(self, request_id: _Optional[str] = ..., layer: _Optional[int] = ..., plan: _Optional[_Union[RoutingPlan, _Mapping]] = ...) -> None: ...
+
+class ForwardReply(_message.Message):
+    __slots__ = ("expert_token_counts", "resident_experts", "loading_experts", "attention_seconds")
+    EXPERT_TOKEN_COUNTS_FIELD_NUMBER: _ClassVar[int]
+    RESIDENT_EXPERTS_FIELD_NUMBER: _ClassVar[int]
+    LOADING_EXPERTS_FIELD_NUMBER: _ClassVar[int]
+    ATTENTION_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    expert_token_counts: _containers.RepeatedScalarFieldContainer[int]
+    resident_experts: _containers.RepeatedScalarFieldContainer[int]
+    loading_experts: _containers.RepeatedScalarFieldContainer[int]
+    attention_seconds: float
+    def __init__(self, expert_token_counts: _Optional[_Iterable[int]] = ..., resident_experts: _Optional[_Iterable[int]] = ..., loading_experts: _Optional[_Iterable[int]] = ..., attention_seconds: _Optional[float] = ...) -> None: ...
+
+class FinishRequest(_message.Message):
+    __slots__ = ("request_id", "plan")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    PLAN_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    plan: RoutingPlan
+    def __init__(self, request_id: _Optional[str] = ..., plan: _Optional[_Union[RoutingPlan, _Mapping]] = ...) -> None: ...
+
+class FinishReply(_message.Message):
+    __slots__ = ("logits", "positions")
+    LOGITS_FIELD_NUMBER: _ClassVar[int]
+    POSITIONS_FIELD_NUMBER: _ClassVar[int]
+    logits: Tensor
+    positions: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, logits: _Optional[_Union[Tensor, _Mapping]] = ..., positions: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class ReleaseRequest(_message.Message):
+    __slots__ = ("request_id",)
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    def __init__(self, request_id: _Optional[str] = ...) -> None: ...
+
+class ReleaseReply(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class CacheStateRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class CacheStateReply(_message.Message):
+    __slots__ = ("counters", "resident")
+    COUNTERS_FIELD_NUMBER: _ClassVar[int]
+    RESIDENT_FIELD_NUMBER: _ClassVar[int]
+    counters: CacheCounters
+    resident: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, counters: _Optional[_Union[CacheCounters, _Mapping]] = ..., resident: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class KVBlock(_message.Message):
+    __slots__ = ("request_id", "step", "layer", "sender", "keys", "values", "positions", "chunk", "num_chunks")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    LAYER_FIELD_NUMBER: _ClassVar[int]
+    SENDER_FIELD_NUMBER: _ClassVar[int]
+    KEYS_FIELD_NUMBER: _ClassVar[int]
+    VALUES_FIELD_NUMBER: _ClassVar[int]
+    POSITIONS_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    NUM_CHUNKS_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    step: int
+    layer: int
+    sender: str
+    keys: Tensor
+    values: Tensor
+    positions: _containers.RepeatedScalarFieldContainer[int]
+    chunk: int
+    num_chunks: int
+    def __init__(self, request_id: _Optional[str] = ..., step: _Optional[int] = ..., layer: _Optional[int] = ..., sender: _Optional[str] = ..., keys: _Optional[_Union[Tensor, _Mapping]] = ..., values: _Optional[_Union[Tensor, _Mapping]] = ..., positions: _Optional[_Iterable[int]] = ..., chunk: _Optional[int] = ..., num_chunks: _Optional[int] = ...) -> None: ...
+
+class Ack(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class AttendRequest(_message.Message):
+    __slots__ = ("request_id", "layer", "queries")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    LAYER_FIELD_NUMBER: _ClassVar[int]
+    QUERIES_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    layer: int
+    queries: Tensor
+    def __init__(self, request_id: _Optional[str] = ..., layer: _Optional[int] = ..., queries: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+
+class AttendReply(_message.Message):
+    __slots__ = ("output", "lse")
+    OUTPUT_FIELD_NUMBER: _ClassVar[int]
+    LSE_FIELD_NUMBER: _ClassVar[int]
+    output: Tensor
+    lse: Tensor
+    def __init__(self, output: _Optional[_Union[Tensor, _Mapping]] = ..., lse: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+
+class ExpertBatch(_message.Message):
+    __slots__ = ("request_id", "layer", "hidden", "expert_ids", "weights")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    LAYER_FIELD_NUMBER: _ClassVar[int]
+    HIDDEN_FIELD_NUMBER: _ClassVar[int]
+    EXPERT_IDS_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTS_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    layer: int
+    hidden: Tensor
+    expert_ids: Tensor
+    weights: Tensor
+    def __init__(self, request_id: _Optional[str] = ..., layer: _Optional[int] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., expert_ids: _Optional[_Union[Tensor, _Mapping]] = ..., weights: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+
+class ExpertResult(_message.Message):
+    __slots__ = ("output",)
+    OUTPUT_FIELD_NUMBER: _ClassVar[int]
+    output: Tensor
+    def __init__(self, output: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...

@@ -1,0 +1,29 @@
+"""What the server sees of the scheduler: an `Engine` that queues and runs generation requests.
+
+    events = await engine.submit(request)   # raises QueueFull, NoAgentsAvailable, PromptTooLong
+    async for event in events: ...           # TokenEvent per generated token; AgentFailed mid-way
+    await events.aclose()                    # stop early (stop string, client gone): the request's
+                                             # work is cancelled and released on every agent
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Protocol
+
+from scheduler.types import EngineSnapshot, GenerationRequest, TokenEvent
+
+
+class Engine(Protocol):
+    @property
+    def context_length(self) -> int:
+        """Tokens the model can attend to: prompt + generated must fit."""
+        ...
+
+    async def submit(self, request: GenerationRequest) -> AsyncIterator[TokenEvent]:
+        """Queue a request; the returned iterator yields its tokens as they are sampled."""
+        ...
+
+    def snapshot(self) -> EngineSnapshot:
+        """Queue depths and the last state heard from every agent (cheap; no I/O)."""
+        ...

@@ -1,0 +1,101 @@
+"""gRPC client the scheduler uses to drive one agent (control plane only: small messages)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import grpc
+import torch
+
+from protos.convert import tensor_from_proto
+from protos.potluck.v1 import agent_pb2 as pb
+from protos.potluck.v1 import agent_pb2_grpc as pb_grpc
+from scheduler.errors import AgentFailed
+from scheduler.types import AgentSnapshot, LayerReport, NodeId, NodeSpec, RoutingPlan, StepPlan
+
+MAX_MESSAGE_BYTES = 64 << 20
+OPTIONS = [("grpc.max_send_message_length", MAX_MESSAGE_BYTES), ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)]
+
+
+@dataclass(frozen=True)
+class AgentInfo:
+    name: NodeId
+    model_type: str
+    num_layers: int
+    num_experts: int
+    vocab_size: int
+    fingerprint: str
+    expert_bytes: int  # one expert in the agent's memory
+    memory_bytes: int  # expert buffer budget, 0 = unlimited
+    disk_bytes_per_s: float  # 0 = unlimited
+    link_bytes_per_s: float  # 0 = unlimited
+
+
+def plan_to_proto(plan: RoutingPlan | None) -> pb.RoutingPlan | None:
+    if plan is None:
+        return None
+    return pb.RoutingPlan(
+        layer=plan.layer,
+        assignments=[pb.ExpertAssignment(expert=e, owner=o, executor=x) for (o, e), x in sorted(plan.executor.items())],
+    )
+
+
+def plan_from_proto(msg: pb.RoutingPlan) -> RoutingPlan:
+    return RoutingPlan(msg.layer, {(NodeId(a.owner), a.expert): NodeId(a.executor) for a in msg.assignments})
+
+
+class AgentClient:
+    def __init__(self, spec: NodeSpec, timeout_s: float = 300.0) -> None:
+        self.spec = spec
+        self.timeout_s = timeout_s  # deadline of one control call (a Forward may wait on disk reads)
+        self._channel = grpc.aio.insecure_channel(spec.address, options=OPTIONS)
+        self._stub = pb_grpc.NodeAgentStub(self._channel)
+
+    @property
+    def name(self) -> NodeId:
+        return self.spec.name
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def _call(self, method: str, request: object, timeout_s: float | None = None) -> object:
+        try:
+            return await getattr(self._stub, method)(request, timeout=timeout_s or self.timeout_s)
+        except grpc.aio.AioRpcError as exc:
+            raise AgentFailed(f"agent {self.spec.name} ({self.spec.address}) {method}: {exc.code().name}: {exc.details()}") from exc
+
+    async def info(self, timeout_s: float = 5.0) -> AgentInfo:
+        r = await self._call("Info", pb.InfoRequest(), timeout_s)
+        assert isinstance(r, pb.InfoReply)
+        return AgentInfo(NodeId(r.name), r.model_type, r.num_layers, r.num_experts, r.vocab_size, r.model_fingerprint,
+                         r.expert_bytes, r.profile.expert_memory_bytes, r.profile.disk_bytes_per_s, r.profile.link_bytes_per_s)
+
+    async def begin_step(self, request_id: str, plan: StepPlan, peers: Sequence[pb.StepPeer], all_logits: bool) -> None:
+        shard = next((s for s in plan.shards if s.node == self.spec.name), None)
+        await self._call("BeginStep", pb.BeginStepRequest(
+            request_id=request_id, step=plan.step, token_ids=shard.token_ids if shard else (),
+            positions=shard.positions if shard else (), peers=peers, all_logits=all_logits))
+
+    async def forward(self, request_id: str, layer: int, plan: RoutingPlan | None) -> LayerReport:
+        r = await self._call("Forward", pb.ForwardRequest(request_id=request_id, layer=layer, plan=plan_to_proto(plan)))
+        assert isinstance(r, pb.ForwardReply)
+        return LayerReport(self.spec.name, tuple(r.expert_token_counts), frozenset(r.resident_experts),
+                           frozenset(r.loading_experts), r.attention_seconds)
+
+    async def finish(self, request_id: str, plan: RoutingPlan | None) -> tuple[torch.Tensor | None, list[int]]:
+        r = await self._call("Finish", pb.FinishRequest(request_id=request_id, plan=plan_to_proto(plan)))
+        assert isinstance(r, pb.FinishReply)
+        if not r.HasField("logits"):
+            return None, []
+        return tensor_from_proto(r.logits), list(r.positions)
+
+    async def release(self, request_id: str) -> None:
+        await self._call("Release", pb.ReleaseRequest(request_id=request_id), 10.0)
+
+    async def snapshot(self) -> AgentSnapshot:
+        r = await self._call("CacheState", pb.CacheStateRequest(), 5.0)
+        assert isinstance(r, pb.CacheStateReply)
+        c = r.counters
+        return AgentSnapshot(self.spec.name, self.spec.address, True, c.hits, c.misses, c.loads, c.evictions,
+                             c.bytes_read, c.bytes_sent, c.bytes_used, c.capacity_bytes)

@@ -1,0 +1,39 @@
+"""Named failures of the scheduler. The server maps each to one OpenAI-shaped HTTP error."""
+
+from __future__ import annotations
+
+
+class PotluckError(Exception):
+    """Base of every error potluck raises on purpose."""
+
+
+class QueueFull(PotluckError):
+    """The request queue is at its bound; the client should retry later (HTTP 429)."""
+
+    def __init__(self, waiting: int, retry_after_s: float) -> None:
+        super().__init__(f"the request queue is full ({waiting} waiting); retry in {retry_after_s:.0f}s")
+        self.retry_after_s = retry_after_s
+
+
+class NoAgentsAvailable(PotluckError):
+    """No node agent is reachable, so nothing can run (HTTP 503)."""
+
+
+class PromptTooLong(PotluckError):
+    """Prompt plus requested tokens exceed the model's context (HTTP 400)."""
+
+    def __init__(self, prompt_tokens: int, max_tokens: int, context: int) -> None:
+        super().__init__(
+            f"this model's maximum context length is {context} tokens, but the request has "
+            f"{prompt_tokens} prompt tokens and asks for {max_tokens} more"
+        )
+        self.prompt_tokens = prompt_tokens
+        self.context = context
+
+
+class AgentFailed(PotluckError):
+    """An agent failed mid-request; the request is aborted and its state released (HTTP 503)."""
+
+
+class ModelMismatch(PotluckError):
+    """An agent serves a different checkpoint than the scheduler (refused at join)."""

@@ -1,0 +1,39 @@
+"""Which agent owns which new tokens of a step (pure)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+from scheduler.types import NodeId, StepPlan, StepShard
+
+
+def contiguous_prefill(token_ids: Sequence[int], nodes: Sequence[NodeId]) -> StepPlan:
+    """Split the prompt into len(nodes) contiguous runs, sizes differing by at most one.
+
+    An agent gets no shard when there are fewer tokens than agents.
+    """
+    if not nodes:
+        raise ValueError("a prefill needs at least one agent")
+    n, k = len(token_ids), len(nodes)
+    shards, start = [], 0
+    for i, node in enumerate(nodes):
+        size = n // k + (1 if i < n % k else 0)
+        if size:
+            shards.append(StepShard(node, tuple(token_ids[start : start + size]), tuple(range(start, start + size))))
+        start += size
+    return StepPlan(step=0, shards=tuple(shards), cached={node: 0 for node in nodes})
+
+
+def decode_step(step: int, token_id: int, position: int, cached: Mapping[NodeId, int]) -> StepPlan:
+    """One new token, owned by the agent holding the fewest KV entries (balances KV memory and
+    the split-KV work); ties go to the first agent in order."""
+    owner = min(cached, key=lambda node: cached[node])
+    return StepPlan(step=step, shards=(StepShard(owner, (token_id,), (position,)),), cached=dict(cached))
+
+
+def after_step(plan: StepPlan) -> dict[NodeId, int]:
+    """KV entries each agent holds once the step is done."""
+    cached = dict(plan.cached)
+    for shard in plan.shards:
+        cached[shard.node] = cached.get(shard.node, 0) + len(shard.token_ids)
+    return cached

@@ -1,0 +1,114 @@
+"""Runs one request on the agents, step by step and layer by layer (the scheduler's loop).
+
+    StepPlan (partition) -> BeginStep on every agent in the request
+    per layer: Forward on agents with new tokens -> LayerReports -> RoutingPlan (routing)
+    Finish -> logits -> sample -> TokenEvent
+
+Only decisions and small control messages pass through here; tensors go agent to agent. The
+agents are reached through `AgentClient`s handed in, so tests and benchmarks drive the same loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from protos.potluck.v1 import agent_pb2 as pb
+from scheduler.client import AgentClient
+from scheduler.partition import after_step, contiguous_prefill, decode_step
+from scheduler.routing import resident_first
+from scheduler.sampling import make_generator, sample
+from scheduler.types import GenerationRequest, LayerReport, NodeId, RoutingPlan, StepPlan, TokenEvent
+
+log = logging.getLogger("potluck.scheduler")
+
+RoutingPolicy = Callable[[int, Sequence[LayerReport]], RoutingPlan]
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    num_layers: int
+    num_experts: int
+    vocab_size: int
+    dense_layers: frozenset[int] = frozenset()
+
+
+@dataclass
+class StepStats:
+    """What the last step measured (read by benchmarks)."""
+
+    attention_s: dict[NodeId, float] = field(default_factory=dict)  # per agent, summed over layers
+
+
+class RequestRunner:
+    def __init__(self, agents: Sequence[AgentClient], shape: ModelShape, routing: RoutingPolicy = resident_first) -> None:
+        if not agents:
+            raise ValueError("a request needs at least one agent")
+        self.agents = {a.name: a for a in agents}
+        self.shape = shape
+        self.routing = routing
+        self.last_step = StepStats()
+
+    async def run_step(self, request_id: str, plan: StepPlan, all_logits: bool = False) -> torch.Tensor:
+        """Run one step on the agents; return logits [1, V] of its last position (or [T, V] of
+        every new position, in position order, with all_logits)."""
+        active = [s.node for s in plan.shards]
+        members = [n for n in self.agents if n in plan.cached or n in active]
+        spans = {s.node: (min(s.positions), max(s.positions)) for s in plan.shards}
+        peers = [
+            pb.StepPeer(name=n, address=self.agents[n].spec.address, new_min_position=spans.get(n, (-1, -1))[0],
+                        new_max_position=spans.get(n, (-1, -1))[1], cached_tokens=plan.cached.get(n, 0))
+            for n in members
+        ]
+        await asyncio.gather(*(self.agents[n].begin_step(request_id, plan, peers, all_logits) for n in members))
+        routing: RoutingPlan | None = None
+        stats = StepStats({n: 0.0 for n in active})
+        for layer in range(self.shape.num_layers):
+            reports = await asyncio.gather(*(self.agents[n].forward(request_id, layer, routing) for n in active))
+            for r in reports:
+                stats.attention_s[r.node] += r.attention_s
+            routing = None if layer in self.shape.dense_layers else self.routing(layer, reports)
+        finished = await asyncio.gather(*(self.agents[n].finish(request_id, routing) for n in active))
+        self.last_step = stats
+        rows = sorted((pos, row) for logits, positions in finished if logits is not None for pos, row in zip(positions, logits))
+        if not rows:
+            raise RuntimeError(f"no agent returned logits for step {plan.step} of {request_id}")
+        return torch.stack([row for _, row in rows])
+
+    async def release(self, request_id: str, nodes: Sequence[NodeId]) -> None:
+        """Drop the request's state everywhere; runs even when the request was cancelled."""
+        results = await asyncio.gather(*(self.agents[n].release(request_id) for n in nodes), return_exceptions=True)
+        for node, result in zip(nodes, results):
+            if isinstance(result, BaseException):
+                log.warning("release of %s on %s failed: %s", request_id, node, result)
+
+    async def prefill_logits(self, request_id: str, token_ids: Sequence[int]) -> torch.Tensor:
+        """Logits [T, V] of every prompt position (for equivalence tests), state released after."""
+        try:
+            return await self.run_step(request_id, contiguous_prefill(token_ids, list(self.agents)), all_logits=True)
+        finally:
+            await asyncio.shield(self.release(request_id, list(self.agents)))
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[TokenEvent]:
+        """Prefill then decode until a stop token or max_tokens; cancelling the consumer releases
+        the request on every agent."""
+        params = request.sampling
+        generator = make_generator(params.seed)
+        rid = request.request_id
+        plan: StepPlan = contiguous_prefill(request.prompt_token_ids, list(self.agents))
+        position = len(request.prompt_token_ids)
+        try:
+            for step in range(params.max_tokens):
+                logits = await self.run_step(rid, plan)
+                event = sample(logits[-1], params, generator)
+                yield event
+                if event.is_stop or step + 1 == params.max_tokens:
+                    return
+                plan = decode_step(step + 1, event.token_id, position, after_step(plan))
+                position += 1
+        finally:
+            await asyncio.shield(self.release(rid, list(self.agents)))

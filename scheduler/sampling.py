@@ -1,0 +1,43 @@
+"""Pick the next token from logits (pure; randomness comes from the generator passed in)."""
+
+from __future__ import annotations
+
+import torch
+
+from scheduler.types import SamplingParams, TokenEvent
+
+
+def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> TokenEvent:
+    """logits [V] float32 -> one token. temperature 0 is greedy; top_p keeps the smallest set of
+    tokens whose mass reaches top_p. Reported logprobs are the model's own distribution (before
+    temperature and top_p), as OpenAI's API reports them."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    if params.temperature == 0:
+        token = int(torch.argmax(logits))
+    else:
+        probs = torch.softmax(logits.float() / params.temperature, dim=-1)
+        if params.top_p < 1.0:
+            sorted_p, order = torch.sort(probs, descending=True)
+            keep = torch.cumsum(sorted_p, 0) - sorted_p < params.top_p  # mass before this token < top_p
+            keep[0] = True
+            probs = torch.zeros_like(probs).scatter_(0, order[keep], sorted_p[keep])
+        token = int(torch.multinomial(probs, 1, generator=generator))
+    top: tuple[tuple[int, float], ...] = ()
+    if params.logprobs and params.top_logprobs:
+        values, ids = torch.topk(logprobs, min(params.top_logprobs, logprobs.numel()))
+        top = tuple(zip(ids.tolist(), values.tolist()))
+    return TokenEvent(
+        token_id=token,
+        logprob=float(logprobs[token]) if params.logprobs else None,
+        top_logprobs=top,
+        is_stop=token in params.stop_token_ids,
+    )
+
+
+def make_generator(seed: int | None) -> torch.Generator:
+    g = torch.Generator()
+    if seed is None:
+        g.seed()
+    else:
+        g.manual_seed(seed)
+    return g

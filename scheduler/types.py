@@ -1,0 +1,126 @@
+"""Typed messages of the scheduler, and how they flow.
+
+    server  --GenerationRequest-->  Engine (queue)  --> RequestRunner
+    RequestRunner, once per step:   StepPlan (partition.py) -> BeginStep on agents
+                  per MoE layer:    LayerReport per agent -> RoutingPlan (routing.py) -> Forward
+                  end of step:      logits -> sample (sampling.py) -> TokenEvent to the server
+
+Pure decisions (partition, routing, sampling) take these types and return these types; the gRPC
+client that carries them out lives in `client.py`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import NewType
+
+NodeId = NewType("NodeId", str)  # an agent's name, unique in an inventory
+RequestId = NewType("RequestId", str)  # one generation request, e.g. "chatcmpl-9f2c..."
+
+
+@dataclass(frozen=True, order=True)
+class ExpertId:
+    """One routed expert: (layer, index). Not interchangeable with a plain int."""
+
+    layer: int  # decoder layer, 0-based
+    index: int  # expert index within the layer, 0-based
+
+
+@dataclass(frozen=True)
+class NodeSpec:
+    """An agent the scheduler should reach, as the inventory gives it."""
+
+    name: NodeId
+    address: str  # host:port of the agent's gRPC server
+    labels: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to pick tokens. Validated by the server before it gets here."""
+
+    max_tokens: int  # new tokens at most (>= 1)
+    temperature: float = 1.0  # 0 means greedy
+    top_p: float = 1.0  # nucleus mass in (0, 1]
+    seed: int | None = None  # makes sampling reproducible
+    stop_token_ids: frozenset[int] = frozenset()  # end-of-sequence ids; not emitted as text
+    logprobs: bool = False  # report the chosen token's log-probability
+    top_logprobs: int = 0  # and this many alternatives (0..20)
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    request_id: RequestId
+    prompt_token_ids: tuple[int, ...]
+    sampling: SamplingParams
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    """One generated token, as the engine yields it to the server."""
+
+    token_id: int
+    logprob: float | None = None  # natural log; None unless asked for
+    top_logprobs: tuple[tuple[int, float], ...] = ()  # (token id, logprob), best first
+    is_stop: bool = False  # the token is an end-of-sequence id (finish_reason "stop")
+
+
+@dataclass(frozen=True)
+class AgentSnapshot:
+    """What the scheduler last heard from one agent; feeds /metrics and /health."""
+
+    name: NodeId
+    address: str
+    up: bool
+    hits: int = 0
+    misses: int = 0
+    loads: int = 0
+    evictions: int = 0
+    bytes_read: int = 0  # bytes read from the expert store
+    bytes_sent: int = 0  # tensor bytes sent over the link
+    bytes_used: int = 0  # expert buffer bytes resident now
+    capacity_bytes: int = 0  # expert buffer budget (0 = unlimited)
+
+
+@dataclass(frozen=True)
+class EngineSnapshot:
+    running: int  # requests being computed now
+    waiting: int  # requests queued
+    agents: tuple[AgentSnapshot, ...] = field(default_factory=tuple)
+
+
+@dataclass(frozen=True)
+class LayerReport:
+    """One agent's answer after the router of a layer (from ForwardReply)."""
+
+    node: NodeId
+    counts: tuple[int, ...]  # tokens it owns routed to each expert; () for a dense-MLP layer
+    resident: frozenset[int]  # expert indices of the layer resident in its buffer
+    loading: frozenset[int]  # expert indices of the layer being read into its buffer
+    attention_s: float = 0.0  # seconds it spent in the layer's attention
+
+
+@dataclass(frozen=True)
+class RoutingPlan:
+    """Who runs which expert for whose tokens, for one MoE layer of one step (scheduler-owned)."""
+
+    layer: int
+    executor: dict[tuple[NodeId, int], NodeId]  # (owner, expert index) -> executing agent
+
+
+@dataclass(frozen=True)
+class StepShard:
+    """The new tokens one agent owns in a step."""
+
+    node: NodeId
+    token_ids: tuple[int, ...]
+    positions: tuple[int, ...]  # absolute positions, same length as token_ids
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """One step (prefill or one decoded token) of one request: who holds which new tokens."""
+
+    step: int  # 0 = prefill
+    shards: tuple[StepShard, ...]  # agents with new tokens
+    cached: dict[NodeId, int]  # KV entries each agent holds from earlier steps
