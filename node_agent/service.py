@@ -71,7 +71,8 @@ class Servicer(pb_grpc.NodeAgentServicer):
                                    link_bytes_per_s=s.link_bytes_per_s)
         return pb.InfoReply(name=s.node_name, model_type=cfg.model_type, num_layers=cfg.num_layers,
                             num_experts=cfg.num_experts, vocab_size=cfg.vocab_size, profile=profile,
-                            model_fingerprint=self.fingerprint, expert_bytes=self.store.expert_nbytes)
+                            model_fingerprint=self.fingerprint, expert_bytes=self.store.expert_nbytes,
+                            max_positions=cfg.max_positions, dense_layers=sorted(cfg.dense_layers))
 
     async def BeginStep(self, request: pb.BeginStepRequest, context: Any) -> pb.BeginStepReply:
         peers = [Peer(p.name, p.address, p.new_min_position, p.new_max_position, p.cached_tokens) for p in request.peers]

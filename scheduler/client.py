@@ -30,6 +30,8 @@ class AgentInfo:
     memory_bytes: int  # expert buffer budget, 0 = unlimited
     disk_bytes_per_s: float  # 0 = unlimited
     link_bytes_per_s: float  # 0 = unlimited
+    max_positions: int  # the model's context length
+    dense_layers: frozenset[int]  # layers without routed experts
 
 
 def plan_to_proto(plan: RoutingPlan | None) -> pb.RoutingPlan | None:
@@ -69,7 +71,8 @@ class AgentClient:
         r = await self._call("Info", pb.InfoRequest(), timeout_s)
         assert isinstance(r, pb.InfoReply)
         return AgentInfo(NodeId(r.name), r.model_type, r.num_layers, r.num_experts, r.vocab_size, r.model_fingerprint,
-                         r.expert_bytes, r.profile.expert_memory_bytes, r.profile.disk_bytes_per_s, r.profile.link_bytes_per_s)
+                         r.expert_bytes, r.profile.expert_memory_bytes, r.profile.disk_bytes_per_s, r.profile.link_bytes_per_s,
+                         r.max_positions, frozenset(r.dense_layers))
 
     async def begin_step(self, request_id: str, plan: StepPlan, peers: Sequence[pb.StepPeer], all_logits: bool) -> None:
         shard = next((s for s in plan.shards if s.node == self.spec.name), None)

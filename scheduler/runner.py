@@ -35,6 +35,7 @@ class ModelShape:
     num_experts: int
     vocab_size: int
     dense_layers: frozenset[int] = frozenset()
+    max_positions: int = 0  # context length
 
 
 @dataclass

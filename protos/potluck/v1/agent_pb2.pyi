@@ -51,7 +51,7 @@ class InfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class InfoReply(_message.Message):
-    __slots__ = ("name", "model_type", "num_layers", "num_experts", "vocab_size", "profile", "model_fingerprint", "expert_bytes")
+    __slots__ = ("name", "model_type", "num_layers", "num_experts", "vocab_size", "profile", "model_fingerprint", "expert_bytes", "max_positions", "dense_layers")
     NAME_FIELD_NUMBER: _ClassVar[int]
     MODEL_TYPE_FIELD_NUMBER: _ClassVar[int]
     NUM_LAYERS_FIELD_NUMBER: _ClassVar[int]
@@ -60,6 +60,8 @@ class InfoReply(_message.Message):
     PROFILE_FIELD_NUMBER: _ClassVar[int]
     MODEL_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     EXPERT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MAX_POSITIONS_FIELD_NUMBER: _ClassVar[int]
+    DENSE_LAYERS_FIELD_NUMBER: _ClassVar[int]
     name: str
     model_type: str
     num_layers: int
@@ -68,7 +70,9 @@ class InfoReply(_message.Message):
     profile: DeviceProfile
     model_fingerprint: str
     expert_bytes: int
-    def __init__(self, name: _Optional[str] = ..., model_type: _Optional[str] = ..., num_layers: _Optional[int] = ..., num_experts: _Optional[int] = ..., vocab_size: _Optional[int] = ..., profile: _Optional[_Union[DeviceProfile, _Mapping]] = ..., model_fingerprint: _Optional[str] = ..., expert_bytes: _Optional[int] = ...) -> None: ...
+    max_positions: int
+    dense_layers: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, name: _Optional[str] = ..., model_type: _Optional[str] = ..., num_layers: _Optional[int] = ..., num_experts: _Optional[int] = ..., vocab_size: _Optional[int] = ..., profile: _Optional[_Union[DeviceProfile, _Mapping]] = ..., model_fingerprint: _Optional[str] = ..., expert_bytes: _Optional[int] = ..., max_positions: _Optional[int] = ..., dense_layers: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class StepPeer(_message.Message):
     __slots__ = ("name", "address", "new_min_position", "new_max_position", "cached_tokens")

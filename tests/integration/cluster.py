@@ -1,0 +1,58 @@
+"""Real node agents (real gRPC servers on loopback ports) in the test's event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from node_agent.service import AgentSettings, serve
+from scheduler.client import AgentClient
+from scheduler.runner import ModelShape, RequestRunner
+from scheduler.types import NodeId, NodeSpec
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Cluster:
+    specs: list[NodeSpec]
+    clients: list[AgentClient]
+    shape: ModelShape
+
+    def runner(self) -> RequestRunner:
+        return RequestRunner(self.clients, self.shape)
+
+
+@contextlib.asynccontextmanager
+async def local_cluster(model_dir: Path, agents: int, expert_memory: int = 0, disk_rate: float = 0,
+                        link_rate: float = 0) -> AsyncIterator[Cluster]:
+    stop = asyncio.Event()
+    tasks, specs = [], []
+    try:
+        for i in range(agents):
+            address = f"127.0.0.1:{free_port()}"
+            ready = asyncio.Event()
+            settings = AgentSettings(listen=address, model_dir=model_dir, name=f"agent{i}", expert_memory_bytes=expert_memory,
+                                     disk_bytes_per_s=disk_rate, link_bytes_per_s=link_rate)
+            tasks.append(asyncio.create_task(serve(settings, ready=ready, stop=stop)))
+            await asyncio.wait([tasks[-1], asyncio.create_task(ready.wait())], return_when=asyncio.FIRST_COMPLETED)
+            if tasks[-1].done():
+                tasks[-1].result()  # raise the agent's start-up error
+            specs.append(NodeSpec(NodeId(f"agent{i}"), address))
+        clients = [AgentClient(s) for s in specs]
+        info = await clients[0].info()
+        shape = ModelShape(info.num_layers, info.num_experts, info.vocab_size, info.dense_layers, info.max_positions)
+        yield Cluster(specs, clients, shape)
+        for c in clients:
+            await c.close()
+    finally:
+        stop.set()
+        await asyncio.gather(*tasks, return_exceptions=True)

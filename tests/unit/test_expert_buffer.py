@@ -1,0 +1,99 @@
+"""The expert buffer on real experts read from a generated checkpoint."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import torch
+
+from node_agent.cache_policy import LRUPolicy
+from node_agent.expert_buffer import BufferTooSmall, ExpertBuffer
+from node_agent.expert_store import ExpertStore
+from node_agent.model.checkpoint import Checkpoint
+from node_agent.model.config import MoeConfig
+from node_agent.throttle import Throttle
+from scheduler.types import ExpertId
+
+
+def make(model_dir: Path, experts: int) -> tuple[ExpertBuffer, ExpertStore, MoeConfig]:
+    cfg = MoeConfig.load(model_dir)
+    store = ExpertStore(Checkpoint(model_dir), cfg, torch.float32, Throttle(0))
+    return ExpertBuffer(experts * store.expert_nbytes, store.expert_nbytes, store.load, ThreadPoolExecutor(1)), store, cfg
+
+
+@pytest.mark.parametrize("capacity", [1, 2, 5])
+async def test_budget_never_exceeded_and_counters_add_up(qwen_tiny: Path, capacity: int) -> None:
+    buffer, store, cfg = make(qwen_tiny, capacity)
+    rng = random.Random(capacity)
+    keys = [ExpertId(layer, e) for layer in range(cfg.num_layers) for e in range(cfg.num_experts)]
+    peak = 0
+    acquisitions = 0
+
+    async def user(n: int) -> None:
+        nonlocal peak, acquisitions
+        for _ in range(n):
+            eid = rng.choice(keys)
+            async with buffer.pinned(eid) as w:
+                acquisitions += 1
+                peak = max(peak, buffer.bytes_used)
+                expected = store.ckpt.read(cfg.expert_tensor_names(eid.layer, eid.index)[0])
+                assert torch.equal(w.gate, expected)  # the right expert came back
+                await asyncio.sleep(0)
+
+    # Concurrent users, each pinning one expert at a time: never more than the budget.
+    await asyncio.gather(*(user(40) for _ in range(3)))
+    c = buffer.counters
+    assert peak <= buffer.capacity
+    assert c.hits + c.misses == acquisitions
+    assert c.loads == c.misses  # every miss started exactly one load
+    assert c.loads - c.evictions == len(buffer.all_resident())
+    assert store.bytes_read == c.loads * store.expert_nbytes
+    assert buffer.bytes_used == len(buffer.all_resident()) * buffer.expert_nbytes <= buffer.capacity
+
+
+async def test_lru_evicts_least_recently_used_and_pins_are_kept(qwen_tiny: Path) -> None:
+    buffer, _, _ = make(qwen_tiny, 2)
+    a, b, c = ExpertId(0, 0), ExpertId(0, 1), ExpertId(0, 2)
+    for eid in (a, b):
+        async with buffer.pinned(eid):
+            pass
+    async with buffer.pinned(a):  # a is now most recent
+        pass
+    async with buffer.pinned(c):  # evicts b
+        pass
+    assert buffer.all_resident() == [a, c]
+    async with buffer.pinned(a), buffer.pinned(c):
+        load = asyncio.create_task(buffer.acquire(b))  # both pinned: must wait
+        await asyncio.sleep(0.05)
+        assert not load.done() and buffer.bytes_used <= buffer.capacity
+    await load
+    await buffer.release(b)
+    assert b in buffer.all_resident() and len(buffer.all_resident()) == 2
+
+
+async def test_concurrent_requests_for_one_expert_load_it_once(qwen_tiny: Path) -> None:
+    buffer, store, _ = make(qwen_tiny, 4)
+    eid = ExpertId(1, 3)
+    results = await asyncio.gather(*(buffer.acquire(eid) for _ in range(5)))
+    assert all(r is results[0] for r in results)
+    assert buffer.counters.loads == 1 and buffer.counters.misses == 1 and buffer.counters.hits == 4
+    assert store.bytes_read == store.expert_nbytes
+
+
+def test_budget_smaller_than_one_expert_is_refused() -> None:
+    with pytest.raises(BufferTooSmall, match="cannot hold one expert"):
+        ExpertBuffer(100, 1000, lambda e: None, ThreadPoolExecutor(1))  # type: ignore[arg-type,return-value]
+
+
+def test_lru_policy_orders_victims() -> None:
+    p: LRUPolicy[int] = LRUPolicy()
+    for k in (1, 2, 3):
+        p.on_insert(k)
+    p.on_access(1)
+    assert list(p.victims({1, 2, 3})) == [2, 3, 1]
+    p.on_remove(2)
+    assert list(p.victims({1, 3})) == [3, 1]

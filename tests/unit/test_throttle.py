@@ -1,0 +1,53 @@
+"""Throttles: moving B bytes at rate R takes at least B/R, through the real store and link."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+import torch
+
+from node_agent.expert_store import ExpertStore
+from node_agent.model.checkpoint import Checkpoint
+from node_agent.model.config import MoeConfig
+from node_agent.peers import Link
+from node_agent.throttle import Throttle
+from protos.convert import tensor_to_proto
+from scheduler.types import ExpertId
+
+
+def test_expert_store_reads_no_faster_than_the_disk_rate(qwen_tiny: Path) -> None:
+    cfg = MoeConfig.load(qwen_tiny)
+    probe = ExpertStore(Checkpoint(qwen_tiny), cfg, torch.float32, Throttle(0))
+    rate = probe.expert_nbytes * 4 / 0.4  # four experts in 0.4 s
+    store = ExpertStore(Checkpoint(qwen_tiny), cfg, torch.float32, Throttle(rate))
+    start = time.monotonic()
+    for e in range(4):
+        store.load(ExpertId(0, e))
+    elapsed = time.monotonic() - start
+    assert store.bytes_read == 4 * probe.expert_nbytes
+    assert elapsed >= store.bytes_read / rate
+
+
+def test_concurrent_readers_share_one_rate_and_idle_time_is_not_banked() -> None:
+    throttle = Throttle(1_000_000)  # 1 MB/s
+    time.sleep(0.2)  # idle: must not become credit
+    start = time.monotonic()
+    throttle.pace(100_000)
+    throttle.pace(100_000)
+    assert time.monotonic() - start >= 0.2
+
+
+async def test_link_sends_no_faster_than_its_rate() -> None:
+    link = Link(2_000_000)  # 2 MB/s
+    t = tensor_to_proto(torch.zeros(100_000))  # 400 kB
+    start = time.monotonic()
+    await asyncio.gather(link.send(t), link.send(t))
+    assert time.monotonic() - start >= 2 * 400_000 / 2_000_000
+    assert link.bytes_sent == 800_000
+
+
+def test_unlimited_rate_books_no_wait() -> None:
+    assert Throttle(0)._reserve(10**12) == 0.0
+    assert Throttle(10.0)._reserve(20) > 1.0
