@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy
 import torch
 
 from protos.potluck.v1 import agent_pb2 as pb
@@ -34,10 +35,10 @@ def tensor_from_proto(msg: pb.Tensor) -> torch.Tensor:
     expected = itemsize * (torch.Size(shape).numel() if shape else 1)
     if len(msg.data) != expected:
         raise ValueError(f"tensor bytes {len(msg.data)} do not match dtype {msg.dtype} and shape {list(shape)} ({expected} bytes)")
-    if expected == 0:
-        return torch.empty(shape, dtype=dtype)
-    # bytearray: torch needs a writable buffer; one copy off the wire is unavoidable here.
-    return torch.frombuffer(bytearray(msg.data), dtype=dtype).reshape(shape)
+    # One copy off the wire into memory torch allocated (aligned for its kernels, and writable).
+    out = torch.empty(expected, dtype=torch.uint8)
+    out.numpy()[:] = numpy.frombuffer(msg.data, dtype=numpy.uint8)
+    return out.view(dtype).reshape(shape)
 
 
 def tensor_nbytes(msg: pb.Tensor) -> int:

@@ -96,14 +96,17 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * xf.to(x.dtype)
 
 
-def rope(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
-    """Rotary embedding (rotate-half form) of x [T, heads, hd] at absolute positions [T]."""
-    hd = x.shape[-1]
-    inv_freq = 1.0 / (theta ** (torch.arange(0, hd, 2, dtype=torch.float32) / hd))  # [hd/2]
+def rope_tables(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [T, 1, hd] of the rotary embedding at absolute positions [T] (computed in float32)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))  # [hd/2]
     freqs = positions.float()[:, None] * inv_freq[None, :]  # [T, hd/2]
     emb = torch.cat((freqs, freqs), dim=-1)[:, None, :]  # [T, 1, hd]
-    cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
-    half = hd // 2
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding (rotate-half form) of x [T, heads, hd]."""
+    half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     return x * cos + rotated * sin
 
@@ -117,7 +120,8 @@ def qkv(w: LayerWeights, cfg: MoeConfig, h: torch.Tensor, positions: torch.Tenso
     v = F.linear(x, w.v).view(T, cfg.num_kv_heads, cfg.head_dim)
     if w.q_norm is not None and w.k_norm is not None:
         q, k = rms_norm(q, w.q_norm, cfg.rms_eps), rms_norm(k, w.k_norm, cfg.rms_eps)
-    return rope(q, positions, cfg.rope_theta), rope(k, positions, cfg.rope_theta), v
+    cos, sin = rope_tables(positions, cfg.head_dim, cfg.rope_theta, x.dtype)
+    return rope(q, cos, sin), rope(k, cos, sin), v
 
 
 def attend(
@@ -128,6 +132,30 @@ def attend(
     Returns (out [T,H,hd], lse [T,H]); a query that sees no key gets out 0 and lse -inf, so it
     drops out of `merge`.
     """
+    if q_pos is None or k_pos is None or bool(k_pos.max() < q_pos.min()):
+        return _fused(q, k, v, causal=False)  # every key precedes every query
+    if torch.equal(q_pos, k_pos):
+        return _fused(q, k, v, causal=True)  # the queries' own keys: the usual causal triangle
+    return _masked(q, k, v, q_pos, k_pos)
+
+
+def _fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The CPU flash-attention kernel, which also returns the log-sum-exp split-KV needs. A private
+    aten op: public SDPA does not return the log-sum-exp; `_masked` is the portable fallback."""
+    if q.device.type != "cpu" or q.shape[0] == 0 or k.shape[0] == 0:
+        return _masked(q, k, v, None, None) if not causal else _masked(q, k, v, torch.arange(q.shape[0]), torch.arange(k.shape[0]))
+    rep = q.shape[1] // k.shape[1]
+    qh = q.transpose(0, 1).unsqueeze(0)  # [1, H, T, hd]
+    kh = k.repeat_interleave(rep, dim=1).transpose(0, 1).unsqueeze(0)  # [1, H, S, hd]
+    vh = v.repeat_interleave(rep, dim=1).transpose(0, 1).unsqueeze(0)
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(qh, kh, vh, 0.0, causal)
+    return out[0].transpose(0, 1), lse[0].transpose(0, 1).float()  # [T, H, hd], [T, H]
+
+
+def _masked(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor | None, k_pos: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention with an arbitrary causal mask by positions, in query blocks."""
     T, H, hd = q.shape
     kvh = k.shape[1]
     rep = H // kvh

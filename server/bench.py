@@ -1,0 +1,120 @@
+"""`potluck bench`: 1-agent prefill against transformers' own forward pass, side by side.
+
+Runs a real agent as a child process (real gRPC) with every expert resident (a warm-up request
+loads them), then times prefills of the same prompt length through potluck and through
+`transformers` in this process, alternating, with the same torch thread count. Prints a table and
+writes JSON. Figures are medians of the repeats, measured in one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from node_agent.model.synth import init_model
+from scheduler.client import AgentClient
+from scheduler.partition import contiguous_prefill
+from scheduler.runner import ModelShape, RequestRunner
+from scheduler.types import NodeId, NodeSpec
+
+
+def default_bench_model() -> Path:
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "potluck" / "bench-qwen3_moe"
+    if not (cache / "config.json").exists():
+        print(f"generating the bench model in {cache} (once)", flush=True)
+        init_model("qwen3_moe", cache, "bench", progress=lambda m: print("  " + m, flush=True))
+    return cache
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def wait_ready(client: AgentClient, proc: subprocess.Popen[bytes], timeout_s: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            await client.info(timeout_s=2.0)
+            return
+        except Exception:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the bench agent did not start (exit code {proc.poll()})") from None
+            await asyncio.sleep(0.3)
+
+
+async def time_potluck(model_dir: Path, prompts: list[list[int]], threads: int) -> list[float]:
+    address = f"127.0.0.1:{free_port()}"
+    cmd = [sys.executable, "-m", "server.cli", "agent", "--listen", address, "--model", str(model_dir),
+           "--name", "bench", "--torch-threads", str(threads), "--log-level", "WARNING"]
+    proc = subprocess.Popen(cmd)
+    client = AgentClient(NodeSpec(NodeId("bench"), address))
+    try:
+        await wait_ready(client, proc)
+        info = await client.info()
+        runner = RequestRunner([client], ModelShape(info.num_layers, info.num_experts, info.vocab_size, info.dense_layers))
+        times = []
+        for i, prompt in enumerate(prompts):
+            start = time.perf_counter()
+            await runner.run_step(f"bench-{i}", contiguous_prefill(prompt, [client.name]))
+            times.append(time.perf_counter() - start)
+            await runner.release(f"bench-{i}", [client.name])
+        return times
+    finally:
+        await client.close()
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def time_transformers(model_dir: Path, prompts: list[list[int]], threads: int) -> list[float]:
+    from transformers import AutoModelForCausalLM
+
+    torch.set_num_threads(threads)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    times = []
+    with torch.inference_mode():
+        for prompt in prompts:
+            start = time.perf_counter()
+            model(torch.tensor([prompt]))
+            times.append(time.perf_counter() - start)
+    return times
+
+
+def main(args: argparse.Namespace) -> int:
+    model_dir = Path(args.model) if args.model else default_bench_model()
+    threads = args.threads or os.cpu_count() or 1
+    vocab = json.loads((model_dir / "config.json").read_text())["vocab_size"]
+    g = torch.Generator().manual_seed(0)
+    # One warm-up prompt first (loads every expert into the agent, warms transformers' kernels).
+    prompts = [torch.randint(0, vocab, (args.tokens,), generator=g).tolist() for _ in range(args.repeats + 1)]
+    print(f"prefill of {args.tokens} tokens, {args.repeats} repeats, {threads} torch threads, model {model_dir}", flush=True)
+    ours = asyncio.run(time_potluck(model_dir, prompts, threads))[1:]
+    theirs = time_transformers(model_dir, prompts, threads)[1:]
+    p_med, t_med = statistics.median(ours), statistics.median(theirs)
+    result = {
+        "tokens": args.tokens, "repeats": args.repeats, "threads": threads, "model": str(model_dir),
+        "potluck_1_agent_s": ours, "transformers_s": theirs,
+        "potluck_median_s": p_med, "transformers_median_s": t_med,
+        "potluck_tokens_per_s": args.tokens / p_med, "transformers_tokens_per_s": args.tokens / t_med,
+        "ratio_potluck_over_transformers": p_med / t_med,
+    }
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "prefill_vs_transformers.json").write_text(json.dumps(result, indent=2))
+    print(f"{'':28}{'median s':>10}{'tokens/s':>10}")
+    print(f"{'potluck, 1 agent (gRPC)':28}{p_med:>10.3f}{args.tokens / p_med:>10.0f}")
+    print(f"{'transformers, one process':28}{t_med:>10.3f}{args.tokens / t_med:>10.0f}")
+    print(f"ratio potluck / transformers: {p_med / t_med:.2f}x (target <= 1.5x); written to {out}")
+    return 0
