@@ -209,13 +209,26 @@ class AgentCore:
         st.moe_in, st.route = None, None
 
     async def execute(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """Weighted sum of my experts on tokens sent to me. Loads overlap compute: every expert's
-        load starts at once (the buffer bounds memory), each is computed as soon as it is in."""
+        """Weighted sum of my experts on tokens sent to me. Resident experts run at once in one
+        grouped pass; missing ones are loaded concurrently (the buffer bounds memory) and each runs
+        as soon as it is in, so reads overlap compute."""
         out = torch.zeros_like(x)
+        wanted = [ExpertId(layer, int(i)) for i in ids[ids >= 0].unique().tolist()]
+        ready = set(self.buffer.resident(layer))
+        now = [e for e in wanted if e.index in ready]
+        later = [e for e in wanted if e.index not in ready]
+        held = {e.index: await self.buffer.acquire(e) for e in now}  # resident: no await inside
 
-        async def one(index: int) -> None:
-            async with self.buffer.pinned(ExpertId(layer, index)) as e:
-                await self.compute(moe.add_expert, out, x, ids, weights, index, e)
+        async def one(eid: ExpertId) -> None:
+            async with self.buffer.pinned(eid) as w:
+                await self.compute(moe.add_experts, out, x, ids, weights, {eid.index: w})
 
-        await asyncio.gather(*(one(int(i)) for i in ids[ids >= 0].unique().tolist()))
+        try:
+            tasks = [asyncio.ensure_future(one(e)) for e in later]  # loads start before compute
+            if held:
+                await self.compute(moe.add_experts, out, x, ids, weights, held)
+        finally:
+            for e in now:
+                await self.buffer.release(e)
+        await asyncio.gather(*tasks)
         return out

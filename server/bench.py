@@ -55,53 +55,49 @@ async def wait_ready(client: AgentClient, proc: subprocess.Popen[bytes], timeout
             await asyncio.sleep(0.3)
 
 
-async def time_potluck(model_dir: Path, prompts: list[list[int]], threads: int) -> list[float]:
+async def time_side_by_side(model_dir: Path, prompts: list[list[int]], threads: int) -> tuple[list[float], list[float]]:
+    """Alternate potluck (1 agent, child process) and transformers (this process) on each prompt,
+    so both see the same machine conditions. Only one of them computes at a time."""
+    from transformers import AutoModelForCausalLM
+
     address = f"127.0.0.1:{free_port()}"
     cmd = [sys.executable, "-m", "server.cli", "agent", "--listen", address, "--model", str(model_dir),
            "--name", "bench", "--torch-threads", str(threads), "--log-level", "WARNING"]
     proc = subprocess.Popen(cmd)
     client = AgentClient(NodeSpec(NodeId("bench"), address))
+    torch.set_num_threads(threads)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    ours, theirs = [], []
     try:
         await wait_ready(client, proc)
         info = await client.info()
         runner = RequestRunner([client], ModelShape(info.num_layers, info.num_experts, info.vocab_size, info.dense_layers))
-        times = []
         for i, prompt in enumerate(prompts):
             start = time.perf_counter()
             await runner.run_step(f"bench-{i}", contiguous_prefill(prompt, [client.name]))
-            times.append(time.perf_counter() - start)
+            ours.append(time.perf_counter() - start)
             await runner.release(f"bench-{i}", [client.name])
-        return times
+            with torch.inference_mode():
+                start = time.perf_counter()
+                model(torch.tensor([prompt]))
+                theirs.append(time.perf_counter() - start)
+        return ours, theirs
     finally:
         await client.close()
         proc.terminate()
         proc.wait(timeout=30)
 
 
-def time_transformers(model_dir: Path, prompts: list[list[int]], threads: int) -> list[float]:
-    from transformers import AutoModelForCausalLM
-
-    torch.set_num_threads(threads)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    times = []
-    with torch.inference_mode():
-        for prompt in prompts:
-            start = time.perf_counter()
-            model(torch.tensor([prompt]))
-            times.append(time.perf_counter() - start)
-    return times
-
-
 def main(args: argparse.Namespace) -> int:
     model_dir = Path(args.model) if args.model else default_bench_model()
-    threads = args.threads or os.cpu_count() or 1
+    threads = getattr(args, "threads", None) or os.cpu_count() or 1
     vocab = json.loads((model_dir / "config.json").read_text())["vocab_size"]
     g = torch.Generator().manual_seed(0)
     # One warm-up prompt first (loads every expert into the agent, warms transformers' kernels).
     prompts = [torch.randint(0, vocab, (args.tokens,), generator=g).tolist() for _ in range(args.repeats + 1)]
     print(f"prefill of {args.tokens} tokens, {args.repeats} repeats, {threads} torch threads, model {model_dir}", flush=True)
-    ours = asyncio.run(time_potluck(model_dir, prompts, threads))[1:]
-    theirs = time_transformers(model_dir, prompts, threads)[1:]
+    ours, theirs = asyncio.run(time_side_by_side(model_dir, prompts, threads))
+    ours, theirs = ours[1:], theirs[1:]
     p_med, t_med = statistics.median(ours), statistics.median(theirs)
     result = {
         "tokens": args.tokens, "repeats": args.repeats, "threads": threads, "model": str(model_dir),

@@ -11,7 +11,7 @@ Shapes: T new tokens, S keys, D hidden, H heads, KVH kv heads, hd head dim, E ex
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -212,11 +212,27 @@ def swiglu(e: ExpertWeights, x: torch.Tensor) -> torch.Tensor:
     return F.linear(F.silu(F.linear(x, e.gate)) * F.linear(x, e.up), e.down)
 
 
-def add_expert(out: torch.Tensor, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, index: int, e: ExpertWeights) -> None:
-    """out += routing weight * expert `index`(x) for the rows of x [n,D] whose ids [n,k] name it."""
-    rows, slots = torch.nonzero(ids == index, as_tuple=True)
-    if rows.numel():
-        out.index_add_(0, rows, swiglu(e, x[rows]) * weights[rows, slots, None])
+def add_experts(out: torch.Tensor, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
+                experts: Mapping[int, ExpertWeights]) -> None:
+    """out += routing weight * expert(x) for every (token, slot) of ids [n,k] whose expert is in
+    `experts` (others are skipped). Slots are grouped by expert so each expert runs one matmul
+    on a contiguous block, and results go back with one index_add."""
+    k = ids.shape[1]
+    flat = ids.flatten()  # [n*k]
+    slots = torch.isin(flat, torch.tensor(list(experts), dtype=flat.dtype)).nonzero().flatten()
+    if not slots.numel():
+        return
+    slots = slots[torch.argsort(flat[slots], stable=True)]  # grouped by expert id
+    rows = slots // k
+    xs = x[rows]  # [m, D]
+    counts = torch.bincount(flat[slots]).tolist()
+    ys = torch.empty_like(xs)
+    start = 0
+    for index, count in enumerate(counts):
+        if count:
+            ys[start : start + count] = swiglu(experts[index], xs[start : start + count])
+            start += count
+    out.index_add_(0, rows, ys * weights.flatten()[slots, None])
 
 
 def run_experts(
@@ -224,8 +240,7 @@ def run_experts(
 ) -> torch.Tensor:
     """Weighted sum of the experts named in ids [n,k] (slots with -1 are skipped) on x [n,D]."""
     out = torch.zeros_like(x)
-    for index in torch.unique(ids[ids >= 0]).tolist():
-        add_expert(out, x, ids, weights, int(index), expert(int(index)))
+    add_experts(out, x, ids, weights, {int(i): expert(int(i)) for i in torch.unique(ids[ids >= 0]).tolist()})
     return out
 
 
