@@ -1,22 +1,26 @@
-"""The agent's bounded expert memory: loads on demand, coalesces concurrent loads, pins, evicts.
+"""The agent's bounded expert memory: loads on demand or by prefetch, coalesces, pins, evicts.
 
 Invariant: bytes of resident experts + bytes reserved by loads in flight <= capacity, always (a
-load reserves its bytes before it starts reading, waiting for unpinned experts to be evicted if
-needed). Which expert goes is the policy's choice (`cache_policy.py`); this class moves bytes.
-Runs on the agent's event loop; only the reads happen in the disk thread.
+load reserves its bytes before it starts reading, evicting unpinned experts or waiting). Which
+expert goes is the policy's choice (`cache_policy.py`), except that experts the current plan needs
+(`protect`) go last, and a prefetch never evicts them. The disk reads one expert at a time, demand
+loads before prefetches. Runs on the agent's event loop; only reads happen in the disk thread.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Callable
+import itertools
+from collections.abc import AsyncIterator, Callable, Iterable
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 
 from node_agent.cache_policy import EvictionPolicy, LRUPolicy
 from node_agent.model.moe import ExpertWeights
 from scheduler.types import ExpertId
+
+DEMAND, PREFETCH = 0, 1  # disk queue priorities (lower first)
 
 
 class BufferTooSmall(ValueError):
@@ -27,6 +31,7 @@ class BufferTooSmall(ValueError):
 class _Entry:
     pins: int = 0  # users computing with it (or waiting for its load)
     weights: ExpertWeights | None = None  # None while loading
+    started: bool = False  # its read has begun
     loaded: asyncio.Future[ExpertWeights] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
 
 
@@ -36,6 +41,7 @@ class BufferCounters:
     misses: int = 0  # acquisitions that started a load
     loads: int = 0  # loads completed
     evictions: int = 0  # experts dropped to make room
+    prefetches: int = 0  # loads started by a prefetch
 
 
 class ExpertBuffer:
@@ -56,12 +62,20 @@ class ExpertBuffer:
         self.policy: EvictionPolicy[ExpertId] = policy or LRUPolicy()
         self._entries: dict[ExpertId, _Entry] = {}
         self._space = asyncio.Condition()
+        self._queue: asyncio.PriorityQueue[tuple[int, int, ExpertId, _Entry]] = asyncio.PriorityQueue()
+        self._seq = itertools.count()
+        self._reader: asyncio.Task[None] | None = None
+        self.protected: frozenset[ExpertId] = frozenset()
         self.counters = BufferCounters()
 
     @property
     def bytes_used(self) -> int:
         """Resident plus reserved for loads in flight."""
         return len(self._entries) * self.expert_nbytes
+
+    @property
+    def capacity_experts(self) -> int | None:
+        return self.capacity // self.expert_nbytes if self.capacity else None
 
     def resident(self, layer: int) -> list[int]:
         return sorted(e.index for e, v in self._entries.items() if e.layer == layer and v.weights is not None)
@@ -71,6 +85,10 @@ class ExpertBuffer:
 
     def all_resident(self) -> list[ExpertId]:
         return sorted(e for e, v in self._entries.items() if v.weights is not None)
+
+    def protect(self, experts: Iterable[ExpertId]) -> None:
+        """Experts the current plan needs here: evicted last, never for a prefetch."""
+        self.protected = frozenset(experts)
 
     @contextlib.asynccontextmanager
     async def pinned(self, eid: ExpertId) -> AsyncIterator[ExpertWeights]:
@@ -86,9 +104,12 @@ class ExpertBuffer:
         if entry is not None:
             self.counters.hits += 1
             self.policy.on_access(eid)
+            if not entry.started:
+                self._enqueue(DEMAND, eid, entry)  # a queued prefetch is now needed: jump the queue
         else:
             self.counters.misses += 1
-            entry = await self._start_load(eid)
+            entry = await self._reserve(eid, allow_protected=True)
+            assert entry is not None
         entry.pins += 1
         try:
             return await asyncio.shield(entry.loaded)
@@ -105,11 +126,31 @@ class ExpertBuffer:
             async with self._space:
                 self._space.notify_all()
 
-    async def _start_load(self, eid: ExpertId) -> _Entry:
+    async def prefetch(self, eid: ExpertId) -> bool:
+        """Start reading an expert predicted to be needed, if that evicts nothing the current plan
+        needs; returns whether it is resident or on its way."""
+        if eid in self._entries:
+            return True
+        entry = await self._reserve(eid, allow_protected=False)
+        if entry is not None:
+            self.counters.prefetches += 1
+        return entry is not None
+
+    def _victim(self, allow_protected: bool) -> ExpertId | None:
+        free = {k for k, v in self._entries.items() if v.pins == 0 and v.weights is not None}
+        unprotected = free - self.protected
+        victim = next(iter(self.policy.victims(unprotected)), None)
+        if victim is None and allow_protected:
+            victim = next(iter(self.policy.victims(free)), None)
+        return victim
+
+    async def _reserve(self, eid: ExpertId, allow_protected: bool) -> _Entry | None:
         async with self._space:
             while self.capacity and self.bytes_used + self.expert_nbytes > self.capacity:
-                victim = next(iter(self.policy.victims({k for k, v in self._entries.items() if v.pins == 0 and v.weights is not None})), None)
+                victim = self._victim(allow_protected)
                 if victim is None:
+                    if not allow_protected:
+                        return None  # a prefetch never waits or evicts what is needed
                     await self._space.wait()  # every byte is pinned or loading: wait for a release
                     continue
                 del self._entries[victim]
@@ -120,20 +161,32 @@ class ExpertBuffer:
                 return existing
             entry = _Entry()
             self._entries[eid] = entry
-        asyncio.get_running_loop().run_in_executor(self._disk, self._load, eid).add_done_callback(
-            lambda fut: asyncio.ensure_future(self._finish_load(eid, entry, fut))
-        )
+        self._enqueue(DEMAND if allow_protected else PREFETCH, eid, entry)
         return entry
 
-    async def _finish_load(self, eid: ExpertId, entry: _Entry, fut: asyncio.Future[ExpertWeights]) -> None:
-        exc = fut.exception()
-        if exc is not None:
-            self._entries.pop(eid, None)
-            entry.loaded.set_exception(exc)
-        else:
-            entry.weights = fut.result()
-            self.counters.loads += 1
-            self.policy.on_insert(eid)
-            entry.loaded.set_result(entry.weights)
-        async with self._space:
-            self._space.notify_all()
+    def _enqueue(self, priority: int, eid: ExpertId, entry: _Entry) -> None:
+        self._queue.put_nowait((priority, next(self._seq), eid, entry))
+        if self._reader is None or self._reader.done():
+            self._reader = asyncio.get_running_loop().create_task(self._read_forever())
+
+    async def _read_forever(self) -> None:
+        """The one disk: read queued experts one at a time, most urgent first."""
+        loop = asyncio.get_running_loop()
+        while not self._queue.empty():
+            _, _, eid, entry = self._queue.get_nowait()
+            if entry.started or self._entries.get(eid) is not entry:
+                continue  # already read (queued twice), or dropped
+            entry.started = True
+            try:
+                weights = await loop.run_in_executor(self._disk, self._load, eid)
+            except Exception as exc:  # the waiters get the error; the reader goes on
+                self._entries.pop(eid, None)
+                entry.loaded.set_exception(exc)
+                entry.loaded.exception()  # retrieved: nobody may be waiting on a prefetch
+            else:
+                entry.weights = weights
+                self.counters.loads += 1
+                self.policy.on_insert(eid)
+                entry.loaded.set_result(weights)
+            async with self._space:
+                self._space.notify_all()

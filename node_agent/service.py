@@ -6,6 +6,7 @@ import asyncio
 import hashlib
 import logging
 import signal
+import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -17,6 +18,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from node_agent.dispatch import LayerPlan
 from node_agent.expert_buffer import BufferTooSmall, ExpertBuffer
 from node_agent.expert_store import ExpertStore
 from node_agent.model.checkpoint import Checkpoint
@@ -57,13 +59,32 @@ def model_fingerprint(model_dir: Path) -> str:
     return hashlib.sha256((Path(model_dir) / "config.json").read_bytes()).hexdigest()[:16]
 
 
-def _plan(msg: pb.RoutingPlan, me: str) -> dict[int, str]:
-    return {a.expert: a.executor for a in msg.assignments if a.owner == me}
+def _plan(msg: pb.RoutingPlan, me: str) -> LayerPlan:
+    mine: dict[int, list[tuple[str, int]]] = {}
+    for a in msg.assignments:
+        if a.owner == me:
+            mine.setdefault(a.expert, []).append((a.executor, a.tokens))
+    return LayerPlan(mine, frozenset(a.expert for a in msg.assignments if a.executor == me))
+
+
+def measure_expert_flops(cfg: MoeConfig, dtype: torch.dtype, tokens: int = 256) -> float:
+    """FLOP/s of one expert's matmuls on this device, for the scheduler's cost model (~0.1 s)."""
+    gate = torch.randn(cfg.expert_size, cfg.hidden_size, dtype=dtype)
+    x = torch.randn(tokens, cfg.hidden_size, dtype=dtype)
+    with torch.inference_mode():
+        torch.nn.functional.linear(x, gate)
+        start, reps = time.perf_counter(), 0
+        while time.perf_counter() - start < 0.05 or reps < 3:
+            torch.nn.functional.linear(x, gate)
+            reps += 1
+    return 2.0 * tokens * cfg.expert_size * cfg.hidden_size * reps / (time.perf_counter() - start)
 
 
 class Servicer(pb_grpc.NodeAgentServicer):
-    def __init__(self, core: AgentCore, settings: AgentSettings, link: Link, store: ExpertStore, fingerprint: str) -> None:
+    def __init__(self, core: AgentCore, settings: AgentSettings, link: Link, store: ExpertStore, fingerprint: str,
+                 flops: float) -> None:
         self.core, self.settings, self.link, self.store, self.fingerprint = core, settings, link, store, fingerprint
+        self.flops = flops
 
     async def Info(self, request: pb.InfoRequest, context: Any) -> pb.InfoReply:
         cfg, s = self.core.cfg, self.settings
@@ -72,7 +93,8 @@ class Servicer(pb_grpc.NodeAgentServicer):
         return pb.InfoReply(name=s.node_name, model_type=cfg.model_type, num_layers=cfg.num_layers,
                             num_experts=cfg.num_experts, vocab_size=cfg.vocab_size, profile=profile,
                             model_fingerprint=self.fingerprint, expert_bytes=self.store.expert_nbytes,
-                            max_positions=cfg.max_positions, dense_layers=sorted(cfg.dense_layers))
+                            max_positions=cfg.max_positions, dense_layers=sorted(cfg.dense_layers),
+                            expert_flops_per_s=self.flops)
 
     async def BeginStep(self, request: pb.BeginStepRequest, context: Any) -> pb.BeginStepReply:
         peers = [Peer(p.name, p.address, p.new_min_position, p.new_max_position, p.cached_tokens) for p in request.peers]
@@ -81,9 +103,12 @@ class Servicer(pb_grpc.NodeAgentServicer):
         return pb.BeginStepReply()
 
     async def Forward(self, request: pb.ForwardRequest, context: Any) -> pb.ForwardReply:
-        r = await self.core.forward(request.request_id, request.layer, _plan(request.plan, self.core.name))
+        r = await self.core.forward(request.request_id, request.layer, _plan(request.plan, self.core.name),
+                                    request.prefetch, request.predict)
         return pb.ForwardReply(expert_token_counts=r.counts, resident_experts=r.resident, loading_experts=r.loading,
-                               attention_seconds=r.attention_s)
+                               attention_seconds=r.attention_s, predicted_counts=r.predicted,
+                               resident_total=r.resident_total, next_resident=r.next_resident,
+                               next_loading=r.next_loading)
 
     async def Finish(self, request: pb.FinishRequest, context: Any) -> pb.FinishReply:
         logits, positions = await self.core.finish(request.request_id, _plan(request.plan, self.core.name))
@@ -98,10 +123,12 @@ class Servicer(pb_grpc.NodeAgentServicer):
         return pb.ReleaseReply()
 
     async def CacheState(self, request: pb.CacheStateRequest, context: Any) -> pb.CacheStateReply:
-        buf, c = self.core.buffer, self.core.buffer.counters
+        core, buf, c = self.core, self.core.buffer, self.core.buffer.counters
         counters = pb.CacheCounters(hits=c.hits, misses=c.misses, loads=c.loads, evictions=c.evictions,
                                     bytes_read=self.store.bytes_read, bytes_sent=self.link.bytes_sent,
-                                    bytes_used=buf.bytes_used, capacity_bytes=buf.capacity)
+                                    bytes_used=buf.bytes_used, capacity_bytes=buf.capacity,
+                                    attention_seconds=core.attention_s, prefetches=c.prefetches,
+                                    predicted_used=core.predicted_used, used=core.used)
         resident = [e.layer * self.core.cfg.num_experts + e.index for e in buf.all_resident()]
         return pb.CacheStateReply(counters=counters, resident=resident)
 
@@ -176,7 +203,8 @@ async def serve(settings: AgentSettings, ready: asyncio.Event | None = None, sto
     peers = GrpcPeers(settings.node_name, link)
     core = AgentCore(settings.node_name, cfg, dense, buffer, peers)
     server = grpc.aio.server(interceptors=[ErrorInterceptor()], options=CHANNEL_OPTIONS)
-    pb_grpc.add_NodeAgentServicer_to_server(Servicer(core, settings, link, store, model_fingerprint(settings.model_dir)), server)
+    servicer = Servicer(core, settings, link, store, model_fingerprint(settings.model_dir), measure_expert_flops(cfg, dtype))
+    pb_grpc.add_NodeAgentServicer_to_server(servicer, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     server.add_insecure_port(settings.listen)

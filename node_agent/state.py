@@ -53,6 +53,7 @@ class StepState:
     moe_in: torch.Tensor | None = None  # [T, D] post-attention-norm input of the pending MoE
     route: tuple[torch.Tensor, torch.Tensor] | None = None  # (ids [T,k], weights [T,k]) pending
     new_kv: dict[int, KVShard] = field(default_factory=dict)  # layer -> this step's own K/V
+    predicted: tuple[int, frozenset[int]] | None = None  # (layer, experts its router should pick)
 
 
 @dataclass
@@ -82,29 +83,29 @@ class RequestState:
             self.inbox.setdefault((step, layer), {}).setdefault(sender, {})[chunk] = (num_chunks, shard)
             self.arrived.notify_all()
 
-    async def wait_blocks(self, step: int, layer: int, senders: set[str], timeout_s: float) -> dict[str, KVShard]:
-        """K/V of this step and layer from every sender, each reassembled from its chunks."""
+    def _complete(self, step: int, layer: int, sender: str) -> bool:
+        chunks = self.inbox.get((step, layer), {}).get(sender)
+        return bool(chunks) and len(chunks) == next(iter(chunks.values()))[0]
 
-        def complete() -> bool:
-            got = self.inbox.get((step, layer), {})
-            return all(s in got and len(got[s]) == next(iter(got[s].values()))[0] for s in senders)
-
+    async def next_block(self, step: int, layer: int, pending: set[str], timeout_s: float) -> tuple[str, KVShard]:
+        """The K/V of whichever pending sender's block is complete first (reassembled from its
+        chunks), so attention on it can start while the others are still in transit."""
         async with self.arrived:
             try:
-                await asyncio.wait_for(self.arrived.wait_for(lambda: self.released or complete()), timeout_s)
+                await asyncio.wait_for(
+                    self.arrived.wait_for(lambda: self.released or any(self._complete(step, layer, s) for s in pending)),
+                    timeout_s,
+                )
             except TimeoutError:
-                missing = sorted(senders - set(self.inbox.get((step, layer), {})))
-                raise TimeoutError(f"K/V of layer {layer} from {missing} did not arrive within {timeout_s}s") from None
+                raise TimeoutError(f"K/V of layer {layer} from {sorted(pending)} did not arrive within {timeout_s}s") from None
             if self.released:
                 raise RequestReleased(self.request_id)
-            got = self.inbox.pop((step, layer), {})
-        out = {}
-        for sender in senders:
-            chunks = [got[sender][i][1] for i in sorted(got[sender])]
-            out[sender] = KVShard(
-                torch.cat([c.k for c in chunks]), torch.cat([c.v for c in chunks]), torch.cat([c.pos for c in chunks])
-            )
-        return out
+            sender = next(s for s in sorted(pending) if self._complete(step, layer, s))
+            got = self.inbox[(step, layer)].pop(sender)
+        chunks = [got[i][1] for i in sorted(got)]
+        return sender, KVShard(
+            torch.cat([c.k for c in chunks]), torch.cat([c.v for c in chunks]), torch.cat([c.pos for c in chunks])
+        )
 
     async def release(self) -> None:
         async with self.arrived:

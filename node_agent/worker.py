@@ -17,6 +17,7 @@ from typing import Protocol, TypeVar
 
 import torch
 
+from node_agent.dispatch import LayerPlan, split_by_executor
 from node_agent.expert_buffer import ExpertBuffer
 from node_agent.model import moe
 from node_agent.model.config import MoeConfig
@@ -41,6 +42,10 @@ class LayerReport:
     resident: list[int]  # expert indices of the layer in the buffer
     loading: list[int]  # expert indices of the layer being read
     attention_s: float  # seconds this agent spent in the layer's attention
+    predicted: list[int]  # next layer's predicted counts per expert ([] unless asked)
+    resident_total: int  # experts of all layers in the buffer
+    next_resident: list[int]  # next layer's experts in the buffer ([] unless predicting)
+    next_loading: list[int]  # next layer's experts being read ([] unless predicting)
 
 
 class AgentCore:
@@ -57,6 +62,9 @@ class AgentCore:
         self.peer_timeout_s = peer_timeout_s
         self._compute = ThreadPoolExecutor(1, thread_name_prefix="compute")
         self.requests: dict[str, RequestState] = {}
+        self.attention_s = 0.0  # total seconds in attention, all requests
+        self.predicted_used = 0  # experts used by my tokens that the previous layer predicted
+        self.used = 0  # experts used by my tokens in layers that had a prediction
 
     async def compute(self, fn: Callable[..., R], *args: object) -> R:
         """Run torch work on the compute thread (torch releases the GIL inside its kernels)."""
@@ -90,28 +98,61 @@ class AgentCore:
         hidden = self.dense.embed[ids]  # [T, D]
         state.step = StepState(step, torch.tensor(list(positions), dtype=torch.long), hidden, tuple(peers), all_logits)
 
-    async def forward(self, request_id: str, layer: int, plan: dict[int, str]) -> LayerReport:
-        """MoE of layer-1 by `plan` (expert -> executor for this agent's tokens), then attention and
-        router of `layer`."""
+    async def forward(self, request_id: str, layer: int, plan: LayerPlan, prefetch: Sequence[int] = (),
+                      predict: bool = False) -> LayerReport:
+        """MoE of layer-1 by `plan`, then attention and router of `layer`. Predicted experts of
+        `layer` start loading first, so the disk works while attention computes."""
         st = self._step(request_id)
+        self.buffer.protect([ExpertId(layer - 1, e) for e in plan.executes] + [ExpertId(layer, e) for e in prefetch])
+        for e in prefetch:
+            await self.buffer.prefetch(ExpertId(layer, e))
         if layer > 0:
             await self._apply_mlp(request_id, st, layer - 1, plan)
         t0 = time.perf_counter()
         if st.positions.numel():
             await self._attention(request_id, st, layer)
         attention_s = time.perf_counter() - t0
+        self.attention_s += attention_s
         w = self.dense.layers[layer]
         st.moe_in = await self.compute(moe.rms_norm, st.hidden, w.post_norm, self.cfg.rms_eps)
         counts: list[int] = []
-        if self.cfg.is_moe(layer):
+        predicted: list[int] = []
+        if self.cfg.is_moe(layer) and st.positions.numel():
             st.route = await self.compute(moe.route, w, self.cfg, st.moe_in)
             counts = torch.bincount(st.route[0].flatten(), minlength=self.cfg.num_experts).tolist()
-        return LayerReport(counts, self.buffer.resident(layer), self.buffer.loading(layer), attention_s)
+            self._score_prediction(st, layer, counts)
+        elif self.cfg.is_moe(layer):
+            counts = [0] * self.cfg.num_experts
+        nxt = layer + 1
+        predicting = predict and nxt < self.cfg.num_layers and self.cfg.is_moe(nxt)
+        if predicting and st.positions.numel():
+            predicted = await self.compute(self._predict, st.hidden, nxt)
+            st.predicted = (nxt, frozenset(e for e, c in enumerate(predicted) if c))
+        elif predicting:
+            predicted = [0] * self.cfg.num_experts
+        return LayerReport(counts, self.buffer.resident(layer), self.buffer.loading(layer), attention_s, predicted,
+                           len(self.buffer.all_resident()), self.buffer.resident(nxt) if predicting else [],
+                           self.buffer.loading(nxt) if predicting else [])
 
-    async def finish(self, request_id: str, plan: dict[int, str]) -> tuple[torch.Tensor | None, torch.Tensor]:
+    def _predict(self, hidden: torch.Tensor, layer: int) -> list[int]:
+        """Layer `layer`'s router applied to the previous layer's hidden states: adjacent layers'
+        hidden states are close, so this guesses which experts the tokens will need."""
+        w = self.dense.layers[layer]
+        ids, _ = moe.route(w, self.cfg, moe.rms_norm(hidden, w.post_norm, self.cfg.rms_eps))
+        return torch.bincount(ids.flatten(), minlength=self.cfg.num_experts).tolist()
+
+    def _score_prediction(self, st: StepState, layer: int, counts: list[int]) -> None:
+        if st.predicted is None or st.predicted[0] != layer:
+            return
+        used = {e for e, c in enumerate(counts) if c}
+        self.used += len(used)
+        self.predicted_used += len(used & st.predicted[1])
+
+    async def finish(self, request_id: str, plan: LayerPlan) -> tuple[torch.Tensor | None, torch.Tensor]:
         """MoE of the last layer; logits if this agent owns the step's last position (with
         all_logits: of every new token it owns)."""
         st = self._step(request_id)
+        self.buffer.protect([ExpertId(self.cfg.num_layers - 1, e) for e in plan.executes])
         await self._apply_mlp(request_id, st, self.cfg.num_layers - 1, plan)
         last = max(p.new_max for p in st.peers)
         if st.all_logits and st.positions.numel():
@@ -148,11 +189,11 @@ class AgentCore:
         try:
             mine = state.kv[layer].append(own_new) if layer in state.kv else own_new
             parts = [await self.compute(moe.attend, q, mine.k, mine.v, st.positions, mine.pos)]
-            senders = {p.name for p in others if p.has_new and p.new_min < hi}
-            blocks = await state.wait_blocks(st.step, layer, senders, self.peer_timeout_s) if senders else {}
-            for sender in sorted(blocks):
-                b = blocks[sender]
-                parts.append(await self.compute(moe.attend, q, b.k, b.v, st.positions, b.pos))
+            pending = {p.name for p in others if p.has_new and p.new_min < hi}
+            while pending:  # attend to each peer's block as soon as it is in
+                sender, block = await state.next_block(st.step, layer, pending, self.peer_timeout_s)
+                pending.discard(sender)
+                parts.append(await self.compute(moe.attend, q, block.k, block.v, st.positions, block.pos))
             parts.extend(await asyncio.gather(*pulls))
             await asyncio.gather(*pushes)
         except BaseException:
@@ -174,8 +215,8 @@ class AgentCore:
 
     # Experts ---------------------------------------------------------------------------------
 
-    async def _apply_mlp(self, request_id: str, st: StepState, layer: int, plan: dict[int, str]) -> None:
-        """h += MoE(layer) for my tokens: group slots by executor, run local and remote at once."""
+    async def _apply_mlp(self, request_id: str, st: StepState, layer: int, plan: LayerPlan) -> None:
+        """h += MoE(layer) for my tokens: split slots by executor, run local and remote at once."""
         x = st.moe_in
         if x is None or not st.positions.numel():
             return
@@ -186,13 +227,10 @@ class AgentCore:
             return
         assert st.route is not None
         ids, weights = st.route
-        executor = [plan.get(e, self.name) for e in range(self.cfg.num_experts)]
         addresses = {p.name: p.address for p in st.peers}
         jobs = []
-        for name in sorted(set(executor[e] for e in ids.unique().tolist())):
-            mask = torch.tensor([executor[e] == name for e in range(self.cfg.num_experts)])[ids]  # [T, k]
-            sub = torch.where(mask, ids, torch.full_like(ids, -1))
-            rows = mask.any(dim=1).nonzero().flatten()
+        for name, sub in sorted(split_by_executor(ids, plan, self.name).items()):
+            rows = (sub >= 0).any(dim=1).nonzero().flatten()
             if name == self.name:
                 jobs.append((rows, self.execute(layer, x[rows], sub[rows], weights[rows])))
             else:

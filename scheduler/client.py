@@ -32,6 +32,7 @@ class AgentInfo:
     link_bytes_per_s: float  # 0 = unlimited
     max_positions: int  # the model's context length
     dense_layers: frozenset[int]  # layers without routed experts
+    flops_per_s: float  # measured expert matmul speed
 
 
 def plan_to_proto(plan: RoutingPlan | None) -> pb.RoutingPlan | None:
@@ -39,12 +40,20 @@ def plan_to_proto(plan: RoutingPlan | None) -> pb.RoutingPlan | None:
         return None
     return pb.RoutingPlan(
         layer=plan.layer,
-        assignments=[pb.ExpertAssignment(expert=e, owner=o, executor=x) for (o, e), x in sorted(plan.executor.items())],
+        assignments=[
+            pb.ExpertAssignment(expert=e, owner=o, executor=x, tokens=n)
+            for (o, e), shares in sorted(plan.shares.items())
+            for x, n in shares
+        ],
     )
 
 
 def plan_from_proto(msg: pb.RoutingPlan) -> RoutingPlan:
-    return RoutingPlan(msg.layer, {(NodeId(a.owner), a.expert): NodeId(a.executor) for a in msg.assignments})
+    shares: dict[tuple[NodeId, int], tuple[tuple[NodeId, int], ...]] = {}
+    for a in msg.assignments:
+        key = (NodeId(a.owner), a.expert)
+        shares[key] = (*shares.get(key, ()), (NodeId(a.executor), a.tokens))
+    return RoutingPlan(msg.layer, shares)
 
 
 class AgentClient:
@@ -72,7 +81,7 @@ class AgentClient:
         assert isinstance(r, pb.InfoReply)
         return AgentInfo(NodeId(r.name), r.model_type, r.num_layers, r.num_experts, r.vocab_size, r.model_fingerprint,
                          r.expert_bytes, r.profile.expert_memory_bytes, r.profile.disk_bytes_per_s, r.profile.link_bytes_per_s,
-                         r.max_positions, frozenset(r.dense_layers))
+                         r.max_positions, frozenset(r.dense_layers), r.expert_flops_per_s)
 
     async def begin_step(self, request_id: str, plan: StepPlan, peers: Sequence[pb.StepPeer], all_logits: bool) -> None:
         shard = next((s for s in plan.shards if s.node == self.spec.name), None)
@@ -80,11 +89,15 @@ class AgentClient:
             request_id=request_id, step=plan.step, token_ids=shard.token_ids if shard else (),
             positions=shard.positions if shard else (), peers=peers, all_logits=all_logits))
 
-    async def forward(self, request_id: str, layer: int, plan: RoutingPlan | None) -> LayerReport:
-        r = await self._call("Forward", pb.ForwardRequest(request_id=request_id, layer=layer, plan=plan_to_proto(plan)))
+    async def forward(self, request_id: str, layer: int, plan: RoutingPlan | None, prefetch: Sequence[int] = (),
+                      predict: bool = False) -> LayerReport:
+        msg = pb.ForwardRequest(request_id=request_id, layer=layer, plan=plan_to_proto(plan), prefetch=prefetch,
+                                predict=predict)
+        r = await self._call("Forward", msg)
         assert isinstance(r, pb.ForwardReply)
         return LayerReport(self.spec.name, tuple(r.expert_token_counts), frozenset(r.resident_experts),
-                           frozenset(r.loading_experts), r.attention_seconds)
+                           frozenset(r.loading_experts), r.attention_seconds, tuple(r.predicted_counts),
+                           r.resident_total, frozenset(r.next_resident), frozenset(r.next_loading))
 
     async def finish(self, request_id: str, plan: RoutingPlan | None) -> tuple[torch.Tensor | None, list[int]]:
         r = await self._call("Finish", pb.FinishRequest(request_id=request_id, plan=plan_to_proto(plan)))

@@ -16,7 +16,7 @@ def resident_first(layer: int, reports: Sequence[LayerReport]) -> RoutingPlan:
     """
     executor: dict[tuple[NodeId, int], NodeId] = {}
     if not reports or not reports[0].counts:
-        return RoutingPlan(layer, executor)
+        return RoutingPlan.whole(layer, executor)
     for expert in range(len(reports[0].counts)):
         owners = [r for r in reports if r.counts[expert] > 0]
         if not owners:
@@ -26,4 +26,4 @@ def resident_first(layer: int, reports: Sequence[LayerReport]) -> RoutingPlan:
         chosen = max(pool, key=lambda r: (r.counts[expert], -reports.index(r))).node
         for r in owners:
             executor[(r.node, expert)] = chosen
-    return RoutingPlan(layer, executor)
+    return RoutingPlan.whole(layer, executor)

@@ -98,14 +98,33 @@ class LayerReport:
     resident: frozenset[int]  # expert indices of the layer resident in its buffer
     loading: frozenset[int]  # expert indices of the layer being read into its buffer
     attention_s: float = 0.0  # seconds it spent in the layer's attention
+    predicted: tuple[int, ...] = ()  # next layer's predicted counts (empty unless asked)
+    resident_total: int = 0  # experts of all layers in its buffer
+    next_resident: frozenset[int] = frozenset()  # next layer's experts in its buffer
+    next_loading: frozenset[int] = frozenset()  # next layer's experts being read
+
+
+Share = tuple[NodeId, int]  # (executor, tokens): tokens 0 = all the owner's remaining pairs
 
 
 @dataclass(frozen=True)
 class RoutingPlan:
-    """Who runs which expert for whose tokens, for one MoE layer of one step (scheduler-owned)."""
+    """Who runs which expert for whose tokens, for one MoE layer of one step (scheduler-owned).
+
+    An owner's (token, slot) pairs routed to an expert go to the shares' executors in row order;
+    several shares split them. A pair absent from the plan runs on its owner.
+    """
 
     layer: int
-    executor: dict[tuple[NodeId, int], NodeId]  # (owner, expert index) -> executing agent
+    shares: dict[tuple[NodeId, int], tuple[Share, ...]]  # (owner, expert index) -> shares
+
+    @classmethod
+    def whole(cls, layer: int, executor: dict[tuple[NodeId, int], NodeId]) -> RoutingPlan:
+        """Each (owner, expert) entirely on one executor."""
+        return cls(layer, {key: ((node, 0),) for key, node in executor.items()})
+
+    def executors(self, expert: int) -> set[NodeId]:
+        return {x for (_, e), shares in self.shares.items() if e == expert for x, _ in shares}
 
 
 @dataclass(frozen=True)

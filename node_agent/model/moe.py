@@ -130,13 +130,50 @@ def attend(
     """Softmax attention of q [T,H,hd] over k/v [S,KVH,hd]; causal by positions when both given.
 
     Returns (out [T,H,hd], lse [T,H]); a query that sees no key gets out 0 and lse -inf, so it
-    drops out of `merge`.
+    drops out of `merge`. Positions are split into runs of consecutive values (a contiguous shard
+    is one run, a zigzag shard two) and each pair of runs is fully visible, a causal triangle, or
+    invisible, so the fused kernel does the work; only oddly aligned runs take the masked path.
     """
-    if q_pos is None or k_pos is None or bool(k_pos.max() < q_pos.min()):
-        return _fused(q, k, v, causal=False)  # every key precedes every query
-    if torch.equal(q_pos, k_pos):
-        return _fused(q, k, v, causal=True)  # the queries' own keys: the usual causal triangle
-    return _masked(q, k, v, q_pos, k_pos)
+    if q_pos is None or k_pos is None:
+        return _fused(q, k, v, causal=False)
+    q_runs, k_runs = _runs(q_pos), _runs(k_pos)
+    outs, lses = [], []
+    for qs in q_runs:
+        a, b = int(q_pos[qs.start]), int(q_pos[qs.stop - 1])
+        parts = []
+        for ks in k_runs:
+            c, d = int(k_pos[ks.start]), int(k_pos[ks.stop - 1])
+            if c > b:
+                continue  # every key is after every query
+            if d < a:
+                parts.append(_fused(q[qs], k[ks], v[ks], causal=False))
+                continue
+            if c < a:  # the part before the queries is fully visible
+                before = slice(ks.start, ks.start + (a - c))
+                parts.append(_fused(q[qs], k[before], v[before], causal=False))
+                c, ks = a, slice(before.stop, ks.stop)
+            if c == a:  # aligned with the queries' start: a top-left causal triangle
+                diag = slice(ks.start, ks.start + (min(d, b) - c + 1))
+                parts.append(_fused(q[qs], k[diag], v[diag], causal=True))
+            else:
+                parts.append(_masked(q[qs], k[ks], v[ks], q_pos[qs], k_pos[ks]))
+        if parts:
+            out, lse = merge_lse(parts)
+        else:
+            out = torch.zeros_like(q[qs])
+            lse = torch.full(q[qs].shape[:2], float("-inf"))
+        outs.append(out)
+        lses.append(lse)
+    return torch.cat(outs), torch.cat(lses)
+
+
+def _runs(pos: torch.Tensor) -> list[slice]:
+    """Slices of maximal runs of consecutive positions (pos ascending within each run)."""
+    if pos.numel() == 0:
+        return []
+    breaks = (torch.nonzero(pos[1:] != pos[:-1] + 1).flatten() + 1).tolist()
+    edges = [0, *breaks, pos.numel()]
+    return [slice(s, e) for s, e in zip(edges[:-1], edges[1:])]
 
 
 def _fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -180,15 +217,22 @@ def _masked(
     return torch.cat(outs), torch.cat(lses)
 
 
-def merge(parts: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
-    """Combine partial attentions over disjoint key sets: exact softmax over their union."""
+def merge_lse(parts: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Combine partial attentions over disjoint key sets: exact softmax over their union, and
+    the union's log-sum-exp."""
     if len(parts) == 1:
-        return parts[0][0]
+        return parts[0]
     lse = torch.stack([p[1] for p in parts])  # [P, T, H]
     total = torch.logsumexp(lse, dim=0)  # [T, H]
-    weights = torch.exp(lse - total).nan_to_num(0.0)  # [P, T, H]
-    out = sum((weights[i][..., None].to(p[0].dtype) * p[0] for i, p in enumerate(parts)), torch.zeros_like(parts[0][0]))
-    return out
+    weights = torch.exp(lse - total).nan_to_num(0.0)  # [P, T, H]; a part that saw no key: 0
+    out = torch.zeros_like(parts[0][0])
+    for i, (o, _) in enumerate(parts):
+        out += weights[i][..., None].to(o.dtype) * o
+    return out, total
+
+
+def merge(parts: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    return merge_lse(parts)[0]
 
 
 def attention_output(w: LayerWeights, h: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:

@@ -38,22 +38,22 @@ def report(node: NodeId, counts: list[int], resident: set[int] = set(), loading:
 
 def test_resident_expert_runs_where_it_is_resident() -> None:
     plan = resident_first(0, [report(A, [5, 0, 1]), report(B, [1, 2, 0], resident={0})])
-    assert plan.executor[(A, 0)] == B and plan.executor[(B, 0)] == B
+    assert plan.shares[(A, 0)][0][0] == B and plan.shares[(B, 0)][0][0] == B
 
 
 def test_missing_expert_runs_on_its_largest_owner() -> None:
     plan = resident_first(3, [report(A, [1, 4]), report(B, [3, 0]), report(C, [0, 5])])
     assert plan.layer == 3
-    assert plan.executor[(A, 0)] == B and plan.executor[(B, 0)] == B
-    assert plan.executor[(A, 1)] == C and plan.executor[(C, 1)] == C
-    assert (B, 1) not in plan.executor  # B owns no token of expert 1
+    assert plan.shares[(A, 0)][0][0] == B and plan.shares[(B, 0)][0][0] == B
+    assert plan.shares[(A, 1)][0][0] == C and plan.shares[(C, 1)][0][0] == C
+    assert (B, 1) not in plan.shares  # B owns no token of expert 1
 
 
 def test_loading_counts_as_resident_and_ties_go_to_the_first_agent() -> None:
     plan = resident_first(0, [report(A, [2, 2]), report(B, [2, 2], loading={1})])
-    assert plan.executor[(B, 0)] == A  # tie between owners: first listed
-    assert plan.executor[(A, 1)] == B  # already in flight on B
+    assert plan.shares[(B, 0)][0][0] == A  # tie between owners: first listed
+    assert plan.shares[(A, 1)][0][0] == B  # already in flight on B
 
 
 def test_dense_layer_has_an_empty_plan() -> None:
-    assert resident_first(0, [report(A, [])]).executor == {}
+    assert resident_first(0, [report(A, [])]).shares == {}

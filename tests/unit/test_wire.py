@@ -35,7 +35,7 @@ def test_malformed_tensor_is_refused() -> None:
 
 
 def test_routing_plan_round_trip() -> None:
-    plan = RoutingPlan(4, {(NodeId("a"), 3): NodeId("b"), (NodeId("b"), 0): NodeId("b")})
+    plan = RoutingPlan(4, {(NodeId("a"), 3): ((NodeId("b"), 0),), (NodeId("b"), 0): ((NodeId("a"), 5), (NodeId("b"), 0))})
     msg = plan_to_proto(plan)
     assert msg is not None
     assert plan_from_proto(pb.RoutingPlan.FromString(msg.SerializeToString())) == plan

@@ -27,7 +27,7 @@ class DeviceProfile(_message.Message):
     def __init__(self, expert_memory_bytes: _Optional[int] = ..., disk_bytes_per_s: _Optional[float] = ..., link_bytes_per_s: _Optional[float] = ...) -> None: ...
 
 class CacheCounters(_message.Message):
-    __slots__ = ("hits", "misses", "loads", "evictions", "bytes_read", "bytes_sent", "bytes_used", "capacity_bytes")
+    __slots__ = ("hits", "misses", "loads", "evictions", "bytes_read", "bytes_sent", "bytes_used", "capacity_bytes", "attention_seconds", "prefetches", "predicted_used", "used")
     HITS_FIELD_NUMBER: _ClassVar[int]
     MISSES_FIELD_NUMBER: _ClassVar[int]
     LOADS_FIELD_NUMBER: _ClassVar[int]
@@ -36,6 +36,10 @@ class CacheCounters(_message.Message):
     BYTES_SENT_FIELD_NUMBER: _ClassVar[int]
     BYTES_USED_FIELD_NUMBER: _ClassVar[int]
     CAPACITY_BYTES_FIELD_NUMBER: _ClassVar[int]
+    ATTENTION_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    PREFETCHES_FIELD_NUMBER: _ClassVar[int]
+    PREDICTED_USED_FIELD_NUMBER: _ClassVar[int]
+    USED_FIELD_NUMBER: _ClassVar[int]
     hits: int
     misses: int
     loads: int
@@ -44,14 +48,18 @@ class CacheCounters(_message.Message):
     bytes_sent: int
     bytes_used: int
     capacity_bytes: int
-    def __init__(self, hits: _Optional[int] = ..., misses: _Optional[int] = ..., loads: _Optional[int] = ..., evictions: _Optional[int] = ..., bytes_read: _Optional[int] = ..., bytes_sent: _Optional[int] = ..., bytes_used: _Optional[int] = ..., capacity_bytes: _Optional[int] = ...) -> None: ...
+    attention_seconds: float
+    prefetches: int
+    predicted_used: int
+    used: int
+    def __init__(self, hits: _Optional[int] = ..., misses: _Optional[int] = ..., loads: _Optional[int] = ..., evictions: _Optional[int] = ..., bytes_read: _Optional[int] = ..., bytes_sent: _Optional[int] = ..., bytes_used: _Optional[int] = ..., capacity_bytes: _Optional[int] = ..., attention_seconds: _Optional[float] = ..., prefetches: _Optional[int] = ..., predicted_used: _Optional[int] = ..., used: _Optional[int] = ...) -> None: ...
 
 class InfoRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
 class InfoReply(_message.Message):
-    __slots__ = ("name", "model_type", "num_layers", "num_experts", "vocab_size", "profile", "model_fingerprint", "expert_bytes", "max_positions", "dense_layers")
+    __slots__ = ("name", "model_type", "num_layers", "num_experts", "vocab_size", "profile", "model_fingerprint", "expert_bytes", "expert_flops_per_s", "max_positions", "dense_layers")
     NAME_FIELD_NUMBER: _ClassVar[int]
     MODEL_TYPE_FIELD_NUMBER: _ClassVar[int]
     NUM_LAYERS_FIELD_NUMBER: _ClassVar[int]
@@ -60,6 +68,7 @@ class InfoReply(_message.Message):
     PROFILE_FIELD_NUMBER: _ClassVar[int]
     MODEL_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     EXPERT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    EXPERT_FLOPS_PER_S_FIELD_NUMBER: _ClassVar[int]
     MAX_POSITIONS_FIELD_NUMBER: _ClassVar[int]
     DENSE_LAYERS_FIELD_NUMBER: _ClassVar[int]
     name: str
@@ -70,9 +79,10 @@ class InfoReply(_message.Message):
     profile: DeviceProfile
     model_fingerprint: str
     expert_bytes: int
+    expert_flops_per_s: float
     max_positions: int
     dense_layers: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, name: _Optional[str] = ..., model_type: _Optional[str] = ..., num_layers: _Optional[int] = ..., num_experts: _Optional[int] = ..., vocab_size: _Optional[int] = ..., profile: _Optional[_Union[DeviceProfile, _Mapping]] = ..., model_fingerprint: _Optional[str] = ..., expert_bytes: _Optional[int] = ..., max_positions: _Optional[int] = ..., dense_layers: _Optional[_Iterable[int]] = ...) -> None: ...
+    def __init__(self, name: _Optional[str] = ..., model_type: _Optional[str] = ..., num_layers: _Optional[int] = ..., num_experts: _Optional[int] = ..., vocab_size: _Optional[int] = ..., profile: _Optional[_Union[DeviceProfile, _Mapping]] = ..., model_fingerprint: _Optional[str] = ..., expert_bytes: _Optional[int] = ..., expert_flops_per_s: _Optional[float] = ..., max_positions: _Optional[int] = ..., dense_layers: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class StepPeer(_message.Message):
     __slots__ = ("name", "address", "new_min_position", "new_max_position", "cached_tokens")
@@ -109,14 +119,16 @@ class BeginStepReply(_message.Message):
     def __init__(self) -> None: ...
 
 class ExpertAssignment(_message.Message):
-    __slots__ = ("expert", "owner", "executor")
+    __slots__ = ("expert", "owner", "executor", "tokens")
     EXPERT_FIELD_NUMBER: _ClassVar[int]
     OWNER_FIELD_NUMBER: _ClassVar[int]
     EXECUTOR_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
     expert: int
     owner: str
     executor: str
-    def __init__(self, expert: _Optional[int] = ..., owner: _Optional[str] = ..., executor: _Optional[str] = ...) -> None: ...
+    tokens: int
+    def __init__(self, expert: _Optional[int] = ..., owner: _Optional[str] = ..., executor: _Optional[str] = ..., tokens: _Optional[int] = ...) -> None: ...
 
 class RoutingPlan(_message.Message):
     __slots__ = ("layer", "assignments")
@@ -127,26 +139,38 @@ class RoutingPlan(_message.Message):
     def __init__(self, layer: _Optional[int] = ..., assignments: _Optional[_Iterable[_Union[ExpertAssignment, _Mapping]]] = ...) -> None: ...
 
 class ForwardRequest(_message.Message):
-    __slots__ = ("request_id", "layer", "plan")
+    __slots__ = ("request_id", "layer", "plan", "prefetch", "predict")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     LAYER_FIELD_NUMBER: _ClassVar[int]
     PLAN_FIELD_NUMBER: _ClassVar[int]
+    PREFETCH_FIELD_NUMBER: _ClassVar[int]
+    PREDICT_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     layer: int
     plan: RoutingPlan
-    def __init__(self, request_id: _Optional[str] = ..., layer: _Optional[int] = ..., plan: _Optional[_Union[RoutingPlan, _Mapping]] = ...) -> None: ...
+    prefetch: _containers.RepeatedScalarFieldContainer[int]
+    predict: bool
+    def __init__(self, request_id: _Optional[str] = ..., layer: _Optional[int] = ..., plan: _Optional[_Union[RoutingPlan, _Mapping]] = ..., prefetch: _Optional[_Iterable[int]] = ..., predict: _Optional[bool] = ...) -> None: ...
 
 class ForwardReply(_message.Message):
-    __slots__ = ("expert_token_counts", "resident_experts", "loading_experts", "attention_seconds")
+    __slots__ = ("expert_token_counts", "resident_experts", "loading_experts", "attention_seconds", "predicted_counts", "resident_total", "next_resident", "next_loading")
     EXPERT_TOKEN_COUNTS_FIELD_NUMBER: _ClassVar[int]
     RESIDENT_EXPERTS_FIELD_NUMBER: _ClassVar[int]
     LOADING_EXPERTS_FIELD_NUMBER: _ClassVar[int]
     ATTENTION_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    PREDICTED_COUNTS_FIELD_NUMBER: _ClassVar[int]
+    RESIDENT_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    NEXT_RESIDENT_FIELD_NUMBER: _ClassVar[int]
+    NEXT_LOADING_FIELD_NUMBER: _ClassVar[int]
     expert_token_counts: _containers.RepeatedScalarFieldContainer[int]
     resident_experts: _containers.RepeatedScalarFieldContainer[int]
     loading_experts: _containers.RepeatedScalarFieldContainer[int]
     attention_seconds: float
-    def __init__(self, expert_token_counts: _Optional[_Iterable[int]] = ..., resident_experts: _Optional[_Iterable[int]] = ..., loading_experts: _Optional[_Iterable[int]] = ..., attention_seconds: _Optional[float] = ...) -> None: ...
+    predicted_counts: _containers.RepeatedScalarFieldContainer[int]
+    resident_total: int
+    next_resident: _containers.RepeatedScalarFieldContainer[int]
+    next_loading: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, expert_token_counts: _Optional[_Iterable[int]] = ..., resident_experts: _Optional[_Iterable[int]] = ..., loading_experts: _Optional[_Iterable[int]] = ..., attention_seconds: _Optional[float] = ..., predicted_counts: _Optional[_Iterable[int]] = ..., resident_total: _Optional[int] = ..., next_resident: _Optional[_Iterable[int]] = ..., next_loading: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class FinishRequest(_message.Message):
     __slots__ = ("request_id", "plan")
