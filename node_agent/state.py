@@ -85,7 +85,7 @@ class RequestState:
 
     def _complete(self, step: int, layer: int, sender: str) -> bool:
         chunks = self.inbox.get((step, layer), {}).get(sender)
-        return bool(chunks) and len(chunks) == next(iter(chunks.values()))[0]
+        return chunks is not None and len(chunks) == next(iter(chunks.values()))[0]
 
     async def next_block(self, step: int, layer: int, pending: set[str], timeout_s: float) -> tuple[str, KVShard]:
         """The K/V of whichever pending sender's block is complete first (reassembled from its
