@@ -94,7 +94,8 @@ class Servicer(pb_grpc.NodeAgentServicer):
                             num_experts=cfg.num_experts, vocab_size=cfg.vocab_size, profile=profile,
                             model_fingerprint=self.fingerprint, expert_bytes=self.store.expert_nbytes,
                             max_positions=cfg.max_positions, dense_layers=sorted(cfg.dense_layers),
-                            expert_flops_per_s=self.flops)
+                            expert_flops_per_s=self.flops, hidden_size=cfg.hidden_size,
+                            dtype_bytes=self.core.dense.embed.element_size())
 
     async def BeginStep(self, request: pb.BeginStepRequest, context: Any) -> pb.BeginStepReply:
         peers = [Peer(p.name, p.address, p.new_min_position, p.new_max_position, p.cached_tokens) for p in request.peers]

@@ -33,6 +33,8 @@ class AgentInfo:
     max_positions: int  # the model's context length
     dense_layers: frozenset[int]  # layers without routed experts
     flops_per_s: float  # measured expert matmul speed
+    hidden_size: int  # D
+    dtype_bytes: int  # bytes per element on the wire
 
 
 def plan_to_proto(plan: RoutingPlan | None) -> pb.RoutingPlan | None:
@@ -81,7 +83,7 @@ class AgentClient:
         assert isinstance(r, pb.InfoReply)
         return AgentInfo(NodeId(r.name), r.model_type, r.num_layers, r.num_experts, r.vocab_size, r.model_fingerprint,
                          r.expert_bytes, r.profile.expert_memory_bytes, r.profile.disk_bytes_per_s, r.profile.link_bytes_per_s,
-                         r.max_positions, frozenset(r.dense_layers), r.expert_flops_per_s)
+                         r.max_positions, frozenset(r.dense_layers), r.expert_flops_per_s, r.hidden_size, r.dtype_bytes)
 
     async def begin_step(self, request_id: str, plan: StepPlan, peers: Sequence[pb.StepPeer], all_logits: bool) -> None:
         shard = next((s for s in plan.shards if s.node == self.spec.name), None)

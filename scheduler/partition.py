@@ -37,3 +37,24 @@ def after_step(plan: StepPlan) -> dict[NodeId, int]:
     for shard in plan.shards:
         cached[shard.node] = cached.get(shard.node, 0) + len(shard.token_ids)
     return cached
+
+
+def zigzag_prefill(token_ids: Sequence[int], nodes: Sequence[NodeId]) -> StepPlan:
+    """Interleaved split: 2N near-equal chunks, agent i takes chunks i and 2N-1-i, so every agent
+    holds one early and one late chunk and does the same causal-attention work (a contiguous
+    split leaves the last agent N times the first one's)."""
+    if not nodes:
+        raise ValueError("a prefill needs at least one agent")
+    n, k = len(token_ids), len(nodes)
+    edges = [n * i // (2 * k) for i in range(2 * k + 1)]
+    shards = []
+    for i, node in enumerate(nodes):
+        positions = [*range(edges[i], edges[i + 1]), *range(edges[2 * k - 1 - i], edges[2 * k - i])]
+        if positions:
+            shards.append(StepShard(node, tuple(token_ids[p] for p in positions), tuple(positions)))
+    return StepPlan(step=0, shards=tuple(shards), cached={node: 0 for node in nodes})
+
+
+def causal_work(plan: StepPlan) -> dict[NodeId, int]:
+    """Query-key pairs each agent's attention covers in a prefill (its causal work)."""
+    return {s.node: sum(p + 1 for p in s.positions) for s in plan.shards}

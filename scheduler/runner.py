@@ -12,21 +12,20 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
 from protos.potluck.v1 import agent_pb2 as pb
-from scheduler.client import AgentClient
-from scheduler.partition import after_step, contiguous_prefill, decode_step
-from scheduler.routing import resident_first
+from scheduler.client import AgentClient, AgentInfo
+from scheduler.cost_model import AgentProfile, CostModel
+from scheduler.partition import after_step, decode_step
+from scheduler.policy import Policy
 from scheduler.sampling import make_generator, sample
-from scheduler.types import GenerationRequest, LayerReport, NodeId, RoutingPlan, StepPlan, TokenEvent
+from scheduler.types import GenerationRequest, NodeId, RoutingPlan, StepPlan, TokenEvent
 
 log = logging.getLogger("potluck.scheduler")
-
-RoutingPolicy = Callable[[int, Sequence[LayerReport]], RoutingPlan]
 
 
 @dataclass(frozen=True)
@@ -38,6 +37,28 @@ class ModelShape:
     max_positions: int = 0  # context length
 
 
+@dataclass(frozen=True)
+class ClusterView:
+    """What the scheduler knows of the agents it drives: the model's shape and each device."""
+
+    shape: ModelShape
+    profiles: dict[NodeId, AgentProfile]
+    cost: CostModel
+
+    @classmethod
+    def from_infos(cls, infos: Sequence[AgentInfo]) -> ClusterView:
+        i = infos[0]
+        shape = ModelShape(i.num_layers, i.num_experts, i.vocab_size, i.dense_layers, i.max_positions)
+        profiles = {
+            a.name: AgentProfile(a.name, a.disk_bytes_per_s, a.link_bytes_per_s, a.flops_per_s,
+                                 a.memory_bytes // a.expert_bytes if a.memory_bytes else None)
+            for a in infos
+        }
+        # One SwiGLU expert on one token: 3 matmuls of D x I, 2 FLOPs per multiply-add.
+        flops_per_token = 2.0 * i.expert_bytes / i.dtype_bytes
+        return cls(shape, profiles, CostModel(i.expert_bytes, i.hidden_size * i.dtype_bytes, flops_per_token))
+
+
 @dataclass
 class StepStats:
     """What the last step measured (read by benchmarks)."""
@@ -46,12 +67,13 @@ class StepStats:
 
 
 class RequestRunner:
-    def __init__(self, agents: Sequence[AgentClient], shape: ModelShape, routing: RoutingPolicy = resident_first) -> None:
+    def __init__(self, agents: Sequence[AgentClient], view: ClusterView, policy: Policy = Policy()) -> None:
         if not agents:
             raise ValueError("a request needs at least one agent")
         self.agents = {a.name: a for a in agents}
-        self.shape = shape
-        self.routing = routing
+        self.view = view
+        self.shape = view.shape
+        self.policy = policy
         self.last_step = StepStats()
 
     async def run_step(self, request_id: str, plan: StepPlan, all_logits: bool = False) -> torch.Tensor:
@@ -67,12 +89,19 @@ class RequestRunner:
         ]
         await asyncio.gather(*(self.agents[n].begin_step(request_id, plan, peers, all_logits) for n in members))
         routing: RoutingPlan | None = None
+        prefetch: dict[NodeId, tuple[int, ...]] = {}
         stats = StepStats({n: 0.0 for n in active})
-        for layer in range(self.shape.num_layers):
-            reports = await asyncio.gather(*(self.agents[n].forward(request_id, layer, routing) for n in active))
+        profiles = {n: self.view.profiles[n] for n in members}
+        shape, cost, policy = self.shape, self.view.cost, self.policy
+        for layer in range(shape.num_layers):
+            predict = policy.prefetch and layer + 1 < shape.num_layers and layer + 1 not in shape.dense_layers
+            reports = await asyncio.gather(*(
+                self.agents[n].forward(request_id, layer, routing, prefetch.get(n, ()), predict) for n in active
+            ))
             for r in reports:
                 stats.attention_s[r.node] += r.attention_s
-            routing = None if layer in self.shape.dense_layers else self.routing(layer, reports)
+            routing = None if layer in shape.dense_layers else policy.route(layer, reports, profiles, cost, shape.num_experts)
+            prefetch = policy.prefetches(layer + 1, reports, profiles, cost, shape.num_experts) if predict else {}
         finished = await asyncio.gather(*(self.agents[n].finish(request_id, routing) for n in active))
         self.last_step = stats
         rows = sorted((pos, row) for logits, positions in finished if logits is not None for pos, row in zip(positions, logits))
@@ -90,7 +119,7 @@ class RequestRunner:
     async def prefill_logits(self, request_id: str, token_ids: Sequence[int]) -> torch.Tensor:
         """Logits [T, V] of every prompt position (for equivalence tests), state released after."""
         try:
-            return await self.run_step(request_id, contiguous_prefill(token_ids, list(self.agents)), all_logits=True)
+            return await self.run_step(request_id, self.policy.partition(token_ids, list(self.agents)), all_logits=True)
         finally:
             await asyncio.shield(self.release(request_id, list(self.agents)))
 
@@ -100,7 +129,7 @@ class RequestRunner:
         params = request.sampling
         generator = make_generator(params.seed)
         rid = request.request_id
-        plan: StepPlan = contiguous_prefill(request.prompt_token_ids, list(self.agents))
+        plan: StepPlan = self.policy.partition(request.prompt_token_ids, list(self.agents))
         position = len(request.prompt_token_ids)
         try:
             for step in range(params.max_tokens):

@@ -16,7 +16,8 @@ from pathlib import Path
 
 from scheduler.client import AgentClient, AgentInfo
 from scheduler.errors import AgentFailed, ModelMismatch, NoAgentsAvailable, PromptTooLong, QueueFull
-from scheduler.runner import ModelShape, RequestRunner
+from scheduler.policy import Policy
+from scheduler.runner import ClusterView, ModelShape, RequestRunner
 from scheduler.types import AgentSnapshot, EngineSnapshot, GenerationRequest, NodeSpec, TokenEvent
 
 log = logging.getLogger("potluck.scheduler")
@@ -45,7 +46,8 @@ class _Job:
 
 
 class EngineService:
-    def __init__(self, model_dir: Path, nodes: Sequence[NodeSpec], settings: EngineSettings) -> None:
+    def __init__(self, model_dir: Path, nodes: Sequence[NodeSpec], settings: EngineSettings, policy: Policy = Policy()) -> None:
+        self.policy = policy
         self.fingerprint = hashlib.sha256((Path(model_dir) / "config.json").read_bytes()).hexdigest()[:16]
         self.settings = settings
         self.shape: ModelShape | None = None  # learnt from the first agent that answers Info
@@ -169,8 +171,8 @@ class EngineService:
         try:
             if not agents:
                 raise NoAgentsAvailable("no agent is reachable")
-            assert self.shape is not None
-            runner = RequestRunner(agents, self.shape)
+            view = ClusterView.from_infos([self.infos[a.name] for a in agents])
+            runner = RequestRunner(agents, view, self.policy)
             async for event in runner.generate(job.request):
                 job.events.put_nowait(event)
             job.events.put_nowait(None)
@@ -186,8 +188,9 @@ class EngineService:
             job.events.put_nowait(exc)
 
 
-async def start_engine(model_dir: Path, nodes: Sequence[NodeSpec], settings: EngineSettings, policy: str = "naive") -> EngineService:
+async def start_engine(model_dir: Path, nodes: Sequence[NodeSpec], settings: EngineSettings,
+                       policy: Policy | str = "sirius") -> EngineService:
     """Connect to the agents and start serving; raises NoAgentsAvailable if none answers."""
-    service = EngineService(model_dir, nodes, settings)
+    service = EngineService(model_dir, nodes, settings, policy if isinstance(policy, Policy) else Policy.from_flags(policy))
     await service.start()
     return service

@@ -23,7 +23,7 @@ import torch
 from node_agent.model.synth import init_model
 from scheduler.client import AgentClient
 from scheduler.partition import contiguous_prefill
-from scheduler.runner import ModelShape, RequestRunner
+from scheduler.runner import ClusterView, RequestRunner
 from scheduler.types import NodeId, NodeSpec
 
 
@@ -70,8 +70,7 @@ async def time_side_by_side(model_dir: Path, prompts: list[list[int]], threads: 
     ours, theirs = [], []
     try:
         await wait_ready(client, proc)
-        info = await client.info()
-        runner = RequestRunner([client], ModelShape(info.num_layers, info.num_experts, info.vocab_size, info.dense_layers))
+        runner = RequestRunner([client], ClusterView.from_infos([await client.info()]))
         for i, prompt in enumerate(prompts):
             start = time.perf_counter()
             await runner.run_step(f"bench-{i}", contiguous_prefill(prompt, [client.name]))

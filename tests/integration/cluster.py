@@ -11,7 +11,8 @@ from pathlib import Path
 
 from node_agent.service import AgentSettings, serve
 from scheduler.client import AgentClient
-from scheduler.runner import ModelShape, RequestRunner
+from scheduler.policy import Policy
+from scheduler.runner import ClusterView, ModelShape, RequestRunner
 from scheduler.types import NodeId, NodeSpec
 
 
@@ -25,10 +26,14 @@ def free_port() -> int:
 class Cluster:
     specs: list[NodeSpec]
     clients: list[AgentClient]
-    shape: ModelShape
+    view: ClusterView
 
-    def runner(self) -> RequestRunner:
-        return RequestRunner(self.clients, self.shape)
+    @property
+    def shape(self) -> ModelShape:
+        return self.view.shape
+
+    def runner(self, policy: Policy = Policy()) -> RequestRunner:
+        return RequestRunner(self.clients, self.view, policy)
 
 
 @contextlib.asynccontextmanager
@@ -48,9 +53,8 @@ async def local_cluster(model_dir: Path, agents: int, expert_memory: int = 0, di
                 tasks[-1].result()  # raise the agent's start-up error
             specs.append(NodeSpec(NodeId(f"agent{i}"), address))
         clients = [AgentClient(s) for s in specs]
-        info = await clients[0].info()
-        shape = ModelShape(info.num_layers, info.num_experts, info.vocab_size, info.dense_layers, info.max_positions)
-        yield Cluster(specs, clients, shape)
+        view = ClusterView.from_infos([await c.info() for c in clients])
+        yield Cluster(specs, clients, view)
         for c in clients:
             await c.close()
     finally:

@@ -9,6 +9,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from scheduler.policy import Policy
 from scheduler.types import GenerationRequest, RequestId, SamplingParams
 from tests.conftest import ARCHS
 from tests.integration.cluster import local_cluster
@@ -25,11 +26,20 @@ def prompt(vocab: int, n: int = PROMPT_LEN, seed: int = 3) -> list[int]:
     return torch.randint(0, vocab, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
 
 
+POLICIES = [
+    Policy.from_flags("sirius"),
+    Policy.from_flags("naive"),
+    Policy.from_flags("expert-parallel"),
+    Policy.from_flags("sirius", no_interleave=True, no_token_scheduling=True, no_prefetch=True),
+]
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("agents", [1, 2, 3])
 @pytest.mark.parametrize("budget_experts", [0, 2])  # 0 = unlimited; 2 experts forces evictions
+@pytest.mark.parametrize("policy", POLICIES, ids=lambda p: p.label.replace(" ", ""))
 async def test_prefill_logits_and_greedy_tokens_match_transformers(
-    tiny_models: dict[str, Path], arch: str, agents: int, budget_experts: int
+    tiny_models: dict[str, Path], arch: str, agents: int, budget_experts: int, policy: Policy
 ) -> None:
     model_dir = tiny_models[arch]
     ref = reference(model_dir)
@@ -40,7 +50,7 @@ async def test_prefill_logits_and_greedy_tokens_match_transformers(
     async with local_cluster(model_dir, agents) as probe:
         expert_bytes = (await probe.clients[0].info()).expert_bytes
     async with local_cluster(model_dir, agents, expert_memory=budget_experts * expert_bytes) as cluster:
-        runner = cluster.runner()
+        runner = cluster.runner(policy)
         logits = await runner.prefill_logits("prefill-1", ids)
         assert logits.shape == expected.shape
         assert (logits - expected).abs().max().item() <= ATOL

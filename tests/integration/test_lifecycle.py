@@ -16,7 +16,7 @@ from protos.potluck.v1 import agent_pb2 as pb
 from protos.potluck.v1 import agent_pb2_grpc as pb_grpc
 from scheduler.client import AgentClient
 from scheduler.errors import AgentFailed
-from scheduler.runner import RequestRunner
+from scheduler.runner import ClusterView, RequestRunner
 from scheduler.types import GenerationRequest, NodeId, NodeSpec, RequestId, SamplingParams
 from tests.integration.cluster import free_port, local_cluster
 
@@ -52,7 +52,8 @@ async def test_a_dead_agent_fails_the_request_with_a_named_error(qwen_tiny: Path
         doomed = asyncio.create_task(serve(AgentSettings(listen=address, model_dir=qwen_tiny, name="doomed"), ready=ready, stop=stop))
         await ready.wait()
         victim = AgentClient(NodeSpec(NodeId("doomed"), address))
-        runner = RequestRunner([*cluster.clients, victim], cluster.shape)
+        view = ClusterView.from_infos([*[await c.info() for c in cluster.clients], await victim.info()])
+        runner = RequestRunner([*cluster.clients, victim], view)
         stop.set()
         await doomed
         request = GenerationRequest(RequestId("r"), tuple(range(1, 20)), SamplingParams(max_tokens=4, temperature=0))

@@ -59,7 +59,7 @@ class InfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class InfoReply(_message.Message):
-    __slots__ = ("name", "model_type", "num_layers", "num_experts", "vocab_size", "profile", "model_fingerprint", "expert_bytes", "expert_flops_per_s", "max_positions", "dense_layers")
+    __slots__ = ("name", "model_type", "num_layers", "num_experts", "vocab_size", "profile", "model_fingerprint", "expert_bytes", "expert_flops_per_s", "hidden_size", "dtype_bytes", "max_positions", "dense_layers")
     NAME_FIELD_NUMBER: _ClassVar[int]
     MODEL_TYPE_FIELD_NUMBER: _ClassVar[int]
     NUM_LAYERS_FIELD_NUMBER: _ClassVar[int]
@@ -69,6 +69,8 @@ class InfoReply(_message.Message):
     MODEL_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     EXPERT_BYTES_FIELD_NUMBER: _ClassVar[int]
     EXPERT_FLOPS_PER_S_FIELD_NUMBER: _ClassVar[int]
+    HIDDEN_SIZE_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_BYTES_FIELD_NUMBER: _ClassVar[int]
     MAX_POSITIONS_FIELD_NUMBER: _ClassVar[int]
     DENSE_LAYERS_FIELD_NUMBER: _ClassVar[int]
     name: str
@@ -80,9 +82,11 @@ class InfoReply(_message.Message):
     model_fingerprint: str
     expert_bytes: int
     expert_flops_per_s: float
+    hidden_size: int
+    dtype_bytes: int
     max_positions: int
     dense_layers: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, name: _Optional[str] = ..., model_type: _Optional[str] = ..., num_layers: _Optional[int] = ..., num_experts: _Optional[int] = ..., vocab_size: _Optional[int] = ..., profile: _Optional[_Union[DeviceProfile, _Mapping]] = ..., model_fingerprint: _Optional[str] = ..., expert_bytes: _Optional[int] = ..., expert_flops_per_s: _Optional[float] = ..., max_positions: _Optional[int] = ..., dense_layers: _Optional[_Iterable[int]] = ...) -> None: ...
+    def __init__(self, name: _Optional[str] = ..., model_type: _Optional[str] = ..., num_layers: _Optional[int] = ..., num_experts: _Optional[int] = ..., vocab_size: _Optional[int] = ..., profile: _Optional[_Union[DeviceProfile, _Mapping]] = ..., model_fingerprint: _Optional[str] = ..., expert_bytes: _Optional[int] = ..., expert_flops_per_s: _Optional[float] = ..., hidden_size: _Optional[int] = ..., dtype_bytes: _Optional[int] = ..., max_positions: _Optional[int] = ..., dense_layers: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class StepPeer(_message.Message):
     __slots__ = ("name", "address", "new_min_position", "new_max_position", "cached_tokens")
