@@ -80,6 +80,10 @@ class AgentSnapshot:
     bytes_sent: int = 0  # tensor bytes sent over the link
     bytes_used: int = 0  # expert buffer bytes resident now
     capacity_bytes: int = 0  # expert buffer budget (0 = unlimited)
+    attention_s: float = 0.0  # seconds spent in attention
+    prefetches: int = 0  # experts read because a prefetch asked
+    predicted_used: int = 0  # experts used that the previous layer's prediction named
+    used: int = 0  # experts used in layers that had a prediction (recall = predicted_used / used)
 
 
 @dataclass(frozen=True)

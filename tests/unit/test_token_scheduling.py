@@ -1,0 +1,106 @@
+"""The token scheduler and the prefill policies, on real types (pure functions)."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+import torch
+
+from node_agent.dispatch import LayerPlan, split_by_executor
+from scheduler.cost_model import AgentProfile, CostModel, lower_bound_s
+from scheduler.partition import causal_work, contiguous_prefill, zigzag_prefill
+from scheduler.policy import Policy
+from scheduler.token_scheduling import schedule_layer
+from scheduler.types import LayerReport, NodeId
+
+NODES = [NodeId(f"n{i}") for i in range(4)]
+COST = CostModel(expert_bytes=4_000_000, token_bytes=2048, flops_per_token=4.7e6)
+
+
+def profiles(n: int, disk: float = 50e6, capacity: int | None = 32) -> dict[NodeId, AgentProfile]:
+    return {node: AgentProfile(node, disk, 125e6, 20e9, capacity) for node in NODES[:n]}
+
+
+def report(node: NodeId, counts: list[int], resident: set[int] = set(), total: int = 0) -> LayerReport:
+    return LayerReport(node, tuple(counts), frozenset(resident), frozenset(), resident_total=total)
+
+
+def executors(plan) -> dict[int, set[NodeId]]:  # type: ignore[no-untyped-def]
+    out: dict[int, set[NodeId]] = {}
+    for (_, e), shares in plan.shares.items():
+        out.setdefault(e, set()).update(x for x, _ in shares)
+    return out
+
+
+def test_cold_layer_spreads_disk_reads_evenly_across_agents() -> None:
+    reports = [report(n, [32] * 16) for n in NODES]
+    plan = schedule_layer(0, reports, profiles(4), COST)
+    where = executors(plan)
+    assert all(len(x) == 1 for x in where.values())  # each expert read once, on one agent
+    per_agent = Counter(next(iter(x)) for x in where.values())
+    assert sorted(per_agent.values()) == [4, 4, 4, 4]
+
+
+def test_resident_expert_runs_where_it_is_and_a_missing_one_goes_to_its_big_owner() -> None:
+    reports = [report(NODES[0], [10, 0, 9]), report(NODES[1], [1, 5, 0], resident={0})]
+    plan = schedule_layer(0, reports, profiles(2), COST)
+    assert plan.shares[(NODES[0], 0)] == ((NODES[1], 0),)
+    assert plan.shares[(NODES[0], 2)] == ((NODES[0], 0),)  # no transfer when the owner loads it
+
+
+def test_expert_held_by_several_agents_has_its_tokens_split() -> None:
+    reports = [report(n, [100, 0], resident={0}) for n in NODES[:3]]
+    plan = schedule_layer(0, reports, profiles(3), COST)
+    assert len(executors(plan)[0]) == 3  # every holder runs its own owner's tokens: nothing moves
+    assert all(plan.shares[(n, 0)] == ((n, 0),) for n in NODES[:3])
+
+
+def test_a_full_buffer_is_avoided_when_it_costs_nothing() -> None:
+    reports = [report(NODES[0], [1, 0], total=32), report(NODES[1], [1, 0], total=0)]
+    plan = schedule_layer(0, reports, profiles(2), COST)
+    assert plan.shares[(NODES[0], 0)][0][0] == NODES[1]
+
+
+def test_naive_runs_every_expert_on_its_owner_and_expert_parallel_on_a_fixed_agent() -> None:
+    reports = [report(n, [3] * 8) for n in NODES]
+    naive = Policy.from_flags("naive").route(0, reports, profiles(4), COST, 8)
+    assert naive.shares == {}  # absent = runs on the owner
+    ep = Policy.from_flags("expert-parallel").route(0, reports, profiles(4), COST, 8)
+    assert {e: x for e, x in executors(ep).items()} == {e: {NODES[e // 2]} for e in range(8)}
+
+
+def test_prefetch_follows_the_predicted_plan_and_skips_what_is_held() -> None:
+    reports = [
+        LayerReport(n, (1,) * 4, frozenset(), frozenset(), predicted=(8, 8, 8, 8), next_resident=frozenset({i}))
+        for i, n in enumerate(NODES[:2])
+    ]
+    pre = Policy.from_flags("sirius").prefetches(1, reports, profiles(2), COST, 4)
+    assert set(pre.get(NODES[0], ())) | set(pre.get(NODES[1], ())) == {2, 3}
+    assert 0 not in pre.get(NODES[0], ()) and 1 not in pre.get(NODES[1], ())
+    assert Policy.from_flags("sirius", no_prefetch=True).prefetches(1, reports, profiles(2), COST, 4) == {}
+
+
+@pytest.mark.parametrize("n,k", [(2048, 2), (2048, 4), (4096, 4), (513, 3)])
+def test_zigzag_covers_every_token_once_and_balances_causal_work(n: int, k: int) -> None:
+    plan = zigzag_prefill(list(range(n)), NODES[:k])
+    positions = sorted(p for s in plan.shards for p in s.positions)
+    assert positions == list(range(n))
+    work = causal_work(plan)
+    assert max(work.values()) / (sum(work.values()) / k) <= 1.01
+    contiguous = causal_work(contiguous_prefill(list(range(n)), NODES[:k]))
+    assert max(contiguous.values()) / (sum(contiguous.values()) / k) > 1.3
+
+
+def test_split_by_executor_honours_token_counts_in_row_order() -> None:
+    ids = torch.tensor([[0, 1], [0, 2], [1, 0], [2, 3]])
+    plan = LayerPlan({0: [("b", 2), ("c", 0)], 2: [("b", 0)]}, frozenset())
+    parts = split_by_executor(ids, plan, "a")
+    assert parts["b"].tolist() == [[0, -1], [0, 2], [-1, -1], [2, -1]]
+    assert parts["c"].tolist() == [[-1, -1], [-1, -1], [-1, 0], [-1, -1]]
+    assert parts["a"].tolist() == [[-1, 1], [-1, -1], [1, -1], [-1, 3]]
+
+
+def test_lower_bound_is_the_slower_of_reading_and_computing() -> None:
+    assert lower_bound_s(400, 100.0, 10.0, 10.0) == 4.0
+    assert lower_bound_s(0, 100.0, 50.0, 10.0) == 5.0
