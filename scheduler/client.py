@@ -111,6 +111,12 @@ class AgentClient:
     async def release(self, request_id: str) -> None:
         await self._call("Release", pb.ReleaseRequest(request_id=request_id), 10.0)
 
+    async def resident(self) -> list[int]:
+        """Resident experts as layer * num_experts + index."""
+        r = await self._call("CacheState", pb.CacheStateRequest(), 5.0)
+        assert isinstance(r, pb.CacheStateReply)
+        return list(r.resident)
+
     async def snapshot(self) -> AgentSnapshot:
         r = await self._call("CacheState", pb.CacheStateRequest(), 5.0)
         assert isinstance(r, pb.CacheStateReply)

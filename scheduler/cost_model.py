@@ -56,8 +56,8 @@ class AgentTime:
         return max(self.disk_s, self.compute_s, self.link_s)
 
 
-def lower_bound_s(bytes_to_read: int, pooled_disk_bytes_per_s: float, total_flops: float, pooled_flops_per_s: float) -> float:
+def lower_bound_s(bytes_to_read: int, pooled_disk_bytes_per_s: float, pooled_compute_s: float) -> float:
     """The time no schedule can beat: every byte that must be read, at the pooled disk rate, or
-    all the compute, at the pooled compute rate, whichever is longer."""
+    all the compute on the pooled compute (its duration given), whichever is longer."""
     read_s = bytes_to_read / pooled_disk_bytes_per_s if pooled_disk_bytes_per_s else 0.0
-    return max(read_s, total_flops / pooled_flops_per_s)
+    return max(read_s, pooled_compute_s)

@@ -21,6 +21,7 @@ class LocalModel:
         self.dense = moe.load_dense(self.ckpt, self.cfg, dtype)
         self.dtype = dtype
         self._experts: dict[tuple[int, int], moe.ExpertWeights] = {}
+        self.last_routed: set[tuple[int, int]] = set()  # (layer, expert) the last forward used
 
     def expert(self, layer: int, index: int) -> moe.ExpertWeights:
         key = (layer, index)
@@ -35,6 +36,7 @@ class LocalModel:
         cfg = self.cfg
         pos = torch.arange(len(token_ids))
         h = self.dense.embed[torch.tensor(token_ids)]  # [T, D]
+        self.last_routed = set()
         for i, w in enumerate(self.dense.layers):
             q, k, v = moe.qkv(w, cfg, h, pos)
             h = moe.attention_output(w, h, moe.attend(q, k, v, pos, pos)[0])
@@ -43,5 +45,6 @@ class LocalModel:
                 h = h + moe.swiglu(w.dense_mlp, x)
             else:
                 ids, weights = moe.route(w, cfg, x)
+                self.last_routed |= {(i, int(e)) for e in ids.unique().tolist()}
                 h = h + moe.run_experts(x, ids, weights, lambda e, i=i: self.expert(i, e))  # type: ignore[misc]
         return moe.final_logits(self.dense, cfg, h)

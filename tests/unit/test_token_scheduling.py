@@ -102,5 +102,6 @@ def test_split_by_executor_honours_token_counts_in_row_order() -> None:
 
 
 def test_lower_bound_is_the_slower_of_reading_and_computing() -> None:
-    assert lower_bound_s(400, 100.0, 10.0, 10.0) == 4.0
-    assert lower_bound_s(0, 100.0, 50.0, 10.0) == 5.0
+    assert lower_bound_s(400, 100.0, 1.0) == 4.0
+    assert lower_bound_s(0, 100.0, 5.0) == 5.0
+    assert lower_bound_s(400, 0.0, 0.5) == 0.5  # unlimited disk: compute bound

@@ -1,0 +1,265 @@
+"""`potluck bench prefill`: time-to-first-token of real local clusters, per policy and agent count.
+
+Every case is a fresh cluster started with `potluck up --inventory` (agents are child processes
+with an emulated device profile each, talking real gRPC) and driven through `/v1/completions`
+with `max_tokens=1`, streamed, so TTFT is the time to the first chunk. Per case: the cold request
+(fresh cluster), then five distinct prompts whose last four give the warm median. Agents'
+counters (bytes read, attention seconds, prefetch recall) are read over gRPC around each request.
+
+The profile makes the `bench` model I/O-bound like Mixtral on edge devices: the disk rate is
+chosen so that reading every expert once takes `--io-ratio` times a 2048-token prefill with all
+experts resident (measured first, on this machine). The lower bound of a request is the larger of
+(bytes of its experts not resident anywhere) / (pooled disk rate) and its compute with all
+experts resident on the whole machine (local agents share this machine's cores, so compute does
+not pool here the way it would across devices).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import httpx
+import torch
+
+from node_agent.model.reference import LocalModel
+from scheduler.client import AgentClient
+from scheduler.cost_model import lower_bound_s
+from scheduler.policy import Policy
+from scheduler.types import AgentSnapshot, NodeId, NodeSpec
+from server.bench import default_bench_model, free_port
+from server.bench_report import write_report
+
+LINK = "1Gbit/s"
+LINK_BYTES_PER_S = 125e6
+ABLATIONS = {
+    "sirius": Policy.from_flags("sirius"),
+    "naive": Policy.from_flags("naive"),
+    "expert-parallel": Policy.from_flags("expert-parallel"),
+    "sirius--no-interleave": Policy.from_flags("sirius", no_interleave=True),
+    "sirius--no-token-scheduling": Policy.from_flags("sirius", no_token_scheduling=True),
+    "sirius--no-prefetch": Policy.from_flags("sirius", no_prefetch=True),
+}
+
+
+@dataclass
+class Request:
+    ttft_s: float
+    bytes_read: int  # read from disk by all agents during the request
+    must_read_bytes: int  # experts it activated that no agent held when it started
+    lower_bound_s: float
+    attention_s: dict[str, float]  # per agent
+    predicted_used: int
+    used: int
+
+    @property
+    def efficiency(self) -> float:
+        return self.lower_bound_s / self.ttft_s
+
+
+@dataclass
+class Case:
+    policy: str
+    agents: int
+    tokens: int
+    cold: Request | None = None
+    warm: list[Request] = field(default_factory=list)  # the measured ones (after the first)
+
+    def summary(self) -> dict[str, float | int | str]:
+        assert self.cold is not None
+        warm_ttft = statistics.median(r.ttft_s for r in self.warm)
+        warm_bound = statistics.median(r.lower_bound_s for r in self.warm)
+        att = [r.attention_s for r in [self.cold, *self.warm]]
+        balance = statistics.median(max(a.values()) / (sum(a.values()) / len(a)) for a in att if a and sum(a.values()))
+        used = sum(r.used for r in [self.cold, *self.warm])
+        hit = sum(r.predicted_used for r in [self.cold, *self.warm])
+        return {
+            "policy": self.policy, "agents": self.agents, "tokens": self.tokens,
+            "cold_ttft_s": self.cold.ttft_s, "warm_ttft_s": warm_ttft,
+            "cold_lower_bound_s": self.cold.lower_bound_s, "warm_lower_bound_s": warm_bound,
+            "cold_efficiency": self.cold.efficiency, "warm_efficiency": warm_bound / warm_ttft,
+            "cold_read_mb": self.cold.bytes_read / 1e6,
+            "warm_read_mb": statistics.median(r.bytes_read for r in self.warm) / 1e6,
+            "attention_max_over_mean": balance, "prefetch_recall": hit / used if used else float("nan"),
+        }
+
+
+class Cluster:
+    """`potluck up --inventory` in a child process, and gRPC clients to its agents."""
+
+    def __init__(self, model_dir: Path, workdir: Path, agents: int, policy: Policy, memory: int, disk_rate: float,
+                 link: str = LINK) -> None:
+        self.port = free_port()
+        self.specs = [NodeSpec(NodeId(f"agent{i}"), f"127.0.0.1:{free_port()}") for i in range(agents)]
+        inventory = workdir / f"inventory-{self.port}.yaml"
+        nodes = "".join(
+            f"  - name: {s.name}\n    address: {s.address}\n    expert_memory: {memory or 'unlimited'}\n"
+            f"    disk_bandwidth: {disk_rate or 'unlimited'}\n    link_bandwidth: {link}\n"
+            for s in self.specs
+        )
+        inventory.write_text("nodes:\n" + nodes)
+        flags = [f"--no-{f}" for f, on in (("interleave", policy.interleave), ("token-scheduling", policy.token_scheduling),
+                                           ("prefetch", policy.prefetch)) if not on and policy.name == "sirius"]
+        self.cmd = [sys.executable, "-m", "server.cli", "up", "--inventory", str(inventory), "--model", str(model_dir),
+                    "--port", str(self.port), "--policy", policy.name, *flags, "--log-level", "WARNING"]
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.clients: list[AgentClient] = []
+
+    async def __aenter__(self) -> Cluster:
+        self.proc = subprocess.Popen(self.cmd, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        deadline = time.monotonic() + 300
+        async with httpx.AsyncClient() as http:
+            while True:
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"`{' '.join(self.cmd)}` exited with {self.proc.returncode}")
+                try:
+                    if (await http.get(f"{self.url}/health", timeout=2)).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise RuntimeError("the bench cluster did not become healthy in 300 s")
+                await asyncio.sleep(0.5)
+        self.clients = [AgentClient(s) for s in self.specs]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        for c in self.clients:
+            await c.close()
+        if self.proc is not None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def snapshots(self) -> list[AgentSnapshot]:
+        return [await c.snapshot() for c in self.clients]
+
+    async def resident(self) -> set[tuple[int, int]]:
+        out: set[tuple[int, int]] = set()
+        for c in self.clients:
+            experts = (await c.info()).num_experts
+            out |= {(i // experts, i % experts) for i in await c.resident()}
+        return out
+
+    async def ttft(self, prompt: list[int]) -> float:
+        body = {"model": "bench", "prompt": prompt, "max_tokens": 1, "stream": True, "temperature": 0}
+        async with httpx.AsyncClient(timeout=600) as http:
+            start = time.perf_counter()
+            async with http.stream("POST", f"{self.url}/v1/completions", json=body) as response:
+                if response.status_code != 200:
+                    raise RuntimeError(f"bench request failed: {response.status_code} {(await response.aread())[:300]!r}")
+                async for line in response.aiter_lines():
+                    if line.startswith("data: ") and '"choices"' in line:
+                        ttft = time.perf_counter() - start
+                        break
+                else:
+                    raise RuntimeError("the stream ended without a token")
+                async for _ in response.aiter_lines():
+                    pass
+        return ttft
+
+
+async def measure(cluster: Cluster, prompt: list[int], activated: set[tuple[int, int]], expert_file_bytes: int,
+                  disk_rate: float, compute_s: float) -> Request:
+    before, held = await cluster.snapshots(), await cluster.resident()
+    ttft = await cluster.ttft(prompt)
+    after = await cluster.snapshots()
+    must = len(activated - held) * expert_file_bytes
+    pooled_disk = disk_rate * len(cluster.specs) if disk_rate else 0.0
+    return Request(
+        ttft_s=ttft,
+        bytes_read=sum(a.bytes_read - b.bytes_read for a, b in zip(after, before)),
+        must_read_bytes=must,
+        lower_bound_s=lower_bound_s(must, pooled_disk, compute_s),
+        attention_s={a.name: a.attention_s - b.attention_s for a, b in zip(after, before)},
+        predicted_used=sum(a.predicted_used - b.predicted_used for a, b in zip(after, before)),
+        used=sum(a.used - b.used for a, b in zip(after, before)),
+    )
+
+
+def prompts_for(tokens: int, vocab: int, count: int, seed: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, vocab, (tokens,), generator=g).tolist() for _ in range(count)]
+
+
+async def run_case(model_dir: Path, workdir: Path, policy_label: str, agents: int, tokens: int, prompts: list[list[int]],
+                   activated: list[set[tuple[int, int]]], memory: int, disk_rate: float, compute_s: float,
+                   expert_file_bytes: int) -> Case:
+    case = Case(policy_label, agents, tokens)
+    async with Cluster(model_dir, workdir, agents, ABLATIONS[policy_label], memory, disk_rate) as cluster:
+        for i, (prompt, act) in enumerate(zip(prompts, activated)):
+            r = await measure(cluster, prompt, act, expert_file_bytes, disk_rate, compute_s)
+            if i == 0:
+                case.cold = r
+            elif i >= 2:  # five warm prompts; the first of them only warms up
+                case.warm.append(r)
+    return case
+
+
+def main(args: argparse.Namespace) -> int:
+    model_dir = Path(args.model) if args.model else default_bench_model()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = json.loads((model_dir / "config.json").read_text())
+    ref = LocalModel(str(model_dir))
+    layers, experts = ref.cfg.num_layers, ref.cfg.num_experts
+    expert_file_bytes = ref.ckpt.nbytes(ref.cfg.expert_tensor_names(0, 0))
+    total_expert_bytes = expert_file_bytes * layers * experts
+    memory = int(total_expert_bytes * args.memory_fraction)
+    lengths = [int(x) for x in args.lengths.split(",")]
+    agent_counts = [int(x) for x in args.agents.split(",")]
+    labels = list(ABLATIONS) if args.policies == "all" else args.policies.split(",")
+    data: dict[str, object] = {"model": str(model_dir), "expert_bytes_total": total_expert_bytes,
+                               "expert_memory_per_agent": memory, "link": LINK, "cores": os.cpu_count()}
+    prompts = {n: prompts_for(n, cfg["vocab_size"], 6, seed=n) for n in lengths}
+    activated = {}
+    for n in lengths:
+        acts = []
+        for p in prompts[n]:
+            ref.forward(p)
+            acts.append(set(ref.last_routed))
+        activated[n] = acts
+    del ref
+    # Calibration: every expert resident, no throttles, one agent with all cores.
+    compute = {}
+    for n in lengths:
+        case = asyncio.run(run_case(model_dir, out, "sirius", 1, n, prompts[n], activated[n], 0, 0.0, 0.0, expert_file_bytes))
+        compute[n] = statistics.median(r.ttft_s for r in case.warm)
+        print(f"compute of a {n}-token prefill, all experts resident, 1 agent: {compute[n]:.2f} s", flush=True)
+    ref_tokens = 2048 if 2048 in compute else lengths[0]
+    disk_rate = args.disk_rate or total_expert_bytes / (args.io_ratio * compute[ref_tokens])
+    read_all_s = total_expert_bytes / disk_rate
+    print(f"disk {disk_rate / 1e6:.1f} MB/s per agent: reading all {total_expert_bytes / 1e6:.0f} MB of experts takes "
+          f"{read_all_s:.1f} s = {read_all_s / compute[ref_tokens]:.1f}x the {ref_tokens}-token compute", flush=True)
+    data.update({"compute_s": compute, "disk_bytes_per_s": disk_rate, "read_all_experts_s": read_all_s,
+                 "io_ratio": read_all_s / compute[ref_tokens]})
+    cases = []
+    for n in lengths:
+        for agents in agent_counts:
+            for label in (labels if agents > 1 else ["sirius"]):  # one agent: the same baseline for all
+                case = asyncio.run(run_case(model_dir, out, label, agents, n, prompts[n], activated[n], memory, disk_rate,
+                                            compute[n], expert_file_bytes))
+                s = case.summary()
+                cases.append({**s, "cold": asdict(case.cold) if case.cold else None, "warm": [asdict(r) for r in case.warm]})
+                print(f"{label:28} agents={agents} tokens={n}: cold {s['cold_ttft_s']:.2f}s warm {s['warm_ttft_s']:.2f}s "
+                      f"eff {s['cold_efficiency']:.2f}/{s['warm_efficiency']:.2f} balance {s['attention_max_over_mean']:.2f} "
+                      f"recall {s['prefetch_recall']:.2f}", flush=True)
+    data["cases"] = cases
+    (out / "prefill.json").write_text(json.dumps(data, indent=2))
+    write_report(data, out)
+    print(f"wrote {out / 'prefill.json'}, {out / 'prefill.md'}, {out / 'prefill.png'}")
+    return 0
