@@ -165,6 +165,7 @@ class EngineService:
             finally:
                 self._running -= 1
                 self._durations = (self._durations + [time.monotonic() - start])[-20:]
+            await self.poll()  # fresh counters for /metrics right after a request
 
     async def _run(self, job: _Job) -> None:
         agents = self.up_clients()
