@@ -89,7 +89,7 @@ async def time_side_by_side(model_dir: Path, prompts: list[list[int]], threads: 
 
 def main(args: argparse.Namespace) -> int:
     model_dir = Path(args.model) if args.model else default_bench_model()
-    threads = getattr(args, "threads", None) or os.cpu_count() or 1
+    threads = args.threads or os.cpu_count() or 1
     vocab = json.loads((model_dir / "config.json").read_text())["vocab_size"]
     g = torch.Generator().manual_seed(0)
     # One warm-up prompt first (loads every expert into the agent, warms transformers' kernels).

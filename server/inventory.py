@@ -1,0 +1,202 @@
+"""The node inventory: which agents the server drives, where they listen, what each may give.
+
+    inventory = load_inventory(Path("deploy/inventory.yaml"))    # raises InventoryError
+    inventory.node_specs()       # -> tuple[NodeSpec, ...] for scheduler.service.start_engine
+    inventory.profiles()         # -> {NodeId: NodeProfile} for agents started by `potluck up`
+
+The YAML shape (see deploy/home-lan.example.yaml):
+
+    model: /srv/models/Qwen3-30B-A3B     # optional; relative paths are from this file's folder
+    nodes:
+      - name: laptop                     # unique; the agent's NodeId
+        address: 192.168.1.20:50051      # host:port of its gRPC server; unique
+        expert_memory: 12GiB             # SIZE; "unlimited" or 0 for no budget
+        disk_bandwidth: 2GB/s            # RATE, optional (default unlimited)
+        link_bandwidth: 1Gbit/s          # RATE, optional (default unlimited)
+        labels: [gpu, laptop]            # optional, free-form
+
+Every error names the field and the node, e.g. `nodes[1].address (node 'pi'): ...`.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any
+
+import yaml
+from pydantic import BaseModel, BeforeValidator, ConfigDict, ValidationError, field_validator, model_validator
+
+from scheduler.types import NodeId, NodeSpec
+from server.units import UnitError, parse_rate, parse_size
+
+_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
+
+
+class InventoryError(ValueError):
+    """The inventory file is missing, not YAML, or fails validation; the message says where."""
+
+
+@dataclass(frozen=True)
+class NodeProfile:
+    """What one agent may give (0 = unlimited), as passed to `potluck agent`."""
+
+    expert_memory_bytes: int  # expert buffer budget, bytes
+    disk_bytes_per_s: float  # expert store read bandwidth, bytes/s
+    link_bytes_per_s: float  # send bandwidth to peers, bytes/s
+
+
+def _size(value: Any) -> int:
+    try:
+        return parse_size(value)
+    except UnitError as exc:
+        raise ValueError(str(exc)) from None
+
+
+def _rate(value: Any) -> float:
+    try:
+        return parse_rate(value)
+    except UnitError as exc:
+        raise ValueError(str(exc)) from None
+
+
+Size = Annotated[int, BeforeValidator(_size)]
+Rate = Annotated[float, BeforeValidator(_rate)]
+
+
+def split_address(address: str) -> tuple[str, int]:
+    """(host, port) of `host:port` or `[v6]:port`; ValueError quoting the address if malformed."""
+    host, sep, port_text = address.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not sep or not host or not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
+        raise ValueError(f"{address!r} is not host:port (e.g. '192.168.1.20:50051', port 1-65535)")
+    return host, int(port_text)
+
+
+def is_loopback(address: str) -> bool:
+    """True when `address`'s host is this machine (127.0.0.0/8, ::1 or 'localhost')."""
+    host, _ = split_address(address)
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class NodeEntry(BaseModel):
+    """One node of the inventory, validated."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str
+    address: str
+    expert_memory: Size
+    disk_bandwidth: Rate = 0.0
+    link_bandwidth: Rate = 0.0
+    labels: tuple[str, ...] = ()
+
+    @field_validator("name")
+    @classmethod
+    def _check_name(cls, name: str) -> str:
+        if not _NAME_RE.fullmatch(name):
+            raise ValueError(f"{name!r} is not a node name (letters, digits, '.', '_', '-'; at most 63)")
+        return name
+
+    @field_validator("address")
+    @classmethod
+    def _check_address(cls, address: str) -> str:
+        split_address(address)
+        return address
+
+    @property
+    def profile(self) -> NodeProfile:
+        return NodeProfile(self.expert_memory, self.disk_bandwidth, self.link_bandwidth)
+
+
+class Inventory(BaseModel):
+    """A whole inventory: the model folder (optional) and at least one node."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model: Path | None = None
+    nodes: tuple[NodeEntry, ...]
+
+    @field_validator("nodes")
+    @classmethod
+    def _check_not_empty(cls, nodes: tuple[NodeEntry, ...]) -> tuple[NodeEntry, ...]:
+        # Checked here rather than with Field(min_length=1), which pydantic also reports
+        # (confusingly) whenever one node is invalid.
+        if not nodes:
+            raise ValueError("at least one node is required")
+        return nodes
+
+    @model_validator(mode="after")
+    def _check_unique(self) -> Inventory:
+        for key in ("name", "address"):
+            seen: dict[str, int] = {}
+            for index, node in enumerate(self.nodes):
+                value = getattr(node, key)
+                if value in seen:
+                    raise _DuplicateError(index, key, f"{value!r} is already used by nodes[{seen[value]}]")
+                seen[value] = index
+        return self
+
+    def node_specs(self) -> tuple[NodeSpec, ...]:
+        return tuple(NodeSpec(NodeId(n.name), n.address, n.labels) for n in self.nodes)
+
+    def profiles(self) -> dict[NodeId, NodeProfile]:
+        return {NodeId(n.name): n.profile for n in self.nodes}
+
+
+class _DuplicateError(ValueError):
+    # Raised inside the model validator, so pydantic reports it at the top level; we keep where
+    # it belongs (index, field) to name the node in the message.
+    def __init__(self, index: int, key: str, message: str) -> None:
+        super().__init__(message)
+        self.index, self.key, self.message = index, key, message
+
+
+def parse_inventory(data: Any, source: str = "inventory", base_dir: Path | None = None) -> Inventory:
+    """Validate already-loaded YAML data; relative `model` paths are resolved from `base_dir`."""
+    if not isinstance(data, dict):
+        raise InventoryError(f"{source}: expected a mapping with a 'nodes' list, got {type(data).__name__}")
+    try:
+        inventory = Inventory.model_validate(data)
+    except ValidationError as exc:
+        raise InventoryError(f"{source}: {_describe(exc, data)}") from None
+    if inventory.model is not None and base_dir is not None and not inventory.model.is_absolute():
+        inventory = inventory.model_copy(update={"model": base_dir / inventory.model})
+    return inventory
+
+
+def load_inventory(path: Path) -> Inventory:
+    """Read and validate an inventory file; InventoryError names the file, field and node."""
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise InventoryError(f"{path}: cannot read the inventory: {exc.strerror or exc}") from None
+    except yaml.YAMLError as exc:
+        raise InventoryError(f"{path}: not valid YAML: {exc}") from None
+    return parse_inventory(data, str(path), path.parent)
+
+
+def _describe(exc: ValidationError, data: dict[str, Any]) -> str:
+    """The first error as `nodes[1].address (node 'pi'): message`."""
+    error = exc.errors()[0]
+    loc = list(error["loc"])
+    message = error["msg"].removeprefix("Value error, ")
+    cause = error.get("ctx", {}).get("error")
+    if isinstance(cause, _DuplicateError):
+        loc, message = ["nodes", cause.index, cause.key], cause.message
+    path = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in loc).lstrip(".")
+    if len(loc) >= 2 and loc[0] == "nodes" and isinstance(loc[1], int):
+        nodes = data.get("nodes")
+        node = nodes[loc[1]] if isinstance(nodes, list) and loc[1] < len(nodes) else None
+        if isinstance(node, dict) and isinstance(node.get("name"), str) and loc[2:] != ["name"]:
+            path += f" (node {node['name']!r})"
+    extra = len(exc.errors()) - 1
+    return f"{path or 'inventory'}: {message}" + (f" (and {extra} more error{'s' if extra > 1 else ''})" if extra else "")

@@ -1,0 +1,180 @@
+"""Local agent processes for `potluck up`: start, wait until serving, watch, stop.
+
+    agents = LocalAgents(model_dir, plan_local_agents(2, profile), log_level="INFO")
+    agents.start()                  # one child process per agent: `python -m server.cli agent ...`
+    agents.wait_ready(timeout_s=120)    # gRPC health check reports SERVING for every agent
+    ...                             # agents.dead() names a child that exited, if any
+    agents.stop()                   # SIGTERM, wait, SIGKILL after a grace period; never leaves one
+
+Children run in their own session, so a Ctrl-C in the terminal reaches only `potluck up`, which
+then stops them in order (rather than every process racing to exit at once). On Linux they also
+get SIGKILL if `potluck up` itself dies without cleaning up (PR_SET_PDEATHSIG).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from scheduler.types import NodeId, NodeSpec
+from server.inventory import Inventory, InventoryError, NodeProfile, is_loopback
+
+log = logging.getLogger("potluck.up")
+
+_PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
+
+
+class AgentExited(RuntimeError):
+    """A local agent process exited while `potluck up` needed it."""
+
+
+@dataclass(frozen=True)
+class AgentLaunch:
+    """One local agent to start."""
+
+    name: str  # NodeId
+    listen: str  # 127.0.0.1:port
+    profile: NodeProfile
+    torch_threads: int  # torch intra-op threads; agents on one machine split its cores
+
+
+def available_cores() -> int:
+    """CPU cores this process may use (respects taskset/cgroup affinity where the OS tells)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def threads_per_agent(agents: int, cores: int) -> int:
+    """Fair share of the cores, so that agents never oversubscribe the machine together."""
+    return max(1, cores // max(1, agents))
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that was free a moment ago (the agent binds it right after)."""
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def plan_local_agents(count: int, profile: NodeProfile, cores: int | None = None) -> list[AgentLaunch]:
+    """`count` agents named agent0.. on free loopback ports, all with `profile`."""
+    threads = threads_per_agent(count, cores or available_cores())
+    return [AgentLaunch(f"agent{i}", f"127.0.0.1:{free_port()}", profile, threads) for i in range(count)]
+
+
+def launches_from_inventory(inventory: Inventory, cores: int | None = None) -> list[AgentLaunch]:
+    """The inventory's agents, to start on this machine; InventoryError if one is not loopback."""
+    remote = [f"{n.name} ({n.address})" for n in inventory.nodes if not is_loopback(n.address)]
+    if remote:
+        raise InventoryError(
+            f"potluck up starts agents on this machine only, but these nodes are not on loopback: "
+            f"{', '.join(remote)}; start those with `potluck agent` on their devices and use `potluck serve`"
+        )
+    threads = threads_per_agent(len(inventory.nodes), cores or available_cores())
+    return [AgentLaunch(n.name, n.address, n.profile, threads) for n in inventory.nodes]
+
+
+def specs_of(launches: Sequence[AgentLaunch]) -> tuple[NodeSpec, ...]:
+    return tuple(NodeSpec(NodeId(launch.name), launch.listen) for launch in launches)
+
+
+class LocalAgents:
+    """The agent child processes of one `potluck up`."""
+
+    def __init__(self, model_dir: Path, launches: Sequence[AgentLaunch], log_level: str = "INFO") -> None:
+        self.model_dir = model_dir
+        self.launches = tuple(launches)
+        self.log_level = log_level
+        self._procs: dict[str, subprocess.Popen[bytes]] = {}
+
+    def command(self, launch: AgentLaunch) -> list[str]:
+        p = launch.profile
+        return [
+            sys.executable, "-m", "server.cli", "agent",
+            "--listen", launch.listen, "--model", str(self.model_dir), "--name", launch.name,
+            "--expert-memory", str(p.expert_memory_bytes),
+            "--disk-bandwidth", f"{p.disk_bytes_per_s:f}", "--link-bandwidth", f"{p.link_bytes_per_s:f}",
+            "--torch-threads", str(launch.torch_threads), "--log-level", self.log_level,
+        ]  # fmt: skip
+
+    def start(self) -> None:
+        for launch in self.launches:
+            log.info("starting agent %s on %s (%d torch threads)", launch.name, launch.listen, launch.torch_threads)
+            self._procs[launch.name] = subprocess.Popen(
+                self.command(launch), start_new_session=True, preexec_fn=_die_with_parent
+            )
+
+    def wait_ready(self, timeout_s: float) -> None:
+        """Block until every agent's gRPC health check reports SERVING; AgentExited if one exits."""
+        deadline = time.monotonic() + timeout_s
+        pending = {launch.name: launch.listen for launch in self.launches}
+        while pending:
+            self.raise_if_dead()
+            for name, address in list(pending.items()):
+                if _serving(address):
+                    log.info("agent %s is serving on %s", name, address)
+                    del pending[name]
+            if pending and time.monotonic() > deadline:
+                raise AgentExited(f"agents {sorted(pending)} did not report SERVING within {timeout_s:.0f}s")
+            time.sleep(0.2)
+
+    def dead(self) -> str | None:
+        """'<name> (exit code N)' of an agent that has exited, or None while all run."""
+        for name, proc in self._procs.items():
+            code = proc.poll()
+            if code is not None:
+                return f"{name} (exit code {code})"
+        return None
+
+    def raise_if_dead(self) -> None:
+        dead = self.dead()
+        if dead is not None:
+            raise AgentExited(f"agent {dead} exited")
+
+    def stop(self, grace_s: float = 10.0) -> None:
+        """SIGTERM every child, wait up to `grace_s` in all, then SIGKILL the stragglers."""
+        for proc in self._procs.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + grace_s
+        for name, proc in self._procs.items():
+            try:
+                proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                log.warning("agent %s did not stop within %.0fs; killing it", name, grace_s)
+                proc.kill()
+                proc.wait()
+        self._procs.clear()
+
+
+def _serving(address: str) -> bool:
+    """True when the agent at `address` answers the standard gRPC health check with SERVING."""
+    with grpc.insecure_channel(address) as channel:
+        try:
+            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""), timeout=1.0)
+        except grpc.RpcError:
+            return False  # not listening yet, or still loading its weights
+    return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
+
+
+def _die_with_parent() -> None:
+    # Runs in the child between fork and exec. Best effort: only Linux has PR_SET_PDEATHSIG.
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+        except (OSError, AttributeError):
+            pass

@@ -1,0 +1,135 @@
+"""Prometheus metrics of one server, in its own registry (never the process-global default).
+
+Names follow Prometheus conventions: prefix `potluck_`, base units (seconds, bytes), `_total` on
+counters. Request latencies are observed by `generation.Generation` as tokens flow; queue depths
+and per-agent expert-cache counters are read from `engine.snapshot()` at scrape time by
+`EngineCollector`, so they are never stale and cost nothing between scrapes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from scheduler.types import AgentSnapshot, EngineSnapshot
+
+# Seconds. From a few ms (a cached decode step on a fast box) to 10 min (a long prompt whose
+# experts all stream from a slow disk).
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0, 320.0, 600.0)
+
+SnapshotSource = Callable[[], EngineSnapshot | None]  # None until the engine has started
+
+
+class ServerMetrics:
+    """Every metric the server exports; `render()` is the body of GET /metrics."""
+
+    content_type = CONTENT_TYPE_LATEST
+
+    def __init__(self, snapshot: SnapshotSource) -> None:
+        self.registry = CollectorRegistry()
+        registry = self.registry
+        self.time_to_first_token = Histogram(
+            "potluck_time_to_first_token_seconds", "Time from submission to the first generated token.",
+            buckets=LATENCY_BUCKETS, registry=registry,
+        )  # fmt: skip
+        self.inter_token_latency = Histogram(
+            "potluck_inter_token_latency_seconds", "Time between consecutive generated tokens of a request.",
+            buckets=LATENCY_BUCKETS, registry=registry,
+        )  # fmt: skip
+        self.e2e_request_latency = Histogram(
+            "potluck_e2e_request_latency_seconds", "Time from submission to the last token of a request.",
+            buckets=LATENCY_BUCKETS, registry=registry,
+        )  # fmt: skip
+        self.prompt_tokens = Counter("potluck_prompt_tokens", "Prompt tokens submitted.", registry=registry)
+        self.generation_tokens = Counter("potluck_generation_tokens", "Tokens generated.", registry=registry)
+        self.requests = Counter(
+            "potluck_requests", "HTTP requests by endpoint and status code.", ["endpoint", "status"], registry=registry
+        )
+        registry.register(EngineCollector(snapshot))
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class EngineCollector(Collector):
+    """Queue depths and per-agent counters, read from the engine's snapshot at scrape time."""
+
+    def __init__(self, snapshot: SnapshotSource) -> None:
+        self._snapshot = snapshot
+
+    def describe(self) -> list[Metric]:
+        # Metric names are fixed; describing them up front would need a snapshot.
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        snap = self._snapshot()
+        running = GaugeMetricFamily("potluck_requests_running", "Requests being computed now.")
+        waiting = GaugeMetricFamily("potluck_requests_waiting", "Requests queued, not yet running.")
+        running.add_metric([], snap.running if snap else 0)
+        waiting.add_metric([], snap.waiting if snap else 0)
+        yield running
+        yield waiting
+        yield from _agent_families(snap.agents if snap else ())
+
+
+# (metric name, help, AgentSnapshot attribute); counters get "_total" from the client library.
+_AGENT_COUNTERS = (
+    ("potluck_agent_expert_cache_hits", "Expert requests served from the agent's buffer.", "hits"),
+    ("potluck_agent_expert_cache_misses", "Expert requests that needed a load.", "misses"),
+    ("potluck_agent_expert_cache_loads", "Experts read from the agent's expert store.", "loads"),
+    ("potluck_agent_expert_cache_evictions", "Experts dropped to stay within the memory budget.", "evictions"),
+    ("potluck_agent_disk_read_bytes", "Bytes read from the agent's expert store.", "bytes_read"),
+    ("potluck_agent_link_sent_bytes", "Tensor bytes the agent sent over its link.", "bytes_sent"),
+)
+_AGENT_GAUGES = (
+    ("potluck_agent_up", "1 if the scheduler reaches the agent, else 0.", "up"),
+    ("potluck_agent_expert_cache_bytes", "Expert buffer bytes resident now.", "bytes_used"),
+    ("potluck_agent_expert_cache_capacity_bytes", "Expert buffer budget in bytes (0 = unlimited).", "capacity_bytes"),
+)
+
+
+def _agent_families(agents: tuple[AgentSnapshot, ...]) -> Iterator[Metric]:
+    for name, help_text, attr in _AGENT_GAUGES:
+        gauge = GaugeMetricFamily(name, help_text, labels=["agent"])
+        for agent in agents:
+            gauge.add_metric([agent.name], float(getattr(agent, attr)))
+        yield gauge
+    for name, help_text, attr in _AGENT_COUNTERS:
+        counter = CounterMetricFamily(name, help_text, labels=["agent"])
+        for agent in agents:
+            counter.add_metric([agent.name], float(getattr(agent, attr)))
+        yield counter
+
+
+class RequestCounter:
+    """ASGI middleware counting every HTTP response by route template and status code.
+
+    The label is the route's path template (e.g. `/v1/models/{model}`), never the raw path, so
+    the number of series stays bounded whatever clients send.
+    """
+
+    def __init__(self, app: ASGIApp, metrics: ServerMetrics) -> None:
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        status = 500  # if the app fails before starting a response, the server answers 500
+
+        async def send_and_note(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = int(message["status"])
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_note)
+        finally:
+            route = scope.get("route")
+            endpoint = getattr(route, "path", None) or "unmatched"
+            self.metrics.requests.labels(endpoint=endpoint, status=str(status)).inc()

@@ -1,0 +1,83 @@
+"""HTTP routes: each parses, delegates and converts in a few lines.
+
+/v1/* requires the API key when one is configured; /health and /metrics never do (probes and
+Prometheus scrape without credentials, as with vLLM and TGI).
+"""
+
+from __future__ import annotations
+
+import hmac
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Header, Request
+from fastapi.responses import JSONResponse
+from starlette.responses import Response
+
+from server import responses as objects
+from server import serving
+from server.state import ServerState
+from server.errors import AuthenticationFailed
+from server.schemas import ChatCompletionRequest, CompletionRequest
+
+
+def get_state(request: Request) -> ServerState:
+    state: ServerState = request.app.state.potluck
+    return state
+
+
+State = Annotated[ServerState, Depends(get_state)]
+
+
+def require_api_key(state: State, authorization: Annotated[str | None, Header()] = None) -> None:
+    expected = state.settings.api_key
+    if expected is None:
+        return
+    scheme, _, token = (authorization or "").partition(" ")
+    # Constant-time comparison, so response timing does not leak how much of a key was right.
+    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), expected.encode()):
+        raise AuthenticationFailed()
+
+
+router = APIRouter()
+v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)])
+
+
+@v1.post("/chat/completions")
+async def chat_completions(body: ChatCompletionRequest, request: Request, state: State) -> Response:
+    return await serving.chat_completion(state, body, request)
+
+
+@v1.post("/completions")
+async def completions(body: CompletionRequest, request: Request, state: State) -> Response:
+    return await serving.text_completion(state, body, request)
+
+
+@v1.get("/models")
+async def list_models(state: State) -> JSONResponse:
+    card = objects.model_card(state.settings.served_model_name, state.created)
+    return JSONResponse({"object": "list", "data": [card]})
+
+
+@v1.get("/models/{model:path}")
+async def retrieve_model(model: str, state: State) -> JSONResponse:
+    return JSONResponse(objects.model_card(state.check_model(model), state.created))
+
+
+@router.get("/health")
+async def health(state: State) -> JSONResponse:
+    snapshot = state.snapshot()
+    agents = [{"name": a.name, "address": a.address, "up": a.up} for a in (snapshot.agents if snapshot else ())]
+    ok = any(agent["up"] for agent in agents)
+    body = {
+        "status": "ok" if ok else "unavailable", "agents": agents,
+        "running": snapshot.running if snapshot else 0, "waiting": snapshot.waiting if snapshot else 0,
+    }  # fmt: skip
+    return JSONResponse(body, status_code=200 if ok else 503)
+
+
+@router.get("/metrics")
+async def metrics(state: State) -> Response:
+    return Response(state.metrics.render(), media_type=state.metrics.content_type)
+
+
+router.include_router(v1)

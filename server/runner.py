@@ -1,0 +1,149 @@
+"""Running the HTTP server: `serve_http` (agents elsewhere) and `run_up` (agents as children).
+
+    serve_http(options, nodes)              # uvicorn until SIGINT/SIGTERM; 0 on a clean stop
+    run_up(options, agents, nodes, 180.0)   # start agents, wait for SERVING, serve, stop them all
+
+The engine is started in the app's lifespan (so uvicorn only reports "started" once the agents
+answer) and stopped on shutdown. While serving, a watchdog checks the child agents twice a
+second: if one dies, `run_up` logs it, shuts the server down and returns 1 rather than hang.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import AsyncIterator, Iterator, Sequence
+from contextlib import asynccontextmanager, contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+
+import uvicorn
+
+from scheduler.api import Engine
+from scheduler.errors import NoAgentsAvailable
+from scheduler.policy import Policy
+from scheduler.types import NodeSpec
+from server.app import EngineOpener, ServerSettings, create_app
+from server.launcher import AgentExited, LocalAgents
+
+log = logging.getLogger("potluck.server")
+
+WATCH_INTERVAL_S = 0.5  # how often `up` checks that its agent processes still run
+
+
+@dataclass(frozen=True)
+class ServerOptions:
+    """Everything `serve` and `up` need to run the HTTP server."""
+
+    model_dir: Path  # checkpoint folder (tokenizer, config, weights)
+    host: str  # bind address of the HTTP server
+    port: int  # TCP port of the HTTP server
+    api_key: str | None  # Bearer key required on /v1/*; None = open
+    served_model_name: str  # model id in /v1/models and in requests
+    max_waiting: int  # queued requests before 429
+    max_running: int  # requests computed at once
+    policy: Policy  # prefill policy and ablations
+    log_level: str  # "DEBUG" | "INFO" | ...
+
+
+class Shutdown(BaseException):
+    """SIGINT or SIGTERM asked `potluck up` to stop (a BaseException, like KeyboardInterrupt)."""
+
+
+def engine_opener(options: ServerOptions, nodes: Sequence[NodeSpec]) -> EngineOpener:
+    @asynccontextmanager
+    async def open_engine() -> AsyncIterator[Engine]:
+        from scheduler.service import EngineSettings, start_engine
+
+        settings = EngineSettings(max_waiting=options.max_waiting, max_running=options.max_running)
+        try:
+            service = await start_engine(options.model_dir, nodes, settings, options.policy)
+        except NoAgentsAvailable as exc:
+            log.error("cannot start: %s", exc)
+            raise
+        try:
+            yield service
+        finally:
+            await service.stop()
+
+    return open_engine
+
+
+def serve_http(options: ServerOptions, nodes: Sequence[NodeSpec], agents: LocalAgents | None = None) -> int:
+    """Run the server until it is asked to stop; 0 when it stopped cleanly, 1 otherwise."""
+    settings = ServerSettings(options.model_dir, options.served_model_name, options.api_key)
+    app = create_app(settings, engine_opener(options, nodes))
+    config = uvicorn.Config(app, host=options.host, port=options.port, log_level=options.log_level.lower(),
+                            lifespan="on", timeout_graceful_shutdown=5, log_config=None)  # fmt: skip
+    server = uvicorn.Server(config)
+    log.info("starting the API for %s on http://%s:%d/v1 (%d agents)", options.served_model_name, options.host, options.port,
+             len(nodes))  # fmt: skip
+    with _signals_raise_shutdown():
+        try:
+            code, dead = asyncio.run(_serve_watching(server, agents))
+        except Shutdown:
+            return 0  # uvicorn has shut down gracefully (engine stopped) before re-raising
+    if dead is not None:
+        log.error("agent %s exited; stopped serving", dead)
+        return 1
+    return code
+
+
+async def _serve_watching(server: uvicorn.Server, agents: LocalAgents | None) -> tuple[int, str | None]:
+    """Serve until asked to stop or an agent dies: (exit code, the dead agent or None)."""
+    serving = asyncio.create_task(_serve(server))
+    dead: str | None = None
+    while not serving.done():
+        await asyncio.wait({serving}, timeout=WATCH_INTERVAL_S)
+        if dead is None and agents is not None:
+            dead = agents.dead()
+            if dead is not None:
+                server.should_exit = True  # graceful: open streams get up to 5 s to finish
+    return serving.result(), dead
+
+
+async def _serve(server: uvicorn.Server) -> int:
+    # uvicorn calls sys.exit(3) when the app's startup fails (e.g. no agent answers); as a return
+    # code it ends the process the same way, without an unretrieved-task warning.
+    try:
+        await server.serve()
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else 1
+    return 0 if server.started else 1
+
+
+def run_up(options: ServerOptions, agents: LocalAgents, nodes: Sequence[NodeSpec], start_timeout_s: float) -> int:
+    """Start the local agents, serve, and stop every child on the way out, whatever happens."""
+    with _signals_raise_shutdown():
+        try:
+            agents.start()
+            agents.wait_ready(start_timeout_s)
+            return serve_http(options, nodes, agents)
+        except Shutdown:
+            log.info("stopping")
+            return 0
+        except AgentExited as exc:
+            log.error("%s", exc)
+            return 1
+        finally:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(sig, signal.SIG_IGN)  # a second Ctrl-C must not cut the cleanup short
+            agents.stop()
+            log.info("all agents stopped")
+
+
+@contextmanager
+def _signals_raise_shutdown() -> Iterator[None]:
+    # uvicorn installs its own handlers while it serves and, after a graceful shutdown, raises
+    # the signal again: it then lands here too, so the children are stopped on every path.
+    def handler(signum: int, frame: FrameType | None) -> None:
+        raise Shutdown(signal.Signals(signum).name)
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)

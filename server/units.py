@@ -1,0 +1,115 @@
+"""Human-friendly sizes and rates for device profiles: `512MiB`, `2GiB`, `50MB/s`, `1Gbit/s`.
+
+    parse_size("1.5GiB") == 1610612736        # bytes (int); "unlimited" / "0" -> 0
+    parse_rate("100Mbit/s") == 12_500_000.0   # bytes per second (float); "unlimited" -> 0.0
+
+0 means unlimited everywhere in potluck (the agents' `DeviceProfile` uses the same convention).
+Suffixes are case-insensitive: `KiB/MiB/GiB/TiB` (and `Ki`, `Mi`, ...) are powers of 1024,
+`kB/MB/GB/TB` (and `k`, `M`, ...) are powers of 1000, `B` is one byte. In a rate, `bit/s`
+(e.g. `Mbit/s`) counts bits (8 per byte); every other unit counts bytes. A bare `b` is not
+accepted as "bit" because case-insensitive parsing could not tell it from `B`.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+UNLIMITED = ("unlimited", "none", "inf")  # words meaning "no limit" (returned as 0)
+
+# Multipliers by lower-cased prefix: binary prefixes end in "i".
+_PREFIX = {
+    "": 1,
+    "k": 1000,
+    "m": 1000**2,
+    "g": 1000**3,
+    "t": 1000**4,
+    "ki": 1024,
+    "mi": 1024**2,
+    "gi": 1024**3,
+    "ti": 1024**4,
+}
+
+_NUMBER = r"(?P<num>[0-9]+(?:\.[0-9]*)?|\.[0-9]+)"
+_SIZE_RE = re.compile(_NUMBER + r"\s*(?P<prefix>[kmgt]i?)?(?P<unit>b)?", re.IGNORECASE)
+_RATE_RE = re.compile(
+    _NUMBER + r"\s*(?P<prefix>[kmgt]i?)?(?P<unit>bits?|b)?\s*(?P<per>/\s*s|ps)?", re.IGNORECASE
+)
+
+
+class UnitError(ValueError):
+    """A size or rate that cannot be parsed; the message quotes the value."""
+
+
+def parse_size(value: str | int | float) -> int:
+    """Bytes in `value` (`512MiB`, `1.5GB`, `1000`, `unlimited`); 0 means unlimited."""
+    if isinstance(value, bool):
+        raise UnitError(f"invalid size {value!r}: expected e.g. '512MiB', '2GiB' or 'unlimited'")
+    if isinstance(value, int | float):
+        return _whole_bytes(float(value), value)
+    text = value.strip()
+    if text.lower() in UNLIMITED:
+        return 0
+    match = _SIZE_RE.fullmatch(text)
+    if match is None:
+        raise UnitError(f"invalid size {value!r}: expected e.g. '512MiB', '2GiB', '1.5GB' or 'unlimited'")
+    prefix = (match["prefix"] or "").lower()
+    return _whole_bytes(float(match["num"]) * _PREFIX[prefix], value)
+
+
+def parse_rate(value: str | int | float) -> float:
+    """Bytes per second in `value` (`50MB/s`, `1Gbit/s`, `800KiB/s`, `1000`); 0 means unlimited."""
+    if isinstance(value, bool):
+        raise UnitError(f"invalid rate {value!r}: expected e.g. '50MB/s', '1Gbit/s' or 'unlimited'")
+    if isinstance(value, int | float):
+        return _non_negative(float(value), value)
+    text = value.strip()
+    if text.lower() in UNLIMITED:
+        return 0.0
+    match = _RATE_RE.fullmatch(text)
+    per = (match["per"] or "").replace(" ", "").lower() if match else ""
+    if match is None or (not per and (match["prefix"] or match["unit"])):
+        # A unit without "/s" is most likely a size given where a rate belongs.
+        raise UnitError(
+            f"invalid rate {value!r}: expected e.g. '50MB/s', '100Mbit/s', '800KiB/s' or 'unlimited'"
+        )
+    if per == "ps":
+        # "Mbps" and "MBps" differ only by case, which we ignore: refuse rather than guess.
+        raise UnitError(f"invalid rate {value!r}: write 'Mbit/s' for bits or 'MB/s' for bytes")
+    unit = (match["unit"] or "b").lower()
+    per_unit = 1 / 8 if unit.startswith("bit") else 1
+    prefix = (match["prefix"] or "").lower()
+    return _non_negative(float(match["num"]) * _PREFIX[prefix] * per_unit, value)
+
+
+def format_size(num_bytes: int) -> str:
+    """`num_bytes` for people: '512 MiB', '1.5 GiB'; 0 is 'unlimited'."""
+    if num_bytes == 0:
+        return "unlimited"
+    for prefix in ("Ti", "Gi", "Mi", "Ki"):
+        scale = _PREFIX[prefix.lower()]
+        if num_bytes >= scale:
+            return f"{num_bytes / scale:.4g} {prefix}B"
+    return f"{num_bytes} B"
+
+
+def format_rate(bytes_per_s: float) -> str:
+    """`bytes_per_s` for people: '50 MB/s'; 0 is 'unlimited'."""
+    if bytes_per_s == 0:
+        return "unlimited"
+    for prefix in ("T", "G", "M", "k"):
+        scale = _PREFIX[prefix.lower()]
+        if bytes_per_s >= scale:
+            return f"{bytes_per_s / scale:.4g} {prefix}B/s"
+    return f"{bytes_per_s:.4g} B/s"
+
+
+def _whole_bytes(amount: float, original: object) -> int:
+    # Fractions of a byte (e.g. "1.3kB" = 1300, "0.1KiB" = 102.4) round to the nearest byte.
+    return round(_non_negative(amount, original))
+
+
+def _non_negative(amount: float, original: object) -> float:
+    if not math.isfinite(amount) or amount < 0:
+        raise UnitError(f"invalid value {original!r}: must be a finite number >= 0")
+    return amount

@@ -1,0 +1,97 @@
+"""Clients that leave, and agents that die: nothing hangs, nothing runs on for nobody."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+from openai import OpenAI
+from openai.types.chat import ChatCompletionMessageParam
+
+from tests.e2e.conftest import PotluckUp, alive, start_up
+
+MESSAGES: list[ChatCompletionMessageParam] = [{"role": "user", "content": "Tell me everything."}]
+LONG = {"messages": MESSAGES, "max_tokens": 1500}
+
+
+def wait_idle(base_url: str, within_s: float) -> float:
+    """Seconds until the engine runs and queues nothing; fails after `within_s`."""
+    start = time.monotonic()
+    while time.monotonic() - start < within_s:
+        health = httpx.get(f"{base_url}/health").json()
+        if health["running"] == 0 and health["waiting"] == 0:
+            return time.monotonic() - start
+        time.sleep(0.1)
+    pytest.fail(f"the engine was still busy {within_s}s after the client left")
+
+
+def test_stream_client_disconnect_cancels_the_request(base_url: str, client: OpenAI, model_id: str) -> None:
+    body = {**LONG, "model": model_id, "stream": True}
+    with httpx.stream("POST", f"{base_url}/v1/chat/completions", json=body, timeout=60) as reply:
+        lines = reply.iter_lines()
+        next(line for line in lines if '"content":"' in line and '"role"' not in line)
+        assert httpx.get(f"{base_url}/health").json()["running"] == 1
+    # 1500 tokens would take far longer than this: the request was cancelled, not finished.
+    wait_idle(base_url, within_s=5)
+    after = client.chat.completions.create(model=model_id, messages=MESSAGES, max_tokens=3)
+    assert after.choices[0].finish_reason in ("stop", "length")
+
+
+def test_a_queued_stream_whose_client_leaves_never_runs(base_url: str, model_id: str) -> None:
+    body = {**LONG, "model": model_id, "stream": True}
+    url = f"{base_url}/v1/chat/completions"
+    with httpx.stream("POST", url, json=body, timeout=60) as running:
+        # Keep the line iterators referenced: dropping one closes the connection (a disconnect).
+        running_lines = running.iter_lines()
+        next(line for line in running_lines if '"content":"' in line and '"role"' not in line)
+        with httpx.stream("POST", url, json=body, timeout=60) as queued:
+            queued_lines = queued.iter_lines()
+            next(line for line in queued_lines if line.startswith("data: "))  # the role chunk
+            health = httpx.get(f"{base_url}/health").json()
+            assert (health["running"], health["waiting"]) == (1, 1), health
+    # Both left: the running one is cancelled, and the queued one is dropped before it starts.
+    wait_idle(base_url, within_s=5)
+
+
+def test_non_stream_client_disconnect_cancels_the_request(base_url: str, client: OpenAI, model_id: str) -> None:
+    def impatient_client() -> None:
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(f"{base_url}/v1/chat/completions", json={**LONG, "model": model_id}, timeout=3)
+
+    with ThreadPoolExecutor(1) as pool:
+        gone = pool.submit(impatient_client)
+        deadline = time.monotonic() + 3
+        while httpx.get(f"{base_url}/health").json()["running"] != 1:
+            assert time.monotonic() < deadline, "the request never started"
+            time.sleep(0.05)
+        gone.result()  # the client gave up (closed its connection) while its request ran
+    wait_idle(base_url, within_s=5)
+    after = client.completions.create(model=model_id, prompt="still here?", max_tokens=3)
+    assert after.choices[0].finish_reason in ("stop", "length")
+
+
+def test_an_agent_dying_mid_stream_ends_it_with_an_error_and_up_exits_nonzero(qwen_tiny: Path,
+                                                                              e2e_dir: Path) -> None:  # fmt: skip
+    server: PotluckUp = start_up(qwen_tiny, e2e_dir)
+    try:
+        body = {**LONG, "model": "qwen3_moe", "stream": True}
+        with httpx.stream("POST", f"{server.url}/v1/chat/completions", json=body, timeout=60) as reply:
+            lines = reply.iter_lines()
+            next(line for line in lines if '"content":"' in line and '"role"' not in line)
+            os.kill(server.agents[1], signal.SIGKILL)
+            rest = [line for line in lines if line.startswith("data: ")]
+        assert rest[-1] == "data: [DONE]"
+        error = json.loads(rest[-2][len("data: "):])["error"]
+        assert error["code"] in ("agent_failed", "no_agents_available") and error["message"]
+        assert server.proc.wait(60) == 1, server.log_tail()
+        assert "agent1" in server.log_tail(80)
+        assert not any(alive(pid) for pid in server.agents)
+    finally:
+        if server.proc.poll() is None:
+            server.stop()

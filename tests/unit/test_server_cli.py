@@ -1,0 +1,66 @@
+"""The command line: every flag documented, units parsed, and `up`'s agent commands round-trip."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import pytest
+
+from server.cli import build_parser
+from server.inventory import NodeProfile
+from server.launcher import AgentLaunch, LocalAgents, plan_local_agents, threads_per_agent
+
+SUBCOMMANDS = ("init-model", "agent", "serve", "up", "bench")
+
+
+def subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return dict(action.choices)
+
+
+@pytest.mark.parametrize("name", SUBCOMMANDS)
+def test_every_flag_has_help(name: str) -> None:
+    sub = subparsers(build_parser())[name]
+    for action in sub._actions:
+        assert action.help, f"{name} {action.option_strings} has no help"
+    assert sub.format_help()  # renders without errors
+
+
+def test_sizes_and_rates_are_parsed_at_the_edge() -> None:
+    args = build_parser().parse_args(["up", "--expert-memory", "512MiB", "--disk-bandwidth", "200MB/s",
+                                      "--link-bandwidth", "1Gbit/s", "--agents", "3"])  # fmt: skip
+    assert (args.expert_memory, args.disk_bandwidth, args.link_bandwidth) == (512 * 1024**2, 200e6, 125e6)
+    assert args.agents == 3 and build_parser().parse_args(["up"]).agents is None and args.port == 8000 and args.host == "127.0.0.1" and args.max_waiting == 64
+
+
+def test_bad_values_are_refused_with_the_value_quoted(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["agent", "--listen", "127.0.0.1:1", "--model", "m", "--expert-memory", "lots"])
+    assert "'lots'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["up", "--agents", "2", "--inventory", "x.yaml"])  # one or the other
+
+
+def test_up_starts_agents_with_their_profile_and_a_fair_share_of_cores() -> None:
+    profile = NodeProfile(3 * 1024**2, 12.5e6, 1.25e8)
+    launches = plan_local_agents(2, profile, cores=2)
+    assert [launch.torch_threads for launch in launches] == [1, 1]
+    assert len({launch.listen for launch in launches}) == 2
+    command = LocalAgents(Path("/models/m"), launches).command(launches[0])
+    assert command[1:4] == ["-m", "server.cli", "agent"]
+    args = build_parser().parse_args(command[3:])
+    assert (args.listen, args.name, args.model) == (launches[0].listen, "agent0", Path("/models/m"))
+    assert NodeProfile(args.expert_memory, args.disk_bandwidth, args.link_bandwidth) == profile
+    assert args.torch_threads == 1
+
+
+@pytest.mark.parametrize(("agents", "cores", "threads"), [(2, 2, 1), (3, 2, 1), (2, 16, 8), (4, 18, 4)])
+def test_threads_per_agent(agents: int, cores: int, threads: int) -> None:
+    assert threads_per_agent(agents, cores) == threads
+
+
+def test_launch_is_typed_and_frozen() -> None:
+    launch = AgentLaunch("a", "127.0.0.1:1", NodeProfile(0, 0, 0), 1)
+    with pytest.raises(AttributeError):
+        launch.name = "b"  # type: ignore[misc]
