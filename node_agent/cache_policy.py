@@ -6,6 +6,8 @@ from collections import OrderedDict
 from collections.abc import Iterable, Set
 from typing import Generic, Protocol, TypeVar
 
+from scheduler.types import ExpertId
+
 K = TypeVar("K")
 
 
@@ -37,3 +39,39 @@ class LRUPolicy(Generic[K]):
 
     def victims(self, candidates: Set[K]) -> Iterable[K]:
         return [k for k in self._order if k in candidates]
+
+
+class LayerCyclicPolicy:
+    """Belady's rule for a model that is read layer by layer, request after request: the expert
+    whose layer comes round again last goes first (LRU evicts exactly the experts needed next,
+    since the least recently used layer is the one about to be read again).
+
+    The position in the cycle is the layer of the latest access or insert; among experts of one
+    layer, the least recently used goes first.
+    """
+
+    def __init__(self, num_layers: int) -> None:
+        if num_layers < 1:
+            raise ValueError(f"num_layers must be >= 1, got {num_layers}")
+        self.num_layers = num_layers
+        self.current = 0  # the layer being worked on
+        self._lru: LRUPolicy[ExpertId] = LRUPolicy()
+
+    def on_insert(self, key: ExpertId) -> None:
+        self.current = key.layer
+        self._lru.on_insert(key)
+
+    def on_access(self, key: ExpertId) -> None:
+        self.current = key.layer
+        self._lru.on_access(key)
+
+    def on_remove(self, key: ExpertId) -> None:
+        self._lru.on_remove(key)
+
+    def next_use(self, key: ExpertId) -> int:
+        """Layers until the key's layer is read again (0: the next layer)."""
+        return (key.layer - self.current - 1) % self.num_layers
+
+    def victims(self, candidates: Set[ExpertId]) -> Iterable[ExpertId]:
+        order = list(self._lru.victims(candidates))  # LRU first within a layer
+        return sorted(order, key=lambda k: -self.next_use(k))  # stable: keeps LRU order on ties

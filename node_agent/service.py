@@ -18,6 +18,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from node_agent.cache_policy import LayerCyclicPolicy, LRUPolicy
 from node_agent.dispatch import LayerPlan
 from node_agent.expert_buffer import BufferTooSmall, ExpertBuffer
 from node_agent.expert_store import ExpertStore
@@ -31,6 +32,7 @@ from node_agent.worker import AgentCore
 from protos.convert import tensor_from_proto, tensor_to_proto
 from protos.potluck.v1 import agent_pb2 as pb
 from protos.potluck.v1 import agent_pb2_grpc as pb_grpc
+from scheduler.types import ExpertId
 
 log = logging.getLogger("potluck.agent")
 
@@ -48,6 +50,8 @@ class AgentSettings(BaseSettings):
     link_bytes_per_s: float = Field(0, ge=0, description="send rate to peers and scheduler; 0 = unlimited")
     torch_threads: int = Field(1, ge=1, description="torch intra-op threads for this agent")
     dtype: str = Field("float32", description="compute dtype: float32 | bfloat16 | float16")
+    eviction: str = Field("layer-cyclic", pattern="^(lru|layer-cyclic)$",
+                          description="which expert to evict: lru, or layer-cyclic (the one needed last)")
     log_level: str = Field("INFO")
 
     @property
@@ -197,7 +201,8 @@ async def serve(settings: AgentSettings, ready: asyncio.Event | None = None, sto
     store = ExpertStore(ckpt, cfg, dtype, Throttle(settings.disk_bytes_per_s))
     disk = ThreadPoolExecutor(1, thread_name_prefix="disk")
     try:
-        buffer = ExpertBuffer(settings.expert_memory_bytes, store.expert_nbytes, store.load, disk)
+        policy = LRUPolicy[ExpertId]() if settings.eviction == "lru" else LayerCyclicPolicy(cfg.num_layers)
+        buffer = ExpertBuffer(settings.expert_memory_bytes, store.expert_nbytes, store.load, disk, policy)
     except BufferTooSmall as exc:
         raise SystemExit(f"--expert-memory: {exc}") from None
     link = Link(settings.link_bytes_per_s)

@@ -5,8 +5,10 @@ Greedy in the manner of longest-processing-time-first: experts in decreasing tok
 goes where the layer's makespan (the busiest agent's finish time) grows least, counting a disk
 read where the expert is neither resident nor already in flight, its compute, and the hidden
 states that must cross links (the owner sends its tokens, the executor sends results back). An
-expert held by several agents has its tokens split among them, owner by owner. An agent whose
-buffer is full pays, as a tie-break, for the eviction a new expert would cause.
+expert held by several agents has its tokens split among them, owner by owner. Loading into a full
+buffer evicts an expert that a later request will probably read back, so it is charged a second
+read: without that, a layer-by-layer makespan happily copies a busy agent's expert to an idle one
+and the pooled cache churns from request to request.
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ def schedule_layer(
         tokens = {o: counts[o][e] for o in owners}
         executor = min(nodes, key=lambda x: _score(time, profiles, cost, x, tokens, e not in held[x], free))
         load = e not in held[executor]
-        _charge(time, profiles, cost, executor, tokens, load)
+        _charge(time, profiles, cost, executor, tokens, load, _evicts(load, free[executor]))
         if load and free[executor] is not None:
             free[executor] -= 1  # type: ignore[operator]
         for o in owners:
@@ -55,11 +57,15 @@ def _free_slots(p: AgentProfile, resident: int) -> int | None:
     return None if p.capacity_experts is None else p.capacity_experts - resident
 
 
+def _evicts(load: bool, free: int | None) -> bool:
+    return load and free is not None and free <= 0
+
+
 def _charge(time: dict[NodeId, AgentTime], profiles: Mapping[NodeId, AgentProfile], cost: CostModel, executor: NodeId,
-            tokens: Mapping[NodeId, int], load: bool) -> None:
+            tokens: Mapping[NodeId, int], load: bool, evicts: bool = False) -> None:
     p = profiles[executor]
     t = time[executor]
-    t.disk_s += cost.load_s(p) if load else 0.0
+    t.disk_s += cost.load_s(p) * ((2 if evicts else 1) if load else 0)
     t.compute_s += cost.compute_s(p, sum(tokens.values()))
     remote = sum(n for o, n in tokens.items() if o != executor)
     t.link_s += cost.send_s(p, remote)  # results back to the owners
@@ -72,10 +78,9 @@ def _score(time: dict[NodeId, AgentTime], profiles: Mapping[NodeId, AgentProfile
            tokens: Mapping[NodeId, int], load: bool, free: Mapping[NodeId, int | None]) -> tuple[float, int, float]:
     """(makespan if the tokens run on executor, eviction flag, link time): lower is better."""
     trial = {n: AgentTime(t.disk_s, t.compute_s, t.link_s) for n, t in time.items()}
-    _charge(trial, profiles, cost, executor, tokens, load)
+    evicts = _evicts(load, free[executor])
+    _charge(trial, profiles, cost, executor, tokens, load, evicts)
     makespan = max(t.finish_s for t in trial.values())
     moved = sum(t.link_s for t in trial.values())
-    slots = free[executor]
-    evicts = int(load and slots is not None and slots <= 0)
     # Round the makespan so near-ties fall to no eviction, then to fewer bytes moved.
-    return round(makespan, 6), evicts, moved
+    return round(makespan, 6), int(evicts), moved

@@ -109,7 +109,8 @@ class Cluster:
         flags = [f"--no-{f}" for f, on in (("interleave", policy.interleave), ("token-scheduling", policy.token_scheduling),
                                            ("prefetch", policy.prefetch)) if not on and policy.name == "sirius"]
         self.cmd = [sys.executable, "-m", "server.cli", "up", "--inventory", str(inventory), "--model", str(model_dir),
-                    "--port", str(self.port), "--policy", policy.name, *flags, "--log-level", "WARNING"]
+                    "--port", str(self.port), "--served-model-name", "bench", "--policy", policy.name, *flags,
+                    "--log-level", "WARNING"]
         self.proc: subprocess.Popen[bytes] | None = None
         self.clients: list[AgentClient] = []
 
@@ -162,14 +163,12 @@ class Cluster:
             async with http.stream("POST", f"{self.url}/v1/completions", json=body) as response:
                 if response.status_code != 200:
                     raise RuntimeError(f"bench request failed: {response.status_code} {(await response.aread())[:300]!r}")
-                async for line in response.aiter_lines():
-                    if line.startswith("data: ") and '"choices"' in line:
+                ttft = None
+                async for line in response.aiter_lines():  # read to the end: the request completes
+                    if ttft is None and line.startswith("data: ") and '"choices"' in line:
                         ttft = time.perf_counter() - start
-                        break
-                else:
-                    raise RuntimeError("the stream ended without a token")
-                async for _ in response.aiter_lines():
-                    pass
+        if ttft is None:
+            raise RuntimeError("the stream ended without a token")
         return ttft
 
 

@@ -113,6 +113,9 @@ def _add_agent(commands: argparse._SubParsersAction) -> None:  # type: ignore[ty
     _add_profile_flags(p)
     p.add_argument("--torch-threads", type=_positive, default=1, metavar="N", help="torch intra-op threads")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"), help="compute dtype")
+    p.add_argument("--eviction", default="layer-cyclic", choices=("layer-cyclic", "lru"),
+                   help="expert eviction: layer-cyclic (evict the expert whose layer comes round last; default) or "
+                        "lru (least recently used)")  # fmt: skip
     p.add_argument("--log-level", default="INFO", choices=LOG_LEVELS, help="log verbosity")
     p.set_defaults(run=_run_agent)
 
@@ -213,7 +216,7 @@ def _run_agent(args: argparse.Namespace) -> int:
     settings = AgentSettings(
         listen=args.listen, model_dir=args.model, name=args.name, expert_memory_bytes=args.expert_memory,
         disk_bytes_per_s=args.disk_bandwidth, link_bytes_per_s=args.link_bandwidth,
-        torch_threads=args.torch_threads, dtype=args.dtype, log_level=args.log_level,
+        torch_threads=args.torch_threads, dtype=args.dtype, eviction=args.eviction, log_level=args.log_level,
     )  # fmt: skip
     run_agent(settings)
     return 0

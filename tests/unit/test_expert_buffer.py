@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from node_agent.cache_policy import LRUPolicy
+from node_agent.cache_policy import LayerCyclicPolicy, LRUPolicy
 from node_agent.expert_buffer import BufferTooSmall, ExpertBuffer
 from node_agent.expert_store import ExpertStore
 from node_agent.model.checkpoint import Checkpoint
@@ -97,3 +97,31 @@ def test_lru_policy_orders_victims() -> None:
     assert list(p.victims({1, 2, 3})) == [2, 3, 1]
     p.on_remove(2)
     assert list(p.victims({1, 3})) == [3, 1]
+
+
+def test_layer_cyclic_policy_evicts_the_layer_needed_last() -> None:
+    p = LayerCyclicPolicy(4)
+    keys = [ExpertId(layer, 0) for layer in range(4)]
+    for k in keys:
+        p.on_insert(k)
+    p.on_access(ExpertId(1, 0))  # working on layer 1: layer 2 is next, layer 1 comes round last
+    assert list(p.victims(set(keys))) == [ExpertId(1, 0), ExpertId(0, 0), ExpertId(3, 0), ExpertId(2, 0)]
+
+
+async def test_layer_cyclic_keeps_a_share_of_every_pass_where_lru_keeps_none(qwen_tiny: Path) -> None:
+    """Reading all layers' experts in order, pass after pass, with room for a third of them:
+    LRU misses every time, the cyclic policy keeps what it can."""
+    cfg = MoeConfig.load(qwen_tiny)
+    hits = {}
+    for name, policy in (("lru", LRUPolicy[ExpertId]()), ("cyclic", LayerCyclicPolicy(cfg.num_layers))):
+        store = ExpertStore(Checkpoint(qwen_tiny), cfg, torch.float32, Throttle(0))
+        capacity = cfg.num_layers * cfg.num_experts // 3
+        buffer = ExpertBuffer(capacity * store.expert_nbytes, store.expert_nbytes, store.load, ThreadPoolExecutor(1), policy)
+        for _ in range(3):
+            for layer in range(cfg.num_layers):
+                for e in range(cfg.num_experts):
+                    async with buffer.pinned(ExpertId(layer, e)):
+                        pass
+        hits[name] = buffer.counters.hits
+    assert hits["lru"] == 0
+    assert hits["cyclic"] >= 2 * (cfg.num_layers * cfg.num_experts // 3) - cfg.num_experts
