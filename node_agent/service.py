@@ -103,9 +103,12 @@ class Servicer(pb_grpc.NodeAgentServicer):
 
     async def BeginStep(self, request: pb.BeginStepRequest, context: Any) -> pb.BeginStepReply:
         peers = [Peer(p.name, p.address, p.new_min_position, p.new_max_position, p.cached_tokens) for p in request.peers]
-        await self.core.begin_step(request.request_id, request.step, request.token_ids, request.positions, peers,
-                                   request.all_logits)
-        return pb.BeginStepReply()
+        r = await self.core.begin_step(request.request_id, request.step, request.token_ids, request.positions, peers,
+                                       request.all_logits, request.predict)
+        if r is None:
+            return pb.BeginStepReply()
+        return pb.BeginStepReply(predicted_counts=r.predicted, next_resident=r.next_resident,
+                                 next_loading=r.next_loading, resident_total=r.resident_total)
 
     async def Forward(self, request: pb.ForwardRequest, context: Any) -> pb.ForwardReply:
         r = await self.core.forward(request.request_id, request.layer, _plan(request.plan, self.core.name),

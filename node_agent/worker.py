@@ -89,14 +89,23 @@ class AgentCore:
     # Control plane ---------------------------------------------------------------------------
 
     async def begin_step(self, request_id: str, step: int, token_ids: Sequence[int], positions: Sequence[int],
-                         peers: Sequence[Peer], all_logits: bool) -> None:
+                         peers: Sequence[Peer], all_logits: bool, predict: bool = False) -> LayerReport | None:
+        """Embed this agent's new tokens; with predict, guess layer 0's routing from them."""
         state = self.requests.setdefault(request_id, RequestState(request_id))
         state.commit_step()
         ids = torch.tensor(list(token_ids), dtype=torch.long)
         if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.cfg.vocab_size):
             raise ValueError(f"token ids must be in [0, {self.cfg.vocab_size})")
         hidden = self.dense.embed[ids]  # [T, D]
-        state.step = StepState(step, torch.tensor(list(positions), dtype=torch.long), hidden, tuple(peers), all_logits)
+        st = state.step = StepState(step, torch.tensor(list(positions), dtype=torch.long), hidden, tuple(peers), all_logits)
+        if not (predict and self.cfg.is_moe(0)):
+            return None
+        predicted = [0] * self.cfg.num_experts
+        if ids.numel():
+            predicted = await self.compute(self._predict, hidden, 0)
+            st.predicted = (0, frozenset(e for e, c in enumerate(predicted) if c))
+        return LayerReport([], [], [], 0.0, predicted, len(self.buffer.all_resident()), self.buffer.resident(0),
+                           self.buffer.loading(0))
 
     async def forward(self, request_id: str, layer: int, plan: LayerPlan, prefetch: Sequence[int] = (),
                       predict: bool = False) -> LayerReport:

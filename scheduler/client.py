@@ -85,11 +85,17 @@ class AgentClient:
                          r.expert_bytes, r.profile.expert_memory_bytes, r.profile.disk_bytes_per_s, r.profile.link_bytes_per_s,
                          r.max_positions, frozenset(r.dense_layers), r.expert_flops_per_s, r.hidden_size, r.dtype_bytes)
 
-    async def begin_step(self, request_id: str, plan: StepPlan, peers: Sequence[pb.StepPeer], all_logits: bool) -> None:
+    async def begin_step(self, request_id: str, plan: StepPlan, peers: Sequence[pb.StepPeer], all_logits: bool,
+                         predict: bool = False) -> LayerReport:
+        """Start a step; with predict, the report carries layer 0's routing guessed from embeddings."""
         shard = next((s for s in plan.shards if s.node == self.spec.name), None)
-        await self._call("BeginStep", pb.BeginStepRequest(
+        r = await self._call("BeginStep", pb.BeginStepRequest(
             request_id=request_id, step=plan.step, token_ids=shard.token_ids if shard else (),
-            positions=shard.positions if shard else (), peers=peers, all_logits=all_logits))
+            positions=shard.positions if shard else (), peers=peers, all_logits=all_logits, predict=predict))
+        assert isinstance(r, pb.BeginStepReply)
+        return LayerReport(self.spec.name, (), frozenset(), frozenset(), predicted=tuple(r.predicted_counts),
+                           resident_total=r.resident_total, next_resident=frozenset(r.next_resident),
+                           next_loading=frozenset(r.next_loading))
 
     async def forward(self, request_id: str, layer: int, plan: RoutingPlan | None, prefetch: Sequence[int] = (),
                       predict: bool = False) -> LayerReport:

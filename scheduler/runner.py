@@ -87,12 +87,14 @@ class RequestRunner:
                         new_max_position=spans.get(n, (-1, -1))[1], cached_tokens=plan.cached.get(n, 0))
             for n in members
         ]
-        await asyncio.gather(*(self.agents[n].begin_step(request_id, plan, peers, all_logits) for n in members))
-        routing: RoutingPlan | None = None
-        prefetch: dict[NodeId, tuple[int, ...]] = {}
-        stats = StepStats({n: 0.0 for n in active})
-        profiles = {n: self.view.profiles[n] for n in members}
         shape, cost, policy = self.shape, self.view.cost, self.policy
+        profiles = {n: self.view.profiles[n] for n in members}
+        guess = policy.prefetch and 0 not in shape.dense_layers
+        begun = await asyncio.gather(*(self.agents[n].begin_step(request_id, plan, peers, all_logits, guess) for n in members))
+        routing: RoutingPlan | None = None
+        # Layer 0's experts, guessed from the embeddings, load while layer 0's attention runs.
+        prefetch = policy.prefetches(0, [r for r in begun if r.node in active], profiles, cost, shape.num_experts) if guess else {}
+        stats = StepStats({n: 0.0 for n in active})
         for layer in range(shape.num_layers):
             predict = policy.prefetch and layer + 1 < shape.num_layers and layer + 1 not in shape.dense_layers
             reports = await asyncio.gather(*(

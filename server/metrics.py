@@ -84,6 +84,11 @@ _AGENT_COUNTERS = (
     ("potluck_agent_expert_cache_evictions", "Experts dropped to stay within the memory budget.", "evictions"),
     ("potluck_agent_disk_read_bytes", "Bytes read from the agent's expert store.", "bytes_read"),
     ("potluck_agent_link_sent_bytes", "Tensor bytes the agent sent over its link.", "bytes_sent"),
+    ("potluck_agent_attention_seconds", "Seconds the agent spent in attention.", "attention_s"),
+    ("potluck_agent_expert_prefetches", "Experts read because a speculative prefetch asked for them.", "prefetches"),
+    ("potluck_agent_prefetch_predicted_used", "Experts used that the previous layer's prediction named "
+     "(prefetch recall = this / potluck_agent_prefetch_used_total).", "predicted_used"),
+    ("potluck_agent_prefetch_used", "Experts used in layers that had a prediction.", "used"),
 )
 _AGENT_GAUGES = (
     ("potluck_agent_up", "1 if the scheduler reaches the agent, else 0.", "up"),
