@@ -133,38 +133,46 @@ def attend(
     drops out of `merge`. Positions are split into runs of consecutive values (a contiguous shard
     is one run, a zigzag shard two) and each pair of runs is fully visible, a causal triangle, or
     invisible, so the fused kernel does the work; only oddly aligned runs take the masked path.
+    Heads are laid out first and K/V expanded to every query head once, not once per run pair.
     """
+    if q.device.type != "cpu" or q.shape[0] == 0 or k.shape[0] == 0:
+        return _masked(q, k, v, q_pos, k_pos)
+    rep = q.shape[1] // k.shape[1]
+    qh = q.transpose(0, 1).contiguous()  # [H, T, hd]
+    kh = k.repeat_interleave(rep, dim=1).transpose(0, 1).contiguous()  # [H, S, hd]
+    vh = v.repeat_interleave(rep, dim=1).transpose(0, 1).contiguous()
     if q_pos is None or k_pos is None:
-        return _fused(q, k, v, causal=False)
-    q_runs, k_runs = _runs(q_pos), _runs(k_pos)
+        out, lse = _fused(qh, kh, vh, causal=False)
+        return out.transpose(0, 1), lse.transpose(0, 1)
     outs, lses = [], []
-    for qs in q_runs:
+    for qs in _runs(q_pos):
         a, b = int(q_pos[qs.start]), int(q_pos[qs.stop - 1])
+        qr = qh[:, qs]
         parts = []
-        for ks in k_runs:
+        for ks in _runs(k_pos):
             c, d = int(k_pos[ks.start]), int(k_pos[ks.stop - 1])
             if c > b:
                 continue  # every key is after every query
             if d < a:
-                parts.append(_fused(q[qs], k[ks], v[ks], causal=False))
+                parts.append(_fused(qr, kh[:, ks], vh[:, ks], causal=False))
                 continue
             if c < a:  # the part before the queries is fully visible
                 before = slice(ks.start, ks.start + (a - c))
-                parts.append(_fused(q[qs], k[before], v[before], causal=False))
+                parts.append(_fused(qr, kh[:, before], vh[:, before], causal=False))
                 c, ks = a, slice(before.stop, ks.stop)
             if c == a:  # aligned with the queries' start: a top-left causal triangle
                 diag = slice(ks.start, ks.start + (min(d, b) - c + 1))
-                parts.append(_fused(q[qs], k[diag], v[diag], causal=True))
+                parts.append(_fused(qr, kh[:, diag], vh[:, diag], causal=True))
             else:
-                parts.append(_masked(q[qs], k[ks], v[ks], q_pos[qs], k_pos[ks]))
+                o, l = _masked(q[qs], k[ks], v[ks], q_pos[qs], k_pos[ks])
+                parts.append((o.transpose(0, 1), l.transpose(0, 1)))
         if parts:
             out, lse = merge_lse(parts)
         else:
-            out = torch.zeros_like(q[qs])
-            lse = torch.full(q[qs].shape[:2], float("-inf"))
+            out, lse = torch.zeros_like(qr), torch.full(qr.shape[:2], float("-inf"))
         outs.append(out)
         lses.append(lse)
-    return torch.cat(outs), torch.cat(lses)
+    return torch.cat(outs, dim=1).transpose(0, 1), torch.cat(lses, dim=1).transpose(0, 1)
 
 
 def _runs(pos: torch.Tensor) -> list[slice]:
@@ -176,17 +184,12 @@ def _runs(pos: torch.Tensor) -> list[slice]:
     return [slice(s, e) for s, e in zip(edges[:-1], edges[1:])]
 
 
-def _fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """The CPU flash-attention kernel, which also returns the log-sum-exp split-KV needs. A private
-    aten op: public SDPA does not return the log-sum-exp; `_masked` is the portable fallback."""
-    if q.device.type != "cpu" or q.shape[0] == 0 or k.shape[0] == 0:
-        return _masked(q, k, v, None, None) if not causal else _masked(q, k, v, torch.arange(q.shape[0]), torch.arange(k.shape[0]))
-    rep = q.shape[1] // k.shape[1]
-    qh = q.transpose(0, 1).unsqueeze(0)  # [1, H, T, hd]
-    kh = k.repeat_interleave(rep, dim=1).transpose(0, 1).unsqueeze(0)  # [1, H, S, hd]
-    vh = v.repeat_interleave(rep, dim=1).transpose(0, 1).unsqueeze(0)
-    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(qh, kh, vh, 0.0, causal)
-    return out[0].transpose(0, 1), lse[0].transpose(0, 1).float()  # [T, H, hd], [T, H]
+def _fused(qh: torch.Tensor, kh: torch.Tensor, vh: torch.Tensor, causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The CPU flash-attention kernel on head-major [H, t, hd] inputs; it also returns the
+    log-sum-exp [H, t] that split-KV needs. A private aten op (public SDPA does not return the
+    log-sum-exp); `_masked` is the portable fallback for other devices."""
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(qh[None], kh[None], vh[None], 0.0, causal)
+    return out[0], lse[0].float()
 
 
 def _masked(
