@@ -10,15 +10,10 @@ import torch
 from node_agent.state import KVShard
 from node_agent.throttle import Throttle
 from protos.convert import tensor_from_proto, tensor_to_proto
+from protos.limits import CHANNEL_OPTIONS, CHUNK_BYTES
 from protos.potluck.v1 import agent_pb2 as pb
 from protos.potluck.v1 import agent_pb2_grpc as pb_grpc
 
-MAX_MESSAGE_BYTES = 64 << 20  # gRPC send/receive limit on every channel and server
-CHUNK_BYTES = 16 << 20  # larger tensors are split by rows into messages of at most this
-CHANNEL_OPTIONS = [
-    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-]
 
 
 class Link:

@@ -25,11 +25,12 @@ from node_agent.expert_store import ExpertStore
 from node_agent.model.checkpoint import Checkpoint
 from node_agent.model.config import MoeConfig
 from node_agent.model.moe import load_dense
-from node_agent.peers import CHANNEL_OPTIONS, GrpcPeers, Link
+from node_agent.peers import GrpcPeers, Link
 from node_agent.state import KVShard, Peer, RequestReleased, UnknownRequest
 from node_agent.throttle import Throttle
 from node_agent.worker import AgentCore
 from protos.convert import tensor_from_proto, tensor_to_proto
+from protos.limits import CHANNEL_OPTIONS
 from protos.potluck.v1 import agent_pb2 as pb
 from protos.potluck.v1 import agent_pb2_grpc as pb_grpc
 from scheduler.types import ExpertId

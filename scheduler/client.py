@@ -9,13 +9,12 @@ import grpc
 import torch
 
 from protos.convert import tensor_from_proto
+from protos.limits import CHANNEL_OPTIONS
 from protos.potluck.v1 import agent_pb2 as pb
 from protos.potluck.v1 import agent_pb2_grpc as pb_grpc
 from scheduler.errors import AgentFailed
 from scheduler.types import AgentSnapshot, LayerReport, NodeId, NodeSpec, RoutingPlan, StepPlan
 
-MAX_MESSAGE_BYTES = 64 << 20
-OPTIONS = [("grpc.max_send_message_length", MAX_MESSAGE_BYTES), ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)]
 
 
 @dataclass(frozen=True)
@@ -62,7 +61,7 @@ class AgentClient:
     def __init__(self, spec: NodeSpec, timeout_s: float = 300.0) -> None:
         self.spec = spec
         self.timeout_s = timeout_s  # deadline of one control call (a Forward may wait on disk reads)
-        self._channel = grpc.aio.insecure_channel(spec.address, options=OPTIONS)
+        self._channel = grpc.aio.insecure_channel(spec.address, options=CHANNEL_OPTIONS)
         self._stub = pb_grpc.NodeAgentStub(self._channel)
 
     @property
