@@ -23,6 +23,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -233,10 +234,19 @@ def main(args: argparse.Namespace) -> int:
             acts.append(set(ref.last_routed))
         activated[n] = acts
     del ref
+    with tempfile.TemporaryDirectory(prefix="potluck-bench-") as work:  # inventories of the clusters
+        return _run(args, model_dir, out, Path(work), cfg, prompts, activated, lengths, agent_counts, labels, data,
+                    memory, total_expert_bytes, expert_file_bytes)
+
+
+def _run(args: argparse.Namespace, model_dir: Path, out: Path, work: Path, cfg: dict[str, int],
+         prompts: dict[int, list[list[int]]], activated: dict[int, list[set[tuple[int, int]]]], lengths: list[int],
+         agent_counts: list[int], labels: list[str], data: dict[str, object], memory: int, total_expert_bytes: int,
+         expert_file_bytes: int) -> int:
     # Calibration: every expert resident, no throttles, one agent with all cores.
     compute = {}
     for n in lengths:
-        case = asyncio.run(run_case(model_dir, out, "sirius", 1, n, prompts[n], activated[n], 0, 0.0, 0.0, expert_file_bytes))
+        case = asyncio.run(run_case(model_dir, work, "sirius", 1, n, prompts[n], activated[n], 0, 0.0, 0.0, expert_file_bytes))
         compute[n] = statistics.median(r.ttft_s for r in case.warm)
         print(f"compute of a {n}-token prefill, all experts resident, 1 agent: {compute[n]:.2f} s", flush=True)
     ref_tokens = 2048 if 2048 in compute else lengths[0]
@@ -250,7 +260,7 @@ def main(args: argparse.Namespace) -> int:
     for n in lengths:
         for agents in agent_counts:
             for label in (labels if agents > 1 else ["sirius"]):  # one agent: the same baseline for all
-                case = asyncio.run(run_case(model_dir, out, label, agents, n, prompts[n], activated[n], memory, disk_rate,
+                case = asyncio.run(run_case(model_dir, work, label, agents, n, prompts[n], activated[n], memory, disk_rate,
                                             compute[n], expert_file_bytes))
                 s = case.summary()
                 cases.append({**s, "cold": asdict(case.cold) if case.cold else None, "warm": [asdict(r) for r in case.warm]})

@@ -89,7 +89,8 @@ def _plot(cases: list[dict[str, Any]], path: Path) -> None:
             ax.set_ylabel("TTFT (s)")
             ax.set_xticks(sorted({c["agents"] for c in cases}))
             ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=7)
+    if policies:
+        axes[0][0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
