@@ -16,7 +16,7 @@ Mixtral); transformers >= 5 fuses them into `gate_up_proj` / `down_proj` only wh
 How the pieces flow:
 
     ModelPreset --_tensor_plan--> [_TensorSpec] --_split_shards--> shards --_write_weights--> files
-    corpus.txt --_train_tokenizer--> Tokenizer --(special token ids)--> config.json, generation_config
+    corpus.txt --train_tokenizer--> Tokenizer --(special token ids)--> config.json, generation_config
 """
 
 from __future__ import annotations
@@ -35,19 +35,12 @@ from typing import Literal, get_args
 
 import torch
 from safetensors.torch import save_file
-from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import GenerationConfig, MixtralConfig, Qwen3MoeConfig
 
-Arch = Literal["qwen3_moe", "mixtral"]
+from node_agent.model.synth_tokenizer import Arch, special_ids, train_tokenizer, write_json, write_tokenizer
+
 DType = Literal["float32", "bfloat16"]
 
-_HERE = Path(__file__).parent
-# Special tokens in id order. Qwen3 puts them after the learned vocabulary; Mistral's
-# SentencePiece vocabulary starts with <unk>=0, <s>=1, </s>=2. Both keep that here.
-_SPECIALS: dict[Arch, tuple[str, ...]] = {
-    "qwen3_moe": ("<|endoftext|>", "<|im_start|>", "<|im_end|>"),
-    "mixtral": ("<unk>", "<s>", "</s>"),
-}
 # A byte-level BPE needs its 256 byte symbols plus the 3 special tokens before any merge.
 MIN_VOCAB_SIZE = 256 + 3
 
@@ -233,46 +226,7 @@ def _write_weights(
         del tensors
     if shards > 1:  # the same two keys save_pretrained writes; weight_map sorted by name as it does
         index = {"metadata": {"total_size": total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
-        _write_json(folder / "model.safetensors.index.json", index)
-
-
-def _write_json(path: Path, obj: object) -> None:
-    path.write_text(json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
-
-
-def _train_tokenizer(arch: Arch, vocab_size: int) -> Tokenizer:
-    """Byte-level BPE on corpus.txt: any UTF-8 text round-trips. Deterministic, well under a second.
-
-    The vocabulary reaches `vocab_size` unless the corpus runs out of merges (about 4.6k), in which
-    case it is smaller and the extra embedding rows are padding, as in Qwen3's own checkpoints.
-    """
-    specials = _SPECIALS[arch]
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)  # GPT-2 split regex
-    tok.decoder = decoders.ByteLevel()
-    # No normalizer: NFC or lowercasing would break the exact round trip.
-    in_trainer = specials if arch == "mixtral" else ()  # Mixtral's come first (ids 0, 1, 2)
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size - len(specials) + len(in_trainer), special_tokens=list(in_trainer),
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
-    )
-    tok.train_from_iterator((_HERE / "corpus.txt").read_text(encoding="utf-8").splitlines(), trainer=trainer)
-    if arch == "qwen3_moe":  # Qwen3's come right after the learned vocabulary
-        tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
-    else:  # Mistral's prepends <s> to every encoded text. The chat template writes its own <s>,
-        # so a rendered chat must be encoded with add_special_tokens=False (as transformers does).
-        tok.post_processor = processors.TemplateProcessing(
-            single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", tok.token_to_id("<s>"))])
-    return tok
-
-
-def _special_ids(arch: Arch, tok: Tokenizer) -> dict[str, int]:
-    ids: dict[str, int] = {}
-    for token in _SPECIALS[arch]:
-        token_id = tok.token_to_id(token)
-        assert token_id is not None, token  # invariant: _train_tokenizer added every special token
-        ids[token] = token_id
-    return ids
+        write_json(folder / "model.safetensors.index.json", index)
 
 
 def _model_config(arch: Arch, p: ModelPreset, dtype: DType, ids: dict[str, int]) -> dict[str, object]:
@@ -307,30 +261,6 @@ def _model_config(arch: Arch, p: ModelPreset, dtype: DType, ids: dict[str, int])
     out["rope_theta"] = p.rope_theta  # transformers 4.x reads the flat key, 5.x rope_parameters
     out["torch_dtype"] = dtype  # 4.x name of `dtype`
     return out
-
-
-def _write_tokenizer(folder: Path, arch: Arch, tok: Tokenizer, p: ModelPreset) -> None:
-    tok.save(str(folder / "tokenizer.json"))
-    if arch == "qwen3_moe":
-        special_map: dict[str, object] = {
-            "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>",
-            "additional_special_tokens": ["<|im_start|>", "<|im_end|>"],
-        }
-        template = "chatml.jinja"
-        absent: dict[str, object] = {"bos_token": None, "unk_token": None}  # Qwen3 has neither
-    else:
-        special_map = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
-        template = "mistral.jinja"
-        absent = {"pad_token": None}  # Mistral has no pad token
-    config = {
-        "tokenizer_class": "PreTrainedTokenizerFast", **absent, **special_map,
-        "chat_template": (_HERE / template).read_text(encoding="utf-8"),
-        "model_max_length": p.max_position_embeddings,
-        "clean_up_tokenization_spaces": False,  # cleanup would break the exact round trip
-        "add_prefix_space": False, "split_special_tokens": False,
-    }
-    _write_json(folder / "tokenizer_config.json", config)
-    _write_json(folder / "special_tokens_map.json", special_map)
 
 
 def _write_generation_config(folder: Path, arch: Arch, ids: dict[str, int]) -> None:
@@ -388,11 +318,11 @@ def init_model(
     out.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
-        tok = _train_tokenizer(arch, shape.vocab_size)
-        ids = _special_ids(arch, tok)
+        tok = train_tokenizer(arch, shape.vocab_size)
+        ids = special_ids(arch, tok)
         report(f"trained tokenizer: {tok.get_vocab_size()} tokens for vocab_size={shape.vocab_size}")
-        _write_tokenizer(work, arch, tok, shape)
-        _write_json(work / "config.json", _model_config(arch, shape, dtype, ids))
+        write_tokenizer(work, arch, tok, shape.max_position_embeddings)
+        write_json(work / "config.json", _model_config(arch, shape, dtype, ids))
         _write_generation_config(work, arch, ids)
         _write_weights(work, plan, shape.shards, seed, getattr(torch, dtype), report)
         work.chmod(0o755)  # mkdtemp makes it owner-only
