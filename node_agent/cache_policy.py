@@ -6,7 +6,7 @@ from collections import OrderedDict
 from collections.abc import Iterable, Set
 from typing import Generic, Protocol, TypeVar
 
-from scheduler.types import ExpertId
+from protos.ids import ExpertId
 
 K = TypeVar("K")
 

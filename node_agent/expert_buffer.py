@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 from node_agent.cache_policy import EvictionPolicy, LRUPolicy
 from node_agent.model.moe import ExpertWeights
-from scheduler.types import ExpertId
+from protos.ids import ExpertId
 
 DEMAND, PREFETCH = 0, 1  # disk queue priorities (lower first)
 

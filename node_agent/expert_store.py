@@ -11,7 +11,7 @@ from node_agent.model.checkpoint import Checkpoint
 from node_agent.model.config import MoeConfig
 from node_agent.model.moe import ExpertWeights
 from node_agent.throttle import Throttle
-from scheduler.types import ExpertId
+from protos.ids import ExpertId
 
 log = logging.getLogger(__name__)
 

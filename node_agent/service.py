@@ -33,7 +33,7 @@ from protos.convert import tensor_from_proto, tensor_to_proto
 from protos.limits import CHANNEL_OPTIONS
 from protos.potluck.v1 import agent_pb2 as pb
 from protos.potluck.v1 import agent_pb2_grpc as pb_grpc
-from scheduler.types import ExpertId
+from protos.ids import ExpertId
 
 log = logging.getLogger("potluck.agent")
 

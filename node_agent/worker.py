@@ -22,7 +22,7 @@ from node_agent.expert_buffer import ExpertBuffer
 from node_agent.model import moe
 from node_agent.model.config import MoeConfig
 from node_agent.state import KVShard, Peer, RequestState, StepState, UnknownRequest
-from scheduler.types import ExpertId
+from protos.ids import ExpertId
 
 log = logging.getLogger(__name__)
 R = TypeVar("R")

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -59,13 +59,6 @@ class ClusterView:
         return cls(shape, profiles, CostModel(i.expert_bytes, i.hidden_size * i.dtype_bytes, flops_per_token))
 
 
-@dataclass
-class StepStats:
-    """What the last step measured (read by benchmarks)."""
-
-    attention_s: dict[NodeId, float] = field(default_factory=dict)  # per agent, summed over layers
-
-
 class RequestRunner:
     def __init__(self, agents: Sequence[AgentClient], view: ClusterView, policy: Policy = Policy()) -> None:
         if not agents:
@@ -74,7 +67,6 @@ class RequestRunner:
         self.view = view
         self.shape = view.shape
         self.policy = policy
-        self.last_step = StepStats()
 
     async def run_step(self, request_id: str, plan: StepPlan, all_logits: bool = False) -> torch.Tensor:
         """Run one step on the agents; return logits [1, V] of its last position (or [T, V] of
@@ -94,18 +86,14 @@ class RequestRunner:
         routing: RoutingPlan | None = None
         # Layer 0's experts, guessed from the embeddings, load while layer 0's attention runs.
         prefetch = policy.prefetches(0, [r for r in begun if r.node in active], profiles, cost, shape.num_experts) if guess else {}
-        stats = StepStats({n: 0.0 for n in active})
         for layer in range(shape.num_layers):
             predict = policy.prefetch and layer + 1 < shape.num_layers and layer + 1 not in shape.dense_layers
             reports = await asyncio.gather(*(
                 self.agents[n].forward(request_id, layer, routing, prefetch.get(n, ()), predict) for n in active
             ))
-            for r in reports:
-                stats.attention_s[r.node] += r.attention_s
             routing = None if layer in shape.dense_layers else policy.route(layer, reports, profiles, cost, shape.num_experts)
             prefetch = policy.prefetches(layer + 1, reports, profiles, cost, shape.num_experts) if predict else {}
         finished = await asyncio.gather(*(self.agents[n].finish(request_id, routing) for n in active))
-        self.last_step = stats
         rows = sorted((pos, row) for logits, positions in finished if logits is not None for pos, row in zip(positions, logits))
         if not rows:
             raise RuntimeError(f"no agent returned logits for step {plan.step} of {request_id}")

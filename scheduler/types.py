@@ -1,29 +1,23 @@
 """Typed messages of the scheduler, and how they flow.
 
     server  --GenerationRequest-->  Engine (queue)  --> RequestRunner
-    RequestRunner, once per step:   StepPlan (partition.py) -> BeginStep on agents
-                  per MoE layer:    LayerReport per agent -> RoutingPlan (routing.py) -> Forward
+    RequestRunner, once per step:   StepPlan (policy.partition) -> BeginStep on agents
+                  per MoE layer:    LayerReport per agent -> RoutingPlan (policy.route: token
+                                    scheduling under the cost model) + prefetch hints -> Forward
                   end of step:      logits -> sample (sampling.py) -> TokenEvent to the server
 
-Pure decisions (partition, routing, sampling) take these types and return these types; the gRPC
-client that carries them out lives in `client.py`.
+Pure decisions (partition, token scheduling, prefetch, sampling) take these types and return
+these types; the gRPC client that carries them out lives in `client.py`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import NewType
 
-NodeId = NewType("NodeId", str)  # an agent's name, unique in an inventory
-RequestId = NewType("RequestId", str)  # one generation request, e.g. "chatcmpl-9f2c..."
-
-
-@dataclass(frozen=True, order=True)
-class ExpertId:
-    """One routed expert: (layer, index). Not interchangeable with a plain int."""
-
-    layer: int  # decoder layer, 0-based
-    index: int  # expert index within the layer, 0-based
+# The IDs are shared with the agents (protos/ids.py); re-exported here for the scheduler's users.
+from protos.ids import ExpertId as ExpertId
+from protos.ids import NodeId as NodeId
+from protos.ids import RequestId as RequestId
 
 
 @dataclass(frozen=True)
