@@ -127,15 +127,25 @@ class AgentCore:
         counts: list[int] = []
         predicted: list[int] = []
         if self.cfg.is_moe(layer) and st.positions.numel():
-            st.route = await self.compute(moe.route, w, self.cfg, st.moe_in)
-            counts = torch.bincount(st.route[0].flatten(), minlength=self.cfg.num_experts).tolist()
+            ids, weights = await self.compute(moe.route, w, self.cfg, st.moe_in)
+            if layer == self.cfg.num_layers - 1 and not st.all_logits:
+                # Only the step's last position feeds the logits: the last layer's experts run for
+                # it alone (the other tokens' K/V are complete already), so a prefill reads k
+                # experts of that layer instead of nearly all of them. -1 marks a skipped slot.
+                last = max(p.new_max for p in st.peers)
+                ids = torch.where((st.positions == last)[:, None], ids, torch.full_like(ids, -1))
+            st.route = (ids, weights)
+            counts = torch.bincount(ids[ids >= 0], minlength=self.cfg.num_experts).tolist()
             self._score_prediction(st, layer, counts)
         elif self.cfg.is_moe(layer):
             counts = [0] * self.cfg.num_experts
         nxt = layer + 1
         predicting = predict and nxt < self.cfg.num_layers and self.cfg.is_moe(nxt)
         if predicting and st.positions.numel():
-            predicted = await self.compute(self._predict, st.hidden, nxt)
+            hidden = st.hidden
+            if nxt == self.cfg.num_layers - 1 and not st.all_logits:  # as above: the last position only
+                hidden = hidden[st.positions == max(p.new_max for p in st.peers)]
+            predicted = await self.compute(self._predict, hidden, nxt)
             st.predicted = (nxt, frozenset(e for e, c in enumerate(predicted) if c))
         elif predicting:
             predicted = [0] * self.cfg.num_experts

@@ -231,7 +231,10 @@ def main(args: argparse.Namespace) -> int:
         acts = []
         for p in prompts[n]:
             ref.forward(p)
-            acts.append(set(ref.last_routed))
+            # The first token needs every layer's experts for every prompt token, except the last
+            # layer, where only the final token's experts count (the agents skip the others).
+            last = layers - 1
+            acts.append({(l, e) for l, e in ref.last_routed if l != last} | {(last, e) for e in ref.last_token_routed})
         activated[n] = acts
     del ref
     with tempfile.TemporaryDirectory(prefix="potluck-bench-") as work:  # inventories of the clusters

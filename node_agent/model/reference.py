@@ -22,6 +22,7 @@ class LocalModel:
         self.dtype = dtype
         self._experts: dict[tuple[int, int], moe.ExpertWeights] = {}
         self.last_routed: set[tuple[int, int]] = set()  # (layer, expert) the last forward used
+        self.last_token_routed: set[int] = set()  # experts of the last layer the final token used
 
     def expert(self, layer: int, index: int) -> moe.ExpertWeights:
         key = (layer, index)
@@ -46,5 +47,6 @@ class LocalModel:
             else:
                 ids, weights = moe.route(w, cfg, x)
                 self.last_routed |= {(i, int(e)) for e in ids.unique().tolist()}
+                self.last_token_routed = {int(e) for e in ids[-1].tolist()}
                 h = h + moe.run_experts(x, ids, weights, lambda e, i=i: self.expert(i, e))  # type: ignore[misc]
         return moe.final_logits(self.dense, cfg, h)

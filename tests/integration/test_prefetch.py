@@ -27,3 +27,25 @@ async def test_prefetch_reads_ahead_and_reports_recall(qwen_tiny: Path) -> None:
     without_logits, no_prefetches, _, no_used = await run(qwen_tiny, Policy.from_flags("sirius", no_prefetch=True))
     assert no_prefetches == 0 and no_used == 0
     assert torch.allclose(with_logits, without_logits, atol=1e-5)
+
+
+async def test_a_prefill_runs_the_last_layer_only_for_the_final_token(qwen_tiny: Path) -> None:
+    """The next token depends on the last layer's MoE of the final position only, so that layer
+    loads just the final token's top-k experts, and the sampled token is still transformers'."""
+    async with local_cluster(qwen_tiny, 2) as cluster:
+        runner = cluster.runner(Policy.from_flags("sirius"))
+        ids = torch.randint(0, 1000, (64,), generator=torch.Generator().manual_seed(2)).tolist()
+        plan = runner.policy.partition(ids, list(runner.agents))
+        last_logits = await runner.run_step("p", plan)
+        all_logits = await runner.run_step("q", runner.policy.partition(ids, list(runner.agents)), all_logits=True)
+        assert torch.allclose(last_logits[-1], all_logits[-1], atol=1e-5)
+        await runner.release("p", list(runner.agents))
+        await runner.release("q", list(runner.agents))
+    async with local_cluster(qwen_tiny, 2) as cluster:
+        runner = cluster.runner(Policy.from_flags("sirius", no_prefetch=True))
+        await runner.run_step("r", runner.policy.partition(ids, list(runner.agents)))
+        layers, experts = cluster.shape.num_layers, cluster.shape.num_experts
+        last_layer = {i % experts for c in cluster.clients for i in await c.resident() if i // experts == layers - 1}
+        assert 1 <= len(last_layer) <= 2  # top-2 of one token, where earlier layers used many more
+        first_layer = {i % experts for c in cluster.clients for i in await c.resident() if i // experts == 0}
+        assert len(first_layer) > 2
