@@ -55,6 +55,18 @@ class StepState:
     new_kv: dict[int, KVShard] = field(default_factory=dict)  # layer -> this step's own K/V
     predicted: tuple[int, frozenset[int]] | None = None  # (layer, experts its router should pick)
 
+    @property
+    def last_position(self) -> int:
+        """The step's last position over all agents: the one whose logits sample the next token."""
+        return max(p.new_max for p in self.peers)
+
+    def final_only(self, layer: int, num_layers: int) -> torch.Tensor | None:
+        """Rows whose MoE the last layer still needs, or None for all: the next token depends on
+        the last layer only through the final position (the other tokens' K/V are complete)."""
+        if layer != num_layers - 1 or self.all_logits:
+            return None
+        return self.positions == self.last_position
+
 
 @dataclass
 class RequestState:

@@ -128,12 +128,9 @@ class AgentCore:
         predicted: list[int] = []
         if self.cfg.is_moe(layer) and st.positions.numel():
             ids, weights = await self.compute(moe.route, w, self.cfg, st.moe_in)
-            if layer == self.cfg.num_layers - 1 and not st.all_logits:
-                # Only the step's last position feeds the logits: the last layer's experts run for
-                # it alone (the other tokens' K/V are complete already), so a prefill reads k
-                # experts of that layer instead of nearly all of them. -1 marks a skipped slot.
-                last = max(p.new_max for p in st.peers)
-                ids = torch.where((st.positions == last)[:, None], ids, torch.full_like(ids, -1))
+            keep = st.final_only(layer, self.cfg.num_layers)
+            if keep is not None:  # a prefill reads k experts of the last layer, not nearly all
+                ids = torch.where(keep[:, None], ids, torch.full_like(ids, -1))  # -1: skipped slot
             st.route = (ids, weights)
             counts = torch.bincount(ids[ids >= 0], minlength=self.cfg.num_experts).tolist()
             self._score_prediction(st, layer, counts)
@@ -142,9 +139,8 @@ class AgentCore:
         nxt = layer + 1
         predicting = predict and nxt < self.cfg.num_layers and self.cfg.is_moe(nxt)
         if predicting and st.positions.numel():
-            hidden = st.hidden
-            if nxt == self.cfg.num_layers - 1 and not st.all_logits:  # as above: the last position only
-                hidden = hidden[st.positions == max(p.new_max for p in st.peers)]
+            keep = st.final_only(nxt, self.cfg.num_layers)
+            hidden = st.hidden if keep is None else st.hidden[keep]
             predicted = await self.compute(self._predict, hidden, nxt)
             st.predicted = (nxt, frozenset(e for e, c in enumerate(predicted) if c))
         elif predicting:
@@ -173,7 +169,7 @@ class AgentCore:
         st = self._step(request_id)
         self.buffer.protect([ExpertId(self.cfg.num_layers - 1, e) for e in plan.executes])
         await self._apply_mlp(request_id, st, self.cfg.num_layers - 1, plan)
-        last = max(p.new_max for p in st.peers)
+        last = st.last_position
         if st.all_logits and st.positions.numel():
             rows = torch.arange(st.positions.numel())
         elif st.positions.numel() and int(st.positions.max()) == last:

@@ -104,7 +104,7 @@ def test_api_key_is_required_on_v1_only(guarded: PotluckUp) -> None:
 def test_full_queue_is_429_with_retry_after(guarded: PotluckUp) -> None:
     """--max-waiting 0: while one request runs, the next is refused at once."""
     headers = {"Authorization": f"Bearer {API_KEY}"}
-    long = {"model": "tiny-guarded", "messages": HELLO, "max_tokens": 400, "stream": True}
+    long = {"model": "tiny-guarded", "messages": HELLO, "max_tokens": 400, "stream": True, "temperature": 0}  # no chance EOS
     with httpx.stream("POST", f"{guarded.url}/v1/chat/completions", json=long, headers=headers, timeout=60) as running:
         lines = running.iter_lines()
         # Past the role chunk, a content chunk proves the first request is being computed.

@@ -17,7 +17,9 @@ from openai.types.chat import ChatCompletionMessageParam
 from tests.e2e.conftest import PotluckUp, alive, start_up
 
 MESSAGES: list[ChatCompletionMessageParam] = [{"role": "user", "content": "Tell me everything."}]
-LONG = {"messages": MESSAGES, "max_tokens": 1500}
+# Greedy, so whether an end-of-sequence token cuts the request short is decided once, not by chance
+# (with sampling, an early EOS now and then finished the "long" request before the test could act).
+LONG = {"messages": MESSAGES, "max_tokens": 1500, "temperature": 0}
 
 
 def wait_idle(base_url: str, within_s: float) -> float:
