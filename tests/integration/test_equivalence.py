@@ -66,3 +66,17 @@ async def test_prefill_logits_and_greedy_tokens_match_transformers(
             assert sum(s.evictions for s in snaps) > 0
         if agents > 1:
             assert sum(s.bytes_sent for s in snaps) > 0  # tensors really crossed between agents
+
+
+async def test_a_bfloat16_checkpoint_loads_and_matches_transformers(tmp_path: Path) -> None:
+    """Published checkpoints are bfloat16: the agents read them and compute in float32 like the
+    reference loaded in float32."""
+    from node_agent.model.synth import init_model
+
+    model_dir = init_model("mixtral", tmp_path / "bf16", "tiny", seed=4, dtype="bfloat16")
+    ids = prompt(1000)
+    with torch.no_grad():
+        expected = reference(model_dir)(torch.tensor([ids])).logits[0]
+    async with local_cluster(model_dir, 2) as cluster:
+        logits = await cluster.runner().prefill_logits("bf16", ids)
+    assert (logits - expected).abs().max().item() <= ATOL
