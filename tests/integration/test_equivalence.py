@@ -9,6 +9,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from node_agent.model.synth import init_model
 from scheduler.policy import Policy
 from scheduler.types import GenerationRequest, RequestId, SamplingParams
 from tests.conftest import ARCHS
@@ -71,8 +72,6 @@ async def test_prefill_logits_and_greedy_tokens_match_transformers(
 async def test_a_bfloat16_checkpoint_loads_and_matches_transformers(tmp_path: Path) -> None:
     """Published checkpoints are bfloat16: the agents read them and compute in float32 like the
     reference loaded in float32."""
-    from node_agent.model.synth import init_model
-
     model_dir = init_model("mixtral", tmp_path / "bf16", "tiny", seed=4, dtype="bfloat16")
     ids = prompt(1000)
     with torch.no_grad():
