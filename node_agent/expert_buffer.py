@@ -73,10 +73,6 @@ class ExpertBuffer:
         """Resident plus reserved for loads in flight."""
         return len(self._entries) * self.expert_nbytes
 
-    @property
-    def capacity_experts(self) -> int | None:
-        return self.capacity // self.expert_nbytes if self.capacity else None
-
     def resident(self, layer: int) -> list[int]:
         return sorted(e.index for e, v in self._entries.items() if e.layer == layer and v.weights is not None)
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import signal
 import time
@@ -33,7 +32,7 @@ from protos.convert import tensor_from_proto, tensor_to_proto
 from protos.limits import CHANNEL_OPTIONS
 from protos.potluck.v1 import agent_pb2 as pb
 from protos.potluck.v1 import agent_pb2_grpc as pb_grpc
-from protos.ids import ExpertId
+from protos.ids import ExpertId, model_fingerprint
 
 log = logging.getLogger("potluck.agent")
 
@@ -58,10 +57,6 @@ class AgentSettings(BaseSettings):
     @property
     def node_name(self) -> str:
         return self.name or self.listen
-
-
-def model_fingerprint(model_dir: Path) -> str:
-    return hashlib.sha256((Path(model_dir) / "config.json").read_bytes()).hexdigest()[:16]
 
 
 def _plan(msg: pb.RoutingPlan, me: str) -> LayerPlan:

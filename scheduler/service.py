@@ -7,13 +7,13 @@ itself runs in `RequestRunner` (the loop), which only sees the clients it is han
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from protos.ids import model_fingerprint
 from scheduler.client import AgentClient, AgentInfo
 from scheduler.errors import AgentFailed, ModelMismatch, NoAgentsAvailable, PromptTooLong, QueueFull
 from scheduler.policy import Policy
@@ -48,7 +48,7 @@ class _Job:
 class EngineService:
     def __init__(self, model_dir: Path, nodes: Sequence[NodeSpec], settings: EngineSettings, policy: Policy = Policy()) -> None:
         self.policy = policy
-        self.fingerprint = hashlib.sha256((Path(model_dir) / "config.json").read_bytes()).hexdigest()[:16]
+        self.fingerprint = model_fingerprint(model_dir)
         self.settings = settings
         self.shape: ModelShape | None = None  # learnt from the first agent that answers Info
         self.clients = [AgentClient(n, settings.call_timeout_s) for n in nodes]

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from node_agent.model.synth import init_model
+from server.launcher import free_port
 from scheduler.client import AgentClient
 from scheduler.partition import contiguous_prefill
 from scheduler.runner import ClusterView, RequestRunner
@@ -33,14 +34,6 @@ def default_bench_model() -> Path:
         print(f"generating the bench model in {cache} (once)", flush=True)
         init_model("qwen3_moe", cache, "bench", progress=lambda m: print("  " + m, flush=True))
     return cache
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 async def wait_ready(client: AgentClient, proc: subprocess.Popen[bytes], timeout_s: float = 120.0) -> None:

@@ -36,7 +36,8 @@ from scheduler.client import AgentClient
 from scheduler.cost_model import lower_bound_s
 from scheduler.policy import Policy
 from scheduler.types import AgentSnapshot, NodeId, NodeSpec
-from server.bench import default_bench_model, free_port
+from server.bench import default_bench_model
+from server.launcher import free_port
 from server.bench_report import write_report
 
 LINK = "1Gbit/s"

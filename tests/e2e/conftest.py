@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,15 +21,11 @@ import httpx
 import pytest
 from openai import OpenAI
 
+from server.launcher import free_port
+
 API_KEY = "e2e-secret-key"
 START_TIMEOUT_S = 180.0  # agents load their dense weights, then the server starts
 STOP_TIMEOUT_S = 60.0
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def children_of(pid: int) -> list[int]:

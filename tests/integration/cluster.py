@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import socket
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,12 +13,7 @@ from scheduler.client import AgentClient
 from scheduler.policy import Policy
 from scheduler.runner import ClusterView, ModelShape, RequestRunner
 from scheduler.types import NodeId, NodeSpec
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from server.launcher import free_port
 
 
 @dataclass
