@@ -14,7 +14,7 @@ from typing import Any
 import grpc
 import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from node_agent.cache_policy import LayerCyclicPolicy, LRUPolicy
@@ -26,7 +26,7 @@ from node_agent.model.config import MoeConfig
 from node_agent.model.moe import load_dense
 from node_agent.peers import GrpcPeers, Link
 from node_agent.state import KVShard, Peer, RequestReleased, UnknownRequest
-from node_agent.throttle import Throttle
+from node_agent.throttle import ComputePacer, Throttle
 from node_agent.worker import AgentCore
 from protos.convert import tensor_from_proto, tensor_to_proto
 from protos.limits import CHANNEL_OPTIONS
@@ -49,10 +49,19 @@ class AgentSettings(BaseSettings):
     disk_bytes_per_s: float = Field(0, ge=0, description="expert store read rate; 0 = unlimited")
     link_bytes_per_s: float = Field(0, ge=0, description="send rate to peers and scheduler; 0 = unlimited")
     torch_threads: int = Field(1, ge=1, description="torch intra-op threads for this agent")
+    compute_share: float = Field(0, ge=0, le=1, description="emulated compute speed as a fraction of one host "
+                                 "core (benchmarks); 0 = not paced")
     dtype: str = Field("float32", description="compute dtype: float32 | bfloat16 | float16")
     eviction: str = Field("layer-cyclic", pattern="^(lru|layer-cyclic)$",
                           description="which expert to evict: lru, or layer-cyclic (the one needed last)")
     log_level: str = Field("INFO")
+
+    @model_validator(mode="after")
+    def _paced_on_one_thread(self) -> AgentSettings:
+        # The pacer counts the compute thread's CPU time; work on other torch threads would escape it.
+        if self.compute_share and self.torch_threads != 1:
+            raise ValueError("compute_share paces one compute thread: torch_threads must be 1")
+        return self
 
     @property
     def node_name(self) -> str:
@@ -67,17 +76,21 @@ def _plan(msg: pb.RoutingPlan, me: str) -> LayerPlan:
     return LayerPlan(mine, frozenset(a.expert for a in msg.assignments if a.executor == me))
 
 
-def measure_expert_flops(cfg: MoeConfig, dtype: torch.dtype, tokens: int = 256) -> float:
-    """FLOP/s of one expert's matmuls on this device, for the scheduler's cost model (~0.1 s)."""
+def measure_expert_flops(cfg: MoeConfig, dtype: torch.dtype, tokens: int = 256, compute_share: float = 0) -> float:
+    """FLOP/s of one expert's matmuls on this device, for the scheduler's cost model (~0.1 s).
+
+    A paced agent (compute_share > 0) counts its thread's CPU time, which other processes on
+    the host do not inflate, and scales it by its share."""
+    clock = time.thread_time if compute_share else time.perf_counter
     gate = torch.randn(cfg.expert_size, cfg.hidden_size, dtype=dtype)
     x = torch.randn(tokens, cfg.hidden_size, dtype=dtype)
     with torch.inference_mode():
         torch.nn.functional.linear(x, gate)
-        start, reps = time.perf_counter(), 0
-        while time.perf_counter() - start < 0.05 or reps < 3:
+        start, reps = clock(), 0
+        while clock() - start < 0.05 or reps < 3:
             torch.nn.functional.linear(x, gate)
             reps += 1
-    return 2.0 * tokens * cfg.expert_size * cfg.hidden_size * reps / (time.perf_counter() - start)
+    return 2.0 * tokens * cfg.expert_size * cfg.hidden_size * reps / (clock() - start) * (compute_share or 1.0)
 
 
 class Servicer(pb_grpc.NodeAgentServicer):
@@ -89,7 +102,7 @@ class Servicer(pb_grpc.NodeAgentServicer):
     async def Info(self, request: pb.InfoRequest, context: Any) -> pb.InfoReply:
         cfg, s = self.core.cfg, self.settings
         profile = pb.DeviceProfile(expert_memory_bytes=s.expert_memory_bytes, disk_bytes_per_s=s.disk_bytes_per_s,
-                                   link_bytes_per_s=s.link_bytes_per_s)
+                                   link_bytes_per_s=s.link_bytes_per_s, compute_share=s.compute_share)
         return pb.InfoReply(name=s.node_name, model_type=cfg.model_type, num_layers=cfg.num_layers,
                             num_experts=cfg.num_experts, vocab_size=cfg.vocab_size, profile=profile,
                             model_fingerprint=self.fingerprint, expert_bytes=self.store.expert_nbytes,
@@ -206,9 +219,10 @@ async def serve(settings: AgentSettings, ready: asyncio.Event | None = None, sto
         raise SystemExit(f"--expert-memory: {exc}") from None
     link = Link(settings.link_bytes_per_s)
     peers = GrpcPeers(settings.node_name, link)
-    core = AgentCore(settings.node_name, cfg, dense, buffer, peers)
+    core = AgentCore(settings.node_name, cfg, dense, buffer, peers, pacer=ComputePacer(settings.compute_share))
     server = grpc.aio.server(interceptors=[ErrorInterceptor()], options=CHANNEL_OPTIONS)
-    servicer = Servicer(core, settings, link, store, model_fingerprint(settings.model_dir), measure_expert_flops(cfg, dtype))
+    servicer = Servicer(core, settings, link, store, model_fingerprint(settings.model_dir),
+                          measure_expert_flops(cfg, dtype, compute_share=settings.compute_share))
     pb_grpc.add_NodeAgentServicer_to_server(servicer, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

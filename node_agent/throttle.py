@@ -1,4 +1,4 @@
-"""Byte pacing that emulates a device's disk or link bandwidth.
+"""Pacing that emulates a device's disk or link bandwidth (bytes) and its compute speed.
 
 A throttle is a single queue of bytes at `rate` bytes/s: each reservation starts when the previous
 one ends (or now, if the line is idle) and no idle time is banked as credit, so bursts after a
@@ -8,8 +8,10 @@ pause are not faster than the rate, and concurrent users share the one rate. Rat
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
+from collections.abc import Iterator
 
 
 class Throttle:
@@ -41,3 +43,30 @@ class Throttle:
         wait = self._reserve(nbytes)
         if wait > 0:
             await asyncio.sleep(wait)
+
+
+class ComputePacer:
+    """Emulates a processor slower than this machine's: work that takes c CPU-seconds of the
+    calling thread takes c / share wall seconds (share 0 = no pacing).
+
+    Pacing counts the thread's CPU time, not wall time, so several emulated devices sharing
+    this machine's cores are not slowed twice by their contention; it needs torch on one thread,
+    which `AgentSettings` enforces. Used by benchmarks to give each local agent its own compute,
+    so that compute pools across agents the way it does across devices.
+    """
+
+    def __init__(self, share: float) -> None:
+        if not 0 <= share <= 1:
+            raise ValueError(f"compute share must be in [0, 1] (a fraction of one core), got {share}")
+        self.share = share
+
+    @contextlib.contextmanager
+    def pace(self) -> Iterator[None]:
+        if not self.share:
+            yield
+            return
+        cpu, wall = time.thread_time(), time.perf_counter()
+        yield
+        wait = (time.thread_time() - cpu) / self.share - (time.perf_counter() - wall)
+        if wait > 0:
+            time.sleep(wait)

@@ -22,6 +22,7 @@ from node_agent.expert_buffer import ExpertBuffer
 from node_agent.model import moe
 from node_agent.model.config import MoeConfig
 from node_agent.state import KVShard, Peer, RequestState, StepState, UnknownRequest
+from node_agent.throttle import ComputePacer
 from protos.ids import ExpertId
 
 log = logging.getLogger(__name__)
@@ -57,8 +58,10 @@ class AgentCore:
         buffer: ExpertBuffer,
         peers: PeerTransport,
         peer_timeout_s: float = 120.0,
+        pacer: ComputePacer | None = None,
     ) -> None:
         self.name, self.cfg, self.dense, self.buffer, self.peers = name, cfg, dense, buffer, peers
+        self.pacer = pacer or ComputePacer(0)
         self.peer_timeout_s = peer_timeout_s
         self._compute = ThreadPoolExecutor(1, thread_name_prefix="compute")
         self.requests: dict[str, RequestState] = {}
@@ -67,9 +70,10 @@ class AgentCore:
         self.used = 0  # experts used by my tokens in layers that had a prediction
 
     async def compute(self, fn: Callable[..., R], *args: object) -> R:
-        """Run torch work on the compute thread (torch releases the GIL inside its kernels)."""
+        """Run torch work on the compute thread (torch releases the GIL inside its kernels), paced
+        to the emulated device's speed where the profile sets one."""
         def run() -> R:
-            with torch.inference_mode():
+            with torch.inference_mode(), self.pacer.pace():
                 return fn(*args)
 
         return await asyncio.get_running_loop().run_in_executor(self._compute, run)

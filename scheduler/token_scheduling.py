@@ -75,12 +75,15 @@ def _charge(time: dict[NodeId, AgentTime], profiles: Mapping[NodeId, AgentProfil
 
 
 def _score(time: dict[NodeId, AgentTime], profiles: Mapping[NodeId, AgentProfile], cost: CostModel, executor: NodeId,
-           tokens: Mapping[NodeId, int], load: bool, free: Mapping[NodeId, int | None]) -> tuple[float, int, float]:
-    """(makespan if the tokens run on executor, eviction flag, link time): lower is better."""
+           tokens: Mapping[NodeId, int], load: bool, free: Mapping[NodeId, int | None]) -> tuple[float, int, float, float]:
+    """(makespan if the tokens run on executor, eviction flag, executor's compute, link time):
+    lower is better."""
     trial = {n: AgentTime(t.disk_s, t.compute_s, t.link_s) for n, t in time.items()}
     evicts = _evicts(load, free[executor])
     _charge(trial, profiles, cost, executor, tokens, load, evicts)
     makespan = max(t.finish_s for t in trial.values())
     moved = sum(t.link_s for t in trial.values())
-    # Round the makespan so near-ties fall to no eviction, then to fewer bytes moved.
-    return round(makespan, 6), int(evicts), moved
+    # Round the makespan so near-ties fall to no eviction, then to the executor with the least
+    # compute (when reads set the makespan, this still spreads the tokens: the experts placed
+    # by a cold request are where later, warm requests will run them), then to fewer bytes moved.
+    return round(makespan, 6), int(evicts), round(trial[executor].compute_s, 6), moved

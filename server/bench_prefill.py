@@ -6,12 +6,14 @@ with `max_tokens=1`, streamed, so TTFT is the time to the first chunk. Per case:
 (fresh cluster), then five distinct prompts whose last four give the warm median. Agents'
 counters (bytes read, attention seconds, prefetch recall) are read over gRPC around each request.
 
-The profile makes the `bench` model I/O-bound like Mixtral on edge devices: the disk rate is
-chosen so that reading every expert once takes `--io-ratio` times a 2048-token prefill with all
-experts resident (measured first, on this machine). The lower bound of a request is the larger of
-(bytes of its experts not resident anywhere) / (pooled disk rate) and its compute with all
-experts resident on the whole machine (local agents share this machine's cores, so compute does
-not pool here the way it would across devices).
+Each agent emulates a device: expert memory, disk and link rates, and a compute speed of
+`--compute-share` of one host core (its compute thread is paced by CPU time, so four agents on
+a 2-core host compute like four devices rather than four slices of two cores, and compute pools
+across agents as it does across a LAN). The profile makes the `bench` model I/O-bound like
+Mixtral on edge devices: the disk rate is chosen so that reading every expert once takes
+`--io-ratio` times a 2048-token prefill by one agent with all experts resident (measured first).
+The lower bound of a request on N agents is the larger of (bytes of its experts not resident
+anywhere) / (N disk rates) and that one-agent compute / N.
 """
 
 from __future__ import annotations
@@ -98,13 +100,14 @@ class Cluster:
     """`potluck up --inventory` in a child process, and gRPC clients to its agents."""
 
     def __init__(self, model_dir: Path, workdir: Path, agents: int, policy: Policy, memory: int, disk_rate: float,
-                 link: str = LINK) -> None:
+                 compute_share: float, link: str = LINK) -> None:
         self.port = free_port()
         self.specs = [NodeSpec(NodeId(f"agent{i}"), f"127.0.0.1:{free_port()}") for i in range(agents)]
         inventory = workdir / f"inventory-{self.port}.yaml"
         nodes = "".join(
             f"  - name: {s.name}\n    address: {s.address}\n    expert_memory: {memory or 'unlimited'}\n"
             f"    disk_bandwidth: {disk_rate or 'unlimited'}\n    link_bandwidth: {link}\n"
+            f"    compute_share: {compute_share}\n"
             for s in self.specs
         )
         inventory.write_text("nodes:\n" + nodes)
@@ -180,12 +183,13 @@ async def measure(cluster: Cluster, prompt: list[int], activated: set[tuple[int,
     ttft = await cluster.ttft(prompt)
     after = await cluster.snapshots()
     must = len(activated - held) * expert_file_bytes
-    pooled_disk = disk_rate * len(cluster.specs) if disk_rate else 0.0
+    agents = len(cluster.specs)
+    pooled_disk = disk_rate * agents if disk_rate else 0.0
     return Request(
         ttft_s=ttft,
         bytes_read=sum(a.bytes_read - b.bytes_read for a, b in zip(after, before)),
         must_read_bytes=must,
-        lower_bound_s=lower_bound_s(must, pooled_disk, compute_s),
+        lower_bound_s=lower_bound_s(must, pooled_disk, compute_s / agents),
         attention_s={a.name: a.attention_s - b.attention_s for a, b in zip(after, before)},
         predicted_used=sum(a.predicted_used - b.predicted_used for a, b in zip(after, before)),
         used=sum(a.used - b.used for a, b in zip(after, before)),
@@ -199,9 +203,10 @@ def prompts_for(tokens: int, vocab: int, count: int, seed: int) -> list[list[int
 
 async def run_case(model_dir: Path, workdir: Path, policy_label: str, agents: int, tokens: int, prompts: list[list[int]],
                    activated: list[set[tuple[int, int]]], memory: int, disk_rate: float, compute_s: float,
-                   expert_file_bytes: int) -> Case:
+                   expert_file_bytes: int, compute_share: float) -> Case:
+    """compute_s: the prompt's one-agent compute with every expert resident (for the lower bound)."""
     case = Case(policy_label, agents, tokens)
-    async with Cluster(model_dir, workdir, agents, ABLATIONS[policy_label], memory, disk_rate) as cluster:
+    async with Cluster(model_dir, workdir, agents, ABLATIONS[policy_label], memory, disk_rate, compute_share) as cluster:
         for i, (prompt, act) in enumerate(zip(prompts, activated)):
             r = await measure(cluster, prompt, act, expert_file_bytes, disk_rate, compute_s)
             if i == 0:
@@ -225,7 +230,8 @@ def main(args: argparse.Namespace) -> int:
     agent_counts = [int(x) for x in args.agents.split(",")]
     labels = list(ABLATIONS) if args.policies == "all" else args.policies.split(",")
     data: dict[str, object] = {"model": str(model_dir), "expert_bytes_total": total_expert_bytes,
-                               "expert_memory_per_agent": memory, "link": LINK, "cores": os.cpu_count()}
+                               "expert_memory_per_agent": memory, "link": LINK, "cores": os.cpu_count(),
+                               "compute_share": args.compute_share}
     prompts = {n: prompts_for(n, cfg["vocab_size"], 6, seed=n) for n in lengths}
     activated = {}
     for n in lengths:
@@ -247,12 +253,15 @@ def _run(args: argparse.Namespace, model_dir: Path, out: Path, work: Path, cfg: 
          prompts: dict[int, list[list[int]]], activated: dict[int, list[set[tuple[int, int]]]], lengths: list[int],
          agent_counts: list[int], labels: list[str], data: dict[str, object], memory: int, total_expert_bytes: int,
          expert_file_bytes: int) -> int:
-    # Calibration: every expert resident, no throttles, one agent with all cores.
+    # Calibration: one agent with its compute share, every expert resident, no disk throttle.
     compute = {}
+    share = args.compute_share
     for n in lengths:
-        case = asyncio.run(run_case(model_dir, work, "sirius", 1, n, prompts[n], activated[n], 0, 0.0, 0.0, expert_file_bytes))
+        case = asyncio.run(run_case(model_dir, work, "sirius", 1, n, prompts[n], activated[n], 0, 0.0, 0.0,
+                                    expert_file_bytes, share))
         compute[n] = statistics.median(r.ttft_s for r in case.warm)
-        print(f"compute of a {n}-token prefill, all experts resident, 1 agent: {compute[n]:.2f} s", flush=True)
+        print(f"compute of a {n}-token prefill, all experts resident, 1 agent at {share or 'all'} of a core: "
+              f"{compute[n]:.2f} s", flush=True)
     ref_tokens = 2048 if 2048 in compute else lengths[0]
     disk_rate = args.disk_rate or total_expert_bytes / (args.io_ratio * compute[ref_tokens])
     read_all_s = total_expert_bytes / disk_rate
@@ -265,7 +274,7 @@ def _run(args: argparse.Namespace, model_dir: Path, out: Path, work: Path, cfg: 
         for agents in agent_counts:
             for label in (labels if agents > 1 else ["sirius"]):  # one agent: the same baseline for all
                 case = asyncio.run(run_case(model_dir, work, label, agents, n, prompts[n], activated[n], memory, disk_rate,
-                                            compute[n], expert_file_bytes))
+                                            compute[n], expert_file_bytes, share))
                 s = case.summary()
                 cases.append({**s, "cold": asdict(case.cold) if case.cold else None, "warm": [asdict(r) for r in case.warm]})
                 print(f"{label:28} agents={agents} tokens={n}: cold {s['cold_ttft_s']:.2f}s warm {s['warm_ttft_s']:.2f}s "

@@ -13,6 +13,8 @@ The YAML shape (see deploy/home-lan.example.yaml):
         expert_memory: 12GiB             # SIZE; "unlimited" or 0 for no budget
         disk_bandwidth: 2GB/s            # RATE, optional (default unlimited)
         link_bandwidth: 1Gbit/s          # RATE, optional (default unlimited)
+        compute_share: 0.3               # optional: emulate a slower processor, a fraction of one
+                                         # host core (local benchmarks; default: not paced)
         labels: [gpu, laptop]            # optional, free-form
 
 Every error names the field and the node, e.g. `nodes[1].address (node 'pi'): ...`.
@@ -27,7 +29,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from scheduler.types import NodeId, NodeSpec
 from server.units import UnitError, parse_rate, parse_size
@@ -46,6 +48,7 @@ class NodeProfile:
     expert_memory_bytes: int  # expert buffer budget, bytes
     disk_bytes_per_s: float  # expert store read bandwidth, bytes/s
     link_bytes_per_s: float  # send bandwidth to peers, bytes/s
+    compute_share: float = 0.0  # emulated compute, fraction of one host core (benchmarks)
 
 
 def _size(value: Any) -> int:
@@ -97,6 +100,7 @@ class NodeEntry(BaseModel):
     expert_memory: Size
     disk_bandwidth: Rate = 0.0
     link_bandwidth: Rate = 0.0
+    compute_share: float = Field(0.0, ge=0, le=1)
     labels: tuple[str, ...] = ()
 
     @field_validator("name")
@@ -114,7 +118,7 @@ class NodeEntry(BaseModel):
 
     @property
     def profile(self) -> NodeProfile:
-        return NodeProfile(self.expert_memory, self.disk_bandwidth, self.link_bandwidth)
+        return NodeProfile(self.expert_memory, self.disk_bandwidth, self.link_bandwidth, self.compute_share)
 
 
 class Inventory(BaseModel):

@@ -72,7 +72,7 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 def plan_local_agents(count: int, profile: NodeProfile, cores: int | None = None) -> list[AgentLaunch]:
     """`count` agents named agent0.. on free loopback ports, all with `profile`."""
-    threads = threads_per_agent(count, cores or available_cores())
+    threads = _threads(profile, threads_per_agent(count, cores or available_cores()))
     return [AgentLaunch(f"agent{i}", f"127.0.0.1:{free_port()}", profile, threads) for i in range(count)]
 
 
@@ -85,7 +85,12 @@ def launches_from_inventory(inventory: Inventory, cores: int | None = None) -> l
             f"{', '.join(remote)}; start those with `potluck agent` on their devices and use `potluck serve`"
         )
     threads = threads_per_agent(len(inventory.nodes), cores or available_cores())
-    return [AgentLaunch(n.name, n.address, n.profile, threads) for n in inventory.nodes]
+    return [AgentLaunch(n.name, n.address, n.profile, _threads(n.profile, threads)) for n in inventory.nodes]
+
+
+def _threads(profile: NodeProfile, fair: int) -> int:
+    """An agent with emulated (paced) compute runs torch on its one compute thread."""
+    return 1 if profile.compute_share else fair
 
 
 def specs_of(launches: Sequence[AgentLaunch]) -> tuple[NodeSpec, ...]:
@@ -108,6 +113,7 @@ class LocalAgents:
             "--listen", launch.listen, "--model", str(self.model_dir), "--name", launch.name,
             "--expert-memory", str(p.expert_memory_bytes),
             "--disk-bandwidth", f"{p.disk_bytes_per_s:f}", "--link-bandwidth", f"{p.link_bytes_per_s:f}",
+            "--compute-share", f"{p.compute_share:f}",
             "--torch-threads", str(launch.torch_threads), "--log-level", self.log_level,
         ]  # fmt: skip
 

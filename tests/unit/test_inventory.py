@@ -46,6 +46,8 @@ def test_converts_to_node_specs_and_profiles() -> None:
     inventory = parse_inventory(data)
     assert inventory.node_specs() == (NodeSpec("pi", "[::1]:7000", ("arm64",)),)  # type: ignore[arg-type]
     assert inventory.profiles() == {"pi": NodeProfile(1024**3, 400e6, 125e6)}
+    paced = parse_inventory({"nodes": [node("pi", "[::1]:7000", compute_share=0.3)]})
+    assert paced.profiles()["pi"].compute_share == 0.3  # type: ignore[index]
 
 
 def test_relative_model_path_is_from_the_file(tmp_path: Path) -> None:
@@ -64,6 +66,7 @@ def test_relative_model_path_is_from_the_file(tmp_path: Path) -> None:
         ({"nodes": [node(expert_memory="1GiX")]}, "nodes[0].expert_memory (node 'a'): invalid size '1GiX'"),
         ({"nodes": [node(disk_bandwidth="5MB")]}, "nodes[0].disk_bandwidth (node 'a'): invalid rate '5MB'"),
         ({"nodes": [node(link_bandwidth="fast")]}, "nodes[0].link_bandwidth (node 'a'): invalid rate 'fast'"),
+        ({"nodes": [node(compute_share=3)]}, "nodes[0].compute_share (node 'a'): Input should be less than or equal to 1"),
         ({"nodes": [{"name": "a", "address": "127.0.0.1:1"}]}, "nodes[0].expert_memory (node 'a'): Field required"),
         ({"nodes": [node(colour="red")]}, "nodes[0].colour (node 'a'): Extra inputs are not permitted"),
         ({"nodes": [node(name="bad name")]}, "nodes[0].name: 'bad name' is not a node name"),

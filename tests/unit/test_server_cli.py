@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from node_agent.service import AgentSettings
 from server.cli import build_parser
 from server.inventory import NodeProfile
 from server.launcher import AgentLaunch, LocalAgents, plan_local_agents, threads_per_agent
@@ -53,6 +54,18 @@ def test_up_starts_agents_with_their_profile_and_a_fair_share_of_cores() -> None
     assert (args.listen, args.name, args.model) == (launches[0].listen, "agent0", Path("/models/m"))
     assert NodeProfile(args.expert_memory, args.disk_bandwidth, args.link_bandwidth) == profile
     assert args.torch_threads == 1
+
+
+def test_paced_agents_compute_on_one_thread_and_get_their_share() -> None:
+    profile = NodeProfile(0, 0, 0, compute_share=0.35)
+    launches = plan_local_agents(1, profile, cores=8)
+    assert launches[0].torch_threads == 1  # the pacer counts one thread's CPU time
+    args = build_parser().parse_args(LocalAgents(Path("/m"), launches).command(launches[0])[3:])
+    assert args.compute_share == 0.35
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["up", "--compute-share", "2"])
+    with pytest.raises(ValueError, match="torch_threads must be 1"):
+        AgentSettings(listen="127.0.0.1:1", model_dir=Path("/m"), compute_share=0.5, torch_threads=2)
 
 
 @pytest.mark.parametrize(("agents", "cores", "threads"), [(2, 2, 1), (3, 2, 1), (2, 16, 8), (4, 18, 4)])

@@ -1,4 +1,5 @@
-"""Throttles: moving B bytes at rate R takes at least B/R, through the real store and link."""
+"""Throttles: moving B bytes at rate R takes at least B/R, through the real store and link; the
+compute pacer stretches CPU work by its share."""
 
 from __future__ import annotations
 
@@ -6,13 +7,14 @@ import asyncio
 import time
 from pathlib import Path
 
+import pytest
 import torch
 
 from node_agent.expert_store import ExpertStore
 from node_agent.model.checkpoint import Checkpoint
 from node_agent.model.config import MoeConfig
 from node_agent.peers import Link
-from node_agent.throttle import Throttle
+from node_agent.throttle import ComputePacer, Throttle
 from protos.convert import tensor_to_proto
 from scheduler.types import ExpertId
 
@@ -51,3 +53,35 @@ async def test_link_sends_no_faster_than_its_rate() -> None:
 def test_unlimited_rate_books_no_wait() -> None:
     assert Throttle(0)._reserve(10**12) == 0.0
     assert Throttle(10.0)._reserve(20) > 1.0
+
+
+def _spin(seconds: float) -> None:
+    end = time.thread_time() + seconds
+    while time.thread_time() < end:
+        pass
+
+
+def test_compute_pacer_stretches_cpu_time_by_its_share() -> None:
+    pacer = ComputePacer(0.25)
+    start = time.perf_counter()
+    with pacer.pace():
+        _spin(0.02)
+    assert time.perf_counter() - start >= 0.02 / 0.25
+
+
+def test_compute_pacer_counts_cpu_not_waiting() -> None:
+    # Time the thread spends off the CPU (here asleep; under pacing, waiting for a core another
+    # local agent holds) is not work the emulated device did, so it is not stretched.
+    start = time.perf_counter()
+    with ComputePacer(0.1).pace():
+        time.sleep(0.05)
+    assert time.perf_counter() - start < 0.05 / 0.1
+
+
+def test_unpaced_compute_does_not_wait() -> None:
+    start = time.perf_counter()
+    with ComputePacer(0).pace():
+        _spin(0.01)
+    assert time.perf_counter() - start < 0.01 / 0.25
+    with pytest.raises(ValueError, match="fraction of one core"):
+        ComputePacer(1.5)

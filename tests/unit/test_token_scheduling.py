@@ -42,6 +42,19 @@ def test_cold_layer_spreads_disk_reads_evenly_across_agents() -> None:
     assert sorted(per_agent.values()) == [4, 4, 4, 4]
 
 
+def test_cold_layer_with_uneven_experts_also_spreads_their_tokens() -> None:
+    # Reads set the makespan (4 per agent either way); among equal reads the tokens are spread,
+    # since the experts placed now are where warm requests will run them.
+    counts = [400, 300, 200, 100, 100, 100, 60, 40]
+    reports = [report(n, [c // 4 for c in counts]) for n in NODES]
+    where = executors(schedule_layer(0, reports, profiles(4), COST))
+    tokens = Counter()
+    for e, x in where.items():
+        tokens[next(iter(x))] += counts[e]
+    assert sorted(Counter(next(iter(x)) for x in where.values()).values()) == [2, 2, 2, 2]
+    assert max(tokens.values()) <= 460  # best split: 460/440/... ; unbalanced ties would give 700
+
+
 def test_resident_expert_runs_where_it_is_and_a_missing_one_goes_to_its_big_owner() -> None:
     reports = [report(NODES[0], [10, 0, 9]), report(NODES[1], [1, 5, 0], resident={0})]
     plan = schedule_layer(0, reports, profiles(2), COST)

@@ -17,14 +17,16 @@ class Tensor(_message.Message):
     def __init__(self, data: _Optional[bytes] = ..., dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class DeviceProfile(_message.Message):
-    __slots__ = ("expert_memory_bytes", "disk_bytes_per_s", "link_bytes_per_s")
+    __slots__ = ("expert_memory_bytes", "disk_bytes_per_s", "link_bytes_per_s", "compute_share")
     EXPERT_MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
     DISK_BYTES_PER_S_FIELD_NUMBER: _ClassVar[int]
     LINK_BYTES_PER_S_FIELD_NUMBER: _ClassVar[int]
+    COMPUTE_SHARE_FIELD_NUMBER: _ClassVar[int]
     expert_memory_bytes: int
     disk_bytes_per_s: float
     link_bytes_per_s: float
-    def __init__(self, expert_memory_bytes: _Optional[int] = ..., disk_bytes_per_s: _Optional[float] = ..., link_bytes_per_s: _Optional[float] = ...) -> None: ...
+    compute_share: float
+    def __init__(self, expert_memory_bytes: _Optional[int] = ..., disk_bytes_per_s: _Optional[float] = ..., link_bytes_per_s: _Optional[float] = ..., compute_share: _Optional[float] = ...) -> None: ...
 
 class CacheCounters(_message.Message):
     __slots__ = ("hits", "misses", "loads", "evictions", "bytes_read", "bytes_sent", "bytes_used", "capacity_bytes", "attention_seconds", "prefetches", "predicted_used", "used")
