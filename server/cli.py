@@ -138,7 +138,7 @@ def _add_profile_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--link-bandwidth", type=_rate, default=0.0, metavar="RATE",
                    help="emulated send rate to peers, e.g. 1Gbit/s, 50MB/s (bytes/s); 0 = unlimited")  # fmt: skip
     p.add_argument("--compute-share", type=_share, default=0.0, metavar="F",
-                   help="emulated compute speed, a fraction of one host core in (0, 1], for benchmarks of "
+                   help="emulated compute speed, a fraction of one host core in [0, 1], for benchmarks of "
                         "several local agents; 0 = not paced (default)")  # fmt: skip
 
 
@@ -232,7 +232,8 @@ def _run_agent(args: argparse.Namespace) -> int:
     settings = AgentSettings(
         listen=args.listen, model_dir=args.model, name=args.name, expert_memory_bytes=args.expert_memory,
         disk_bytes_per_s=args.disk_bandwidth, link_bytes_per_s=args.link_bandwidth,
-        compute_share=args.compute_share, torch_threads=1 if args.compute_share else args.torch_threads, dtype=args.dtype, eviction=args.eviction, log_level=args.log_level,
+        compute_share=args.compute_share, torch_threads=1 if args.compute_share else args.torch_threads,
+        dtype=args.dtype, eviction=args.eviction, log_level=args.log_level,
     )  # fmt: skip
     run_agent(settings)
     return 0
