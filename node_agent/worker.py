@@ -12,7 +12,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol, TypeVar
 
 import torch
@@ -65,6 +65,9 @@ class AgentCore:
         self.peer_timeout_s = peer_timeout_s
         self._compute = ThreadPoolExecutor(1, thread_name_prefix="compute")
         self.requests: dict[str, RequestState] = {}
+        self._pending: dict[int, list[_Batch]] = {}  # layer -> batches waiting for a grouped pass
+        self._draining: set[int] = set()  # layers with a drain task running
+        self.grouped_passes = 0  # grouped expert passes run (batches per pass = how well they share)
         self.attention_s = 0.0  # total seconds in attention, all requests
         self.predicted_used = 0  # experts used by my tokens that the previous layer predicted
         self.used = 0  # experts used by my tokens in layers that had a prediction
@@ -266,9 +269,10 @@ class AgentCore:
         st.moe_in, st.route = None, None
 
     async def execute(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """Weighted sum of my experts on tokens sent to me. Resident experts run at once in one
-        grouped pass; missing ones are loaded concurrently (the buffer bounds memory) and each runs
-        as soon as it is in, so reads overlap compute."""
+        """Weighted sum of my experts on tokens sent to me. Resident experts run in one grouped
+        pass, shared with the other owners' batches of the layer that arrive meanwhile; missing
+        ones are loaded concurrently (the buffer bounds memory) and each runs as soon as it is in,
+        so reads overlap compute."""
         out = torch.zeros_like(x)
         wanted = [ExpertId(layer, int(i)) for i in ids[ids >= 0].unique().tolist()]
         ready = set(self.buffer.resident(layer))
@@ -283,9 +287,67 @@ class AgentCore:
         try:
             tasks = [asyncio.ensure_future(one(e)) for e in later]  # loads start before compute
             if held:
-                await self.compute(moe.add_experts, out, x, ids, weights, held)
+                mine = torch.where(torch.isin(ids, torch.tensor(list(held))), ids, torch.full_like(ids, -1))
+                await self._grouped(layer, _Batch(x, mine, weights, out, held))
         finally:
             for e in now:
                 await self.buffer.release(e)
         await asyncio.gather(*tasks)
         return out
+
+    async def _grouped(self, layer: int, batch: _Batch) -> None:
+        """Queue a batch for the layer's next grouped pass; one drain per layer runs what has
+        gathered whenever the previous pass is done, so owners' batches share one matmul per expert
+        instead of one each."""
+        batch.done = asyncio.get_running_loop().create_future()
+        self._pending.setdefault(layer, []).append(batch)
+        if layer not in self._draining:
+            self._draining.add(layer)
+            asyncio.ensure_future(self._drain(layer))
+        await batch.done
+
+    async def _drain(self, layer: int) -> None:
+        try:
+            while self._pending.get(layer):
+                group = self._pending.pop(layer)
+                self.grouped_passes += 1
+                try:
+                    await self.compute(_run_group, group)
+                except BaseException as exc:  # every waiter hears of it; none hangs
+                    for b in group:
+                        if not b.done.done():
+                            b.done.set_exception(exc)
+                    if not isinstance(exc, Exception):
+                        raise
+                    continue
+                for b in group:
+                    if not b.done.done():
+                        b.done.set_result(None)
+        finally:
+            self._draining.discard(layer)
+
+
+@dataclass
+class _Batch:
+    """One owner's tokens for a grouped pass: ids has -1 in the slots of experts not in held."""
+
+    x: torch.Tensor
+    ids: torch.Tensor
+    weights: torch.Tensor
+    out: torch.Tensor  # written on the compute thread only
+    held: dict[int, moe.ExpertWeights]
+    done: asyncio.Future[None] = field(init=False)
+
+
+def _run_group(group: Sequence[_Batch]) -> None:
+    """out += experts(x) for every batch of the group, as one pass over the concatenated tokens."""
+    if len(group) == 1:
+        b = group[0]
+        moe.add_experts(b.out, b.x, b.ids, b.weights, b.held)
+        return
+    experts = {i: w for b in group for i, w in b.held.items()}
+    x = torch.cat([b.x for b in group])
+    out = torch.zeros_like(x)
+    moe.add_experts(out, x, torch.cat([b.ids for b in group]), torch.cat([b.weights for b in group]), experts)
+    for b, part in zip(group, out.split([b.x.shape[0] for b in group])):
+        b.out.add_(part)
