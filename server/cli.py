@@ -207,9 +207,10 @@ def _add_bench(commands: argparse._SubParsersAction) -> None:  # type: ignore[ty
     p.add_argument("--io-ratio", type=float, default=6.0, metavar="X",
                    help="prefill: disk rate such that reading every expert once takes X times a 2048-token prefill "
                         "by one agent with every expert resident (default 6; I/O-bound means at least 5)")  # fmt: skip
-    p.add_argument("--compute-share", type=_share, default=0.35, metavar="F",
-                   help="prefill: each agent computes at this fraction of one host core (default 0.35, so that four "
-                        "agents and the server fit on two cores); 0: unpaced, agents share the host's cores")  # fmt: skip
+    p.add_argument("--compute-share", type=_share, default=0.25, metavar="F",
+                   help="prefill: each agent computes at this fraction of one host core (default 0.25: four agents "
+                        "and their messaging fit on two cores, so none runs slower than its share); 0: unpaced, "
+                        "agents share the host's cores")  # fmt: skip
     p.add_argument("--disk-rate", type=_rate, default=0.0, metavar="RATE",
                    help="prefill: fixed disk rate per agent instead of --io-ratio, e.g. 50MB/s")  # fmt: skip
     p.set_defaults(run=_run_bench)
