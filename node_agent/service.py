@@ -145,7 +145,8 @@ class Servicer(pb_grpc.NodeAgentServicer):
                                     bytes_read=self.store.bytes_read, bytes_sent=self.link.bytes_sent,
                                     bytes_used=buf.bytes_used, capacity_bytes=buf.capacity,
                                     attention_seconds=core.attention_s, prefetches=c.prefetches,
-                                    predicted_used=core.predicted_used, used=core.used)
+                                    predicted_used=core.predicted_used, used=core.used,
+                                    compute_overrun_seconds=core.pacer.overrun_s)
         resident = [e.layer * self.core.cfg.num_experts + e.index for e in buf.all_resident()]
         return pb.CacheStateReply(counters=counters, resident=resident)
 

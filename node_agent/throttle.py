@@ -53,12 +53,17 @@ class ComputePacer:
     this machine's cores are not slowed twice by their contention; it needs torch on one thread,
     which `AgentSettings` enforces. Used by benchmarks to give each local agent its own compute,
     so that compute pools across agents the way it does across devices.
+
+    When the host cannot give the thread its share (more emulated devices than cores can carry),
+    work takes longer than the emulated device would; `overrun_s` adds that excess up, so a
+    benchmark can show whether its emulation held.
     """
 
     def __init__(self, share: float) -> None:
         if not 0 <= share <= 1:
             raise ValueError(f"compute share must be in [0, 1] (a fraction of one core), got {share}")
         self.share = share
+        self.overrun_s = 0.0  # wall seconds beyond c / share, summed over paced work
 
     @contextlib.contextmanager
     def pace(self) -> Iterator[None]:
@@ -70,3 +75,5 @@ class ComputePacer:
         wait = (time.thread_time() - cpu) / self.share - (time.perf_counter() - wall)
         if wait > 0:
             time.sleep(wait)
+        else:
+            self.overrun_s -= wait

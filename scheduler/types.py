@@ -78,6 +78,7 @@ class AgentSnapshot:
     prefetches: int = 0  # experts read because a prefetch asked
     predicted_used: int = 0  # experts used that the previous layer's prediction named
     used: int = 0  # experts used in layers that had a prediction (recall = predicted_used / used)
+    compute_overrun_s: float = 0.0  # paced compute past its emulated speed (the host fell short)
 
 
 @dataclass(frozen=True)

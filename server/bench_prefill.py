@@ -13,7 +13,8 @@ across agents as it does across a LAN). The profile makes the `bench` model I/O-
 Mixtral on edge devices: the disk rate is chosen so that reading every expert once takes
 `--io-ratio` times a 2048-token prefill by one agent with all experts resident (measured first).
 The lower bound of a request on N agents is the larger of (bytes of its experts not resident
-anywhere) / (N disk rates) and that one-agent compute / N.
+anywhere) / (N disk rates) and that one-agent compute / N. Agents count the compute that ran past
+their share (the host could not carry the emulation); each case reports the worst request's share.
 """
 
 from __future__ import annotations
@@ -63,10 +64,16 @@ class Request:
     attention_s: dict[str, float]  # per agent
     predicted_used: int
     used: int
+    compute_overrun_s: dict[str, float] = field(default_factory=dict)  # per agent: past its share
 
     @property
     def efficiency(self) -> float:
         return self.lower_bound_s / self.ttft_s
+
+    @property
+    def overrun(self) -> float:
+        """The worst agent's compute past its emulated speed, as a fraction of the TTFT."""
+        return max(self.compute_overrun_s.values(), default=0.0) / self.ttft_s
 
 
 @dataclass
@@ -93,6 +100,7 @@ class Case:
             "cold_read_mb": self.cold.bytes_read / 1e6,
             "warm_read_mb": statistics.median(r.bytes_read for r in self.warm) / 1e6,
             "attention_max_over_mean": balance, "prefetch_recall": hit / used if used else float("nan"),
+            "compute_overrun": max(r.overrun for r in [self.cold, *self.warm]),
         }
 
 
@@ -193,6 +201,7 @@ async def measure(cluster: Cluster, prompt: list[int], activated: set[tuple[int,
         attention_s={a.name: a.attention_s - b.attention_s for a, b in zip(after, before)},
         predicted_used=sum(a.predicted_used - b.predicted_used for a, b in zip(after, before)),
         used=sum(a.used - b.used for a, b in zip(after, before)),
+        compute_overrun_s={a.name: a.compute_overrun_s - b.compute_overrun_s for a, b in zip(after, before)},
     )
 
 

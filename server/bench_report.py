@@ -46,6 +46,16 @@ def _share(data: dict[str, Any]) -> str:
     return f"{share:g} of one host core (paced)" if share else "not paced (the agents share the host's cores)"
 
 
+def _overrun(cases: list[dict[str, Any]]) -> str:
+    """Whether the emulation held: compute that ran past an agent's share, worst case."""
+    worst = max(cases, key=lambda c: c.get("compute_overrun", 0.0), default=None)
+    if worst is None or "compute_overrun" not in worst:
+        return "The agents did not report compute overrun."
+    return (f"Emulation check: in the worst request, an agent's compute ran past its share for "
+            f"{100 * worst['compute_overrun']:.1f}% of the TTFT ({worst['policy']}, {worst['agents']} agents, "
+            f"{worst['tokens']} tokens).")
+
+
 def write_report(data: dict[str, Any], out: Path) -> None:
     cases = data["cases"]
     lines = [
@@ -55,6 +65,7 @@ def write_report(data: dict[str, Any], out: Path) -> None:
         f"One agent reads every expert once in {data['read_all_experts_s']:.1f} s and computes a 2048-token prefill "
         f"with every expert resident in {data['compute_s'].get(2048, data['compute_s'].get('2048', float('nan'))):.2f} s "
         f"(ratio {data['io_ratio']:.1f}x).",
+        _overrun(cases),
         "",
         "| policy | agents | tokens | cold TTFT s | warm TTFT s | cold eff. | warm eff. | read cold MB | "
         "attention max/mean | prefetch recall |",

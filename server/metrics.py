@@ -89,6 +89,8 @@ _AGENT_COUNTERS = (
     ("potluck_agent_prefetch_predicted_used", "Experts used that the previous layer's prediction named "
      "(prefetch recall = this / potluck_agent_prefetch_used_total).", "predicted_used"),
     ("potluck_agent_prefetch_used", "Experts used in layers that had a prediction.", "used"),
+    ("potluck_agent_compute_overrun_seconds", "Seconds of paced compute past the agent's emulated speed "
+     "(compute_share): the host could not give it its share.", "compute_overrun_s"),
 )
 _AGENT_GAUGES = (
     ("potluck_agent_up", "1 if the scheduler reaches the agent, else 0.", "up"),

@@ -171,5 +171,6 @@ def test_metrics(client: OpenAI, model_id: str, base_url: str) -> None:
         "potluck_agent_link_sent_bytes_total", "potluck_agent_expert_cache_bytes",
         "potluck_agent_attention_seconds_total", "potluck_agent_expert_prefetches_total",
         "potluck_agent_prefetch_predicted_used_total", "potluck_agent_prefetch_used_total",
+        "potluck_agent_compute_overrun_seconds_total",
     ):  # fmt: skip
         assert name in text, name

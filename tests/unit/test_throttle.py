@@ -78,6 +78,19 @@ def test_compute_pacer_counts_cpu_not_waiting() -> None:
     assert time.perf_counter() - start < 0.05 / 0.1
 
 
+def test_compute_pacer_counts_time_past_its_budget_as_overrun() -> None:
+    # A thread kept off the CPU longer than its share's budget (here asleep: no CPU time, so no
+    # budget) took longer than the emulated device would have; the excess is the overrun.
+    pacer = ComputePacer(0.5)
+    with pacer.pace():
+        time.sleep(0.05)
+    assert pacer.overrun_s >= 0.04
+    unpaced = ComputePacer(0)
+    with unpaced.pace():
+        time.sleep(0.01)
+    assert unpaced.overrun_s == 0.0
+
+
 def test_unpaced_compute_does_not_wait() -> None:
     start = time.perf_counter()
     with ComputePacer(0).pace():

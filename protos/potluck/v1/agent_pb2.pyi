@@ -29,7 +29,7 @@ class DeviceProfile(_message.Message):
     def __init__(self, expert_memory_bytes: _Optional[int] = ..., disk_bytes_per_s: _Optional[float] = ..., link_bytes_per_s: _Optional[float] = ..., compute_share: _Optional[float] = ...) -> None: ...
 
 class CacheCounters(_message.Message):
-    __slots__ = ("hits", "misses", "loads", "evictions", "bytes_read", "bytes_sent", "bytes_used", "capacity_bytes", "attention_seconds", "prefetches", "predicted_used", "used")
+    __slots__ = ("hits", "misses", "loads", "evictions", "bytes_read", "bytes_sent", "bytes_used", "capacity_bytes", "attention_seconds", "prefetches", "predicted_used", "used", "compute_overrun_seconds")
     HITS_FIELD_NUMBER: _ClassVar[int]
     MISSES_FIELD_NUMBER: _ClassVar[int]
     LOADS_FIELD_NUMBER: _ClassVar[int]
@@ -42,6 +42,7 @@ class CacheCounters(_message.Message):
     PREFETCHES_FIELD_NUMBER: _ClassVar[int]
     PREDICTED_USED_FIELD_NUMBER: _ClassVar[int]
     USED_FIELD_NUMBER: _ClassVar[int]
+    COMPUTE_OVERRUN_SECONDS_FIELD_NUMBER: _ClassVar[int]
     hits: int
     misses: int
     loads: int
@@ -54,7 +55,8 @@ class CacheCounters(_message.Message):
     prefetches: int
     predicted_used: int
     used: int
-    def __init__(self, hits: _Optional[int] = ..., misses: _Optional[int] = ..., loads: _Optional[int] = ..., evictions: _Optional[int] = ..., bytes_read: _Optional[int] = ..., bytes_sent: _Optional[int] = ..., bytes_used: _Optional[int] = ..., capacity_bytes: _Optional[int] = ..., attention_seconds: _Optional[float] = ..., prefetches: _Optional[int] = ..., predicted_used: _Optional[int] = ..., used: _Optional[int] = ...) -> None: ...
+    compute_overrun_seconds: float
+    def __init__(self, hits: _Optional[int] = ..., misses: _Optional[int] = ..., loads: _Optional[int] = ..., evictions: _Optional[int] = ..., bytes_read: _Optional[int] = ..., bytes_sent: _Optional[int] = ..., bytes_used: _Optional[int] = ..., capacity_bytes: _Optional[int] = ..., attention_seconds: _Optional[float] = ..., prefetches: _Optional[int] = ..., predicted_used: _Optional[int] = ..., used: _Optional[int] = ..., compute_overrun_seconds: _Optional[float] = ...) -> None: ...
 
 class InfoRequest(_message.Message):
     __slots__ = ()
