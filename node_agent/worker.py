@@ -287,8 +287,7 @@ class AgentCore:
         try:
             tasks = [asyncio.ensure_future(one(e)) for e in later]  # loads start before compute
             if held:
-                mine = torch.where(torch.isin(ids, torch.tensor(list(held))), ids, torch.full_like(ids, -1))
-                await self._grouped(layer, _Batch(x, mine, weights, out, held))
+                await self._grouped(layer, _Batch(x, ids, weights, out, held))
         finally:
             for e in now:
                 await self.buffer.release(e)
@@ -299,7 +298,6 @@ class AgentCore:
         """Queue a batch for the layer's next grouped pass; one drain per layer runs what has
         gathered whenever the previous pass is done, so owners' batches share one matmul per expert
         instead of one each."""
-        batch.done = asyncio.get_running_loop().create_future()
         self._pending.setdefault(layer, []).append(batch)
         if layer not in self._draining:
             self._draining.add(layer)
@@ -311,32 +309,32 @@ class AgentCore:
             while self._pending.get(layer):
                 group = self._pending.pop(layer)
                 self.grouped_passes += 1
+                error: BaseException | None = None
                 try:
                     await self.compute(_run_group, group)
                 except BaseException as exc:  # every waiter hears of it; none hangs
-                    for b in group:
-                        if not b.done.done():
-                            b.done.set_exception(exc)
-                    if not isinstance(exc, Exception):
-                        raise
-                    continue
-                for b in group:
-                    if not b.done.done():
+                    error = exc
+                for b in (b for b in group if not b.done.done()):  # a waiter may have been cancelled
+                    if error is None:
                         b.done.set_result(None)
+                    else:
+                        b.done.set_exception(error)
+                if error is not None and not isinstance(error, Exception):
+                    raise error
         finally:
             self._draining.discard(layer)
 
 
 @dataclass
 class _Batch:
-    """One owner's tokens for a grouped pass: ids has -1 in the slots of experts not in held."""
+    """One owner's tokens for a grouped pass, of which it runs the slots whose expert is in held."""
 
     x: torch.Tensor
     ids: torch.Tensor
     weights: torch.Tensor
     out: torch.Tensor  # written on the compute thread only
     held: dict[int, moe.ExpertWeights]
-    done: asyncio.Future[None] = field(init=False)
+    done: asyncio.Future[None] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
 
 
 def _run_group(group: Sequence[_Batch]) -> None:
@@ -346,8 +344,10 @@ def _run_group(group: Sequence[_Batch]) -> None:
         moe.add_experts(b.out, b.x, b.ids, b.weights, b.held)
         return
     experts = {i: w for b in group for i, w in b.held.items()}
+    # A batch's other slots may name an expert another batch holds: mask them to -1 (skipped).
+    ids = torch.cat([torch.where(torch.isin(b.ids, torch.tensor(list(b.held))), b.ids, -1) for b in group])
     x = torch.cat([b.x for b in group])
     out = torch.zeros_like(x)
-    moe.add_experts(out, x, torch.cat([b.ids for b in group]), torch.cat([b.weights for b in group]), experts)
+    moe.add_experts(out, x, ids, torch.cat([b.weights for b in group]), experts)
     for b, part in zip(group, out.split([b.x.shape[0] for b in group])):
         b.out.add_(part)
