@@ -40,7 +40,7 @@ from scheduler.cost_model import lower_bound_s
 from scheduler.policy import Policy
 from scheduler.types import AgentSnapshot, NodeId, NodeSpec
 from server.bench import default_bench_model
-from server.launcher import free_port
+from server.launcher import free_ports
 from server.bench_report import write_report
 
 LINK = "1Gbit/s"
@@ -109,8 +109,8 @@ class Cluster:
 
     def __init__(self, model_dir: Path, workdir: Path, agents: int, policy: Policy, memory: int, disk_rate: float,
                  compute_share: float, link: str = LINK) -> None:
-        self.port = free_port()
-        self.specs = [NodeSpec(NodeId(f"agent{i}"), f"127.0.0.1:{free_port()}") for i in range(agents)]
+        self.port, *agent_ports = free_ports(agents + 1)
+        self.specs = [NodeSpec(NodeId(f"agent{i}"), f"127.0.0.1:{port}") for i, port in enumerate(agent_ports)]
         inventory = workdir / f"inventory-{self.port}.yaml"
         nodes = "".join(
             f"  - name: {s.name}\n    address: {s.address}\n    expert_memory: {memory or 'unlimited'}\n"

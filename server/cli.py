@@ -257,10 +257,10 @@ def _run_up(args: argparse.Namespace) -> int:
     from server.runner import run_up
 
     if args.inventory is not None:
-        launches = launches_from_inventory(load_inventory(args.inventory))
+        launches = launches_from_inventory(load_inventory(args.inventory), avoid={args.port})
     else:
         profile = NodeProfile(args.expert_memory, args.disk_bandwidth, args.link_bandwidth, args.compute_share)
-        launches = plan_local_agents(args.agents or 2, profile)
+        launches = plan_local_agents(args.agents or 2, profile, avoid={args.port})
     model_dir = args.model or _demo_model()
     agents = LocalAgents(model_dir, launches, args.log_level)
     return run_up(_server_options(args, model_dir), agents, specs_of(launches), args.agent_start_timeout)

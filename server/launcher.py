@@ -13,6 +13,7 @@ get SIGKILL if `potluck up` itself dies without cleaning up (PR_SET_PDEATHSIG).
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 import os
@@ -21,7 +22,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,7 +30,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from scheduler.types import NodeId, NodeSpec
-from server.inventory import Inventory, InventoryError, NodeProfile, is_loopback
+from server.inventory import Inventory, InventoryError, NodeProfile, is_loopback, split_address
 
 log = logging.getLogger("potluck.up")
 
@@ -65,25 +66,47 @@ def threads_per_agent(agents: int, cores: int) -> int:
 
 def free_port(host: str = "127.0.0.1") -> int:
     """A TCP port that was free a moment ago (the agent binds it right after)."""
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
+    return free_ports(1, host)[0]
 
 
-def plan_local_agents(count: int, profile: NodeProfile, cores: int | None = None) -> list[AgentLaunch]:
-    """`count` agents named agent0.. on free loopback ports, all with `profile`."""
+def free_ports(count: int, host: str = "127.0.0.1", avoid: Collection[int] = ()) -> list[int]:
+    """`count` distinct TCP ports that were free a moment ago, none of them in `avoid`.
+
+    The kernel may hand the same port to consecutive bind(0) calls once the first socket is
+    closed, so every socket stays open until all are chosen. `avoid` names ports that are
+    promised elsewhere but not bound yet, such as the API port of the same `potluck up`."""
+    with contextlib.ExitStack() as held:
+        ports: list[int] = []
+        while len(ports) < count:
+            sock = held.enter_context(socket.socket())
+            sock.bind((host, 0))
+            port = int(sock.getsockname()[1])
+            if port not in avoid:
+                ports.append(port)
+        return ports
+
+
+def plan_local_agents(count: int, profile: NodeProfile, cores: int | None = None,
+                      avoid: Collection[int] = ()) -> list[AgentLaunch]:
+    """`count` agents named agent0.. on distinct free loopback ports (none in `avoid`), all with `profile`."""
     threads = _threads(profile, threads_per_agent(count, cores or available_cores()))
-    return [AgentLaunch(f"agent{i}", f"127.0.0.1:{free_port()}", profile, threads) for i in range(count)]
+    ports = free_ports(count, avoid=avoid)
+    return [AgentLaunch(f"agent{i}", f"127.0.0.1:{port}", profile, threads) for i, port in enumerate(ports)]
 
 
-def launches_from_inventory(inventory: Inventory, cores: int | None = None) -> list[AgentLaunch]:
-    """The inventory's agents, to start on this machine; InventoryError if one is not loopback."""
+def launches_from_inventory(inventory: Inventory, cores: int | None = None,
+                            avoid: Collection[int] = ()) -> list[AgentLaunch]:
+    """The inventory's agents, to start on this machine; InventoryError if one is not loopback
+    or listens on a port in `avoid` (the API's own port)."""
     remote = [f"{n.name} ({n.address})" for n in inventory.nodes if not is_loopback(n.address)]
     if remote:
         raise InventoryError(
             f"potluck up starts agents on this machine only, but these nodes are not on loopback: "
             f"{', '.join(remote)}; start those with `potluck agent` on their devices and use `potluck serve`"
         )
+    taken = [f"{n.name} ({n.address})" for n in inventory.nodes if split_address(n.address)[1] in avoid]
+    if taken:
+        raise InventoryError(f"these nodes would listen on the API's port: {', '.join(taken)}; give them another port")
     threads = threads_per_agent(len(inventory.nodes), cores or available_cores())
     return [AgentLaunch(n.name, n.address, n.profile, _threads(n.profile, threads)) for n in inventory.nodes]
 

@@ -110,3 +110,5 @@ def test_up_refuses_non_loopback_nodes_and_shares_cores() -> None:
     assert [launch.torch_threads for launch in launches] == [1, 1]
     assert launches[1].profile.expert_memory_bytes == 2 * 1024**3
     assert launches_from_inventory(local, cores=16)[0].torch_threads == 8
+    with pytest.raises(InventoryError, match=r"API's port: b \(127\.0\.0\.1:50052\)"):
+        launches_from_inventory(local, avoid={50052})

@@ -10,7 +10,7 @@ import pytest
 from node_agent.service import AgentSettings
 from server.cli import build_parser
 from server.inventory import NodeProfile
-from server.launcher import AgentLaunch, LocalAgents, plan_local_agents, threads_per_agent
+from server.launcher import AgentLaunch, LocalAgents, free_port, free_ports, plan_local_agents, threads_per_agent
 
 SUBCOMMANDS = ("init-model", "agent", "serve", "up", "bench")
 
@@ -54,6 +54,16 @@ def test_up_starts_agents_with_their_profile_and_a_fair_share_of_cores() -> None
     assert (args.listen, args.name, args.model) == (launches[0].listen, "agent0", Path("/models/m"))
     assert NodeProfile(args.expert_memory, args.disk_bandwidth, args.link_bandwidth) == profile
     assert args.torch_threads == 1
+
+
+def test_local_agents_get_distinct_ports_that_are_not_the_api_port() -> None:
+    """The kernel may hand one port to consecutive bind(0) calls; `up` must not give the API's
+    port (not bound yet while the agents start) or one agent's port to another agent."""
+    first = free_port()
+    for _ in range(50):
+        ports = [int(launch.listen.rsplit(":", 1)[1]) for launch in plan_local_agents(4, NodeProfile(0, 0, 0), avoid={first})]
+        assert len(set(ports)) == 4 and first not in ports
+    assert len(set(free_ports(8))) == 8
 
 
 def test_paced_agents_compute_on_one_thread_and_get_their_share() -> None:
