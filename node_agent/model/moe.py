@@ -133,14 +133,12 @@ def attend(
     drops out of `merge`. Positions are split into runs of consecutive values (a contiguous shard
     is one run, a zigzag shard two) and each pair of runs is fully visible, a causal triangle, or
     invisible, so the fused kernel does the work; only oddly aligned runs take the masked path.
-    Heads are laid out first and K/V expanded to every query head once, not once per run pair.
+    The kernel reads head-major strided views, and with fewer K/V heads it maps query head h to
+    K/V head h // (H / KVH) itself (grouped-query attention), so nothing is copied or expanded.
     """
     if q.device.type != "cpu" or q.shape[0] == 0 or k.shape[0] == 0:
         return _masked(q, k, v, q_pos, k_pos)
-    rep = q.shape[1] // k.shape[1]
-    qh = q.transpose(0, 1).contiguous()  # [H, T, hd]
-    kh = k.repeat_interleave(rep, dim=1).transpose(0, 1).contiguous()  # [H, S, hd]
-    vh = v.repeat_interleave(rep, dim=1).transpose(0, 1).contiguous()
+    qh, kh, vh = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)  # [heads, tokens, hd] views
     if q_pos is None or k_pos is None:
         out, lse = _fused(qh, kh, vh, causal=False)
         return out.transpose(0, 1), lse.transpose(0, 1)

@@ -1,0 +1,60 @@
+"""Split-KV attention: partial attentions over key blocks, merged, equal one causal softmax."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import pytest
+import torch
+
+from node_agent.model import moe
+
+T, H, KVH, HD = 96, 8, 2, 16
+
+
+def reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
+    """Plain masked softmax, K/V heads repeated to the query heads (h uses K/V head h // rep)."""
+    rep = q.shape[1] // k.shape[1]
+    kh, vh = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    scores = torch.einsum("thd,shd->hts", q.double(), kh.double()) / math.sqrt(q.shape[-1])
+    scores = scores.masked_fill(k_pos[None, None, :] > q_pos[None, :, None], float("-inf"))
+    return torch.einsum("hts,shd->thd", torch.softmax(scores, dim=-1), vh.double()).float()
+
+
+def zigzag(n: int, parts: int) -> list[torch.Tensor]:
+    chunks = torch.arange(n).chunk(2 * parts)
+    return [torch.cat([chunks[i], chunks[2 * parts - 1 - i]]) for i in range(parts)]
+
+
+def contiguous(n: int, parts: int) -> list[torch.Tensor]:
+    return list(torch.arange(n).chunk(parts))
+
+
+def odd(n: int, parts: int) -> list[torch.Tensor]:
+    """Runs that start and end off each other's edges, so the masked path runs too."""
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(1))
+    return [torch.sort(p).values for p in order.chunk(parts)]
+
+
+@pytest.mark.parametrize("split", [zigzag, contiguous, odd])
+@pytest.mark.parametrize("parts", [1, 3, 4])
+def test_merged_blocks_equal_one_causal_softmax_with_grouped_kv_heads(
+    split: Callable[[int, int], list[torch.Tensor]], parts: int
+) -> None:
+    g = torch.Generator().manual_seed(parts)
+    q, k, v = (torch.randn(T, n, HD, generator=g) for n in (H, KVH, KVH))
+    for q_pos in split(T, parts):
+        parts_ = [moe.attend(q[q_pos], k[k_pos], v[k_pos], q_pos, k_pos) for k_pos in split(T, parts)]
+        out = moe.merge(parts_)
+        expected = reference(q[q_pos], k, v, q_pos, torch.arange(T))
+        assert torch.allclose(out, expected, atol=1e-5), (out - expected).abs().max()
+
+
+def test_unmasked_attention_and_keys_no_query_can_see() -> None:
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(8, n, HD, generator=g) for n in (H, KVH, KVH))
+    out, _ = moe.attend(q, k, v)
+    assert torch.allclose(out, reference(q, k, v, torch.full((8,), 10), torch.arange(8)), atol=1e-5)
+    late, lse = moe.attend(q, k, v, torch.arange(8), torch.arange(8) + 100)  # every key after every query
+    assert torch.equal(late, torch.zeros_like(late)) and bool(torch.isinf(lse).all())
