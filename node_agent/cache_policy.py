@@ -12,7 +12,10 @@ K = TypeVar("K")
 
 
 class EvictionPolicy(Protocol[K]):
-    def on_insert(self, key: K) -> None: ...
+    def on_insert(self, key: K, ahead: bool = False) -> None:
+        """`key` is now resident; `ahead`: read before anyone needed it (a prefetch)."""
+        ...
+
     def on_access(self, key: K) -> None: ...
     def on_remove(self, key: K) -> None: ...
     def victims(self, candidates: Set[K]) -> Iterable[K]:
@@ -26,7 +29,7 @@ class LRUPolicy(Generic[K]):
     def __init__(self) -> None:
         self._order: OrderedDict[K, None] = OrderedDict()  # oldest first
 
-    def on_insert(self, key: K) -> None:
+    def on_insert(self, key: K, ahead: bool = False) -> None:
         self._order[key] = None
         self._order.move_to_end(key)
 
@@ -46,8 +49,11 @@ class LayerCyclicPolicy:
     whose layer comes round again last goes first (LRU evicts exactly the experts needed next,
     since the least recently used layer is the one about to be read again).
 
-    The position in the cycle is the layer of the latest access or insert; among experts of one
-    layer, the least recently used goes first.
+    The position in the cycle is the layer of the latest access or demand insert, that is of the
+    work being done. A read-ahead insert (a prefetch nobody waits for yet) does not move it: it
+    brings in a layer still to come, and taking that as the position would make the prefetched
+    layer's own resident experts, needed next, the first victims. Among experts of one layer, the
+    least recently used goes first.
     """
 
     def __init__(self, num_layers: int) -> None:
@@ -57,8 +63,9 @@ class LayerCyclicPolicy:
         self.current = 0  # the layer being worked on
         self._lru: LRUPolicy[ExpertId] = LRUPolicy()
 
-    def on_insert(self, key: ExpertId) -> None:
-        self.current = key.layer
+    def on_insert(self, key: ExpertId, ahead: bool = False) -> None:
+        if not ahead:
+            self.current = key.layer
         self._lru.on_insert(key)
 
     def on_access(self, key: ExpertId) -> None:

@@ -182,7 +182,7 @@ class ExpertBuffer:
             else:
                 entry.weights = weights
                 self.counters.loads += 1
-                self.policy.on_insert(eid)
+                self.policy.on_insert(eid, ahead=entry.pins == 0)  # nobody waits: a read-ahead
                 entry.loaded.set_result(weights)
             async with self._space:
                 self._space.notify_all()

@@ -108,6 +108,19 @@ def test_layer_cyclic_policy_evicts_the_layer_needed_last() -> None:
     assert list(p.victims(set(keys))) == [ExpertId(1, 0), ExpertId(0, 0), ExpertId(3, 0), ExpertId(2, 0)]
 
 
+def test_layer_cyclic_prefetched_layer_is_not_the_next_victim() -> None:
+    """Working on layer 1, experts of layer 2 arrive by prefetch: layer 2 is still needed next,
+    so its experts (resident before or just read) go last, and the layer just used goes first."""
+    p = LayerCyclicPolicy(4)
+    resident = [ExpertId(layer, 0) for layer in range(4)]
+    for k in resident:
+        p.on_insert(k)
+    p.on_access(ExpertId(1, 0))
+    p.on_insert(ExpertId(2, 1), ahead=True)  # a prefetch completes
+    assert list(p.victims({*resident, ExpertId(2, 1)}))[-2:] == [ExpertId(2, 0), ExpertId(2, 1)]
+    assert next(iter(p.victims(set(resident)))) == ExpertId(1, 0)
+
+
 async def test_layer_cyclic_keeps_a_share_of_every_pass_where_lru_keeps_none(qwen_tiny: Path) -> None:
     """Reading all layers' experts in order, pass after pass, with room for a third of them:
     LRU misses every time, the cyclic policy keeps what it can."""
