@@ -9,7 +9,7 @@ import pytest
 
 from node_agent.service import AgentSettings
 from server.cli import build_parser
-from server.inventory import NodeProfile
+from server.inventory import NodeProfile, split_address
 from server.launcher import AgentLaunch, LocalAgents, free_port, free_ports, plan_local_agents, threads_per_agent
 
 SUBCOMMANDS = ("init-model", "agent", "serve", "up", "bench")
@@ -61,7 +61,7 @@ def test_local_agents_get_distinct_ports_that_are_not_the_api_port() -> None:
     port (not bound yet while the agents start) or one agent's port to another agent."""
     first = free_port()
     for _ in range(50):
-        ports = [int(launch.listen.rsplit(":", 1)[1]) for launch in plan_local_agents(4, NodeProfile(0, 0, 0), avoid={first})]
+        ports = [split_address(launch.listen)[1] for launch in plan_local_agents(4, NodeProfile(0, 0, 0), avoid={first})]
         assert len(set(ports)) == 4 and first not in ports
     assert len(set(free_ports(8))) == 8
 
