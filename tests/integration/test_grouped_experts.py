@@ -36,11 +36,19 @@ async def test_batches_arriving_together_share_one_pass(qwen_tiny: Path) -> None
         ids[0, 0] = -1  # a skipped slot
         batches.append((torch.randn(rows, cfg.hidden_size, generator=g), ids, torch.rand(rows, cfg.top_k, generator=g)))
 
-    gate = threading.Event()
-    busy = asyncio.ensure_future(core.compute(gate.wait))  # the compute thread is taken
-    await asyncio.sleep(0.05)
+    taken, gate = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        taken.set()
+        gate.wait()
+
+    busy = asyncio.ensure_future(core.compute(hold))
+    assert await asyncio.to_thread(taken.wait, 10)  # the compute thread is taken
     running = [asyncio.ensure_future(core.execute(layer, *b)) for b in batches]
-    await asyncio.sleep(0.05)
+    for _ in range(10_000):  # the owners' batches queue while it is taken, until a pass is formed
+        if core.grouped_passes:
+            break
+        await asyncio.sleep(0.001)
     gate.set()
     outs = await asyncio.gather(*running)
     await busy
