@@ -113,6 +113,17 @@ class ExpertBuffer:
             await self.release(eid)
             raise
 
+    def acquire_resident(self, eid: ExpertId) -> ExpertWeights:
+        """Pin an expert that is in memory now, without yielding to the event loop (so nothing
+        can evict it first); KeyError if it is not resident."""
+        entry = self._entries.get(eid)
+        if entry is None or entry.weights is None:
+            raise KeyError(f"expert {eid} is not resident")
+        self.counters.hits += 1
+        self.policy.on_access(eid)
+        entry.pins += 1
+        return entry.weights
+
     async def release(self, eid: ExpertId) -> None:
         entry = self._entries.get(eid)
         if entry is None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import statistics
 import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -77,20 +78,26 @@ def _plan(msg: pb.RoutingPlan, me: str) -> LayerPlan:
 
 
 def measure_expert_flops(cfg: MoeConfig, dtype: torch.dtype, tokens: int = 256, compute_share: float = 0) -> float:
-    """FLOP/s of one expert's matmuls on this device, for the scheduler's cost model (~0.1 s).
+    """FLOP/s of one expert's matmuls on this device, for the scheduler's cost model (~0.15 s).
 
     A paced agent (compute_share > 0) counts its thread's CPU time, which other processes on
-    the host do not inflate, and scales it by its share."""
+    the host do not inflate, and scales it by its share. The median of many single matmuls is
+    taken after a warm-up: agents start together, and a mean over the first calls let start-up
+    noise (a preempted call resumes with cold caches) make identical devices differ by 20%,
+    which the token scheduler then turned into imbalance."""
     clock = time.thread_time if compute_share else time.perf_counter
     gate = torch.randn(cfg.expert_size, cfg.hidden_size, dtype=dtype)
     x = torch.randn(tokens, cfg.hidden_size, dtype=dtype)
+    times: list[float] = []
     with torch.inference_mode():
-        torch.nn.functional.linear(x, gate)
-        start, reps = clock(), 0
-        while clock() - start < 0.05 or reps < 3:
+        for _ in range(5):
             torch.nn.functional.linear(x, gate)
-            reps += 1
-    return 2.0 * tokens * cfg.expert_size * cfg.hidden_size * reps / (clock() - start) * (compute_share or 1.0)
+        start = clock()
+        while clock() - start < 0.1 or len(times) < 9:
+            t = clock()
+            torch.nn.functional.linear(x, gate)
+            times.append(clock() - t)
+    return 2.0 * tokens * cfg.expert_size * cfg.hidden_size / statistics.median(times) * (compute_share or 1.0)
 
 
 class Servicer(pb_grpc.NodeAgentServicer):
@@ -146,7 +153,8 @@ class Servicer(pb_grpc.NodeAgentServicer):
                                     bytes_used=buf.bytes_used, capacity_bytes=buf.capacity,
                                     attention_seconds=core.attention_s, prefetches=c.prefetches,
                                     predicted_used=core.predicted_used, used=core.used,
-                                    compute_overrun_seconds=core.pacer.overrun_s)
+                                    compute_overrun_seconds=core.pacer.overrun_s, early_passes_used=core.early_used,
+                                    early_passes_dropped=core.early_dropped)
         resident = [e.layer * self.core.cfg.num_experts + e.index for e in buf.all_resident()]
         return pb.CacheStateReply(counters=counters, resident=resident)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -42,6 +43,29 @@ class KVShard:
     def append(self, other: KVShard) -> KVShard:
         return KVShard(torch.cat([self.k, other.k]), torch.cat([self.v, other.v]), torch.cat([self.pos, other.pos]))
 
+    @staticmethod
+    def union(shards: Sequence[KVShard]) -> KVShard:
+        """Several shards as one, in position order: the zigzag blocks of the other agents then
+        form long runs of consecutive positions, which attention takes in few fused calls."""
+        if len(shards) == 1:
+            return shards[0]
+        pos = torch.cat([s.pos for s in shards])
+        order = torch.argsort(pos)
+        return KVShard(torch.cat([s.k for s in shards])[order], torch.cat([s.v for s in shards])[order], pos[order])
+
+
+@dataclass
+class EarlyExperts:
+    """This agent's own tokens through the experts of `layer` it holds, started as soon as its
+    router has run, while the scheduler still waits for the other agents' reports: the plan
+    usually sends an owner's tokens to the one agent holding each expert, so the work is done
+    when the plan arrives. Used only for the experts whose slots the plan gives wholly to this
+    agent; otherwise dropped (the plan decides, the guess only saves time)."""
+
+    layer: int
+    experts: frozenset[int]
+    out: asyncio.Future[torch.Tensor]  # [T, D]: routing weight * expert(x) summed over `experts`
+
 
 @dataclass
 class StepState:
@@ -54,6 +78,12 @@ class StepState:
     route: tuple[torch.Tensor, torch.Tensor] | None = None  # (ids [T,k], weights [T,k]) pending
     new_kv: dict[int, KVShard] = field(default_factory=dict)  # layer -> this step's own K/V
     predicted: tuple[int, frozenset[int]] | None = None  # (layer, experts its router should pick)
+    early: EarlyExperts | None = None  # own tokens through held experts, begun before the plan
+
+    def drop_early(self) -> None:
+        if self.early is not None:
+            self.early.out.cancel()
+            self.early = None
 
     @property
     def last_position(self) -> int:
@@ -82,6 +112,7 @@ class RequestState:
         """Fold the finished step's own K/V into the shard (called when the next step begins)."""
         if self.step is None:
             return
+        self.step.drop_early()
         for layer, new in self.step.new_kv.items():
             self.kv[layer] = self.kv[layer].append(new) if layer in self.kv else new
         self.inbox = {key: v for key, v in self.inbox.items() if key[0] > self.step.step}
@@ -99,9 +130,9 @@ class RequestState:
         chunks = self.inbox.get((step, layer), {}).get(sender)
         return chunks is not None and len(chunks) == next(iter(chunks.values()))[0]
 
-    async def next_block(self, step: int, layer: int, pending: set[str], timeout_s: float) -> tuple[str, KVShard]:
-        """The K/V of whichever pending sender's block is complete first (reassembled from its
-        chunks), so attention on it can start while the others are still in transit."""
+    async def next_blocks(self, step: int, layer: int, pending: set[str], timeout_s: float) -> dict[str, KVShard]:
+        """The K/V of every pending sender whose block is complete (reassembled from its chunks),
+        once there is at least one: attention takes what has arrived while the rest is in transit."""
         async with self.arrived:
             try:
                 await asyncio.wait_for(
@@ -112,14 +143,19 @@ class RequestState:
                 raise TimeoutError(f"K/V of layer {layer} from {sorted(pending)} did not arrive within {timeout_s}s") from None
             if self.released:
                 raise RequestReleased(self.request_id)
-            sender = next(s for s in sorted(pending) if self._complete(step, layer, s))
-            got = self.inbox[(step, layer)].pop(sender)
-        chunks = [got[i][1] for i in sorted(got)]
-        return sender, KVShard(
-            torch.cat([c.k for c in chunks]), torch.cat([c.v for c in chunks]), torch.cat([c.pos for c in chunks])
-        )
+            senders = [s for s in sorted(pending) if self._complete(step, layer, s)]
+            got = {s: self.inbox[(step, layer)].pop(s) for s in senders}
+        blocks = {}
+        for sender, chunks in got.items():
+            parts = [chunks[i][1] for i in sorted(chunks)]
+            blocks[sender] = KVShard(
+                torch.cat([c.k for c in parts]), torch.cat([c.v for c in parts]), torch.cat([c.pos for c in parts])
+            )
+        return blocks
 
     async def release(self) -> None:
+        if self.step is not None:
+            self.step.drop_early()
         async with self.arrived:
             self.released = True
             self.inbox.clear()

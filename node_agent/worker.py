@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Protocol, TypeVar
@@ -21,7 +21,7 @@ from node_agent.dispatch import LayerPlan, split_by_executor
 from node_agent.expert_buffer import ExpertBuffer
 from node_agent.model import moe
 from node_agent.model.config import MoeConfig
-from node_agent.state import KVShard, Peer, RequestState, StepState, UnknownRequest
+from node_agent.state import EarlyExperts, KVShard, Peer, RequestState, StepState, UnknownRequest
 from node_agent.throttle import ComputePacer
 from protos.ids import ExpertId
 
@@ -68,6 +68,8 @@ class AgentCore:
         self._pending: dict[int, list[_Batch]] = {}  # layer -> batches waiting for a grouped pass
         self._draining: set[int] = set()  # layers with a drain task running
         self.grouped_passes = 0  # grouped expert passes run (batches per pass = how well they share)
+        self.early_used = 0  # early passes over own tokens that the plan confirmed
+        self.early_dropped = 0  # early passes the plan overruled (it sent some of those slots elsewhere)
         self.attention_s = 0.0  # total seconds in attention, all requests
         self.predicted_used = 0  # experts used by my tokens that the previous layer predicted
         self.used = 0  # experts used by my tokens in layers that had a prediction
@@ -152,9 +154,34 @@ class AgentCore:
             st.predicted = (nxt, frozenset(e for e, c in enumerate(predicted) if c))
         elif predicting:
             predicted = [0] * self.cfg.num_experts
+        if st.route is not None:  # queued after the prediction, so the report is not held up
+            st.early = self._start_early(layer, st.moe_in, *st.route)
         return LayerReport(counts, self.buffer.resident(layer), self.buffer.loading(layer), attention_s, predicted,
                            len(self.buffer.all_resident()), self.buffer.resident(nxt) if predicting else [],
                            self.buffer.loading(nxt) if predicting else [])
+
+    def _start_early(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> EarlyExperts | None:
+        """Run my tokens through the experts of `layer` I hold while the scheduler gathers the
+        other agents' reports and plans: the compute thread would otherwise wait for the plan."""
+        mine = set(self.buffer.resident(layer)) & set(ids[ids >= 0].unique().tolist())
+        if not mine:
+            return None
+        experts = frozenset(mine)
+        sub = torch.where(torch.isin(ids, torch.tensor(sorted(experts))), ids, -1)
+        # Taken now, while resident (acquire does not wait for a resident expert), so nothing
+        # can evict them between this report and the pass.
+        held = {e: self.buffer.acquire_resident(ExpertId(layer, e)) for e in sorted(experts)}
+
+        async def run() -> torch.Tensor:
+            out = torch.zeros_like(x)
+            try:
+                await self._grouped(layer, _Batch(x, sub, weights, out, held))
+            finally:
+                for e in held:
+                    await self.buffer.release(ExpertId(layer, e))
+            return out
+
+        return EarlyExperts(layer, experts, asyncio.ensure_future(run()))
 
     def _predict(self, hidden: torch.Tensor, layer: int) -> list[int]:
         """Layer `layer`'s router applied to the previous layer's hidden states: adjacent layers'
@@ -212,10 +239,15 @@ class AgentCore:
             mine = state.kv[layer].append(own_new) if layer in state.kv else own_new
             parts = [await self.compute(moe.attend, q, mine.k, mine.v, st.positions, mine.pos)]
             pending = {p.name for p in others if p.has_new and p.new_min < hi}
-            while pending:  # attend to each peer's block as soon as it is in
-                sender, block = await state.next_block(st.step, layer, pending, self.peer_timeout_s)
-                pending.discard(sender)
-                parts.append(await self.compute(moe.attend, q, block.k, block.v, st.positions, block.pos))
+            while pending:  # attend to the peers' blocks as soon as they are in, all that are in at once
+                blocks = await state.next_blocks(st.step, layer, pending, self.peer_timeout_s)
+                pending.difference_update(blocks)
+
+                def attend_blocks(shards: list[KVShard] = list(blocks.values())) -> tuple[torch.Tensor, torch.Tensor]:
+                    kv = KVShard.union(shards)
+                    return moe.attend(q, kv.k, kv.v, st.positions, kv.pos)
+
+                parts.append(await self.compute(attend_blocks))
             parts.extend(await asyncio.gather(*pulls))
             await asyncio.gather(*pushes)
         except BaseException:
@@ -250,8 +282,25 @@ class AgentCore:
         assert st.route is not None
         ids, weights = st.route
         addresses = {p.name: p.address for p in st.peers}
-        jobs = []
-        for name, sub in sorted(split_by_executor(ids, plan, self.name).items()):
+        subs = split_by_executor(ids, plan, self.name)
+        early, st.early = st.early, None
+        jobs: list[tuple[torch.Tensor, Awaitable[torch.Tensor]]] = []
+        if early is not None and early.layer != layer:
+            early.out.cancel()
+        elif early is not None:
+            local = subs.get(self.name, torch.full_like(ids, -1))
+            done = torch.tensor(sorted(early.experts))
+            if all(int((ids == e).sum()) == int((local == e).sum()) for e in early.experts):
+                self.early_used += 1
+                jobs.append((torch.arange(ids.shape[0]), early.out))
+                rest = torch.where(torch.isin(local, done), -1, local)
+                subs.pop(self.name, None)
+                if bool((rest >= 0).any()):
+                    subs[self.name] = rest
+            else:
+                self.early_dropped += 1
+                early.out.cancel()
+        for name, sub in sorted(subs.items()):
             rows = (sub >= 0).any(dim=1).nonzero().flatten()
             if name == self.name:
                 jobs.append((rows, self.execute(layer, x[rows], sub[rows], weights[rows])))
@@ -307,7 +356,9 @@ class AgentCore:
     async def _drain(self, layer: int) -> None:
         try:
             while self._pending.get(layer):
-                group = self._pending.pop(layer)
+                group = [b for b in self._pending.pop(layer) if not b.done.cancelled()]  # dropped early passes
+                if not group:
+                    continue
                 self.grouped_passes += 1
                 error: BaseException | None = None
                 try:
@@ -338,16 +389,11 @@ class _Batch:
 
 
 def _run_group(group: Sequence[_Batch]) -> None:
-    """out += experts(x) for every batch of the group, as one pass over the concatenated tokens."""
-    if len(group) == 1:
-        b = group[0]
-        moe.add_experts(b.out, b.x, b.ids, b.weights, b.held)
-        return
+    """out += experts(x) for every batch of the group, one matmul per expert over all its rows."""
     experts = {i: w for b in group for i, w in b.held.items()}
     # A batch's other slots may name an expert another batch holds: mask them to -1 (skipped).
-    ids = torch.cat([torch.where(torch.isin(b.ids, torch.tensor(list(b.held))), b.ids, -1) for b in group])
-    x = torch.cat([b.x for b in group])
-    out = torch.zeros_like(x)
-    moe.add_experts(out, x, ids, torch.cat([b.weights for b in group]), experts)
-    for b, part in zip(group, out.split([b.x.shape[0] for b in group])):
-        b.out.add_(part)
+    moe.add_experts_batches([
+        (b.out, b.x, b.ids if set(b.held) == set(experts) else torch.where(torch.isin(b.ids, torch.tensor(list(b.held))), b.ids, -1),
+         b.weights)
+        for b in group
+    ], experts)

@@ -110,6 +110,14 @@ def _agent_families(agents: tuple[AgentSnapshot, ...]) -> Iterator[Metric]:
         for agent in agents:
             counter.add_metric([agent.name], float(getattr(agent, attr)))
         yield counter
+    early = CounterMetricFamily(
+        "potluck_agent_early_expert_passes", "Passes of an agent's own tokens through the experts it holds, begun "
+        "before the scheduler's plan arrived; outcome=used when the plan agreed, dropped when it sent them elsewhere.",
+        labels=["agent", "outcome"])
+    for agent in agents:
+        early.add_metric([agent.name, "used"], float(agent.early_used))
+        early.add_metric([agent.name, "dropped"], float(agent.early_dropped))
+    yield early
 
 
 class RequestCounter:

@@ -262,22 +262,45 @@ def add_experts(out: torch.Tensor, x: torch.Tensor, ids: torch.Tensor, weights: 
     """out += routing weight * expert(x) for every (token, slot) of ids [n,k] whose expert is in
     `experts` (others are skipped). Slots are grouped by expert so each expert runs one matmul
     on a contiguous block, and results go back with one index_add."""
-    k = ids.shape[1]
-    flat = ids.flatten()  # [n*k]
-    slots = torch.isin(flat, torch.tensor(list(experts), dtype=flat.dtype)).nonzero().flatten()
-    if not slots.numel():
-        return
-    slots = slots[torch.argsort(flat[slots], stable=True)]  # grouped by expert id
-    rows = slots // k
-    xs = x[rows]  # [m, D]
-    counts = torch.bincount(flat[slots]).tolist()
-    ys = torch.empty_like(xs)
-    start = 0
-    for index, count in enumerate(counts):
-        if count:
-            ys[start : start + count] = swiglu(experts[index], xs[start : start + count])
-            start += count
-    out.index_add_(0, rows, ys * weights.flatten()[slots, None])
+    add_experts_batches([(out, x, ids, weights)], experts)
+
+
+def add_experts_batches(batches: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]],
+                        experts: Mapping[int, ExpertWeights]) -> None:
+    """`add_experts` on several (out, x, ids, weights) batches at once: each expert runs one
+    matmul over its rows from every batch (a grouped pass for several owners' tokens), and no
+    batch's tokens are copied beyond the rows its experts read."""
+    wanted = torch.tensor(sorted(experts), dtype=torch.long)
+    gathered = []  # per batch: (out, rows, routing weight per slot, x of the slots, slots per expert)
+    for out, x, ids, weights in batches:
+        k = ids.shape[1]
+        flat = ids.flatten()  # [n*k]
+        slots = torch.isin(flat, wanted).nonzero().flatten()
+        if not slots.numel():
+            continue
+        slots = slots[torch.argsort(flat[slots], stable=True)]  # grouped by expert id
+        rows = slots // k
+        gathered.append((out, rows, weights.flatten()[slots, None], x[rows], torch.bincount(flat[slots]).tolist()))
+    ys = [torch.empty_like(xs) for _, _, _, xs, _ in gathered]
+    starts = [0] * len(gathered)
+    for index in sorted(experts):
+        pieces = []  # (batch, start, count) of this expert's slots
+        for i, (*_, xs, counts) in enumerate(gathered):
+            count = counts[index] if index < len(counts) else 0
+            if count:
+                pieces.append((i, starts[i], count))
+                starts[i] += count
+        if not pieces:
+            continue
+        xin = torch.cat([gathered[i][3][s : s + c] for i, s, c in pieces]) if len(pieces) > 1 else \
+            gathered[pieces[0][0]][3][pieces[0][1] : pieces[0][1] + pieces[0][2]]
+        y = swiglu(experts[index], xin)
+        done = 0
+        for i, s, c in pieces:
+            ys[i][s : s + c] = y[done : done + c]
+            done += c
+    for (out, rows, w, _, _), y in zip(gathered, ys):
+        out.index_add_(0, rows, y * w)
 
 
 def run_experts(

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from node_agent.model import moe
+from node_agent.state import KVShard
 
 T, H, KVH, HD = 96, 8, 2, 16
 
@@ -58,3 +59,19 @@ def test_unmasked_attention_and_keys_no_query_can_see() -> None:
     assert torch.allclose(out, reference(q, k, v, torch.full((8,), 10), torch.arange(8)), atol=1e-5)
     late, lse = moe.attend(q, k, v, torch.arange(8), torch.arange(8) + 100)  # every key after every query
     assert torch.equal(late, torch.zeros_like(late)) and bool(torch.isinf(lse).all())
+
+
+@pytest.mark.parametrize("split", [zigzag, odd])
+def test_peer_blocks_taken_as_one_union_give_the_same_attention(split: Callable[[int, int], list[torch.Tensor]]) -> None:
+    """An agent attends to the peers' blocks that have arrived as one shard in position order:
+    the result is the per-block merge's, and the zigzag blocks fuse into runs of positions."""
+    g = torch.Generator().manual_seed(7)
+    q, k, v = (torch.randn(T, n, HD, generator=g) for n in (H, KVH, KVH))
+    mine, *peers = split(T, 4)
+    union = KVShard.union([KVShard(k[p], v[p], p) for p in peers])
+    assert torch.equal(union.pos, torch.sort(torch.cat(peers)).values)
+    assert torch.equal(union.k, k[union.pos]) and torch.equal(union.v, v[union.pos])
+    own = moe.attend(q[mine], k[mine], v[mine], mine, mine)
+    out = moe.merge([own, moe.attend(q[mine], union.k, union.v, mine, union.pos)])
+    expected = reference(q[mine], k, v, mine, torch.arange(T))
+    assert torch.allclose(out, expected, atol=1e-5), (out - expected).abs().max()
