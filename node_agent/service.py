@@ -153,8 +153,8 @@ class Servicer(pb_grpc.NodeAgentServicer):
                                     bytes_used=buf.bytes_used, capacity_bytes=buf.capacity,
                                     attention_seconds=core.attention_s, prefetches=c.prefetches,
                                     predicted_used=core.predicted_used, used=core.used,
-                                    compute_overrun_seconds=core.pacer.overrun_s, early_passes_used=core.early_used,
-                                    early_passes_dropped=core.early_dropped)
+                                    compute_overrun_seconds=core.pacer.overrun_s, early_experts_used=core.early_used,
+                                    early_experts_dropped=core.early_dropped)
         resident = [e.layer * self.core.cfg.num_experts + e.index for e in buf.all_resident()]
         return pb.CacheStateReply(counters=counters, resident=resident)
 

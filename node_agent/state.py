@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from node_agent.model.moe import SlotOutputs
+
 
 class RequestReleased(Exception):
     """The request was released (finished or cancelled) while work for it was waiting."""
@@ -59,12 +61,12 @@ class EarlyExperts:
     """This agent's own tokens through the experts of `layer` it holds, started as soon as its
     router has run, while the scheduler still waits for the other agents' reports: the plan
     usually sends an owner's tokens to the one agent holding each expert, so the work is done
-    when the plan arrives. Used only for the experts whose slots the plan gives wholly to this
-    agent; otherwise dropped (the plan decides, the guess only saves time)."""
+    when the plan arrives. An expert's share is used only if the plan gives this agent all of
+    its own slots of that expert; the rest is dropped (the plan decides, the guess saves time)."""
 
     layer: int
     experts: frozenset[int]
-    out: asyncio.Future[torch.Tensor]  # [T, D]: routing weight * expert(x) summed over `experts`
+    out: asyncio.Future[SlotOutputs]
 
 
 @dataclass

@@ -68,8 +68,8 @@ class AgentCore:
         self._pending: dict[int, list[_Batch]] = {}  # layer -> batches waiting for a grouped pass
         self._draining: set[int] = set()  # layers with a drain task running
         self.grouped_passes = 0  # grouped expert passes run (batches per pass = how well they share)
-        self.early_used = 0  # early passes over own tokens that the plan confirmed
-        self.early_dropped = 0  # early passes the plan overruled (it sent some of those slots elsewhere)
+        self.early_used = 0  # experts run early on my own tokens whose share the plan confirmed
+        self.early_dropped = 0  # experts run early that the plan overruled (it sent those slots elsewhere)
         self.attention_s = 0.0  # total seconds in attention, all requests
         self.predicted_used = 0  # experts used by my tokens that the previous layer predicted
         self.used = 0  # experts used by my tokens in layers that had a prediction
@@ -163,23 +163,19 @@ class AgentCore:
     def _start_early(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> EarlyExperts | None:
         """Run my tokens through the experts of `layer` I hold while the scheduler gathers the
         other agents' reports and plans: the compute thread would otherwise wait for the plan."""
-        mine = set(self.buffer.resident(layer)) & set(ids[ids >= 0].unique().tolist())
-        if not mine:
+        experts = frozenset(self.buffer.resident(layer)) & frozenset(ids[ids >= 0].unique().tolist())
+        if not experts:
             return None
-        experts = frozenset(mine)
-        sub = torch.where(torch.isin(ids, torch.tensor(sorted(experts))), ids, -1)
         # Taken now, while resident (acquire does not wait for a resident expert), so nothing
         # can evict them between this report and the pass.
         held = {e: self.buffer.acquire_resident(ExpertId(layer, e)) for e in sorted(experts)}
 
-        async def run() -> torch.Tensor:
-            out = torch.zeros_like(x)
+        async def run() -> moe.SlotOutputs:
             try:
-                await self._grouped(layer, _Batch(x, sub, weights, out, held))
+                return (await self.compute(moe.expert_slots, [(x, ids, weights)], held))[0]
             finally:
                 for e in held:
                     await self.buffer.release(ExpertId(layer, e))
-            return out
 
         return EarlyExperts(layer, experts, asyncio.ensure_future(run()))
 
@@ -284,38 +280,43 @@ class AgentCore:
         addresses = {p.name: p.address for p in st.peers}
         subs = split_by_executor(ids, plan, self.name)
         early, st.early = st.early, None
-        jobs: list[tuple[torch.Tensor, Awaitable[torch.Tensor]]] = []
+        jobs: list[Awaitable[tuple[torch.Tensor, torch.Tensor]]] = []
         if early is not None and early.layer != layer:
             early.out.cancel()
         elif early is not None:
             local = subs.get(self.name, torch.full_like(ids, -1))
-            done = torch.tensor(sorted(early.experts))
-            if all(int((ids == e).sum()) == int((local == e).sum()) for e in early.experts):
-                self.early_used += 1
-                jobs.append((torch.arange(ids.shape[0]), early.out))
-                rest = torch.where(torch.isin(local, done), -1, local)
+            agreed = sorted(e for e in early.experts if int((ids == e).sum()) == int((local == e).sum()))
+            self.early_used += len(agreed)
+            self.early_dropped += len(early.experts) - len(agreed)
+            if agreed:
+                jobs.append(self._early_share(early.out, agreed))
+                rest = torch.where(torch.isin(local, torch.tensor(agreed)), -1, local)
                 subs.pop(self.name, None)
                 if bool((rest >= 0).any()):
                     subs[self.name] = rest
             else:
-                self.early_dropped += 1
                 early.out.cancel()
         for name, sub in sorted(subs.items()):
             rows = (sub >= 0).any(dim=1).nonzero().flatten()
             if name == self.name:
-                jobs.append((rows, self.execute(layer, x[rows], sub[rows], weights[rows])))
+                run = self.execute(layer, x[rows], sub[rows], weights[rows])
             else:
-                jobs.append((rows, self.peers.run_experts(addresses[name], request_id, layer, x[rows], sub[rows], weights[rows])))
-        outs = await asyncio.gather(*(job for _, job in jobs))
+                run = self.peers.run_experts(addresses[name], request_id, layer, x[rows], sub[rows], weights[rows])
+            jobs.append(_with_rows(rows, run))
+        outs = await asyncio.gather(*jobs)
 
         def combine() -> torch.Tensor:
             h = st.hidden.clone()
-            for (rows, _), out in zip(jobs, outs):
+            for rows, out in outs:
                 h.index_add_(0, rows, out)
             return h
 
         st.hidden = await self.compute(combine)
         st.moe_in, st.route = None, None
+
+    @staticmethod
+    async def _early_share(out: asyncio.Future[moe.SlotOutputs], experts: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        return (await out).only(experts)
 
     async def execute(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """Weighted sum of my experts on tokens sent to me. Resident experts run in one grouped
@@ -356,7 +357,7 @@ class AgentCore:
     async def _drain(self, layer: int) -> None:
         try:
             while self._pending.get(layer):
-                group = [b for b in self._pending.pop(layer) if not b.done.cancelled()]  # dropped early passes
+                group = [b for b in self._pending.pop(layer) if not b.done.cancelled()]  # waiters gone
                 if not group:
                     continue
                 self.grouped_passes += 1
@@ -374,6 +375,10 @@ class AgentCore:
                     raise error
         finally:
             self._draining.discard(layer)
+
+
+async def _with_rows(rows: torch.Tensor, out: Awaitable[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    return rows, await out
 
 
 @dataclass

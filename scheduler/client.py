@@ -128,5 +128,5 @@ class AgentClient:
         c = r.counters
         return AgentSnapshot(self.spec.name, self.spec.address, True, c.hits, c.misses, c.loads, c.evictions,
                              c.bytes_read, c.bytes_sent, c.bytes_used, c.capacity_bytes, c.attention_seconds,
-                             c.prefetches, c.predicted_used, c.used, c.compute_overrun_seconds, c.early_passes_used,
-                             c.early_passes_dropped)
+                             c.prefetches, c.predicted_used, c.used, c.compute_overrun_seconds, c.early_experts_used,
+                             c.early_experts_dropped)

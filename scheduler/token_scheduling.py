@@ -5,9 +5,10 @@ Greedy in the manner of longest-processing-time-first: experts in decreasing tok
 goes where the layer's makespan (the busiest agent's finish time) grows least, counting a disk
 read where the expert is neither resident nor already in flight, its compute, and the hidden
 states that must cross links (the owner sends its tokens, the executor sends results back). An
-expert held by several agents has its tokens split among them, owner by owner. Loading into a full
-buffer evicts an expert that a later request will probably read back, so it is charged a second
-read: without that, a layer-by-layer makespan happily copies a busy agent's expert to an idle one
+owner holding the expert runs its own tokens (agents start those before the plan comes); the
+other owners' tokens of an expert held by several agents are split among them, owner by owner.
+Loading into a full buffer evicts an expert that a later request will probably read back, so it
+is charged a second read: without that, a layer-by-layer makespan happily copies a busy agent's expert to an idle one
 and the pooled cache churns from request to request.
 """
 
@@ -36,19 +37,27 @@ def schedule_layer(
         if not owners:
             continue
         holders = [n for n in nodes if e in held[n]]
+        # An owner that holds the expert runs its own tokens: agents start them as soon as their
+        # router has run, before this plan exists, and they cross no link.
+        for owner in (o for o in owners if o in holders):
+            _charge(time, profiles, cost, owner, {owner: counts[owner][e]}, False)
+            shares[(owner, e)] = [(owner, 0)]
+        rest = [o for o in owners if o not in holders]
+        if not rest:
+            continue
         if len(holders) > 1:
-            for owner in sorted(owners, key=lambda n: -counts[n][e]):
+            for owner in sorted(rest, key=lambda n: -counts[n][e]):
                 executor = min(holders, key=lambda x: _score(time, profiles, cost, x, {owner: counts[owner][e]}, False, free))
                 _charge(time, profiles, cost, executor, {owner: counts[owner][e]}, False)
                 shares[(owner, e)] = [(executor, 0)]
             continue
-        tokens = {o: counts[o][e] for o in owners}
+        tokens = {o: counts[o][e] for o in rest}
         executor = min(nodes, key=lambda x: _score(time, profiles, cost, x, tokens, e not in held[x], free))
         load = e not in held[executor]
         _charge(time, profiles, cost, executor, tokens, load, _evicts(load, free[executor]))
         if load and free[executor] is not None:
             free[executor] -= 1  # type: ignore[operator]
-        for o in owners:
+        for o in rest:
             shares[(o, e)] = [(executor, 0)]
     return RoutingPlan(layer, {k: tuple(v) for k, v in shares.items()})
 

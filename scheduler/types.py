@@ -79,8 +79,8 @@ class AgentSnapshot:
     predicted_used: int = 0  # experts used that the previous layer's prediction named
     used: int = 0  # experts used in layers that had a prediction (recall = predicted_used / used)
     compute_overrun_s: float = 0.0  # paced compute past its emulated speed (the host fell short)
-    early_used: int = 0  # own-token expert passes begun before the plan, which the plan confirmed
-    early_dropped: int = 0  # such passes the plan overruled
+    early_used: int = 0  # experts run on its own tokens before the plan came, confirmed by the plan
+    early_dropped: int = 0  # such early runs the plan overruled
 
 
 @dataclass(frozen=True)

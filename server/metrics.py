@@ -111,7 +111,7 @@ def _agent_families(agents: tuple[AgentSnapshot, ...]) -> Iterator[Metric]:
             counter.add_metric([agent.name], float(getattr(agent, attr)))
         yield counter
     early = CounterMetricFamily(
-        "potluck_agent_early_expert_passes", "Passes of an agent's own tokens through the experts it holds, begun "
+        "potluck_agent_early_expert_runs", "Experts an agent ran on its own tokens as soon as its router had run, "
         "before the scheduler's plan arrived; outcome=used when the plan agreed, dropped when it sent them elsewhere.",
         labels=["agent", "outcome"])
     for agent in agents:

@@ -270,22 +270,46 @@ def add_experts_batches(batches: Sequence[tuple[torch.Tensor, torch.Tensor, torc
     """`add_experts` on several (out, x, ids, weights) batches at once: each expert runs one
     matmul over its rows from every batch (a grouped pass for several owners' tokens), and no
     batch's tokens are copied beyond the rows its experts read."""
+    outs = expert_slots([(x, ids, weights) for _, x, ids, weights in batches], experts)
+    for (out, *_), slots in zip(batches, outs):
+        if slots.rows.numel():
+            out.index_add_(0, slots.rows, slots.y)
+
+
+@dataclass(frozen=True)
+class SlotOutputs:
+    """Weighted expert outputs of a batch's (token, slot) pairs, one row per slot and kept apart
+    by expert, so that a caller can add only some experts' share to the residual stream."""
+
+    rows: torch.Tensor  # [m] token row of each slot
+    experts: torch.Tensor  # [m] expert index of each slot
+    y: torch.Tensor  # [m, D] routing weight * expert(x[row])
+
+    def only(self, keep: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(rows, y) of the slots whose expert is in keep."""
+        mask = torch.isin(self.experts, torch.tensor(list(keep), dtype=self.experts.dtype))
+        return self.rows[mask], self.y[mask]
+
+
+def expert_slots(batches: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+                 experts: Mapping[int, ExpertWeights]) -> list[SlotOutputs]:
+    """The slot outputs of every (x, ids, weights) batch for its slots whose expert is in
+    `experts`, each expert running one matmul over its rows from all the batches."""
     wanted = torch.tensor(sorted(experts), dtype=torch.long)
-    gathered = []  # per batch: (out, rows, routing weight per slot, x of the slots, slots per expert)
-    for out, x, ids, weights in batches:
+    gathered = []  # per batch: (rows, expert per slot, routing weight per slot, x of the slots, slots per expert)
+    for x, ids, weights in batches:
         k = ids.shape[1]
         flat = ids.flatten()  # [n*k]
         slots = torch.isin(flat, wanted).nonzero().flatten()
-        if not slots.numel():
-            continue
         slots = slots[torch.argsort(flat[slots], stable=True)]  # grouped by expert id
         rows = slots // k
-        gathered.append((out, rows, weights.flatten()[slots, None], x[rows], torch.bincount(flat[slots]).tolist()))
-    ys = [torch.empty_like(xs) for _, _, _, xs, _ in gathered]
+        counts = torch.bincount(flat[slots]).tolist() if slots.numel() else []
+        gathered.append((rows, flat[slots], weights.flatten()[slots, None], x[rows], counts))
+    ys = [torch.empty_like(xs) for *_, xs, _ in gathered]
     starts = [0] * len(gathered)
     for index in sorted(experts):
         pieces = []  # (batch, start, count) of this expert's slots
-        for i, (*_, xs, counts) in enumerate(gathered):
+        for i, (*_, counts) in enumerate(gathered):
             count = counts[index] if index < len(counts) else 0
             if count:
                 pieces.append((i, starts[i], count))
@@ -299,8 +323,7 @@ def add_experts_batches(batches: Sequence[tuple[torch.Tensor, torch.Tensor, torc
         for i, s, c in pieces:
             ys[i][s : s + c] = y[done : done + c]
             done += c
-    for (out, rows, w, _, _), y in zip(gathered, ys):
-        out.index_add_(0, rows, y * w)
+    return [SlotOutputs(rows, ex, y * w) for (rows, ex, w, _, _), y in zip(gathered, ys)]
 
 
 def run_experts(

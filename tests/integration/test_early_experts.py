@@ -19,7 +19,7 @@ async def early(cluster: Cluster) -> tuple[int, int]:
     return sum(s.early_used for s in snaps), sum(s.early_dropped for s in snaps)
 
 
-async def test_an_early_pass_is_used_when_the_plan_agrees_and_dropped_when_it_does_not(qwen_tiny: Path) -> None:
+async def test_early_expert_runs_are_used_where_the_plan_agrees_and_dropped_where_it_does_not(qwen_tiny: Path) -> None:
     ref = reference(qwen_tiny)
     ids = prompt(ref.config.vocab_size, n=48)
     with torch.no_grad():
@@ -35,9 +35,9 @@ async def test_an_early_pass_is_used_when_the_plan_agrees_and_dropped_when_it_do
         used, dropped = await early(cluster)
         assert used > 0 and dropped == 0
 
-        # Expert-parallel: agent i runs only its half of each layer's experts, so the early pass
-        # over every expert an agent holds is overruled; the plan's split gives the same logits.
+        # Expert-parallel: agent i runs only its half of each layer's experts, so the early runs of
+        # the other half (it holds them all by now) are overruled and those of its own half used.
         logits = await cluster.runner(Policy.from_flags("expert-parallel")).prefill_logits("split", ids)
         assert (logits - expected).abs().max().item() <= ATOL
         used_after, dropped_after = await early(cluster)
-        assert dropped_after > 0 and used_after == used
+        assert dropped_after > 0 and used_after > used

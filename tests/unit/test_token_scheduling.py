@@ -69,6 +69,18 @@ def test_expert_held_by_several_agents_has_its_tokens_split() -> None:
     assert all(plan.shares[(n, 0)] == ((n, 0),) for n in NODES[:3])
 
 
+def test_an_owner_holding_the_expert_keeps_its_tokens_and_the_others_go_to_the_idlest_holder() -> None:
+    # Expert 1 (only n0 holds it) keeps n0 busy, so balancing alone would send n0's tokens of
+    # expert 0 to the idle n1, which holds it too. But n0 ran them already (agents start their
+    # own tokens on held experts before the plan comes): n0 keeps its own; n2's go to n1.
+    reports = [report(NODES[0], [300, 400], resident={0, 1}), report(NODES[1], [0, 0], resident={0}),
+               report(NODES[2], [100, 0])]
+    plan = schedule_layer(0, reports, profiles(3), COST)
+    assert plan.shares[(NODES[0], 0)] == ((NODES[0], 0),)
+    assert plan.shares[(NODES[0], 1)] == ((NODES[0], 0),)
+    assert plan.shares[(NODES[2], 0)] == ((NODES[1], 0),)
+
+
 def test_a_full_buffer_is_avoided_when_it_costs_nothing() -> None:
     reports = [report(NODES[0], [1, 0], total=32), report(NODES[1], [1, 0], total=0)]
     plan = schedule_layer(0, reports, profiles(2), COST)
