@@ -354,9 +354,18 @@ class AgentCore:
             asyncio.ensure_future(self._drain(layer))
         await batch.done
 
+    @property
+    def queued_batches(self) -> int:
+        """Expert batches waiting for a grouped pass, all layers."""
+        return sum(len(v) for v in self._pending.values())
+
     async def _drain(self, layer: int) -> None:
         try:
             while self._pending.get(layer):
+                # Form the pass when the compute thread is free, not when the first batch came:
+                # the batches that arrive while it finishes other work (an early run, a previous
+                # pass) then share one matmul per expert instead of taking a pass each.
+                await asyncio.get_running_loop().run_in_executor(self._compute, _nothing)
                 group = [b for b in self._pending.pop(layer) if not b.done.cancelled()]  # waiters gone
                 if not group:
                     continue
@@ -375,6 +384,10 @@ class AgentCore:
                     raise error
         finally:
             self._draining.discard(layer)
+
+
+def _nothing() -> None:
+    pass
 
 
 async def _with_rows(rows: torch.Tensor, out: Awaitable[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,5 +1,5 @@
 """Expert batches that reach an agent while its compute thread is busy run as one grouped pass,
-with the same result as one pass each."""
+formed when the thread is free, with the same result as one pass each."""
 
 from __future__ import annotations
 
@@ -45,10 +45,11 @@ async def test_batches_arriving_together_share_one_pass(qwen_tiny: Path) -> None
     busy = asyncio.ensure_future(core.compute(hold))
     assert await asyncio.to_thread(taken.wait, 10)  # the compute thread is taken
     running = [asyncio.ensure_future(core.execute(layer, *b)) for b in batches]
-    for _ in range(10_000):  # the owners' batches queue while it is taken, until a pass is formed
-        if core.grouped_passes:
+    for _ in range(10_000):  # the owners' batches queue while it is taken
+        if core.queued_batches == len(batches):
             break
         await asyncio.sleep(0.001)
+    assert core.grouped_passes == 0  # no pass is formed while the compute thread is taken
     gate.set()
     outs = await asyncio.gather(*running)
     await busy
