@@ -43,7 +43,11 @@ class KVShard:
     pos: torch.Tensor  # [S] absolute positions
 
     def append(self, other: KVShard) -> KVShard:
-        return KVShard(torch.cat([self.k, other.k]), torch.cat([self.v, other.v]), torch.cat([self.pos, other.pos]))
+        return KVShard.cat([self, other])
+
+    @staticmethod
+    def cat(shards: Sequence[KVShard]) -> KVShard:
+        return KVShard(torch.cat([s.k for s in shards]), torch.cat([s.v for s in shards]), torch.cat([s.pos for s in shards]))
 
     @staticmethod
     def union(shards: Sequence[KVShard]) -> KVShard:
@@ -51,9 +55,9 @@ class KVShard:
         form long runs of consecutive positions, which attention takes in few fused calls."""
         if len(shards) == 1:
             return shards[0]
-        pos = torch.cat([s.pos for s in shards])
-        order = torch.argsort(pos)
-        return KVShard(torch.cat([s.k for s in shards])[order], torch.cat([s.v for s in shards])[order], pos[order])
+        kv = KVShard.cat(shards)
+        order = torch.argsort(kv.pos)
+        return KVShard(kv.k[order], kv.v[order], kv.pos[order])
 
 
 @dataclass
@@ -147,13 +151,7 @@ class RequestState:
                 raise RequestReleased(self.request_id)
             senders = [s for s in sorted(pending) if self._complete(step, layer, s)]
             got = {s: self.inbox[(step, layer)].pop(s) for s in senders}
-        blocks = {}
-        for sender, chunks in got.items():
-            parts = [chunks[i][1] for i in sorted(chunks)]
-            blocks[sender] = KVShard(
-                torch.cat([c.k for c in parts]), torch.cat([c.v for c in parts]), torch.cat([c.pos for c in parts])
-            )
-        return blocks
+        return {sender: KVShard.cat([chunks[i][1] for i in sorted(chunks)]) for sender, chunks in got.items()}
 
     async def release(self) -> None:
         if self.step is not None:

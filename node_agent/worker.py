@@ -12,13 +12,14 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol, TypeVar
 
 import torch
 
 from node_agent.dispatch import LayerPlan, split_by_executor
 from node_agent.expert_buffer import ExpertBuffer
+from node_agent.grouped import GroupedPasses
 from node_agent.model import moe
 from node_agent.model.config import MoeConfig
 from node_agent.state import EarlyExperts, KVShard, Peer, RequestState, StepState, UnknownRequest
@@ -65,9 +66,7 @@ class AgentCore:
         self.peer_timeout_s = peer_timeout_s
         self._compute = ThreadPoolExecutor(1, thread_name_prefix="compute")
         self.requests: dict[str, RequestState] = {}
-        self._pending: dict[int, list[_Batch]] = {}  # layer -> batches waiting for a grouped pass
-        self._draining: set[int] = set()  # layers with a drain task running
-        self.grouped_passes = 0  # grouped expert passes run (batches per pass = how well they share)
+        self.passes = GroupedPasses(self.compute, self._compute)
         self.early_used = 0  # experts run early on my own tokens whose share the plan confirmed
         self.early_dropped = 0  # experts run early that the plan overruled (it sent those slots elsewhere)
         self.attention_s = 0.0  # total seconds in attention, all requests
@@ -337,81 +336,13 @@ class AgentCore:
         try:
             tasks = [asyncio.ensure_future(one(e)) for e in later]  # loads start before compute
             if held:
-                await self._grouped(layer, _Batch(x, ids, weights, out, held))
+                await self.passes.run(layer, x, ids, weights, out, held)
         finally:
             for e in now:
                 await self.buffer.release(e)
         await asyncio.gather(*tasks)
         return out
 
-    async def _grouped(self, layer: int, batch: _Batch) -> None:
-        """Queue a batch for the layer's next grouped pass; one drain per layer runs what has
-        gathered whenever the previous pass is done, so owners' batches share one matmul per expert
-        instead of one each."""
-        self._pending.setdefault(layer, []).append(batch)
-        if layer not in self._draining:
-            self._draining.add(layer)
-            asyncio.ensure_future(self._drain(layer))
-        await batch.done
-
-    @property
-    def queued_batches(self) -> int:
-        """Expert batches waiting for a grouped pass, all layers."""
-        return sum(len(v) for v in self._pending.values())
-
-    async def _drain(self, layer: int) -> None:
-        try:
-            while self._pending.get(layer):
-                # Form the pass when the compute thread is free, not when the first batch came:
-                # the batches that arrive while it finishes other work (an early run, a previous
-                # pass) then share one matmul per expert instead of taking a pass each.
-                await asyncio.get_running_loop().run_in_executor(self._compute, _nothing)
-                group = [b for b in self._pending.pop(layer) if not b.done.cancelled()]  # waiters gone
-                if not group:
-                    continue
-                self.grouped_passes += 1
-                error: BaseException | None = None
-                try:
-                    await self.compute(_run_group, group)
-                except BaseException as exc:  # every waiter hears of it; none hangs
-                    error = exc
-                for b in (b for b in group if not b.done.done()):  # a waiter may have been cancelled
-                    if error is None:
-                        b.done.set_result(None)
-                    else:
-                        b.done.set_exception(error)
-                if error is not None and not isinstance(error, Exception):
-                    raise error
-        finally:
-            self._draining.discard(layer)
-
-
-def _nothing() -> None:
-    pass
-
 
 async def _with_rows(rows: torch.Tensor, out: Awaitable[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     return rows, await out
-
-
-@dataclass
-class _Batch:
-    """One owner's tokens for a grouped pass, of which it runs the slots whose expert is in held."""
-
-    x: torch.Tensor
-    ids: torch.Tensor
-    weights: torch.Tensor
-    out: torch.Tensor  # written on the compute thread only
-    held: dict[int, moe.ExpertWeights]
-    done: asyncio.Future[None] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
-
-
-def _run_group(group: Sequence[_Batch]) -> None:
-    """out += experts(x) for every batch of the group, one matmul per expert over all its rows."""
-    experts = {i: w for b in group for i, w in b.held.items()}
-    # A batch's other slots may name an expert another batch holds: mask them to -1 (skipped).
-    moe.add_experts_batches([
-        (b.out, b.x, b.ids if set(b.held) == set(experts) else torch.where(torch.isin(b.ids, torch.tensor(list(b.held))), b.ids, -1),
-         b.weights)
-        for b in group
-    ], experts)

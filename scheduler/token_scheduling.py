@@ -8,8 +8,8 @@ states that must cross links (the owner sends its tokens, the executor sends res
 owner holding the expert runs its own tokens (agents start those before the plan comes); the
 other owners' tokens of an expert held by several agents are split among them, owner by owner.
 Loading into a full buffer evicts an expert that a later request will probably read back, so it
-is charged a second read: without that, a layer-by-layer makespan happily copies a busy agent's expert to an idle one
-and the pooled cache churns from request to request.
+is charged a second read: without that, a layer-by-layer makespan happily copies a busy agent's
+expert to an idle one and the pooled cache churns from request to request.
 """
 
 from __future__ import annotations

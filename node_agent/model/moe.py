@@ -316,9 +316,8 @@ def expert_slots(batches: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tenso
                 starts[i] += count
         if not pieces:
             continue
-        xin = torch.cat([gathered[i][3][s : s + c] for i, s, c in pieces]) if len(pieces) > 1 else \
-            gathered[pieces[0][0]][3][pieces[0][1] : pieces[0][1] + pieces[0][2]]
-        y = swiglu(experts[index], xin)
+        rows_in = [gathered[i][3][s : s + c] for i, s, c in pieces]
+        y = swiglu(experts[index], rows_in[0] if len(rows_in) == 1 else torch.cat(rows_in))
         done = 0
         for i, s, c in pieces:
             ys[i][s : s + c] = y[done : done + c]

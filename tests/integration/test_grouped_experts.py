@@ -46,15 +46,15 @@ async def test_batches_arriving_together_share_one_pass(qwen_tiny: Path) -> None
     assert await asyncio.to_thread(taken.wait, 10)  # the compute thread is taken
     running = [asyncio.ensure_future(core.execute(layer, *b)) for b in batches]
     for _ in range(10_000):  # the owners' batches queue while it is taken
-        if core.queued_batches == len(batches):
+        if core.passes.queued == len(batches):
             break
         await asyncio.sleep(0.001)
-    assert core.grouped_passes == 0  # no pass is formed while the compute thread is taken
+    assert core.passes.formed == 0  # no pass is formed while the compute thread is taken
     gate.set()
     outs = await asyncio.gather(*running)
     await busy
 
-    assert core.grouped_passes == 1  # three owners' resident experts, one pass
+    assert core.passes.formed == 1  # three owners' resident experts, one pass
     for (x, ids, w), out in zip(batches, outs):
         expected = moe.run_experts(x, ids, w, lambda e: weights.get(e) or store.load(ExpertId(layer, e)))
         assert torch.allclose(out, expected, atol=1e-6)
