@@ -1,17 +1,24 @@
-"""The agent's bounded expert memory: loads on demand or by prefetch, coalesces, pins, evicts.
+"""The agent's bounded expert memory: loads on demand, by prefetch or by fill; coalesces, pins,
+evicts.
 
 Invariant: bytes of resident experts + bytes reserved by loads in flight <= capacity, always (a
 load reserves its bytes before it starts reading, evicting unpinned experts or waiting). Which
 expert goes is the policy's choice (`cache_policy.py`), except that experts the current plan needs
-(`protect`) go last, and a prefetch never evicts them. The disk reads one expert at a time, demand
-loads before prefetches. Runs on the agent's event loop; only reads happen in the disk thread.
+(`protect`) go last, and a prefetch never evicts them. A fill (an expert no agent holds, read into
+free memory while the disk is idle) never evicts anything, gives its reservation back to any load
+that needs the room before its read starts, and yields the disk between chunks to any demand or
+prefetch read (it goes back in the queue and starts over). The disk reads one expert at a time,
+demand loads before prefetches before fills. Runs on the agent's event loop; only reads happen in
+the disk thread.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import heapq
 import itertools
+import threading
 from collections.abc import AsyncIterator, Callable, Iterable
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
@@ -20,11 +27,20 @@ from node_agent.cache_policy import EvictionPolicy, LRUPolicy
 from node_agent.model.moe import ExpertWeights
 from protos.ids import ExpertId
 
-DEMAND, PREFETCH = 0, 1  # disk queue priorities (lower first)
+DEMAND, PREFETCH, FILL = 0, 1, 2  # disk queue priorities (lower first)
 
 
 class BufferTooSmall(ValueError):
     """The byte budget cannot hold even one expert."""
+
+
+class ReadPreempted(Exception):
+    """A fill's read stopped between chunks because a more urgent read is waiting."""
+
+
+# Reads an expert; calls the given check before every chunk (the check raises ReadPreempted to
+# stop a read that must give the disk up). Runs in the disk thread.
+LoadFn = Callable[[ExpertId, Callable[[], None]], ExpertWeights]
 
 
 @dataclass
@@ -32,6 +48,7 @@ class _Entry:
     pins: int = 0  # users computing with it (or waiting for its load)
     weights: ExpertWeights | None = None  # None while loading
     started: bool = False  # its read has begun
+    priority: int = DEMAND  # the most urgent disk priority it was asked at
     loaded: asyncio.Future[ExpertWeights] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
 
 
@@ -42,6 +59,8 @@ class BufferCounters:
     loads: int = 0  # loads completed
     evictions: int = 0  # experts dropped to make room
     prefetches: int = 0  # loads started by a prefetch
+    fills: int = 0  # loads started by a fill
+    fill_preemptions: int = 0  # fill reads stopped part-way for a more urgent read
 
 
 class ExpertBuffer:
@@ -49,7 +68,7 @@ class ExpertBuffer:
         self,
         capacity_bytes: int,
         expert_nbytes: int,
-        load: Callable[[ExpertId], ExpertWeights],
+        load: LoadFn,
         disk_executor: Executor,
         policy: EvictionPolicy[ExpertId] | None = None,
     ) -> None:
@@ -62,9 +81,10 @@ class ExpertBuffer:
         self.policy: EvictionPolicy[ExpertId] = policy or LRUPolicy()
         self._entries: dict[ExpertId, _Entry] = {}
         self._space = asyncio.Condition()
-        self._queue: asyncio.PriorityQueue[tuple[int, int, ExpertId, _Entry]] = asyncio.PriorityQueue()
+        self._queue: list[tuple[int, int, ExpertId, _Entry]] = []  # heap of (priority, seq, expert, entry)
         self._seq = itertools.count()
         self._reader: asyncio.Task[None] | None = None
+        self._urgent = threading.Event()  # a demand or prefetch read is queued (read by the disk thread)
         self.protected: frozenset[ExpertId] = frozenset()
         self.counters = BufferCounters()
 
@@ -81,6 +101,9 @@ class ExpertBuffer:
 
     def all_resident(self) -> list[ExpertId]:
         return sorted(e for e, v in self._entries.items() if v.weights is not None)
+
+    def all_loading(self) -> list[ExpertId]:
+        return sorted(e for e, v in self._entries.items() if v.weights is None)
 
     def protect(self, experts: Iterable[ExpertId]) -> None:
         """Experts the current plan needs here: evicted last, never for a prefetch."""
@@ -100,8 +123,8 @@ class ExpertBuffer:
         if entry is not None:
             self.counters.hits += 1
             self.policy.on_access(eid)
-            if not entry.started:
-                self._enqueue(DEMAND, eid, entry)  # a queued prefetch is now needed: jump the queue
+            if not entry.started and entry.priority != DEMAND:
+                self._enqueue(DEMAND, eid, entry)  # a queued prefetch or fill is now needed: jump the queue
         else:
             self.counters.misses += 1
             entry = await self._reserve(eid, allow_protected=True)
@@ -136,12 +159,39 @@ class ExpertBuffer:
     async def prefetch(self, eid: ExpertId) -> bool:
         """Start reading an expert predicted to be needed, if that evicts nothing the current plan
         needs; returns whether it is resident or on its way."""
-        if eid in self._entries:
+        entry = self._entries.get(eid)
+        if entry is not None:
+            if entry.priority == FILL:  # a fill is now predicted: it no longer yields, and moves up
+                entry.priority = PREFETCH
+                if not entry.started:
+                    self._enqueue(PREFETCH, eid, entry)
             return True
         entry = await self._reserve(eid, allow_protected=False)
         if entry is not None:
             self.counters.prefetches += 1
         return entry is not None
+
+    def fill(self, eid: ExpertId) -> bool:
+        """Queue a read of an expert into free memory at the lowest disk priority; never evicts.
+        Returns whether it is resident or on its way (False: no free room)."""
+        if eid in self._entries:
+            return True
+        if self.capacity and self.bytes_used + self.expert_nbytes > self.capacity:
+            return False
+        entry = _Entry(priority=FILL)
+        self._entries[eid] = entry
+        self.counters.fills += 1
+        self._enqueue(FILL, eid, entry)
+        return True
+
+    def _cancel_fill(self) -> bool:
+        """Give back the reservation of one fill whose read has not started (for a load that needs
+        the room); returns whether there was one."""
+        eid = next((k for k, v in self._entries.items() if v.priority == FILL and not v.started and not v.pins), None)
+        if eid is None:
+            return False
+        del self._entries[eid]  # the reader skips its queue item
+        return True
 
     def _victim(self, allow_protected: bool) -> ExpertId | None:
         free = {k for k, v in self._entries.items() if v.pins == 0 and v.weights is not None}
@@ -154,6 +204,8 @@ class ExpertBuffer:
     async def _reserve(self, eid: ExpertId, allow_protected: bool) -> _Entry | None:
         async with self._space:
             while self.capacity and self.bytes_used + self.expert_nbytes > self.capacity:
+                if self._cancel_fill():
+                    continue
                 victim = self._victim(allow_protected)
                 if victim is None:
                     if not allow_protected:
@@ -166,26 +218,43 @@ class ExpertBuffer:
             existing = self._entries.get(eid)
             if existing is not None:  # another task started the same load while we waited
                 return existing
-            entry = _Entry()
+            entry = _Entry(priority=DEMAND if allow_protected else PREFETCH)
             self._entries[eid] = entry
-        self._enqueue(DEMAND if allow_protected else PREFETCH, eid, entry)
+        self._enqueue(entry.priority, eid, entry)
         return entry
 
     def _enqueue(self, priority: int, eid: ExpertId, entry: _Entry) -> None:
-        self._queue.put_nowait((priority, next(self._seq), eid, entry))
+        entry.priority = min(entry.priority, priority)
+        if priority < FILL:
+            self._urgent.set()
+        heapq.heappush(self._queue, (priority, next(self._seq), eid, entry))
         if self._reader is None or self._reader.done():
             self._reader = asyncio.get_running_loop().create_task(self._read_forever())
+
+    def _preempt_check(self, entry: _Entry) -> Callable[[], None]:
+        """Before each chunk of a read: a fill nobody waits for gives the disk to urgent reads."""
+        def check() -> None:
+            if entry.priority == FILL and not entry.pins and self._urgent.is_set():
+                raise ReadPreempted
+        return check
 
     async def _read_forever(self) -> None:
         """The one disk: read queued experts one at a time, most urgent first."""
         loop = asyncio.get_running_loop()
-        while not self._queue.empty():
-            _, _, eid, entry = self._queue.get_nowait()
+        while self._queue:
+            _, _, eid, entry = heapq.heappop(self._queue)
+            if not self._queue or self._queue[0][0] == FILL:
+                self._urgent.clear()  # nothing but fills left behind this read
             if entry.started or self._entries.get(eid) is not entry:
                 continue  # already read (queued twice), or dropped
             entry.started = True
             try:
-                weights = await loop.run_in_executor(self._disk, self._load, eid)
+                weights = await loop.run_in_executor(self._disk, self._load, eid, self._preempt_check(entry))
+            except ReadPreempted:
+                entry.started = False  # read again from the start once the urgent reads are done
+                self.counters.fill_preemptions += 1
+                heapq.heappush(self._queue, (entry.priority, next(self._seq), eid, entry))
+                continue
             except Exception as exc:  # the waiters get the error; the reader goes on
                 self._entries.pop(eid, None)
                 entry.loaded.set_exception(exc)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 
 import torch
 
@@ -32,9 +33,16 @@ class ExpertStore:
         with self._lock:
             self.bytes_read += nbytes
 
-    def load(self, eid: ExpertId) -> ExpertWeights:
-        """Blocking read of (gate, up, down); run it in the disk thread, never on the event loop."""
+    def load(self, eid: ExpertId, check: Callable[[], None] | None = None) -> ExpertWeights:
+        """Blocking read of (gate, up, down); run it in the disk thread, never on the event loop.
+        `check` runs before every chunk and may raise to stop the read (nothing is kept)."""
         names = self.cfg.expert_tensor_names(eid.layer, eid.index)
-        tensors = [self.ckpt.read(n, before_chunk=self._count).to(self.dtype) for n in names]
+
+        def before_chunk(nbytes: int) -> None:
+            if check is not None:
+                check()
+            self._count(nbytes)
+
+        tensors = [self.ckpt.read(n, before_chunk=before_chunk).to(self.dtype) for n in names]
         log.debug("loaded expert %d/%d", eid.layer, eid.index)
         return ExpertWeights(*tensors)

@@ -154,9 +154,18 @@ class Servicer(pb_grpc.NodeAgentServicer):
                                     attention_seconds=core.attention_s, prefetches=c.prefetches,
                                     predicted_used=core.predicted_used, used=core.used,
                                     compute_overrun_seconds=core.pacer.overrun_s, early_experts_used=core.early_used,
-                                    early_experts_dropped=core.early_dropped)
-        resident = [e.layer * self.core.cfg.num_experts + e.index for e in buf.all_resident()]
-        return pb.CacheStateReply(counters=counters, resident=resident)
+                                    early_experts_dropped=core.early_dropped, fills=c.fills,
+                                    fill_preemptions=c.fill_preemptions)
+        return pb.CacheStateReply(counters=counters, resident=[self._flat(e) for e in buf.all_resident()],
+                                  loading=[self._flat(e) for e in buf.all_loading()])
+
+    async def Fill(self, request: pb.FillRequest, context: Any) -> pb.FillReply:
+        n = self.core.cfg.num_experts
+        accepted = self.core.fill([ExpertId(e // n, e % n) for e in request.experts])
+        return pb.FillReply(accepted=[self._flat(e) for e in accepted])
+
+    def _flat(self, eid: ExpertId) -> int:
+        return eid.layer * self.core.cfg.num_experts + eid.index
 
     async def PushKV(self, request: pb.KVBlock, context: Any) -> pb.Ack:
         shard = KVShard(tensor_from_proto(request.keys), tensor_from_proto(request.values), torch.tensor(list(request.positions)))

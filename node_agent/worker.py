@@ -213,6 +213,14 @@ class AgentCore:
         if state is not None:
             await state.release()
 
+    def fill(self, experts: Sequence[ExpertId]) -> list[ExpertId]:
+        """Queue reads of experts no agent holds into free expert memory (lowest disk priority,
+        never evicting); returns those now resident or on their way."""
+        for eid in experts:
+            if not (0 <= eid.layer < self.cfg.num_layers and self.cfg.is_moe(eid.layer) and 0 <= eid.index < self.cfg.num_experts):
+                raise ValueError(f"expert {eid.layer}/{eid.index} is not a routed expert of this model")
+        return [eid for eid in experts if self.buffer.fill(eid)]
+
     # Attention -------------------------------------------------------------------------------
 
     async def _attention(self, request_id: str, st: StepState, layer: int) -> None:

@@ -129,4 +129,11 @@ class AgentClient:
         return AgentSnapshot(self.spec.name, self.spec.address, True, c.hits, c.misses, c.loads, c.evictions,
                              c.bytes_read, c.bytes_sent, c.bytes_used, c.capacity_bytes, c.attention_seconds,
                              c.prefetches, c.predicted_used, c.used, c.compute_overrun_seconds, c.early_experts_used,
-                             c.early_experts_dropped)
+                             c.early_experts_dropped, c.fills, c.fill_preemptions, frozenset(r.resident) | frozenset(r.loading))
+
+    async def fill(self, experts: Sequence[int]) -> list[int]:
+        """Ask the agent to read these experts (layer * num_experts + index) into free memory at
+        its disk's lowest priority; returns those it took (the rest found no room)."""
+        r = await self._call("Fill", pb.FillRequest(experts=experts), 5.0)
+        assert isinstance(r, pb.FillReply)
+        return list(r.accepted)

@@ -2,7 +2,8 @@
 
 `sirius` combines the three techniques (interleaved partition, adaptive token scheduling,
 speculative prefetch), each of which can be switched off for ablations; `naive` and
-`expert-parallel` are the baselines the benchmark compares against.
+`expert-parallel` are the baselines the benchmark compares against. Between requests, `sirius`
+and `expert-parallel` fill free pooled memory with the experts no agent holds (`fill.py`).
 """
 
 from __future__ import annotations
@@ -11,7 +12,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
+from protos.ids import ExpertId
 from scheduler.cost_model import AgentProfile, CostModel
+from scheduler.fill import AgentHoldings, plan_fill
 from scheduler.partition import contiguous_prefill, zigzag_prefill
 from scheduler.routing import resident_first
 from scheduler.token_scheduling import schedule_layer
@@ -27,6 +30,7 @@ class Policy:
     interleave: bool = True  # zigzag partition of the prompt (sirius only)
     token_scheduling: bool = True  # cost-model scheduling; off: run where resident, else largest owner
     prefetch: bool = True  # speculative next-layer expert prefetch (sirius only)
+    fill: bool = True  # read experts no agent holds into free memory after a request (not naive)
 
     def __post_init__(self) -> None:
         if self.name not in POLICIES:
@@ -34,14 +38,15 @@ class Policy:
 
     @classmethod
     def from_flags(cls, name: str, no_interleave: bool = False, no_token_scheduling: bool = False,
-                   no_prefetch: bool = False) -> Policy:
+                   no_prefetch: bool = False, no_fill: bool = False) -> Policy:
         sirius = name == "sirius"
-        return cls(name, sirius and not no_interleave, sirius and not no_token_scheduling, sirius and not no_prefetch)  # type: ignore[arg-type]
+        return cls(name, sirius and not no_interleave, sirius and not no_token_scheduling, sirius and not no_prefetch,  # type: ignore[arg-type]
+                   name != "naive" and not no_fill)
 
     @property
     def label(self) -> str:
         off = [f for f, on in (("interleave", self.interleave), ("token-scheduling", self.token_scheduling),
-                               ("prefetch", self.prefetch)) if not on]
+                               ("prefetch", self.prefetch), ("fill", self.fill)) if not on]
         return self.name if self.name != "sirius" or not off else f"sirius --no-{' --no-'.join(off)}"
 
     def partition(self, token_ids: Sequence[int], nodes: Sequence[NodeId]) -> StepPlan:
@@ -52,11 +57,9 @@ class Policy:
         if self.name == "naive":  # every agent runs the experts of its own tokens
             return RoutingPlan(layer, {})
         if self.name == "expert-parallel":  # agent i owns experts [i*E/N, (i+1)*E/N) of every layer
-            nodes = [r.node for r in reports]
             order = sorted(profiles)
             return RoutingPlan.whole(layer, {
-                (n, e): order[e * len(order) // num_experts]
-                for n, r in zip(nodes, reports) for e, c in enumerate(r.counts) if c
+                (r.node, e): _static_owner(order, e, num_experts) for r in reports for e, c in enumerate(r.counts) if c
             })
         if self.token_scheduling:
             return schedule_layer(layer, reports, profiles, cost)
@@ -80,3 +83,19 @@ class Policy:
                 if expert not in held.get(executor, frozenset()):
                     out.setdefault(executor, set()).add(expert)
         return {n: tuple(sorted(es)) for n, es in out.items()}
+
+    def fills(self, agents: Sequence[AgentHoldings], experts: Sequence[ExpertId], expert_bytes: int,
+              num_experts: int) -> dict[NodeId, tuple[ExpertId, ...]]:
+        """Experts each agent should read into its free memory after a request. `naive` fills
+        nothing: each of its agents runs the experts of its own tokens, so one agent's copy
+        spares no other a read; `expert-parallel` fills each expert on its owner only."""
+        if not self.fill or self.name == "naive":
+            return {}
+        order = sorted(a.node for a in agents)
+        owner = (lambda e: _static_owner(order, e.index, num_experts)) if self.name == "expert-parallel" else None
+        return plan_fill(agents, experts, expert_bytes, owner)
+
+
+def _static_owner(order: Sequence[NodeId], expert: int, num_experts: int) -> NodeId:
+    """expert-parallel: agent i of the sorted names owns experts [i*E/N, (i+1)*E/N) of every layer."""
+    return order[expert * len(order) // num_experts]

@@ -13,9 +13,10 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from protos.ids import model_fingerprint
+from protos.ids import ExpertId, model_fingerprint
 from scheduler.client import AgentClient, AgentInfo
 from scheduler.errors import AgentFailed, ModelMismatch, NoAgentsAvailable, PromptTooLong, QueueFull
+from scheduler.fill import AgentHoldings
 from scheduler.policy import Policy
 from scheduler.runner import ClusterView, ModelShape, RequestRunner
 from scheduler.types import AgentSnapshot, EngineSnapshot, GenerationRequest, NodeSpec, TokenEvent
@@ -116,6 +117,12 @@ class EngineService:
     def snapshot(self) -> EngineSnapshot:
         return EngineSnapshot(self._running, self._queue.qsize(), tuple(self._snapshots.values()))
 
+    def _holdings(self, name: str, num_experts: int) -> AgentHoldings:
+        snap, info = self._snapshots[name], self.infos[name]
+        free = (snap.capacity_bytes - snap.bytes_used) // info.expert_bytes if snap.capacity_bytes else None
+        held = frozenset(ExpertId(i // num_experts, i % num_experts) for i in snap.held)
+        return AgentHoldings(snap.name, held, free, info.disk_bytes_per_s)
+
     # Requests ----------------------------------------------------------------------------
 
     async def submit(self, request: GenerationRequest) -> AsyncIterator[TokenEvent]:
@@ -166,6 +173,28 @@ class EngineService:
                 self._running -= 1
                 self._durations = (self._durations + [time.monotonic() - start])[-20:]
             await self.poll()  # fresh counters for /metrics right after a request
+            await self.fill()
+
+    async def fill(self) -> None:
+        """Ask the agents to read the experts none of them holds into their free memory (they
+        read them in the background, at their disks' lowest priority); after every request,
+        from the cache state the poll just brought."""
+        shape = self.shape
+        agents = [c for c in self.up_clients() if c.name in self.infos]
+        if shape is None or not agents:
+            return
+        E = shape.num_experts
+        experts = [ExpertId(layer, e) for layer in range(shape.num_layers) if layer not in shape.dense_layers
+                   for e in range(E)]
+        plan = self.policy.fills([self._holdings(c.name, E) for c in agents], experts,
+                                 self.infos[agents[0].name].expert_bytes, E)
+        clients = {c.name: c for c in agents}
+        sent = list(plan.items())
+        results = await asyncio.gather(*(clients[n].fill([e.layer * E + e.index for e in es]) for n, es in sent),
+                                       return_exceptions=True)
+        for (node, es), result in zip(sent, results):
+            if isinstance(result, BaseException):  # only a lost chance to read ahead: the next request reads on demand
+                log.warning("fill of %d experts on %s failed: %s", len(es), node, result)
 
     async def _run(self, job: _Job) -> None:
         agents = self.up_clients()

@@ -81,6 +81,9 @@ class AgentSnapshot:
     compute_overrun_s: float = 0.0  # paced compute past its emulated speed (the host fell short)
     early_used: int = 0  # experts run on its own tokens before the plan came, confirmed by the plan
     early_dropped: int = 0  # such early runs the plan overruled
+    fills: int = 0  # experts read into free memory because a fill asked
+    fill_preemptions: int = 0  # fill reads stopped part-way for a demand or prefetch read
+    held: frozenset[int] = frozenset()  # experts resident or being read, as layer * num_experts + index
 
 
 @dataclass(frozen=True)

@@ -121,6 +121,7 @@ class Cluster:
         inventory.write_text("nodes:\n" + nodes)
         flags = [f"--no-{f}" for f, on in (("interleave", policy.interleave), ("token-scheduling", policy.token_scheduling),
                                            ("prefetch", policy.prefetch)) if not on and policy.name == "sirius"]
+        flags += ["--no-fill"] if not policy.fill and policy.name != "naive" else []
         self.cmd = [sys.executable, "-m", "server.cli", "up", "--inventory", str(inventory), "--model", str(model_dir),
                     "--port", str(self.port), "--served-model-name", "bench", "--policy", policy.name, *flags,
                     "--log-level", "WARNING"]

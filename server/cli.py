@@ -159,6 +159,9 @@ def _add_server_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-token-scheduling", action="store_true",
                    help="sirius ablation: run an expert where it is resident, else on its largest owner")  # fmt: skip
     p.add_argument("--no-prefetch", action="store_true", help="sirius ablation: no speculative expert prefetch")
+    p.add_argument("--no-fill", action="store_true",
+                   help="leave free expert memory empty between requests (by default the experts no agent holds "
+                        "are read into it at the disks' lowest priority)")  # fmt: skip
     p.add_argument("--log-level", default="INFO", choices=LOG_LEVELS, help="log verbosity")
 
 
@@ -285,7 +288,8 @@ def _server_options(args: argparse.Namespace, model_dir: Path) -> ServerOptions:
         api_key=args.api_key or os.environ.get("POTLUCK_API_KEY") or None,
         served_model_name=args.served_model_name or Path(model_dir).resolve().name,
         max_waiting=args.max_waiting, max_running=args.max_running, log_level=args.log_level,
-        policy=Policy.from_flags(args.policy, args.no_interleave, args.no_token_scheduling, args.no_prefetch),
+        policy=Policy.from_flags(args.policy, args.no_interleave, args.no_token_scheduling, args.no_prefetch,
+                                 args.no_fill),
     )  # fmt: skip
 
 

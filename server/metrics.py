@@ -89,6 +89,10 @@ _AGENT_COUNTERS = (
     ("potluck_agent_prefetch_predicted_used", "Experts used that the previous layer's prediction named "
      "(prefetch recall = this / potluck_agent_prefetch_used_total).", "predicted_used"),
     ("potluck_agent_prefetch_used", "Experts used in layers that had a prediction.", "used"),
+    ("potluck_agent_expert_fills", "Experts no agent held, read into the agent's free memory between requests.",
+     "fills"),
+    ("potluck_agent_expert_fill_preemptions", "Fill reads stopped part-way to give the disk to a demand or "
+     "prefetch read (each is read again later).", "fill_preemptions"),
     ("potluck_agent_compute_overrun_seconds", "Seconds of paced compute past the agent's emulated speed "
      "(compute_share): the host could not give it its share.", "compute_overrun_s"),
 )

@@ -19,9 +19,11 @@ from node_agent.throttle import Throttle
 from scheduler.types import ExpertId
 
 
-def make(model_dir: Path, experts: int) -> tuple[ExpertBuffer, ExpertStore, MoeConfig]:
+def make(model_dir: Path, experts: int, seconds_per_expert: float = 0.0) -> tuple[ExpertBuffer, ExpertStore, MoeConfig]:
     cfg = MoeConfig.load(model_dir)
     store = ExpertStore(Checkpoint(model_dir), cfg, torch.float32, Throttle(0))
+    if seconds_per_expert:
+        store.disk = Throttle(store.expert_nbytes / seconds_per_expert)
     return ExpertBuffer(experts * store.expert_nbytes, store.expert_nbytes, store.load, ThreadPoolExecutor(1)), store, cfg
 
 
@@ -82,6 +84,44 @@ async def test_concurrent_requests_for_one_expert_load_it_once(qwen_tiny: Path) 
     assert all(r is results[0] for r in results)
     assert buffer.counters.loads == 1 and buffer.counters.misses == 1 and buffer.counters.hits == 4
     assert store.bytes_read == store.expert_nbytes
+
+
+async def test_fill_takes_only_free_memory_and_gives_it_back_to_a_load(qwen_tiny: Path) -> None:
+    buffer, store, _ = make(qwen_tiny, 2, seconds_per_expert=0.3)
+    a, b, c = ExpertId(0, 0), ExpertId(0, 1), ExpertId(0, 2)
+    assert buffer.fill(a) and buffer.fill(b)
+    assert not buffer.fill(c)  # no free room: a fill never evicts
+    await asyncio.sleep(0.05)  # a is being read, b waits in the queue
+    weights = await buffer.acquire(c)  # needs room: b's reservation goes, not a resident expert
+    await buffer.release(c)
+    assert torch.equal(weights.gate, store.ckpt.read(store.cfg.expert_tensor_names(0, 2)[0]))
+    while buffer.loading(0):
+        await asyncio.sleep(0.02)
+    assert buffer.all_resident() == [a, c]
+    assert buffer.counters.evictions == 0 and buffer.counters.fills == 2 and buffer.counters.loads == 2
+    assert buffer.bytes_used <= buffer.capacity
+
+
+async def test_fill_read_yields_the_disk_to_a_demand_read(qwen_tiny: Path) -> None:
+    """A fill being read stops at its next chunk when a demand read is queued, and is read again
+    after it; a fill that someone then needs is no longer stopped."""
+    buffer, store, _ = make(qwen_tiny, 4, seconds_per_expert=0.3)
+    a, b = ExpertId(1, 0), ExpertId(1, 1)
+    assert buffer.fill(a)
+    await asyncio.sleep(0.03)  # a's first tensor is on its way
+    done: list[ExpertId] = []
+
+    async def need(eid: ExpertId) -> None:
+        async with buffer.pinned(eid):
+            done.append(eid)
+
+    await need(b)
+    assert done == [b] and buffer.loading(1) == [0]  # b came first; a is read again from the start
+    assert buffer.counters.fill_preemptions == 1
+    await need(a)  # now needed: joins the read, which no longer yields
+    assert done == [b, a] and buffer.all_resident() == [a, b]
+    assert store.bytes_read > 2 * store.expert_nbytes  # the stopped part of a's first read was paid for
+    assert buffer.counters.loads == 2 and buffer.counters.misses == 1 and buffer.counters.hits == 1
 
 
 def test_budget_smaller_than_one_expert_is_refused() -> None:

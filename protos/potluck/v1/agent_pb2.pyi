@@ -29,7 +29,7 @@ class DeviceProfile(_message.Message):
     def __init__(self, expert_memory_bytes: _Optional[int] = ..., disk_bytes_per_s: _Optional[float] = ..., link_bytes_per_s: _Optional[float] = ..., compute_share: _Optional[float] = ...) -> None: ...
 
 class CacheCounters(_message.Message):
-    __slots__ = ("hits", "misses", "loads", "evictions", "bytes_read", "bytes_sent", "bytes_used", "capacity_bytes", "attention_seconds", "prefetches", "predicted_used", "used", "compute_overrun_seconds", "early_experts_used", "early_experts_dropped")
+    __slots__ = ("hits", "misses", "loads", "evictions", "bytes_read", "bytes_sent", "bytes_used", "capacity_bytes", "attention_seconds", "prefetches", "predicted_used", "used", "compute_overrun_seconds", "early_experts_used", "early_experts_dropped", "fills", "fill_preemptions")
     HITS_FIELD_NUMBER: _ClassVar[int]
     MISSES_FIELD_NUMBER: _ClassVar[int]
     LOADS_FIELD_NUMBER: _ClassVar[int]
@@ -45,6 +45,8 @@ class CacheCounters(_message.Message):
     COMPUTE_OVERRUN_SECONDS_FIELD_NUMBER: _ClassVar[int]
     EARLY_EXPERTS_USED_FIELD_NUMBER: _ClassVar[int]
     EARLY_EXPERTS_DROPPED_FIELD_NUMBER: _ClassVar[int]
+    FILLS_FIELD_NUMBER: _ClassVar[int]
+    FILL_PREEMPTIONS_FIELD_NUMBER: _ClassVar[int]
     hits: int
     misses: int
     loads: int
@@ -60,7 +62,9 @@ class CacheCounters(_message.Message):
     compute_overrun_seconds: float
     early_experts_used: int
     early_experts_dropped: int
-    def __init__(self, hits: _Optional[int] = ..., misses: _Optional[int] = ..., loads: _Optional[int] = ..., evictions: _Optional[int] = ..., bytes_read: _Optional[int] = ..., bytes_sent: _Optional[int] = ..., bytes_used: _Optional[int] = ..., capacity_bytes: _Optional[int] = ..., attention_seconds: _Optional[float] = ..., prefetches: _Optional[int] = ..., predicted_used: _Optional[int] = ..., used: _Optional[int] = ..., compute_overrun_seconds: _Optional[float] = ..., early_experts_used: _Optional[int] = ..., early_experts_dropped: _Optional[int] = ...) -> None: ...
+    fills: int
+    fill_preemptions: int
+    def __init__(self, hits: _Optional[int] = ..., misses: _Optional[int] = ..., loads: _Optional[int] = ..., evictions: _Optional[int] = ..., bytes_read: _Optional[int] = ..., bytes_sent: _Optional[int] = ..., bytes_used: _Optional[int] = ..., capacity_bytes: _Optional[int] = ..., attention_seconds: _Optional[float] = ..., prefetches: _Optional[int] = ..., predicted_used: _Optional[int] = ..., used: _Optional[int] = ..., compute_overrun_seconds: _Optional[float] = ..., early_experts_used: _Optional[int] = ..., early_experts_dropped: _Optional[int] = ..., fills: _Optional[int] = ..., fill_preemptions: _Optional[int] = ...) -> None: ...
 
 class InfoRequest(_message.Message):
     __slots__ = ()
@@ -225,12 +229,26 @@ class CacheStateRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class CacheStateReply(_message.Message):
-    __slots__ = ("counters", "resident")
+    __slots__ = ("counters", "resident", "loading")
     COUNTERS_FIELD_NUMBER: _ClassVar[int]
     RESIDENT_FIELD_NUMBER: _ClassVar[int]
+    LOADING_FIELD_NUMBER: _ClassVar[int]
     counters: CacheCounters
     resident: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, counters: _Optional[_Union[CacheCounters, _Mapping]] = ..., resident: _Optional[_Iterable[int]] = ...) -> None: ...
+    loading: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, counters: _Optional[_Union[CacheCounters, _Mapping]] = ..., resident: _Optional[_Iterable[int]] = ..., loading: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class FillRequest(_message.Message):
+    __slots__ = ("experts",)
+    EXPERTS_FIELD_NUMBER: _ClassVar[int]
+    experts: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, experts: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class FillReply(_message.Message):
+    __slots__ = ("accepted",)
+    ACCEPTED_FIELD_NUMBER: _ClassVar[int]
+    accepted: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, accepted: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class KVBlock(_message.Message):
     __slots__ = ("request_id", "step", "layer", "sender", "keys", "values", "positions", "chunk", "num_chunks")

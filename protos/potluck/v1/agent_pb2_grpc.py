@@ -64,6 +64,11 @@ class NodeAgentStub:
                 request_serializer=protos_dot_potluck_dot_v1_dot_agent__pb2.CacheStateRequest.SerializeToString,
                 response_deserializer=protos_dot_potluck_dot_v1_dot_agent__pb2.CacheStateReply.FromString,
                 _registered_method=True)
+        self.Fill = channel.unary_unary(
+                '/potluck.v1.NodeAgent/Fill',
+                request_serializer=protos_dot_potluck_dot_v1_dot_agent__pb2.FillRequest.SerializeToString,
+                response_deserializer=protos_dot_potluck_dot_v1_dot_agent__pb2.FillReply.FromString,
+                _registered_method=True)
         self.PushKV = channel.unary_unary(
                 '/potluck.v1.NodeAgent/PushKV',
                 request_serializer=protos_dot_potluck_dot_v1_dot_agent__pb2.KVBlock.SerializeToString,
@@ -121,6 +126,12 @@ class NodeAgentServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Fill(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def PushKV(self, request, context):
         """Peer plane (agent -> agent).
         """
@@ -172,6 +183,11 @@ def add_NodeAgentServicer_to_server(servicer, server):
                     servicer.CacheState,
                     request_deserializer=protos_dot_potluck_dot_v1_dot_agent__pb2.CacheStateRequest.FromString,
                     response_serializer=protos_dot_potluck_dot_v1_dot_agent__pb2.CacheStateReply.SerializeToString,
+            ),
+            'Fill': grpc.unary_unary_rpc_method_handler(
+                    servicer.Fill,
+                    request_deserializer=protos_dot_potluck_dot_v1_dot_agent__pb2.FillRequest.FromString,
+                    response_serializer=protos_dot_potluck_dot_v1_dot_agent__pb2.FillReply.SerializeToString,
             ),
             'PushKV': grpc.unary_unary_rpc_method_handler(
                     servicer.PushKV,
@@ -351,6 +367,33 @@ class NodeAgent:
             '/potluck.v1.NodeAgent/CacheState',
             protos_dot_potluck_dot_v1_dot_agent__pb2.CacheStateRequest.SerializeToString,
             protos_dot_potluck_dot_v1_dot_agent__pb2.CacheStateReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Fill(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/potluck.v1.NodeAgent/Fill',
+            protos_dot_potluck_dot_v1_dot_agent__pb2.FillRequest.SerializeToString,
+            protos_dot_potluck_dot_v1_dot_agent__pb2.FillReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,62 @@
+"""Which experts to read into the agents' free memory between requests: a pure function.
+
+Pooled memory that holds nothing is wasted while some experts are on no agent at all, and every
+such expert is a disk read some later request waits for. A prefill, for one, runs the last layer
+for its final token only, so it never reads most of that layer's experts, which every decoded
+token then needs. After a request the scheduler gives each expert that no agent holds (or is
+reading) to an agent with free room; the agents read them at their disks' lowest priority, never
+evicting (`node_agent/expert_buffer.py`).
+
+    AgentHoldings (from the agents' cache reports) -> plan_fill -> {agent: experts to read}
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from protos.ids import ExpertId
+from scheduler.types import NodeId
+
+
+@dataclass(frozen=True)
+class AgentHoldings:
+    node: NodeId
+    held: frozenset[ExpertId]  # resident or being read
+    free_slots: int | None  # experts that still fit in its expert memory (None: unlimited)
+    disk_bytes_per_s: float  # its read bandwidth (0: unlimited)
+
+
+def plan_fill(agents: Sequence[AgentHoldings], experts: Sequence[ExpertId], expert_bytes: int,
+              owner: Callable[[ExpertId], NodeId] | None = None) -> dict[NodeId, tuple[ExpertId, ...]]:
+    """Give every expert of `experts` that no agent holds to the agent with room that would have
+    it read soonest (its queue of fills over its disk rate), preferring the one holding fewest
+    experts of that layer, so that a layer's work can spread. With `owner`, an expert may only go
+    to its owner (static expert parallelism: no other agent would run it). Experts are taken in
+    the order given, which is the order each agent reads them; those that find no room are left
+    out. Returns the experts per agent; agents given none are absent."""
+    held = frozenset().union(*(a.held for a in agents))
+    free: dict[NodeId, float] = {a.node: float("inf") if a.free_slots is None else a.free_slots for a in agents}
+    per_layer = {a.node: _count_layers(a.held) for a in agents}
+    queued: dict[NodeId, list[ExpertId]] = {a.node: [] for a in agents}
+
+    def read_at(a: AgentHoldings) -> float:
+        """Seconds until a new fill on `a` would be read (0 on an unlimited disk)."""
+        return len(queued[a.node]) * expert_bytes / a.disk_bytes_per_s if a.disk_bytes_per_s else 0.0
+
+    for eid in experts:
+        room = [a for a in agents if free[a.node] > 0 and (owner is None or a.node == owner(eid))]
+        if eid in held or not room:
+            continue
+        best = min(room, key=lambda a: (read_at(a), per_layer[a.node].get(eid.layer, 0), len(queued[a.node]), a.node))
+        queued[best.node].append(eid)
+        per_layer[best.node][eid.layer] = per_layer[best.node].get(eid.layer, 0) + 1
+        free[best.node] -= 1
+    return {n: tuple(es) for n, es in queued.items() if es}
+
+
+def _count_layers(experts: frozenset[ExpertId]) -> dict[int, int]:
+    counts: dict[int, int] = {}
+    for e in experts:
+        counts[e.layer] = counts.get(e.layer, 0) + 1
+    return counts

@@ -1,0 +1,112 @@
+"""Filling free pooled memory between requests, on real agents: the experts no agent holds are
+read into free memory (never evicting), each on one agent, and on its owner under static expert
+parallelism; `--no-fill` and `naive` leave the memory empty."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from protos.ids import ExpertId
+from scheduler.policy import Policy
+from scheduler.service import EngineService, EngineSettings, start_engine
+from scheduler.types import AgentSnapshot, GenerationRequest, RequestId, SamplingParams
+from tests.integration.cluster import Cluster, local_cluster
+
+AGENTS = 2
+
+
+async def settle(cluster: Cluster, covered: bool = False, timeout_s: float = 30.0) -> list[AgentSnapshot]:
+    """Snapshots once no agent has a read queued or under way (and, with covered, once every
+    routed expert is on some agent)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        snaps = [await c.snapshot() for c in cluster.clients]
+        resident = [set(await c.resident()) for c in cluster.clients]
+        idle = all(s.held == r for s, r in zip(snaps, resident))
+        if idle and (not covered or set().union(*(held(cluster, s) for s in snaps)) == routed(cluster)):
+            return snaps
+        assert time.monotonic() < deadline, f"still reading (or not covered) after {timeout_s} s"
+        await asyncio.sleep(0.05)
+
+
+def routed(cluster: Cluster) -> set[ExpertId]:
+    shape = cluster.shape
+    return {ExpertId(layer, e) for layer in range(shape.num_layers) if layer not in shape.dense_layers
+            for e in range(shape.num_experts)}
+
+
+def held(cluster: Cluster, snap: AgentSnapshot) -> set[ExpertId]:
+    E = cluster.shape.num_experts
+    return {ExpertId(i // E, i % E) for i in snap.held}
+
+
+async def expert_bytes(model_dir: Path) -> int:
+    async with local_cluster(model_dir, 1) as probe:
+        return (await probe.clients[0].info()).expert_bytes
+
+
+@pytest.mark.parametrize("name", ["sirius", "expert-parallel", "sirius --no-fill", "naive"])
+async def test_fill_reads_what_no_agent_holds_into_free_memory(qwen_tiny: Path, name: str) -> None:
+    policy = Policy.from_flags(name.split()[0], no_fill="--no-fill" in name)
+    size = await expert_bytes(qwen_tiny)
+    async with local_cluster(qwen_tiny, AGENTS) as probe:
+        total = len(routed(probe))
+    capacity = total // AGENTS + 2  # the pool holds the whole model, with room to spare
+    async with local_cluster(qwen_tiny, AGENTS, expert_memory=capacity * size, disk_rate=50 * size) as cluster:
+        ids = torch.randint(0, 1000, (48,), generator=torch.Generator().manual_seed(3)).tolist()
+        runner = cluster.runner(policy)
+        await runner.run_step("p", policy.partition(ids, list(runner.agents)))  # the next token's logits only
+        await runner.release("p", list(runner.agents))
+        engine = EngineService(qwen_tiny, cluster.specs, EngineSettings(), policy)
+        try:
+            await engine.poll()
+            before = await settle(cluster)
+            missing = routed(cluster) - set().union(*(held(cluster, s) for s in before))
+            assert missing  # the last layer ran the final token only: most of its experts were never read
+            await engine.fill()
+            after = await settle(cluster)
+        finally:
+            await engine.stop()
+        now = [held(cluster, s) for s in after]
+        fills = sum(s.fills for s in after) - sum(s.fills for s in before)
+        assert [s.evictions for s in after] == [s.evictions for s in before]  # a fill never evicts
+        assert all(s.bytes_used <= s.capacity_bytes for s in after)
+        if not policy.fill:
+            assert fills == 0 and set().union(*now) == routed(cluster) - missing
+            return
+        assert set().union(*now) == routed(cluster)  # every expert is now on some agent
+        assert fills == len(missing)  # each missing expert was read once, on one agent
+        if policy.name == "expert-parallel":  # on its owner: agent i of the sorted names owns a fixed 1/N
+            E = cluster.shape.num_experts
+            for i, experts in enumerate(now):
+                assert {e.index * AGENTS // E for e in experts} == {i}
+
+
+async def test_engine_fills_after_each_request(qwen_tiny: Path) -> None:
+    """Wired in: after a request ends, the engine asks the agents to fill, and a second prefill on
+    the filled pool reads nothing from disk."""
+    size = await expert_bytes(qwen_tiny)
+    async with local_cluster(qwen_tiny, AGENTS) as probe:
+        total = len(routed(probe))
+    async with local_cluster(qwen_tiny, AGENTS, expert_memory=total * size, disk_rate=50 * size) as cluster:
+        engine = await start_engine(qwen_tiny, cluster.specs, EngineSettings(poll_interval_s=60), "sirius")
+        try:
+            for i in range(2):
+                if i == 1:
+                    before = await settle(cluster, covered=True)  # the fill the engine asked for is done
+                ids = torch.randint(0, 1000, (40,), generator=torch.Generator().manual_seed(10 + i)).tolist()
+                request = GenerationRequest(RequestId(f"r{i}"), tuple(ids), SamplingParams(max_tokens=1, temperature=0))
+                events = [e async for e in await engine.submit(request)]
+                assert len(events) == 1
+            after = await settle(cluster)
+        finally:
+            await engine.stop()
+        # The second prefill runs each expert where it is held: the one expert of the last layer
+        # it needs for its final token, which no prefill before it read, is there too.
+        assert [s.misses for s in after] == [s.misses for s in before]
+        assert [s.bytes_read for s in after] == [s.bytes_read for s in before]
