@@ -52,6 +52,7 @@ ABLATIONS = {
     "sirius--no-interleave": Policy.from_flags("sirius", no_interleave=True),
     "sirius--no-token-scheduling": Policy.from_flags("sirius", no_token_scheduling=True),
     "sirius--no-prefetch": Policy.from_flags("sirius", no_prefetch=True),
+    "sirius--no-fill": Policy.from_flags("sirius", no_fill=True),  # not one of the issue's techniques
 }
 
 
@@ -263,13 +264,18 @@ def _run(args: argparse.Namespace, model_dir: Path, out: Path, work: Path, cfg: 
          prompts: dict[int, list[list[int]]], activated: dict[int, list[set[tuple[int, int]]]], lengths: list[int],
          agent_counts: list[int], labels: list[str], data: dict[str, object], memory: int, total_expert_bytes: int,
          expert_file_bytes: int) -> int:
-    # Calibration: one agent with its compute share, every expert resident, no disk throttle.
-    compute = {}
     share = args.compute_share
-    for n in lengths:
+
+    def calibrate(n: int) -> float:
+        """One agent's compute of an n-token prefill: its compute share, every expert resident,
+        no disk throttle (the warm median)."""
         case = asyncio.run(run_case(model_dir, work, "sirius", 1, n, prompts[n], activated[n], 0, 0.0, 0.0,
                                     expert_file_bytes, share))
-        compute[n] = statistics.median(r.ttft_s for r in case.warm)
+        return statistics.median(r.ttft_s for r in case.warm)
+
+    compute = {}
+    for n in lengths:
+        compute[n] = calibrate(n)
         print(f"compute of a {n}-token prefill, all experts resident, 1 agent at {share or 'all'} of a core: "
               f"{compute[n]:.2f} s", flush=True)
     ref_tokens = 2048 if 2048 in compute else lengths[0]
@@ -283,11 +289,16 @@ def _run(args: argparse.Namespace, model_dir: Path, out: Path, work: Path, cfg: 
     for n in lengths:
         for agents in agent_counts:
             for label in (labels if agents > 1 else ["sirius"]):  # one agent: the same baseline for all
+                # This host's speed drifts by 5-15% over minutes: the compute a case's lower bound
+                # divides is measured right before the case, not once for the whole run.
+                c1 = calibrate(n) if args.calibrate == "each" and agents > 1 else compute[n]
                 case = asyncio.run(run_case(model_dir, work, label, agents, n, prompts[n], activated[n], memory, disk_rate,
-                                            compute[n], expert_file_bytes, share))
+                                            c1, expert_file_bytes, share))
                 s = case.summary()
-                cases.append({**s, "cold": asdict(case.cold) if case.cold else None, "warm": [asdict(r) for r in case.warm]})
-                print(f"{label:28} agents={agents} tokens={n}: cold {s['cold_ttft_s']:.2f}s warm {s['warm_ttft_s']:.2f}s "
+                cases.append({**s, "compute_s": c1, "cold": asdict(case.cold) if case.cold else None,
+                              "warm": [asdict(r) for r in case.warm]})
+                print(f"{label:28} agents={agents} tokens={n}: 1-agent compute {c1:.2f}s, "
+                      f"cold {s['cold_ttft_s']:.2f}s warm {s['warm_ttft_s']:.2f}s "
                       f"eff {s['cold_efficiency']:.2f}/{s['warm_efficiency']:.2f} balance {s['attention_max_over_mean']:.2f} "
                       f"recall {s['prefetch_recall']:.2f}", flush=True)
     data["cases"] = cases

@@ -204,7 +204,7 @@ def _add_bench(commands: argparse._SubParsersAction) -> None:  # type: ignore[ty
     p.add_argument("--agents", default="1,2,4", metavar="N,N", help="prefill: agent counts")
     p.add_argument("--policies", default="all", metavar="P,P",
                    help="prefill: sirius, naive, expert-parallel, sirius--no-interleave, sirius--no-token-scheduling, "
-                        "sirius--no-prefetch, or all (default)")  # fmt: skip
+                        "sirius--no-prefetch, sirius--no-fill, or all (default)")  # fmt: skip
     p.add_argument("--memory-fraction", type=float, default=0.25, metavar="F",
                    help="prefill: expert memory per agent as a fraction of all expert bytes (default 0.25)")  # fmt: skip
     p.add_argument("--io-ratio", type=float, default=6.0, metavar="X",
@@ -214,6 +214,10 @@ def _add_bench(commands: argparse._SubParsersAction) -> None:  # type: ignore[ty
                    help="prefill: each agent computes at this fraction of one host core (default 0.25: four agents "
                         "and their messaging fit on two cores, so none runs slower than its share); 0: unpaced, "
                         "agents share the host's cores")  # fmt: skip
+    p.add_argument("--calibrate", default="each", choices=("each", "once"),
+                   help="prefill: measure one agent's all-resident compute (which the lower bounds divide) right "
+                        "before every multi-agent case (each, default: the host's speed drifts) or only at the "
+                        "start (once: faster)")  # fmt: skip
     p.add_argument("--disk-rate", type=_rate, default=0.0, metavar="RATE",
                    help="prefill: fixed disk rate per agent instead of --io-ratio, e.g. 50MB/s")  # fmt: skip
     p.set_defaults(run=_run_bench)
