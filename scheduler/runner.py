@@ -23,7 +23,7 @@ from scheduler.cost_model import AgentProfile, CostModel
 from scheduler.partition import after_step, decode_step
 from scheduler.policy import Policy
 from scheduler.sampling import make_generator, sample
-from scheduler.types import GenerationRequest, NodeId, RoutingPlan, StepPlan, TokenEvent
+from scheduler.types import GenerationRequest, LayerReport, NodeId, RoutingPlan, StepPlan, TokenEvent
 
 log = logging.getLogger("potluck.scheduler")
 
@@ -59,6 +59,27 @@ class ClusterView:
         return cls(shape, profiles, CostModel(i.expert_bytes, i.hidden_size * i.dtype_bytes, flops_per_token))
 
 
+@dataclass(frozen=True)
+class IdleHoldings:
+    """The experts held by a step's members that have no new tokens, as the layer reports they
+    would send: no tokens, and their cache state, so that a plan can run experts there."""
+
+    num_experts: int
+    held: dict[NodeId, frozenset[int]]  # node -> experts resident or loading, layer * E + index
+
+    def at(self, layer: int, predicted: bool = False) -> list[LayerReport]:
+        """Reports after `layer`'s router (-1: after the embeddings); with predicted, also for
+        the next layer, as a prefetch plan reads them."""
+        E = self.num_experts
+
+        def of(h: frozenset[int], at: int) -> frozenset[int]:
+            return frozenset(i % E for i in h if i // E == at)
+
+        return [LayerReport(n, (0,) * E, of(h, layer), frozenset(), predicted=(0,) * E if predicted else (),
+                            resident_total=len(h), next_resident=of(h, layer + 1) if predicted else frozenset())
+                for n, h in self.held.items()]
+
+
 class RequestRunner:
     def __init__(self, agents: Sequence[AgentClient], view: ClusterView, policy: Policy = Policy()) -> None:
         if not agents:
@@ -82,15 +103,24 @@ class RequestRunner:
         shape, cost, policy = self.shape, self.view.cost, self.policy
         profiles = {n: self.view.profiles[n] for n in members}
         guess = policy.prefetch and 0 not in shape.dense_layers
-        begun = await asyncio.gather(*(self.agents[n].begin_step(request_id, plan, peers, all_logits, guess) for n in members))
+        # Members without new tokens (every agent but one, in a decode step) run no layer, but
+        # they hold experts: the plans count them as executors, from their cache state now.
+        idle = [n for n in members if n not in active]
+        begun, held = await asyncio.gather(
+            asyncio.gather(*(self.agents[n].begin_step(request_id, plan, peers, all_logits, guess) for n in members)),
+            asyncio.gather(*(self.agents[n].snapshot() for n in idle)),
+        )
+        idle_reports = IdleHoldings(shape.num_experts, {s.name: s.held for s in held})
         routing: RoutingPlan | None = None
         # Layer 0's experts, guessed from the embeddings, load while layer 0's attention runs.
-        prefetch = policy.prefetches(0, [r for r in begun if r.node in active], profiles, cost, shape.num_experts) if guess else {}
+        first = [r for r in begun if r.node in active] + idle_reports.at(-1, predicted=True)  # what layer 0 needs
+        prefetch = policy.prefetches(0, first, profiles, cost, shape.num_experts) if guess else {}
         for layer in range(shape.num_layers):
             predict = policy.prefetch and layer + 1 < shape.num_layers and layer + 1 not in shape.dense_layers
             reports = await asyncio.gather(*(
                 self.agents[n].forward(request_id, layer, routing, prefetch.get(n, ()), predict) for n in active
             ))
+            reports += idle_reports.at(layer, predict)
             routing = None if layer in shape.dense_layers else policy.route(layer, reports, profiles, cost, shape.num_experts)
             prefetch = policy.prefetches(layer + 1, reports, profiles, cost, shape.num_experts) if predict else {}
         finished = await asyncio.gather(*(self.agents[n].finish(request_id, routing) for n in active))

@@ -220,7 +220,7 @@ def _add_bench(commands: argparse._SubParsersAction) -> None:  # type: ignore[ty
                         "start (once: faster)")  # fmt: skip
     p.add_argument("--disk-rate", type=_rate, default=0.0, metavar="RATE",
                    help="prefill: fixed disk rate per agent instead of --io-ratio, e.g. 50MB/s")  # fmt: skip
-    p.set_defaults(run=_run_bench)
+    p.set_defaults(run=_run_bench, log_level="WARNING")  # its own progress lines, not every HTTP request
 
 
 def _run_init_model(args: argparse.Namespace) -> int:

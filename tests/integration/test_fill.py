@@ -88,8 +88,9 @@ async def test_fill_reads_what_no_agent_holds_into_free_memory(qwen_tiny: Path, 
 
 
 async def test_engine_fills_after_each_request(qwen_tiny: Path) -> None:
-    """Wired in: after a request ends, the engine asks the agents to fill, and a second prefill on
-    the filled pool reads nothing from disk."""
+    """Wired in: after a request ends, the engine asks the agents to fill, and a second request on
+    the filled pool, prefill and decode, reads nothing from disk: a decode step's experts run on
+    the agents that hold them, though only one agent has the new token."""
     size = await expert_bytes(qwen_tiny)
     async with local_cluster(qwen_tiny, AGENTS) as probe:
         total = len(routed(probe))
@@ -100,13 +101,13 @@ async def test_engine_fills_after_each_request(qwen_tiny: Path) -> None:
                 if i == 1:
                     before = await settle(cluster, covered=True)  # the fill the engine asked for is done
                 ids = torch.randint(0, 1000, (40,), generator=torch.Generator().manual_seed(10 + i)).tolist()
-                request = GenerationRequest(RequestId(f"r{i}"), tuple(ids), SamplingParams(max_tokens=1, temperature=0))
+                request = GenerationRequest(RequestId(f"r{i}"), tuple(ids), SamplingParams(max_tokens=4, temperature=0))
                 events = [e async for e in await engine.submit(request)]
-                assert len(events) == 1
+                assert len(events) == 4
             after = await settle(cluster)
         finally:
             await engine.stop()
-        # The second prefill runs each expert where it is held: the one expert of the last layer
-        # it needs for its final token, which no prefill before it read, is there too.
+        # The second request runs each expert where it is held: the last layer's experts, which a
+        # prefill reads for its final token only, are there too.
         assert [s.misses for s in after] == [s.misses for s in before]
         assert [s.bytes_read for s in after] == [s.bytes_read for s in before]

@@ -130,3 +130,19 @@ def test_lower_bound_is_the_slower_of_reading_and_computing() -> None:
     assert lower_bound_s(400, 100.0, 1.0) == 4.0
     assert lower_bound_s(0, 100.0, 5.0) == 5.0
     assert lower_bound_s(400, 0.0, 0.5) == 0.5  # unlimited disk: compute bound
+
+
+def test_a_decode_token_runs_its_experts_on_the_idle_agents_that_hold_them() -> None:
+    """One agent has the new token; the others have none but hold its experts (their reports
+    come from IdleHoldings): the experts run there, and the prefetch plan reads nothing."""
+    from scheduler.runner import IdleHoldings
+
+    E = 4
+    active = LayerReport(NODES[0], (1, 0, 1, 0), frozenset(), frozenset(), predicted=(0, 1, 0, 1),
+                         resident_total=2, next_resident=frozenset())
+    idle = IdleHoldings(E, {NODES[1]: frozenset({2, 1 * E + 1}), NODES[2]: frozenset({0, 1 * E + 3})})
+    reports = [active, *idle.at(0, predicted=True)]
+    assert executors(schedule_layer(0, reports, profiles(3), COST)) == {0: {NODES[2]}, 2: {NODES[1]}}
+    assert Policy().prefetches(1, reports, profiles(3), COST, E) == {}
+    alone = Policy().prefetches(1, [active], profiles(3), COST, E)  # without them: read on the active agent
+    assert alone == {NODES[0]: (1, 3)}
