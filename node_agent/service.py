@@ -29,7 +29,7 @@ from node_agent.peers import GrpcPeers, Link
 from node_agent.state import KVShard, Peer, RequestReleased, UnknownRequest
 from node_agent.throttle import ComputePacer, Throttle
 from node_agent.worker import AgentCore
-from protos.convert import tensor_from_proto, tensor_to_proto
+from protos.convert import expert_from_wire, expert_to_wire, tensor_from_proto, tensor_to_proto
 from protos.limits import CHANNEL_OPTIONS
 from protos.potluck.v1 import agent_pb2 as pb
 from protos.potluck.v1 import agent_pb2_grpc as pb_grpc
@@ -156,16 +156,14 @@ class Servicer(pb_grpc.NodeAgentServicer):
                                     compute_overrun_seconds=core.pacer.overrun_s, early_experts_used=core.early_used,
                                     early_experts_dropped=core.early_dropped, fills=c.fills,
                                     fill_preemptions=c.fill_preemptions)
-        return pb.CacheStateReply(counters=counters, resident=[self._flat(e) for e in buf.all_resident()],
-                                  loading=[self._flat(e) for e in buf.all_loading()])
+        n = self.core.cfg.num_experts
+        return pb.CacheStateReply(counters=counters, resident=[expert_to_wire(e, n) for e in buf.all_resident()],
+                                  loading=[expert_to_wire(e, n) for e in buf.all_loading()])
 
     async def Fill(self, request: pb.FillRequest, context: Any) -> pb.FillReply:
         n = self.core.cfg.num_experts
-        accepted = self.core.fill([ExpertId(e // n, e % n) for e in request.experts])
-        return pb.FillReply(accepted=[self._flat(e) for e in accepted])
-
-    def _flat(self, eid: ExpertId) -> int:
-        return eid.layer * self.core.cfg.num_experts + eid.index
+        accepted = self.core.fill([expert_from_wire(e, n) for e in request.experts])
+        return pb.FillReply(accepted=[expert_to_wire(e, n) for e in accepted])
 
     async def PushKV(self, request: pb.KVBlock, context: Any) -> pb.Ack:
         shard = KVShard(tensor_from_proto(request.keys), tensor_from_proto(request.values), torch.tensor(list(request.positions)))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy
 import torch
 
+from protos.ids import ExpertId
 from protos.potluck.v1 import agent_pb2 as pb
 
 _DTYPES: dict[str, torch.dtype] = {
@@ -43,3 +44,13 @@ def tensor_from_proto(msg: pb.Tensor) -> torch.Tensor:
 
 def tensor_nbytes(msg: pb.Tensor) -> int:
     return len(msg.data)
+
+
+def expert_to_wire(eid: ExpertId, num_experts: int) -> int:
+    """An expert as the wire's flat id: layer * num_experts + index."""
+    return eid.layer * num_experts + eid.index
+
+
+def expert_from_wire(flat: int, num_experts: int) -> ExpertId:
+    layer, index = divmod(flat, num_experts)
+    return ExpertId(layer, index)

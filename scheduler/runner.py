@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
+from protos.convert import expert_from_wire
+from protos.ids import ExpertId
 from protos.potluck.v1 import agent_pb2 as pb
 from scheduler.client import AgentClient, AgentInfo
 from scheduler.cost_model import AgentProfile, CostModel
@@ -65,15 +67,15 @@ class IdleHoldings:
     would send: no tokens, and their cache state, so that a plan can run experts there."""
 
     num_experts: int
-    held: dict[NodeId, frozenset[int]]  # node -> experts resident or loading, layer * E + index
+    held: dict[NodeId, frozenset[ExpertId]]  # node -> experts resident or loading
 
     def at(self, layer: int, predicted: bool = False) -> list[LayerReport]:
         """Reports after `layer`'s router (-1: after the embeddings); with predicted, also for
         the next layer, as a prefetch plan reads them."""
         E = self.num_experts
 
-        def of(h: frozenset[int], at: int) -> frozenset[int]:
-            return frozenset(i % E for i in h if i // E == at)
+        def of(h: frozenset[ExpertId], at: int) -> frozenset[int]:
+            return frozenset(e.index for e in h if e.layer == at)
 
         return [LayerReport(n, (0,) * E, of(h, layer), frozenset(), predicted=(0,) * E if predicted else (),
                             resident_total=len(h), next_resident=of(h, layer + 1) if predicted else frozenset())
@@ -110,7 +112,8 @@ class RequestRunner:
             asyncio.gather(*(self.agents[n].begin_step(request_id, plan, peers, all_logits, guess) for n in members)),
             asyncio.gather(*(self.agents[n].snapshot() for n in idle)),
         )
-        idle_reports = IdleHoldings(shape.num_experts, {s.name: s.held for s in held})
+        E = shape.num_experts
+        idle_reports = IdleHoldings(E, {s.name: frozenset(expert_from_wire(i, E) for i in s.held) for s in held})
         routing: RoutingPlan | None = None
         # Layer 0's experts, guessed from the embeddings, load while layer 0's attention runs.
         first = [r for r in begun if r.node in active] + idle_reports.at(-1, predicted=True)  # what layer 0 needs

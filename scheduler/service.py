@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from protos.convert import expert_from_wire, expert_to_wire
 from protos.ids import ExpertId, model_fingerprint
 from scheduler.client import AgentClient, AgentInfo
 from scheduler.errors import AgentFailed, ModelMismatch, NoAgentsAvailable, PromptTooLong, QueueFull
@@ -120,7 +121,7 @@ class EngineService:
     def _holdings(self, name: str, num_experts: int) -> AgentHoldings:
         snap, info = self._snapshots[name], self.infos[name]
         free = (snap.capacity_bytes - snap.bytes_used) // info.expert_bytes if snap.capacity_bytes else None
-        held = frozenset(ExpertId(i // num_experts, i % num_experts) for i in snap.held)
+        held = frozenset(expert_from_wire(i, num_experts) for i in snap.held)
         return AgentHoldings(snap.name, held, free, info.disk_bytes_per_s)
 
     # Requests ----------------------------------------------------------------------------
@@ -190,7 +191,7 @@ class EngineService:
                                  self.infos[agents[0].name].expert_bytes, E)
         clients = {c.name: c for c in agents}
         sent = list(plan.items())
-        results = await asyncio.gather(*(clients[n].fill([e.layer * E + e.index for e in es]) for n, es in sent),
+        results = await asyncio.gather(*(clients[n].fill([expert_to_wire(e, E) for e in es]) for n, es in sent),
                                        return_exceptions=True)
         for (node, es), result in zip(sent, results):
             if isinstance(result, BaseException):  # only a lost chance to read ahead: the next request reads on demand

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from protos.convert import expert_from_wire
 from protos.ids import ExpertId
 from scheduler.policy import Policy
 from scheduler.service import EngineService, EngineSettings, start_engine
@@ -42,7 +43,7 @@ def routed(cluster: Cluster) -> set[ExpertId]:
 
 def held(cluster: Cluster, snap: AgentSnapshot) -> set[ExpertId]:
     E = cluster.shape.num_experts
-    return {ExpertId(i // E, i % E) for i in snap.held}
+    return {expert_from_wire(i, E) for i in snap.held}
 
 
 async def expert_bytes(model_dir: Path) -> int:

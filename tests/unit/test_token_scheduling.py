@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from node_agent.dispatch import LayerPlan, split_by_executor
+from protos.ids import ExpertId
 from scheduler.cost_model import AgentProfile, CostModel, lower_bound_s
 from scheduler.partition import causal_work, contiguous_prefill, zigzag_prefill
 from scheduler.policy import Policy
@@ -140,7 +141,8 @@ def test_a_decode_token_runs_its_experts_on_the_idle_agents_that_hold_them() -> 
     E = 4
     active = LayerReport(NODES[0], (1, 0, 1, 0), frozenset(), frozenset(), predicted=(0, 1, 0, 1),
                          resident_total=2, next_resident=frozenset())
-    idle = IdleHoldings(E, {NODES[1]: frozenset({2, 1 * E + 1}), NODES[2]: frozenset({0, 1 * E + 3})})
+    idle = IdleHoldings(E, {NODES[1]: frozenset({ExpertId(0, 2), ExpertId(1, 1)}),
+                            NODES[2]: frozenset({ExpertId(0, 0), ExpertId(1, 3)})})
     reports = [active, *idle.at(0, predicted=True)]
     assert executors(schedule_layer(0, reports, profiles(3), COST)) == {0: {NODES[2]}, 2: {NODES[1]}}
     assert Policy().prefetches(1, reports, profiles(3), COST, E) == {}

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from protos.convert import tensor_from_proto, tensor_to_proto
+from protos.convert import expert_from_wire, expert_to_wire, tensor_from_proto, tensor_to_proto
+from protos.ids import ExpertId
 from protos.potluck.v1 import agent_pb2 as pb
 from scheduler.client import plan_from_proto, plan_to_proto
 from scheduler.types import NodeId, RoutingPlan
@@ -39,3 +40,10 @@ def test_routing_plan_round_trip() -> None:
     msg = plan_to_proto(plan)
     assert msg is not None
     assert plan_from_proto(pb.RoutingPlan.FromString(msg.SerializeToString())) == plan
+
+
+def test_expert_id_round_trip() -> None:
+    ids = [ExpertId(layer, index) for layer in range(3) for index in range(8)]
+    flat = [expert_to_wire(e, 8) for e in ids]
+    assert flat == list(range(24))  # layer * num_experts + index, what every flat id field says
+    assert [expert_from_wire(i, 8) for i in flat] == ids
