@@ -93,6 +93,11 @@ class ExpertBuffer:
         """Resident plus reserved for loads in flight."""
         return len(self._entries) * self.expert_nbytes
 
+    @property
+    def slots_taken(self) -> int:
+        """Experts resident or reserved for a read in flight."""
+        return len(self._entries)
+
     def resident(self, layer: int) -> list[int]:
         return sorted(e.index for e, v in self._entries.items() if e.layer == layer and v.weights is not None)
 

@@ -45,7 +45,7 @@ class LayerReport:
     loading: list[int]  # expert indices of the layer being read
     attention_s: float  # seconds this agent spent in the layer's attention
     predicted: list[int]  # next layer's predicted counts per expert ([] unless asked)
-    resident_total: int  # experts of all layers in the buffer
+    resident_total: int  # experts of all layers in the buffer, resident or being read
     next_resident: list[int]  # next layer's experts in the buffer ([] unless predicting)
     next_loading: list[int]  # next layer's experts being read ([] unless predicting)
 
@@ -112,7 +112,7 @@ class AgentCore:
         if ids.numel():
             predicted = await self.compute(self._predict, hidden, 0)
             st.predicted = (0, frozenset(e for e, c in enumerate(predicted) if c))
-        return LayerReport([], [], [], 0.0, predicted, len(self.buffer.all_resident()), self.buffer.resident(0),
+        return LayerReport([], [], [], 0.0, predicted, self.buffer.slots_taken, self.buffer.resident(0),
                            self.buffer.loading(0))
 
     async def forward(self, request_id: str, layer: int, plan: LayerPlan, prefetch: Sequence[int] = (),
@@ -156,7 +156,7 @@ class AgentCore:
         if st.route is not None:  # queued after the prediction, so the report is not held up
             st.early = self._start_early(layer, st.moe_in, *st.route)
         return LayerReport(counts, self.buffer.resident(layer), self.buffer.loading(layer), attention_s, predicted,
-                           len(self.buffer.all_resident()), self.buffer.resident(nxt) if predicting else [],
+                           self.buffer.slots_taken, self.buffer.resident(nxt) if predicting else [],
                            self.buffer.loading(nxt) if predicting else [])
 
     def _start_early(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> EarlyExperts | None:

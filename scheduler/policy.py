@@ -68,7 +68,8 @@ class Policy:
     def prefetches(self, layer: int, reports: Sequence[LayerReport], profiles: Mapping[NodeId, AgentProfile],
                    cost: CostModel, num_experts: int) -> dict[NodeId, tuple[int, ...]]:
         """Experts of `layer` each agent should start reading, from the previous layer's
-        predicted counts: where the same policy would run them if the guess is right."""
+        predicted counts: where the same policy would run them if the guess is right, the
+        experts with the most predicted tokens first, as many as `_prefetch_room` allows."""
         if not self.prefetch or not reports or not reports[0].predicted:
             return {}
         guessed = [
@@ -76,13 +77,20 @@ class Policy:
             for r in reports
         ]
         plan = self.route(layer, guessed, profiles, cost, num_experts)
-        held = {r.node: r.next_resident | r.next_loading for r in reports}
-        out: dict[NodeId, set[int]] = {}
-        for (_, expert), shares in plan.shares.items():
+        by_node = {r.node: r for r in reports}
+        wanted: dict[NodeId, dict[int, int]] = {}  # executor -> expert -> predicted tokens
+        for (owner, expert), shares in plan.shares.items():
             for executor, _ in shares:
-                if expert not in held.get(executor, frozenset()):
-                    out.setdefault(executor, set()).add(expert)
-        return {n: tuple(sorted(es)) for n, es in out.items()}
+                if expert not in by_node[executor].next_resident | by_node[executor].next_loading:
+                    tokens = wanted.setdefault(executor, {})
+                    tokens[expert] = tokens.get(expert, 0) + by_node[owner].predicted[expert]
+        out: dict[NodeId, tuple[int, ...]] = {}
+        for node, tokens in wanted.items():
+            ranked = sorted(tokens, key=lambda e: (-tokens[e], e))
+            room = _prefetch_room(by_node[node], profiles[node], cost)
+            if keep := ranked[:room]:
+                out[node] = tuple(keep)
+        return out
 
     def fills(self, agents: Sequence[AgentHoldings], experts: Sequence[ExpertId], expert_bytes: int,
               num_experts: int) -> dict[NodeId, tuple[ExpertId, ...]]:
@@ -94,6 +102,22 @@ class Policy:
         order = sorted(a.node for a in agents)
         owner = (lambda e: _static_owner(order, e.index, num_experts)) if self.name == "expert-parallel" else None
         return plan_fill(agents, experts, expert_bytes, owner)
+
+
+def _prefetch_room(r: LayerReport, p: AgentProfile, cost: CostModel) -> int | None:
+    """How many experts an agent should read ahead (None: all). Into free memory, all of them.
+    Past that, each prefetch evicts an expert that a later request will probably read back, and
+    holds its slot a layer early, so the steady state keeps fewer experts from request to
+    request: one more read each. A prefetch pays only for the reads the disk would otherwise not
+    do, those that fit in the time the agent computes before it needs the layer (its share of
+    this layer's experts and the next attention, estimated from this layer's report). Without
+    this limit, two agents at 512 tokens read up to 64% more in a warm request than with no
+    prefetch at all (87 experts against 53) and were slower warm (15.05 against 12.51 s)."""
+    if p.capacity_experts is None or not cost.load_s(p):
+        return None
+    free = max(0, p.capacity_experts - r.resident_total)
+    window_s = cost.compute_s(p, sum(r.counts)) + r.attention_s
+    return free + int(window_s / cost.load_s(p))
 
 
 def _static_owner(order: Sequence[NodeId], expert: int, num_experts: int) -> NodeId:

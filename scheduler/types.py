@@ -103,7 +103,7 @@ class LayerReport:
     loading: frozenset[int]  # expert indices of the layer being read into its buffer
     attention_s: float = 0.0  # seconds it spent in the layer's attention
     predicted: tuple[int, ...] = ()  # next layer's predicted counts (empty unless asked)
-    resident_total: int = 0  # experts of all layers in its buffer
+    resident_total: int = 0  # experts of all layers in its buffer, resident or being read (slots taken)
     next_resident: frozenset[int] = frozenset()  # next layer's experts in its buffer
     next_loading: frozenset[int] = frozenset()  # next layer's experts being read
 

@@ -107,6 +107,30 @@ def test_prefetch_follows_the_predicted_plan_and_skips_what_is_held() -> None:
     assert Policy.from_flags("sirius", no_prefetch=True).prefetches(1, reports, profiles(2), COST, 4) == {}
 
 
+def test_prefetch_evicts_only_for_the_reads_that_fit_while_the_agent_computes() -> None:
+    # COST reads an expert in 0.08 s at 50 MB/s; one (token, expert) pair computes in 0.235 ms.
+    predicted = (1, 9, 2, 8, 3, 7, 4, 6)
+
+    def reports(total: int, attention_s: float = 0.0, pairs: int = 0) -> list[LayerReport]:
+        return [LayerReport(n, (pairs,) + (0,) * 7, frozenset(), frozenset(), attention_s, predicted, total) for n in NODES[:2]]
+
+    def plan(rs: list[LayerReport], capacity: int | None = 32) -> dict[NodeId, tuple[int, ...]]:
+        return Policy().prefetches(1, rs, profiles(2, capacity=capacity), COST, 8)
+
+    everything = plan(reports(0))
+    assert sorted(e for es in everything.values() for e in es) == list(range(8))  # free memory: read all
+    assert plan(reports(32)) == {}  # memory full and nothing to overlap: a prefetch only costs a read
+    # Full memory: as many as the disk reads while the agent computes, the surest guesses first.
+    for window in (reports(32, attention_s=0.17), reports(32, pairs=724)):  # 0.17 s: two reads each
+        chosen = plan(window)
+        assert {n: len(es) for n, es in chosen.items()} == {NODES[0]: 2, NODES[1]: 2}
+        for node, es in chosen.items():
+            theirs = sorted(everything[node], key=lambda e: -predicted[e])
+            assert list(es) == theirs[:2]
+    assert {n: len(es) for n, es in plan(reports(31)).items()} == {NODES[0]: 1, NODES[1]: 1}  # one free slot
+    assert plan(reports(32), capacity=None) == everything  # unlimited memory evicts nothing
+
+
 @pytest.mark.parametrize("n,k", [(2048, 2), (2048, 4), (4096, 4), (513, 3)])
 def test_zigzag_covers_every_token_once_and_balances_causal_work(n: int, k: int) -> None:
     plan = zigzag_prefill(list(range(n)), NODES[:k])
