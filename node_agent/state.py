@@ -45,6 +45,15 @@ class KVShard:
     def append(self, other: KVShard) -> KVShard:
         return KVShard.cat([self, other])
 
+    def visible_to(self, last_query: int) -> KVShard:
+        """The rows that queries at positions up to last_query can see: keys not after it (causal).
+        A peer whose tokens all come before some of mine needs only the rest: with a zigzag
+        split, half the agents' K/V blocks to their peers are half as large."""
+        keep = self.pos <= last_query
+        if bool(keep.all()):
+            return self
+        return KVShard(self.k[keep], self.v[keep], self.pos[keep])
+
     @staticmethod
     def cat(shards: Sequence[KVShard]) -> KVShard:
         return KVShard(torch.cat([s.k for s in shards]), torch.cat([s.v for s in shards]), torch.cat([s.pos for s in shards]))

@@ -231,9 +231,9 @@ class AgentCore:
         st.new_kv[layer] = own_new
         lo, hi = int(st.positions.min()), int(st.positions.max())
         others = [p for p in st.peers if p.name != self.name]
-        # Push my new K/V to every peer with a query that can see one of my keys.
+        # Push my new K/V to every peer with a query that can see one of my keys: the keys it can see.
         pushes = [
-            asyncio.ensure_future(self.peers.push_kv(p.address, request_id, st.step, layer, own_new))
+            asyncio.ensure_future(self.peers.push_kv(p.address, request_id, st.step, layer, own_new.visible_to(p.new_max)))
             for p in others if p.has_new and p.new_max > lo
         ]
         # Split-KV over peers' K/V from earlier steps (decode): they return partial out + lse.

@@ -75,3 +75,26 @@ def test_peer_blocks_taken_as_one_union_give_the_same_attention(split: Callable[
     out = moe.merge([own, moe.attend(q[mine], union.k, union.v, mine, union.pos)])
     expected = reference(q[mine], k, v, mine, torch.arange(T))
     assert torch.allclose(out, expected, atol=1e-5), (out - expected).abs().max()
+
+
+@pytest.mark.parametrize("parts", [2, 4])
+def test_a_peer_gets_only_the_keys_it_can_see_and_attends_the_same(parts: int) -> None:
+    torch.manual_seed(3)
+    shards = zigzag(T, parts)
+    q, k, v = torch.randn(T, H, HD), torch.randn(T, KVH, HD), torch.randn(T, KVH, HD)
+    sizes = []
+    for sender in shards:
+        mine = KVShard(k[sender], v[sender], sender)
+        for receiver in shards:
+            if receiver is sender:
+                continue
+            sent = mine.visible_to(int(receiver.max()))
+            assert bool((sent.pos <= receiver.max()).all())
+            sizes.append(sent.pos.numel() / sender.numel())
+            if sent.pos.numel():  # the receiver's queries see no key that was left out
+                full = moe.attend(q[receiver], mine.k, mine.v, receiver, mine.pos)
+                part = moe.attend(q[receiver], sent.k, sent.v, receiver, sent.pos)
+                torch.testing.assert_close(part[0], full[0])
+                torch.testing.assert_close(part[1], full[1])
+    # Zigzag: an agent's late chunk is after every later agent's tokens, so half the blocks halve.
+    assert sorted(sizes).count(0.5) == len(sizes) // 2 and sorted(sizes).count(1.0) == len(sizes) // 2
