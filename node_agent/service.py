@@ -121,10 +121,12 @@ class Servicer(pb_grpc.NodeAgentServicer):
         peers = [Peer(p.name, p.address, p.new_min_position, p.new_max_position, p.cached_tokens) for p in request.peers]
         r = await self.core.begin_step(request.request_id, request.step, request.token_ids, request.positions, peers,
                                        request.all_logits, request.predict)
+        n, buf = self.core.cfg.num_experts, self.core.buffer
+        held = [expert_to_wire(e, n) for e in buf.all_resident() + buf.all_loading()] if request.holdings else []
         if r is None:
-            return pb.BeginStepReply()
+            return pb.BeginStepReply(held=held)
         return pb.BeginStepReply(predicted_counts=r.predicted, next_resident=r.next_resident,
-                                 next_loading=r.next_loading, resident_total=r.resident_total)
+                                 next_loading=r.next_loading, resident_total=r.resident_total, held=held)
 
     async def Forward(self, request: pb.ForwardRequest, context: Any) -> pb.ForwardReply:
         r = await self.core.forward(request.request_id, request.layer, _plan(request.plan, self.core.name),

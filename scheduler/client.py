@@ -57,6 +57,14 @@ def plan_from_proto(msg: pb.RoutingPlan) -> RoutingPlan:
     return RoutingPlan(msg.layer, shares)
 
 
+@dataclass(frozen=True)
+class StepBegun:
+    """An agent's answer to BeginStep."""
+
+    report: LayerReport  # with predict: layer 0's routing guessed from the embeddings, and its cache state
+    held: frozenset[int]  # with holdings: layer * num_experts + index of every expert resident or being read
+
+
 class AgentClient:
     def __init__(self, spec: NodeSpec, timeout_s: float = 300.0) -> None:
         self.spec = spec
@@ -85,16 +93,19 @@ class AgentClient:
                          r.max_positions, frozenset(r.dense_layers), r.expert_flops_per_s, r.hidden_size, r.dtype_bytes)
 
     async def begin_step(self, request_id: str, plan: StepPlan, peers: Sequence[pb.StepPeer], all_logits: bool,
-                         predict: bool = False) -> LayerReport:
-        """Start a step; with predict, the report carries layer 0's routing guessed from embeddings."""
+                         predict: bool = False, holdings: bool = False) -> StepBegun:
+        """Start a step; with predict, the report carries layer 0's routing guessed from embeddings;
+        with holdings, the reply lists every expert the agent holds."""
         shard = next((s for s in plan.shards if s.node == self.spec.name), None)
         r = await self._call("BeginStep", pb.BeginStepRequest(
             request_id=request_id, step=plan.step, token_ids=shard.token_ids if shard else (),
-            positions=shard.positions if shard else (), peers=peers, all_logits=all_logits, predict=predict))
+            positions=shard.positions if shard else (), peers=peers, all_logits=all_logits, predict=predict,
+            holdings=holdings))
         assert isinstance(r, pb.BeginStepReply)
-        return LayerReport(self.spec.name, (), frozenset(), frozenset(), predicted=tuple(r.predicted_counts),
-                           resident_total=r.resident_total, next_resident=frozenset(r.next_resident),
-                           next_loading=frozenset(r.next_loading))
+        report = LayerReport(self.spec.name, (), frozenset(), frozenset(), predicted=tuple(r.predicted_counts),
+                             resident_total=r.resident_total, next_resident=frozenset(r.next_resident),
+                             next_loading=frozenset(r.next_loading))
+        return StepBegun(report, frozenset(r.held))
 
     async def forward(self, request_id: str, layer: int, plan: RoutingPlan | None, prefetch: Sequence[int] = (),
                       predict: bool = False) -> LayerReport:

@@ -106,17 +106,19 @@ class RequestRunner:
         profiles = {n: self.view.profiles[n] for n in members}
         guess = policy.prefetch and 0 not in shape.dense_layers
         # Members without new tokens (every agent but one, in a decode step) run no layer, but
-        # they hold experts: the plans count them as executors, from their cache state now.
+        # they hold experts: the plans count them as executors, from the holdings their BeginStep
+        # replies list (their cache state as the step begins).
         idle = [n for n in members if n not in active]
-        begun, held = await asyncio.gather(
-            asyncio.gather(*(self.agents[n].begin_step(request_id, plan, peers, all_logits, guess) for n in members)),
-            asyncio.gather(*(self.agents[n].snapshot() for n in idle)),
-        )
+        begun = await asyncio.gather(*(
+            self.agents[n].begin_step(request_id, plan, peers, all_logits, guess, holdings=n in idle) for n in members
+        ))
         E = shape.num_experts
-        idle_reports = IdleHoldings(E, {s.name: frozenset(expert_from_wire(i, E) for i in s.held) for s in held})
+        idle_reports = IdleHoldings(E, {
+            b.report.node: frozenset(expert_from_wire(i, E) for i in b.held) for b in begun if b.report.node in idle
+        })
         routing: RoutingPlan | None = None
         # Layer 0's experts, guessed from the embeddings, load while layer 0's attention runs.
-        first = [r for r in begun if r.node in active] + idle_reports.at(-1, predicted=True)  # what layer 0 needs
+        first = [b.report for b in begun if b.report.node in active] + idle_reports.at(-1, predicted=True)  # what layer 0 needs
         prefetch = policy.prefetches(0, first, profiles, cost, shape.num_experts) if guess else {}
         for layer in range(shape.num_layers):
             predict = policy.prefetch and layer + 1 < shape.num_layers and layer + 1 not in shape.dense_layers

@@ -115,7 +115,7 @@ class StepPeer(_message.Message):
     def __init__(self, name: _Optional[str] = ..., address: _Optional[str] = ..., new_min_position: _Optional[int] = ..., new_max_position: _Optional[int] = ..., cached_tokens: _Optional[int] = ...) -> None: ...
 
 class BeginStepRequest(_message.Message):
-    __slots__ = ("request_id", "step", "token_ids", "positions", "peers", "all_logits", "predict")
+    __slots__ = ("request_id", "step", "token_ids", "positions", "peers", "all_logits", "predict", "holdings")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
@@ -123,6 +123,7 @@ class BeginStepRequest(_message.Message):
     PEERS_FIELD_NUMBER: _ClassVar[int]
     ALL_LOGITS_FIELD_NUMBER: _ClassVar[int]
     PREDICT_FIELD_NUMBER: _ClassVar[int]
+    HOLDINGS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     step: int
     token_ids: _containers.RepeatedScalarFieldContainer[int]
@@ -130,19 +131,22 @@ class BeginStepRequest(_message.Message):
     peers: _containers.RepeatedCompositeFieldContainer[StepPeer]
     all_logits: bool
     predict: bool
-    def __init__(self, request_id: _Optional[str] = ..., step: _Optional[int] = ..., token_ids: _Optional[_Iterable[int]] = ..., positions: _Optional[_Iterable[int]] = ..., peers: _Optional[_Iterable[_Union[StepPeer, _Mapping]]] = ..., all_logits: _Optional[bool] = ..., predict: _Optional[bool] = ...) -> None: ...
+    holdings: bool
+    def __init__(self, request_id: _Optional[str] = ..., step: _Optional[int] = ..., token_ids: _Optional[_Iterable[int]] = ..., positions: _Optional[_Iterable[int]] = ..., peers: _Optional[_Iterable[_Union[StepPeer, _Mapping]]] = ..., all_logits: _Optional[bool] = ..., predict: _Optional[bool] = ..., holdings: _Optional[bool] = ...) -> None: ...
 
 class BeginStepReply(_message.Message):
-    __slots__ = ("predicted_counts", "next_resident", "next_loading", "resident_total")
+    __slots__ = ("predicted_counts", "next_resident", "next_loading", "resident_total", "held")
     PREDICTED_COUNTS_FIELD_NUMBER: _ClassVar[int]
     NEXT_RESIDENT_FIELD_NUMBER: _ClassVar[int]
     NEXT_LOADING_FIELD_NUMBER: _ClassVar[int]
     RESIDENT_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    HELD_FIELD_NUMBER: _ClassVar[int]
     predicted_counts: _containers.RepeatedScalarFieldContainer[int]
     next_resident: _containers.RepeatedScalarFieldContainer[int]
     next_loading: _containers.RepeatedScalarFieldContainer[int]
     resident_total: int
-    def __init__(self, predicted_counts: _Optional[_Iterable[int]] = ..., next_resident: _Optional[_Iterable[int]] = ..., next_loading: _Optional[_Iterable[int]] = ..., resident_total: _Optional[int] = ...) -> None: ...
+    held: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, predicted_counts: _Optional[_Iterable[int]] = ..., next_resident: _Optional[_Iterable[int]] = ..., next_loading: _Optional[_Iterable[int]] = ..., resident_total: _Optional[int] = ..., held: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class ExpertAssignment(_message.Message):
     __slots__ = ("expert", "owner", "executor", "tokens")
