@@ -115,7 +115,8 @@ def _prefetch_room(r: LayerReport, p: AgentProfile, cost: CostModel) -> int | No
     other agents finish the layer. Measured side by side with two agents (bench profile): at 512
     tokens, reading every prediction ahead made warm requests read 53-87 experts against 52-66
     without prefetch, and slower (15.05 against 12.51 s); at 2048 it was faster warm than reading
-    only what the compute window covers (11.60 against 12.31 s), at 4096 too (17.4 against 18.0 s)."""
+    only what the compute window covers (11.60 against 12.31 s, 2 rounds), at 4096 too (17.4
+    against 18.0 s, one round)."""
     if p.capacity_experts is None or not cost.load_s(p):
         return None
     window_s = cost.compute_s(p, sum(r.counts)) + r.attention_s
