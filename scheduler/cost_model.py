@@ -25,6 +25,11 @@ class AgentProfile:
         if self.flops_per_s <= 0:
             raise ValueError(f"flops_per_s of {self.node} must be > 0, got {self.flops_per_s}")
 
+    def free_slots(self, taken: int) -> int | None:
+        """Experts its buffer still has room for, given `taken` resident or being read (None:
+        unlimited)."""
+        return None if self.capacity_experts is None else self.capacity_experts - taken
+
 
 @dataclass(frozen=True)
 class CostModel:

@@ -78,10 +78,11 @@ class Policy:
         ]
         plan = self.route(layer, guessed, profiles, cost, num_experts)
         by_node = {r.node: r for r in reports}
+        held = {r.node: r.next_resident | r.next_loading for r in reports}
         wanted: dict[NodeId, dict[int, int]] = {}  # executor -> expert -> predicted tokens
         for (owner, expert), shares in plan.shares.items():
             for executor, _ in shares:
-                if expert not in by_node[executor].next_resident | by_node[executor].next_loading:
+                if expert not in held[executor]:
                     tokens = wanted.setdefault(executor, {})
                     tokens[expert] = tokens.get(expert, 0) + by_node[owner].predicted[expert]
         out: dict[NodeId, tuple[int, ...]] = {}
@@ -117,12 +118,13 @@ def _prefetch_room(r: LayerReport, p: AgentProfile, cost: CostModel) -> int | No
     without prefetch, and slower (15.05 against 12.51 s); at 2048 it was faster warm than reading
     only what the compute window covers (11.60 against 12.31 s, 2 rounds), at 4096 too (17.4
     against 18.0 s, one round)."""
-    if p.capacity_experts is None or not cost.load_s(p):
+    free = p.free_slots(r.resident_total)
+    if free is None or not cost.load_s(p):
         return None
     window_s = cost.compute_s(p, sum(r.counts)) + r.attention_s
     if window_s >= cost.load_s(p):
         return None
-    return max(0, p.capacity_experts - r.resident_total)
+    return max(0, free)
 
 
 def _static_owner(order: Sequence[NodeId], expert: int, num_experts: int) -> NodeId:

@@ -28,7 +28,7 @@ def schedule_layer(
     nodes = [r.node for r in reports]
     counts = {r.node: r.counts for r in reports}
     held = {r.node: r.resident | r.loading for r in reports}
-    free = {r.node: _free_slots(profiles[r.node], r.resident_total) for r in reports}
+    free = {r.node: profiles[r.node].free_slots(r.resident_total) for r in reports}
     time = {n: AgentTime() for n in nodes}
     shares: dict[tuple[NodeId, int], list[Share]] = {}
     experts = sorted(range(len(reports[0].counts)), key=lambda e: -sum(counts[n][e] for n in nodes))
@@ -60,10 +60,6 @@ def schedule_layer(
         for o in rest:
             shares[(o, e)] = [(executor, 0)]
     return RoutingPlan(layer, {k: tuple(v) for k, v in shares.items()})
-
-
-def _free_slots(p: AgentProfile, resident: int) -> int | None:
-    return None if p.capacity_experts is None else p.capacity_experts - resident
 
 
 def _evicts(load: bool, free: int | None) -> bool:
