@@ -91,6 +91,27 @@ def test_compute_pacer_counts_time_past_its_budget_as_overrun() -> None:
     assert unpaced.overrun_s == 0.0
 
 
+def test_compute_pacer_gives_a_late_sleep_back_to_the_work_chained_after_it() -> None:
+    # A host that wakes sleepers 30 ms late: the work chained right after a late sleep sleeps
+    # that much less (the emulated device's timeline), work after an idle gap is owed nothing.
+    asked: list[float] = []
+
+    def late_sleep(seconds: float) -> None:
+        asked.append(seconds)
+        time.sleep(seconds + 0.03)
+
+    pacer = ComputePacer(0.1, sleep=late_sleep)
+    for _ in range(2):
+        with pacer.pace():
+            _spin(0.01)  # budget 0.1 s, ~0.09 s of it asleep
+    time.sleep(2 * ComputePacer.CHAINED_S)  # idle
+    with pacer.pace():
+        _spin(0.01)
+    first, chained, after_idle = asked
+    assert chained < first - 0.02
+    assert after_idle > chained + 0.02
+
+
 def test_unpaced_compute_does_not_wait() -> None:
     start = time.perf_counter()
     with ComputePacer(0).pace():
