@@ -1,21 +1,26 @@
-"""Grouped expert passes: the batches of one layer that reach an agent while its compute thread is
-busy run as one pass, one matmul per expert over every owner's rows, instead of a pass each.
+"""Grouped expert passes: the batches of one layer that reach an agent run expert by expert, one
+matmul per expert over every owner's rows, instead of a pass each.
 
 Small matmuls waste the core (a 66-row expert matmul costs about 30% more a row than a 256-row
-one on this project's CPU), so the fewer and larger the passes, the less an executor computes.
+one on this project's CPU, and each pass streams the expert's weights from memory again), so the
+fewer and larger the matmuls, the less an executor computes. A pass starts when the compute
+thread is free, with every batch queued by then, and batches that arrive while it runs join it:
+before each expert the pass takes them in, so they share the experts it has not reached yet and
+only the ones it already ran are run again for them. Each batch is released as soon as its last
+expert has run.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Sequence
+import threading
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 
 from node_agent.model import moe
+from node_agent.throttle import ComputePacer
 
 
 @dataclass
@@ -28,71 +33,112 @@ class _Batch:
     out: torch.Tensor  # written on the compute thread only
     held: dict[int, moe.ExpertWeights]
     done: asyncio.Future[None] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+    todo: dict[int, int] = field(default_factory=dict)  # expert -> its slots still to run (compute thread)
 
 
 class GroupedPasses:
-    def __init__(self, compute: Callable[..., Awaitable[Any]], thread: Executor) -> None:
-        self._compute = compute  # runs work on the compute thread, paced
-        self._thread = thread  # that thread's executor, to learn when it is free
-        self._pending: dict[int, list[_Batch]] = {}  # layer -> batches waiting for a pass
-        self._draining: set[int] = set()  # layers with a drain task running
-        self.formed = 0  # passes run (batches per pass = how well they share)
+    def __init__(self, pacer: ComputePacer, thread: Executor) -> None:
+        self._pacer = pacer  # paces each expert's matmul, as the agent's other compute work
+        self._thread = thread  # the agent's one compute thread
+        self._lock = threading.Lock()  # _pending is filled on the event loop, emptied on the thread
+        self._pending: dict[int, list[_Batch]] = {}  # layer -> batches waiting to join a pass
+        self._draining: set[int] = set()  # layers with a drain task running (event loop only)
+        self.formed = 0  # passes run
+        self.steps = 0  # expert matmuls run (per pass: how well the batches share)
 
     @property
     def queued(self) -> int:
         """Batches waiting for a pass, all layers."""
-        return sum(len(v) for v in self._pending.values())
+        with self._lock:
+            return sum(len(v) for v in self._pending.values())
 
     async def run(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, out: torch.Tensor,
                   held: dict[int, moe.ExpertWeights]) -> None:
-        """out += the held experts of ids on x, in the layer's next pass; one drain per layer
-        runs what has gathered whenever the previous pass is done."""
+        """out += the held experts of ids on x, in the layer's running pass or its next one."""
         batch = _Batch(x, ids, weights, out, held)
-        self._pending.setdefault(layer, []).append(batch)
+        with self._lock:
+            self._pending.setdefault(layer, []).append(batch)
         if layer not in self._draining:
             self._draining.add(layer)
             asyncio.ensure_future(self._drain(layer))
         await batch.done
 
     async def _drain(self, layer: int) -> None:
+        loop = asyncio.get_running_loop()
         try:
-            while self._pending.get(layer):
-                # Form the pass when the compute thread is free, not when the first batch came:
-                # the batches that arrive while it finishes other work (an early run, a previous
-                # pass) then share one matmul per expert instead of taking a pass each.
-                await asyncio.get_running_loop().run_in_executor(self._thread, _nothing)
-                group = [b for b in self._pending.pop(layer) if not b.done.cancelled()]  # waiters gone
-                if not group:
-                    continue
-                self.formed += 1
-                error: BaseException | None = None
-                try:
-                    await self._compute(_run_group, group)
-                except BaseException as exc:  # every waiter hears of it; none hangs
-                    error = exc
-                for b in (b for b in group if not b.done.done()):  # a waiter may have been cancelled
-                    if error is None:
-                        b.done.set_result(None)
-                    else:
-                        b.done.set_exception(error)
-                if error is not None and not isinstance(error, Exception):
-                    raise error
+            while True:
+                with self._lock:
+                    if not self._pending.get(layer):
+                        return  # checked on the event loop, the only place batches are added
+                # Queued behind the thread's other work: the pass takes every batch that arrived
+                # meanwhile, not just the first.
+                await loop.run_in_executor(self._thread, self._pass, layer, loop)
         finally:
             self._draining.discard(layer)
 
+    def _take(self, layer: int) -> list[_Batch]:
+        with self._lock:
+            batches = self._pending.pop(layer, [])
+        joining = []
+        for b in batches:
+            if b.done.cancelled():  # its waiter is gone
+                continue
+            flat = b.ids.flatten()
+            counts = torch.bincount(flat[flat >= 0], minlength=max(b.held, default=0) + 1).tolist()
+            b.todo = {e: counts[e] for e in b.held if counts[e]}
+            joining.append(b)
+        return joining
 
-def _nothing() -> None:
-    pass
+    def _pass(self, layer: int, loop: asyncio.AbstractEventLoop) -> None:
+        """On the compute thread: run the layer's batches expert by expert until none is left,
+        taking in the ones that arrive, releasing each as soon as it is complete."""
+        self.formed += 1
+        active: list[_Batch] = []
+        while True:
+            error: BaseException | None = None
+            group: list[_Batch] = []
+            with torch.inference_mode(), self._pacer.pace():
+                active += self._take(layer)
+                empty = [b for b in active if not b.todo]  # nothing of it held here
+                active = [b for b in active if b.todo]
+                if active:
+                    # The expert with the most slots waiting first: the batches that join later
+                    # still share the experts after it.
+                    slots: dict[int, int] = {}
+                    for b in active:
+                        for e, n in b.todo.items():
+                            slots[e] = slots.get(e, 0) + n
+                    expert = min(slots, key=lambda e: (-slots[e], e))
+                    group = [b for b in active if expert in b.todo]
+                    try:
+                        moe.add_experts_batches([(b.out, b.x, b.ids, b.weights) for b in group],
+                                                {expert: group[0].held[expert]})
+                    except BaseException as exc:  # every waiter hears of it; none hangs
+                        error = exc
+            for b in empty:
+                loop.call_soon_threadsafe(_release, b, None)
+            if error is not None:
+                for b in active:
+                    loop.call_soon_threadsafe(_release, b, error)
+                if not isinstance(error, Exception):
+                    raise error
+                return
+            if not active:
+                return
+            self.steps += 1
+            for b in group:
+                del b.todo[expert]
+            for b in (b for b in active if not b.todo):
+                loop.call_soon_threadsafe(_release, b, None)
+            active = [b for b in active if b.todo]
 
 
-def _run_group(group: Sequence[_Batch]) -> None:
-    """out += experts(x) for every batch of the group, one matmul per expert over all its rows."""
-    experts = {i: w for b in group for i, w in b.held.items()}
+def _release(batch: _Batch, error: BaseException | None) -> None:
+    """On the event loop: wake the batch's waiter (unless it was cancelled meanwhile)."""
+    if batch.done.done():
+        return
+    if error is None:
+        batch.done.set_result(None)
+    else:
+        batch.done.set_exception(error)
 
-    def own_slots(b: _Batch) -> torch.Tensor:
-        # A batch's other slots may name an expert another batch holds: mask them to -1 (skipped).
-        if b.held.keys() == experts.keys():
-            return b.ids
-        return torch.where(torch.isin(b.ids, torch.tensor(list(b.held))), b.ids, -1)
-
-    moe.add_experts_batches([(b.out, b.x, own_slots(b), b.weights) for b in group], experts)

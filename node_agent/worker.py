@@ -66,7 +66,7 @@ class AgentCore:
         self.peer_timeout_s = peer_timeout_s
         self._compute = ThreadPoolExecutor(1, thread_name_prefix="compute")
         self.requests: dict[str, RequestState] = {}
-        self.passes = GroupedPasses(self.compute, self._compute)
+        self.passes = GroupedPasses(self.pacer, self._compute)
         self.early_used = 0  # experts run early on my own tokens whose share the plan confirmed
         self.early_dropped = 0  # experts run early that the plan overruled (it sent those slots elsewhere)
         self.attention_s = 0.0  # total seconds in attention, all requests
@@ -130,32 +130,26 @@ class AgentCore:
             await self._attention(request_id, st, layer)
         attention_s = time.perf_counter() - t0
         self.attention_s += attention_s
-        w = self.dense.layers[layer]
-        st.moe_in = await self.compute(moe.rms_norm, st.hidden, w.post_norm, self.cfg.rms_eps)
+        nxt = layer + 1
+        predicting = predict and nxt < self.cfg.num_layers and self.cfg.is_moe(nxt)
+        # Norm, router and the next layer's guess in one job: each job is a trip from the event
+        # loop to the compute thread and back, and these three only feed one another.
+        moe_in, st.route, predicted = await self.compute(self._route_and_predict, st, layer, predicting)
+        st.moe_in = moe_in
         counts: list[int] = []
-        predicted: list[int] = []
-        if self.cfg.is_moe(layer) and st.positions.numel():
-            ids, weights = await self.compute(moe.route, w, self.cfg, st.moe_in)
-            keep = st.final_only(layer, self.cfg.num_layers)
-            if keep is not None:  # a prefill reads k experts of the last layer, not nearly all
-                ids = torch.where(keep[:, None], ids, torch.full_like(ids, -1))  # -1: skipped slot
-            st.route = (ids, weights)
+        if st.route is not None:
+            ids = st.route[0]
             counts = torch.bincount(ids[ids >= 0], minlength=self.cfg.num_experts).tolist()
             self._score_prediction(st, layer, counts)
         elif self.cfg.is_moe(layer):
             counts = [0] * self.cfg.num_experts
-        nxt = layer + 1
-        predicting = predict and nxt < self.cfg.num_layers and self.cfg.is_moe(nxt)
-        if predicting and st.positions.numel():
-            keep = st.final_only(nxt, self.cfg.num_layers)
-            hidden = st.hidden if keep is None else st.hidden[keep]
-            predicted = await self.compute(self._predict, hidden, nxt)
+        if predicted is not None:
             st.predicted = (nxt, frozenset(e for e, c in enumerate(predicted) if c))
         elif predicting:
             predicted = [0] * self.cfg.num_experts
         if st.route is not None:  # queued after the prediction, so the report is not held up
-            st.early = self._start_early(layer, st.moe_in, *st.route)
-        return LayerReport(counts, self.buffer.resident(layer), self.buffer.loading(layer), attention_s, predicted,
+            st.early = self._start_early(layer, moe_in, *st.route)
+        return LayerReport(counts, self.buffer.resident(layer), self.buffer.loading(layer), attention_s, predicted or [],
                            self.buffer.slots_taken, self.buffer.resident(nxt) if predicting else [],
                            self.buffer.loading(nxt) if predicting else [])
 
@@ -177,6 +171,26 @@ class AgentCore:
                     await self.buffer.release(ExpertId(layer, e))
 
         return EarlyExperts(layer, experts, asyncio.ensure_future(run()))
+
+    def _route_and_predict(self, st: StepState, layer: int, predicting: bool
+                           ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None, list[int] | None]:
+        """(normed MoE input, this layer's routing or None, next layer's predicted counts or None).
+        Runs on the compute thread."""
+        w = self.dense.layers[layer]
+        moe_in = moe.rms_norm(st.hidden, w.post_norm, self.cfg.rms_eps)
+        if not st.positions.numel():
+            return moe_in, None, None
+        route = None
+        if self.cfg.is_moe(layer):
+            ids, weights = moe.route(w, self.cfg, moe_in)
+            keep = st.final_only(layer, self.cfg.num_layers)
+            if keep is not None:  # a prefill reads k experts of the last layer, not nearly all
+                ids = torch.where(keep[:, None], ids, torch.full_like(ids, -1))  # -1: skipped slot
+            route = ids, weights
+        if not predicting:
+            return moe_in, route, None
+        keep = st.final_only(layer + 1, self.cfg.num_layers)
+        return moe_in, route, self._predict(st.hidden if keep is None else st.hidden[keep], layer + 1)
 
     def _predict(self, hidden: torch.Tensor, layer: int) -> list[int]:
         """Layer `layer`'s router applied to the previous layer's hidden states: adjacent layers'

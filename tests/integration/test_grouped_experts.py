@@ -1,5 +1,6 @@
 """Expert batches that reach an agent while its compute thread is busy run as one grouped pass,
-formed when the thread is free, with the same result as one pass each."""
+formed when the thread is free, and batches that arrive while a pass runs join it; either way
+with the same result as one pass each."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from node_agent.model import moe
 from node_agent.model.checkpoint import Checkpoint
 from node_agent.model.config import MoeConfig
 from node_agent.peers import GrpcPeers, Link
-from node_agent.throttle import Throttle
+from node_agent.throttle import ComputePacer, Throttle
 from node_agent.worker import AgentCore
 from protos.ids import ExpertId
 
@@ -57,4 +58,46 @@ async def test_batches_arriving_together_share_one_pass(qwen_tiny: Path) -> None
     assert core.passes.formed == 1  # three owners' resident experts, one pass
     for (x, ids, w), out in zip(batches, outs):
         expected = moe.run_experts(x, ids, w, lambda e: weights.get(e) or store.load(ExpertId(layer, e)))
+        assert torch.allclose(out, expected, atol=1e-6)
+
+
+async def test_a_batch_arriving_while_a_pass_runs_joins_it(qwen_tiny: Path) -> None:
+    cfg = MoeConfig.load(qwen_tiny)
+    ckpt = Checkpoint(qwen_tiny)
+    store = ExpertStore(ckpt, cfg, torch.float32, Throttle(0))
+    buffer = ExpertBuffer(0, store.expert_nbytes, store.load, ThreadPoolExecutor(1))
+    layer = 0
+    weights = {e: await buffer.acquire(ExpertId(layer, e)) for e in range(4)}  # resident
+    first_step, resume = threading.Event(), threading.Event()
+
+    def held_after_first_step(seconds: float) -> None:  # the pacer's sleep, on the compute thread
+        if not first_step.is_set():
+            first_step.set()
+            resume.wait(10)
+
+    core = AgentCore("a", cfg, moe.load_dense(ckpt, cfg, torch.float32), buffer, GrpcPeers("a", Link(0)),
+                     pacer=ComputePacer(0.1, sleep=held_after_first_step))
+    g = torch.Generator().manual_seed(5)
+    # Both owners' tokens use experts 0-3; the first owner's use expert 0 most, so it runs first.
+    ids_a = torch.tensor([[0, 1], [0, 2], [0, 3], [0, 1], [2, 0]])
+    ids_b = torch.tensor([[3, 0], [1, 2], [2, 3], [-1, 1]])
+    batches = [(torch.randn(len(ids), cfg.hidden_size, generator=g), ids, torch.rand(len(ids), cfg.top_k, generator=g))
+               for ids in (ids_a, ids_b)]
+
+    a = asyncio.ensure_future(core.execute(layer, *batches[0]))
+    assert await asyncio.to_thread(first_step.wait, 10)  # expert 0 ran for the first owner
+    b = asyncio.ensure_future(core.execute(layer, *batches[1]))
+    for _ in range(10_000):
+        if core.passes.queued == 1:
+            break
+        await asyncio.sleep(0.001)
+    assert core.passes.queued == 1
+    resume.set()
+    outs = await asyncio.gather(a, b)
+
+    # One pass: experts 1-3 once for both owners, expert 0 again for the owner that joined late
+    # (one pass each would take 4 + 4 expert matmuls).
+    assert (core.passes.formed, core.passes.steps) == (1, 5)
+    for (x, ids, w), out in zip(batches, outs):
+        expected = moe.run_experts(x, ids, w, weights.__getitem__)
         assert torch.allclose(out, expected, atol=1e-6)
