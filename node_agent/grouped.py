@@ -7,7 +7,8 @@ fewer and larger the matmuls, the less an executor computes. A pass starts when 
 thread is free, with every batch queued by then, and batches that arrive while it runs join it:
 before each expert the pass takes them in, so they share the experts it has not reached yet and
 only the ones it already ran are run again for them. Each batch is released as soon as its last
-expert has run.
+expert has run. An owner's early run of its own tokens (before its plan comes) is such a batch,
+kept per slot, so the peers' batches that reach it during that run share its remaining experts.
 """
 
 from __future__ import annotations
@@ -30,9 +31,11 @@ class _Batch:
     x: torch.Tensor
     ids: torch.Tensor
     weights: torch.Tensor
-    out: torch.Tensor  # written on the compute thread only
+    out: torch.Tensor | None  # written on the compute thread only; None: keep outputs per slot
     held: dict[int, moe.ExpertWeights]
+    parts: list[moe.SlotOutputs] = field(default_factory=list)  # per expert run, when out is None
     done: asyncio.Future[None] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+    groups: moe.SlotGroups | None = None  # its slots by expert, once it joins a pass (compute thread)
     todo: dict[int, int] = field(default_factory=dict)  # expert -> its slots still to run (compute thread)
 
 
@@ -55,7 +58,17 @@ class GroupedPasses:
     async def run(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, out: torch.Tensor,
                   held: dict[int, moe.ExpertWeights]) -> None:
         """out += the held experts of ids on x, in the layer's running pass or its next one."""
-        batch = _Batch(x, ids, weights, out, held)
+        await self._join(layer, _Batch(x, ids, weights, out, held))
+
+    async def slots(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
+                    held: dict[int, moe.ExpertWeights]) -> moe.SlotOutputs:
+        """The held experts' outputs per (token, slot), kept apart by expert (an owner's early run,
+        which its plan may overrule in part), in a pass as `run`'s batches."""
+        batch = _Batch(x, ids, weights, None, held)
+        await self._join(layer, batch)
+        return moe.SlotOutputs.cat(batch.parts) if batch.parts else moe.expert_slots([(x, ids, weights)], {})[0]
+
+    async def _join(self, layer: int, batch: _Batch) -> None:
         with self._lock:
             self._pending.setdefault(layer, []).append(batch)
         if layer not in self._draining:
@@ -83,9 +96,8 @@ class GroupedPasses:
         for b in batches:
             if b.done.cancelled():  # its waiter is gone
                 continue
-            flat = b.ids.flatten()
-            counts = torch.bincount(flat[flat >= 0], minlength=max(b.held, default=0) + 1).tolist()
-            b.todo = {e: counts[e] for e in b.held if counts[e]}
+            b.groups = moe.SlotGroups.of(b.ids, b.weights, b.held)
+            b.todo = {e: c for e, (_, c) in b.groups.spans.items()}
             joining.append(b)
         return joining
 
@@ -98,7 +110,7 @@ class GroupedPasses:
             error: BaseException | None = None
             group: list[_Batch] = []
             with torch.inference_mode(), self._pacer.pace():
-                active += self._take(layer)
+                active = [b for b in active if not b.done.cancelled()] + self._take(layer)  # waiters gone: dropped
                 empty = [b for b in active if not b.todo]  # nothing of it held here
                 active = [b for b in active if b.todo]
                 if active:
@@ -111,8 +123,15 @@ class GroupedPasses:
                     expert = min(slots, key=lambda e: (-slots[e], e))
                     group = [b for b in active if expert in b.todo]
                     try:
-                        moe.add_experts_batches([(b.out, b.x, b.ids, b.weights) for b in group],
-                                                {expert: group[0].held[expert]})
+                        members = []
+                        for b in group:
+                            assert b.groups is not None  # set when it joined
+                            members.append((b.x, b.groups))
+                        for b, slot_outs in zip(group, moe.run_expert(group[0].held[expert], members, expert)):
+                            if b.out is None:
+                                b.parts.append(slot_outs)
+                            elif slot_outs.rows.numel():
+                                b.out.index_add_(0, slot_outs.rows, slot_outs.y)
                     except BaseException as exc:  # every waiter hears of it; none hangs
                         error = exc
             for b in empty:

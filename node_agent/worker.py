@@ -164,8 +164,8 @@ class AgentCore:
         held = {e: self.buffer.acquire_resident(ExpertId(layer, e)) for e in sorted(experts)}
 
         async def run() -> moe.SlotOutputs:
-            try:
-                return (await self.compute(moe.expert_slots, [(x, ids, weights)], held))[0]
+            try:  # the layer's pass: the peers' batches that arrive meanwhile join it
+                return await self.passes.slots(layer, x, ids, weights, held)
             finally:
                 for e in held:
                     await self.buffer.release(ExpertId(layer, e))

@@ -11,7 +11,7 @@ Shapes: T new tokens, S keys, D hidden, H heads, KVH kv heads, hd head dim, E ex
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -285,44 +285,71 @@ class SlotOutputs:
     experts: torch.Tensor  # [m] expert index of each slot
     y: torch.Tensor  # [m, D] routing weight * expert(x[row])
 
+    @staticmethod
+    def cat(parts: Sequence[SlotOutputs]) -> SlotOutputs:
+        """One batch's slot outputs from several runs over disjoint experts."""
+        if len(parts) == 1:
+            return parts[0]
+        return SlotOutputs(torch.cat([p.rows for p in parts]), torch.cat([p.experts for p in parts]),
+                           torch.cat([p.y for p in parts]))
+
     def only(self, keep: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """(rows, y) of the slots whose expert is in keep."""
         mask = torch.isin(self.experts, torch.tensor(list(keep), dtype=self.experts.dtype))
         return self.rows[mask], self.y[mask]
 
 
+@dataclass(frozen=True)
+class SlotGroups:
+    """A batch's (token, slot) pairs for some experts, sorted by expert, with each expert's span:
+    grouped once, so that a pass can run the experts one at a time without regrouping."""
+
+    rows: torch.Tensor  # [m] token row of each slot
+    experts: torch.Tensor  # [m] expert index of each slot (ascending)
+    weights: torch.Tensor  # [m, 1] routing weight of each slot
+    spans: dict[int, tuple[int, int]]  # expert -> (start, count) of its slots
+
+    @classmethod
+    def of(cls, ids: torch.Tensor, weights: torch.Tensor, experts: Iterable[int]) -> SlotGroups:
+        k = ids.shape[1]
+        flat = ids.flatten()  # [n*k]
+        slots = torch.isin(flat, torch.tensor(sorted(experts), dtype=torch.long)).nonzero().flatten()
+        slots = slots[torch.argsort(flat[slots], stable=True)]  # grouped by expert id
+        counts = torch.bincount(flat[slots]).tolist() if slots.numel() else []
+        spans, start = {}, 0
+        for e, c in enumerate(counts):
+            if c:
+                spans[e] = (start, c)
+                start += c
+        return cls(slots // k, flat[slots], weights.flatten()[slots, None], spans)
+
+
+def run_expert(e: ExpertWeights, members: Sequence[tuple[torch.Tensor, SlotGroups]], index: int) -> list[SlotOutputs]:
+    """Expert `index` on its slots of every (x, groups) member, one matmul over all their rows;
+    each member's weighted outputs, one row per slot."""
+    parts = [(x, g, *g.spans[index]) for x, g in members]
+    xs = [x[g.rows[s : s + c]] for x, g, s, c in parts]
+    y = swiglu(e, xs[0] if len(xs) == 1 else torch.cat(xs))
+    out, done = [], 0
+    for _, g, s, c in parts:
+        out.append(SlotOutputs(g.rows[s : s + c], g.experts[s : s + c], y[done : done + c] * g.weights[s : s + c]))
+        done += c
+    return out
+
+
 def expert_slots(batches: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
                  experts: Mapping[int, ExpertWeights]) -> list[SlotOutputs]:
     """The slot outputs of every (x, ids, weights) batch for its slots whose expert is in
     `experts`, each expert running one matmul over its rows from all the batches."""
-    wanted = torch.tensor(sorted(experts), dtype=torch.long)
-    gathered = []  # per batch: (rows, expert per slot, routing weight per slot, x of the slots, slots per expert)
-    for x, ids, weights in batches:
-        k = ids.shape[1]
-        flat = ids.flatten()  # [n*k]
-        slots = torch.isin(flat, wanted).nonzero().flatten()
-        slots = slots[torch.argsort(flat[slots], stable=True)]  # grouped by expert id
-        rows = slots // k
-        counts = torch.bincount(flat[slots]).tolist() if slots.numel() else []
-        gathered.append((rows, flat[slots], weights.flatten()[slots, None], x[rows], counts))
-    ys = [torch.empty_like(xs) for *_, xs, _ in gathered]
-    starts = [0] * len(gathered)
+    members = [(x, SlotGroups.of(ids, weights, experts)) for x, ids, weights in batches]
+    per_batch: list[list[SlotOutputs]] = [[] for _ in members]
     for index in sorted(experts):
-        pieces = []  # (batch, start, count) of this expert's slots
-        for i, (*_, counts) in enumerate(gathered):
-            count = counts[index] if index < len(counts) else 0
-            if count:
-                pieces.append((i, starts[i], count))
-                starts[i] += count
-        if not pieces:
-            continue
-        rows_in = [gathered[i][3][s : s + c] for i, s, c in pieces]
-        y = swiglu(experts[index], rows_in[0] if len(rows_in) == 1 else torch.cat(rows_in))
-        done = 0
-        for i, s, c in pieces:
-            ys[i][s : s + c] = y[done : done + c]
-            done += c
-    return [SlotOutputs(rows, ex, y * w) for (rows, ex, w, _, _), y in zip(gathered, ys)]
+        having = [i for i, (_, g) in enumerate(members) if index in g.spans]
+        if having:
+            for i, part in zip(having, run_expert(experts[index], [members[i] for i in having], index)):
+                per_batch[i].append(part)
+    return [SlotOutputs.cat(parts) if parts else SlotOutputs(g.rows, g.experts, torch.empty(0, x.shape[1], dtype=x.dtype))
+            for parts, (x, g) in zip(per_batch, members)]
 
 
 def run_experts(
