@@ -35,8 +35,8 @@ class _Batch:
     held: dict[int, moe.ExpertWeights]
     parts: list[moe.SlotOutputs] = field(default_factory=list)  # per expert run, when out is None
     done: asyncio.Future[None] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
-    groups: moe.SlotGroups | None = None  # its slots by expert, once it joins a pass (compute thread)
-    todo: dict[int, int] = field(default_factory=dict)  # expert -> its slots still to run (compute thread)
+    groups: moe.SlotGroups = field(init=False)  # its slots by expert, set when it joins a pass (compute thread)
+    todo: set[int] = field(default_factory=set)  # experts still to run for it (compute thread)
 
 
 class GroupedPasses:
@@ -66,7 +66,7 @@ class GroupedPasses:
         which its plan may overrule in part), in a pass as `run`'s batches."""
         batch = _Batch(x, ids, weights, None, held)
         await self._join(layer, batch)
-        return moe.SlotOutputs.cat(batch.parts) if batch.parts else moe.expert_slots([(x, ids, weights)], {})[0]
+        return moe.SlotOutputs.cat(batch.parts, x)
 
     async def _join(self, layer: int, batch: _Batch) -> None:
         with self._lock:
@@ -97,7 +97,7 @@ class GroupedPasses:
             if b.done.cancelled():  # its waiter is gone
                 continue
             b.groups = moe.SlotGroups.of(b.ids, b.weights, b.held)
-            b.todo = {e: c for e, (_, c) in b.groups.spans.items()}
+            b.todo = set(b.groups.spans)
             joining.append(b)
         return joining
 
@@ -108,49 +108,40 @@ class GroupedPasses:
         active: list[_Batch] = []
         while True:
             error: BaseException | None = None
-            group: list[_Batch] = []
             with torch.inference_mode(), self._pacer.pace():
                 active = [b for b in active if not b.done.cancelled()] + self._take(layer)  # waiters gone: dropped
-                empty = [b for b in active if not b.todo]  # nothing of it held here
-                active = [b for b in active if b.todo]
-                if active:
-                    # The expert with the most slots waiting first: the batches that join later
-                    # still share the experts after it.
-                    slots: dict[int, int] = {}
-                    for b in active:
-                        for e, n in b.todo.items():
-                            slots[e] = slots.get(e, 0) + n
-                    expert = min(slots, key=lambda e: (-slots[e], e))
-                    group = [b for b in active if expert in b.todo]
-                    try:
-                        members = []
-                        for b in group:
-                            assert b.groups is not None  # set when it joined
-                            members.append((b.x, b.groups))
-                        for b, slot_outs in zip(group, moe.run_expert(group[0].held[expert], members, expert)):
-                            if b.out is None:
-                                b.parts.append(slot_outs)
-                            elif slot_outs.rows.numel():
-                                b.out.index_add_(0, slot_outs.rows, slot_outs.y)
-                    except BaseException as exc:  # every waiter hears of it; none hangs
-                        error = exc
-            for b in empty:
-                loop.call_soon_threadsafe(_release, b, None)
-            if error is not None:
-                for b in active:
+                try:
+                    self._run_next(active)
+                except BaseException as exc:  # every waiter hears of it; none hangs
+                    error = exc
+            for b in active:
+                if error is not None or not b.todo:
                     loop.call_soon_threadsafe(_release, b, error)
-                if not isinstance(error, Exception):
-                    raise error
-                return
+            if error is not None and not isinstance(error, Exception):
+                raise error
+            active = [b for b in active if b.todo] if error is None else []
             if not active:
                 return
-            self.steps += 1
-            for b in group:
-                del b.todo[expert]
-            for b in (b for b in active if not b.todo):
-                loop.call_soon_threadsafe(_release, b, None)
-            active = [b for b in active if b.todo]
 
+    def _run_next(self, active: list[_Batch]) -> None:
+        """The expert with the most slots waiting, over every batch that needs it: the batches
+        that join later still share the experts after it."""
+        slots: dict[int, int] = {}
+        for b in active:
+            for e in b.todo:
+                slots[e] = slots.get(e, 0) + b.groups.spans[e][1]
+        if not slots:
+            return
+        expert = min(slots, key=lambda e: (-slots[e], e))
+        group = [b for b in active if expert in b.todo]
+        outs = moe.run_expert(group[0].held[expert], [(b.x, b.groups) for b in group], expert)
+        self.steps += 1
+        for b, slot_outs in zip(group, outs):
+            b.todo.discard(expert)
+            if b.out is None:
+                b.parts.append(slot_outs)
+            elif slot_outs.rows.numel():
+                b.out.index_add_(0, slot_outs.rows, slot_outs.y)
 
 def _release(batch: _Batch, error: BaseException | None) -> None:
     """On the event loop: wake the batch's waiter (unless it was cancelled meanwhile)."""

@@ -262,18 +262,9 @@ def add_experts(out: torch.Tensor, x: torch.Tensor, ids: torch.Tensor, weights: 
     """out += routing weight * expert(x) for every (token, slot) of ids [n,k] whose expert is in
     `experts` (others are skipped). Slots are grouped by expert so each expert runs one matmul
     on a contiguous block, and results go back with one index_add."""
-    add_experts_batches([(out, x, ids, weights)], experts)
-
-
-def add_experts_batches(batches: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]],
-                        experts: Mapping[int, ExpertWeights]) -> None:
-    """`add_experts` on several (out, x, ids, weights) batches at once: each expert runs one
-    matmul over its rows from every batch (a grouped pass for several owners' tokens), and no
-    batch's tokens are copied beyond the rows its experts read."""
-    outs = expert_slots([(x, ids, weights) for _, x, ids, weights in batches], experts)
-    for (out, *_), slots in zip(batches, outs):
-        if slots.rows.numel():
-            out.index_add_(0, slots.rows, slots.y)
+    slots = expert_slots([(x, ids, weights)], experts)[0]
+    if slots.rows.numel():
+        out.index_add_(0, slots.rows, slots.y)
 
 
 @dataclass(frozen=True)
@@ -286,8 +277,12 @@ class SlotOutputs:
     y: torch.Tensor  # [m, D] routing weight * expert(x[row])
 
     @staticmethod
-    def cat(parts: Sequence[SlotOutputs]) -> SlotOutputs:
-        """One batch's slot outputs from several runs over disjoint experts."""
+    def cat(parts: Sequence[SlotOutputs], x: torch.Tensor) -> SlotOutputs:
+        """One batch's slot outputs from several runs over disjoint experts (x: the batch's
+        tokens, which give an empty result its width)."""
+        if not parts:
+            none = torch.empty(0, dtype=torch.long)
+            return SlotOutputs(none, none, x.new_empty(0, x.shape[1]))
         if len(parts) == 1:
             return parts[0]
         return SlotOutputs(torch.cat([p.rows for p in parts]), torch.cat([p.experts for p in parts]),
@@ -348,8 +343,7 @@ def expert_slots(batches: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tenso
         if having:
             for i, part in zip(having, run_expert(experts[index], [members[i] for i in having], index)):
                 per_batch[i].append(part)
-    return [SlotOutputs.cat(parts) if parts else SlotOutputs(g.rows, g.experts, torch.empty(0, x.shape[1], dtype=x.dtype))
-            for parts, (x, g) in zip(per_batch, members)]
+    return [SlotOutputs.cat(parts, x) for parts, (x, _) in zip(per_batch, members)]
 
 
 def run_experts(

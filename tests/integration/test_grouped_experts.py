@@ -22,12 +22,18 @@ from node_agent.worker import AgentCore
 from protos.ids import ExpertId
 
 
-async def test_batches_arriving_together_share_one_pass(qwen_tiny: Path) -> None:
-    cfg = MoeConfig.load(qwen_tiny)
-    ckpt = Checkpoint(qwen_tiny)
+def _agent(model: Path, pacer: ComputePacer | None = None) -> tuple[MoeConfig, ExpertStore, ExpertBuffer, AgentCore]:
+    """A real agent core on the tiny checkpoint, with no peers and unlimited expert memory."""
+    cfg = MoeConfig.load(model)
+    ckpt = Checkpoint(model)
     store = ExpertStore(ckpt, cfg, torch.float32, Throttle(0))
     buffer = ExpertBuffer(0, store.expert_nbytes, store.load, ThreadPoolExecutor(1))
-    core = AgentCore("a", cfg, moe.load_dense(ckpt, cfg, torch.float32), buffer, GrpcPeers("a", Link(0)))
+    core = AgentCore("a", cfg, moe.load_dense(ckpt, cfg, torch.float32), buffer, GrpcPeers("a", Link(0)), pacer=pacer)
+    return cfg, store, buffer, core
+
+
+async def test_batches_arriving_together_share_one_pass(qwen_tiny: Path) -> None:
+    cfg, store, buffer, core = _agent(qwen_tiny)
     layer, half = 0, cfg.num_experts // 2
     weights = {e: await buffer.acquire(ExpertId(layer, e)) for e in range(half)}  # resident; one is not
     g = torch.Generator().manual_seed(3)
@@ -62,12 +68,6 @@ async def test_batches_arriving_together_share_one_pass(qwen_tiny: Path) -> None
 
 
 async def test_a_batch_arriving_while_a_pass_runs_joins_it(qwen_tiny: Path) -> None:
-    cfg = MoeConfig.load(qwen_tiny)
-    ckpt = Checkpoint(qwen_tiny)
-    store = ExpertStore(ckpt, cfg, torch.float32, Throttle(0))
-    buffer = ExpertBuffer(0, store.expert_nbytes, store.load, ThreadPoolExecutor(1))
-    layer = 0
-    weights = {e: await buffer.acquire(ExpertId(layer, e)) for e in range(4)}  # resident
     first_step, resume = threading.Event(), threading.Event()
 
     def held_after_first_step(seconds: float) -> None:  # the pacer's sleep, on the compute thread
@@ -75,8 +75,9 @@ async def test_a_batch_arriving_while_a_pass_runs_joins_it(qwen_tiny: Path) -> N
             first_step.set()
             resume.wait(10)
 
-    core = AgentCore("a", cfg, moe.load_dense(ckpt, cfg, torch.float32), buffer, GrpcPeers("a", Link(0)),
-                     pacer=ComputePacer(0.1, sleep=held_after_first_step))
+    cfg, _, buffer, core = _agent(qwen_tiny, ComputePacer(0.1, sleep=held_after_first_step))
+    layer = 0
+    weights = {e: await buffer.acquire(ExpertId(layer, e)) for e in range(4)}  # resident
     g = torch.Generator().manual_seed(5)
     # Both owners' tokens use experts 0-3; the first owner's use expert 0 most, so it runs first.
     ids_a = torch.tensor([[0, 1], [0, 2], [0, 3], [0, 1], [2, 0]])
