@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 
@@ -40,13 +41,16 @@ class _Batch:
 
 
 class GroupedPasses:
-    def __init__(self, pacer: ComputePacer, thread: Executor) -> None:
+    def __init__(self, pacer: ComputePacer, thread: Executor, others_waiting: Callable[[], bool] = lambda: False) -> None:
         self._pacer = pacer  # paces each expert's matmul, as the agent's other compute work
         self._thread = thread  # the agent's one compute thread
+        self._others_waiting = others_waiting  # other jobs queued for the thread: a pass yields to them
         self._lock = threading.Lock()  # _pending is filled on the event loop, emptied on the thread
         self._pending: dict[int, list[_Batch]] = {}  # layer -> batches waiting to join a pass
+        self._paused: dict[int, list[_Batch]] = {}  # layer -> batches of a pass that yielded (compute thread)
         self._draining: set[int] = set()  # layers with a drain task running (event loop only)
         self.formed = 0  # passes run
+        self.resumed = 0  # passes taken up again after yielding the thread
         self.steps = 0  # expert matmuls run (per pass: how well the batches share)
 
     @property
@@ -81,7 +85,7 @@ class GroupedPasses:
         try:
             while True:
                 with self._lock:
-                    if not self._pending.get(layer):
+                    if not self._pending.get(layer) and not self._paused.get(layer):
                         return  # checked on the event loop, the only place batches are added
                 # Queued behind the thread's other work: the pass takes every batch that arrived
                 # meanwhile, not just the first.
@@ -103,9 +107,15 @@ class GroupedPasses:
 
     def _pass(self, layer: int, loop: asyncio.AbstractEventLoop) -> None:
         """On the compute thread: run the layer's batches expert by expert until none is left,
-        taking in the ones that arrive, releasing each as soon as it is complete."""
-        self.formed += 1
-        active: list[_Batch] = []
+        taking in the ones that arrive, releasing each as soon as it is complete. Between
+        experts it gives the thread up to any other job queued for it (attention, a router, a
+        combine: the agent's own chain, which the other agents wait for) and goes on later."""
+        with self._lock:
+            active = self._paused.pop(layer, [])
+        if active:
+            self.resumed += 1
+        else:
+            self.formed += 1
         while True:
             error: BaseException | None = None
             with torch.inference_mode(), self._pacer.pace():
@@ -121,6 +131,10 @@ class GroupedPasses:
                 raise error
             active = [b for b in active if b.todo] if error is None else []
             if not active:
+                return
+            if self._others_waiting():  # after at least one expert: every pass makes progress
+                with self._lock:
+                    self._paused[layer] = active
                 return
 
     def _run_next(self, active: list[_Batch]) -> None:

@@ -130,7 +130,7 @@ class Servicer(pb_grpc.NodeAgentServicer):
 
     async def Forward(self, request: pb.ForwardRequest, context: Any) -> pb.ForwardReply:
         r = await self.core.forward(request.request_id, request.layer, _plan(request.plan, self.core.name),
-                                    request.prefetch, request.predict)
+                                    request.prefetch, request.predict, {d.expert: d.executor for d in request.direct})
         return pb.ForwardReply(expert_token_counts=r.counts, resident_experts=r.resident, loading_experts=r.loading,
                                attention_seconds=r.attention_s, predicted_counts=r.predicted,
                                resident_total=r.resident_total, next_resident=r.next_resident,
@@ -156,7 +156,7 @@ class Servicer(pb_grpc.NodeAgentServicer):
                                     attention_seconds=core.attention_s, prefetches=c.prefetches,
                                     predicted_used=core.predicted_used, used=core.used,
                                     compute_overrun_seconds=core.pacer.overrun_s, early_experts_used=core.early_used,
-                                    early_experts_dropped=core.early_dropped, fills=c.fills,
+                                    early_experts_dropped=core.early_dropped, direct_experts_sent=core.direct_sent, fills=c.fills,
                                     fill_preemptions=c.fill_preemptions)
         n = self.core.cfg.num_experts
         return pb.CacheStateReply(counters=counters, resident=[expert_to_wire(e, n) for e in buf.all_resident()],

@@ -82,6 +82,17 @@ class EarlyExperts:
     out: asyncio.Future[SlotOutputs]
 
 
+@dataclass(frozen=True)
+class DirectSends:
+    """This agent's tokens of `layer` sent, as soon as its router had run, to the executors that
+    the scheduler's direct routes named; the layer's plan keeps those experts there, so they are
+    not sent again when it comes."""
+
+    layer: int
+    experts: frozenset[int]
+    results: tuple[asyncio.Future[tuple[torch.Tensor, torch.Tensor]], ...]  # (rows, outputs) per executor
+
+
 @dataclass
 class StepState:
     step: int
@@ -94,11 +105,17 @@ class StepState:
     new_kv: dict[int, KVShard] = field(default_factory=dict)  # layer -> this step's own K/V
     predicted: tuple[int, frozenset[int]] | None = None  # (layer, experts its router should pick)
     early: EarlyExperts | None = None  # own tokens through held experts, begun before the plan
+    direct: DirectSends | None = None  # own tokens sent to other executors by direct routes
 
     def drop_early(self) -> None:
+        """Cancel the work begun before the plan (the step or request ends without it)."""
         if self.early is not None:
             self.early.out.cancel()
             self.early = None
+        if self.direct is not None:
+            for result in self.direct.results:
+                result.cancel()
+            self.direct = None
 
     @property
     def last_position(self) -> int:

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Protocol, TypeVar
@@ -22,7 +23,7 @@ from node_agent.expert_buffer import ExpertBuffer
 from node_agent.grouped import GroupedPasses
 from node_agent.model import moe
 from node_agent.model.config import MoeConfig
-from node_agent.state import EarlyExperts, KVShard, Peer, RequestState, StepState, UnknownRequest
+from node_agent.state import DirectSends, EarlyExperts, KVShard, Peer, RequestState, StepState, UnknownRequest
 from node_agent.throttle import ComputePacer
 from protos.ids import ExpertId
 
@@ -66,9 +67,11 @@ class AgentCore:
         self.peer_timeout_s = peer_timeout_s
         self._compute = ThreadPoolExecutor(1, thread_name_prefix="compute")
         self.requests: dict[str, RequestState] = {}
-        self.passes = GroupedPasses(self.pacer, self._compute)
+        self._queued = _Queued()
+        self.passes = GroupedPasses(self.pacer, self._compute, self._queued.any)
         self.early_used = 0  # experts run early on my own tokens whose share the plan confirmed
         self.early_dropped = 0  # experts run early that the plan overruled (it sent those slots elsewhere)
+        self.direct_sent = 0  # experts whose tokens went to their executor by a direct route
         self.attention_s = 0.0  # total seconds in attention, all requests
         self.predicted_used = 0  # experts used by my tokens that the previous layer predicted
         self.used = 0  # experts used by my tokens in layers that had a prediction
@@ -77,10 +80,17 @@ class AgentCore:
         """Run torch work on the compute thread (torch releases the GIL inside its kernels), paced
         to the emulated device's speed where the profile sets one."""
         def run() -> R:
+            self._queued.add(-1)
             with torch.inference_mode(), self.pacer.pace():
                 return fn(*args)
 
-        return await asyncio.get_running_loop().run_in_executor(self._compute, run)
+        self._queued.add(1)
+        job = self._compute.submit(run)
+        try:
+            return await asyncio.wrap_future(job)
+        finally:
+            if job.cancelled():  # never began
+                self._queued.add(-1)
 
     def _state(self, request_id: str) -> RequestState:
         state = self.requests.get(request_id)
@@ -116,11 +126,15 @@ class AgentCore:
                            self.buffer.loading(0))
 
     async def forward(self, request_id: str, layer: int, plan: LayerPlan, prefetch: Sequence[int] = (),
-                      predict: bool = False) -> LayerReport:
+                      predict: bool = False, direct: Mapping[int, str] | None = None) -> LayerReport:
         """MoE of layer-1 by `plan`, then attention and router of `layer`. Predicted experts of
-        `layer` start loading first, so the disk works while attention computes."""
+        `layer` start loading first, so the disk works while attention computes. After the
+        router, my tokens of the experts in `direct` (expert -> executor) go straight to their
+        executors, and those of experts I hold start here."""
         st = self._step(request_id)
-        self.buffer.protect([ExpertId(layer - 1, e) for e in plan.executes] + [ExpertId(layer, e) for e in prefetch])
+        direct = direct or {}
+        mine = [ExpertId(layer, e) for e, x in direct.items() if x == self.name]
+        self.buffer.protect([ExpertId(layer - 1, e) for e in plan.executes] + [ExpertId(layer, e) for e in prefetch] + mine)
         for e in prefetch:
             await self.buffer.prefetch(ExpertId(layer, e))
         if layer > 0:
@@ -148,15 +162,40 @@ class AgentCore:
         elif predicting:
             predicted = [0] * self.cfg.num_experts
         if st.route is not None:  # queued after the prediction, so the report is not held up
-            st.early = self._start_early(layer, moe_in, *st.route)
+            sent = {e: x for e, x in direct.items() if x != self.name}
+            st.direct = self._send_direct(request_id, st, layer, sent)
+            st.early = self._start_early(layer, moe_in, *st.route, skip=frozenset(sent))
         return LayerReport(counts, self.buffer.resident(layer), self.buffer.loading(layer), attention_s, predicted or [],
                            self.buffer.slots_taken, self.buffer.resident(nxt) if predicting else [],
                            self.buffer.loading(nxt) if predicting else [])
 
-    def _start_early(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> EarlyExperts | None:
-        """Run my tokens through the experts of `layer` I hold while the scheduler gathers the
-        other agents' reports and plans: the compute thread would otherwise wait for the plan."""
-        experts = frozenset(self.buffer.resident(layer)) & frozenset(ids[ids >= 0].unique().tolist())
+    def _send_direct(self, request_id: str, st: StepState, layer: int, routes: Mapping[int, str]) -> DirectSends | None:
+        """Send my tokens of the experts in `routes` to their executors now, one batch each."""
+        assert st.route is not None and st.moe_in is not None
+        ids, weights = st.route
+        experts = sorted(frozenset(routes) & frozenset(ids[ids >= 0].unique().tolist()))
+        if not experts:
+            return None
+        addresses = {p.name: p.address for p in st.peers}
+        unknown = sorted({routes[e] for e in experts} - set(addresses))
+        if unknown:
+            raise ValueError(f"direct routes name executors outside the step: {', '.join(unknown)}")
+        only = torch.where(torch.isin(ids, torch.tensor(experts)), ids, torch.full_like(ids, -1))
+        subs = split_by_executor(only, LayerPlan({e: [(routes[e], 0)] for e in experts}), self.name)
+        results = []
+        for name, sub in sorted(subs.items()):
+            rows = (sub >= 0).any(dim=1).nonzero().flatten()
+            run = self.peers.run_experts(addresses[name], request_id, layer, st.moe_in[rows], sub[rows], weights[rows])
+            results.append(asyncio.ensure_future(_with_rows(rows, run)))
+        self.direct_sent += len(experts)
+        return DirectSends(layer, frozenset(experts), tuple(results))
+
+    def _start_early(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
+                     skip: frozenset[int] = frozenset()) -> EarlyExperts | None:
+        """Run my tokens through the experts of `layer` I hold (but those in `skip`, sent to another
+        executor) while the scheduler gathers the other agents' reports and plans: the compute
+        thread would otherwise wait for the plan."""
+        experts = (frozenset(self.buffer.resident(layer)) & frozenset(ids[ids >= 0].unique().tolist())) - skip
         if not experts:
             return None
         # Taken now, while resident (acquire does not wait for a resident expert), so nothing
@@ -299,9 +338,16 @@ class AgentCore:
         assert st.route is not None
         ids, weights = st.route
         addresses = {p.name: p.address for p in st.peers}
+        jobs: list[Awaitable[tuple[torch.Tensor, torch.Tensor]]] = []
+        direct, st.direct = st.direct, None
+        if direct is not None and direct.layer == layer:  # already on their way, whatever the plan says
+            jobs.extend(direct.results)
+            ids = torch.where(torch.isin(ids, torch.tensor(sorted(direct.experts))), torch.full_like(ids, -1), ids)
+        elif direct is not None:
+            for result in direct.results:
+                result.cancel()
         subs = split_by_executor(ids, plan, self.name)
         early, st.early = st.early, None
-        jobs: list[Awaitable[tuple[torch.Tensor, torch.Tensor]]] = []
         if early is not None and early.layer != layer:
             early.out.cancel()
         elif early is not None:
@@ -364,6 +410,22 @@ class AgentCore:
                 await self.buffer.release(e)
         await asyncio.gather(*tasks)
         return out
+
+
+class _Queued:
+    """Compute jobs handed to the thread and not yet begun: a grouped pass gives the thread up to
+    them between experts. Counted from the event loop and the compute thread, hence the lock."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._jobs = 0
+
+    def add(self, n: int) -> None:
+        with self._lock:
+            self._jobs += n
+
+    def any(self) -> bool:
+        return self._jobs > 0
 
 
 async def _with_rows(rows: torch.Tensor, out: Awaitable[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import grpc
@@ -108,9 +108,10 @@ class AgentClient:
         return StepBegun(report, frozenset(r.held))
 
     async def forward(self, request_id: str, layer: int, plan: RoutingPlan | None, prefetch: Sequence[int] = (),
-                      predict: bool = False) -> LayerReport:
+                      predict: bool = False, direct: Mapping[int, NodeId] | None = None) -> LayerReport:
+        routes = [pb.DirectRoute(expert=e, executor=x) for e, x in sorted((direct or {}).items())]
         msg = pb.ForwardRequest(request_id=request_id, layer=layer, plan=plan_to_proto(plan), prefetch=prefetch,
-                                predict=predict)
+                                predict=predict, direct=routes)
         r = await self._call("Forward", msg)
         assert isinstance(r, pb.ForwardReply)
         return LayerReport(self.spec.name, tuple(r.expert_token_counts), frozenset(r.resident_experts),
@@ -140,7 +141,8 @@ class AgentClient:
         return AgentSnapshot(self.spec.name, self.spec.address, True, c.hits, c.misses, c.loads, c.evictions,
                              c.bytes_read, c.bytes_sent, c.bytes_used, c.capacity_bytes, c.attention_seconds,
                              c.prefetches, c.predicted_used, c.used, c.compute_overrun_seconds, c.early_experts_used,
-                             c.early_experts_dropped, c.fills, c.fill_preemptions, frozenset(r.resident) | frozenset(r.loading))
+                             c.early_experts_dropped, c.fills, c.fill_preemptions, c.direct_experts_sent,
+                             frozenset(r.resident) | frozenset(r.loading))
 
     async def fill(self, experts: Sequence[int]) -> list[int]:
         """Ask the agent to read these experts (layer * num_experts + index) into free memory at

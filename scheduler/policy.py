@@ -53,7 +53,8 @@ class Policy:
         return zigzag_prefill(token_ids, nodes) if self.interleave else contiguous_prefill(token_ids, nodes)
 
     def route(self, layer: int, reports: Sequence[LayerReport], profiles: Mapping[NodeId, AgentProfile],
-              cost: CostModel, num_experts: int) -> RoutingPlan:
+              cost: CostModel, num_experts: int, direct: Mapping[int, NodeId] | None = None) -> RoutingPlan:
+        """direct: the layer's direct routes, which the agents have already followed."""
         if self.name == "naive":  # every agent runs the experts of its own tokens
             return RoutingPlan(layer, {})
         if self.name == "expert-parallel":  # agent i owns experts [i*E/N, (i+1)*E/N) of every layer
@@ -62,7 +63,7 @@ class Policy:
                 (r.node, e): _static_owner(order, e, num_experts) for r in reports for e, c in enumerate(r.counts) if c
             })
         if self.token_scheduling:
-            return schedule_layer(layer, reports, profiles, cost)
+            return schedule_layer(layer, reports, profiles, cost, direct)
         return resident_first(layer, reports)
 
     def prefetches(self, layer: int, reports: Sequence[LayerReport], profiles: Mapping[NodeId, AgentProfile],
@@ -70,13 +71,9 @@ class Policy:
         """Experts of `layer` each agent should start reading, from the previous layer's
         predicted counts: where the same policy would run them if the guess is right, the
         experts with the most predicted tokens first, as many as `_prefetch_room` allows."""
-        if not self.prefetch or not reports or not reports[0].predicted:
+        plan = self._guess(layer, reports, profiles, cost, num_experts)
+        if plan is None:
             return {}
-        guessed = [
-            LayerReport(r.node, r.predicted, r.next_resident, r.next_loading, resident_total=r.resident_total)
-            for r in reports
-        ]
-        plan = self.route(layer, guessed, profiles, cost, num_experts)
         by_node = {r.node: r for r in reports}
         held = {r.node: r.next_resident | r.next_loading for r in reports}
         wanted: dict[NodeId, dict[int, int]] = {}  # executor -> expert -> predicted tokens
@@ -92,6 +89,42 @@ class Policy:
             if keep := ranked[:room]:
                 out[node] = tuple(keep)
         return out
+
+    def direct_routes(self, layer: int, reports: Sequence[LayerReport], profiles: Mapping[NodeId, AgentProfile],
+                      cost: CostModel, num_experts: int, prefetch: Mapping[NodeId, Sequence[int]]) -> dict[int, NodeId]:
+        """Experts of `layer` that every owner should send straight to one executor as soon as its
+        router has run: those that exactly one agent holds (or is now told to read) and that the
+        plan guessed from the previous layer's prediction gives wholly to it. The layer's real
+        plan would leave them there too (it splits an expert only among several holders, and a
+        second copy costs a read), so the agents need not wait for it: it comes only after every
+        agent's report, and the executors would idle until then. The plan keeps these routes
+        (`route(direct=...)`) even where the guess was wrong; a wrong guess costs time, never
+        correctness. Only with token scheduling and prediction (`sirius`)."""
+        if not (self.token_scheduling and len(reports) > 1):
+            return {}
+        plan = self._guess(layer, reports, profiles, cost, num_experts)
+        if plan is None:
+            return {}
+        held = {r.node: r.next_resident | r.next_loading | frozenset(prefetch.get(r.node, ())) for r in reports}
+        out: dict[int, NodeId] = {}
+        for e in range(num_experts):
+            holders = [n for n, h in held.items() if e in h]
+            executors = plan.executors(e)
+            if len(holders) == 1 and executors == set(holders):
+                out[e] = holders[0]
+        return out
+
+    def _guess(self, layer: int, reports: Sequence[LayerReport], profiles: Mapping[NodeId, AgentProfile],
+               cost: CostModel, num_experts: int) -> RoutingPlan | None:
+        """The plan for `layer` if the previous layer's reports predicted its routing right
+        (None without a prediction)."""
+        if not self.prefetch or not reports or not reports[0].predicted:
+            return None
+        guessed = [
+            LayerReport(r.node, r.predicted, r.next_resident, r.next_loading, resident_total=r.resident_total)
+            for r in reports
+        ]
+        return self.route(layer, guessed, profiles, cost, num_experts)
 
     def fills(self, agents: Sequence[AgentHoldings], experts: Sequence[ExpertId], expert_bytes: int,
               num_experts: int) -> dict[NodeId, tuple[ExpertId, ...]]:

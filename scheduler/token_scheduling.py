@@ -9,7 +9,9 @@ owner holding the expert runs its own tokens (agents start those before the plan
 other owners' tokens of an expert held by several agents are split among them, owner by owner.
 Loading into a full buffer evicts an expert that a later request will probably read back, so it
 is charged a second read: without that, a layer-by-layer makespan happily copies a busy agent's
-expert to an idle one and the pooled cache churns from request to request.
+expert to an idle one and the pooled cache churns from request to request. Experts the owners
+already sent ahead by direct routes (`Policy.direct_routes`) stay where they went and are charged
+first.
 """
 
 from __future__ import annotations
@@ -21,18 +23,25 @@ from scheduler.types import LayerReport, NodeId, RoutingPlan, Share
 
 
 def schedule_layer(
-    layer: int, reports: Sequence[LayerReport], profiles: Mapping[NodeId, AgentProfile], cost: CostModel
+    layer: int, reports: Sequence[LayerReport], profiles: Mapping[NodeId, AgentProfile], cost: CostModel,
+    fixed: Mapping[int, NodeId] | None = None,
 ) -> RoutingPlan:
+    """fixed: experts whose tokens the owners already sent to one executor (direct routes); the
+    plan keeps them there and schedules the other experts around that work."""
     if not reports or not reports[0].counts:
         return RoutingPlan(layer, {})
+    fixed = fixed or {}
     nodes = [r.node for r in reports]
     counts = {r.node: r.counts for r in reports}
     held = {r.node: r.resident | r.loading for r in reports}
     free = {r.node: profiles[r.node].free_slots(r.resident_total) for r in reports}
     time = {n: AgentTime() for n in nodes}
     shares: dict[tuple[NodeId, int], list[Share]] = {}
-    experts = sorted(range(len(reports[0].counts)), key=lambda e: -sum(counts[n][e] for n in nodes))
-    for e in experts:
+    by_tokens = sorted(range(len(reports[0].counts)), key=lambda e: -sum(counts[n][e] for n in nodes))
+    for e in (e for e in by_tokens if e in fixed):  # committed work first
+        tokens = {o: counts[o][e] for o in nodes if counts[o][e] > 0}
+        _place(time, profiles, cost, free, shares, fixed[e], e, tokens, e not in held[fixed[e]])
+    for e in (e for e in by_tokens if e not in fixed):
         owners = [n for n in nodes if counts[n][e] > 0]
         if not owners:
             continue
@@ -53,13 +62,19 @@ def schedule_layer(
             continue
         tokens = {o: counts[o][e] for o in rest}
         executor = min(nodes, key=lambda x: _score(time, profiles, cost, x, tokens, e not in held[x], free))
-        load = e not in held[executor]
-        _charge(time, profiles, cost, executor, tokens, load, _evicts(load, free[executor]))
-        if load and free[executor] is not None:
-            free[executor] -= 1  # type: ignore[operator]
-        for o in rest:
-            shares[(o, e)] = [(executor, 0)]
+        _place(time, profiles, cost, free, shares, executor, e, tokens, e not in held[executor])
     return RoutingPlan(layer, {k: tuple(v) for k, v in shares.items()})
+
+
+def _place(time: dict[NodeId, AgentTime], profiles: Mapping[NodeId, AgentProfile], cost: CostModel,
+           free: dict[NodeId, int | None], shares: dict[tuple[NodeId, int], list[Share]], executor: NodeId,
+           expert: int, tokens: Mapping[NodeId, int], load: bool) -> None:
+    """All of these owners' tokens of `expert` on `executor`, which reads it first if `load`."""
+    _charge(time, profiles, cost, executor, tokens, load, _evicts(load, free[executor]))
+    if load and free[executor] is not None:
+        free[executor] -= 1  # type: ignore[operator]
+    for owner in tokens:
+        shares[(owner, expert)] = [(executor, 0)]
 
 
 def _evicts(load: bool, free: int | None) -> bool:

@@ -83,6 +83,7 @@ class AgentSnapshot:
     early_dropped: int = 0  # such early runs the plan overruled
     fills: int = 0  # experts read into free memory because a fill asked
     fill_preemptions: int = 0  # fill reads stopped part-way for a demand or prefetch read
+    direct_sent: int = 0  # experts whose tokens it sent to their executor by a direct route, before the plan
     held: frozenset[int] = frozenset()  # experts resident or being read, as layer * num_experts + index
 
 

@@ -95,6 +95,8 @@ _AGENT_COUNTERS = (
      "prefetch read (each is read again later).", "fill_preemptions"),
     ("potluck_agent_compute_overrun_seconds", "Seconds of paced compute past the agent's emulated speed "
      "(compute_share): the host could not give it its share.", "compute_overrun_s"),
+    ("potluck_agent_direct_expert_sends", "Experts whose tokens the agent sent to their executor as soon as its "
+     "router had run, by a direct route from the scheduler (before the layer's plan).", "direct_sent"),
 )
 _AGENT_GAUGES = (
     ("potluck_agent_up", "1 if the scheduler reaches the agent, else 0.", "up"),

@@ -171,7 +171,7 @@ def test_metrics(client: OpenAI, model_id: str, base_url: str) -> None:
         "potluck_agent_link_sent_bytes_total", "potluck_agent_expert_cache_bytes",
         "potluck_agent_attention_seconds_total", "potluck_agent_expert_prefetches_total",
         "potluck_agent_prefetch_predicted_used_total", "potluck_agent_prefetch_used_total",
-        "potluck_agent_compute_overrun_seconds_total",
+        "potluck_agent_compute_overrun_seconds_total", "potluck_agent_direct_expert_sends_total",
         'potluck_agent_early_expert_runs_total{agent="agent0",outcome="used"}',
         'potluck_agent_early_expert_runs_total{agent="agent0",outcome="dropped"}',
     ):  # fmt: skip

@@ -1,22 +1,34 @@
-"""An agent runs its own tokens through the experts it holds as soon as its router has run, while
-the scheduler still gathers the other reports; the plan decides whether that work is used, and
-either way the logits stay transformers' (real agents over real gRPC)."""
+"""Work that starts before the layer's plan: an agent runs its own tokens through the experts it
+holds as soon as its router has run, and sends its tokens of the experts the scheduler routed
+ahead (direct routes) straight to their executors. The plan decides whether early work is used
+and keeps direct routes; either way the logits stay transformers' (real agents over real gRPC)."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from scheduler.cost_model import AgentProfile, CostModel
 from scheduler.policy import Policy
-from scheduler.types import AgentSnapshot
+from scheduler.types import AgentSnapshot, LayerReport, NodeId
 from tests.integration.cluster import Cluster, local_cluster
 from tests.integration.test_equivalence import ATOL, prompt, reference
 
 
+async def snapshots(cluster: Cluster) -> list[AgentSnapshot]:
+    return [await c.snapshot() for c in cluster.clients]
+
+
 async def early(cluster: Cluster) -> tuple[int, int]:
-    snaps: list[AgentSnapshot] = [await c.snapshot() for c in cluster.clients]
+    snaps = await snapshots(cluster)
     return sum(s.early_used for s in snaps), sum(s.early_dropped for s in snaps)
+
+
+async def direct_sent(cluster: Cluster) -> int:
+    return sum(s.direct_sent for s in await snapshots(cluster))
 
 
 async def test_early_expert_runs_are_used_where_the_plan_agrees_and_dropped_where_it_does_not(qwen_tiny: Path) -> None:
@@ -41,3 +53,50 @@ async def test_early_expert_runs_are_used_where_the_plan_agrees_and_dropped_wher
         assert (logits - expected).abs().max().item() <= ATOL
         used_after, dropped_after = await early(cluster)
         assert dropped_after > 0 and used_after > used
+
+
+async def test_warm_requests_send_tokens_by_direct_routes_and_keep_the_logits(qwen_tiny: Path) -> None:
+    ref = reference(qwen_tiny)
+    ids = prompt(ref.config.vocab_size, n=48)
+    with torch.no_grad():
+        expected = ref(torch.tensor([ids])).logits[0]
+    async with local_cluster(qwen_tiny, 3) as cluster:
+        runner = cluster.runner(Policy())
+        assert (await runner.prefill_logits("cold", ids) - expected).abs().max().item() <= ATOL
+        cold = await direct_sent(cluster)
+        # Warm: each expert the prompt uses is held by the one agent that ran it cold, so every
+        # owner sends those tokens there as soon as its router has run.
+        assert (await runner.prefill_logits("warm", ids) - expected).abs().max().item() <= ATOL
+        assert await direct_sent(cluster) > cold
+        # Without prediction there is no guessed plan, so no direct route either.
+        before = await direct_sent(cluster)
+        logits = await cluster.runner(Policy.from_flags("sirius", no_prefetch=True)).prefill_logits("plain", ids)
+        assert (logits - expected).abs().max().item() <= ATOL
+        assert await direct_sent(cluster) == before
+
+
+@dataclass(frozen=True)
+class Misrouting(Policy):
+    """Direct routes that ignore where the experts are: expert e to the e-th agent (mod N), as a
+    stale guess would. The executors read what they lack, and the plans keep the routes."""
+
+    def direct_routes(self, layer: int, reports: Sequence[LayerReport], profiles: Mapping[NodeId, AgentProfile],
+                      cost: CostModel, num_experts: int, prefetch: Mapping[NodeId, Sequence[int]]) -> dict[int, NodeId]:
+        nodes = sorted(r.node for r in reports)
+        return {e: nodes[e % len(nodes)] for e in range(num_experts)}
+
+
+async def test_direct_routes_to_agents_without_the_expert_still_give_transformers_logits(qwen_tiny: Path) -> None:
+    ref = reference(qwen_tiny)
+    ids = prompt(ref.config.vocab_size, n=48)
+    with torch.no_grad():
+        expected = ref(torch.tensor([ids])).logits[0]
+    async with local_cluster(qwen_tiny, 3) as cluster:
+        runner = cluster.runner(Policy())
+        assert (await runner.prefill_logits("cold", ids) - expected).abs().max().item() <= ATOL
+        loads = sum(s.loads for s in await snapshots(cluster))
+        logits = await cluster.runner(Misrouting()).prefill_logits("misrouted", ids)
+        assert (logits - expected).abs().max().item() <= ATOL
+        snaps = await snapshots(cluster)
+        assert sum(s.direct_sent for s in snaps) > 0
+        assert sum(s.loads for s in snaps) > loads  # the routes' executors read experts they lacked

@@ -102,3 +102,32 @@ async def test_a_batch_arriving_while_a_pass_runs_joins_it(qwen_tiny: Path) -> N
     for (x, ids, w), out in zip(batches, outs):
         expected = moe.run_experts(x, ids, w, weights.__getitem__)
         assert torch.allclose(out, expected, atol=1e-6)
+
+
+async def test_a_pass_gives_the_thread_up_to_other_work_between_experts(qwen_tiny: Path) -> None:
+    """Attention or a router queued behind a pass (the agent's own chain, which its peers wait
+    for) runs after the pass's current expert, not after all of them; the pass then goes on."""
+    first_step, resume = threading.Event(), threading.Event()
+
+    def held_after_first_step(seconds: float) -> None:
+        if not first_step.is_set():
+            first_step.set()
+            resume.wait(10)
+
+    cfg, _, buffer, core = _agent(qwen_tiny, ComputePacer(0.1, sleep=held_after_first_step))
+    layer = 0
+    weights = {e: await buffer.acquire(ExpertId(layer, e)) for e in range(4)}
+    ids = torch.tensor([[0, 1], [0, 2], [0, 3], [1, 2], [3, 2]])
+    g = torch.Generator().manual_seed(7)
+    batch = (torch.randn(len(ids), cfg.hidden_size, generator=g), ids, torch.rand(len(ids), cfg.top_k, generator=g))
+
+    running = asyncio.ensure_future(core.execute(layer, *batch))
+    assert await asyncio.to_thread(first_step.wait, 10)  # one of the four experts has run
+    other = asyncio.ensure_future(core.compute(lambda: core.passes.steps))  # queued meanwhile
+    await asyncio.sleep(0.05)
+    resume.set()
+    out, steps_before = await asyncio.gather(running, other)
+
+    assert steps_before == 1  # it ran after the first expert, not after the fourth
+    assert (core.passes.formed, core.passes.resumed, core.passes.steps) == (1, 1, 4)
+    assert torch.allclose(out, moe.run_experts(*batch, weights.__getitem__), atol=1e-6)

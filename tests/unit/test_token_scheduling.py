@@ -173,3 +173,30 @@ def test_a_decode_token_runs_its_experts_on_the_idle_agents_that_hold_them() -> 
     assert Policy().prefetches(1, reports, profiles(3), COST, E) == {}
     alone = Policy().prefetches(1, [active], profiles(3), COST, E)  # without them: read on the active agent
     assert alone == {NODES[0]: (1, 3)}
+
+
+def test_direct_routes_name_the_experts_one_agent_holds_and_the_guessed_plan_leaves_there() -> None:
+    # Layer 1 predicted: every agent's tokens use experts 0-2; none use expert 3.
+    def reports(held: list[set[int]]) -> list[LayerReport]:
+        return [LayerReport(n, (4, 4, 4, 4), frozenset(), frozenset(), predicted=(8, 8, 8, 0),
+                            next_resident=frozenset(h)) for n, h in zip(NODES, held)]
+
+    rs = reports([{0, 3}, {1}, {1}])  # 0 and 3: one holder; 1: two holders; 2: nobody
+    pre = {NODES[2]: (2,)}  # the prefetch plan reads expert 2 on n2
+    direct = Policy().direct_routes(1, rs, profiles(3), COST, 4, pre)
+    assert direct == {0: NODES[0], 2: NODES[2]}  # 1 is split between its holders; 3 has no tokens
+    assert Policy().direct_routes(1, rs, profiles(3), COST, 4, {}) == {0: NODES[0]}  # 2 not being read
+    for off in ({"no_prefetch": True}, {"no_token_scheduling": True}):
+        assert Policy.from_flags("sirius", **off).direct_routes(1, rs, profiles(3), COST, 4, pre) == {}
+    assert Policy().direct_routes(1, rs[:1], profiles(1), COST, 4, {}) == {}  # one agent: nothing to send
+
+
+def test_the_plan_keeps_direct_routes_and_schedules_the_other_experts_around_them() -> None:
+    # Expert 0 was sent to n1 by a direct route, though only n0 holds it now (the guess was
+    # stale): the plan keeps it on n1, and that work steers expert 1 (held by n1 and n2) to n2.
+    reports = [report(NODES[0], [50, 40, 0], resident={0}), report(NODES[1], [50, 0, 0], resident={1}),
+               report(NODES[2], [0, 0, 60], resident={1, 2})]
+    assert executors(schedule_layer(0, reports, profiles(3), COST)) == {0: {NODES[0]}, 1: {NODES[1]}, 2: {NODES[2]}}
+    fixed = schedule_layer(0, reports, profiles(3), COST, fixed={0: NODES[1]})
+    assert executors(fixed) == {0: {NODES[1]}, 1: {NODES[2]}, 2: {NODES[2]}}
+    assert fixed.shares[(NODES[0], 0)] == fixed.shares[(NODES[1], 0)] == ((NODES[1], 0),)

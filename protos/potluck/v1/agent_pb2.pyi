@@ -29,7 +29,7 @@ class DeviceProfile(_message.Message):
     def __init__(self, expert_memory_bytes: _Optional[int] = ..., disk_bytes_per_s: _Optional[float] = ..., link_bytes_per_s: _Optional[float] = ..., compute_share: _Optional[float] = ...) -> None: ...
 
 class CacheCounters(_message.Message):
-    __slots__ = ("hits", "misses", "loads", "evictions", "bytes_read", "bytes_sent", "bytes_used", "capacity_bytes", "attention_seconds", "prefetches", "predicted_used", "used", "compute_overrun_seconds", "early_experts_used", "early_experts_dropped", "fills", "fill_preemptions")
+    __slots__ = ("hits", "misses", "loads", "evictions", "bytes_read", "bytes_sent", "bytes_used", "capacity_bytes", "attention_seconds", "prefetches", "predicted_used", "used", "compute_overrun_seconds", "early_experts_used", "early_experts_dropped", "fills", "fill_preemptions", "direct_experts_sent")
     HITS_FIELD_NUMBER: _ClassVar[int]
     MISSES_FIELD_NUMBER: _ClassVar[int]
     LOADS_FIELD_NUMBER: _ClassVar[int]
@@ -47,6 +47,7 @@ class CacheCounters(_message.Message):
     EARLY_EXPERTS_DROPPED_FIELD_NUMBER: _ClassVar[int]
     FILLS_FIELD_NUMBER: _ClassVar[int]
     FILL_PREEMPTIONS_FIELD_NUMBER: _ClassVar[int]
+    DIRECT_EXPERTS_SENT_FIELD_NUMBER: _ClassVar[int]
     hits: int
     misses: int
     loads: int
@@ -64,7 +65,8 @@ class CacheCounters(_message.Message):
     early_experts_dropped: int
     fills: int
     fill_preemptions: int
-    def __init__(self, hits: _Optional[int] = ..., misses: _Optional[int] = ..., loads: _Optional[int] = ..., evictions: _Optional[int] = ..., bytes_read: _Optional[int] = ..., bytes_sent: _Optional[int] = ..., bytes_used: _Optional[int] = ..., capacity_bytes: _Optional[int] = ..., attention_seconds: _Optional[float] = ..., prefetches: _Optional[int] = ..., predicted_used: _Optional[int] = ..., used: _Optional[int] = ..., compute_overrun_seconds: _Optional[float] = ..., early_experts_used: _Optional[int] = ..., early_experts_dropped: _Optional[int] = ..., fills: _Optional[int] = ..., fill_preemptions: _Optional[int] = ...) -> None: ...
+    direct_experts_sent: int
+    def __init__(self, hits: _Optional[int] = ..., misses: _Optional[int] = ..., loads: _Optional[int] = ..., evictions: _Optional[int] = ..., bytes_read: _Optional[int] = ..., bytes_sent: _Optional[int] = ..., bytes_used: _Optional[int] = ..., capacity_bytes: _Optional[int] = ..., attention_seconds: _Optional[float] = ..., prefetches: _Optional[int] = ..., predicted_used: _Optional[int] = ..., used: _Optional[int] = ..., compute_overrun_seconds: _Optional[float] = ..., early_experts_used: _Optional[int] = ..., early_experts_dropped: _Optional[int] = ..., fills: _Optional[int] = ..., fill_preemptions: _Optional[int] = ..., direct_experts_sent: _Optional[int] = ...) -> None: ...
 
 class InfoRequest(_message.Message):
     __slots__ = ()
@@ -160,6 +162,14 @@ class ExpertAssignment(_message.Message):
     tokens: int
     def __init__(self, expert: _Optional[int] = ..., owner: _Optional[str] = ..., executor: _Optional[str] = ..., tokens: _Optional[int] = ...) -> None: ...
 
+class DirectRoute(_message.Message):
+    __slots__ = ("expert", "executor")
+    EXPERT_FIELD_NUMBER: _ClassVar[int]
+    EXECUTOR_FIELD_NUMBER: _ClassVar[int]
+    expert: int
+    executor: str
+    def __init__(self, expert: _Optional[int] = ..., executor: _Optional[str] = ...) -> None: ...
+
 class RoutingPlan(_message.Message):
     __slots__ = ("layer", "assignments")
     LAYER_FIELD_NUMBER: _ClassVar[int]
@@ -169,18 +179,20 @@ class RoutingPlan(_message.Message):
     def __init__(self, layer: _Optional[int] = ..., assignments: _Optional[_Iterable[_Union[ExpertAssignment, _Mapping]]] = ...) -> None: ...
 
 class ForwardRequest(_message.Message):
-    __slots__ = ("request_id", "layer", "plan", "prefetch", "predict")
+    __slots__ = ("request_id", "layer", "plan", "prefetch", "predict", "direct")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     LAYER_FIELD_NUMBER: _ClassVar[int]
     PLAN_FIELD_NUMBER: _ClassVar[int]
     PREFETCH_FIELD_NUMBER: _ClassVar[int]
     PREDICT_FIELD_NUMBER: _ClassVar[int]
+    DIRECT_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     layer: int
     plan: RoutingPlan
     prefetch: _containers.RepeatedScalarFieldContainer[int]
     predict: bool
-    def __init__(self, request_id: _Optional[str] = ..., layer: _Optional[int] = ..., plan: _Optional[_Union[RoutingPlan, _Mapping]] = ..., prefetch: _Optional[_Iterable[int]] = ..., predict: _Optional[bool] = ...) -> None: ...
+    direct: _containers.RepeatedCompositeFieldContainer[DirectRoute]
+    def __init__(self, request_id: _Optional[str] = ..., layer: _Optional[int] = ..., plan: _Optional[_Union[RoutingPlan, _Mapping]] = ..., prefetch: _Optional[_Iterable[int]] = ..., predict: _Optional[bool] = ..., direct: _Optional[_Iterable[_Union[DirectRoute, _Mapping]]] = ...) -> None: ...
 
 class ForwardReply(_message.Message):
     __slots__ = ("expert_token_counts", "resident_experts", "loading_experts", "attention_seconds", "predicted_counts", "resident_total", "next_resident", "next_loading")
