@@ -35,9 +35,13 @@ def targets(data: dict[str, Any], tokens: int = 2048, agents: int = 4) -> list[t
     for flag in ("interleave", "token-scheduling", "prefetch"):
         off = _case(cases, f"sirius--no-{flag}", agents, tokens)
         if off:
-            r = off["cold_ttft_s"] / s["cold_ttft_s"], off["warm_ttft_s"] / s["warm_ttft_s"]
-            rows.append((f"--no-{flag} is >= 5% slower (cold or warm)", f"{r[0]:.2f}x / {r[1]:.2f}x",
-                         max(r) >= 1.05))
+            # Compared by efficiency (the same prompts, so the same bound but for the one-agent
+            # compute measured right before each case): the host's speed drifts by 10-15% over a
+            # run, which a ratio of raw TTFTs of cases run minutes apart would count as an effect.
+            r = s["cold_efficiency"] / off["cold_efficiency"], s["warm_efficiency"] / off["warm_efficiency"]
+            raw = off["cold_ttft_s"] / s["cold_ttft_s"], off["warm_ttft_s"] / s["warm_ttft_s"]
+            rows.append((f"--no-{flag} is >= 5% slower (cold or warm), by efficiency",
+                         f"{r[0]:.2f}x / {r[1]:.2f}x (TTFT {raw[0]:.2f}x / {raw[1]:.2f}x)", max(r) >= 1.05))
     return rows
 
 
