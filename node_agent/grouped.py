@@ -40,6 +40,22 @@ class _Batch:
     todo: set[int] = field(default_factory=set)  # experts still to run for it (compute thread)
 
 
+class QueuedJobs:
+    """Jobs handed to an agent's compute thread and not yet begun, which a pass gives the thread
+    up to between experts. Counted from the event loop and the compute thread, hence the lock."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._jobs = 0
+
+    def add(self, n: int) -> None:
+        with self._lock:
+            self._jobs += n
+
+    def any(self) -> bool:
+        return self._jobs > 0
+
+
 class GroupedPasses:
     def __init__(self, pacer: ComputePacer, thread: Executor, others_waiting: Callable[[], bool] = lambda: False) -> None:
         self._pacer = pacer  # paces each expert's matmul, as the agent's other compute work

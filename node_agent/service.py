@@ -29,7 +29,7 @@ from node_agent.peers import GrpcPeers, Link
 from node_agent.state import KVShard, Peer, RequestReleased, UnknownRequest
 from node_agent.throttle import ComputePacer, Throttle
 from node_agent.worker import AgentCore
-from protos.convert import expert_from_wire, expert_to_wire, tensor_from_proto, tensor_to_proto
+from protos.convert import direct_from_proto, expert_from_wire, expert_to_wire, tensor_from_proto, tensor_to_proto
 from protos.limits import CHANNEL_OPTIONS
 from protos.potluck.v1 import agent_pb2 as pb
 from protos.potluck.v1 import agent_pb2_grpc as pb_grpc
@@ -130,7 +130,7 @@ class Servicer(pb_grpc.NodeAgentServicer):
 
     async def Forward(self, request: pb.ForwardRequest, context: Any) -> pb.ForwardReply:
         r = await self.core.forward(request.request_id, request.layer, _plan(request.plan, self.core.name),
-                                    request.prefetch, request.predict, {d.expert: d.executor for d in request.direct})
+                                    request.prefetch, request.predict, direct_from_proto(request.direct))
         return pb.ForwardReply(expert_token_counts=r.counts, resident_experts=r.resident, loading_experts=r.loading,
                                attention_seconds=r.attention_s, predicted_counts=r.predicted,
                                resident_total=r.resident_total, next_resident=r.next_resident,

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import threading
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -20,7 +19,7 @@ import torch
 
 from node_agent.dispatch import LayerPlan, split_by_executor
 from node_agent.expert_buffer import ExpertBuffer
-from node_agent.grouped import GroupedPasses
+from node_agent.grouped import GroupedPasses, QueuedJobs
 from node_agent.model import moe
 from node_agent.model.config import MoeConfig
 from node_agent.state import DirectSends, EarlyExperts, KVShard, Peer, RequestState, StepState, UnknownRequest
@@ -67,7 +66,7 @@ class AgentCore:
         self.peer_timeout_s = peer_timeout_s
         self._compute = ThreadPoolExecutor(1, thread_name_prefix="compute")
         self.requests: dict[str, RequestState] = {}
-        self._queued = _Queued()
+        self._queued = QueuedJobs()
         self.passes = GroupedPasses(self.pacer, self._compute, self._queued.any)
         self.early_used = 0  # experts run early on my own tokens whose share the plan confirmed
         self.early_dropped = 0  # experts run early that the plan overruled (it sent those slots elsewhere)
@@ -78,7 +77,8 @@ class AgentCore:
 
     async def compute(self, fn: Callable[..., R], *args: object) -> R:
         """Run torch work on the compute thread (torch releases the GIL inside its kernels), paced
-        to the emulated device's speed where the profile sets one."""
+        to the emulated device's speed where the profile sets one. Counted while queued, so that
+        a grouped pass lets it in between two experts."""
         def run() -> R:
             self._queued.add(-1)
             with torch.inference_mode(), self.pacer.pace():
@@ -410,22 +410,6 @@ class AgentCore:
                 await self.buffer.release(e)
         await asyncio.gather(*tasks)
         return out
-
-
-class _Queued:
-    """Compute jobs handed to the thread and not yet begun: a grouped pass gives the thread up to
-    them between experts. Counted from the event loop and the compute thread, hence the lock."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._jobs = 0
-
-    def add(self, n: int) -> None:
-        with self._lock:
-            self._jobs += n
-
-    def any(self) -> bool:
-        return self._jobs > 0
 
 
 async def _with_rows(rows: torch.Tensor, out: Awaitable[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

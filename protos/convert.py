@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
+
 import numpy
 import torch
 
-from protos.ids import ExpertId
+from protos.ids import ExpertId, NodeId
 from protos.potluck.v1 import agent_pb2 as pb
 
 _DTYPES: dict[str, torch.dtype] = {
@@ -54,3 +56,12 @@ def expert_to_wire(eid: ExpertId, num_experts: int) -> int:
 def expert_from_wire(flat: int, num_experts: int) -> ExpertId:
     layer, index = divmod(flat, num_experts)
     return ExpertId(layer, index)
+
+
+def direct_to_proto(routes: Mapping[int, NodeId]) -> list[pb.DirectRoute]:
+    """A layer's direct routes (expert index -> executor) as ForwardRequest.direct."""
+    return [pb.DirectRoute(expert=e, executor=x) for e, x in sorted(routes.items())]
+
+
+def direct_from_proto(msgs: Iterable[pb.DirectRoute]) -> dict[int, NodeId]:
+    return {m.expert: NodeId(m.executor) for m in msgs}

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import grpc
 import torch
 
-from protos.convert import tensor_from_proto
+from protos.convert import direct_to_proto, tensor_from_proto
 from protos.limits import CHANNEL_OPTIONS
 from protos.potluck.v1 import agent_pb2 as pb
 from protos.potluck.v1 import agent_pb2_grpc as pb_grpc
@@ -109,9 +109,8 @@ class AgentClient:
 
     async def forward(self, request_id: str, layer: int, plan: RoutingPlan | None, prefetch: Sequence[int] = (),
                       predict: bool = False, direct: Mapping[int, NodeId] | None = None) -> LayerReport:
-        routes = [pb.DirectRoute(expert=e, executor=x) for e, x in sorted((direct or {}).items())]
         msg = pb.ForwardRequest(request_id=request_id, layer=layer, plan=plan_to_proto(plan), prefetch=prefetch,
-                                predict=predict, direct=routes)
+                                predict=predict, direct=direct_to_proto(direct or {}))
         r = await self._call("Forward", msg)
         assert isinstance(r, pb.ForwardReply)
         return LayerReport(self.spec.name, tuple(r.expert_token_counts), frozenset(r.resident_experts),

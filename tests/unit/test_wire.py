@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from protos.convert import expert_from_wire, expert_to_wire, tensor_from_proto, tensor_to_proto
+from protos.convert import direct_from_proto, direct_to_proto, expert_from_wire, expert_to_wire, tensor_from_proto, tensor_to_proto
 from protos.ids import ExpertId
 from protos.potluck.v1 import agent_pb2 as pb
 from scheduler.client import plan_from_proto, plan_to_proto
@@ -40,6 +40,14 @@ def test_routing_plan_round_trip() -> None:
     msg = plan_to_proto(plan)
     assert msg is not None
     assert plan_from_proto(pb.RoutingPlan.FromString(msg.SerializeToString())) == plan
+
+
+def test_direct_routes_round_trip() -> None:
+    routes = {7: NodeId("b"), 0: NodeId("a"), 3: NodeId("b")}
+    msg = pb.ForwardRequest(direct=direct_to_proto(routes))
+    assert direct_from_proto(pb.ForwardRequest.FromString(msg.SerializeToString()).direct) == routes
+    assert [d.expert for d in msg.direct] == [0, 3, 7]  # one order for the same routes
+    assert direct_from_proto(pb.ForwardRequest().direct) == {}
 
 
 def test_expert_id_round_trip() -> None:
