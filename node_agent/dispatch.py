@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -38,3 +38,9 @@ def split_by_executor(ids: torch.Tensor, plan: LayerPlan, me: str) -> dict[str, 
         if bool((sub >= 0).any()):
             out[name] = sub
     return out
+
+
+def only(ids: torch.Tensor, experts: Iterable[int], keep: bool = True) -> torch.Tensor:
+    """ids [T,k] with -1 in every slot whose expert is not in `experts` (keep=False: is in them)."""
+    inside = torch.isin(ids, torch.tensor(sorted(experts), dtype=ids.dtype))
+    return torch.where(inside if keep else ~inside, ids, torch.full_like(ids, -1))

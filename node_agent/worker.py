@@ -17,7 +17,8 @@ from typing import Protocol, TypeVar
 
 import torch
 
-from node_agent.dispatch import LayerPlan, split_by_executor
+from node_agent.attention import KVPeers, PeerAttention
+from node_agent.dispatch import LayerPlan, only, split_by_executor
 from node_agent.expert_buffer import ExpertBuffer
 from node_agent.grouped import GroupedPasses, QueuedJobs
 from node_agent.model import moe
@@ -30,9 +31,7 @@ log = logging.getLogger(__name__)
 R = TypeVar("R")
 
 
-class PeerTransport(Protocol):
-    async def push_kv(self, address: str, request_id: str, step: int, layer: int, shard: KVShard) -> None: ...
-    async def attend(self, address: str, request_id: str, layer: int, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
+class PeerTransport(KVPeers, Protocol):
     async def run_experts(
         self, address: str, request_id: str, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor
     ) -> torch.Tensor: ...
@@ -63,11 +62,11 @@ class AgentCore:
     ) -> None:
         self.name, self.cfg, self.dense, self.buffer, self.peers = name, cfg, dense, buffer, peers
         self.pacer = pacer or ComputePacer(0)
-        self.peer_timeout_s = peer_timeout_s
         self._compute = ThreadPoolExecutor(1, thread_name_prefix="compute")
         self.requests: dict[str, RequestState] = {}
         self._queued = QueuedJobs()
         self.passes = GroupedPasses(self.pacer, self._compute, self._queued.any)
+        self.attention = PeerAttention(name, cfg, dense, peers, self.compute, peer_timeout_s)
         self.early_used = 0  # experts run early on my own tokens whose share the plan confirmed
         self.early_dropped = 0  # experts run early that the plan overruled (it sent those slots elsewhere)
         self.direct_sent = 0  # experts whose tokens went to their executor by a direct route
@@ -120,7 +119,7 @@ class AgentCore:
             return None
         predicted = [0] * self.cfg.num_experts
         if ids.numel():
-            predicted = await self.compute(self._predict, hidden, 0)
+            predicted = await self.compute(moe.predicted_counts, self.dense.layers[0], self.cfg, hidden)
             st.predicted = (0, frozenset(e for e, c in enumerate(predicted) if c))
         return LayerReport([], [], [], 0.0, predicted, self.buffer.slots_taken, self.buffer.resident(0),
                            self.buffer.loading(0))
@@ -141,7 +140,7 @@ class AgentCore:
             await self._apply_mlp(request_id, st, layer - 1, plan)
         t0 = time.perf_counter()
         if st.positions.numel():
-            await self._attention(request_id, st, layer)
+            await self.attention.layer(request_id, self._state(request_id), st, layer)
         attention_s = time.perf_counter() - t0
         self.attention_s += attention_s
         nxt = layer + 1
@@ -171,24 +170,35 @@ class AgentCore:
 
     def _send_direct(self, request_id: str, st: StepState, layer: int, routes: Mapping[int, str]) -> DirectSends | None:
         """Send my tokens of the experts in `routes` to their executors now, one batch each."""
-        assert st.route is not None and st.moe_in is not None
-        ids, weights = st.route
+        assert st.route is not None
+        ids = st.route[0]
         experts = sorted(frozenset(routes) & frozenset(ids[ids >= 0].unique().tolist()))
         if not experts:
             return None
-        addresses = {p.name: p.address for p in st.peers}
-        unknown = sorted({routes[e] for e in experts} - set(addresses))
+        unknown = sorted({routes[e] for e in experts} - {p.name for p in st.peers})
         if unknown:
             raise ValueError(f"direct routes name executors outside the step: {', '.join(unknown)}")
-        only = torch.where(torch.isin(ids, torch.tensor(experts)), ids, torch.full_like(ids, -1))
-        subs = split_by_executor(only, LayerPlan({e: [(routes[e], 0)] for e in experts}), self.name)
-        results = []
+        subs = split_by_executor(only(ids, experts), LayerPlan({e: [(routes[e], 0)] for e in experts}), self.name)
+        sends = self._run_on_executors(request_id, st, layer, subs)
+        self.direct_sent += len(experts)
+        return DirectSends(layer, frozenset(experts), tuple(asyncio.ensure_future(s) for s in sends))
+
+    def _run_on_executors(self, request_id: str, st: StepState, layer: int, subs: Mapping[str, torch.Tensor]
+                          ) -> list[Awaitable[tuple[torch.Tensor, torch.Tensor]]]:
+        """(rows, outputs) of each executor's share of my pending MoE slots (executor -> ids
+        [T,k] with -1 in the slots it does not run), run here or sent to the peer."""
+        assert st.route is not None and st.moe_in is not None
+        x, weights = st.moe_in, st.route[1]
+        addresses = {p.name: p.address for p in st.peers}
+        runs: list[Awaitable[tuple[torch.Tensor, torch.Tensor]]] = []
         for name, sub in sorted(subs.items()):
             rows = (sub >= 0).any(dim=1).nonzero().flatten()
-            run = self.peers.run_experts(addresses[name], request_id, layer, st.moe_in[rows], sub[rows], weights[rows])
-            results.append(asyncio.ensure_future(_with_rows(rows, run)))
-        self.direct_sent += len(experts)
-        return DirectSends(layer, frozenset(experts), tuple(results))
+            if name == self.name:
+                run = self.execute(layer, x[rows], sub[rows], weights[rows])
+            else:
+                run = self.peers.run_experts(addresses[name], request_id, layer, x[rows], sub[rows], weights[rows])
+            runs.append(_with_rows(rows, run))
+        return runs
 
     def _start_early(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
                      skip: frozenset[int] = frozenset()) -> EarlyExperts | None:
@@ -229,14 +239,8 @@ class AgentCore:
         if not predicting:
             return moe_in, route, None
         keep = st.final_only(layer + 1, self.cfg.num_layers)
-        return moe_in, route, self._predict(st.hidden if keep is None else st.hidden[keep], layer + 1)
-
-    def _predict(self, hidden: torch.Tensor, layer: int) -> list[int]:
-        """Layer `layer`'s router applied to the previous layer's hidden states: adjacent layers'
-        hidden states are close, so this guesses which experts the tokens will need."""
-        w = self.dense.layers[layer]
-        ids, _ = moe.route(w, self.cfg, moe.rms_norm(hidden, w.post_norm, self.cfg.rms_eps))
-        return torch.bincount(ids.flatten(), minlength=self.cfg.num_experts).tolist()
+        hidden = st.hidden if keep is None else st.hidden[keep]
+        return moe_in, route, moe.predicted_counts(self.dense.layers[layer + 1], self.cfg, hidden)
 
     def _score_prediction(self, st: StepState, layer: int, counts: list[int]) -> None:
         if st.predicted is None or st.predicted[0] != layer:
@@ -274,50 +278,11 @@ class AgentCore:
                 raise ValueError(f"expert {eid.layer}/{eid.index} is not a routed expert of this model")
         return [eid for eid in experts if self.buffer.fill(eid)]
 
-    # Attention -------------------------------------------------------------------------------
-
-    async def _attention(self, request_id: str, st: StepState, layer: int) -> None:
-        state = self._state(request_id)
-        w = self.dense.layers[layer]
-        q, k, v = await self.compute(moe.qkv, w, self.cfg, st.hidden, st.positions)
-        own_new = KVShard(k, v, st.positions)
-        st.new_kv[layer] = own_new
-        lo, hi = int(st.positions.min()), int(st.positions.max())
-        others = [p for p in st.peers if p.name != self.name]
-        # Push my new K/V to every peer with a query that can see one of my keys: the keys it can see.
-        pushes = [
-            asyncio.ensure_future(self.peers.push_kv(p.address, request_id, st.step, layer, own_new.visible_to(p.new_max)))
-            for p in others if p.has_new and p.new_max > lo
-        ]
-        # Split-KV over peers' K/V from earlier steps (decode): they return partial out + lse.
-        pulls = [asyncio.ensure_future(self.peers.attend(p.address, request_id, layer, q)) for p in others if p.cached > 0]
-        try:
-            mine = state.kv[layer].append(own_new) if layer in state.kv else own_new
-            parts = [await self.compute(moe.attend, q, mine.k, mine.v, st.positions, mine.pos)]
-            pending = {p.name for p in others if p.has_new and p.new_min < hi}
-            while pending:  # attend to the peers' blocks as soon as they are in, all that are in at once
-                blocks = await state.next_blocks(st.step, layer, pending, self.peer_timeout_s)
-                pending.difference_update(blocks)
-
-                def attend_blocks(shards: list[KVShard] = list(blocks.values())) -> tuple[torch.Tensor, torch.Tensor]:
-                    kv = KVShard.union(shards)
-                    return moe.attend(q, kv.k, kv.v, st.positions, kv.pos)
-
-                parts.append(await self.compute(attend_blocks))
-            parts.extend(await asyncio.gather(*pulls))
-            await asyncio.gather(*pushes)
-        except BaseException:
-            for task in pushes + pulls:
-                task.cancel()
-            raise
-        st.hidden = await self.compute(lambda: moe.attention_output(w, st.hidden, moe.merge(parts)))
+    # Attention (node_agent/attention.py) ------------------------------------------------------
 
     async def attend(self, request_id: str, layer: int, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """A peer's queries over my K/V from earlier steps (all of it precedes them)."""
-        shard = self._state(request_id).kv.get(layer)
-        if shard is None:
-            raise UnknownRequest(f"request {request_id!r} has no K/V for layer {layer} on agent {self.name!r}")
-        return await self.compute(moe.attend, q, shard.k, shard.v)
+        return await self.attention.over_cache(request_id, self._state(request_id), layer, q)
 
     async def receive_kv(self, request_id: str, step: int, layer: int, sender: str, chunk: int, num_chunks: int,
                          shard: KVShard) -> None:
@@ -336,13 +301,12 @@ class AgentCore:
             st.hidden = await self.compute(lambda: st.hidden + moe.swiglu(mlp, x))
             return
         assert st.route is not None
-        ids, weights = st.route
-        addresses = {p.name: p.address for p in st.peers}
+        ids = st.route[0]
         jobs: list[Awaitable[tuple[torch.Tensor, torch.Tensor]]] = []
         direct, st.direct = st.direct, None
         if direct is not None and direct.layer == layer:  # already on their way, whatever the plan says
             jobs.extend(direct.results)
-            ids = torch.where(torch.isin(ids, torch.tensor(sorted(direct.experts))), torch.full_like(ids, -1), ids)
+            ids = only(ids, direct.experts, keep=False)
         elif direct is not None:
             for result in direct.results:
                 result.cancel()
@@ -357,20 +321,13 @@ class AgentCore:
             self.early_dropped += len(early.experts) - len(agreed)
             if agreed:
                 jobs.append(self._early_share(early.out, agreed))
-                rest = torch.where(torch.isin(local, torch.tensor(agreed)), -1, local)
+                rest = only(local, agreed, keep=False)
                 subs.pop(self.name, None)
                 if bool((rest >= 0).any()):
                     subs[self.name] = rest
             else:
                 early.out.cancel()
-        for name, sub in sorted(subs.items()):
-            rows = (sub >= 0).any(dim=1).nonzero().flatten()
-            if name == self.name:
-                run = self.execute(layer, x[rows], sub[rows], weights[rows])
-            else:
-                run = self.peers.run_experts(addresses[name], request_id, layer, x[rows], sub[rows], weights[rows])
-            jobs.append(_with_rows(rows, run))
-        outs = await asyncio.gather(*jobs)
+        outs = await asyncio.gather(*jobs, *self._run_on_executors(request_id, st, layer, subs))
 
         def combine() -> torch.Tensor:
             h = st.hidden.clone()

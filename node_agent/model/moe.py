@@ -252,6 +252,14 @@ def route(w: LayerWeights, cfg: MoeConfig, x: torch.Tensor) -> tuple[torch.Tenso
     return top_i, top_w.to(x.dtype)
 
 
+def predicted_counts(w: LayerWeights, cfg: MoeConfig, hidden: torch.Tensor) -> list[int]:
+    """Tokens per expert of the layer of `w`, its router applied to the previous layer's hidden
+    states [T, D]: adjacent layers' hidden states are close, so this guesses which experts the
+    tokens will need (speculative prefetch)."""
+    ids, _ = route(w, cfg, rms_norm(hidden, w.post_norm, cfg.rms_eps))
+    return torch.bincount(ids.flatten(), minlength=cfg.num_experts).tolist()
+
+
 def swiglu(e: ExpertWeights, x: torch.Tensor) -> torch.Tensor:
     """One SwiGLU MLP on x [n, D] -> [n, D]."""
     return F.linear(F.silu(F.linear(x, e.gate)) * F.linear(x, e.up), e.down)
