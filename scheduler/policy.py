@@ -66,12 +66,23 @@ class Policy:
             return schedule_layer(layer, reports, profiles, cost, direct)
         return resident_first(layer, reports)
 
+    def lookahead(self, layer: int, reports: Sequence[LayerReport], profiles: Mapping[NodeId, AgentProfile],
+                  cost: CostModel, num_experts: int) -> tuple[dict[NodeId, tuple[int, ...]], dict[int, NodeId]]:
+        """`layer`'s prefetches and direct routes, from one plan guessed from the previous
+        layer's reports (the scheduler's step per layer; guessing is a whole token schedule)."""
+        guess = self._guess(layer, reports, profiles, cost, num_experts)
+        if guess is None:
+            return {}, {}
+        prefetch = self.prefetches(layer, reports, profiles, cost, num_experts, guess)
+        return prefetch, self.direct_routes(layer, reports, profiles, cost, num_experts, prefetch, guess)
+
     def prefetches(self, layer: int, reports: Sequence[LayerReport], profiles: Mapping[NodeId, AgentProfile],
-                   cost: CostModel, num_experts: int) -> dict[NodeId, tuple[int, ...]]:
+                   cost: CostModel, num_experts: int, guess: RoutingPlan | None = None) -> dict[NodeId, tuple[int, ...]]:
         """Experts of `layer` each agent should start reading, from the previous layer's
         predicted counts: where the same policy would run them if the guess is right, the
-        experts with the most predicted tokens first, as many as `_prefetch_room` allows."""
-        plan = self._guess(layer, reports, profiles, cost, num_experts)
+        experts with the most predicted tokens first, as many as `_prefetch_room` allows.
+        guess: that plan, if already made."""
+        plan = guess if guess is not None else self._guess(layer, reports, profiles, cost, num_experts)
         if plan is None:
             return {}
         by_node = {r.node: r for r in reports}
@@ -91,7 +102,8 @@ class Policy:
         return out
 
     def direct_routes(self, layer: int, reports: Sequence[LayerReport], profiles: Mapping[NodeId, AgentProfile],
-                      cost: CostModel, num_experts: int, prefetch: Mapping[NodeId, Sequence[int]]) -> dict[int, NodeId]:
+                      cost: CostModel, num_experts: int, prefetch: Mapping[NodeId, Sequence[int]],
+                      guess: RoutingPlan | None = None) -> dict[int, NodeId]:
         """Experts of `layer` that every owner should send straight to one executor as soon as its
         router has run: those that exactly one agent holds (or is now told to read) and that the
         plan guessed from the previous layer's prediction gives wholly to it. The layer's real
@@ -99,10 +111,11 @@ class Policy:
         second copy costs a read), so the agents need not wait for it: it comes only after every
         agent's report, and the executors would idle until then. The plan keeps these routes
         (`route(direct=...)`) even where the guess was wrong; a wrong guess costs time, never
-        correctness. Only with token scheduling and prediction (`sirius`)."""
+        correctness. Only with token scheduling and prediction (`sirius`). guess: as in
+        `prefetches`."""
         if not (self.token_scheduling and len(reports) > 1):
             return {}
-        plan = self._guess(layer, reports, profiles, cost, num_experts)
+        plan = guess if guess is not None else self._guess(layer, reports, profiles, cost, num_experts)
         if plan is None:
             return {}
         held = {r.node: r.next_resident | r.next_loading | frozenset(prefetch.get(r.node, ())) for r in reports}

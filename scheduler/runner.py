@@ -120,8 +120,7 @@ class RequestRunner:
         routing: RoutingPlan | None = None
         # Layer 0's experts, guessed from the embeddings, load while layer 0's attention runs.
         first = [b.report for b in begun if b.report.node in active] + idle_reports.at(-1, predicted=True)  # what layer 0 needs
-        prefetch = policy.prefetches(0, first, profiles, cost, E) if guess else {}
-        direct = policy.direct_routes(0, first, profiles, cost, E, prefetch) if guess else {}
+        prefetch, direct = policy.lookahead(0, first, profiles, cost, E) if guess else ({}, {})
         for layer in range(shape.num_layers):
             predict = policy.prefetch and layer + 1 < shape.num_layers and layer + 1 not in shape.dense_layers
             reports = await asyncio.gather(*(
@@ -129,8 +128,7 @@ class RequestRunner:
             ))
             reports += idle_reports.at(layer, predict)
             routing = None if layer in shape.dense_layers else policy.route(layer, reports, profiles, cost, E, direct)
-            prefetch = policy.prefetches(layer + 1, reports, profiles, cost, E) if predict else {}
-            direct = policy.direct_routes(layer + 1, reports, profiles, cost, E, prefetch) if predict else {}
+            prefetch, direct = policy.lookahead(layer + 1, reports, profiles, cost, E) if predict else ({}, {})
         finished = await asyncio.gather(*(self.agents[n].finish(request_id, routing) for n in active))
         rows = sorted((pos, row) for logits, positions in finished if logits is not None for pos, row in zip(positions, logits))
         if not rows:

@@ -16,7 +16,7 @@ import torch
 from scheduler.cost_model import AgentProfile, CostModel
 from scheduler.policy import Policy
 from scheduler.runner import RequestRunner
-from scheduler.types import AgentSnapshot, LayerReport, NodeId
+from scheduler.types import AgentSnapshot, LayerReport, NodeId, RoutingPlan
 from tests.integration.cluster import Cluster, local_cluster
 from tests.integration.test_equivalence import ATOL, prompt, reference
 
@@ -91,7 +91,8 @@ class Misrouting(Policy):
     stale guess would. The executors read what they lack, and the plans keep the routes."""
 
     def direct_routes(self, layer: int, reports: Sequence[LayerReport], profiles: Mapping[NodeId, AgentProfile],
-                      cost: CostModel, num_experts: int, prefetch: Mapping[NodeId, Sequence[int]]) -> dict[int, NodeId]:
+                      cost: CostModel, num_experts: int, prefetch: Mapping[NodeId, Sequence[int]],
+                      guess: RoutingPlan | None = None) -> dict[int, NodeId]:
         nodes = sorted(r.node for r in reports)
         return {e: nodes[e % len(nodes)] for e in range(num_experts)}
 

@@ -189,6 +189,9 @@ def test_direct_routes_name_the_experts_one_agent_holds_and_the_guessed_plan_lea
     for off in ({"no_prefetch": True}, {"no_token_scheduling": True}):
         assert Policy.from_flags("sirius", **off).direct_routes(1, rs, profiles(3), COST, 4, pre) == {}
     assert Policy().direct_routes(1, rs[:1], profiles(1), COST, 4, {}) == {}  # one agent: nothing to send
+    # The scheduler's step makes both from one guessed plan.
+    ahead = Policy().prefetches(1, rs, profiles(3), COST, 4)
+    assert Policy().lookahead(1, rs, profiles(3), COST, 4) == (ahead, Policy().direct_routes(1, rs, profiles(3), COST, 4, ahead))
 
 
 def test_the_plan_keeps_direct_routes_and_schedules_the_other_experts_around_them() -> None:
