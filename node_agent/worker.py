@@ -347,6 +347,10 @@ class AgentCore:
         pass, shared with the other owners' batches of the layer that arrive meanwhile; missing
         ones are loaded concurrently (the buffer bounds memory) and each runs as soon as it is in,
         so reads overlap compute."""
+        if not (0 <= layer < self.cfg.num_layers and self.cfg.is_moe(layer)):
+            raise ValueError(f"layer {layer} has no routed experts")
+        if ids.numel() and (int(ids.min()) < -1 or int(ids.max()) >= self.cfg.num_experts):
+            raise ValueError(f"expert ids must be in [0, {self.cfg.num_experts}), or -1 for a skipped slot")
         out = torch.zeros_like(x)
         wanted = [ExpertId(layer, int(i)) for i in ids[ids >= 0].unique().tolist()]
         ready = set(self.buffer.resident(layer))

@@ -61,3 +61,21 @@ async def test_a_dead_agent_fails_the_request_with_a_named_error(qwen_tiny: Path
             async for _ in runner.generate(request):
                 pass
         await victim.close()
+
+
+async def test_a_bad_expert_batch_is_refused_with_invalid_argument(qwen_tiny: Path) -> None:
+    """A peer's batch naming an expert the model lacks (or a layer without routed experts) is
+    refused with a clear status, not an internal error from deep in the expert store."""
+    cfg = json.loads((qwen_tiny / "config.json").read_text())
+    x, w = tensor_to_proto(torch.zeros(2, cfg["hidden_size"])), tensor_to_proto(torch.full((2, 2), 0.5))
+    bad_expert = tensor_to_proto(torch.tensor([[0, 1], [cfg["num_experts"], 0]], dtype=torch.int32))
+    bad_layer = tensor_to_proto(torch.tensor([[0, 1], [1, 0]], dtype=torch.int32))
+    async with local_cluster(qwen_tiny, 1) as cluster:
+        async with grpc.aio.insecure_channel(cluster.specs[0].address) as channel:
+            stub = pb_grpc.NodeAgentStub(channel)
+            for layer, ids, message in ((1, bad_expert, "expert ids must be in"),
+                                        (cfg["num_hidden_layers"], bad_layer, "has no routed experts")):
+                with pytest.raises(grpc.aio.AioRpcError) as failed:
+                    await stub.RunExperts(pb.ExpertBatch(request_id="r", layer=layer, hidden=x, expert_ids=ids, weights=w))
+                assert failed.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+                assert message in (failed.value.details() or "")

@@ -152,6 +152,16 @@ def test_split_by_executor_honours_token_counts_in_row_order() -> None:
     assert parts["a"].tolist() == [[-1, 1], [-1, -1], [1, -1], [-1, 3]]
 
 
+def test_split_by_executor_keeps_skipped_slots_and_unplanned_experts_here() -> None:
+    ids = torch.tensor([[0, -1], [3, 1], [-1, -1], [1, 0]])
+    plan = LayerPlan({0: [("b", 0)], 1: [("c", 1)]}, frozenset())  # expert 1: one token to c, the rest here
+    parts = split_by_executor(ids, plan, "a")
+    assert parts["b"].tolist() == [[0, -1], [-1, -1], [-1, -1], [-1, 0]]
+    assert parts["c"].tolist() == [[-1, -1], [-1, 1], [-1, -1], [-1, -1]]
+    assert parts["a"].tolist() == [[-1, -1], [3, -1], [-1, -1], [1, -1]]
+    assert split_by_executor(torch.full((3, 2), -1), plan, "a") == {}
+
+
 def test_lower_bound_is_the_slower_of_reading_and_computing() -> None:
     assert lower_bound_s(400, 100.0, 1.0) == 4.0
     assert lower_bound_s(0, 100.0, 5.0) == 5.0
