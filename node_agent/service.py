@@ -182,6 +182,7 @@ class Servicer(pb_grpc.NodeAgentServicer):
     async def RunExperts(self, request: pb.ExpertBatch, context: Any) -> pb.ExpertResult:
         x = tensor_from_proto(request.hidden)
         ids = tensor_from_proto(request.expert_ids).long()
+        self.core.check_batch(request.layer, ids)
         out = await self.core.execute(request.layer, x, ids, tensor_from_proto(request.weights).to(x.dtype))
         reply = pb.ExpertResult(output=tensor_to_proto(out))
         await self.link.send(reply.output)

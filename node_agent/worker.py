@@ -274,7 +274,7 @@ class AgentCore:
         """Queue reads of experts no agent holds into free expert memory (lowest disk priority,
         never evicting); returns those now resident or on their way."""
         for eid in experts:
-            if not (0 <= eid.layer < self.cfg.num_layers and self.cfg.is_moe(eid.layer) and 0 <= eid.index < self.cfg.num_experts):
+            if not (self.cfg.has_experts(eid.layer) and 0 <= eid.index < self.cfg.num_experts):
                 raise ValueError(f"expert {eid.layer}/{eid.index} is not a routed expert of this model")
         return [eid for eid in experts if self.buffer.fill(eid)]
 
@@ -342,15 +342,19 @@ class AgentCore:
     async def _early_share(out: asyncio.Future[moe.SlotOutputs], experts: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
         return (await out).only(experts)
 
+    def check_batch(self, layer: int, ids: torch.Tensor) -> None:
+        """Refuse a peer's expert batch that names a layer without routed experts or an expert the
+        model lacks (my own router's batches need no check)."""
+        if not self.cfg.has_experts(layer):
+            raise ValueError(f"layer {layer} has no routed experts")
+        if ids.numel() and (int(ids.min()) < -1 or int(ids.max()) >= self.cfg.num_experts):
+            raise ValueError(f"expert ids must be in [0, {self.cfg.num_experts}), or -1 for a skipped slot")
+
     async def execute(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """Weighted sum of my experts on tokens sent to me. Resident experts run in one grouped
         pass, shared with the other owners' batches of the layer that arrive meanwhile; missing
         ones are loaded concurrently (the buffer bounds memory) and each runs as soon as it is in,
         so reads overlap compute."""
-        if not (0 <= layer < self.cfg.num_layers and self.cfg.is_moe(layer)):
-            raise ValueError(f"layer {layer} has no routed experts")
-        if ids.numel() and (int(ids.min()) < -1 or int(ids.max()) >= self.cfg.num_experts):
-            raise ValueError(f"expert ids must be in [0, {self.cfg.num_experts}), or -1 for a skipped slot")
         out = torch.zeros_like(x)
         wanted = [ExpertId(layer, int(i)) for i in ids[ids >= 0].unique().tolist()]
         ready = set(self.buffer.resident(layer))

@@ -48,6 +48,10 @@ class MoeConfig:
     def is_moe(self, layer: int) -> bool:
         return layer not in self.dense_layers
 
+    def has_experts(self, layer: int) -> bool:
+        """Whether `layer` is a layer of this model with routed experts (a bound check on input)."""
+        return 0 <= layer < self.num_layers and self.is_moe(layer)
+
     def prefix(self, layer: int) -> str:
         """Tensor-name prefix of a layer's MoE block."""
         block = "block_sparse_moe" if self.model_type == "mixtral" else "mlp"
