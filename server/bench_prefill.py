@@ -15,6 +15,9 @@ Mixtral on edge devices: the disk rate is chosen so that reading every expert on
 The lower bound of a request on N agents is the larger of (bytes of its experts not resident
 anywhere) / (N disk rates) and that one-agent compute / N. Agents count the compute that ran past
 their share (the host could not carry the emulation); each case reports the worst request's share.
+A single run of a case scatters by about as much as the host drifts, so `--rounds N` runs every
+multi-agent case N times (fresh clusters, each with its own calibration) and reports the medians
+with every round's efficiencies.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 import torch
@@ -207,6 +211,22 @@ async def measure(cluster: Cluster, prompt: list[int], activated: set[tuple[int,
     )
 
 
+def over_rounds(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """One case run several times (fresh clusters): the median of every figure, the requests of a
+    middle round by warm efficiency, and each round's figures (`rounds`, only if more than one).
+    Efficiencies are medians of the rounds' own (each against the compute measured right before
+    it), not a median TTFT over a median compute."""
+    if len(rounds) == 1:
+        return rounds[0]
+    middle = sorted(rounds, key=lambda r: r["warm_efficiency"])[(len(rounds) - 1) // 2]
+    out = dict(middle)
+    for key, value in middle.items():
+        if isinstance(value, float):
+            out[key] = statistics.median(r[key] for r in rounds)
+    out["rounds"] = [{k: v for k, v in r.items() if isinstance(v, float)} for r in rounds]
+    return out
+
+
 def prompts_for(tokens: int, vocab: int, count: int, seed: int) -> list[list[int]]:
     g = torch.Generator().manual_seed(seed)
     return [torch.randint(0, vocab, (tokens,), generator=g).tolist() for _ in range(count)]
@@ -289,18 +309,21 @@ def _run(args: argparse.Namespace, model_dir: Path, out: Path, work: Path, cfg: 
     for n in lengths:
         for agents in agent_counts:
             for label in (labels if agents > 1 else ["sirius"]):  # one agent: the same baseline for all
-                # This host's speed drifts by 5-15% over minutes: the compute a case's lower bound
-                # divides is measured right before the case, not once for the whole run.
-                c1 = calibrate(n) if args.calibrate == "each" and agents > 1 else compute[n]
-                case = asyncio.run(run_case(model_dir, work, label, agents, n, prompts[n], activated[n], memory, disk_rate,
-                                            c1, expert_file_bytes, share))
-                s = case.summary()
-                cases.append({**s, "compute_s": c1, "cold": asdict(case.cold) if case.cold else None,
-                              "warm": [asdict(r) for r in case.warm]})
-                print(f"{label:28} agents={agents} tokens={n}: 1-agent compute {c1:.2f}s, "
-                      f"cold {s['cold_ttft_s']:.2f}s warm {s['warm_ttft_s']:.2f}s "
-                      f"eff {s['cold_efficiency']:.2f}/{s['warm_efficiency']:.2f} balance {s['attention_max_over_mean']:.2f} "
-                      f"recall {s['prefetch_recall']:.2f}", flush=True)
+                rounds = []
+                for _ in range(args.rounds if agents > 1 else 1):  # the one-agent baseline is minutes long
+                    # This host's speed drifts by 5-15% over minutes: the compute a case's lower
+                    # bound divides is measured right before the case, not once for the whole run.
+                    c1 = calibrate(n) if args.calibrate == "each" and agents > 1 else compute[n]
+                    case = asyncio.run(run_case(model_dir, work, label, agents, n, prompts[n], activated[n], memory,
+                                                disk_rate, c1, expert_file_bytes, share))
+                    s = {**case.summary(), "compute_s": c1}
+                    rounds.append({**s, "cold": asdict(case.cold) if case.cold else None,
+                                   "warm": [asdict(r) for r in case.warm]})
+                    print(f"{label:28} agents={agents} tokens={n}: 1-agent compute {c1:.2f}s, "
+                          f"cold {s['cold_ttft_s']:.2f}s warm {s['warm_ttft_s']:.2f}s "
+                          f"eff {s['cold_efficiency']:.2f}/{s['warm_efficiency']:.2f} "
+                          f"balance {s['attention_max_over_mean']:.2f} recall {s['prefetch_recall']:.2f}", flush=True)
+                cases.append(over_rounds(rounds))
     data["cases"] = cases
     (out / "prefill.json").write_text(json.dumps(data, indent=2))
     write_report(data, out)

@@ -85,6 +85,13 @@ def write_report(data: dict[str, Any], out: Path) -> None:
             f"{c['cold_efficiency']:.2f} | {c['warm_efficiency']:.2f} | {c['cold_read_mb']:.0f} | "
             f"{c['attention_max_over_mean']:.2f} | {c['prefetch_recall']:.3f} |"
         )
+    repeated = [c for c in cases if c.get("rounds")]
+    if repeated:
+        lines += ["", "Cases run in several rounds (a fresh cluster each, against the one-agent compute measured "
+                      "right before it); the table gives their medians. Per round, cold / warm efficiency:", ""]
+        lines += [f"- {c['policy']}, {c['agents']} agents, {c['tokens']} tokens: "
+                  + ", ".join(f"{r['cold_efficiency']:.2f} / {r['warm_efficiency']:.2f}" for r in c["rounds"])
+                  for c in repeated]
     checks = targets(data)
     if checks:
         lines += ["", "| target (2048 tokens, 4 agents) | measured | met |", "|---|---|---|"]

@@ -220,6 +220,9 @@ def _add_bench(commands: argparse._SubParsersAction) -> None:  # type: ignore[ty
                         "start (once: faster)")  # fmt: skip
     p.add_argument("--disk-rate", type=_rate, default=0.0, metavar="RATE",
                    help="prefill: fixed disk rate per agent instead of --io-ratio, e.g. 50MB/s")  # fmt: skip
+    p.add_argument("--rounds", type=_positive, default=1, metavar="N",
+                   help="prefill: run every multi-agent case N times, each a fresh cluster with its own "
+                        "calibration (with --calibrate each), and report the medians and every round (default 1)")  # fmt: skip
     p.set_defaults(run=_run_bench, log_level="WARNING")  # its own progress lines, not every HTTP request
 
 
