@@ -212,8 +212,9 @@ async def measure(cluster: Cluster, prompt: list[int], activated: set[tuple[int,
 
 
 def over_rounds(rounds: list[dict[str, Any]]) -> dict[str, Any]:
-    """One case run several times (fresh clusters): the median of every figure, the requests of a
-    middle round by warm efficiency, and each round's figures (`rounds`, only if more than one).
+    """One case run several times (fresh clusters): the median of every figure (the worst compute
+    overrun), the requests of a middle round by warm efficiency, and each round's figures
+    (`rounds`, only if more than one).
     Efficiencies are medians of the rounds' own (each against the compute measured right before
     it), not a median TTFT over a median compute."""
     if len(rounds) == 1:
@@ -223,6 +224,8 @@ def over_rounds(rounds: list[dict[str, Any]]) -> dict[str, Any]:
     for key, value in middle.items():
         if isinstance(value, float):
             out[key] = statistics.median(r[key] for r in rounds)
+    if "compute_overrun" in out:  # the emulation check wants the worst request of all rounds
+        out["compute_overrun"] = max(r["compute_overrun"] for r in rounds)
     out["rounds"] = [{k: v for k, v in r.items() if isinstance(v, float)} for r in rounds]
     return out
 

@@ -35,9 +35,11 @@ def test_ablations_are_judged_by_efficiency_so_host_drift_between_cases_does_not
 def test_a_case_run_in_rounds_reports_the_median_of_each_rounds_own_efficiency(tmp_path: Path) -> None:
     # The host drifts between rounds: each round's warm TTFT is judged against its own one-agent
     # compute, so the fast second round's 0.70 and the slow third's 0.90 are both counted as such.
-    rounds = [{**case("sirius", 4, 7.0 + i, warm, c1, 6.6), "cold_read_mb": 120.0, "warm": [{"ttft_s": warm}]}
-              for i, (warm, c1) in enumerate([(1.25, 4.0), (1.50, 4.2), (1.20, 4.32)])]
+    rounds = [{**case("sirius", 4, 7.0 + i, warm, c1, 6.6), "cold_read_mb": 120.0, "compute_overrun": overrun,
+               "warm": [{"ttft_s": warm}]}
+              for i, (warm, c1, overrun) in enumerate([(1.25, 4.0, 0.002), (1.50, 4.2, 0.011), (1.20, 4.32, 0.004)])]
     merged = over_rounds(rounds)
+    assert merged["compute_overrun"] == 0.011  # the emulation check: the worst round's, not a median
     assert merged["warm_efficiency"] == pytest.approx(0.8)  # 0.80, 0.70, 0.90
     assert merged["warm_ttft_s"] == pytest.approx(1.25) and merged["compute_s"] == pytest.approx(4.2)
     assert merged["warm"] == [{"ttft_s": 1.25}]  # the requests of the middle round
