@@ -220,13 +220,11 @@ def over_rounds(rounds: list[dict[str, Any]]) -> dict[str, Any]:
     if len(rounds) == 1:
         return rounds[0]
     middle = sorted(rounds, key=lambda r: r["warm_efficiency"])[(len(rounds) - 1) // 2]
-    out = dict(middle)
-    for key, value in middle.items():
-        if isinstance(value, float):
-            out[key] = statistics.median(r[key] for r in rounds)
+    figures = [k for k, v in middle.items() if isinstance(v, float)]
+    out = {**middle, **{k: statistics.median(r[k] for r in rounds) for k in figures}}
     if "compute_overrun" in out:  # the emulation check wants the worst request of all rounds
         out["compute_overrun"] = max(r["compute_overrun"] for r in rounds)
-    out["rounds"] = [{k: v for k, v in r.items() if isinstance(v, float)} for r in rounds]
+    out["rounds"] = [{k: r[k] for k in figures} for r in rounds]
     return out
 
 
