@@ -54,3 +54,9 @@ async def local_cluster(model_dir: Path, agents: int, expert_memory: int = 0, di
     finally:
         stop.set()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def expert_bytes(model_dir: Path) -> int:
+    """Bytes of one expert of the model, as an agent reports them."""
+    async with local_cluster(model_dir, 1) as probe:
+        return (await probe.clients[0].info()).expert_bytes

@@ -17,7 +17,7 @@ from scheduler.cost_model import AgentProfile, CostModel
 from scheduler.policy import Policy
 from scheduler.runner import RequestRunner
 from scheduler.types import AgentSnapshot, LayerReport, NodeId, RoutingPlan
-from tests.integration.cluster import Cluster, local_cluster
+from tests.integration.cluster import Cluster, expert_bytes, local_cluster
 from tests.integration.test_equivalence import ATOL, prompt, reference
 
 
@@ -71,7 +71,10 @@ async def test_early_expert_runs_are_used_where_the_plan_agrees_and_dropped_wher
 
 
 async def test_warm_requests_send_tokens_by_direct_routes_and_keep_the_logits(qwen_tiny: Path, case: Case) -> None:
-    async with local_cluster(qwen_tiny, 3) as cluster:
+    # Reads must cost time: on an unlimited disk a second copy is free, so the plans may split any
+    # expert by the agents' measured (noisy) compute speeds and no expert need have one holder.
+    size = await expert_bytes(qwen_tiny)
+    async with local_cluster(qwen_tiny, 3, disk_rate=50 * size) as cluster:
         runner = cluster.runner(Policy())
         assert await matches(runner, "cold", case)
         cold = await direct_sent(cluster)

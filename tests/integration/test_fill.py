@@ -16,7 +16,7 @@ from protos.ids import ExpertId
 from scheduler.policy import Policy
 from scheduler.service import EngineService, EngineSettings, start_engine
 from scheduler.types import AgentSnapshot, GenerationRequest, RequestId, SamplingParams
-from tests.integration.cluster import Cluster, local_cluster
+from tests.integration.cluster import Cluster, expert_bytes, local_cluster
 
 AGENTS = 2
 
@@ -44,11 +44,6 @@ def routed(cluster: Cluster) -> set[ExpertId]:
 def held(cluster: Cluster, snap: AgentSnapshot) -> set[ExpertId]:
     E = cluster.shape.num_experts
     return {expert_from_wire(i, E) for i in snap.held}
-
-
-async def expert_bytes(model_dir: Path) -> int:
-    async with local_cluster(model_dir, 1) as probe:
-        return (await probe.clients[0].info()).expert_bytes
 
 
 @pytest.mark.parametrize("name", ["sirius", "expert-parallel", "sirius --no-fill", "naive"])
