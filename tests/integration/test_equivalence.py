@@ -13,7 +13,7 @@ from node_agent.model.synth import init_model
 from scheduler.policy import Policy
 from scheduler.types import GenerationRequest, RequestId, SamplingParams
 from tests.conftest import ARCHS
-from tests.integration.cluster import local_cluster
+from tests.integration.cluster import expert_bytes, local_cluster
 
 PROMPT_LEN = 37  # divides evenly by none of 2 and 3 agents
 ATOL = 1e-4
@@ -48,9 +48,8 @@ async def test_prefill_logits_and_greedy_tokens_match_transformers(
     with torch.no_grad():
         expected = ref(torch.tensor([ids])).logits[0]
         greedy = ref.generate(torch.tensor([ids]), max_new_tokens=16, min_new_tokens=16, do_sample=False)[0, len(ids):].tolist()
-    async with local_cluster(model_dir, agents) as probe:
-        expert_bytes = (await probe.clients[0].info()).expert_bytes
-    async with local_cluster(model_dir, agents, expert_memory=budget_experts * expert_bytes) as cluster:
+    size = await expert_bytes(model_dir)
+    async with local_cluster(model_dir, agents, expert_memory=budget_experts * size) as cluster:
         runner = cluster.runner(policy)
         logits = await runner.prefill_logits("prefill-1", ids)
         assert logits.shape == expected.shape
@@ -60,7 +59,7 @@ async def test_prefill_logits_and_greedy_tokens_match_transformers(
         assert tokens == greedy
         snaps = [await c.snapshot() for c in cluster.clients]
         for s in snaps:
-            assert s.capacity_bytes == budget_experts * expert_bytes
+            assert s.capacity_bytes == budget_experts * size
             if budget_experts:
                 assert s.bytes_used <= s.capacity_bytes
         if budget_experts:

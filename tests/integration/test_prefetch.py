@@ -7,13 +7,12 @@ from pathlib import Path
 import torch
 
 from scheduler.policy import Policy
-from tests.integration.cluster import local_cluster
+from tests.integration.cluster import expert_bytes, local_cluster
 
 
 async def run(model_dir: Path, policy: Policy) -> tuple[torch.Tensor, int, int, int]:
-    async with local_cluster(model_dir, 2) as probe:
-        expert_bytes = (await probe.clients[0].info()).expert_bytes
-    async with local_cluster(model_dir, 2, expert_memory=6 * expert_bytes) as cluster:
+    size = await expert_bytes(model_dir)
+    async with local_cluster(model_dir, 2, expert_memory=6 * size) as cluster:
         ids = torch.randint(0, 1000, (96,), generator=torch.Generator().manual_seed(5)).tolist()
         logits = await cluster.runner(policy).prefill_logits("p", ids)
         snaps = [await c.snapshot() for c in cluster.clients]
