@@ -92,24 +92,29 @@ def test_compute_pacer_counts_time_past_its_budget_as_overrun() -> None:
 
 
 def test_compute_pacer_gives_a_late_sleep_back_to_the_work_chained_after_it() -> None:
-    # A host that wakes sleepers 30 ms late: the work chained right after a late sleep sleeps
+    # A host that wakes sleepers 0.2 s late: the work chained right after a late sleep sleeps
     # that much less (the emulated device's timeline), work after an idle gap is owed nothing.
+    # The figures are wide so that a loaded host (spins slowed, threads held between jobs) keeps
+    # the margins: each sleep asked is 0.4 s less the spin's wall time, 0.2 s less when chained.
     asked: list[float] = []
 
     def late_sleep(seconds: float) -> None:
         asked.append(seconds)
-        time.sleep(seconds + 0.03)
+        time.sleep(seconds + 0.2)
 
-    pacer = ComputePacer(0.1, sleep=late_sleep)
+    class Pacer(ComputePacer):
+        CHAINED_S = 0.05  # wider than the agents' 2 ms, for the same reason
+
+    pacer = Pacer(0.05, sleep=late_sleep)
     for _ in range(2):
         with pacer.pace():
-            _spin(0.01)  # budget 0.1 s, ~0.09 s of it asleep
-    time.sleep(2 * ComputePacer.CHAINED_S)  # idle
+            _spin(0.02)  # budget 0.4 s, most of it asleep
+    time.sleep(3 * Pacer.CHAINED_S)  # idle
     with pacer.pace():
-        _spin(0.01)
+        _spin(0.02)
     first, chained, after_idle = asked
-    assert chained < first - 0.02
-    assert after_idle > chained + 0.02
+    assert chained < first - 0.1
+    assert after_idle > chained + 0.1
 
 
 def test_unpaced_compute_does_not_wait() -> None:
