@@ -125,15 +125,18 @@ class ExpertBuffer:
 
     async def acquire(self, eid: ExpertId) -> ExpertWeights:
         entry = self._entries.get(eid)
-        if entry is not None:
+        started = False
+        if entry is None:
+            reserved = await self._reserve(eid, allow_protected=True)
+            assert reserved is not None  # a demand read waits for room rather than give up
+            entry, started = reserved
+        if started:
+            self.counters.misses += 1
+        else:  # resident, or a read in flight (perhaps begun while this one waited for room)
             self.counters.hits += 1
             self.policy.on_access(eid)
             if not entry.started and entry.priority != DEMAND:
                 self._enqueue(DEMAND, eid, entry)  # a queued prefetch or fill is now needed: jump the queue
-        else:
-            self.counters.misses += 1
-            entry = await self._reserve(eid, allow_protected=True)
-            assert entry is not None
         entry.pins += 1
         try:
             return await asyncio.shield(entry.loaded)
@@ -165,16 +168,19 @@ class ExpertBuffer:
         """Start reading an expert predicted to be needed, if that evicts nothing the current plan
         needs; returns whether it is resident or on its way."""
         entry = self._entries.get(eid)
-        if entry is not None:
-            if entry.priority == FILL:  # a fill is now predicted: it no longer yields, and moves up
-                entry.priority = PREFETCH
-                if not entry.started:
-                    self._enqueue(PREFETCH, eid, entry)
-            return True
-        entry = await self._reserve(eid, allow_protected=False)
-        if entry is not None:
-            self.counters.prefetches += 1
-        return entry is not None
+        if entry is None:
+            reserved = await self._reserve(eid, allow_protected=False)
+            if reserved is None:
+                return False
+            entry, started = reserved
+            if started:
+                self.counters.prefetches += 1
+                return True
+        if entry.priority == FILL:  # a fill is now predicted: it no longer yields, and moves up
+            entry.priority = PREFETCH
+            if not entry.started:
+                self._enqueue(PREFETCH, eid, entry)
+        return True
 
     def fill(self, eid: ExpertId) -> bool:
         """Queue a read of an expert into free memory at the lowest disk priority; never evicts.
@@ -206,9 +212,18 @@ class ExpertBuffer:
             victim = next(iter(self.policy.victims(free)), None)
         return victim
 
-    async def _reserve(self, eid: ExpertId, allow_protected: bool) -> _Entry | None:
+    async def _reserve(self, eid: ExpertId, allow_protected: bool) -> tuple[_Entry, bool] | None:
+        """Room for a read of eid, evicting or (a demand read) waiting for it; returns its entry
+        and whether this call queued the read (False: another task's read of eid, resident or in
+        flight, which began while this one waited), or None (a prefetch finds no room)."""
         async with self._space:
-            while self.capacity and self.bytes_used + self.expert_nbytes > self.capacity:
+            while True:
+                # Checked at every wake-up: once another task has reserved eid, this one joins
+                # that read; it must not wait for room, nor evict eid when its read is done.
+                if (existing := self._entries.get(eid)) is not None:
+                    return existing, False
+                if not (self.capacity and self.bytes_used + self.expert_nbytes > self.capacity):
+                    break
                 if self._cancel_fill():
                     continue
                 victim = self._victim(allow_protected)
@@ -220,13 +235,10 @@ class ExpertBuffer:
                 del self._entries[victim]
                 self.policy.on_remove(victim)
                 self.counters.evictions += 1
-            existing = self._entries.get(eid)
-            if existing is not None:  # another task started the same load while we waited
-                return existing
             entry = _Entry(priority=DEMAND if allow_protected else PREFETCH)
             self._entries[eid] = entry
         self._enqueue(entry.priority, eid, entry)
-        return entry
+        return entry, True
 
     def _enqueue(self, priority: int, eid: ExpertId, entry: _Entry) -> None:
         entry.priority = min(entry.priority, priority)

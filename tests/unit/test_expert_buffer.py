@@ -86,6 +86,24 @@ async def test_concurrent_requests_for_one_expert_load_it_once(qwen_tiny: Path) 
     assert store.bytes_read == store.expert_nbytes
 
 
+async def test_acquires_that_wait_for_room_share_one_load_and_count_one_miss(qwen_tiny: Path) -> None:
+    # Two users ask for b while a pins the only slot: both wait for room, the first to get it
+    # starts the load and the second joins it (a hit, as joining any load in flight is).
+    buffer, _, _ = make(qwen_tiny, 1)
+    a, b = ExpertId(0, 0), ExpertId(0, 1)
+    await buffer.acquire(a)
+    waiters = [asyncio.ensure_future(buffer.acquire(b)) for _ in range(2)]
+    await asyncio.sleep(0.01)
+    assert not any(w.done() for w in waiters)  # both wait for the room a holds
+    await buffer.release(a)
+    # Before the fix the second waiter, woken by b's read, waited on for room while the first
+    # pinned b (and would have evicted b once it was unpinned, to read it again).
+    first, second = await asyncio.wait_for(asyncio.gather(*waiters), timeout=10)
+    assert first is second
+    c = buffer.counters
+    assert (c.misses, c.loads, c.hits, c.evictions) == (2, 2, 1, 1)
+
+
 async def test_fill_takes_only_free_memory_and_gives_it_back_to_a_load(qwen_tiny: Path) -> None:
     buffer, store, _ = make(qwen_tiny, 2, seconds_per_expert=0.3)
     a, b, c = ExpertId(0, 0), ExpertId(0, 1), ExpertId(0, 2)
