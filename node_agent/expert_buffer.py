@@ -141,7 +141,9 @@ class ExpertBuffer:
         try:
             return await asyncio.shield(entry.loaded)
         except BaseException:
-            await self.release(eid)
+            # This entry's pin, not whatever entry eid has now: a failed read drops its entry,
+            # and another user may have begun a new read of eid before this one hears of it.
+            await self._unpin(entry)
             raise
 
     def acquire_resident(self, eid: ExpertId) -> ExpertWeights:
@@ -157,8 +159,10 @@ class ExpertBuffer:
 
     async def release(self, eid: ExpertId) -> None:
         entry = self._entries.get(eid)
-        if entry is None:
-            return
+        if entry is not None:
+            await self._unpin(entry)
+
+    async def _unpin(self, entry: _Entry) -> None:
         entry.pins -= 1
         if entry.pins == 0:
             async with self._space:

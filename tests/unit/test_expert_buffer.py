@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from node_agent.expert_buffer import BufferTooSmall, ExpertBuffer
 from node_agent.expert_store import ExpertStore
 from node_agent.model.checkpoint import Checkpoint
 from node_agent.model.config import MoeConfig
+from node_agent.model.moe import ExpertWeights
 from node_agent.throttle import Throttle
 from scheduler.types import ExpertId
 
@@ -102,6 +104,43 @@ async def test_acquires_that_wait_for_room_share_one_load_and_count_one_miss(qwe
     assert first is second
     c = buffer.counters
     assert (c.misses, c.loads, c.hits, c.evictions) == (2, 2, 1, 1)
+
+
+async def test_a_failed_read_unpins_only_its_own_waiters(qwen_tiny: Path) -> None:
+    # The first read of e fails; another user asks for e again before the first user has heard
+    # of the failure, so a second read (which succeeds) has begun. The first user's unpinning
+    # must not take the second user's pin: e stays pinned, so f cannot evict it.
+    buffer, store, _ = make(qwen_tiny, 1)
+    e, f = ExpertId(0, 0), ExpertId(0, 1)
+    reads = []
+
+    def failing_once(eid: ExpertId, check: Callable[[], None]) -> ExpertWeights:
+        reads.append(eid)
+        if len(reads) == 1:
+            raise OSError("disk read failed")
+        return store.load(eid, check)
+
+    buffer = ExpertBuffer(buffer.capacity, buffer.expert_nbytes, failing_once, ThreadPoolExecutor(1))
+    first = asyncio.ensure_future(buffer.acquire(e))
+
+    async def ask_again_once_dropped() -> ExpertWeights:
+        while e not in buffer.all_loading():  # the first read is queued
+            await asyncio.sleep(0)
+        while e in buffer.all_loading():  # it failed and e was dropped: ask at once
+            await asyncio.sleep(0)
+        return await buffer.acquire(e)
+
+    second = asyncio.ensure_future(ask_again_once_dropped())
+    with pytest.raises(OSError, match="disk read failed"):
+        await asyncio.wait_for(first, timeout=10)
+    await asyncio.wait_for(second, timeout=10)
+    evicting = asyncio.ensure_future(buffer.acquire(f))
+    await asyncio.sleep(0.05)
+    assert not evicting.done()  # e is still pinned by the second user
+    assert buffer.all_resident() == [e]
+    await buffer.release(e)
+    await asyncio.wait_for(evicting, timeout=10)
+    assert buffer.all_resident() == [f] and reads == [e, e, f]
 
 
 async def test_fill_takes_only_free_memory_and_gives_it_back_to_a_load(qwen_tiny: Path) -> None:
