@@ -98,8 +98,8 @@ async def test_acquires_that_wait_for_room_share_one_load_and_count_one_miss(qwe
     await asyncio.sleep(0.01)
     assert not any(w.done() for w in waiters)  # both wait for the room a holds
     await buffer.release(a)
-    # Before the fix the second waiter, woken by b's read, waited on for room while the first
-    # pinned b (and would have evicted b once it was unpinned, to read it again).
+    # The second waiter must join the first one's read, not go on waiting for room that the
+    # first one's pin on b holds (nor evict b, once unpinned, to read it again).
     first, second = await asyncio.wait_for(asyncio.gather(*waiters), timeout=10)
     assert first is second
     c = buffer.counters
