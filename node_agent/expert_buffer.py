@@ -125,12 +125,12 @@ class ExpertBuffer:
 
     async def acquire(self, eid: ExpertId) -> ExpertWeights:
         entry = self._entries.get(eid)
-        started = False
+        queued = False  # whether this call queued the read (a miss)
         if entry is None:
             reserved = await self._reserve(eid, allow_protected=True)
             assert reserved is not None  # a demand read waits for room rather than give up
-            entry, started = reserved
-        if started:
+            entry, queued = reserved
+        if queued:
             self.counters.misses += 1
         else:  # resident, or a read in flight (perhaps begun while this one waited for room)
             self.counters.hits += 1
@@ -176,8 +176,8 @@ class ExpertBuffer:
             reserved = await self._reserve(eid, allow_protected=False)
             if reserved is None:
                 return False
-            entry, started = reserved
-            if started:
+            entry, queued = reserved
+            if queued:
                 self.counters.prefetches += 1
                 return True
         if entry.priority == FILL:  # a fill is now predicted: it no longer yields, and moves up

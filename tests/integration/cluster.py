@@ -8,7 +8,13 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
+from node_agent.expert_store import ExpertStore
+from node_agent.model.checkpoint import Checkpoint
+from node_agent.model.config import MoeConfig
 from node_agent.service import AgentSettings, serve
+from node_agent.throttle import Throttle
 from scheduler.client import AgentClient
 from scheduler.policy import Policy
 from scheduler.runner import ClusterView, ModelShape, RequestRunner
@@ -56,7 +62,7 @@ async def local_cluster(model_dir: Path, agents: int, expert_memory: int = 0, di
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
-async def expert_bytes(model_dir: Path) -> int:
-    """Bytes of one expert of the model, as an agent reports them."""
-    async with local_cluster(model_dir, 1) as probe:
-        return (await probe.clients[0].info()).expert_bytes
+def expert_bytes(model_dir: Path) -> int:
+    """Bytes of one expert of the model in the agents' default compute dtype (float32), as an
+    agent reports them: from the checkpoint's header, without starting one."""
+    return ExpertStore(Checkpoint(model_dir), MoeConfig.load(model_dir), torch.float32, Throttle(0)).expert_nbytes

@@ -73,7 +73,7 @@ async def test_early_expert_runs_are_used_where_the_plan_agrees_and_dropped_wher
 async def test_warm_requests_send_tokens_by_direct_routes_and_keep_the_logits(qwen_tiny: Path, case: Case) -> None:
     # Reads must cost time: on an unlimited disk a second copy is free, so the plans may split any
     # expert by the agents' measured (noisy) compute speeds and no expert need have one holder.
-    size = await expert_bytes(qwen_tiny)
+    size = expert_bytes(qwen_tiny)
     async with local_cluster(qwen_tiny, 3, disk_rate=50 * size) as cluster:
         runner = cluster.runner(Policy())
         assert await matches(runner, "cold", case)

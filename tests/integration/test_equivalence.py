@@ -48,7 +48,7 @@ async def test_prefill_logits_and_greedy_tokens_match_transformers(
     with torch.no_grad():
         expected = ref(torch.tensor([ids])).logits[0]
         greedy = ref.generate(torch.tensor([ids]), max_new_tokens=16, min_new_tokens=16, do_sample=False)[0, len(ids):].tolist()
-    size = await expert_bytes(model_dir)
+    size = expert_bytes(model_dir)
     async with local_cluster(model_dir, agents, expert_memory=budget_experts * size) as cluster:
         runner = cluster.runner(policy)
         logits = await runner.prefill_logits("prefill-1", ids)

@@ -49,7 +49,7 @@ def held(cluster: Cluster, snap: AgentSnapshot) -> set[ExpertId]:
 @pytest.mark.parametrize("name", ["sirius", "expert-parallel", "sirius --no-fill", "naive"])
 async def test_fill_reads_what_no_agent_holds_into_free_memory(qwen_tiny: Path, name: str) -> None:
     policy = Policy.from_flags(name.split()[0], no_fill="--no-fill" in name)
-    size = await expert_bytes(qwen_tiny)
+    size = expert_bytes(qwen_tiny)
     async with local_cluster(qwen_tiny, AGENTS) as probe:
         total = len(routed(probe))
     capacity = total // AGENTS + 2  # the pool holds the whole model, with room to spare
@@ -87,7 +87,7 @@ async def test_engine_fills_after_each_request(qwen_tiny: Path) -> None:
     """Wired in: after a request ends, the engine asks the agents to fill, and a second request on
     the filled pool, prefill and decode, reads nothing from disk: a decode step's experts run on
     the agents that hold them, though only one agent has the new token."""
-    size = await expert_bytes(qwen_tiny)
+    size = expert_bytes(qwen_tiny)
     async with local_cluster(qwen_tiny, AGENTS) as probe:
         total = len(routed(probe))
     async with local_cluster(qwen_tiny, AGENTS, expert_memory=total * size, disk_rate=50 * size) as cluster:

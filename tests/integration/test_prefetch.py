@@ -11,7 +11,7 @@ from tests.integration.cluster import expert_bytes, local_cluster
 
 
 async def run(model_dir: Path, policy: Policy) -> tuple[torch.Tensor, int, int, int]:
-    size = await expert_bytes(model_dir)
+    size = expert_bytes(model_dir)
     async with local_cluster(model_dir, 2, expert_memory=6 * size) as cluster:
         ids = torch.randint(0, 1000, (96,), generator=torch.Generator().manual_seed(5)).tolist()
         logits = await cluster.runner(policy).prefill_logits("p", ids)

@@ -110,7 +110,7 @@ async def test_a_failed_read_unpins_only_its_own_waiters(qwen_tiny: Path) -> Non
     # The first read of e fails; another user asks for e again before the first user has heard
     # of the failure, so a second read (which succeeds) has begun. The first user's unpinning
     # must not take the second user's pin: e stays pinned, so f cannot evict it.
-    buffer, store, _ = make(qwen_tiny, 1)
+    _, store, _ = make(qwen_tiny, 1)
     e, f = ExpertId(0, 0), ExpertId(0, 1)
     reads = []
 
@@ -120,7 +120,7 @@ async def test_a_failed_read_unpins_only_its_own_waiters(qwen_tiny: Path) -> Non
             raise OSError("disk read failed")
         return store.load(eid, check)
 
-    buffer = ExpertBuffer(buffer.capacity, buffer.expert_nbytes, failing_once, ThreadPoolExecutor(1))
+    buffer = ExpertBuffer(store.expert_nbytes, store.expert_nbytes, failing_once, ThreadPoolExecutor(1))  # one slot
     first = asyncio.ensure_future(buffer.acquire(e))
 
     async def ask_again_once_dropped() -> ExpertWeights:
