@@ -64,6 +64,7 @@ class AgentCore:
         self.pacer = pacer or ComputePacer(0)
         self._compute = ThreadPoolExecutor(1, thread_name_prefix="compute")
         self.requests: dict[str, RequestState] = {}
+        self._unpinning: set[asyncio.Future[None]] = set()  # early runs' releases of their experts
         self._queued = QueuedJobs()
         self.passes = GroupedPasses(self.pacer, self._compute, self._queued.any)
         self.attention = PeerAttention(name, cfg, dense, peers, self.compute, peer_timeout_s)
@@ -211,15 +212,23 @@ class AgentCore:
         # Taken now, while resident (acquire does not wait for a resident expert), so nothing
         # can evict them between this report and the pass.
         held = {e: self.buffer.acquire_resident(ExpertId(layer, e)) for e in sorted(experts)}
+        # The layer's pass: the peers' batches that arrive meanwhile join it.
+        out = asyncio.ensure_future(self.passes.slots(layer, x, ids, weights, held))
 
-        async def run() -> moe.SlotOutputs:
-            try:  # the layer's pass: the peers' batches that arrive meanwhile join it
-                return await self.passes.slots(layer, x, ids, weights, held)
-            finally:
-                for e in held:
-                    await self.buffer.release(ExpertId(layer, e))
+        async def release() -> None:
+            for e in held:
+                await self.buffer.release(ExpertId(layer, e))
 
-        return EarlyExperts(layer, experts, asyncio.ensure_future(run()))
+        # Unpinned when the run ends in any way, also when it is cancelled before its first step
+        # (its request released before the event loop got to it): a `finally` inside the run
+        # would then never execute, and the experts would stay pinned for good.
+        def unpin(_: object) -> None:
+            task = asyncio.ensure_future(release())
+            self._unpinning.add(task)  # the loop keeps only weak references to tasks
+            task.add_done_callback(self._unpinning.discard)
+
+        out.add_done_callback(unpin)
+        return EarlyExperts(layer, experts, out)
 
     def _route_and_predict(self, st: StepState, layer: int, predicting: bool
                            ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None, list[int] | None]:

@@ -1,6 +1,7 @@
 """Expert batches that reach an agent while its compute thread is busy run as one grouped pass,
 formed when the thread is free, and batches that arrive while a pass runs join it; either way
-with the same result as one pass each."""
+with the same result as one pass each. An owner's early run (its own batch, begun before the
+plan) unpins its experts however it ends."""
 
 from __future__ import annotations
 
@@ -22,12 +23,14 @@ from node_agent.worker import AgentCore
 from protos.ids import ExpertId
 
 
-def _agent(model: Path, pacer: ComputePacer | None = None) -> tuple[MoeConfig, ExpertStore, ExpertBuffer, AgentCore]:
-    """A real agent core on the tiny checkpoint, with no peers and unlimited expert memory."""
+def _agent(model: Path, pacer: ComputePacer | None = None, slots: int = 0
+           ) -> tuple[MoeConfig, ExpertStore, ExpertBuffer, AgentCore]:
+    """A real agent core on the tiny checkpoint, with no peers and expert memory for `slots`
+    experts (0: unlimited)."""
     cfg = MoeConfig.load(model)
     ckpt = Checkpoint(model)
     store = ExpertStore(ckpt, cfg, torch.float32, Throttle(0))
-    buffer = ExpertBuffer(0, store.expert_nbytes, store.load, ThreadPoolExecutor(1))
+    buffer = ExpertBuffer(slots * store.expert_nbytes, store.expert_nbytes, store.load, ThreadPoolExecutor(1))
     core = AgentCore("a", cfg, moe.load_dense(ckpt, cfg, torch.float32), buffer, GrpcPeers("a", Link(0)), pacer=pacer)
     return cfg, store, buffer, core
 
@@ -131,3 +134,20 @@ async def test_a_pass_gives_the_thread_up_to_other_work_between_experts(qwen_tin
     assert steps_before == 1  # it ran after the first expert, not after the fourth
     assert (core.passes.formed, core.passes.resumed, core.passes.steps) == (1, 1, 4)
     assert torch.allclose(out, moe.run_experts(*batch, weights.__getitem__), atol=1e-6)
+
+
+async def test_an_early_run_cancelled_before_its_first_step_unpins_its_experts(qwen_tiny: Path) -> None:
+    cfg, _, buffer, core = _agent(qwen_tiny, slots=2)
+    layer = 0
+    for e in (0, 1):  # the buffer is full, nothing pinned
+        await buffer.acquire(ExpertId(layer, e))
+        await buffer.release(ExpertId(layer, e))
+    g = torch.Generator().manual_seed(5)
+    ids = torch.tensor([[0, 1], [1, 0], [0, 1]])
+    early = core._start_early(layer, torch.randn(3, cfg.hidden_size, generator=g), ids, torch.rand(3, cfg.top_k, generator=g))
+    assert early is not None and early.experts == {0, 1}
+    early.out.cancel()  # before the event loop ever ran it: a request dropped in the same turn
+
+    # Both experts are unpinned again, so a third one can take a slot.
+    await asyncio.wait_for(buffer.acquire(ExpertId(layer, 2)), timeout=10)
+    assert len(buffer.all_resident()) == 2
