@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from node_agent.model.synth import init_model
-from server.launcher import free_port
+from server.launcher import die_with_parent, free_port
 from scheduler.client import AgentClient
 from scheduler.partition import contiguous_prefill
 from scheduler.runner import ClusterView, RequestRunner
@@ -56,7 +56,7 @@ async def time_side_by_side(model_dir: Path, prompts: list[list[int]], threads: 
     address = f"127.0.0.1:{free_port()}"
     cmd = [sys.executable, "-m", "server.cli", "agent", "--listen", address, "--model", str(model_dir),
            "--name", "bench", "--torch-threads", str(threads), "--log-level", "WARNING"]
-    proc = subprocess.Popen(cmd)
+    proc = subprocess.Popen(cmd, preexec_fn=die_with_parent)
     client = AgentClient(NodeSpec(NodeId("bench"), address))
     torch.set_num_threads(threads)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()

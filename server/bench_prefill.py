@@ -44,7 +44,7 @@ from scheduler.cost_model import lower_bound_s
 from scheduler.policy import Policy
 from scheduler.types import AgentSnapshot, NodeId, NodeSpec
 from server.bench import default_bench_model
-from server.launcher import free_ports
+from server.launcher import die_with_parent, free_ports
 from server.bench_report import write_report
 
 LINK = "1Gbit/s"
@@ -134,7 +134,8 @@ class Cluster:
         self.clients: list[AgentClient] = []
 
     async def __aenter__(self) -> Cluster:
-        self.proc = subprocess.Popen(self.cmd, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        # Killed outright, the bench takes its cluster with it (`potluck up` in turn takes its agents).
+        self.proc = subprocess.Popen(self.cmd, env={**os.environ, "HF_HUB_OFFLINE": "1"}, preexec_fn=die_with_parent)
         deadline = time.monotonic() + 300
         async with httpx.AsyncClient() as http:
             while True:

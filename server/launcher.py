@@ -144,7 +144,7 @@ class LocalAgents:
         for launch in self.launches:
             log.info("starting agent %s on %s (%d torch threads)", launch.name, launch.listen, launch.torch_threads)
             self._procs[launch.name] = subprocess.Popen(
-                self.command(launch), start_new_session=True, preexec_fn=_die_with_parent
+                self.command(launch), start_new_session=True, preexec_fn=die_with_parent
             )
 
     def wait_ready(self, timeout_s: float) -> None:
@@ -200,8 +200,10 @@ def _serving(address: str) -> bool:
     return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
 
 
-def _die_with_parent() -> None:
-    # Runs in the child between fork and exec. Best effort: only Linux has PR_SET_PDEATHSIG.
+def die_with_parent() -> None:
+    """`preexec_fn` for a child process that must not outlive the one that starts it: on Linux it
+    gets SIGKILL when its parent dies, however that dies (elsewhere it is left alone). Runs in the
+    child between fork and exec."""
     if sys.platform.startswith("linux"):
         try:
             ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)

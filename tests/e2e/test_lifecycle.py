@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -14,7 +16,7 @@ import pytest
 from openai import OpenAI
 from openai.types.chat import ChatCompletionMessageParam
 
-from tests.e2e.conftest import PotluckUp, alive, start_up
+from tests.e2e.conftest import PotluckUp, alive, children_of, start_up
 
 MESSAGES: list[ChatCompletionMessageParam] = [{"role": "user", "content": "Tell me everything."}]
 # Greedy, so whether an end-of-sequence token cuts the request short is decided once, not by chance
@@ -97,3 +99,44 @@ def test_an_agent_dying_mid_stream_ends_it_with_an_error_and_up_exits_nonzero(qw
     finally:
         if server.proc.poll() is None:
             server.stop()
+
+
+# A bench process holding one cluster until it is killed.
+BENCH_HOLDING_A_CLUSTER = """
+import asyncio, sys
+from pathlib import Path
+from server.bench_prefill import ABLATIONS, Cluster
+
+async def main():
+    async with Cluster(Path(sys.argv[1]), Path(sys.argv[2]), 2, ABLATIONS["sirius"], 0, 0.0, 0.0) as cluster:
+        print(cluster.proc.pid, flush=True)
+        await asyncio.sleep(600)
+
+asyncio.run(main())
+"""
+
+
+def test_a_killed_bench_takes_its_cluster_with_it(qwen_tiny: Path, tmp_path: Path) -> None:
+    """The prefill bench runs each case's cluster (`potluck up` and its agents) as child processes;
+    killed outright, with no chance to stop them, it leaves none of them running."""
+    bench = subprocess.Popen([sys.executable, "-c", BENCH_HOLDING_A_CLUSTER, str(qwen_tiny), str(tmp_path)],
+                             stdout=subprocess.PIPE, text=True)
+    cluster: list[int] = []
+    try:
+        assert bench.stdout is not None
+        line = bench.stdout.readline()
+        assert line.strip().isdigit(), f"the bench did not start its cluster (exit code {bench.poll()})"
+        up = int(line)
+        cluster = [up, *children_of(up)]
+        assert len(cluster) >= 3  # `potluck up` and its two agents
+        bench.kill()
+        bench.wait()
+        deadline = time.monotonic() + 30
+        while any(alive(pid) for pid in cluster) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not [pid for pid in cluster if alive(pid)]
+    finally:
+        for pid in (p for p in cluster if alive(p)):
+            os.kill(pid, signal.SIGKILL)
+        if bench.poll() is None:
+            bench.kill()
