@@ -137,11 +137,15 @@ class AgentClient:
         r = await self._call("CacheState", pb.CacheStateRequest(), 5.0)
         assert isinstance(r, pb.CacheStateReply)
         c = r.counters
-        return AgentSnapshot(self.spec.name, self.spec.address, True, c.hits, c.misses, c.loads, c.evictions,
-                             c.bytes_read, c.bytes_sent, c.bytes_used, c.capacity_bytes, c.attention_seconds,
-                             c.prefetches, c.predicted_used, c.used, c.compute_overrun_seconds, c.early_experts_used,
-                             c.early_experts_dropped, c.fills, c.fill_preemptions, c.direct_experts_sent,
-                             frozenset(r.resident) | frozenset(r.loading))
+        return AgentSnapshot(
+            name=self.spec.name, address=self.spec.address, up=True, hits=c.hits, misses=c.misses, loads=c.loads,
+            evictions=c.evictions, bytes_read=c.bytes_read, bytes_sent=c.bytes_sent, bytes_used=c.bytes_used,
+            capacity_bytes=c.capacity_bytes, attention_s=c.attention_seconds, prefetches=c.prefetches,
+            predicted_used=c.predicted_used, used=c.used, compute_overrun_s=c.compute_overrun_seconds,
+            early_used=c.early_experts_used, early_dropped=c.early_experts_dropped, fills=c.fills,
+            fill_preemptions=c.fill_preemptions, direct_sent=c.direct_experts_sent, decode_steps=c.decode_steps,
+            decode_tokens=c.decode_tokens, decode_round_trips=c.decode_round_trips,
+            decode_remote_experts=c.decode_remote_experts, held=frozenset(r.resident) | frozenset(r.loading))
 
     async def fill(self, experts: Sequence[int]) -> list[int]:
         """Ask the agent to read these experts (layer * num_experts + index) into free memory at

@@ -84,6 +84,10 @@ class AgentSnapshot:
     fills: int = 0  # experts read into free memory because a fill asked
     fill_preemptions: int = 0  # fill reads stopped part-way for a demand or prefetch read
     direct_sent: int = 0  # experts whose tokens it sent to their executor by a direct route, before the plan
+    decode_steps: int = 0  # decode steps it ran as a home agent
+    decode_tokens: int = 0  # tokens decoded in them
+    decode_round_trips: int = 0  # synchronous waits on peers within its decode steps (at most one per layer)
+    decode_remote_experts: int = 0  # (layer, expert) runs of its decode steps sent to remote holders
     held: frozenset[int] = frozenset()  # experts resident or being read, as layer * num_experts + index
 
 

@@ -17,19 +17,21 @@ class Tensor(_message.Message):
     def __init__(self, data: _Optional[bytes] = ..., dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class DeviceProfile(_message.Message):
-    __slots__ = ("expert_memory_bytes", "disk_bytes_per_s", "link_bytes_per_s", "compute_share")
+    __slots__ = ("expert_memory_bytes", "disk_bytes_per_s", "link_bytes_per_s", "compute_share", "link_latency_s")
     EXPERT_MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
     DISK_BYTES_PER_S_FIELD_NUMBER: _ClassVar[int]
     LINK_BYTES_PER_S_FIELD_NUMBER: _ClassVar[int]
     COMPUTE_SHARE_FIELD_NUMBER: _ClassVar[int]
+    LINK_LATENCY_S_FIELD_NUMBER: _ClassVar[int]
     expert_memory_bytes: int
     disk_bytes_per_s: float
     link_bytes_per_s: float
     compute_share: float
-    def __init__(self, expert_memory_bytes: _Optional[int] = ..., disk_bytes_per_s: _Optional[float] = ..., link_bytes_per_s: _Optional[float] = ..., compute_share: _Optional[float] = ...) -> None: ...
+    link_latency_s: float
+    def __init__(self, expert_memory_bytes: _Optional[int] = ..., disk_bytes_per_s: _Optional[float] = ..., link_bytes_per_s: _Optional[float] = ..., compute_share: _Optional[float] = ..., link_latency_s: _Optional[float] = ...) -> None: ...
 
 class CacheCounters(_message.Message):
-    __slots__ = ("hits", "misses", "loads", "evictions", "bytes_read", "bytes_sent", "bytes_used", "capacity_bytes", "attention_seconds", "prefetches", "predicted_used", "used", "compute_overrun_seconds", "early_experts_used", "early_experts_dropped", "fills", "fill_preemptions", "direct_experts_sent")
+    __slots__ = ("hits", "misses", "loads", "evictions", "bytes_read", "bytes_sent", "bytes_used", "capacity_bytes", "attention_seconds", "prefetches", "predicted_used", "used", "compute_overrun_seconds", "early_experts_used", "early_experts_dropped", "fills", "fill_preemptions", "direct_experts_sent", "decode_steps", "decode_tokens", "decode_round_trips", "decode_remote_experts")
     HITS_FIELD_NUMBER: _ClassVar[int]
     MISSES_FIELD_NUMBER: _ClassVar[int]
     LOADS_FIELD_NUMBER: _ClassVar[int]
@@ -48,6 +50,10 @@ class CacheCounters(_message.Message):
     FILLS_FIELD_NUMBER: _ClassVar[int]
     FILL_PREEMPTIONS_FIELD_NUMBER: _ClassVar[int]
     DIRECT_EXPERTS_SENT_FIELD_NUMBER: _ClassVar[int]
+    DECODE_STEPS_FIELD_NUMBER: _ClassVar[int]
+    DECODE_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    DECODE_ROUND_TRIPS_FIELD_NUMBER: _ClassVar[int]
+    DECODE_REMOTE_EXPERTS_FIELD_NUMBER: _ClassVar[int]
     hits: int
     misses: int
     loads: int
@@ -66,7 +72,11 @@ class CacheCounters(_message.Message):
     fills: int
     fill_preemptions: int
     direct_experts_sent: int
-    def __init__(self, hits: _Optional[int] = ..., misses: _Optional[int] = ..., loads: _Optional[int] = ..., evictions: _Optional[int] = ..., bytes_read: _Optional[int] = ..., bytes_sent: _Optional[int] = ..., bytes_used: _Optional[int] = ..., capacity_bytes: _Optional[int] = ..., attention_seconds: _Optional[float] = ..., prefetches: _Optional[int] = ..., predicted_used: _Optional[int] = ..., used: _Optional[int] = ..., compute_overrun_seconds: _Optional[float] = ..., early_experts_used: _Optional[int] = ..., early_experts_dropped: _Optional[int] = ..., fills: _Optional[int] = ..., fill_preemptions: _Optional[int] = ..., direct_experts_sent: _Optional[int] = ...) -> None: ...
+    decode_steps: int
+    decode_tokens: int
+    decode_round_trips: int
+    decode_remote_experts: int
+    def __init__(self, hits: _Optional[int] = ..., misses: _Optional[int] = ..., loads: _Optional[int] = ..., evictions: _Optional[int] = ..., bytes_read: _Optional[int] = ..., bytes_sent: _Optional[int] = ..., bytes_used: _Optional[int] = ..., capacity_bytes: _Optional[int] = ..., attention_seconds: _Optional[float] = ..., prefetches: _Optional[int] = ..., predicted_used: _Optional[int] = ..., used: _Optional[int] = ..., compute_overrun_seconds: _Optional[float] = ..., early_experts_used: _Optional[int] = ..., early_experts_dropped: _Optional[int] = ..., fills: _Optional[int] = ..., fill_preemptions: _Optional[int] = ..., direct_experts_sent: _Optional[int] = ..., decode_steps: _Optional[int] = ..., decode_tokens: _Optional[int] = ..., decode_round_trips: _Optional[int] = ..., decode_remote_experts: _Optional[int] = ...) -> None: ...
 
 class InfoRequest(_message.Message):
     __slots__ = ()
@@ -329,3 +339,81 @@ class ExpertResult(_message.Message):
     OUTPUT_FIELD_NUMBER: _ClassVar[int]
     output: Tensor
     def __init__(self, output: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+
+class AgentAddress(_message.Message):
+    __slots__ = ("name", "address")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    address: str
+    def __init__(self, name: _Optional[str] = ..., address: _Optional[str] = ...) -> None: ...
+
+class ExpertHolders(_message.Message):
+    __slots__ = ("expert", "holders")
+    EXPERT_FIELD_NUMBER: _ClassVar[int]
+    HOLDERS_FIELD_NUMBER: _ClassVar[int]
+    expert: int
+    holders: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, expert: _Optional[int] = ..., holders: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class RoutingTable(_message.Message):
+    __slots__ = ("version", "agents", "experts")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    AGENTS_FIELD_NUMBER: _ClassVar[int]
+    EXPERTS_FIELD_NUMBER: _ClassVar[int]
+    version: int
+    agents: _containers.RepeatedCompositeFieldContainer[AgentAddress]
+    experts: _containers.RepeatedCompositeFieldContainer[ExpertHolders]
+    def __init__(self, version: _Optional[int] = ..., agents: _Optional[_Iterable[_Union[AgentAddress, _Mapping]]] = ..., experts: _Optional[_Iterable[_Union[ExpertHolders, _Mapping]]] = ...) -> None: ...
+
+class AdoptKVRequest(_message.Message):
+    __slots__ = ("request_id", "capacity", "prompt_tokens", "sources")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    CAPACITY_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    SOURCES_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    capacity: int
+    prompt_tokens: int
+    sources: _containers.RepeatedCompositeFieldContainer[AgentAddress]
+    def __init__(self, request_id: _Optional[str] = ..., capacity: _Optional[int] = ..., prompt_tokens: _Optional[int] = ..., sources: _Optional[_Iterable[_Union[AgentAddress, _Mapping]]] = ...) -> None: ...
+
+class AdoptKVReply(_message.Message):
+    __slots__ = ("local_tokens",)
+    LOCAL_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    local_tokens: int
+    def __init__(self, local_tokens: _Optional[int] = ...) -> None: ...
+
+class FetchKVRequest(_message.Message):
+    __slots__ = ("request_id", "layer", "chunk")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    LAYER_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    layer: int
+    chunk: int
+    def __init__(self, request_id: _Optional[str] = ..., layer: _Optional[int] = ..., chunk: _Optional[int] = ...) -> None: ...
+
+class DecodeToken(_message.Message):
+    __slots__ = ("request_id", "token_id", "position")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
+    POSITION_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    token_id: int
+    position: int
+    def __init__(self, request_id: _Optional[str] = ..., token_id: _Optional[int] = ..., position: _Optional[int] = ...) -> None: ...
+
+class DecodeStepRequest(_message.Message):
+    __slots__ = ("tokens",)
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    tokens: _containers.RepeatedCompositeFieldContainer[DecodeToken]
+    def __init__(self, tokens: _Optional[_Iterable[_Union[DecodeToken, _Mapping]]] = ...) -> None: ...
+
+class DecodeStepReply(_message.Message):
+    __slots__ = ("logits", "round_trips")
+    LOGITS_FIELD_NUMBER: _ClassVar[int]
+    ROUND_TRIPS_FIELD_NUMBER: _ClassVar[int]
+    logits: Tensor
+    round_trips: int
+    def __init__(self, logits: _Optional[_Union[Tensor, _Mapping]] = ..., round_trips: _Optional[int] = ...) -> None: ...

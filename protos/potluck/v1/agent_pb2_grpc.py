@@ -69,6 +69,21 @@ class NodeAgentStub:
                 request_serializer=protos_dot_potluck_dot_v1_dot_agent__pb2.FillRequest.SerializeToString,
                 response_deserializer=protos_dot_potluck_dot_v1_dot_agent__pb2.FillReply.FromString,
                 _registered_method=True)
+        self.SetRoutingTable = channel.unary_unary(
+                '/potluck.v1.NodeAgent/SetRoutingTable',
+                request_serializer=protos_dot_potluck_dot_v1_dot_agent__pb2.RoutingTable.SerializeToString,
+                response_deserializer=protos_dot_potluck_dot_v1_dot_agent__pb2.Ack.FromString,
+                _registered_method=True)
+        self.AdoptKV = channel.unary_unary(
+                '/potluck.v1.NodeAgent/AdoptKV',
+                request_serializer=protos_dot_potluck_dot_v1_dot_agent__pb2.AdoptKVRequest.SerializeToString,
+                response_deserializer=protos_dot_potluck_dot_v1_dot_agent__pb2.AdoptKVReply.FromString,
+                _registered_method=True)
+        self.DecodeStep = channel.unary_unary(
+                '/potluck.v1.NodeAgent/DecodeStep',
+                request_serializer=protos_dot_potluck_dot_v1_dot_agent__pb2.DecodeStepRequest.SerializeToString,
+                response_deserializer=protos_dot_potluck_dot_v1_dot_agent__pb2.DecodeStepReply.FromString,
+                _registered_method=True)
         self.PushKV = channel.unary_unary(
                 '/potluck.v1.NodeAgent/PushKV',
                 request_serializer=protos_dot_potluck_dot_v1_dot_agent__pb2.KVBlock.SerializeToString,
@@ -83,6 +98,11 @@ class NodeAgentStub:
                 '/potluck.v1.NodeAgent/RunExperts',
                 request_serializer=protos_dot_potluck_dot_v1_dot_agent__pb2.ExpertBatch.SerializeToString,
                 response_deserializer=protos_dot_potluck_dot_v1_dot_agent__pb2.ExpertResult.FromString,
+                _registered_method=True)
+        self.FetchKV = channel.unary_unary(
+                '/potluck.v1.NodeAgent/FetchKV',
+                request_serializer=protos_dot_potluck_dot_v1_dot_agent__pb2.FetchKVRequest.SerializeToString,
+                response_deserializer=protos_dot_potluck_dot_v1_dot_agent__pb2.KVBlock.FromString,
                 _registered_method=True)
 
 
@@ -132,6 +152,24 @@ class NodeAgentServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SetRoutingTable(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AdoptKV(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DecodeStep(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def PushKV(self, request, context):
         """Peer plane (agent -> agent).
         """
@@ -146,6 +184,12 @@ class NodeAgentServicer:
         raise NotImplementedError('Method not implemented!')
 
     def RunExperts(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def FetchKV(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -189,6 +233,21 @@ def add_NodeAgentServicer_to_server(servicer, server):
                     request_deserializer=protos_dot_potluck_dot_v1_dot_agent__pb2.FillRequest.FromString,
                     response_serializer=protos_dot_potluck_dot_v1_dot_agent__pb2.FillReply.SerializeToString,
             ),
+            'SetRoutingTable': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetRoutingTable,
+                    request_deserializer=protos_dot_potluck_dot_v1_dot_agent__pb2.RoutingTable.FromString,
+                    response_serializer=protos_dot_potluck_dot_v1_dot_agent__pb2.Ack.SerializeToString,
+            ),
+            'AdoptKV': grpc.unary_unary_rpc_method_handler(
+                    servicer.AdoptKV,
+                    request_deserializer=protos_dot_potluck_dot_v1_dot_agent__pb2.AdoptKVRequest.FromString,
+                    response_serializer=protos_dot_potluck_dot_v1_dot_agent__pb2.AdoptKVReply.SerializeToString,
+            ),
+            'DecodeStep': grpc.unary_unary_rpc_method_handler(
+                    servicer.DecodeStep,
+                    request_deserializer=protos_dot_potluck_dot_v1_dot_agent__pb2.DecodeStepRequest.FromString,
+                    response_serializer=protos_dot_potluck_dot_v1_dot_agent__pb2.DecodeStepReply.SerializeToString,
+            ),
             'PushKV': grpc.unary_unary_rpc_method_handler(
                     servicer.PushKV,
                     request_deserializer=protos_dot_potluck_dot_v1_dot_agent__pb2.KVBlock.FromString,
@@ -203,6 +262,11 @@ def add_NodeAgentServicer_to_server(servicer, server):
                     servicer.RunExperts,
                     request_deserializer=protos_dot_potluck_dot_v1_dot_agent__pb2.ExpertBatch.FromString,
                     response_serializer=protos_dot_potluck_dot_v1_dot_agent__pb2.ExpertResult.SerializeToString,
+            ),
+            'FetchKV': grpc.unary_unary_rpc_method_handler(
+                    servicer.FetchKV,
+                    request_deserializer=protos_dot_potluck_dot_v1_dot_agent__pb2.FetchKVRequest.FromString,
+                    response_serializer=protos_dot_potluck_dot_v1_dot_agent__pb2.KVBlock.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -405,6 +469,87 @@ class NodeAgent:
             _registered_method=True)
 
     @staticmethod
+    def SetRoutingTable(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/potluck.v1.NodeAgent/SetRoutingTable',
+            protos_dot_potluck_dot_v1_dot_agent__pb2.RoutingTable.SerializeToString,
+            protos_dot_potluck_dot_v1_dot_agent__pb2.Ack.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AdoptKV(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/potluck.v1.NodeAgent/AdoptKV',
+            protos_dot_potluck_dot_v1_dot_agent__pb2.AdoptKVRequest.SerializeToString,
+            protos_dot_potluck_dot_v1_dot_agent__pb2.AdoptKVReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DecodeStep(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/potluck.v1.NodeAgent/DecodeStep',
+            protos_dot_potluck_dot_v1_dot_agent__pb2.DecodeStepRequest.SerializeToString,
+            protos_dot_potluck_dot_v1_dot_agent__pb2.DecodeStepReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
     def PushKV(request,
             target,
             options=(),
@@ -475,6 +620,33 @@ class NodeAgent:
             '/potluck.v1.NodeAgent/RunExperts',
             protos_dot_potluck_dot_v1_dot_agent__pb2.ExpertBatch.SerializeToString,
             protos_dot_potluck_dot_v1_dot_agent__pb2.ExpertResult.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FetchKV(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/potluck.v1.NodeAgent/FetchKV',
+            protos_dot_potluck_dot_v1_dot_agent__pb2.FetchKVRequest.SerializeToString,
+            protos_dot_potluck_dot_v1_dot_agent__pb2.KVBlock.FromString,
             options,
             channel_credentials,
             insecure,
