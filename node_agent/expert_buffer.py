@@ -80,6 +80,7 @@ class ExpertBuffer:
         self._disk = disk_executor
         self.policy: EvictionPolicy[ExpertId] = policy or LRUPolicy()
         self._entries: dict[ExpertId, _Entry] = {}
+        self._resident: dict[int, dict[int, _Entry]] = {}  # layer -> index -> entry, resident only
         self._space = asyncio.Condition()
         self._queue: list[tuple[int, int, ExpertId, _Entry]] = []  # heap of (priority, seq, expert, entry)
         self._seq = itertools.count()
@@ -99,7 +100,7 @@ class ExpertBuffer:
         return len(self._entries)
 
     def resident(self, layer: int) -> list[int]:
-        return sorted(e.index for e, v in self._entries.items() if e.layer == layer and v.weights is not None)
+        return sorted(self._resident.get(layer, ()))
 
     def loading(self, layer: int) -> list[int]:
         return sorted(e.index for e, v in self._entries.items() if e.layer == layer and v.weights is None)
@@ -156,6 +157,30 @@ class ExpertBuffer:
         self.policy.on_access(eid)
         entry.pins += 1
         return entry.weights
+
+    def pin_layer(self, layer: int) -> dict[int, ExpertWeights]:
+        """Pin every expert of `layer` in memory now, without yielding to the event loop, and
+        return their weights: a decode step's layer job picks those its tokens need on the compute
+        thread, where it cannot wait for the event loop. `unpin_layer` gives them back."""
+        held = self._resident.get(layer, {})
+        for entry in held.values():
+            entry.pins += 1
+        return {i: e.weights for i, e in held.items() if e.weights is not None}
+
+    async def unpin_layer(self, layer: int, pinned: Iterable[int], used: Iterable[int]) -> None:
+        """Release what `pin_layer` pinned; the experts in `used` count as hits."""
+        freed = False
+        for index in pinned:
+            entry = self._entries.get(ExpertId(layer, index))
+            if entry is not None:
+                entry.pins -= 1
+                freed |= entry.pins == 0
+        for index in used:
+            self.counters.hits += 1
+            self.policy.on_access(ExpertId(layer, index))
+        if freed:
+            async with self._space:
+                self._space.notify_all()
 
     async def release(self, eid: ExpertId) -> None:
         entry = self._entries.get(eid)
@@ -237,6 +262,7 @@ class ExpertBuffer:
                     await self._space.wait()  # every byte is pinned or loading: wait for a release
                     continue
                 del self._entries[victim]
+                self._resident.get(victim.layer, {}).pop(victim.index, None)
                 self.policy.on_remove(victim)
                 self.counters.evictions += 1
             entry = _Entry(priority=DEMAND if allow_protected else PREFETCH)
@@ -282,6 +308,7 @@ class ExpertBuffer:
                 entry.loaded.exception()  # retrieved: nobody may be waiting on a prefetch
             else:
                 entry.weights = weights
+                self._resident.setdefault(eid.layer, {})[eid.index] = entry
                 self.counters.loads += 1
                 self.policy.on_insert(eid, ahead=entry.pins == 0)  # nobody waits: a read-ahead
                 entry.loaded.set_result(weights)

@@ -29,7 +29,8 @@ from node_agent.peers import GrpcPeers, Link
 from node_agent.state import KVShard, Peer, RequestReleased, UnknownRequest
 from node_agent.throttle import ComputePacer, Throttle
 from node_agent.worker import AgentCore
-from protos.convert import direct_from_proto, expert_from_wire, expert_to_wire, tensor_from_proto, tensor_to_proto
+from protos.convert import (decode_step_from_proto, direct_from_proto, expert_from_wire, expert_to_wire, kv_block_to_proto,
+                            routing_table_from_proto, tensor_from_proto, tensor_to_proto)
 from protos.limits import CHANNEL_OPTIONS
 from protos.potluck.v1 import agent_pb2 as pb
 from protos.potluck.v1 import agent_pb2_grpc as pb_grpc
@@ -48,7 +49,10 @@ class AgentSettings(BaseSettings):
     name: str | None = Field(None, description="node name; defaults to the listen address")
     expert_memory_bytes: int = Field(0, ge=0, description="expert buffer budget in bytes; 0 = unlimited")
     disk_bytes_per_s: float = Field(0, ge=0, description="expert store read rate; 0 = unlimited")
-    link_bytes_per_s: float = Field(0, ge=0, description="send rate to peers and scheduler; 0 = unlimited")
+    link_bytes_per_s: float = Field(0, ge=0, description="send rate to peers and scheduler, and receive rate "
+                                    "(each direction its own); 0 = unlimited")
+    link_latency_s: float = Field(0, ge=0, description="one-way delay of every message the agent sends, seconds; "
+                                  "0 = none")
     torch_threads: int = Field(1, ge=1, description="torch intra-op threads for this agent")
     compute_share: float = Field(0, ge=0, le=1, description="emulated compute speed as a fraction of one host "
                                  "core (benchmarks); 0 = not paced")
@@ -109,7 +113,8 @@ class Servicer(pb_grpc.NodeAgentServicer):
     async def Info(self, request: pb.InfoRequest, context: Any) -> pb.InfoReply:
         cfg, s = self.core.cfg, self.settings
         profile = pb.DeviceProfile(expert_memory_bytes=s.expert_memory_bytes, disk_bytes_per_s=s.disk_bytes_per_s,
-                                   link_bytes_per_s=s.link_bytes_per_s, compute_share=s.compute_share)
+                                   link_bytes_per_s=s.link_bytes_per_s, compute_share=s.compute_share,
+                                   link_latency_s=s.link_latency_s)
         return pb.InfoReply(name=s.node_name, model_type=cfg.model_type, num_layers=cfg.num_layers,
                             num_experts=cfg.num_experts, vocab_size=cfg.vocab_size, profile=profile,
                             model_fingerprint=self.fingerprint, expert_bytes=self.store.expert_nbytes,
@@ -157,7 +162,10 @@ class Servicer(pb_grpc.NodeAgentServicer):
                                     predicted_used=core.predicted_used, used=core.used,
                                     compute_overrun_seconds=core.pacer.overrun_s, early_experts_used=core.early_used,
                                     early_experts_dropped=core.early_dropped, direct_experts_sent=core.direct_sent, fills=c.fills,
-                                    fill_preemptions=c.fill_preemptions)
+                                    fill_preemptions=c.fill_preemptions, decode_steps=core.decoder.steps,
+                                    decode_tokens=core.decoder.tokens, decode_round_trips=core.decoder.round_trips,
+                                    decode_remote_experts=core.decoder.remote_experts,
+                                    requests=len(core.requests.keys() | core.decoder.caches.keys()))
         n = self.core.cfg.num_experts
         return pb.CacheStateReply(counters=counters, resident=[expert_to_wire(e, n) for e in buf.all_resident()],
                                   loading=[expert_to_wire(e, n) for e in buf.all_loading()])
@@ -167,23 +175,49 @@ class Servicer(pb_grpc.NodeAgentServicer):
         accepted = self.core.fill([expert_from_wire(e, n) for e in request.experts])
         return pb.FillReply(accepted=[expert_to_wire(e, n) for e in accepted])
 
+    async def SetRoutingTable(self, request: pb.RoutingTable, context: Any) -> pb.Ack:
+        self.core.set_routing_table(routing_table_from_proto(request, self.core.cfg.num_experts))
+        return pb.Ack()
+
+    async def AdoptKV(self, request: pb.AdoptKVRequest, context: Any) -> pb.AdoptKVReply:
+        sources = [(a.name, a.address) for a in request.sources]
+        rows = await self.core.adopt_kv(request.request_id, request.capacity, request.prompt_tokens, sources)
+        return pb.AdoptKVReply(local_tokens=rows)
+
+    async def DecodeStep(self, request: pb.DecodeStepRequest, context: Any) -> pb.DecodeStepReply:
+        logits, trips = await self.core.decode_step(decode_step_from_proto(request))
+        reply = pb.DecodeStepReply(logits=tensor_to_proto(logits), round_trips=trips)
+        await self.link.send(reply.logits)
+        return reply
+
+    async def FetchKV(self, request: pb.FetchKVRequest, context: Any) -> pb.KVBlock:
+        shard, chunks = self.core.fetch_kv(request.request_id, request.layer, request.chunk)
+        block = kv_block_to_proto(request.request_id, request.layer, self.core.name, shard.k, shard.v, shard.pos,
+                                  chunk=request.chunk, num_chunks=chunks)
+        await self.link.send(block.keys, block.values)
+        return block
+
     async def PushKV(self, request: pb.KVBlock, context: Any) -> pb.Ack:
+        await self.link.receive(request.keys, request.values)
         shard = KVShard(tensor_from_proto(request.keys), tensor_from_proto(request.values), torch.tensor(list(request.positions)))
         await self.core.receive_kv(request.request_id, request.step, request.layer, request.sender, request.chunk,
                                    request.num_chunks, shard)
         return pb.Ack()
 
     async def Attend(self, request: pb.AttendRequest, context: Any) -> pb.AttendReply:
+        await self.link.receive(request.queries)
         out, lse = await self.core.attend(request.request_id, request.layer, tensor_from_proto(request.queries))
         reply = pb.AttendReply(output=tensor_to_proto(out), lse=tensor_to_proto(lse))
         await self.link.send(reply.output, reply.lse)
         return reply
 
     async def RunExperts(self, request: pb.ExpertBatch, context: Any) -> pb.ExpertResult:
+        await self.link.receive(request.hidden, request.expert_ids, request.weights)
         x = tensor_from_proto(request.hidden)
         ids = tensor_from_proto(request.expert_ids).long()
         self.core.check_batch(request.layer, ids)
-        out = await self.core.execute(request.layer, x, ids, tensor_from_proto(request.weights).to(x.dtype))
+        out = await self.core.execute(request.layer, x, ids, tensor_from_proto(request.weights).to(x.dtype),
+                                      request.decode)
         reply = pb.ExpertResult(output=tensor_to_proto(out))
         await self.link.send(reply.output)
         return reply
@@ -221,6 +255,33 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         )
 
 
+class LatencyInterceptor(grpc.aio.ServerInterceptor):
+    """Delays every unary NodeAgent reply by the link latency, after the handler computed it
+    (whose `Link.send` already paced its bytes). Health checks are not delayed: they are the
+    launcher's probe, not the emulated device's traffic."""
+
+    SERVICE = "/potluck.v1.NodeAgent/"
+
+    def __init__(self, link: Link) -> None:
+        self.link = link
+
+    async def intercept_service(self, continuation: Callable[[Any], Awaitable[Any]], details: Any) -> Any:
+        handler = await continuation(details)
+        if (handler is None or handler.unary_unary is None or not self.link.latency_s
+                or not details.method.startswith(self.SERVICE)):
+            return handler
+        inner = handler.unary_unary
+
+        async def delayed(request: Any, context: Any) -> Any:
+            reply = await inner(request, context)
+            await self.link.delay()
+            return reply
+
+        return grpc.unary_unary_rpc_method_handler(
+            delayed, request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer
+        )
+
+
 async def serve(settings: AgentSettings, ready: asyncio.Event | None = None, stop: asyncio.Event | None = None) -> None:
     """Load the dense weights, serve until `stop` is set (or forever)."""
     torch.set_num_threads(settings.torch_threads)
@@ -236,10 +297,12 @@ async def serve(settings: AgentSettings, ready: asyncio.Event | None = None, sto
         buffer = ExpertBuffer(settings.expert_memory_bytes, store.expert_nbytes, store.load, disk, policy)
     except BufferTooSmall as exc:
         raise SystemExit(f"--expert-memory: {exc}") from None
-    link = Link(settings.link_bytes_per_s)
+    link = Link(settings.link_bytes_per_s, settings.link_latency_s)
     peers = GrpcPeers(settings.node_name, link)
     core = AgentCore(settings.node_name, cfg, dense, buffer, peers, pacer=ComputePacer(settings.compute_share))
-    server = grpc.aio.server(interceptors=[ErrorInterceptor()], options=CHANNEL_OPTIONS)
+    # The latency wraps the handlers inside the error mapping: a failed call is answered without
+    # it (errors are not the traffic being emulated).
+    server = grpc.aio.server(interceptors=[ErrorInterceptor(), LatencyInterceptor(link)], options=CHANNEL_OPTIONS)
     servicer = Servicer(core, settings, link, store, model_fingerprint(settings.model_dir),
                           measure_expert_flops(cfg, dtype, compute_share=settings.compute_share))
     pb_grpc.add_NodeAgentServicer_to_server(servicer, server)
@@ -249,9 +312,10 @@ async def serve(settings: AgentSettings, ready: asyncio.Event | None = None, sto
     await server.start()
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     await health_servicer.set("potluck.v1.NodeAgent", health_pb2.HealthCheckResponse.SERVING)
-    log.info("agent %s: serving on %s (expert memory %s bytes, disk %s B/s, link %s B/s)", settings.node_name,
-             settings.listen, settings.expert_memory_bytes or "unlimited", settings.disk_bytes_per_s or "unlimited",
-             settings.link_bytes_per_s or "unlimited")
+    log.info("agent %s: serving on %s (expert memory %s bytes, disk %s B/s, link %s B/s, latency %g ms)",
+             settings.node_name, settings.listen, settings.expert_memory_bytes or "unlimited",
+             settings.disk_bytes_per_s or "unlimited", settings.link_bytes_per_s or "unlimited",
+             settings.link_latency_s * 1e3)
     if ready is not None:
         ready.set()
     try:

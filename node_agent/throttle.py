@@ -23,13 +23,14 @@ class Throttle:
         self._lock = threading.Lock()
         self._free_at = 0.0  # monotonic time at which the line is idle again
 
-    def _reserve(self, nbytes: int) -> float:
-        """Book nbytes on the line; return how long the caller must wait until they are through."""
+    def _reserve(self, nbytes: int, ago_s: float = 0.0) -> float:
+        """Book nbytes on the line, starting no earlier than `ago_s` before now; return how long
+        the caller must wait until they are through."""
         if self.rate <= 0 or nbytes <= 0:
             return 0.0
         with self._lock:
             now = time.monotonic()
-            start = max(now, self._free_at)
+            start = max(now - ago_s, self._free_at)
             self._free_at = start + nbytes / self.rate
             return self._free_at - now
 
@@ -39,9 +40,10 @@ class Throttle:
         if wait > 0:
             time.sleep(wait)
 
-    async def pace_async(self, nbytes: int) -> None:
-        """Wait on the event loop (a sender) until nbytes have passed at the rate."""
-        wait = self._reserve(nbytes)
+    async def pace_async(self, nbytes: int, ago_s: float = 0.0) -> None:
+        """Wait on the event loop (a sender) until nbytes have passed at the rate; with ago_s,
+        bytes that began arriving that long ago (a receiver) may have passed in the meantime."""
+        wait = self._reserve(nbytes, ago_s)
         if wait > 0:
             await asyncio.sleep(wait)
 

@@ -18,7 +18,9 @@ from typing import Protocol, TypeVar
 import torch
 
 from node_agent.attention import KVPeers, PeerAttention
+from node_agent.decode import Decoder
 from node_agent.dispatch import LayerPlan, only, split_by_executor
+from node_agent.peers import row_chunks
 from node_agent.expert_buffer import ExpertBuffer
 from node_agent.grouped import GroupedPasses, QueuedJobs
 from node_agent.model import moe
@@ -26,6 +28,7 @@ from node_agent.model.config import MoeConfig
 from node_agent.state import DirectSends, EarlyExperts, KVShard, Peer, RequestState, StepState, UnknownRequest
 from node_agent.throttle import ComputePacer
 from protos.ids import ExpertId
+from protos.routing import RoutingTable
 
 log = logging.getLogger(__name__)
 R = TypeVar("R")
@@ -33,8 +36,11 @@ R = TypeVar("R")
 
 class PeerTransport(KVPeers, Protocol):
     async def run_experts(
-        self, address: str, request_id: str, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor
+        self, address: str, request_id: str, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
+        decode: bool = False,
     ) -> torch.Tensor: ...
+
+    async def fetch_kv(self, address: str, request_id: str, layer: int) -> KVShard: ...
 
 
 @dataclass(frozen=True)
@@ -68,6 +74,7 @@ class AgentCore:
         self._queued = QueuedJobs()
         self.passes = GroupedPasses(self.pacer, self._compute, self._queued.any)
         self.attention = PeerAttention(name, cfg, dense, peers, self.compute, peer_timeout_s)
+        self.decoder = Decoder(name, cfg, dense, buffer, peers, self.compute, peer_timeout_s)
         self.early_used = 0  # experts run early on my own tokens whose share the plan confirmed
         self.early_dropped = 0  # experts run early that the plan overruled (it sent those slots elsewhere)
         self.direct_sent = 0  # experts whose tokens went to their executor by a direct route
@@ -275,9 +282,46 @@ class AgentCore:
         return logits, st.positions[rows]
 
     async def release(self, request_id: str) -> None:
+        self.decoder.release(request_id)
         state = self.requests.pop(request_id, None)
         if state is not None:
             await state.release()
+
+    # Decode (node_agent/decode.py) -------------------------------------------------------------
+
+    async def adopt_kv(self, request_id: str, capacity: int, prompt: int, sources: Sequence[tuple[str, str]]) -> int:
+        """Become the request's home for decode: my prefill K/V moves into a preallocated cache and
+        the sources' (name, address) K/V is pulled in the background; returns my rows."""
+        state = self.requests.pop(request_id, None)
+        own: dict[int, KVShard] = {}
+        if state is not None:
+            state.commit_step()
+            own = state.kv
+            await state.release()
+        return self.decoder.adopt(request_id, capacity, prompt, own, sources)
+
+    def fetch_kv(self, request_id: str, layer: int, chunk: int) -> tuple[KVShard, int]:
+        """Chunk `chunk` of my K/V rows of `layer` for the request's home, and the number of chunks."""
+        state = self._state(request_id)
+        if state.step is not None:
+            state.commit_step()  # the prefill's last step is over: its K/V is final
+        if not 0 <= layer < self.cfg.num_layers:
+            raise ValueError(f"layer {layer} is outside [0, {self.cfg.num_layers})")
+        shard = state.kv.get(layer)
+        if shard is None:
+            raise UnknownRequest(f"request {request_id!r} has no K/V for layer {layer} on agent {self.name!r}")
+        chunks = row_chunks(shard.k.shape[0], 2 * shard.k[0].numel() * shard.k.element_size() if shard.k.shape[0] else 1)
+        if not 0 <= chunk < len(chunks):
+            raise ValueError(f"chunk {chunk} is outside [0, {len(chunks)})")
+        rows = chunks[chunk]
+        return KVShard(shard.k[rows], shard.v[rows], shard.pos[rows]), len(chunks)
+
+    async def decode_step(self, tokens: Sequence[tuple[str, int, int]]) -> tuple[torch.Tensor, int]:
+        """Logits [B, V] of one step of the requests homed here, and the round trips it made."""
+        return await self.decoder.step(self.decoder.batch(tokens))
+
+    def set_routing_table(self, table: RoutingTable) -> None:
+        self.decoder.set_table(table)
 
     def fill(self, experts: Sequence[ExpertId]) -> list[ExpertId]:
         """Queue reads of experts no agent holds into free expert memory (lowest disk priority,
@@ -359,17 +403,26 @@ class AgentCore:
         if ids.numel() and (int(ids.min()) < -1 or int(ids.max()) >= self.cfg.num_experts):
             raise ValueError(f"expert ids must be in [0, {self.cfg.num_experts}), or -1 for a skipped slot")
 
-    async def execute(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    async def execute(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
+                      decode: bool = False) -> torch.Tensor:
         """Weighted sum of my experts on tokens sent to me. Resident experts run in one grouped
         pass, shared with the other owners' batches of the layer that arrive meanwhile; missing
         ones are loaded concurrently (the buffer bounds memory) and each runs as soon as it is in,
-        so reads overlap compute."""
+        so reads overlap compute. A decode step's tokens whose experts are all resident run in
+        one job: on a few rows a pass's bookkeeping costs more than sharing saves."""
         out = torch.zeros_like(x)
         wanted = [ExpertId(layer, int(i)) for i in ids[ids >= 0].unique().tolist()]
         ready = set(self.buffer.resident(layer))
         now = [e for e in wanted if e.index in ready]
         later = [e for e in wanted if e.index not in ready]
         held = {e.index: await self.buffer.acquire(e) for e in now}  # resident: no await inside
+        if decode and not later:  # a decode step's few tokens: one job, no pass
+            try:
+                mixed = await self.compute(moe.mix_experts, x, ids, weights, held)
+            finally:
+                for e in now:
+                    await self.buffer.release(e)
+            return out if mixed is None else mixed
 
         async def one(eid: ExpertId) -> None:
             async with self.buffer.pinned(eid) as w:

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 
 import numpy
 import torch
 
-from protos.ids import ExpertId, NodeId
+from protos.ids import ExpertId, NodeId, RequestId
+from protos.routing import RoutingTable
 from protos.potluck.v1 import agent_pb2 as pb
 
 _DTYPES: dict[str, torch.dtype] = {
@@ -65,3 +66,49 @@ def direct_to_proto(routes: Mapping[int, NodeId]) -> list[pb.DirectRoute]:
 
 def direct_from_proto(msgs: Iterable[pb.DirectRoute]) -> dict[int, NodeId]:
     return {m.expert: NodeId(m.executor) for m in msgs}
+
+
+def routing_table_to_proto(table: RoutingTable, num_experts: int) -> pb.RoutingTable:
+    return pb.RoutingTable(
+        version=table.version,
+        agents=[pb.AgentAddress(name=n, address=a) for n, a in sorted(table.addresses.items())],
+        experts=[pb.ExpertHolders(expert=expert_to_wire(e, num_experts), holders=list(h))
+                 for e, h in sorted(table.holders.items()) if h],
+    )
+
+
+def routing_table_from_proto(msg: pb.RoutingTable, num_experts: int) -> RoutingTable:
+    return RoutingTable(
+        version=msg.version,
+        addresses={NodeId(a.name): a.address for a in msg.agents},
+        holders={expert_from_wire(x.expert, num_experts): tuple(NodeId(h) for h in x.holders) for x in msg.experts},
+    )
+
+
+DecodeToken = tuple[RequestId, int, int]  # (request, token id, position) of one decode step
+
+
+def decode_step_to_proto(tokens: Sequence[DecodeToken]) -> pb.DecodeStepRequest:
+    return pb.DecodeStepRequest(tokens=[pb.DecodeToken(request_id=r, token_id=t, position=p) for r, t, p in tokens])
+
+
+def decode_step_from_proto(msg: pb.DecodeStepRequest) -> list[DecodeToken]:
+    return [(RequestId(t.request_id), t.token_id, t.position) for t in msg.tokens]
+
+
+def kv_block_to_proto(request_id: str, layer: int, sender: str, keys: torch.Tensor, values: torch.Tensor,
+                      positions: torch.Tensor, step: int = 0, chunk: int = 0, num_chunks: int = 1) -> pb.KVBlock:
+    """K/V rows [n, KVH, hd] of one layer at positions [n]."""
+    return pb.KVBlock(request_id=request_id, step=step, layer=layer, sender=sender, keys=tensor_to_proto(keys),
+                      values=tensor_to_proto(values), positions=positions.tolist(), chunk=chunk,
+                      num_chunks=num_chunks)
+
+
+def kv_block_from_proto(msg: pb.KVBlock) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(keys, values, positions) of a block; ValueError when their rows disagree."""
+    keys, values = tensor_from_proto(msg.keys), tensor_from_proto(msg.values)
+    positions = torch.tensor(list(msg.positions), dtype=torch.long)
+    if keys.dim() != 3 or keys.shape != values.shape or keys.shape[0] != positions.numel():
+        raise ValueError(f"K/V block shapes disagree: keys {list(keys.shape)}, values {list(values.shape)}, "
+                         f"{positions.numel()} positions")
+    return keys, values, positions

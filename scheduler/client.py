@@ -8,10 +8,11 @@ from dataclasses import dataclass
 import grpc
 import torch
 
-from protos.convert import direct_to_proto, tensor_from_proto
+from protos.convert import DecodeToken, decode_step_to_proto, direct_to_proto, routing_table_to_proto, tensor_from_proto
 from protos.limits import CHANNEL_OPTIONS
 from protos.potluck.v1 import agent_pb2 as pb
 from protos.potluck.v1 import agent_pb2_grpc as pb_grpc
+from protos.routing import RoutingTable
 from scheduler.errors import AgentFailed
 from scheduler.types import AgentSnapshot, LayerReport, NodeId, NodeSpec, RoutingPlan, StepPlan
 
@@ -34,6 +35,7 @@ class AgentInfo:
     flops_per_s: float  # measured expert matmul speed
     hidden_size: int  # D
     dtype_bytes: int  # bytes per element on the wire
+    link_latency_s: float = 0.0  # one-way delay of each message the agent sends, seconds; 0 = none
 
 
 def plan_to_proto(plan: RoutingPlan | None) -> pb.RoutingPlan | None:
@@ -88,9 +90,15 @@ class AgentClient:
     async def info(self, timeout_s: float = 5.0) -> AgentInfo:
         r = await self._call("Info", pb.InfoRequest(), timeout_s)
         assert isinstance(r, pb.InfoReply)
-        return AgentInfo(NodeId(r.name), r.model_type, r.num_layers, r.num_experts, r.vocab_size, r.model_fingerprint,
-                         r.expert_bytes, r.profile.expert_memory_bytes, r.profile.disk_bytes_per_s, r.profile.link_bytes_per_s,
-                         r.max_positions, frozenset(r.dense_layers), r.expert_flops_per_s, r.hidden_size, r.dtype_bytes)
+        p = r.profile
+        return AgentInfo(
+            name=NodeId(r.name), model_type=r.model_type, num_layers=r.num_layers, num_experts=r.num_experts,
+            vocab_size=r.vocab_size, fingerprint=r.model_fingerprint, expert_bytes=r.expert_bytes,
+            memory_bytes=p.expert_memory_bytes, disk_bytes_per_s=p.disk_bytes_per_s,
+            link_bytes_per_s=p.link_bytes_per_s, link_latency_s=p.link_latency_s, max_positions=r.max_positions,
+            dense_layers=frozenset(r.dense_layers), flops_per_s=r.expert_flops_per_s, hidden_size=r.hidden_size,
+            dtype_bytes=r.dtype_bytes,
+        )
 
     async def begin_step(self, request_id: str, plan: StepPlan, peers: Sequence[pb.StepPeer], all_logits: bool,
                          predict: bool = False, holdings: bool = False) -> StepBegun:
@@ -124,6 +132,30 @@ class AgentClient:
             return None, []
         return tensor_from_proto(r.logits), list(r.positions)
 
+    async def adopt_kv(self, request_id: str, capacity: int, prompt_tokens: int,
+                       sources: Sequence[tuple[NodeId, str]]) -> int:
+        """Make this agent the request's home for decode (it pulls the prompt's K/V from the
+        (name, address) sources in the background); returns the K/V rows it held already."""
+        r = await self._call("AdoptKV", pb.AdoptKVRequest(
+            request_id=request_id, capacity=capacity, prompt_tokens=prompt_tokens,
+            sources=[pb.AgentAddress(name=n, address=a) for n, a in sources]))
+        assert isinstance(r, pb.AdoptKVReply)
+        return r.local_tokens
+
+    async def decode_step(self, tokens: Sequence[DecodeToken]) -> tuple[torch.Tensor, int]:
+        """Logits [n, V] of one decode step of the requests homed here (row i for tokens[i]),
+        and the round trips to peers the step made."""
+        r = await self._call("DecodeStep", decode_step_to_proto(tokens))
+        assert isinstance(r, pb.DecodeStepReply)
+        logits = tensor_from_proto(r.logits)
+        if logits.dim() != 2 or logits.shape[0] != len(tokens):
+            raise AgentFailed(f"agent {self.spec.name} returned logits of shape {list(logits.shape)} for "
+                              f"{len(tokens)} tokens")
+        return logits, r.round_trips
+
+    async def set_routing_table(self, table: RoutingTable, num_experts: int) -> None:
+        await self._call("SetRoutingTable", routing_table_to_proto(table, num_experts), 5.0)
+
     async def release(self, request_id: str) -> None:
         await self._call("Release", pb.ReleaseRequest(request_id=request_id), 10.0)
 
@@ -145,7 +177,7 @@ class AgentClient:
             early_used=c.early_experts_used, early_dropped=c.early_experts_dropped, fills=c.fills,
             fill_preemptions=c.fill_preemptions, direct_sent=c.direct_experts_sent, decode_steps=c.decode_steps,
             decode_tokens=c.decode_tokens, decode_round_trips=c.decode_round_trips,
-            decode_remote_experts=c.decode_remote_experts, held=frozenset(r.resident) | frozenset(r.loading))
+            decode_remote_experts=c.decode_remote_experts, requests=c.requests, held=frozenset(r.resident) | frozenset(r.loading))
 
     async def fill(self, experts: Sequence[int]) -> list[int]:
         """Ask the agent to read these experts (layer * num_experts + index) into free memory at

@@ -24,13 +24,6 @@ def contiguous_prefill(token_ids: Sequence[int], nodes: Sequence[NodeId]) -> Ste
     return StepPlan(step=0, shards=tuple(shards), cached={node: 0 for node in nodes})
 
 
-def decode_step(step: int, token_id: int, position: int, cached: Mapping[NodeId, int]) -> StepPlan:
-    """One new token, owned by the agent holding the fewest KV entries (balances KV memory and
-    the split-KV work); ties go to the first agent in order."""
-    owner = min(cached, key=lambda node: cached[node])
-    return StepPlan(step=step, shards=(StepShard(owner, (token_id,), (position,)),), cached=dict(cached))
-
-
 def after_step(plan: StepPlan) -> dict[NodeId, int]:
     """KV entries each agent holds once the step is done."""
     cached = dict(plan.cached)
@@ -58,3 +51,11 @@ def zigzag_prefill(token_ids: Sequence[int], nodes: Sequence[NodeId]) -> StepPla
 def causal_work(plan: StepPlan) -> dict[NodeId, int]:
     """Query-key pairs each agent's attention covers in a prefill (its causal work)."""
     return {s.node: sum(p + 1 for p in s.positions) for s in plan.shards}
+
+
+def chunk_step(plan: StepPlan, start: int, step: int, cached: Mapping[NodeId, int]) -> StepPlan:
+    """A partition of a prompt chunk (positions counted from 0 within the chunk) as step `step` of
+    the request: positions moved to start at `start`, with the K/V each agent holds from the
+    earlier chunks (every member of the request keeps its place, with or without new tokens)."""
+    shards = tuple(StepShard(s.node, s.token_ids, tuple(p + start for p in s.positions)) for s in plan.shards)
+    return StepPlan(step=step, shards=shards, cached={**{n: 0 for n in plan.cached}, **cached})

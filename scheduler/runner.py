@@ -1,9 +1,10 @@
-"""Runs one request on the agents, step by step and layer by layer (the scheduler's loop).
+"""Runs one prefill step of one request on the agents, layer by layer (the scheduler's loop
+for sequence-parallel prefill; decode runs on a home agent without it, see `batching.py`).
 
     StepPlan (partition) -> BeginStep on every agent in the request
     per layer: Forward on agents with new tokens -> LayerReports -> RoutingPlan (routing), and
                the next layer's prefetches and direct routes (from the reports' predictions)
-    Finish -> logits -> sample -> TokenEvent
+    Finish -> logits of the step's last position (or of every position)
 
 Only decisions and small control messages pass through here; tensors go agent to agent. The
 agents are reached through `AgentClient`s handed in, so tests and benchmarks drive the same loop.
@@ -23,10 +24,8 @@ from protos.ids import ExpertId
 from protos.potluck.v1 import agent_pb2 as pb
 from scheduler.client import AgentClient, AgentInfo
 from scheduler.cost_model import AgentProfile, CostModel
-from scheduler.partition import after_step, decode_step
 from scheduler.policy import Policy
-from scheduler.sampling import make_generator, sample
-from scheduler.types import GenerationRequest, LayerReport, NodeId, RoutingPlan, StepPlan, TokenEvent
+from scheduler.types import LayerReport, NodeId, RoutingPlan, StepPlan
 
 log = logging.getLogger("potluck.scheduler")
 
@@ -148,23 +147,3 @@ class RequestRunner:
             return await self.run_step(request_id, self.policy.partition(token_ids, list(self.agents)), all_logits=True)
         finally:
             await asyncio.shield(self.release(request_id, list(self.agents)))
-
-    async def generate(self, request: GenerationRequest) -> AsyncIterator[TokenEvent]:
-        """Prefill then decode until a stop token or max_tokens; cancelling the consumer releases
-        the request on every agent."""
-        params = request.sampling
-        generator = make_generator(params.seed)
-        rid = request.request_id
-        plan: StepPlan = self.policy.partition(request.prompt_token_ids, list(self.agents))
-        position = len(request.prompt_token_ids)
-        try:
-            for step in range(params.max_tokens):
-                logits = await self.run_step(rid, plan)
-                event = sample(logits[-1], params, generator)
-                yield event
-                if event.is_stop or step + 1 == params.max_tokens:
-                    return
-                plan = decode_step(step + 1, event.token_id, position, after_step(plan))
-                position += 1
-        finally:
-            await asyncio.shield(self.release(rid, list(self.agents)))

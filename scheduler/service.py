@@ -1,16 +1,18 @@
-"""The engine process side: agent membership, the bounded request queue, and workers.
+"""The engine process side: agent membership, routing tables, the bounded request queue.
 
-`EngineService` owns the gRPC clients, the worker tasks and a membership poller; each request
-itself runs in `RequestRunner` (the loop), which only sees the clients it is handed.
+`EngineService` owns the gRPC clients, the membership poller (which also publishes the routing
+table of which agent holds which expert whenever it changes) and the continuous-batching loop
+(`Batcher`, which only sees the clients it is handed).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from protos.convert import expert_from_wire, expert_to_wire
@@ -19,7 +21,10 @@ from scheduler.client import AgentClient, AgentInfo
 from scheduler.errors import AgentFailed, ModelMismatch, NoAgentsAvailable, PromptTooLong, QueueFull
 from scheduler.fill import AgentHoldings
 from scheduler.policy import Policy
-from scheduler.runner import ClusterView, ModelShape, RequestRunner
+from protos.routing import RoutingTable
+from scheduler.batching import BatchSettings, Batcher
+from scheduler.decode_plan import routing_table, same_holders
+from scheduler.runner import ClusterView, ModelShape
 from scheduler.types import AgentSnapshot, EngineSnapshot, GenerationRequest, NodeSpec, TokenEvent
 
 log = logging.getLogger("potluck.scheduler")
@@ -28,23 +33,15 @@ log = logging.getLogger("potluck.scheduler")
 @dataclass(frozen=True)
 class EngineSettings:
     max_waiting: int = 64  # queued requests beyond which submit answers QueueFull (429)
-    max_running: int = 1  # requests computed at once
+    max_running: int = 4  # requests prefilling or decoding at once (continuous batching)
+    prefill_chunk: int = 512  # prompt tokens per prefill step while other requests decode
     poll_interval_s: float = 2.0  # how often agents' health and counters are refreshed
     call_timeout_s: float = 300.0  # deadline of one control call to an agent
 
     def __post_init__(self) -> None:
         if self.max_waiting < 0:
             raise ValueError(f"max_waiting must be >= 0, got {self.max_waiting}")
-        if self.max_running < 1:
-            raise ValueError(f"max_running must be >= 1, got {self.max_running}")
-
-
-@dataclass
-class _Job:
-    request: GenerationRequest
-    events: asyncio.Queue[TokenEvent | BaseException | None] = field(default_factory=asyncio.Queue)
-    task: asyncio.Task[None] | None = None
-    cancelled: bool = False
+        BatchSettings(self.max_running, self.prefill_chunk)  # checks its bounds
 
 
 class EngineService:
@@ -56,10 +53,13 @@ class EngineService:
         self.clients = [AgentClient(n, settings.call_timeout_s) for n in nodes]
         self.infos: dict[str, AgentInfo] = {}
         self._snapshots: dict[str, AgentSnapshot] = {n.name: AgentSnapshot(n.name, n.address, False) for n in nodes}
-        self._queue: asyncio.Queue[_Job] = asyncio.Queue()
-        self._running = 0
+        self.batcher = Batcher(self._cluster, policy, BatchSettings(settings.max_running, settings.prefill_chunk),
+                               on_prefilled=self.refresh)
+        self.table = RoutingTable()  # the routing table last published to the agents
         self._durations: list[float] = []  # recent request durations, for Retry-After
         self._tasks: list[asyncio.Task[None]] = []
+        self._background: set[asyncio.Task[None]] = set()
+        self._refreshing: asyncio.Task[None] | None = None
 
     @property
     def context_length(self) -> int:
@@ -71,13 +71,14 @@ class EngineService:
         await self.poll()
         if not self.up_clients():
             raise NoAgentsAvailable(f"no agent is reachable: {[c.spec.address for c in self.clients]}")
-        self._tasks = [asyncio.create_task(self._worker()) for _ in range(self.settings.max_running)]
+        await self.publish_routing()
         self._tasks.append(asyncio.create_task(self._poll_forever()))
 
     async def stop(self) -> None:
-        for task in self._tasks:
+        await self.batcher.aclose()
+        for task in [*self._tasks, *self._background]:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*self._tasks, *self._background, return_exceptions=True)
         for c in self.clients:
             await c.close()
 
@@ -114,9 +115,45 @@ class EngineService:
         while True:
             await asyncio.sleep(self.settings.poll_interval_s)
             await self.poll()
+            await self.publish_routing()
 
     def snapshot(self) -> EngineSnapshot:
-        return EngineSnapshot(self._running, self._queue.qsize(), tuple(self._snapshots.values()))
+        return EngineSnapshot(len(self.batcher.running), len(self.batcher.waiting), tuple(self._snapshots.values()))
+
+    def _cluster(self) -> tuple[list[AgentClient], ClusterView | None]:
+        """The agents up now and their view (for a request being admitted)."""
+        agents = [c for c in self.up_clients() if c.name in self.infos]
+        return agents, ClusterView.from_infos([self.infos[a.name] for a in agents]) if agents else None
+
+    async def publish_routing(self) -> None:
+        """Send every agent the table of which agent holds which expert, if it changed since
+        the last one (from the holdings the last poll brought)."""
+        if self.shape is None:
+            return
+        E = self.shape.num_experts
+        agents = [c for c in self.up_clients() if c.name in self.infos]
+        held = {c.name: frozenset(expert_from_wire(i, E) for i in self._snapshots[c.name].held) for c in agents}
+        table = routing_table(self.table.version + 1, {c.name: c.spec.address for c in agents}, held)
+        if same_holders(table, self.table):
+            return
+        self.table = table
+        results = await asyncio.gather(*(c.set_routing_table(table, E) for c in agents), return_exceptions=True)
+        for client, result in zip(agents, results):
+            if isinstance(result, BaseException):  # a stale table costs time, never correctness
+                log.warning("routing table %d not delivered to %s: %s", table.version, client.name, result)
+
+    async def refresh(self) -> None:
+        """Fresh holdings, fills of what no agent holds, and the routing table: after a prefill
+        (before its decode starts) and after a request."""
+        await self.poll()
+        await self.fill()
+        await self.publish_routing()
+
+    def _refresh_soon(self) -> None:
+        if self._refreshing is None or self._refreshing.done():
+            self._refreshing = asyncio.create_task(self.refresh())
+            self._background.add(self._refreshing)
+            self._refreshing.add_done_callback(self._background.discard)
 
     def _holdings(self, name: str, num_experts: int) -> AgentHoldings:
         snap, info = self._snapshots[name], self.infos[name]
@@ -134,47 +171,30 @@ class EngineService:
             raise PromptTooLong(n, m, self.context_length)
         if not self.up_clients():
             raise NoAgentsAvailable("no agent is reachable; check that the agents in the inventory are running")
-        if self._queue.qsize() >= self.settings.max_waiting and self._running >= self.settings.max_running:
-            raise QueueFull(self._queue.qsize(), self._retry_after())
-        job = _Job(request)
-        self._queue.put_nowait(job)
-        return self._events(job)
+        waiting, running = len(self.batcher.waiting), len(self.batcher.running)
+        if waiting >= self.settings.max_waiting and running >= self.settings.max_running:
+            raise QueueFull(waiting, self._retry_after())
+        return self._events(request)
 
     def _retry_after(self) -> float:
         recent = self._durations[-20:]
         mean = sum(recent) / len(recent) if recent else 1.0
-        return max(1.0, mean * (self._queue.qsize() + 1) / self.settings.max_running)
+        return max(1.0, mean * (len(self.batcher.waiting) + 1) / self.settings.max_running)
 
-    async def _events(self, job: _Job) -> AsyncIterator[TokenEvent]:
+    async def _events(self, request: GenerationRequest) -> AsyncIterator[TokenEvent]:
+        start = time.monotonic()
+        events = self.batcher.generate(request)
         try:
-            while True:
-                item = await job.events.get()
-                if item is None:
-                    return
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
+            async with contextlib.aclosing(events):  # leaving early releases it now, not at GC
+                async for event in events:
+                    yield event
+        except AgentFailed as exc:
+            log.error("request %s failed: %s", request.request_id, exc)
+            self._refresh_soon()  # mark the failed agent down promptly
+            raise
         finally:
-            job.cancelled = True
-            if job.task is not None and not job.task.done():
-                job.task.cancel()
-                await asyncio.gather(job.task, return_exceptions=True)
-
-    async def _worker(self) -> None:
-        while True:
-            job = await self._queue.get()
-            if job.cancelled:
-                continue
-            self._running += 1
-            start = time.monotonic()
-            job.task = asyncio.create_task(self._run(job))
-            try:
-                await asyncio.gather(job.task, return_exceptions=True)
-            finally:
-                self._running -= 1
-                self._durations = (self._durations + [time.monotonic() - start])[-20:]
-            await self.poll()  # fresh counters for /metrics right after a request
-            await self.fill()
+            self._durations = (self._durations + [time.monotonic() - start])[-20:]
+            self._refresh_soon()  # fresh counters for /metrics, fills, routing table
 
     async def fill(self) -> None:
         """Ask the agents to read the experts none of them holds into their free memory (they
@@ -196,27 +216,6 @@ class EngineService:
         for (node, es), result in zip(sent, results):
             if isinstance(result, BaseException):  # only a lost chance to read ahead: the next request reads on demand
                 log.warning("fill of %d experts on %s failed: %s", len(es), node, result)
-
-    async def _run(self, job: _Job) -> None:
-        agents = self.up_clients()
-        try:
-            if not agents:
-                raise NoAgentsAvailable("no agent is reachable")
-            view = ClusterView.from_infos([self.infos[a.name] for a in agents])
-            runner = RequestRunner(agents, view, self.policy)
-            async for event in runner.generate(job.request):
-                job.events.put_nowait(event)
-            job.events.put_nowait(None)
-        except asyncio.CancelledError:
-            log.info("request %s cancelled", job.request.request_id)
-            raise
-        except AgentFailed as exc:
-            log.error("request %s failed: %s", job.request.request_id, exc)
-            job.events.put_nowait(exc)
-            asyncio.create_task(self.poll())  # mark the failed agent down promptly
-        except Exception as exc:  # any other failure still reaches the client, never silently lost
-            log.exception("request %s failed", job.request.request_id)
-            job.events.put_nowait(exc)
 
 
 async def start_engine(model_dir: Path, nodes: Sequence[NodeSpec], settings: EngineSettings,

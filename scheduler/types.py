@@ -88,6 +88,7 @@ class AgentSnapshot:
     decode_tokens: int = 0  # tokens decoded in them
     decode_round_trips: int = 0  # synchronous waits on peers within its decode steps (at most one per layer)
     decode_remote_experts: int = 0  # (layer, expert) runs of its decode steps sent to remote holders
+    requests: int = 0  # requests it holds state for now (prefill K/V or a decode cache)
     held: frozenset[int] = frozenset()  # experts resident or being read, as layer * num_experts + index
 
 

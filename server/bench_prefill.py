@@ -109,6 +109,23 @@ class Case:
         }
 
 
+async def wait_healthy(proc: subprocess.Popen[bytes], cmd: list[str], url: str, timeout_s: float = 300.0) -> None:
+    """Until `potluck up` (`proc`, started as `cmd`) answers GET /health at `url` with 200."""
+    deadline = time.monotonic() + timeout_s
+    async with httpx.AsyncClient() as http:
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"`{' '.join(cmd)}` exited with {proc.returncode}")
+            try:
+                if (await http.get(f"{url}/health", timeout=2)).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the bench cluster did not become healthy in {timeout_s:.0f} s")
+            await asyncio.sleep(0.5)
+
+
 class Cluster:
     """`potluck up --inventory` in a child process, and gRPC clients to its agents."""
 
@@ -136,19 +153,7 @@ class Cluster:
     async def __aenter__(self) -> Cluster:
         # Killed outright, the bench takes its cluster with it (`potluck up` in turn takes its agents).
         self.proc = subprocess.Popen(self.cmd, env={**os.environ, "HF_HUB_OFFLINE": "1"}, preexec_fn=die_with_parent)
-        deadline = time.monotonic() + 300
-        async with httpx.AsyncClient() as http:
-            while True:
-                if self.proc.poll() is not None:
-                    raise RuntimeError(f"`{' '.join(self.cmd)}` exited with {self.proc.returncode}")
-                try:
-                    if (await http.get(f"{self.url}/health", timeout=2)).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                if time.monotonic() > deadline:
-                    raise RuntimeError("the bench cluster did not become healthy in 300 s")
-                await asyncio.sleep(0.5)
+        await wait_healthy(self.proc, self.cmd, self.url)
         self.clients = [AgentClient(s) for s in self.specs]
         return self
 

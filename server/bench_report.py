@@ -1,7 +1,9 @@
-"""The prefill benchmark's Markdown table, target check and plot (from its JSON data)."""
+"""The prefill benchmark's Markdown table, target check and plot (from its JSON data), and the target
+table that the decode benchmark's report (`server.bench_decode_report`) shares."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +45,16 @@ def targets(data: dict[str, Any], tokens: int = 2048, agents: int = 4) -> list[t
             rows.append((f"--no-{flag} is >= 5% slower (cold or warm), by efficiency",
                          f"{r[0]:.2f}x / {r[1]:.2f}x (TTFT {raw[0]:.2f}x / {raw[1]:.2f}x)", max(r) >= 1.05))
     return rows
+
+
+def target_lines(title: str, checks: Sequence[tuple[str, str, bool | None]],
+                 verdicts: tuple[str, str] = ("yes", "no")) -> list[str]:
+    """A Markdown table of targets (after a blank line): what was measured, and whether it was met
+    (`verdicts`), or n/a (not measurable in this run); no lines without targets."""
+    if not checks:
+        return []
+    met = {True: verdicts[0], False: verdicts[1], None: "n/a"}
+    return ["", f"| {title} | measured | met |", "|---|---|---|", *(f"| {t} | {m} | {met[ok]} |" for t, m, ok in checks)]
 
 
 def _share(data: dict[str, Any]) -> str:
@@ -92,10 +104,7 @@ def write_report(data: dict[str, Any], out: Path) -> None:
         lines += [f"- {c['policy']}, {c['agents']} agents, {c['tokens']} tokens: "
                   + ", ".join(f"{r['cold_efficiency']:.2f} / {r['warm_efficiency']:.2f}" for r in c["rounds"])
                   for c in repeated]
-    checks = targets(data)
-    if checks:
-        lines += ["", "| target (2048 tokens, 4 agents) | measured | met |", "|---|---|---|"]
-        lines += [f"| {t} | {m} | {'yes' if ok else 'no'} |" for t, m, ok in checks]
+    lines += target_lines("target (2048 tokens, 4 agents)", targets(data))
     (out / "prefill.md").write_text("\n".join(lines) + "\n")
     _plot(cases, out / "prefill.png")
 

@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
-from server.units import UnitError, parse_rate, parse_size
+from server.units import UnitError, parse_duration, parse_rate, parse_size
 
 if TYPE_CHECKING:
     from server.runner import ServerOptions
@@ -49,6 +49,13 @@ def _size(text: str) -> int:
 def _rate(text: str) -> float:
     try:
         return parse_rate(text)
+    except UnitError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _duration(text: str) -> float:
+    try:
+        return parse_duration(text)
     except UnitError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
@@ -136,7 +143,11 @@ def _add_profile_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--disk-bandwidth", type=_rate, default=0.0, metavar="RATE",
                    help="emulated expert-store read rate, e.g. 200MB/s, 800KiB/s (bytes/s); 0 = unlimited")  # fmt: skip
     p.add_argument("--link-bandwidth", type=_rate, default=0.0, metavar="RATE",
-                   help="emulated send rate to peers, e.g. 1Gbit/s, 50MB/s (bytes/s); 0 = unlimited")  # fmt: skip
+                   help="emulated link rate, e.g. 1Gbit/s, 50MB/s (bytes/s), for sending and (separately) "
+                        "receiving; 0 = unlimited")  # fmt: skip
+    p.add_argument("--link-latency", type=_duration, default=0.0, metavar="DURATION",
+                   help="emulated one-way delay of every message an agent sends, e.g. 2ms, 500us, 0.01s (a unit "
+                        "is required); 0 = none (default)")  # fmt: skip
     p.add_argument("--compute-share", type=_share, default=0.0, metavar="F",
                    help="emulated compute speed, a fraction of one host core in [0, 1], for benchmarks of "
                         "several local agents; 0 = not paced (default)")  # fmt: skip
@@ -150,7 +161,12 @@ def _add_server_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--served-model-name", metavar="NAME", help="model id clients use; default: the model folder's name")
     p.add_argument("--max-waiting", type=_non_negative, default=64, metavar="N",
                    help="queued requests (beyond the running ones) before answering 429")  # fmt: skip
-    p.add_argument("--max-running", type=_positive, default=1, metavar="N", help="requests computed at once")
+    p.add_argument("--max-running", type=_positive, default=4, metavar="N",
+                   help="requests prefilling or decoding at once: running requests decode together, one token "
+                        "each per step, each expert's matmul batched across them")  # fmt: skip
+    p.add_argument("--prefill-chunk", type=_positive, default=512, metavar="TOKENS",
+                   help="prompt tokens per prefill step while other requests decode, so their streams wait at "
+                        "most one chunk (a prompt arriving when nothing decodes is prefilled whole)")  # fmt: skip
     p.add_argument("--policy", default="sirius", choices=("sirius", "naive", "expert-parallel"),
                    help="prefill policy: sirius (interleaved partition, token scheduling, prefetch); naive (contiguous "
                         "split, each agent runs its own tokens' experts); expert-parallel (agent i owns a fixed 1/N of "
@@ -191,15 +207,22 @@ def _add_up(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-
 
 
 def _add_bench(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    p = _sub(commands, "bench", "Benchmarks on local agents (figures to report, not tests).")
-    p.add_argument("suite", nargs="?", default="compare", choices=("compare", "prefill"),
+    p = _sub(commands, "bench", "Benchmarks on local agents (figures to report, not tests). Each flag's help "
+                                "starts with the suites it applies to.")  # fmt: skip
+    p.add_argument("suite", nargs="?", default="compare", choices=("compare", "prefill", "decode"),
                    help="compare (default): 1-agent prefill against transformers' forward pass; prefill: TTFT of "
-                        "clusters of 1..N agents per policy and ablation, with JSON, Markdown and a plot")  # fmt: skip
+                        "clusters of 1..N agents per policy and ablation, with JSON, Markdown and a plot; decode: "
+                        "median inter-token time of streamed requests on compute-bound clusters of 1..N agents "
+                        "(against transformers' own KV-cache decode), on an emulated LAN (against its bound, with "
+                        "round trips per token) and with concurrent streams (aggregate tokens/s), with JSON, "
+                        "Markdown, a plot and targets met or missed")  # fmt: skip
     p.add_argument("--model", type=Path, metavar="DIR", help="checkpoint folder; default: the bench preset model")
     p.add_argument("--out", type=Path, default=Path("bench-out"), metavar="DIR", help="folder for results and plots")
     p.add_argument("--tokens", type=_positive, default=2048, metavar="N", help="compare: prompt tokens (default 2048)")
     p.add_argument("--repeats", type=_positive, default=3, metavar="N", help="compare: timed prefills (default 3)")
-    p.add_argument("--threads", type=_positive, metavar="N", help="compare: torch threads; default: every core")
+    p.add_argument("--threads", type=_positive, metavar="N",
+                   help="compare: torch threads, default: every core; decode: torch threads of transformers and of "
+                        "each agent, default 2")  # fmt: skip
     p.add_argument("--lengths", default="512,2048,4096", metavar="N,N", help="prefill: prompt lengths in tokens")
     p.add_argument("--agents", default="1,2,4", metavar="N,N", help="prefill: agent counts")
     p.add_argument("--policies", default="all", metavar="P,P",
@@ -220,9 +243,22 @@ def _add_bench(commands: argparse._SubParsersAction) -> None:  # type: ignore[ty
                         "start (once: faster)")  # fmt: skip
     p.add_argument("--disk-rate", type=_rate, default=0.0, metavar="RATE",
                    help="prefill: fixed disk rate per agent instead of --io-ratio, e.g. 50MB/s")  # fmt: skip
-    p.add_argument("--rounds", type=_positive, default=1, metavar="N",
+    p.add_argument("--rounds", type=_positive, metavar="N",
                    help="prefill: run every multi-agent case N times, each a fresh cluster with its own "
-                        "calibration (with --calibrate each), and report the medians and every round (default 1)")  # fmt: skip
+                        "calibration (with --calibrate each), and report the medians and every round (default 1); "
+                        "decode: timed requests per case, one prompt each, after one warm-up request (default 3)")  # fmt: skip
+    p.add_argument("--cases", default="all", metavar="C,C",
+                   help="decode: compute (1..N agents, every expert resident, and transformers), lan (4 agents, "
+                        "1Gbit/s, --lan-latency, 25%% of the experts each), streams (concurrent streams on the LAN "
+                        "cluster), or all (default)")  # fmt: skip
+    p.add_argument("--decode-agents", default="1,2,4", metavar="N,N", help="decode: agent counts of the compute case")
+    p.add_argument("--streams", default="1,2,4,8", metavar="N,N", help="decode: concurrent streams of the streams case")
+    p.add_argument("--prompt-tokens", type=_positive, default=128, metavar="N", help="decode: prompt tokens per request")
+    p.add_argument("--gen-tokens", type=_positive, default=64, metavar="N",
+                   help="decode: tokens generated per request (max_tokens, default 64; an end-of-sequence token "
+                        "may end one sooner)")  # fmt: skip
+    p.add_argument("--lan-latency", type=_duration, default="1ms", metavar="DURATION",
+                   help="decode: one-way link latency of the LAN agents, e.g. 1ms; 0 = none (default 1ms)")  # fmt: skip
     p.set_defaults(run=_run_bench, log_level="WARNING")  # its own progress lines, not every HTTP request
 
 
@@ -242,7 +278,7 @@ def _run_agent(args: argparse.Namespace) -> int:
 
     settings = AgentSettings(
         listen=args.listen, model_dir=args.model, name=args.name, expert_memory_bytes=args.expert_memory,
-        disk_bytes_per_s=args.disk_bandwidth, link_bytes_per_s=args.link_bandwidth,
+        disk_bytes_per_s=args.disk_bandwidth, link_bytes_per_s=args.link_bandwidth, link_latency_s=args.link_latency,
         compute_share=args.compute_share, torch_threads=1 if args.compute_share else args.torch_threads,
         dtype=args.dtype, eviction=args.eviction, log_level=args.log_level,
     )  # fmt: skip
@@ -269,7 +305,8 @@ def _run_up(args: argparse.Namespace) -> int:
     if args.inventory is not None:
         launches = launches_from_inventory(load_inventory(args.inventory), avoid={args.port})
     else:
-        profile = NodeProfile(args.expert_memory, args.disk_bandwidth, args.link_bandwidth, args.compute_share)
+        profile = NodeProfile(args.expert_memory, args.disk_bandwidth, args.link_bandwidth, args.compute_share,
+                              args.link_latency)
         launches = plan_local_agents(args.agents or 2, profile, avoid={args.port})
     model_dir = args.model or _demo_model()
     agents = LocalAgents(model_dir, launches, args.log_level)
@@ -277,6 +314,12 @@ def _run_up(args: argparse.Namespace) -> int:
 
 
 def _run_bench(args: argparse.Namespace) -> int:
+    if args.rounds is None:  # the flag is shared; each suite has its own default
+        args.rounds = 3 if args.suite == "decode" else 1
+    if args.suite == "decode":
+        import server.bench_decode
+
+        return server.bench_decode.main(args)
     if args.suite == "prefill":
         import server.bench_prefill
 
@@ -294,7 +337,8 @@ def _server_options(args: argparse.Namespace, model_dir: Path) -> ServerOptions:
         model_dir=Path(model_dir), host=args.host, port=args.port,
         api_key=args.api_key or os.environ.get("POTLUCK_API_KEY") or None,
         served_model_name=args.served_model_name or Path(model_dir).resolve().name,
-        max_waiting=args.max_waiting, max_running=args.max_running, log_level=args.log_level,
+        max_waiting=args.max_waiting, max_running=args.max_running, prefill_chunk=args.prefill_chunk,
+        log_level=args.log_level,
         policy=Policy.from_flags(args.policy, args.no_interleave, args.no_token_scheduling, args.no_prefetch,
                                  args.no_fill),
     )  # fmt: skip

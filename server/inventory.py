@@ -13,8 +13,12 @@ The YAML shape (see deploy/home-lan.example.yaml):
         expert_memory: 12GiB             # SIZE; "unlimited" or 0 for no budget
         disk_bandwidth: 2GB/s            # RATE, optional (default unlimited)
         link_bandwidth: 1Gbit/s          # RATE, optional (default unlimited)
+        link_latency: 2ms                # DURATION, optional: emulate a link's one-way delay
+                                         # (local benchmarks; default 0, none)
         compute_share: 0.3               # optional: emulate a slower processor, a fraction of one
                                          # host core (local benchmarks; default: not paced)
+        torch_threads: 2                 # optional: torch threads of an agent `potluck up` starts
+                                         # (default: a fair share of the host's cores)
         labels: [gpu, laptop]            # optional, free-form
 
 Every error names the field and the node, e.g. `nodes[1].address (node 'pi'): ...`.
@@ -32,7 +36,7 @@ import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from scheduler.types import NodeId, NodeSpec
-from server.units import UnitError, parse_rate, parse_size
+from server.units import UnitError, parse_duration, parse_rate, parse_size
 
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
 
@@ -47,8 +51,9 @@ class NodeProfile:
 
     expert_memory_bytes: int  # expert buffer budget, bytes
     disk_bytes_per_s: float  # expert store read bandwidth, bytes/s
-    link_bytes_per_s: float  # send bandwidth to peers, bytes/s
+    link_bytes_per_s: float  # link bandwidth, each direction, bytes/s
     compute_share: float = 0.0  # emulated compute, fraction of one host core (benchmarks)
+    link_latency_s: float = 0.0  # emulated one-way delay of each message the agent sends, seconds
 
 
 def _size(value: Any) -> int:
@@ -65,8 +70,16 @@ def _rate(value: Any) -> float:
         raise ValueError(str(exc)) from None
 
 
+def _duration(value: Any) -> float:
+    try:
+        return parse_duration(value)
+    except UnitError as exc:
+        raise ValueError(str(exc)) from None
+
+
 Size = Annotated[int, BeforeValidator(_size)]
 Rate = Annotated[float, BeforeValidator(_rate)]
+Duration = Annotated[float, BeforeValidator(_duration)]
 
 
 def split_address(address: str) -> tuple[str, int]:
@@ -100,7 +113,12 @@ class NodeEntry(BaseModel):
     expert_memory: Size
     disk_bandwidth: Rate = 0.0
     link_bandwidth: Rate = 0.0
+    link_latency: Duration = 0.0
     compute_share: float = Field(0.0, ge=0, le=1)
+    # torch intra-op threads of an agent that `potluck up` starts (remote agents take their own
+    # --torch-threads); None: a fair share of this host's cores. For benchmarks that give every
+    # agent the thread count of a baseline.
+    torch_threads: int | None = Field(None, ge=1)
     labels: tuple[str, ...] = ()
 
     @field_validator("name")
@@ -118,7 +136,8 @@ class NodeEntry(BaseModel):
 
     @property
     def profile(self) -> NodeProfile:
-        return NodeProfile(self.expert_memory, self.disk_bandwidth, self.link_bandwidth, self.compute_share)
+        return NodeProfile(self.expert_memory, self.disk_bandwidth, self.link_bandwidth, self.compute_share,
+                           self.link_latency)
 
 
 class Inventory(BaseModel):

@@ -108,7 +108,8 @@ def launches_from_inventory(inventory: Inventory, cores: int | None = None,
     if taken:
         raise InventoryError(f"these nodes would listen on the API's port: {', '.join(taken)}; give them another port")
     threads = threads_per_agent(len(inventory.nodes), cores or available_cores())
-    return [AgentLaunch(n.name, n.address, n.profile, _threads(n.profile, threads)) for n in inventory.nodes]
+    return [AgentLaunch(n.name, n.address, n.profile, _threads(n.profile, n.torch_threads or threads))
+            for n in inventory.nodes]
 
 
 def _threads(profile: NodeProfile, fair: int) -> int:
@@ -136,7 +137,7 @@ class LocalAgents:
             "--listen", launch.listen, "--model", str(self.model_dir), "--name", launch.name,
             "--expert-memory", str(p.expert_memory_bytes),
             "--disk-bandwidth", f"{p.disk_bytes_per_s:f}", "--link-bandwidth", f"{p.link_bytes_per_s:f}",
-            "--compute-share", f"{p.compute_share:f}",
+            "--link-latency", f"{p.link_latency_s:.9f}s", "--compute-share", f"{p.compute_share:f}",
             "--torch-threads", str(launch.torch_threads), "--log-level", self.log_level,
         ]  # fmt: skip
 

@@ -110,6 +110,7 @@ _AGENT_GAUGES = (
     ("potluck_agent_up", "1 if the scheduler reaches the agent, else 0.", "up"),
     ("potluck_agent_expert_cache_bytes", "Expert buffer bytes resident now.", "bytes_used"),
     ("potluck_agent_expert_cache_capacity_bytes", "Expert buffer budget in bytes (0 = unlimited).", "capacity_bytes"),
+    ("potluck_agent_requests", "Requests the agent holds state for (prefill K/V or a decode cache).", "requests"),
 )
 
 

@@ -43,9 +43,10 @@ class ServerOptions:
     api_key: str | None  # Bearer key required on /v1/*; None = open
     served_model_name: str  # model id in /v1/models and in requests
     max_waiting: int  # queued requests before 429
-    max_running: int  # requests computed at once
+    max_running: int  # requests prefilling or decoding at once
     policy: Policy  # prefill policy and ablations
     log_level: str  # "DEBUG" | "INFO" | ...
+    prefill_chunk: int = 512  # prompt tokens per prefill step while other requests decode
 
 
 class Shutdown(BaseException):
@@ -57,7 +58,8 @@ def engine_opener(options: ServerOptions, nodes: Sequence[NodeSpec]) -> EngineOp
     async def open_engine() -> AsyncIterator[Engine]:
         from scheduler.service import EngineSettings, start_engine
 
-        settings = EngineSettings(max_waiting=options.max_waiting, max_running=options.max_running)
+        settings = EngineSettings(max_waiting=options.max_waiting, max_running=options.max_running,
+                                  prefill_chunk=options.prefill_chunk)
         try:
             service = await start_engine(options.model_dir, nodes, settings, options.policy)
         except NoAgentsAvailable as exc:

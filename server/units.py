@@ -1,13 +1,16 @@
-"""Human-friendly sizes and rates for device profiles: `512MiB`, `2GiB`, `50MB/s`, `1Gbit/s`.
+"""Human-friendly sizes, rates and durations for device profiles: `512MiB`, `50MB/s`, `2ms`.
 
     parse_size("1.5GiB") == 1610612736        # bytes (int); "unlimited" / "0" -> 0
     parse_rate("100Mbit/s") == 12_500_000.0   # bytes per second (float); "unlimited" -> 0.0
+    parse_duration("500us") == 0.0005         # seconds (float); "0" / "none" -> 0.0
 
 0 means unlimited everywhere in potluck (the agents' `DeviceProfile` uses the same convention).
 Suffixes are case-insensitive: `KiB/MiB/GiB/TiB` (and `Ki`, `Mi`, ...) are powers of 1024,
 `kB/MB/GB/TB` (and `k`, `M`, ...) are powers of 1000, `B` is one byte. In a rate, `bit/s`
 (e.g. `Mbit/s`) counts bits (8 per byte); every other unit counts bytes. A bare `b` is not
 accepted as "bit" because case-insensitive parsing could not tell it from `B`.
+A duration needs a unit, `s`, `ms` or `us` (also `µs`), unless it is 0: a bare `2` could mean
+seconds or milliseconds, and guessing wrong is off by a thousand.
 """
 
 from __future__ import annotations
@@ -36,9 +39,13 @@ _RATE_RE = re.compile(
     _NUMBER + r"\s*(?P<prefix>[kmgt]i?)?(?P<unit>bits?|b)?\s*(?P<per>/\s*s|ps)?", re.IGNORECASE
 )
 
+_DURATION_RE = re.compile(_NUMBER + r"\s*(?P<unit>s|ms|us|[\u00b5\u03bc]s)?", re.IGNORECASE)  # micro sign or mu
+_SECONDS = {"s": 1.0, "ms": 1e-3, "us": 1e-6, "\u00b5s": 1e-6, "\u03bcs": 1e-6}  # by lower-cased unit
+NO_DURATION = ("none",)  # words meaning "no delay" (returned as 0)
+
 
 class UnitError(ValueError):
-    """A size or rate that cannot be parsed; the message quotes the value."""
+    """A size, rate or duration that cannot be parsed; the message quotes the value."""
 
 
 def parse_size(value: str | int | float) -> int:
@@ -80,6 +87,25 @@ def parse_rate(value: str | int | float) -> float:
     per_unit = 1 / 8 if unit.startswith("bit") else 1
     prefix = (match["prefix"] or "").lower()
     return _non_negative(float(match["num"]) * _PREFIX[prefix] * per_unit, value)
+
+
+def parse_duration(value: str | int | float) -> float:
+    """Seconds in `value` (`2ms`, `500us`, `0.002s`, `0`); 0 means no delay. Only 0 may omit the unit."""
+    if isinstance(value, bool):
+        raise UnitError(f"invalid duration {value!r}: expected e.g. '2ms', '500us' or '0.01s'")
+    if isinstance(value, int | float):
+        if value != 0:
+            raise UnitError(f"invalid duration {value!r}: give a unit, e.g. '{value}ms' or '{value}s'")
+        return 0.0
+    text = value.strip()
+    if text.lower() in NO_DURATION:
+        return 0.0
+    match = _DURATION_RE.fullmatch(text)
+    if match is None:
+        raise UnitError(f"invalid duration {value!r}: expected e.g. '2ms', '500us', '0.01s' or '0'")
+    if match["unit"] is None and float(match["num"]) != 0:
+        raise UnitError(f"invalid duration {value!r}: give a unit, e.g. '{text}ms' or '{text}s'")
+    return _non_negative(float(match["num"]) * _SECONDS[(match["unit"] or "s").lower()], value)
 
 
 def format_size(num_bytes: int) -> str:

@@ -238,6 +238,65 @@ def merge(parts: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
     return merge_lse(parts)[0]
 
 
+class RopeTable:
+    """cos/sin rows of the rotary embedding by position, computed once (as `rope_tables` does, so
+    the values are the same) and grown by doubling as positions reach past it: a decode step then
+    gathers rows instead of recomputing the table."""
+
+    def __init__(self, head_dim: int, theta: float, dtype: torch.dtype, positions: int = 256) -> None:
+        self.head_dim, self.theta, self.dtype = head_dim, theta, dtype
+        self.cos, self.sin = rope_tables(torch.arange(positions), head_dim, theta, dtype)  # [P, 1, hd]
+
+    def at(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [T, 1, hd] at positions [T]."""
+        top = int(positions.max()) + 1 if positions.numel() else 0
+        if top > self.cos.shape[0]:
+            size = max(top, 2 * self.cos.shape[0])
+            self.cos, self.sin = rope_tables(torch.arange(size), self.head_dim, self.theta, self.dtype)
+        return self.cos[positions], self.sin[positions]
+
+
+def qkv_at(w: LayerWeights, cfg: MoeConfig, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`qkv` with the rotary tables given (cos, sin [T, 1, hd] from a `RopeTable`)."""
+    x = rms_norm(h, w.input_norm, cfg.rms_eps)
+    T = x.shape[0]
+    q = F.linear(x, w.q).view(T, cfg.num_heads, cfg.head_dim)
+    k = F.linear(x, w.k).view(T, cfg.num_kv_heads, cfg.head_dim)
+    v = F.linear(x, w.v).view(T, cfg.num_kv_heads, cfg.head_dim)
+    if w.q_norm is not None and w.k_norm is not None:
+        q, k = rms_norm(q, w.q_norm, cfg.rms_eps), rms_norm(k, w.k_norm, cfg.rms_eps)
+    return rope(q, cos, sin), rope(k, cos, sin), v
+
+
+def attend_cached(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """One decode query q [H, hd] over every key of its request's cache k/v [KVH, S, hd] (all of
+    them precede it) -> [H, hd]. The kernel maps query heads to K/V heads itself (GQA)."""
+    out = F.scaled_dot_product_attention(q[None, :, None], k[None], v[None], enable_gqa=k.shape[0] != q.shape[0])
+    return out[0, :, 0]
+
+
+def mix_experts(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, experts: Mapping[int, ExpertWeights]
+                ) -> torch.Tensor | None:
+    """Weighted sum [n, D] of the experts in `experts` over the (token, slot) pairs of ids [n, k]
+    that name them, or None if none does. For decode's few rows: the pairs are grouped in Python
+    (cheaper than `SlotGroups` on a handful of ints), one matmul chain per expert."""
+    k = ids.shape[1]
+    slots: dict[int, list[int]] = {}
+    for i, e in enumerate(ids.flatten().tolist()):
+        if e in experts:
+            slots.setdefault(e, []).append(i)
+    if not slots:
+        return None
+    out = torch.zeros_like(x)
+    flat_w = weights.flatten()
+    for e, pairs in slots.items():
+        idx = torch.tensor(pairs)
+        rows = idx // k
+        out.index_add_(0, rows, swiglu(experts[e], x[rows]) * flat_w[idx, None])
+    return out
+
+
 def attention_output(w: LayerWeights, h: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
     """o_proj + residual. attn [T,H,hd] -> h [T,D]."""
     return h + F.linear(attn.reshape(attn.shape[0], -1), w.o)

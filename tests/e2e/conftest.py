@@ -134,7 +134,7 @@ def potluck(qwen_tiny: Path, e2e_dir: Path) -> Iterator[PotluckUp]:
 @pytest.fixture(scope="session")
 def guarded(qwen_tiny: Path, e2e_dir: Path) -> Iterator[PotluckUp]:
     """A second server with an API key and no waiting room (a request beyond the running one: 429)."""
-    server = start_up(qwen_tiny, e2e_dir, "--api-key", API_KEY, "--max-waiting", "0",
+    server = start_up(qwen_tiny, e2e_dir, "--api-key", API_KEY, "--max-waiting", "0", "--max-running", "1",
                       "--served-model-name", "tiny-guarded")  # fmt: skip
     yield server
     assert server.stop() == 0, server.log_tail()

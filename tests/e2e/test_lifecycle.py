@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -22,6 +23,7 @@ MESSAGES: list[ChatCompletionMessageParam] = [{"role": "user", "content": "Tell 
 # Greedy, so whether an end-of-sequence token cuts the request short is decided once, not by chance
 # (with sampling, an early EOS now and then finished the "long" request before the test could act).
 LONG = {"messages": MESSAGES, "max_tokens": 1500, "temperature": 0}
+MAX_RUNNING = 4  # `potluck up`'s default --max-running
 
 
 def wait_idle(base_url: str, within_s: float) -> float:
@@ -50,16 +52,21 @@ def test_stream_client_disconnect_cancels_the_request(base_url: str, client: Ope
 def test_a_queued_stream_whose_client_leaves_never_runs(base_url: str, model_id: str) -> None:
     body = {**LONG, "model": model_id, "stream": True}
     url = f"{base_url}/v1/chat/completions"
-    with httpx.stream("POST", url, json=body, timeout=60) as running:
-        # Keep the line iterators referenced: dropping one closes the connection (a disconnect).
-        running_lines = running.iter_lines()
-        next(line for line in running_lines if '"content":"' in line and '"role"' not in line)
-        with httpx.stream("POST", url, json=body, timeout=60) as queued:
-            queued_lines = queued.iter_lines()
-            next(line for line in queued_lines if line.startswith("data: "))  # the role chunk
-            health = httpx.get(f"{base_url}/health").json()
-            assert (health["running"], health["waiting"]) == (1, 1), health
-    # Both left: the running one is cancelled, and the queued one is dropped before it starts.
+    with contextlib.ExitStack() as streams:
+        # As many running streams as the server runs at once (its default --max-running), each
+        # past its first content chunk. Keep the line iterators referenced: dropping one closes
+        # the connection (a disconnect).
+        lines = []
+        for _ in range(MAX_RUNNING):
+            running = streams.enter_context(httpx.stream("POST", url, json=body, timeout=60))
+            lines.append(running.iter_lines())
+            next(line for line in lines[-1] if '"content":"' in line and '"role"' not in line)
+        queued = streams.enter_context(httpx.stream("POST", url, json=body, timeout=60))
+        lines.append(queued.iter_lines())
+        next(line for line in lines[-1] if line.startswith("data: "))  # the role chunk
+        health = httpx.get(f"{base_url}/health").json()
+        assert (health["running"], health["waiting"]) == (MAX_RUNNING, 1), health
+    # All left: the running ones are cancelled, and the queued one is dropped before it starts.
     wait_idle(base_url, within_s=5)
 
 

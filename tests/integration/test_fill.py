@@ -104,6 +104,10 @@ async def test_engine_fills_after_each_request(qwen_tiny: Path) -> None:
         finally:
             await engine.stop()
         # The second request runs each expert where it is held: the last layer's experts, which a
-        # prefill reads for its final token only, are there too.
+        # prefill reads for its final token only, are there too. No read waits on the disk; the
+        # only reads are the home's copies, into its free memory, of experts its decode steps ran
+        # on a holder.
         assert [s.misses for s in after] == [s.misses for s in before]
-        assert [s.bytes_read for s in after] == [s.bytes_read for s in before]
+        fills = [a.fills - b.fills for a, b in zip(after, before)]
+        assert [a.bytes_read - b.bytes_read for a, b in zip(after, before)] == [f * size for f in fills]
+        assert sum(s.decode_remote_experts for s in after) > 0

@@ -10,7 +10,8 @@ import yaml
 
 from scheduler.types import NodeId, NodeSpec
 from server.inventory import InventoryError, NodeProfile, is_loopback, load_inventory, parse_inventory, split_address
-from server.launcher import launches_from_inventory
+from server.cli import build_parser
+from server.launcher import LocalAgents, launches_from_inventory
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 
@@ -50,6 +51,15 @@ def test_converts_to_node_specs_and_profiles() -> None:
     assert paced.profiles()["pi"].compute_share == 0.3  # type: ignore[index]
 
 
+def test_link_latency_reaches_the_launched_agents_command_line() -> None:
+    inventory = parse_inventory({"nodes": [node(link_latency="2ms"), node("b", "127.0.0.1:50052")]})
+    assert [n.profile.link_latency_s for n in inventory.nodes] == [0.002, 0.0]
+    launches = launches_from_inventory(inventory, cores=2)
+    command = LocalAgents(Path("/m"), launches).command(launches[0])
+    args = build_parser().parse_args(command[3:])
+    assert args.link_latency == pytest.approx(0.002)
+
+
 def test_relative_model_path_is_from_the_file(tmp_path: Path) -> None:
     path = tmp_path / "inv.yaml"
     path.write_text(yaml.safe_dump({"model": "models/m", "nodes": [node()]}))
@@ -66,6 +76,7 @@ def test_relative_model_path_is_from_the_file(tmp_path: Path) -> None:
         ({"nodes": [node(expert_memory="1GiX")]}, "nodes[0].expert_memory (node 'a'): invalid size '1GiX'"),
         ({"nodes": [node(disk_bandwidth="5MB")]}, "nodes[0].disk_bandwidth (node 'a'): invalid rate '5MB'"),
         ({"nodes": [node(link_bandwidth="fast")]}, "nodes[0].link_bandwidth (node 'a'): invalid rate 'fast'"),
+        ({"nodes": [node(link_latency="2")]}, "nodes[0].link_latency (node 'a'): invalid duration '2': give a unit"),
         ({"nodes": [node(compute_share=3)]}, "nodes[0].compute_share (node 'a'): Input should be less than or equal to 1"),
         ({"nodes": [{"name": "a", "address": "127.0.0.1:1"}]}, "nodes[0].expert_memory (node 'a'): Field required"),
         ({"nodes": [node(colour="red")]}, "nodes[0].colour (node 'a'): Extra inputs are not permitted"),

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from scheduler.partition import after_step, contiguous_prefill, decode_step
+from protos.ids import ExpertId
+from scheduler.decode_plan import choose_home, routing_table, same_holders
+from scheduler.partition import after_step, chunk_step, contiguous_prefill, zigzag_prefill
 from scheduler.routing import resident_first
 from scheduler.types import LayerReport, NodeId
 
@@ -23,13 +25,36 @@ def test_contiguous_prefill_covers_every_token_once(n: int, k: int) -> None:
     assert all(len(s.token_ids) == len(s.positions) for s in plan.shards)
 
 
-def test_decode_goes_to_the_agent_with_fewest_kv_entries() -> None:
-    plan = contiguous_prefill(list(range(7)), [A, B, C])  # 3, 2, 2
-    cached = after_step(plan)
-    assert cached == {A: 3, B: 2, C: 2}
-    step = decode_step(1, 42, 7, cached)
-    assert step.shards[0].node == B and step.shards[0].positions == (7,)
-    assert after_step(step) == {A: 3, B: 3, C: 2}
+def test_prompt_chunks_follow_one_another_with_the_kv_each_agent_holds() -> None:
+    tokens = list(range(100, 110))
+    first = chunk_step(zigzag_prefill(tokens[:6], [A, B]), 0, 0, {})
+    cached = after_step(first)
+    second = chunk_step(zigzag_prefill(tokens[6:], [A, B]), 6, 1, cached)
+    assert second.step == 1 and second.cached == {A: 3, B: 3}
+    positions = sorted(p for plan in (first, second) for s in plan.shards for p in s.positions)
+    assert positions == list(range(10))  # every position once, in absolute terms
+    assert {t for s in second.shards for t, p in zip(s.token_ids, s.positions)} == {tokens[p] for p in range(6, 10)}
+    assert all(tokens[p] == t for s in second.shards for t, p in zip(s.token_ids, s.positions))
+
+
+def test_home_is_the_least_loaded_agent_then_the_one_holding_most_kv() -> None:
+    assert choose_home([A, B, C], {A: 1}, {A: 5, B: 2, C: 3}) == C
+    assert choose_home([A, B, C], {}, {A: 2, B: 2, C: 2}) == A  # ties: the first in order
+    assert choose_home([A, B], {A: 2, B: 3}, {}) == A
+    with pytest.raises(ValueError):
+        choose_home([], {}, {})
+
+
+def test_routing_table_lists_every_holder_and_rotates_the_preferred_one() -> None:
+    held = {A: frozenset({ExpertId(0, 0), ExpertId(0, 1)}), B: frozenset({ExpertId(0, 0), ExpertId(0, 1)}),
+            C: frozenset({ExpertId(1, 3)})}
+    table = routing_table(7, {A: "a:1", B: "b:1", C: "c:1", NodeId("gone"): "g:1"}, held)
+    assert table.version == 7 and set(table.addresses) == {A, B, C}
+    assert table.holders[ExpertId(0, 0)] == (A, B) and table.holders[ExpertId(0, 1)] == (B, A)
+    assert table.remote_holder(ExpertId(0, 1), B) == A  # never the asking agent itself
+    assert table.remote_holder(ExpertId(1, 3), C) is None and table.remote_holder(ExpertId(1, 2), A) is None
+    assert same_holders(table, routing_table(8, {A: "a:1", B: "b:1", C: "c:1"}, held))
+    assert not same_holders(table, routing_table(8, {A: "a:1", B: "b:1"}, {A: held[A], B: held[B]}))
 
 
 def report(node: NodeId, counts: list[int], resident: set[int] = set(), loading: set[int] = set()) -> LayerReport:

@@ -43,6 +43,20 @@ def test_bad_values_are_refused_with_the_value_quoted(capsys: pytest.CaptureFixt
         build_parser().parse_args(["up", "--agents", "2", "--inventory", "x.yaml"])  # one or the other
 
 
+def test_link_latency_needs_a_unit_and_reaches_the_agent(capsys: pytest.CaptureFixture[str]) -> None:
+    agent = ["agent", "--listen", "127.0.0.1:1", "--model", "m"]
+    for text, seconds in (("1ms", 1e-3), ("500us", 500e-6), ("0", 0.0)):
+        assert build_parser().parse_args([*agent, "--link-latency", text]).link_latency == pytest.approx(seconds)
+    assert build_parser().parse_args(agent).link_latency == 0.0
+    for bad in ("-1ms", "abc", "2"):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args([*agent, f"--link-latency={bad}"])  # '=': argparse reads -1ms as a flag
+        assert repr(bad) in capsys.readouterr().err
+    launches = plan_local_agents(1, NodeProfile(0, 0, 0, link_latency_s=0.0025), cores=2)
+    args = build_parser().parse_args(LocalAgents(Path("/m"), launches).command(launches[0])[3:])
+    assert args.link_latency == pytest.approx(0.0025)
+
+
 def test_up_starts_agents_with_their_profile_and_a_fair_share_of_cores() -> None:
     profile = NodeProfile(3 * 1024**2, 12.5e6, 1.25e8)
     launches = plan_local_agents(2, profile, cores=2)

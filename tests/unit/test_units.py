@@ -1,10 +1,11 @@
-"""SIZE and RATE parsing: binary and decimal suffixes, bits vs bytes, 'unlimited', quoted errors."""
+"""SIZE, RATE and DURATION parsing: binary and decimal suffixes, bits vs bytes, 'unlimited', units
+required on durations, quoted errors."""
 
 from __future__ import annotations
 
 import pytest
 
-from server.units import UnitError, format_rate, format_size, parse_rate, parse_size
+from server.units import UnitError, format_rate, format_size, parse_duration, parse_rate, parse_size
 
 KiB, MiB, GiB = 1024, 1024**2, 1024**3
 
@@ -85,3 +86,37 @@ def test_format_round_trips_for_people() -> None:
     assert format_rate(50e6) == "50 MB/s"
     assert format_rate(0) == "unlimited"
     assert parse_size(format_size(3 * GiB).replace(" ", "")) == 3 * GiB
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("1ms", 1e-3),
+        ("500us", 500e-6),
+        ("500\u00b5s", 500e-6),
+        ("0.002s", 0.002),
+        ("2 MS", 0.002),
+        (" 1.5s ", 1.5),
+        ("0", 0.0),
+        ("0.0", 0.0),
+        ("none", 0.0),
+        (0, 0.0),
+    ],
+)
+def test_parse_duration(text: str | int, expected: float) -> None:
+    assert parse_duration(text) == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("text", ["-1ms", "abc", "", "1e3ms", "5 min", "1m", "2ns"])
+def test_bad_duration_quotes_the_value(text: str) -> None:
+    with pytest.raises(UnitError, match=repr(text)):
+        parse_duration(text)
+
+
+@pytest.mark.parametrize("value", ["2", "0.5", 2, 0.002])
+def test_a_duration_other_than_zero_needs_a_unit(value: str | float) -> None:
+    # A bare 2 could be seconds or milliseconds: refused rather than guessed.
+    with pytest.raises(UnitError, match="give a unit"):
+        parse_duration(value)
+    with pytest.raises(UnitError):
+        parse_duration(True)

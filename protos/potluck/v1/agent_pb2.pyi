@@ -31,7 +31,7 @@ class DeviceProfile(_message.Message):
     def __init__(self, expert_memory_bytes: _Optional[int] = ..., disk_bytes_per_s: _Optional[float] = ..., link_bytes_per_s: _Optional[float] = ..., compute_share: _Optional[float] = ..., link_latency_s: _Optional[float] = ...) -> None: ...
 
 class CacheCounters(_message.Message):
-    __slots__ = ("hits", "misses", "loads", "evictions", "bytes_read", "bytes_sent", "bytes_used", "capacity_bytes", "attention_seconds", "prefetches", "predicted_used", "used", "compute_overrun_seconds", "early_experts_used", "early_experts_dropped", "fills", "fill_preemptions", "direct_experts_sent", "decode_steps", "decode_tokens", "decode_round_trips", "decode_remote_experts")
+    __slots__ = ("hits", "misses", "loads", "evictions", "bytes_read", "bytes_sent", "bytes_used", "capacity_bytes", "attention_seconds", "prefetches", "predicted_used", "used", "compute_overrun_seconds", "early_experts_used", "early_experts_dropped", "fills", "fill_preemptions", "direct_experts_sent", "decode_steps", "decode_tokens", "decode_round_trips", "decode_remote_experts", "requests")
     HITS_FIELD_NUMBER: _ClassVar[int]
     MISSES_FIELD_NUMBER: _ClassVar[int]
     LOADS_FIELD_NUMBER: _ClassVar[int]
@@ -54,6 +54,7 @@ class CacheCounters(_message.Message):
     DECODE_TOKENS_FIELD_NUMBER: _ClassVar[int]
     DECODE_ROUND_TRIPS_FIELD_NUMBER: _ClassVar[int]
     DECODE_REMOTE_EXPERTS_FIELD_NUMBER: _ClassVar[int]
+    REQUESTS_FIELD_NUMBER: _ClassVar[int]
     hits: int
     misses: int
     loads: int
@@ -76,7 +77,8 @@ class CacheCounters(_message.Message):
     decode_tokens: int
     decode_round_trips: int
     decode_remote_experts: int
-    def __init__(self, hits: _Optional[int] = ..., misses: _Optional[int] = ..., loads: _Optional[int] = ..., evictions: _Optional[int] = ..., bytes_read: _Optional[int] = ..., bytes_sent: _Optional[int] = ..., bytes_used: _Optional[int] = ..., capacity_bytes: _Optional[int] = ..., attention_seconds: _Optional[float] = ..., prefetches: _Optional[int] = ..., predicted_used: _Optional[int] = ..., used: _Optional[int] = ..., compute_overrun_seconds: _Optional[float] = ..., early_experts_used: _Optional[int] = ..., early_experts_dropped: _Optional[int] = ..., fills: _Optional[int] = ..., fill_preemptions: _Optional[int] = ..., direct_experts_sent: _Optional[int] = ..., decode_steps: _Optional[int] = ..., decode_tokens: _Optional[int] = ..., decode_round_trips: _Optional[int] = ..., decode_remote_experts: _Optional[int] = ...) -> None: ...
+    requests: int
+    def __init__(self, hits: _Optional[int] = ..., misses: _Optional[int] = ..., loads: _Optional[int] = ..., evictions: _Optional[int] = ..., bytes_read: _Optional[int] = ..., bytes_sent: _Optional[int] = ..., bytes_used: _Optional[int] = ..., capacity_bytes: _Optional[int] = ..., attention_seconds: _Optional[float] = ..., prefetches: _Optional[int] = ..., predicted_used: _Optional[int] = ..., used: _Optional[int] = ..., compute_overrun_seconds: _Optional[float] = ..., early_experts_used: _Optional[int] = ..., early_experts_dropped: _Optional[int] = ..., fills: _Optional[int] = ..., fill_preemptions: _Optional[int] = ..., direct_experts_sent: _Optional[int] = ..., decode_steps: _Optional[int] = ..., decode_tokens: _Optional[int] = ..., decode_round_trips: _Optional[int] = ..., decode_remote_experts: _Optional[int] = ..., requests: _Optional[int] = ...) -> None: ...
 
 class InfoRequest(_message.Message):
     __slots__ = ()
@@ -321,18 +323,20 @@ class AttendReply(_message.Message):
     def __init__(self, output: _Optional[_Union[Tensor, _Mapping]] = ..., lse: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class ExpertBatch(_message.Message):
-    __slots__ = ("request_id", "layer", "hidden", "expert_ids", "weights")
+    __slots__ = ("request_id", "layer", "hidden", "expert_ids", "weights", "decode")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     LAYER_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_FIELD_NUMBER: _ClassVar[int]
     EXPERT_IDS_FIELD_NUMBER: _ClassVar[int]
     WEIGHTS_FIELD_NUMBER: _ClassVar[int]
+    DECODE_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     layer: int
     hidden: Tensor
     expert_ids: Tensor
     weights: Tensor
-    def __init__(self, request_id: _Optional[str] = ..., layer: _Optional[int] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., expert_ids: _Optional[_Union[Tensor, _Mapping]] = ..., weights: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    decode: bool
+    def __init__(self, request_id: _Optional[str] = ..., layer: _Optional[int] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., expert_ids: _Optional[_Union[Tensor, _Mapping]] = ..., weights: _Optional[_Union[Tensor, _Mapping]] = ..., decode: _Optional[bool] = ...) -> None: ...
 
 class ExpertResult(_message.Message):
     __slots__ = ("output",)

@@ -1,0 +1,324 @@
+"""Decode on a request's home agent: the scheduler out of the layer loop.
+
+    AdoptKV   -> KVCache (preallocated [L, KVH, capacity, hd]; the prompt's K/V from this agent's
+                 prefill shard, and from the other agents' shards pulled layer by layer in the
+                 background, each layer's `ready` set when all its rows are in)
+    DecodeStep(tokens of every request homed here) -> per layer, one compute job:
+                 combine the previous layer's remote expert outputs, attention over each
+                 request's cache, router, then the experts this agent holds; the other experts'
+                 tokens are handed to the event loop from inside the job (`Dispatch`), which
+                 sends them to their holders (RoutingTable) while the job computes -> logits
+
+A step waits on peers at most once per layer (the remote holders, in parallel; or K/V still
+arriving), and not at all when every expert it needs is resident here. Peers are reached through
+an injected transport and torch work goes through the agent's compute thread, as in prefill.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+
+from node_agent.attention import Compute
+from node_agent.expert_buffer import ExpertBuffer
+from node_agent.model import moe
+from node_agent.model.config import MoeConfig
+from node_agent.state import KVShard, UnknownRequest
+from protos.ids import ExpertId, NodeId
+from protos.routing import RoutingTable
+
+Rows = tuple[torch.Tensor, torch.Tensor]  # (token rows [m], their expert output [m, D]) to add to h
+
+
+class DecodePeers(Protocol):
+    async def run_experts(self, address: str, request_id: str, layer: int, x: torch.Tensor, ids: torch.Tensor,
+                          weights: torch.Tensor, decode: bool = False) -> torch.Tensor: ...
+    async def fetch_kv(self, address: str, request_id: str, layer: int) -> KVShard: ...
+
+
+class KVNotReady(RuntimeError):
+    """The prompt's K/V could not be gathered on the home (a source failed or rows are missing)."""
+
+
+@dataclass
+class KVCache:
+    """One request's K/V on its home agent, preallocated for every position it can reach."""
+
+    k: torch.Tensor  # [L, KVH, capacity, hd], RoPE applied
+    v: torch.Tensor  # [L, KVH, capacity, hd]
+    prompt: int  # positions 0..prompt-1 come from the prefill
+    ready: list[asyncio.Event]  # per layer: every prompt row is in
+    filled: list[int]  # per layer: prompt rows in so far
+    error: BaseException | None = None  # why the prompt's K/V could not be gathered
+    fetch: asyncio.Task[None] | None = None  # the background pull from the other agents
+
+    @classmethod
+    def allocate(cls, cfg: MoeConfig, capacity: int, prompt: int, dtype: torch.dtype) -> KVCache:
+        shape = (cfg.num_layers, cfg.num_kv_heads, capacity, cfg.head_dim)
+        return cls(torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype), prompt,
+                   [asyncio.Event() for _ in range(cfg.num_layers)], [0] * cfg.num_layers)
+
+    @property
+    def capacity(self) -> int:
+        return self.k.shape[2]
+
+    def put(self, layer: int, shard: KVShard) -> None:
+        """Rows of the prompt from one shard (any positions, each once)."""
+        pos = shard.pos
+        if pos.numel() and (int(pos.min()) < 0 or int(pos.max()) >= self.prompt):
+            raise KVNotReady(f"K/V rows at positions outside the prompt (0..{self.prompt - 1})")
+        self.k[layer, :, pos] = shard.k.transpose(0, 1).to(self.k.dtype)
+        self.v[layer, :, pos] = shard.v.transpose(0, 1).to(self.v.dtype)
+        self.filled[layer] += int(pos.numel())
+        if self.filled[layer] >= self.prompt:
+            self.ready[layer].set()
+
+    def fail(self, exc: BaseException) -> None:
+        self.error = exc
+        for event in self.ready:
+            event.set()  # waiters wake and find the error
+
+    async def wait(self, layer: int, timeout_s: float) -> bool:
+        """Wait until the layer's prompt K/V is in; returns whether it had to wait."""
+        waited = not self.ready[layer].is_set()
+        if waited:
+            try:
+                await asyncio.wait_for(self.ready[layer].wait(), timeout_s)
+            except TimeoutError:
+                raise TimeoutError(f"prompt K/V of layer {layer} did not arrive within {timeout_s}s") from None
+        if self.error is not None:
+            raise KVNotReady(f"the prompt's K/V could not be gathered: {self.error}") from self.error
+        if self.filled[layer] != self.prompt:
+            raise KVNotReady(f"layer {layer} got {self.filled[layer]} prompt K/V rows, expected {self.prompt}")
+        return waited
+
+
+@dataclass
+class _Dispatch:
+    """The expert work a layer job hands back to the event loop: set from the compute thread
+    through `call_soon_threadsafe`, so the sends start while the job runs the local experts."""
+
+    runs: list[asyncio.Future[Rows]] = field(default_factory=list)
+    remote: int = 0  # (expert, holder) runs sent to peers
+
+
+@dataclass(frozen=True)
+class DecodeBatch:
+    """One step's tokens on this home, one per request."""
+
+    request_ids: tuple[str, ...]
+    token_ids: torch.Tensor  # [B] int64
+    positions: torch.Tensor  # [B] int64
+    caches: tuple[KVCache, ...]
+
+
+class Decoder:
+    """Runs decode steps for the requests homed on this agent."""
+
+    def __init__(self, name: str, cfg: MoeConfig, dense: moe.DenseWeights, buffer: ExpertBuffer,
+                 peers: DecodePeers, compute: Compute, peer_timeout_s: float = 120.0) -> None:
+        self.name, self.cfg, self.dense, self.buffer, self.peers = name, cfg, dense, buffer, peers
+        self.compute = compute
+        self.peer_timeout_s = peer_timeout_s
+        self.rope = moe.RopeTable(cfg.head_dim, cfg.rope_theta, dense.embed.dtype)
+        self.caches: dict[str, KVCache] = {}
+        self.table = RoutingTable()
+        self.steps = 0  # decode steps run
+        self.tokens = 0  # tokens decoded
+        self.round_trips = 0  # synchronous waits on peers (see DecodeStepReply.round_trips)
+        self.remote_experts = 0  # (layer, expert) runs sent to remote holders
+
+    # K/V ------------------------------------------------------------------------------------
+
+    def adopt(self, request_id: str, capacity: int, prompt: int, own: dict[int, KVShard],
+              sources: Sequence[tuple[str, str]]) -> int:
+        """Become the request's home: a cache for `capacity` positions holding my own prefill
+        shard now and the sources' (name, address) shards as they arrive; returns my rows."""
+        if not 0 < prompt < capacity <= self.cfg.max_positions:
+            raise ValueError(f"K/V capacity {capacity} must exceed the prompt ({prompt} tokens) and fit the "
+                             f"model's context ({self.cfg.max_positions})")
+        if request_id in self.caches:
+            raise ValueError(f"request {request_id!r} already decodes on agent {self.name!r}")
+        cache = KVCache.allocate(self.cfg, capacity, prompt, self.dense.embed.dtype)
+        for layer, shard in own.items():
+            cache.put(layer, shard)
+        self.caches[request_id] = cache
+        if sources:
+            cache.fetch = asyncio.ensure_future(self._pull(request_id, cache, sources))
+        else:
+            for layer in range(self.cfg.num_layers):
+                cache.ready[layer].set()  # checked against `filled` when a step waits on it
+        return int(own[0].pos.numel()) if 0 in own else 0
+
+    async def _pull(self, request_id: str, cache: KVCache, sources: Sequence[tuple[str, str]]) -> None:
+        """Every source's K/V, layer by layer (the first decode step's layer 0 needs layer 0 first)."""
+        try:
+            for layer in range(self.cfg.num_layers):
+                shards = await asyncio.gather(*(self.peers.fetch_kv(a, request_id, layer) for _, a in sources))
+                for shard in shards:
+                    cache.put(layer, shard)
+                cache.ready[layer].set()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # the step that waits on this layer reports it
+            names = ", ".join(n for n, _ in sources)
+            cache.fail(RuntimeError(f"pulling K/V from {names}: {exc}"))
+
+    def release(self, request_id: str) -> None:
+        cache = self.caches.pop(request_id, None)
+        if cache is not None and cache.fetch is not None:
+            cache.fetch.cancel()
+
+    def set_table(self, table: RoutingTable) -> None:
+        if table.version >= self.table.version:  # a late, older table never replaces a newer one
+            self.table = table
+
+    # One step -------------------------------------------------------------------------------
+
+    def batch(self, tokens: Sequence[tuple[str, int, int]]) -> DecodeBatch:
+        """Check a step's (request id, token id, position) triples against the caches."""
+        if not tokens:
+            raise ValueError("a decode step needs at least one token")
+        seen: set[str] = set()
+        caches = []
+        for rid, token, pos in tokens:
+            cache = self.caches.get(rid)
+            if cache is None:
+                raise UnknownRequest(f"request {rid!r} does not decode on agent {self.name!r}")
+            if rid in seen:
+                raise ValueError(f"request {rid!r} appears twice in one decode step")
+            if not 0 <= token < self.cfg.vocab_size:
+                raise ValueError(f"token id {token} of {rid!r} is outside [0, {self.cfg.vocab_size})")
+            if not cache.prompt <= pos < cache.capacity:
+                raise ValueError(f"position {pos} of {rid!r} is outside its cache [{cache.prompt}, {cache.capacity})")
+            seen.add(rid)
+            caches.append(cache)
+        return DecodeBatch(tuple(t[0] for t in tokens), torch.tensor([t[1] for t in tokens]),
+                           torch.tensor([t[2] for t in tokens]), tuple(caches))
+
+    async def step(self, batch: DecodeBatch) -> tuple[torch.Tensor, int]:
+        """Logits [B, V] (float32) of the batch's next tokens, and the round trips it made."""
+        loop = asyncio.get_running_loop()
+        cos, sin = self.rope.at(batch.positions)
+        h: torch.Tensor | None = None
+        done: list[Rows] = []
+        trips = 0
+        for layer in range(self.cfg.num_layers):
+            waited = [await c.wait(layer, self.peer_timeout_s) for c in batch.caches]
+            trips += any(waited)
+            moe_layer = self.cfg.has_experts(layer)
+            held = self.buffer.pin_layer(layer) if moe_layer else {}
+            dispatch = _Dispatch()
+            used: list[int] = []
+            try:
+                h, used = await self.compute(self._layer, loop, dispatch, batch, layer, h, done, held, cos, sin)
+            finally:
+                if moe_layer:
+                    await self.buffer.unpin_layer(layer, held, used)
+            if dispatch.remote:
+                trips += 1
+                self.remote_experts += dispatch.remote
+            done = await _gather(dispatch.runs)
+        assert h is not None
+        logits = await self.compute(self._logits, h, done)
+        self.steps += 1
+        self.tokens += len(batch.request_ids)
+        self.round_trips += trips
+        return logits, trips
+
+    def _layer(self, loop: asyncio.AbstractEventLoop, dispatch: _Dispatch, batch: DecodeBatch, layer: int,
+               h: torch.Tensor | None, done: list[Rows], held: dict[int, moe.ExpertWeights], cos: torch.Tensor,
+               sin: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
+        """One layer on the compute thread: (new h [B, D], experts run here)."""
+        cfg, w = self.cfg, self.dense.layers[layer]
+        if h is None:
+            h = self.dense.embed[batch.token_ids]  # [B, D]
+        h = _with(h, done)
+        q, k, v = moe.qkv_at(w, cfg, h, cos, sin)  # [B, H, hd], [B, KVH, hd]
+        attn = torch.empty_like(q)
+        for i, (cache, pos) in enumerate(zip(batch.caches, batch.positions.tolist())):
+            cache.k[layer, :, pos] = k[i]
+            cache.v[layer, :, pos] = v[i]
+            attn[i] = moe.attend_cached(q[i], cache.k[layer, :, : pos + 1], cache.v[layer, :, : pos + 1])
+        h = moe.attention_output(w, h, attn)
+        x = moe.rms_norm(h, w.post_norm, cfg.rms_eps)  # [B, D]
+        if w.dense_mlp is not None:
+            return h + moe.swiglu(w.dense_mlp, x), []
+        ids, weights = moe.route(w, cfg, x)  # [B, k]
+        needed = set(ids.flatten().tolist())
+        elsewhere = sorted(needed - held.keys())
+        if elsewhere:  # sent while this thread runs the local experts
+            loop.call_soon_threadsafe(self._dispatch, dispatch, layer, x, ids, weights, elsewhere)
+        local = {e: held[e] for e in needed if e in held}
+        out = moe.mix_experts(x, ids, weights, local)
+        return (h if out is None else h + out), sorted(local)
+
+    def _dispatch(self, dispatch: _Dispatch, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
+                  experts: Sequence[int]) -> None:
+        """On the event loop: the layer's experts not resident here, each to a holder in the
+        routing table (one batch per holder), or read here if no other agent holds it. An expert
+        run remotely is also read into free memory here (never evicting), so a home with room
+        ends up running its requests' experts itself."""
+        by_holder: dict[str, list[int]] = {}
+        for e in experts:
+            eid = ExpertId(layer, e)
+            remote = self.table.remote_holder(eid, self.name)
+            if remote is not None:
+                self.buffer.fill(eid)
+            by_holder.setdefault(remote or self.name, []).append(e)
+        for holder, es in by_holder.items():
+            sub = _only(ids, es)
+            rows = (sub >= 0).any(dim=1).nonzero().flatten()
+            if holder == self.name:
+                run: Awaitable[torch.Tensor] = self._load_and_run(layer, x[rows], sub[rows], weights[rows], es)
+            else:
+                dispatch.remote += len(es)
+                address = self.table.addresses[NodeId(holder)]
+                run = self.peers.run_experts(address, "decode", layer, x[rows], sub[rows], weights[rows], decode=True)
+            dispatch.runs.append(asyncio.ensure_future(_rows(rows, run)))
+
+    async def _load_and_run(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
+                            experts: Sequence[int]) -> torch.Tensor:
+        out = torch.zeros_like(x)
+        for e in experts:  # the buffer bounds memory: one at a time, each pinned while it runs
+            async with self.buffer.pinned(ExpertId(layer, e)) as w:
+                part = await self.compute(moe.mix_experts, x, ids, weights, {e: w})
+                if part is not None:
+                    out += part
+        return out
+
+    def _logits(self, h: torch.Tensor, done: list[Rows]) -> torch.Tensor:
+        return moe.final_logits(self.dense, self.cfg, _with(h, done))
+
+
+def _with(h: torch.Tensor, done: list[Rows]) -> torch.Tensor:
+    """h plus the remote expert outputs of the previous layer."""
+    if not done:
+        return h
+    h = h.clone()
+    for rows, out in done:
+        h.index_add_(0, rows, out.to(h.dtype))
+    return h
+
+
+def _only(ids: torch.Tensor, experts: Sequence[int]) -> torch.Tensor:
+    inside = torch.isin(ids, torch.tensor(list(experts), dtype=ids.dtype))
+    return torch.where(inside, ids, torch.full_like(ids, -1))
+
+
+async def _gather(runs: list[asyncio.Future[Rows]]) -> list[Rows]:
+    """Every run's rows; if one fails, the others are cancelled (none is left running)."""
+    try:
+        return list(await asyncio.gather(*runs))
+    except BaseException:
+        for run in runs:
+            run.cancel()
+        raise
+
+
+async def _rows(rows: torch.Tensor, run: Awaitable[torch.Tensor]) -> Rows:
+    return rows, await run

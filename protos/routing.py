@@ -1,0 +1,23 @@
+"""The routing table both ends share: which agents hold which experts, published by the
+scheduler whenever placement changes and read by home agents to send decode tokens' expert work
+straight to a holder (protos/convert.py puts it on the wire)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from protos.ids import ExpertId, NodeId
+
+
+@dataclass(frozen=True)
+class RoutingTable:
+    """A hint, never needed for correctness: a holder that has dropped an expert reads it again
+    when asked to run it, and an expert no agent holds is read by the agent that needs it."""
+
+    version: int = 0  # increases with every table the scheduler publishes
+    addresses: dict[NodeId, str] = field(default_factory=dict)  # every agent a holder list names -> host:port
+    holders: dict[ExpertId, tuple[NodeId, ...]] = field(default_factory=dict)  # in order of preference
+
+    def remote_holder(self, eid: ExpertId, me: str) -> NodeId | None:
+        """The first holder of `eid` other than `me` whose address is known (None: no other)."""
+        return next((h for h in self.holders.get(eid, ()) if h != me and h in self.addresses), None)

@@ -1,0 +1,253 @@
+"""Continuous batching: the scheduler's loop over every running request.
+
+    generate(request) -> waiting (FIFO) -> admitted while fewer than max_running run
+    each turn of the loop (`step`):
+      1. the oldest request still in prefill runs one step on every agent (sequence parallel,
+         `RequestRunner.run_step`): its whole prompt when nothing decodes, else the next chunk of
+         at most `prefill_chunk` tokens, so running streams wait at most one chunk. After its
+         last chunk its first token is sampled, a home agent is chosen (`choose_home`), the home
+         adopts the prompt's K/V (AdoptKV), and the routing tables are refreshed
+      2. one decode step for every decoding request: one DecodeStep per home agent, in parallel;
+         each request's next token is sampled from its row of logits, with its own generator, as
+         it would be alone. After a request's first decode step the home holds all of its K/V
+         and the other agents release it.
+
+The scheduler is not in the layer loop of decode: a step is one call per home agent. Agents are
+reached through the `AgentClient`s the cluster callback hands out, so tests and the engine
+service drive the same loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from scheduler.client import AgentClient
+from scheduler.decode_plan import choose_home
+from scheduler.errors import NoAgentsAvailable
+from scheduler.partition import after_step, chunk_step
+from scheduler.policy import Policy
+from scheduler.runner import ClusterView, RequestRunner
+from scheduler.sampling import make_generator, sample
+from scheduler.types import GenerationRequest, NodeId, TokenEvent
+
+log = logging.getLogger("potluck.scheduler")
+
+ClusterFn = Callable[[], tuple[Sequence[AgentClient], ClusterView | None]]  # the agents up now, and their view
+
+
+@dataclass(frozen=True)
+class BatchSettings:
+    max_running: int = 4  # requests prefilling or decoding at once
+    prefill_chunk: int = 512  # prompt tokens per prefill step while other requests decode
+
+    def __post_init__(self) -> None:
+        if self.max_running < 1:
+            raise ValueError(f"max_running must be >= 1, got {self.max_running}")
+        if self.prefill_chunk < 1:
+            raise ValueError(f"prefill_chunk must be >= 1 token, got {self.prefill_chunk}")
+
+
+@dataclass(eq=False)
+class _Seq:
+    """One request in the loop: where its state lives and how far it has got."""
+
+    request: GenerationRequest
+    generator: torch.Generator
+    out: asyncio.Queue[TokenEvent | BaseException | None] = field(default_factory=asyncio.Queue)
+    runner: RequestRunner | None = None  # the agents it was admitted on (its prefill members)
+    members: list[NodeId] = field(default_factory=list)  # agents holding its state, to release
+    prefilled: int = 0  # prompt tokens through prefill so far
+    steps: int = 0  # prefill steps run (StepPlan.step of the next one)
+    cached: dict[NodeId, int] = field(default_factory=dict)  # K/V rows each agent holds
+    home: AgentClient | None = None  # set once it decodes
+    last_token: int = -1  # the token the next decode step feeds
+    position: int = 0  # its position
+    produced: int = 0  # tokens sampled
+    sources_released: bool = False  # the other agents dropped its prompt K/V (the home has it)
+    cancelled: bool = False  # the consumer left
+    gone: asyncio.Event = field(default_factory=asyncio.Event)  # out of the loop and released
+
+    @property
+    def rid(self) -> str:
+        return self.request.request_id
+
+
+class Batcher:
+    def __init__(self, cluster: ClusterFn, policy: Policy = Policy(), settings: BatchSettings = BatchSettings(),
+                 on_prefilled: Callable[[], Awaitable[None]] | None = None) -> None:
+        self.cluster = cluster
+        self.policy = policy
+        self.settings = settings
+        self.on_prefilled = on_prefilled  # refreshes holdings and routing tables before decode
+        self.waiting: deque[_Seq] = deque()
+        self.running: list[_Seq] = []
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._releases: set[asyncio.Task[None]] = set()
+
+    # The consumer's side -----------------------------------------------------------------------
+
+    async def generate(self, request: GenerationRequest) -> AsyncGenerator[TokenEvent, None]:
+        """The request's tokens as they are sampled; leaving early releases it on every agent
+        (the iterator's close returns once that is done)."""
+        seq = _Seq(request, make_generator(request.sampling.seed))
+        self.waiting.append(seq)
+        self._ensure_running()
+        self._wake.set()
+        try:
+            while True:
+                item = await seq.out.get()
+                if item is None:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            seq.cancelled = True
+            if seq in self.waiting:
+                self.waiting.remove(seq)
+                seq.gone.set()
+            self._wake.set()
+            await asyncio.shield(seq.gone.wait())
+
+    def _ensure_running(self) -> None:
+        if self._task is None or self._task.done():
+            self._task = asyncio.create_task(self._loop())
+
+    async def aclose(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        await asyncio.gather(*self._releases, return_exceptions=True)
+
+    # The loop ------------------------------------------------------------------------------------
+
+    async def _loop(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while self.waiting or self.running:
+                await self.step()
+
+    async def step(self) -> None:
+        """One turn: drop what was cancelled, admit, one prefill step, one decode step."""
+        for seq in [s for s in self.running if s.cancelled]:
+            self._finish(seq, None)
+        self._admit()
+        prefilling = next((s for s in self.running if s.home is None), None)
+        decoding = [s for s in self.running if s.home is not None]
+        if prefilling is not None:
+            await self._prefill(prefilling, chunked=bool(decoding))
+        decoding = [s for s in self.running if s.home is not None and not s.cancelled]
+        if decoding:
+            homes: dict[NodeId, list[_Seq]] = {}
+            for s in decoding:
+                assert s.home is not None
+                homes.setdefault(s.home.name, []).append(s)
+            await asyncio.gather(*(self._decode(group) for group in homes.values()))
+
+    def _admit(self) -> None:
+        while self.waiting and len(self.running) < self.settings.max_running:
+            seq = self.waiting.popleft()
+            agents, view = self.cluster()
+            if not agents or view is None:
+                seq.out.put_nowait(NoAgentsAvailable("no agent is reachable"))
+                seq.gone.set()
+                continue
+            seq.runner = RequestRunner(agents, view, self.policy)
+            seq.members = [a.name for a in agents]
+            seq.cached = {n: 0 for n in seq.members}
+            self.running.append(seq)
+
+    async def _prefill(self, seq: _Seq, chunked: bool) -> None:
+        assert seq.runner is not None
+        prompt = seq.request.prompt_token_ids
+        start = seq.prefilled
+        end = min(len(prompt), start + self.settings.prefill_chunk) if chunked else len(prompt)
+        part = self.policy.partition(prompt[start:end], seq.members)
+        plan = chunk_step(part, start, seq.steps, seq.cached)
+        try:
+            logits = await seq.runner.run_step(seq.rid, plan)
+            seq.cached, seq.steps, seq.prefilled = after_step(plan), seq.steps + 1, end
+            if end < len(prompt):
+                return
+            event = self._emit(seq, logits[-1])
+            if self._done(seq, event):
+                return
+            await self._adopt(seq, event.token_id)
+        except Exception as exc:  # reaches the client; nothing is lost silently
+            log.error("request %s failed in prefill: %s", seq.rid, exc)
+            self._finish(seq, exc)
+
+    async def _adopt(self, seq: _Seq, token: int) -> None:
+        """Choose the request's home and have it gather the prompt's K/V."""
+        assert seq.runner is not None
+        prompt = len(seq.request.prompt_token_ids)
+        decoding: dict[NodeId, int] = {}
+        for s in self.running:
+            if s.home is not None:
+                decoding[s.home.name] = decoding.get(s.home.name, 0) + 1
+        home = seq.runner.agents[choose_home(seq.members, decoding, seq.cached)]
+        sources = [(n, seq.runner.agents[n].spec.address) for n in seq.members if n != home.name and seq.cached.get(n)]
+        await home.adopt_kv(seq.rid, prompt + seq.request.sampling.max_tokens - 1, prompt, sources)
+        seq.home, seq.last_token, seq.position = home, token, prompt
+        if self.on_prefilled is not None:
+            await self.on_prefilled()
+
+    async def _decode(self, group: list[_Seq]) -> None:
+        """One step of the requests homed on one agent."""
+        home = group[0].home
+        assert home is not None
+        try:
+            logits, _ = await home.decode_step([(s.request.request_id, s.last_token, s.position) for s in group])
+        except Exception as exc:
+            log.error("decode step on %s failed: %s", home.name, exc)
+            for s in group:
+                self._finish(s, exc)
+            return
+        for s, row in zip(group, logits):
+            if s.cancelled:
+                continue  # dropped at the start of the next turn
+            if not s.sources_released:
+                self._release(s, [n for n in s.members if n != home.name])
+                s.members, s.sources_released = [home.name], True
+            event = self._emit(s, row)
+            s.last_token, s.position = event.token_id, s.position + 1
+            self._done(s, event)
+
+    # Ends ----------------------------------------------------------------------------------------
+
+    def _emit(self, seq: _Seq, logits: torch.Tensor) -> TokenEvent:
+        event = sample(logits, seq.request.sampling, seq.generator)
+        seq.produced += 1
+        seq.out.put_nowait(event)
+        return event
+
+    def _done(self, seq: _Seq, event: TokenEvent) -> bool:
+        """End the request after a stop token or its last token; returns whether it ended."""
+        if event.is_stop or seq.produced >= seq.request.sampling.max_tokens:
+            self._finish(seq, None)
+            return True
+        return False
+
+    def _finish(self, seq: _Seq, error: BaseException | None) -> None:
+        """Out of the loop; its consumer hears the end (or the error); every agent holding its
+        state releases it in the background."""
+        if seq in self.running:
+            self.running.remove(seq)
+        seq.out.put_nowait(error)
+        task = self._release(seq, seq.members)
+        task.add_done_callback(lambda _: seq.gone.set())
+
+    def _release(self, seq: _Seq, nodes: Sequence[NodeId]) -> asyncio.Task[None]:
+        assert seq.runner is not None
+        task = asyncio.create_task(seq.runner.release(seq.rid, list(nodes)))
+        self._releases.add(task)
+        task.add_done_callback(self._releases.discard)
+        return task

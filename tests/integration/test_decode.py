@@ -1,0 +1,104 @@
+"""Decode on home agents with continuous batching gives exactly the tokens of one request alone,
+and of transformers (real agents over real gRPC, real generated checkpoints)."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+import torch
+
+from scheduler.types import GenerationRequest, RequestId, SamplingParams, TokenEvent
+from tests.integration.cluster import Cluster, expert_bytes, local_cluster
+from tests.integration.test_equivalence import prompt, reference
+
+LENGTHS = (23, 37, 9, 51)  # prompts of unlike lengths, so the batch's positions differ
+MAX_TOKENS = (12, 7, 16, 10)  # and unlike ends, so requests leave the batch at different steps
+
+
+def greedy_reference(model_dir: Path, ids: list[int], n: int) -> list[int]:
+    with torch.no_grad():
+        out = reference(model_dir).generate(torch.tensor([ids]), max_new_tokens=n, min_new_tokens=n, do_sample=False)
+    return out[0, len(ids):].tolist()
+
+
+def requests(vocab: int, temperature: float = 0.0) -> list[GenerationRequest]:
+    return [GenerationRequest(RequestId(f"r{i}"), tuple(prompt(vocab, n, seed=i)),
+                              SamplingParams(max_tokens=m, temperature=temperature, seed=100 + i, logprobs=True))
+            for i, (n, m) in enumerate(zip(LENGTHS, MAX_TOKENS))]
+
+
+async def together(cluster: Cluster, reqs: list[GenerationRequest], **settings: object) -> list[list[TokenEvent]]:
+    """Every request submitted at once to one engine."""
+    async with cluster.engine(**settings) as engine:
+        streams = [await engine.submit(r) for r in reqs]
+
+        async def drain(stream: object) -> list[TokenEvent]:
+            return [e async for e in stream]  # type: ignore[attr-defined]
+
+        return list(await asyncio.gather(*(drain(s) for s in streams)))
+
+
+@pytest.mark.parametrize("agents", [1, 3])
+async def test_batched_greedy_requests_match_transformers_and_their_runs_alone(qwen_tiny: Path, agents: int) -> None:
+    reqs = requests(1000)
+    async with local_cluster(qwen_tiny, agents) as cluster:
+        alone = [await cluster.generate(r, max_running=1) for r in reqs]
+        batched = await together(cluster, reqs, max_running=4, prefill_chunk=8)
+        snaps = [await c.snapshot() for c in cluster.clients]
+    for r, one, many in zip(reqs, alone, batched):
+        assert [e.token_id for e in many] == [e.token_id for e in one]
+        assert [e.token_id for e in one] == greedy_reference(qwen_tiny, list(r.prompt_token_ids), r.sampling.max_tokens)
+        for a, b in zip(one, many):
+            assert a.logprob is not None and b.logprob is not None and abs(a.logprob - b.logprob) < 1e-4
+    steps, tokens = sum(s.decode_steps for s in snaps), sum(s.decode_tokens for s in snaps)
+    assert tokens == 2 * sum(m - 1 for m in MAX_TOKENS)  # every token but each request's first, twice
+    if agents == 1:  # (with more, the homes spread: each decodes its own requests, in parallel)
+        assert steps < tokens  # the batched run decoded several requests per step
+    assert all(s.requests == 0 for s in snaps)  # every agent released every request
+
+
+async def test_seeded_sampling_is_the_same_batched_or_alone(qwen_tiny: Path) -> None:
+    reqs = requests(1000, temperature=0.9)
+    async with local_cluster(qwen_tiny, 2) as cluster:
+        alone = [await cluster.generate(r, max_running=1) for r in reqs]
+        batched = await together(cluster, reqs, max_running=4)
+    assert [[e.token_id for e in s] for s in batched] == [[e.token_id for e in s] for s in alone]
+
+
+async def test_a_prompt_arriving_while_others_decode_is_prefilled_in_chunks(qwen_tiny: Path) -> None:
+    """The late request's prompt (51 tokens) goes in chunks of 8 while the first one decodes;
+    both still give transformers' tokens."""
+    first, late = requests(1000)[2], requests(1000)[3]
+    async with local_cluster(qwen_tiny, 2) as cluster, cluster.engine(max_running=4, prefill_chunk=8) as engine:
+        stream = await engine.submit(GenerationRequest(first.request_id, first.prompt_token_ids,
+                                                       SamplingParams(max_tokens=40, temperature=0)))
+        head = [await stream.__anext__() for _ in range(2)]  # it decodes now
+        late_tokens = [e.token_id async for e in await engine.submit(late)]
+        rest = [e async for e in stream]
+    assert late_tokens == greedy_reference(qwen_tiny, list(late.prompt_token_ids), late.sampling.max_tokens)
+    assert [e.token_id for e in head + rest] == greedy_reference(qwen_tiny, list(first.prompt_token_ids), 40)
+
+
+async def test_decode_with_every_expert_local_makes_no_round_trip(qwen_tiny: Path) -> None:
+    req = requests(1000)[0]
+    async with local_cluster(qwen_tiny, 1) as cluster:
+        await cluster.generate(req)
+        snap = await cluster.clients[0].snapshot()
+    assert snap.decode_tokens == req.sampling.max_tokens - 1 and snap.decode_round_trips == 0
+
+
+async def test_pooled_memory_decode_calls_holders_at_most_once_per_layer(qwen_tiny: Path) -> None:
+    """Three agents with room for a third of the experts each: a home lacks most experts and
+    sends their tokens to the holders the routing table names; the tokens are unchanged."""
+    req = requests(1000)[1]
+    total = 3 * 8  # tiny preset: 3 MoE layers of 8 experts
+    async with local_cluster(qwen_tiny, 3, expert_memory=(total // 3) * expert_bytes(qwen_tiny)) as cluster:
+        tokens = [e.token_id for e in await cluster.generate(req)]
+        snaps = [await c.snapshot() for c in cluster.clients]
+    assert tokens == greedy_reference(qwen_tiny, list(req.prompt_token_ids), req.sampling.max_tokens)
+    steps = sum(s.decode_steps for s in snaps)
+    assert steps == req.sampling.max_tokens - 1
+    assert sum(s.decode_remote_experts for s in snaps) > 0  # some experts really ran on a holder
+    assert sum(s.decode_round_trips for s in snaps) <= 3 * steps  # one per layer at most
