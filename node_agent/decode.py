@@ -24,7 +24,7 @@ from typing import Protocol
 import torch
 
 from node_agent.attention import Compute
-from node_agent.expert_buffer import ExpertBuffer
+from node_agent.expert_buffer import ExpertBuffer, LayerPins
 from node_agent.model import moe
 from node_agent.model.config import MoeConfig
 from node_agent.state import KVShard, UnknownRequest
@@ -77,6 +77,10 @@ class KVCache:
         if self.filled[layer] >= self.prompt:
             self.ready[layer].set()
 
+    def ready_at(self, layer: int) -> bool:
+        """Whether the layer's prompt K/V is all in (safe to read from the compute thread)."""
+        return self.ready[layer].is_set() and self.error is None and self.filled[layer] == self.prompt
+
     def fail(self, exc: BaseException) -> None:
         self.error = exc
         for event in self.ready:
@@ -103,7 +107,24 @@ class _Dispatch:
     through `call_soon_threadsafe`, so the sends start while the job runs the local experts."""
 
     runs: list[asyncio.Future[Rows]] = field(default_factory=list)
+    runs_pending: bool = False  # set on the compute thread when it hands work out (runs fill in later)
     remote: int = 0  # (expert, holder) runs sent to peers
+
+
+@dataclass
+class _Run:
+    """Where one decode step has got to, handed between the event loop and the compute thread
+    (only one of them touches it at a time)."""
+
+    batch: DecodeBatch
+    cos: torch.Tensor  # [B, 1, hd] rotary rows at the batch's positions
+    sin: torch.Tensor
+    pins: dict[int, LayerPins] = field(default_factory=dict)  # layer -> its resident experts, pinned for a job
+    used: dict[int, list[int]] = field(default_factory=dict)  # layer -> experts a job ran here (cache hits)
+    layer: int = 0  # the next layer to run
+    h: torch.Tensor | None = None  # [B, D] residual stream after the layers run so far
+    done: list[Rows] = field(default_factory=list)  # remote outputs still to add to h
+    logits: torch.Tensor | None = None  # [B, V] once the step is through
 
 
 @dataclass(frozen=True)
@@ -204,41 +225,58 @@ class Decoder:
         """Logits [B, V] (float32) of the batch's next tokens, and the round trips it made."""
         loop = asyncio.get_running_loop()
         cos, sin = self.rope.at(batch.positions)
-        h: torch.Tensor | None = None
-        done: list[Rows] = []
+        run = _Run(batch, cos, sin)
         trips = 0
-        for layer in range(self.cfg.num_layers):
-            waited = [await c.wait(layer, self.peer_timeout_s) for c in batch.caches]
+        while run.logits is None:
+            if run.layer == self.cfg.num_layers:  # the last layer's remote outputs are in
+                run.logits = await self.compute(self._logits, run)
+                break
+            waited = [await c.wait(run.layer, self.peer_timeout_s) for c in batch.caches]
             trips += any(waited)
-            moe_layer = self.cfg.has_experts(layer)
-            held = self.buffer.pin_layer(layer) if moe_layer else {}
+            # The resident experts of the layers ahead, pinned for one job, so that it can run
+            # layer after layer; unpinned before waiting on anything, so that reads the job asked
+            # for (or peers' batches) can find room.
+            run.pins = {layer: self.buffer.pin_layer(layer) for layer in range(run.layer, self.cfg.num_layers)}
+            run.used = {}
             dispatch = _Dispatch()
-            used: list[int] = []
             try:
-                h, used = await self.compute(self._layer, loop, dispatch, batch, layer, h, done, held, cos, sin)
+                await self.compute(self._run_layers, loop, dispatch, run)
             finally:
-                if moe_layer:
-                    await self.buffer.unpin_layer(layer, held, used)
+                for pins in run.pins.values():
+                    await self.buffer.unpin_layer(pins, run.used.get(pins.layer, ()))
             if dispatch.remote:
                 trips += 1
                 self.remote_experts += dispatch.remote
-            done = await _gather(dispatch.runs)
-        assert h is not None
-        logits = await self.compute(self._logits, h, done)
+            run.done = await _gather(dispatch.runs)
         self.steps += 1
         self.tokens += len(batch.request_ids)
         self.round_trips += trips
-        return logits, trips
+        assert run.logits is not None
+        return run.logits, trips
 
-    def _layer(self, loop: asyncio.AbstractEventLoop, dispatch: _Dispatch, batch: DecodeBatch, layer: int,
-               h: torch.Tensor | None, done: list[Rows], held: dict[int, moe.ExpertWeights], cos: torch.Tensor,
-               sin: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
-        """One layer on the compute thread: (new h [B, D], experts run here)."""
-        cfg, w = self.cfg, self.dense.layers[layer]
-        if h is None:
-            h = self.dense.embed[batch.token_ids]  # [B, D]
-        h = _with(h, done)
-        q, k, v = moe.qkv_at(w, cfg, h, cos, sin)  # [B, H, hd], [B, KVH, hd]
+    def _run_layers(self, loop: asyncio.AbstractEventLoop, dispatch: _Dispatch, run: _Run) -> None:
+        """On the compute thread: layers from `run.layer` on, until one hands experts to the event
+        loop (their outputs are needed before the next layer), or the next layer's prompt K/V is
+        not in yet; and the logits if it gets through the last layer with nothing handed out.
+        With every expert resident here, a whole step is one job."""
+        L = self.cfg.num_layers
+        while run.layer < L:
+            if run.h is not None and not all(c.ready_at(run.layer) for c in run.batch.caches):
+                return  # the event loop waits for that layer's K/V (or reports why it failed)
+            layer = run.layer
+            run.h, run.used[layer] = self._layer(loop, dispatch, run, layer)
+            run.layer += 1
+            if dispatch.runs_pending:
+                return
+        run.logits = self._logits(run)
+
+    def _layer(self, loop: asyncio.AbstractEventLoop, dispatch: _Dispatch, run: _Run, layer: int
+               ) -> tuple[torch.Tensor, list[int]]:
+        """One layer: (new h [B, D], experts run here)."""
+        cfg, w, batch = self.cfg, self.dense.layers[layer], run.batch
+        h = self.dense.embed[batch.token_ids] if run.h is None else _with(run.h, run.done)  # [B, D]
+        run.done = []
+        q, k, v = moe.qkv_at(w, cfg, h, run.cos, run.sin)  # [B, H, hd], [B, KVH, hd]
         attn = torch.empty_like(q)
         for i, (cache, pos) in enumerate(zip(batch.caches, batch.positions.tolist())):
             cache.k[layer, :, pos] = k[i]
@@ -249,9 +287,11 @@ class Decoder:
         if w.dense_mlp is not None:
             return h + moe.swiglu(w.dense_mlp, x), []
         ids, weights = moe.route(w, cfg, x)  # [B, k]
+        held = run.pins[layer].weights
         needed = set(ids.flatten().tolist())
         elsewhere = sorted(needed - held.keys())
         if elsewhere:  # sent while this thread runs the local experts
+            dispatch.runs_pending = True
             loop.call_soon_threadsafe(self._dispatch, dispatch, layer, x, ids, weights, elsewhere)
         local = {e: held[e] for e in needed if e in held}
         out = moe.mix_experts(x, ids, weights, local)
@@ -291,8 +331,10 @@ class Decoder:
                     out += part
         return out
 
-    def _logits(self, h: torch.Tensor, done: list[Rows]) -> torch.Tensor:
-        return moe.final_logits(self.dense, self.cfg, _with(h, done))
+    def _logits(self, run: _Run) -> torch.Tensor:
+        assert run.h is not None
+        h, run.done = _with(run.h, run.done), []
+        return moe.final_logits(self.dense, self.cfg, h)
 
 
 def _with(h: torch.Tensor, done: list[Rows]) -> torch.Tensor:

@@ -52,6 +52,15 @@ class _Entry:
     loaded: asyncio.Future[ExpertWeights] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
 
 
+@dataclass(frozen=True)
+class LayerPins:
+    """The experts of one layer pinned at once (for a decode step's layer job)."""
+
+    layer: int
+    weights: dict[int, ExpertWeights]  # expert index -> weights
+    entries: dict[int, _Entry]  # what to unpin (an entry evicted meanwhile is not: pinned, it cannot be)
+
+
 @dataclass
 class BufferCounters:
     hits: int = 0  # acquisitions served from memory (resident or already loading)
@@ -82,6 +91,7 @@ class ExpertBuffer:
         self._entries: dict[ExpertId, _Entry] = {}
         self._resident: dict[int, dict[int, _Entry]] = {}  # layer -> index -> entry, resident only
         self._space = asyncio.Condition()
+        self._room_waiters = 0  # demand reads waiting for a pin to be released
         self._queue: list[tuple[int, int, ExpertId, _Entry]] = []  # heap of (priority, seq, expert, entry)
         self._seq = itertools.count()
         self._reader: asyncio.Task[None] | None = None
@@ -158,27 +168,25 @@ class ExpertBuffer:
         entry.pins += 1
         return entry.weights
 
-    def pin_layer(self, layer: int) -> dict[int, ExpertWeights]:
+    def pin_layer(self, layer: int) -> LayerPins:
         """Pin every expert of `layer` in memory now, without yielding to the event loop, and
         return their weights: a decode step's layer job picks those its tokens need on the compute
         thread, where it cannot wait for the event loop. `unpin_layer` gives them back."""
-        held = self._resident.get(layer, {})
-        for entry in held.values():
+        entries = dict(self._resident.get(layer, {}))
+        for entry in entries.values():
             entry.pins += 1
-        return {i: e.weights for i, e in held.items() if e.weights is not None}
+        return LayerPins(layer, {i: e.weights for i, e in entries.items() if e.weights is not None}, entries)
 
-    async def unpin_layer(self, layer: int, pinned: Iterable[int], used: Iterable[int]) -> None:
+    async def unpin_layer(self, pins: LayerPins, used: Iterable[int]) -> None:
         """Release what `pin_layer` pinned; the experts in `used` count as hits."""
         freed = False
-        for index in pinned:
-            entry = self._entries.get(ExpertId(layer, index))
-            if entry is not None:
-                entry.pins -= 1
-                freed |= entry.pins == 0
+        for entry in pins.entries.values():
+            entry.pins -= 1
+            freed |= entry.pins == 0
         for index in used:
             self.counters.hits += 1
-            self.policy.on_access(ExpertId(layer, index))
-        if freed:
+            self.policy.on_access(ExpertId(pins.layer, index))
+        if freed and self._room_waiters:
             async with self._space:
                 self._space.notify_all()
 
@@ -259,7 +267,11 @@ class ExpertBuffer:
                 if victim is None:
                     if not allow_protected:
                         return None  # a prefetch never waits or evicts what is needed
-                    await self._space.wait()  # every byte is pinned or loading: wait for a release
+                    self._room_waiters += 1
+                    try:
+                        await self._space.wait()  # every byte is pinned or loading: wait for a release
+                    finally:
+                        self._room_waiters -= 1
                     continue
                 del self._entries[victim]
                 self._resident.get(victim.layer, {}).pop(victim.index, None)
