@@ -1,0 +1,298 @@
+"""`potluck bench decode`: inter-token time of real local clusters, against transformers' own decode.
+
+Every cluster is `potluck up --inventory` in a child process (agents are its children, real gRPC
+on loopback), driven only through its outside interfaces: streamed `/v1/completions` requests
+(httpx) and `/metrics`. Each request is a prompt of `--prompt-tokens` random token ids with
+`max_tokens=--gen-tokens`, temperature 0 and `logprobs: 0` (so every chunk names the tokens it
+carries). The inter-token time is the gap between consecutive token chunks as they arrive (the
+first chunk is the TTFT and is left out); a case's figure is the median over its `--rounds` rounds
+of each round's median gap. The API has no field to ignore an end-of-sequence token, so a stream
+may end early: then its gaps are over what arrived, and the tokens received are reported.
+
+Every case, baselines included, gets the same warm-up (one request on the warm-up prompt, after
+which the cluster fills free expert memory; the bench waits until the agents stop reading) and
+the same rounds (the same prompts). Cases:
+
+- compute: the `bench` model on 1, 2 and 4 agents (`--decode-agents`), every expert resident
+  (unlimited expert memory), no throttles, each agent with `--threads` torch threads (inventory
+  `torch_threads`); and transformers' own decode of the same checkpoint in this process (float32,
+  greedy, token by token with its KV cache) with the same thread count. Transformers runs round
+  by round between the 1-agent cluster's requests, once that cluster has settled, so the two
+  never compute at the same time.
+- lan: 4 agents, link `1Gbit/s` with `--lan-latency` one way, expert memory 25% of all expert
+  bytes each (the pool holds the model once). Its bound is the 1-agent compute-bound median plus
+  one round trip (twice the latency) per MoE layer. Round trips per token come from the agents'
+  decode counters on /metrics, summed over agents, around the timed requests.
+- streams: 1, 2, 4 and 8 concurrent streams (`--streams`) on the LAN cluster (started with
+  `--max-running` = the most streams): tokens all streams received over the wall time from the
+  first request sent to the last token, and each stream's median inter-token time.
+
+Writes decode.json, decode.md and decode.png to `--out` and prints the table with its targets.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import torch
+import yaml
+
+from node_agent.model.checkpoint import Checkpoint
+from node_agent.model.config import MoeConfig
+from server.bench import default_bench_model
+from server.bench_decode_report import label, text_table, write_report
+from server.bench_decode_stats import (Arrival, DecodeCounters, StreamTiming, activity, round_trips_per_token,
+                                       summarize, tokens_in_chunk)  # fmt: skip
+from server.bench_prefill import prompts_for, wait_healthy
+from server.launcher import die_with_parent, free_ports
+
+CASES = ("compute", "lan", "streams")
+LAN_AGENTS = 4
+LINK = "1Gbit/s"
+SETTLE_POLL_S = 1.0  # /metrics scrapes this far apart must agree before a timed request
+SETTLE_TIMEOUT_S = 300.0
+
+
+@dataclass(frozen=True)
+class DecodeRun:
+    """What every case of one run shares."""
+
+    model_dir: Path
+    workdir: Path  # the clusters' inventories
+    threads: int  # torch intra-op threads of transformers and of each agent
+    gen_tokens: int  # max_tokens of every request
+    warmup: list[int]  # the warm-up prompt, token ids
+    prompts: list[list[int]]  # one timed prompt per round
+    stream_prompts: list[list[list[int]]]  # per round, one prompt per stream (for the most streams)
+    lan_memory: int  # expert memory of each LAN agent, bytes
+    lan_latency_s: float  # one-way link latency of the LAN agents, seconds; 0: none
+
+
+class DecodeCluster:
+    """`potluck up --inventory` in a child process, driven over HTTP only."""
+
+    def __init__(self, run: DecodeRun, agents: int, memory: int = 0, link: str | None = None,
+                 latency_s: float = 0.0, max_running: int = 1) -> None:
+        self.port, *ports = free_ports(agents + 1)
+        nodes = []
+        for i, port in enumerate(ports):
+            node: dict[str, object] = {"name": f"agent{i}", "address": f"127.0.0.1:{port}",
+                                       "expert_memory": memory or "unlimited", "torch_threads": run.threads}
+            if link:
+                node["link_bandwidth"] = link
+            if latency_s:
+                node["link_latency"] = f"{latency_s * 1e6:.0f}us"
+            nodes.append(node)
+        inventory = run.workdir / f"inventory-{self.port}.yaml"
+        inventory.write_text(yaml.safe_dump({"nodes": nodes}, sort_keys=False))
+        self.cmd = [sys.executable, "-m", "server.cli", "up", "--inventory", str(inventory), "--model",
+                    str(run.model_dir), "--port", str(self.port), "--served-model-name", "bench", "--max-running",
+                    str(max_running), "--log-level", "WARNING"]  # fmt: skip
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.http = httpx.AsyncClient(timeout=600)
+
+    async def __aenter__(self) -> DecodeCluster:
+        # Killed outright, the bench takes its cluster with it (`potluck up` in turn takes its agents).
+        self.proc = subprocess.Popen(self.cmd, env={**os.environ, "HF_HUB_OFFLINE": "1"}, preexec_fn=die_with_parent)
+        await wait_healthy(self.proc, self.cmd, self.url)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.http.aclose()
+        if self.proc is not None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+
+    async def stream(self, prompt: list[int], max_tokens: int) -> StreamTiming:
+        body = {"model": "bench", "prompt": prompt, "max_tokens": max_tokens, "stream": True, "temperature": 0,
+                "logprobs": 0}
+        arrivals, finish = [], None
+        sent = time.perf_counter()
+        async with self.http.stream("POST", f"{self.url}/v1/completions", json=body) as response:
+            if response.status_code != 200:
+                raise RuntimeError(f"bench request failed: {response.status_code} {(await response.aread())[:300]!r}")
+            async for line in response.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                at, chunk = time.perf_counter(), json.loads(line.removeprefix("data: "))
+                if "error" in chunk:
+                    raise RuntimeError(f"the stream failed: {chunk['error']}")
+                if tokens := tokens_in_chunk(chunk):
+                    arrivals.append(Arrival(at, tokens))
+                finish = next((c["finish_reason"] for c in chunk.get("choices", []) if c.get("finish_reason")), finish)
+        return StreamTiming(sent, tuple(arrivals), finish)
+
+    async def streams(self, prompts: list[list[int]], max_tokens: int) -> list[StreamTiming]:
+        return list(await asyncio.gather(*(self.stream(p, max_tokens) for p in prompts)))
+
+    async def metrics(self) -> str:
+        response = await self.http.get(f"{self.url}/metrics")
+        response.raise_for_status()
+        return response.text
+
+    async def counters(self) -> DecodeCounters:
+        return DecodeCounters.from_metrics(await self.metrics())
+
+    async def settle(self) -> None:
+        """Until the agents stop reading experts (fills after a request) and no request runs."""
+        deadline = time.monotonic() + SETTLE_TIMEOUT_S
+        last = activity(await self.metrics())
+        while time.monotonic() < deadline:
+            await asyncio.sleep(SETTLE_POLL_S)
+            now = activity(await self.metrics())
+            if now == last and not now[-1]:
+                return
+            last = now
+        raise RuntimeError(f"the cluster was still busy after {SETTLE_TIMEOUT_S:.0f} s")
+
+
+class TransformersDecode:
+    """transformers' own decode of the checkpoint, in this process: float32, greedy, one token per
+    forward with its KV cache (`cache`, formerly past_key_values); it never stops at an
+    end-of-sequence token."""
+
+    def __init__(self, model_dir: Path, threads: int) -> None:
+        from transformers import AutoModelForCausalLM
+
+        torch.set_num_threads(threads)
+        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+
+    @torch.inference_mode()
+    def stream(self, prompt: list[int], max_tokens: int) -> StreamTiming:
+        sent = time.perf_counter()
+        out = self.model(input_ids=torch.tensor([prompt]), use_cache=True)
+        token = out.logits[:, -1:].argmax(-1)  # [1, 1]
+        arrivals = [Arrival(time.perf_counter(), 1)]
+        for _ in range(max_tokens - 1):
+            out = self.model(input_ids=token, cache=out.cache, use_cache=True)
+            token = out.logits[:, -1:].argmax(-1)
+            arrivals.append(Arrival(time.perf_counter(), 1))
+        return StreamTiming(sent, tuple(arrivals), "length")
+
+
+async def run_compute(run: DecodeRun, counts: list[int], reference: TransformersDecode) -> list[dict[str, Any]]:
+    """The compute-bound clusters, and transformers round by round beside the 1-agent one."""
+    out, theirs = [], []
+    if 1 not in counts:  # no 1-agent cluster to alternate with: transformers alone, nothing else running
+        reference.stream(run.warmup, run.gen_tokens)
+        theirs = [[reference.stream(p, run.gen_tokens)] for p in run.prompts]
+    for agents in counts:
+        async with DecodeCluster(run, agents) as cluster:
+            await cluster.stream(run.warmup, run.gen_tokens)
+            if agents == 1:
+                await cluster.settle()
+                reference.stream(run.warmup, run.gen_tokens)
+            before, rounds = await cluster.counters(), []
+            for prompt in run.prompts:
+                await cluster.settle()
+                rounds.append([await cluster.stream(prompt, run.gen_tokens)])
+                if agents == 1:
+                    await cluster.settle()
+                    theirs.append([reference.stream(prompt, run.gen_tokens)])
+            trips = round_trips_per_token(before, await cluster.counters())
+        out.append(_progress(summarize("compute", agents, 1, rounds, trips)))
+    return [_progress(summarize("transformers", 1, 1, theirs)), *out]
+
+
+async def run_lan(run: DecodeRun, cases: list[str], stream_counts: list[int]) -> list[dict[str, Any]]:
+    """The LAN cluster: one stream at a time, then each number of concurrent streams."""
+    out = []
+    async with DecodeCluster(run, LAN_AGENTS, run.lan_memory, LINK, run.lan_latency_s,
+                             max(stream_counts, default=1)) as cluster:  # fmt: skip
+        await cluster.stream(run.warmup, run.gen_tokens)
+        plan = ([("lan", 1)] if "lan" in cases else []) + [("streams", k) for k in stream_counts if "streams" in cases]
+        for case, k in plan:
+            before, rounds = await cluster.counters(), []
+            for r, prompt in enumerate(run.prompts):
+                await cluster.settle()
+                rounds.append(await cluster.streams([prompt] if k == 1 else run.stream_prompts[r][:k], run.gen_tokens))
+            trips = round_trips_per_token(before, await cluster.counters())
+            out.append(_progress(summarize(case, LAN_AGENTS, k, rounds, trips)))
+    return out
+
+
+def _progress(case: dict[str, Any]) -> dict[str, Any]:
+    itl, rate = case["median_itl_s"], case["aggregate_tokens_per_s"]
+    print(f"{label(case)}: median inter-token {'n/a' if itl is None else f'{itl * 1e3:.1f} ms'}, "
+          f"{'n/a' if rate is None else f'{rate:.1f}'} tokens/s, at least {case['min_tokens']} tokens per stream",
+          flush=True)
+    return case
+
+
+def _counts(text: str, flag: str) -> list[int]:
+    try:
+        counts = [int(x) for x in text.split(",")]
+    except ValueError:
+        counts = []
+    if not counts or min(counts) < 1:
+        raise SystemExit(f"potluck bench decode: {flag} takes whole numbers >= 1 separated by commas, got {text!r}")
+    return sorted(set(counts))
+
+
+def main(args: argparse.Namespace) -> int:
+    cases = list(CASES) if args.cases == "all" else args.cases.split(",")
+    if unknown := [c for c in cases if c not in CASES]:
+        raise SystemExit(f"potluck bench decode: unknown --cases {unknown}; choose from {', '.join(CASES)} or all")
+    agent_counts, stream_counts = _counts(args.decode_agents, "--decode-agents"), _counts(args.streams, "--streams")
+    model_dir = Path(args.model) if args.model else default_bench_model()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg, ckpt = MoeConfig.load(model_dir), Checkpoint(model_dir)
+    moe_layers = [layer for layer in range(cfg.num_layers) if cfg.is_moe(layer)]
+    expert_bytes = sum(ckpt.nbytes(cfg.expert_tensor_names(layer, e)) for layer in moe_layers
+                       for e in range(cfg.num_experts))  # fmt: skip
+    threads = args.threads or 2
+    most = max(stream_counts) if "streams" in cases else 1
+    # Seeded: every case (and a rerun) decodes the same prompts.
+    prompts = prompts_for(args.prompt_tokens, cfg.vocab_size, 1 + args.rounds * (1 + most), seed=args.prompt_tokens)
+    data: dict[str, Any] = {
+        "command": shlex.join(["potluck", *sys.argv[1:]]), "model": str(model_dir), "moe_layers": len(moe_layers),
+        "prompt_tokens": args.prompt_tokens, "gen_tokens": args.gen_tokens, "rounds": args.rounds,
+        "threads": threads, "cores": os.cpu_count(), "expert_bytes_total": expert_bytes, "lan_agents": LAN_AGENTS,
+        "lan_expert_memory": expert_bytes // LAN_AGENTS, "link": LINK, "link_latency_s": args.lan_latency,
+        "max_running": most,
+    }  # fmt: skip
+    print(f"decode: {args.gen_tokens} tokens after {args.prompt_tokens}, {args.rounds} rounds, {threads} torch threads, "
+          f"cases {', '.join(cases)}, model {model_dir}", flush=True)
+    with tempfile.TemporaryDirectory(prefix="potluck-bench-decode-") as work:
+        run = DecodeRun(
+            model_dir=model_dir, workdir=Path(work), threads=threads, gen_tokens=args.gen_tokens, warmup=prompts[0],
+            prompts=prompts[1:1 + args.rounds],
+            stream_prompts=[prompts[1 + args.rounds + r * most:1 + args.rounds + (r + 1) * most]
+                            for r in range(args.rounds)],
+            lan_memory=expert_bytes // LAN_AGENTS, lan_latency_s=args.lan_latency,
+        )  # fmt: skip
+        data["cases"] = asyncio.run(_run_cases(run, cases, agent_counts, stream_counts))
+    data["min_tokens"] = min(c["min_tokens"] for c in data["cases"])
+    data["stopped"] = sum(c["stopped"] for c in data["cases"])
+    (out / "decode.json").write_text(json.dumps(data, indent=2))
+    write_report(data, out)
+    print(text_table(data))
+    print(f"wrote {out / 'decode.json'}, {out / 'decode.md'}, {out / 'decode.png'}")
+    return 0
+
+
+async def _run_cases(run: DecodeRun, cases: list[str], agent_counts: list[int],
+                     stream_counts: list[int]) -> list[dict[str, Any]]:
+    results = []
+    if "compute" in cases:
+        results += await run_compute(run, agent_counts, TransformersDecode(run.model_dir, run.threads))
+    if "lan" in cases or "streams" in cases:
+        results += await run_lan(run, cases, stream_counts)
+    return results

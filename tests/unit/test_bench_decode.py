@@ -1,0 +1,160 @@
+"""The decode benchmark's pure parts: stream gaps, medians, /metrics parsing, targets, the report."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from scheduler.types import AgentSnapshot, EngineSnapshot, NodeId
+from server.bench_decode_report import text_table, write_report
+from server.bench_decode_stats import (Arrival, DecodeCounters, StreamTiming, activity, aggregate_tokens_per_s,
+                                       inter_token_gaps, lan_bound_s, round_trips_per_token, summarize, targets,
+                                       tokens_in_chunk)  # fmt: skip
+from server.cli import build_parser
+from server.inventory import parse_inventory
+from server.launcher import launches_from_inventory
+from server.metrics import ServerMetrics
+
+
+def stream(sent: float, *chunks: tuple[float, int]) -> StreamTiming:
+    return StreamTiming(sent, tuple(Arrival(t, k) for t, k in chunks))
+
+
+def test_the_first_chunk_is_the_ttft_and_a_chunk_of_k_tokens_spreads_its_gap_over_them() -> None:
+    arrivals = [Arrival(1.0, 1), Arrival(1.05, 1), Arrival(1.25, 2), Arrival(1.3, 1)]
+    assert inter_token_gaps(arrivals) == pytest.approx([0.05, 0.1, 0.1, 0.05])
+    assert inter_token_gaps(arrivals[:1]) == [] and inter_token_gaps([]) == []
+    s = StreamTiming(0.5, tuple(arrivals))
+    assert s.tokens == 5 and s.median_gap_s == pytest.approx(0.075) and s.last_s == 1.3
+    assert stream(0.0, (1.0, 1)).median_gap_s is None  # one token: no inter-token time at all
+
+
+def test_aggregate_rate_is_every_token_over_first_send_to_last_token() -> None:
+    a = stream(0.0, (1.0, 1), (1.5, 1), (2.0, 1))
+    b = stream(0.5, (1.2, 2), (4.0, 1))  # sent later, finished last
+    assert aggregate_tokens_per_s([a, b]) == pytest.approx(6 / 4.0)
+    assert aggregate_tokens_per_s([stream(0.0)]) is None and aggregate_tokens_per_s([]) is None
+
+
+def test_chunks_count_the_tokens_their_logprobs_name() -> None:
+    content = {"choices": [{"text": "ab", "logprobs": {"tokens": ["a", "b"]}, "finish_reason": None}]}
+    held = {"choices": [{"text": "", "logprobs": {"tokens": []}, "finish_reason": None}]}
+    finish = {"choices": [{"text": "", "index": 0, "logprobs": None, "finish_reason": "length"}]}
+    usage = {"choices": [], "usage": {"completion_tokens": 4}}
+    plain = {"choices": [{"text": " x", "logprobs": None, "finish_reason": None}]}
+    assert [tokens_in_chunk(c) for c in (content, held, finish, usage, plain)] == [2, 0, 0, 0, 1]
+
+
+def metrics_text(agents: list[AgentSnapshot], running: int = 0) -> str:
+    """/metrics as the real server renders it."""
+    snap = EngineSnapshot(running=running, waiting=0, agents=tuple(agents))
+    return ServerMetrics(lambda: snap).render().decode()
+
+
+def agent(name: str, **counters: int) -> AgentSnapshot:
+    return AgentSnapshot(NodeId(name), "127.0.0.1:1", True, **counters)  # type: ignore[arg-type]
+
+
+def test_decode_counters_are_summed_over_agents_from_the_servers_own_metrics() -> None:
+    before = DecodeCounters.from_metrics(metrics_text([agent("a"), agent("b")]))
+    after = DecodeCounters.from_metrics(metrics_text([
+        agent("a", decode_round_trips=300, decode_tokens=64, decode_steps=64),
+        agent("b", decode_round_trips=20),
+    ]))  # fmt: skip
+    assert after == DecodeCounters(round_trips=320.0, tokens=64.0, steps=64.0)
+    assert round_trips_per_token(before, after) == pytest.approx((320 + 64) / 64)
+
+
+def test_round_trips_are_unknown_without_the_counters_or_without_decoded_tokens() -> None:
+    old_server = "# TYPE potluck_requests_running gauge\npotluck_requests_running 0.0\n"
+    missing = DecodeCounters.from_metrics(old_server)
+    assert missing == DecodeCounters(None, None, None)
+    assert round_trips_per_token(missing, missing) is None
+    idle = DecodeCounters.from_metrics(metrics_text([agent("a")]))
+    assert round_trips_per_token(idle, idle) is None  # decode ran elsewhere: nothing to divide
+
+
+def test_activity_changes_while_agents_read_or_a_request_runs() -> None:
+    quiet = activity(metrics_text([agent("a", bytes_read=10, bytes_used=10)]))
+    assert quiet == activity(metrics_text([agent("a", bytes_read=10, bytes_used=10)]))
+    assert quiet != activity(metrics_text([agent("a", bytes_read=20, bytes_used=20)]))
+    assert activity(metrics_text([agent("a")], running=1))[-1] == 1
+
+
+def case(kind: str, itl_ms: float, agents: int = 1, streams: int = 1, rate: float | None = None,
+         trips: float | None = None) -> dict[str, Any]:
+    gap = itl_ms / 1e3
+    rounds = [[stream(0.0, *((0.1 + i * gap, 1) for i in range(64)))] * streams] * 3
+    out = summarize(kind, agents, streams, rounds, trips)
+    if rate is not None:
+        out["aggregate_tokens_per_s"] = rate
+    return out
+
+
+def run_data(cases: list[dict[str, Any]]) -> dict[str, Any]:
+    return {"command": "potluck bench decode --rounds 3", "model": "/m/bench-qwen3_moe", "moe_layers": 8,
+            "prompt_tokens": 128, "gen_tokens": 64, "rounds": 3, "threads": 2, "cores": 2, "expert_bytes_total": 6e8,
+            "lan_agents": 4, "lan_expert_memory": 1.5e8, "link": "1Gbit/s", "link_latency_s": 0.001,
+            "max_running": 8, "cases": cases, "min_tokens": min(c["min_tokens"] for c in cases)}
+
+
+def test_summary_is_the_median_over_rounds_of_each_rounds_median() -> None:
+    rounds = [[stream(0.0, (1.0, 1), (1.0 + g, 1), (1.0 + 2 * g, 1))] for g in (0.04, 0.05, 0.09)]
+    rounds[1] = [StreamTiming(0.0, rounds[1][0].arrivals, "stop")]  # an end-of-sequence token ended it
+    s = summarize("compute", 1, 1, rounds)
+    assert s["median_itl_s"] == pytest.approx(0.05) and s["min_tokens"] == 3 and s["stopped"] == 1
+    assert s["round_trips_per_token"] is None and len(s["rounds"]) == 3
+
+
+def test_targets_can_be_met_missed_or_not_measurable() -> None:
+    cases = [case("transformers", 40.0), case("compute", 38.0), case("compute", 60.0, agents=4),
+             case("lan", 60.0, agents=4, trips=9.5), case("streams", 60.0, 4, 1, rate=16.0),
+             case("streams", 70.0, 4, 4, rate=36.0), case("streams", 90.0, 4, 8, rate=60.0)]
+    data = run_data(cases)
+    assert lan_bound_s(data) == pytest.approx(0.038 + 8 * 0.002)
+    rows = {t.name: (t.measured, t.met) for t in targets(data)}
+    assert rows["1 agent <= 1.0x transformers"] == ("0.95x", True)
+    assert rows["4 agents <= 1.5x 1 agent"] == ("1.58x", False)
+    assert rows["LAN <= 1.2x bound"] == ("1.11x", True)
+    assert rows["LAN <= 10 round trips per token (MoE layers + 2)"] == ("9.5", True)
+    assert rows["4 streams >= 2.5x the tokens/s of 1"] == ("2.25x", False)
+    assert rows["8 streams >= 3.5x the tokens/s of 1"] == ("3.75x", True)
+    cases[3]["round_trips_per_token"] = None  # a server without the decode counters
+    assert ("n/a", None) in [(t.measured, t.met) for t in targets(data)]
+    assert [t.name for t in targets(run_data(cases[1:2]))] == []  # nothing to compare with
+
+
+def test_report_names_its_command_and_settings_and_never_says_nan(tmp_path: Path) -> None:
+    cases = [case("transformers", 40.0), case("compute", 45.0), case("lan", 70.0, agents=4),
+             case("streams", 70.0, 4, 1, rate=14.0), case("streams", 80.0, 4, 2, rate=25.0)]
+    cases[-1]["min_tokens"], cases[-1]["stopped"] = 37, 1  # a stream that met an end-of-sequence token
+    data = {**run_data(cases), "stopped": 1}
+    write_report(json.loads(json.dumps(data)), tmp_path)  # as read back from decode.json
+    md = (tmp_path / "decode.md").read_text()
+    assert md.startswith("`potluck bench decode --rounds 3`") and "nan" not in md.lower()
+    assert "| LAN | 4 | 1 | 70.0 |" in md and "| n/a |" in md and "1 Gbit/s" not in md and "1Gbit/s" in md
+    assert "1 stream ended with an end-of-sequence token" in md and "37 of 64" in md
+    assert "| 1 agent <= 1.0x transformers | 1.12x | missed |" in md
+    assert "LAN bound: 1-agent compute per token + 8 MoE layers x one round trip (2 ms) = 61.0 ms." in md
+    assert (tmp_path / "decode.png").stat().st_size > 0
+    table = text_table(data)
+    assert "compute-bound, 1 agent" in table and "missed" in table and "nan" not in table
+
+
+def test_inventory_torch_threads_reach_the_agents_potluck_up_starts() -> None:
+    inventory = parse_inventory({"nodes": [
+        {"name": "a", "address": "127.0.0.1:50051", "expert_memory": 0, "torch_threads": 2},
+        {"name": "b", "address": "127.0.0.1:50052", "expert_memory": 0},
+    ]})  # fmt: skip
+    threads = [launch.torch_threads for launch in launches_from_inventory(inventory, cores=2)]
+    assert threads == [2, 1]  # b: its fair share of two cores
+
+
+def test_decode_suite_flags_and_the_shared_rounds_default() -> None:
+    args = build_parser().parse_args(["bench", "decode", "--cases", "compute", "--decode-agents", "1",
+                                      "--lan-latency", "2ms"])  # fmt: skip
+    assert args.suite == "decode" and args.rounds is None  # 3 for decode, 1 for prefill, set when run
+    assert (args.prompt_tokens, args.gen_tokens, args.streams, args.lan_latency) == (128, 64, "1,2,4,8", 0.002)
