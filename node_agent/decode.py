@@ -17,7 +17,8 @@ an injected transport and torch work goes through the agent's compute thread, as
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Sequence
+import contextlib
+from collections.abc import Awaitable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -141,7 +142,8 @@ class Decoder:
     """Runs decode steps for the requests homed on this agent."""
 
     def __init__(self, name: str, cfg: MoeConfig, dense: moe.DenseWeights, buffer: ExpertBuffer,
-                 peers: DecodePeers, compute: Compute, peer_timeout_s: float = 120.0) -> None:
+                 peers: DecodePeers, compute: Compute, peer_timeout_s: float = 120.0, threads: int | None = None) -> None:
+        self.threads = threads  # torch threads of a step's jobs (None: the agent's); see service.decode_threads
         self.name, self.cfg, self.dense, self.buffer, self.peers = name, cfg, dense, buffer, peers
         self.compute = compute
         self.peer_timeout_s = peer_timeout_s
@@ -259,6 +261,10 @@ class Decoder:
         loop (their outputs are needed before the next layer), or the next layer's prompt K/V is
         not in yet; and the logits if it gets through the last layer with nothing handed out.
         With every expert resident here, a whole step is one job."""
+        with _torch_threads(self.threads):
+            self._layers_from(loop, dispatch, run)
+
+    def _layers_from(self, loop: asyncio.AbstractEventLoop, dispatch: _Dispatch, run: _Run) -> None:
         L = self.cfg.num_layers
         while run.layer < L:
             if run.h is not None and not all(c.ready_at(run.layer) for c in run.batch.caches):
@@ -334,7 +340,22 @@ class Decoder:
     def _logits(self, run: _Run) -> torch.Tensor:
         assert run.h is not None
         h, run.done = _with(run.h, run.done), []
-        return moe.final_logits(self.dense, self.cfg, h)
+        with _torch_threads(self.threads):
+            return moe.final_logits(self.dense, self.cfg, h)
+
+
+@contextlib.contextmanager
+def _torch_threads(n: int | None) -> Iterator[None]:
+    """Run the block with n torch threads (on the calling thread), then go back."""
+    before = torch.get_num_threads()
+    if n is None or n == before:
+        yield
+        return
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _with(h: torch.Tensor, done: list[Rows]) -> torch.Tensor:

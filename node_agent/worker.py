@@ -65,6 +65,7 @@ class AgentCore:
         peers: PeerTransport,
         peer_timeout_s: float = 120.0,
         pacer: ComputePacer | None = None,
+        decode_threads: int | None = None,
     ) -> None:
         self.name, self.cfg, self.dense, self.buffer, self.peers = name, cfg, dense, buffer, peers
         self.pacer = pacer or ComputePacer(0)
@@ -74,7 +75,7 @@ class AgentCore:
         self._queued = QueuedJobs()
         self.passes = GroupedPasses(self.pacer, self._compute, self._queued.any)
         self.attention = PeerAttention(name, cfg, dense, peers, self.compute, peer_timeout_s)
-        self.decoder = Decoder(name, cfg, dense, buffer, peers, self.compute, peer_timeout_s)
+        self.decoder = Decoder(name, cfg, dense, buffer, peers, self.compute, peer_timeout_s, decode_threads)
         self.early_used = 0  # experts run early on my own tokens whose share the plan confirmed
         self.early_dropped = 0  # experts run early that the plan overruled (it sent those slots elsewhere)
         self.direct_sent = 0  # experts whose tokens went to their executor by a direct route

@@ -88,6 +88,7 @@ class Batcher:
         self.waiting: deque[_Seq] = deque()
         self.running: list[_Seq] = []
         self._wake = asyncio.Event()
+        self._outbox: list[tuple[_Seq, TokenEvent | BaseException | None]] = []  # to consumers, in order
         self._task: asyncio.Task[None] | None = None
         self._releases: set[asyncio.Task[None]] = set()
 
@@ -124,12 +125,14 @@ class Batcher:
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
+        self._flush()
         await asyncio.gather(*self._releases, return_exceptions=True)
 
     # The loop ------------------------------------------------------------------------------------
 
     async def _loop(self) -> None:
         while True:
+            self._flush()
             await self._wake.wait()
             self._wake.clear()
             while self.waiting or self.running:
@@ -143,14 +146,23 @@ class Batcher:
         prefilling = next((s for s in self.running if s.home is None), None)
         decoding = [s for s in self.running if s.home is not None]
         if prefilling is not None:
+            self._flush()
             await self._prefill(prefilling, chunked=bool(decoding))
         decoding = [s for s in self.running if s.home is not None and not s.cancelled]
-        if decoding:
-            homes: dict[NodeId, list[_Seq]] = {}
-            for s in decoding:
-                assert s.home is not None
-                homes.setdefault(s.home.name, []).append(s)
-            await asyncio.gather(*(self._decode(group) for group in homes.values()))
+        if not decoding:
+            self._flush()
+            return
+        homes: dict[NodeId, list[_Seq]] = {}
+        for s in decoding:
+            assert s.home is not None
+            homes.setdefault(s.home.name, []).append(s)
+        steps = [asyncio.ensure_future(self._decode(group)) for group in homes.values()]
+        # The last step's tokens go to their consumers (who format and stream them) once this
+        # step's calls are on their way: one turn lets each call schedule its send, and the
+        # consumers, woken after, run behind it, while the agents compute.
+        await asyncio.sleep(0)
+        self._flush()
+        await asyncio.gather(*steps)
 
     def _admit(self) -> None:
         while self.waiting and len(self.running) < self.settings.max_running:
@@ -178,6 +190,7 @@ class Batcher:
             if end < len(prompt):
                 return
             event = self._emit(seq, logits[-1])
+            self._flush()  # the first token goes out now, not after the home has adopted the K/V
             if self._done(seq, event):
                 return
             await self._adopt(seq, event.token_id)
@@ -226,8 +239,14 @@ class Batcher:
     def _emit(self, seq: _Seq, logits: torch.Tensor) -> TokenEvent:
         event = sample(logits, seq.request.sampling, seq.generator)
         seq.produced += 1
-        seq.out.put_nowait(event)
+        self._outbox.append((seq, event))
         return event
+
+    def _flush(self) -> None:
+        """Hand the consumers what was sampled (or ended) since the last flush, in order."""
+        for seq, item in self._outbox:
+            seq.out.put_nowait(item)
+        self._outbox.clear()
 
     def _done(self, seq: _Seq, event: TokenEvent) -> bool:
         """End the request after a stop token or its last token; returns whether it ended."""
@@ -241,7 +260,7 @@ class Batcher:
         state releases it in the background."""
         if seq in self.running:
             self.running.remove(seq)
-        seq.out.put_nowait(error)
+        self._outbox.append((seq, error))
         task = self._release(seq, seq.members)
         task.add_done_callback(lambda _: seq.gone.set())
 
