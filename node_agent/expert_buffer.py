@@ -197,7 +197,7 @@ class ExpertBuffer:
 
     async def _unpin(self, entry: _Entry) -> None:
         entry.pins -= 1
-        if entry.pins == 0:
+        if entry.pins == 0 and self._room_waiters:
             async with self._space:
                 self._space.notify_all()
 

@@ -133,8 +133,10 @@ class GrpcPeers:
             return tensor_from_proto(result.output)
 
         row_bytes = x[0].numel() * x.element_size() if x.shape[0] else 1
-        parts = await asyncio.gather(*(run(rows) for rows in row_chunks(x.shape[0], row_bytes)))
-        return torch.cat(parts) if len(parts) > 1 else parts[0]
+        chunks = row_chunks(x.shape[0], row_bytes)
+        if len(chunks) == 1:  # every decode call: no gather around one call
+            return await run(chunks[0])
+        return torch.cat(await asyncio.gather(*(run(rows) for rows in chunks)))
 
     async def fetch_kv(self, address: str, request_id: str, layer: int) -> KVShard:
         """A peer's K/V rows of one layer of a request (decode's home pulls the prompt's K/V):

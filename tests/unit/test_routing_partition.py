@@ -37,10 +37,12 @@ def test_prompt_chunks_follow_one_another_with_the_kv_each_agent_holds() -> None
     assert all(tokens[p] == t for s in second.shards for t, p in zip(s.token_ids, s.positions))
 
 
-def test_home_is_the_least_loaded_agent_then_the_one_holding_most_kv() -> None:
-    assert choose_home([A, B, C], {A: 1}, {A: 5, B: 2, C: 3}) == C
+def test_home_joins_the_largest_open_batch_then_holds_most_kv() -> None:
+    assert choose_home([A, B, C], {A: 1}, {A: 5, B: 2, C: 3}) == A  # batched with the one decoding
+    assert choose_home([A, B, C], {}, {A: 2, B: 2, C: 3}) == C  # none decodes: the most K/V
     assert choose_home([A, B, C], {}, {A: 2, B: 2, C: 2}) == A  # ties: the first in order
-    assert choose_home([A, B], {A: 2, B: 3}, {}) == A
+    assert choose_home([A, B], {A: 2, B: 3}, {}, batch=3) == A  # B's batch is full
+    assert choose_home([A, B], {A: 3, B: 3}, {}, batch=3) == A  # all full: the fewest, then order
     with pytest.raises(ValueError):
         choose_home([], {}, {})
 
