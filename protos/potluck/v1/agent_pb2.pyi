@@ -85,7 +85,7 @@ class InfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class InfoReply(_message.Message):
-    __slots__ = ("name", "model_type", "num_layers", "num_experts", "vocab_size", "profile", "model_fingerprint", "expert_bytes", "expert_flops_per_s", "hidden_size", "dtype_bytes", "max_positions", "dense_layers")
+    __slots__ = ("name", "model_type", "num_layers", "num_experts", "vocab_size", "profile", "model_fingerprint", "expert_bytes", "expert_flops_per_s", "hidden_size", "dtype_bytes", "max_positions", "dense_layers", "data_port")
     NAME_FIELD_NUMBER: _ClassVar[int]
     MODEL_TYPE_FIELD_NUMBER: _ClassVar[int]
     NUM_LAYERS_FIELD_NUMBER: _ClassVar[int]
@@ -99,6 +99,7 @@ class InfoReply(_message.Message):
     DTYPE_BYTES_FIELD_NUMBER: _ClassVar[int]
     MAX_POSITIONS_FIELD_NUMBER: _ClassVar[int]
     DENSE_LAYERS_FIELD_NUMBER: _ClassVar[int]
+    DATA_PORT_FIELD_NUMBER: _ClassVar[int]
     name: str
     model_type: str
     num_layers: int
@@ -112,7 +113,8 @@ class InfoReply(_message.Message):
     dtype_bytes: int
     max_positions: int
     dense_layers: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, name: _Optional[str] = ..., model_type: _Optional[str] = ..., num_layers: _Optional[int] = ..., num_experts: _Optional[int] = ..., vocab_size: _Optional[int] = ..., profile: _Optional[_Union[DeviceProfile, _Mapping]] = ..., model_fingerprint: _Optional[str] = ..., expert_bytes: _Optional[int] = ..., expert_flops_per_s: _Optional[float] = ..., hidden_size: _Optional[int] = ..., dtype_bytes: _Optional[int] = ..., max_positions: _Optional[int] = ..., dense_layers: _Optional[_Iterable[int]] = ...) -> None: ...
+    data_port: int
+    def __init__(self, name: _Optional[str] = ..., model_type: _Optional[str] = ..., num_layers: _Optional[int] = ..., num_experts: _Optional[int] = ..., vocab_size: _Optional[int] = ..., profile: _Optional[_Union[DeviceProfile, _Mapping]] = ..., model_fingerprint: _Optional[str] = ..., expert_bytes: _Optional[int] = ..., expert_flops_per_s: _Optional[float] = ..., hidden_size: _Optional[int] = ..., dtype_bytes: _Optional[int] = ..., max_positions: _Optional[int] = ..., dense_layers: _Optional[_Iterable[int]] = ..., data_port: _Optional[int] = ...) -> None: ...
 
 class StepPeer(_message.Message):
     __slots__ = ("name", "address", "new_min_position", "new_max_position", "cached_tokens")
@@ -345,12 +347,14 @@ class ExpertResult(_message.Message):
     def __init__(self, output: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class AgentAddress(_message.Message):
-    __slots__ = ("name", "address")
+    __slots__ = ("name", "address", "data_address")
     NAME_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    DATA_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     name: str
     address: str
-    def __init__(self, name: _Optional[str] = ..., address: _Optional[str] = ...) -> None: ...
+    data_address: str
+    def __init__(self, name: _Optional[str] = ..., address: _Optional[str] = ..., data_address: _Optional[str] = ...) -> None: ...
 
 class ExpertHolders(_message.Message):
     __slots__ = ("expert", "holders")
@@ -421,3 +425,15 @@ class DecodeStepReply(_message.Message):
     logits: Tensor
     round_trips: int
     def __init__(self, logits: _Optional[_Union[Tensor, _Mapping]] = ..., round_trips: _Optional[int] = ...) -> None: ...
+
+class PeerFrame(_message.Message):
+    __slots__ = ("call", "batch", "result", "error")
+    CALL_FIELD_NUMBER: _ClassVar[int]
+    BATCH_FIELD_NUMBER: _ClassVar[int]
+    RESULT_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    call: int
+    batch: ExpertBatch
+    result: ExpertResult
+    error: str
+    def __init__(self, call: _Optional[int] = ..., batch: _Optional[_Union[ExpertBatch, _Mapping]] = ..., result: _Optional[_Union[ExpertResult, _Mapping]] = ..., error: _Optional[str] = ...) -> None: ...
