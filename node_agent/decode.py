@@ -18,13 +18,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Awaitable, Iterator, Sequence
+from collections.abc import Awaitable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
 
 from node_agent.attention import Compute
+from node_agent.dataplane import DataClient
 from node_agent.expert_buffer import ExpertBuffer, LayerPins
 from node_agent.model import moe
 from node_agent.model.config import MoeConfig
@@ -142,7 +143,9 @@ class Decoder:
     """Runs decode steps for the requests homed on this agent."""
 
     def __init__(self, name: str, cfg: MoeConfig, dense: moe.DenseWeights, buffer: ExpertBuffer,
-                 peers: DecodePeers, compute: Compute, peer_timeout_s: float = 120.0, threads: int | None = None) -> None:
+                 peers: DecodePeers, compute: Compute, peer_timeout_s: float = 120.0, threads: int | None = None,
+                 data: DataClient | None = None) -> None:
+        self.data = data  # the decode data plane to holders that publish one (else their gRPC RunExperts)
         self.threads = threads  # torch threads of a step's jobs (None: the agent's); see service.decode_threads
         self.name, self.cfg, self.dense, self.buffer, self.peers = name, cfg, dense, buffer, peers
         self.compute = compute
@@ -323,8 +326,13 @@ class Decoder:
                 run: Awaitable[torch.Tensor] = self._load_and_run(layer, x[rows], sub[rows], weights[rows], es)
             else:
                 dispatch.remote += len(es)
-                address = self.table.addresses[NodeId(holder)]
-                run = self.peers.run_experts(address, "decode", layer, x[rows], sub[rows], weights[rows], decode=True)
+                data_address = self.table.data_addresses.get(NodeId(holder))
+                if self.data is not None and data_address:
+                    run = self.data.run_experts(data_address, layer, x[rows], sub[rows], weights[rows])
+                else:
+                    address = self.table.addresses[NodeId(holder)]
+                    run = self.peers.run_experts(address, "decode", layer, x[rows], sub[rows], weights[rows],
+                                                 decode=True)
             dispatch.runs.append(asyncio.ensure_future(_rows(rows, run)))
 
     async def _load_and_run(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
@@ -336,6 +344,12 @@ class Decoder:
                 if part is not None:
                     out += part
         return out
+
+    def mix(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, experts: Mapping[int, moe.ExpertWeights]
+            ) -> torch.Tensor | None:
+        """`moe.mix_experts` on a decode batch a peer sent, with a decode step's torch threads."""
+        with _torch_threads(self.threads):
+            return moe.mix_experts(x, ids, weights, experts)
 
     def _logits(self, run: _Run) -> torch.Tensor:
         assert run.h is not None

@@ -18,6 +18,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from node_agent.dataplane import DataClient, DataPlaneError, DataServer
 from node_agent.cache_policy import LayerCyclicPolicy, LRUPolicy
 from node_agent.dispatch import LayerPlan
 from node_agent.expert_buffer import BufferTooSmall, ExpertBuffer
@@ -108,6 +109,12 @@ def measure_expert_flops(cfg: MoeConfig, dtype: torch.dtype, tokens: int = 256, 
 SMALL_PROJECTION_BYTES = 16 << 20
 
 
+def split_host(listen: str) -> str:
+    """The host part of a host:port listen address ("[::1]:50051" -> "::1")."""
+    host = listen.rpartition(":")[0]
+    return host[1:-1] if host.startswith("[") and host.endswith("]") else host
+
+
 def decode_threads(cfg: MoeConfig, dtype: torch.dtype, threads: int) -> int:
     """How many torch threads a decode step's jobs use. A decode token's matmuls are
     matrix-vector products; with small experts, splitting each over threads costs more than it
@@ -122,9 +129,10 @@ def decode_threads(cfg: MoeConfig, dtype: torch.dtype, threads: int) -> int:
 
 class Servicer(pb_grpc.NodeAgentServicer):
     def __init__(self, core: AgentCore, settings: AgentSettings, link: Link, store: ExpertStore, fingerprint: str,
-                 flops: float) -> None:
+                 flops: float, data_port: int = 0) -> None:
         self.core, self.settings, self.link, self.store, self.fingerprint = core, settings, link, store, fingerprint
         self.flops = flops
+        self.data_port = data_port  # TCP port of the decode data plane (0: none)
 
     async def Info(self, request: pb.InfoRequest, context: Any) -> pb.InfoReply:
         cfg, s = self.core.cfg, self.settings
@@ -136,7 +144,7 @@ class Servicer(pb_grpc.NodeAgentServicer):
                             model_fingerprint=self.fingerprint, expert_bytes=self.store.expert_nbytes,
                             max_positions=cfg.max_positions, dense_layers=sorted(cfg.dense_layers),
                             expert_flops_per_s=self.flops, hidden_size=cfg.hidden_size,
-                            dtype_bytes=self.core.dense.embed.element_size())
+                            dtype_bytes=self.core.dense.embed.element_size(), data_port=self.data_port)
 
     async def BeginStep(self, request: pb.BeginStepRequest, context: Any) -> pb.BeginStepReply:
         peers = [Peer(p.name, p.address, p.new_min_position, p.new_max_position, p.cached_tokens) for p in request.peers]
@@ -176,6 +184,7 @@ class Servicer(pb_grpc.NodeAgentServicer):
                                     bytes_used=buf.bytes_used, capacity_bytes=buf.capacity,
                                     attention_seconds=core.attention_s, prefetches=c.prefetches,
                                     predicted_used=core.predicted_used, used=core.used,
+                                    predicted_pairs_used=core.predicted_pairs_used, pairs_used=core.pairs_used,
                                     compute_overrun_seconds=core.pacer.overrun_s, early_experts_used=core.early_used,
                                     early_experts_dropped=core.early_dropped, direct_experts_sent=core.direct_sent, fills=c.fills,
                                     fill_preemptions=c.fill_preemptions, decode_steps=core.decoder.steps,
@@ -228,15 +237,19 @@ class Servicer(pb_grpc.NodeAgentServicer):
         return reply
 
     async def RunExperts(self, request: pb.ExpertBatch, context: Any) -> pb.ExpertResult:
+        reply = await self.run_batch(request)
+        await self.link.send(reply.output)
+        return reply
+
+    async def run_batch(self, request: pb.ExpertBatch) -> pb.ExpertResult:
+        """A peer's expert batch, from a RunExperts call or the decode data plane."""
         await self.link.receive(request.hidden, request.expert_ids, request.weights)
         x = tensor_from_proto(request.hidden)
         ids = tensor_from_proto(request.expert_ids).long()
         self.core.check_batch(request.layer, ids)
         out = await self.core.execute(request.layer, x, ids, tensor_from_proto(request.weights).to(x.dtype),
                                       request.decode)
-        reply = pb.ExpertResult(output=tensor_to_proto(out))
-        await self.link.send(reply.output)
-        return reply
+        return pb.ExpertResult(output=tensor_to_proto(out))
 
 
 class ErrorInterceptor(grpc.aio.ServerInterceptor):
@@ -247,6 +260,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         (RequestReleased, grpc.StatusCode.CANCELLED),
         (TimeoutError, grpc.StatusCode.DEADLINE_EXCEEDED),
         (ValueError, grpc.StatusCode.INVALID_ARGUMENT),
+        (DataPlaneError, grpc.StatusCode.UNAVAILABLE),
     )
 
     async def intercept_service(self, continuation: Callable[[Any], Awaitable[Any]], details: Any) -> Any:
@@ -318,13 +332,16 @@ async def serve(settings: AgentSettings, ready: asyncio.Event | None = None, sto
     threads = decode_threads(cfg, dtype, settings.torch_threads)
     log.info("agent %s: decode steps use %d of its %d torch threads", settings.node_name, threads,
              settings.torch_threads)
+    data = DataClient(link)
     core = AgentCore(settings.node_name, cfg, dense, buffer, peers, pacer=ComputePacer(settings.compute_share),
-                     decode_threads=threads)
+                     decode_threads=threads, data=data)
     # The latency wraps the handlers inside the error mapping: a failed call is answered without
     # it (errors are not the traffic being emulated).
     server = grpc.aio.server(interceptors=[ErrorInterceptor(), LatencyInterceptor(link)], options=CHANNEL_OPTIONS)
     servicer = Servicer(core, settings, link, store, model_fingerprint(settings.model_dir),
-                          measure_expert_flops(cfg, dtype, compute_share=settings.compute_share))
+                        measure_expert_flops(cfg, dtype, compute_share=settings.compute_share))
+    data_server = DataServer(settings.node_name, servicer.run_batch, link)
+    servicer.data_port = await data_server.start(split_host(settings.listen))
     pb_grpc.add_NodeAgentServicer_to_server(servicer, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -332,8 +349,9 @@ async def serve(settings: AgentSettings, ready: asyncio.Event | None = None, sto
     await server.start()
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     await health_servicer.set("potluck.v1.NodeAgent", health_pb2.HealthCheckResponse.SERVING)
-    log.info("agent %s: serving on %s (expert memory %s bytes, disk %s B/s, link %s B/s, latency %g ms)",
-             settings.node_name, settings.listen, settings.expert_memory_bytes or "unlimited",
+    log.info("agent %s: serving on %s, decode data plane on port %d (expert memory %s bytes, disk %s B/s, link %s "
+             "B/s, latency %g ms)", settings.node_name, settings.listen, servicer.data_port,
+             settings.expert_memory_bytes or "unlimited",
              settings.disk_bytes_per_s or "unlimited", settings.link_bytes_per_s or "unlimited",
              settings.link_latency_s * 1e3)
     if ready is not None:
@@ -343,6 +361,8 @@ async def serve(settings: AgentSettings, ready: asyncio.Event | None = None, sto
     finally:
         await health_servicer.enter_graceful_shutdown()
         await server.stop(grace=2.0)
+        await data_server.close()
+        await data.close()
         await peers.close()
         disk.shutdown(wait=False, cancel_futures=True)
         log.info("agent %s: stopped", settings.node_name)

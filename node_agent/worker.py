@@ -18,6 +18,7 @@ from typing import Protocol, TypeVar
 import torch
 
 from node_agent.attention import KVPeers, PeerAttention
+from node_agent.dataplane import DataClient
 from node_agent.decode import Decoder
 from node_agent.dispatch import LayerPlan, only, split_by_executor
 from node_agent.peers import row_chunks
@@ -66,6 +67,7 @@ class AgentCore:
         peer_timeout_s: float = 120.0,
         pacer: ComputePacer | None = None,
         decode_threads: int | None = None,
+        data: DataClient | None = None,
     ) -> None:
         self.name, self.cfg, self.dense, self.buffer, self.peers = name, cfg, dense, buffer, peers
         self.pacer = pacer or ComputePacer(0)
@@ -75,13 +77,15 @@ class AgentCore:
         self._queued = QueuedJobs()
         self.passes = GroupedPasses(self.pacer, self._compute, self._queued.any)
         self.attention = PeerAttention(name, cfg, dense, peers, self.compute, peer_timeout_s)
-        self.decoder = Decoder(name, cfg, dense, buffer, peers, self.compute, peer_timeout_s, decode_threads)
+        self.decoder = Decoder(name, cfg, dense, buffer, peers, self.compute, peer_timeout_s, decode_threads, data)
         self.early_used = 0  # experts run early on my own tokens whose share the plan confirmed
         self.early_dropped = 0  # experts run early that the plan overruled (it sent those slots elsewhere)
         self.direct_sent = 0  # experts whose tokens went to their executor by a direct route
         self.attention_s = 0.0  # total seconds in attention, all requests
         self.predicted_used = 0  # experts used by my tokens that the previous layer predicted
         self.used = 0  # experts used by my tokens in layers that had a prediction
+        self.predicted_pairs_used = 0  # (token, slot) pairs of my tokens whose expert the previous layer predicted
+        self.pairs_used = 0  # (token, slot) pairs of my tokens in layers that had a prediction
 
     async def compute(self, fn: Callable[..., R], *args: object) -> R:
         """Run torch work on the compute thread (torch releases the GIL inside its kernels), paced
@@ -262,9 +266,13 @@ class AgentCore:
     def _score_prediction(self, st: StepState, layer: int, counts: list[int]) -> None:
         if st.predicted is None or st.predicted[0] != layer:
             return
+        predicted = st.predicted[1]
         used = {e for e, c in enumerate(counts) if c}
         self.used += len(used)
-        self.predicted_used += len(used & st.predicted[1])
+        self.predicted_used += len(used & predicted)
+        # Per (token, slot) pair: a hot expert weighs by its tokens, a rarely used one by its few.
+        self.pairs_used += sum(counts)
+        self.predicted_pairs_used += sum(counts[e] for e in predicted)
 
     async def finish(self, request_id: str, plan: LayerPlan) -> tuple[torch.Tensor | None, torch.Tensor]:
         """MoE of the last layer; logits if this agent owns the step's last position (with
@@ -420,7 +428,7 @@ class AgentCore:
         held = {e.index: await self.buffer.acquire(e) for e in now}  # resident: no await inside
         if decode and not later:  # a decode step's few tokens: one job, no pass
             try:
-                mixed = await self.compute(moe.mix_experts, x, ids, weights, held)
+                mixed = await self.compute(self.decoder.mix, x, ids, weights, held)
             finally:
                 for e in now:
                     await self.buffer.release(e)

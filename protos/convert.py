@@ -71,7 +71,8 @@ def direct_from_proto(msgs: Iterable[pb.DirectRoute]) -> dict[int, NodeId]:
 def routing_table_to_proto(table: RoutingTable, num_experts: int) -> pb.RoutingTable:
     return pb.RoutingTable(
         version=table.version,
-        agents=[pb.AgentAddress(name=n, address=a) for n, a in sorted(table.addresses.items())],
+        agents=[pb.AgentAddress(name=n, address=a, data_address=table.data_addresses.get(n, ""))
+                for n, a in sorted(table.addresses.items())],
         experts=[pb.ExpertHolders(expert=expert_to_wire(e, num_experts), holders=list(h))
                  for e, h in sorted(table.holders.items()) if h],
     )
@@ -81,6 +82,7 @@ def routing_table_from_proto(msg: pb.RoutingTable, num_experts: int) -> RoutingT
     return RoutingTable(
         version=msg.version,
         addresses={NodeId(a.name): a.address for a in msg.agents},
+        data_addresses={NodeId(a.name): a.data_address for a in msg.agents if a.data_address},
         holders={expert_from_wire(x.expert, num_experts): tuple(NodeId(h) for h in x.holders) for x in msg.experts},
     )
 

@@ -16,6 +16,7 @@ class RoutingTable:
 
     version: int = 0  # increases with every table the scheduler publishes
     addresses: dict[NodeId, str] = field(default_factory=dict)  # every agent a holder list names -> host:port
+    data_addresses: dict[NodeId, str] = field(default_factory=dict)  # -> host:port of its decode data plane
     holders: dict[ExpertId, tuple[NodeId, ...]] = field(default_factory=dict)  # in order of preference
 
     def remote_holder(self, eid: ExpertId, me: str) -> NodeId | None:

@@ -33,8 +33,13 @@ def choose_home(nodes: Sequence[NodeId], decoding: Mapping[NodeId, int], kv_rows
     return min(open_, key=lambda n: (-decoding.get(n, 0), -kv_rows.get(n, 0), nodes.index(n)))
 
 
-def routing_table(version: int, addresses: Mapping[NodeId, str], held: Mapping[NodeId, frozenset[ExpertId]]
-                  ) -> RoutingTable:
+def data_address(address: str, port: int) -> str | None:
+    """An agent's decode data plane: the host of its gRPC address, at the port it reports."""
+    return f"{address.rpartition(':')[0]}:{port}" if port else None
+
+
+def routing_table(version: int, addresses: Mapping[NodeId, str], held: Mapping[NodeId, frozenset[ExpertId]],
+                  data_addresses: Mapping[NodeId, str] | None = None) -> RoutingTable:
     """Every held expert's holders. Where several agents hold one, the preferred holder rotates
     with the expert's index, so that homes lacking many experts spread their calls over the
     holders rather than all calling the first agent by name."""
@@ -46,9 +51,11 @@ def routing_table(version: int, addresses: Mapping[NodeId, str], held: Mapping[N
     for eid, nodes in by_expert.items():
         turn = eid.index % len(nodes)
         holders[eid] = tuple(nodes[turn:] + nodes[:turn])
-    return RoutingTable(version, {n: a for n, a in addresses.items() if n in held}, holders)
+    data = {n: a for n, a in (data_addresses or {}).items() if n in held}
+    return RoutingTable(version=version, addresses={n: a for n, a in addresses.items() if n in held},
+                        data_addresses=data, holders=holders)
 
 
 def same_holders(a: RoutingTable, b: RoutingTable) -> bool:
     """Whether two tables route alike (the version aside): no need to publish again."""
-    return a.addresses == b.addresses and a.holders == b.holders
+    return a.addresses == b.addresses and a.data_addresses == b.data_addresses and a.holders == b.holders

@@ -23,7 +23,7 @@ from scheduler.fill import AgentHoldings
 from scheduler.policy import Policy
 from protos.routing import RoutingTable
 from scheduler.batching import BatchSettings, Batcher
-from scheduler.decode_plan import routing_table, same_holders
+from scheduler.decode_plan import data_address, routing_table, same_holders
 from scheduler.runner import ClusterView, ModelShape
 from scheduler.types import AgentSnapshot, EngineSnapshot, GenerationRequest, NodeSpec, TokenEvent
 
@@ -133,7 +133,8 @@ class EngineService:
         E = self.shape.num_experts
         agents = [c for c in self.up_clients() if c.name in self.infos]
         held = {c.name: frozenset(expert_from_wire(i, E) for i in self._snapshots[c.name].held) for c in agents}
-        table = routing_table(self.table.version + 1, {c.name: c.spec.address for c in agents}, held)
+        data = {c.name: a for c in agents if (a := data_address(c.spec.address, self.infos[c.name].data_port))}
+        table = routing_table(self.table.version + 1, {c.name: c.spec.address for c in agents}, held, data)
         if same_holders(table, self.table):
             return
         self.table = table
