@@ -36,6 +36,7 @@ class AgentInfo:
     hidden_size: int  # D
     dtype_bytes: int  # bytes per element on the wire
     link_latency_s: float = 0.0  # one-way delay of each message the agent sends, seconds; 0 = none
+    data_port: int = 0  # TCP port of its decode data plane on its gRPC host (0: none)
 
 
 def plan_to_proto(plan: RoutingPlan | None) -> pb.RoutingPlan | None:
@@ -97,7 +98,7 @@ class AgentClient:
             memory_bytes=p.expert_memory_bytes, disk_bytes_per_s=p.disk_bytes_per_s,
             link_bytes_per_s=p.link_bytes_per_s, link_latency_s=p.link_latency_s, max_positions=r.max_positions,
             dense_layers=frozenset(r.dense_layers), flops_per_s=r.expert_flops_per_s, hidden_size=r.hidden_size,
-            dtype_bytes=r.dtype_bytes,
+            dtype_bytes=r.dtype_bytes, data_port=r.data_port,
         )
 
     async def begin_step(self, request_id: str, plan: StepPlan, peers: Sequence[pb.StepPeer], all_logits: bool,
@@ -173,7 +174,8 @@ class AgentClient:
             name=self.spec.name, address=self.spec.address, up=True, hits=c.hits, misses=c.misses, loads=c.loads,
             evictions=c.evictions, bytes_read=c.bytes_read, bytes_sent=c.bytes_sent, bytes_used=c.bytes_used,
             capacity_bytes=c.capacity_bytes, attention_s=c.attention_seconds, prefetches=c.prefetches,
-            predicted_used=c.predicted_used, used=c.used, compute_overrun_s=c.compute_overrun_seconds,
+            predicted_used=c.predicted_used, used=c.used, predicted_pairs_used=c.predicted_pairs_used,
+            pairs_used=c.pairs_used, compute_overrun_s=c.compute_overrun_seconds,
             early_used=c.early_experts_used, early_dropped=c.early_experts_dropped, fills=c.fills,
             fill_preemptions=c.fill_preemptions, direct_sent=c.direct_experts_sent, decode_steps=c.decode_steps,
             decode_tokens=c.decode_tokens, decode_round_trips=c.decode_round_trips,

@@ -78,6 +78,8 @@ class AgentSnapshot:
     prefetches: int = 0  # experts read because a prefetch asked
     predicted_used: int = 0  # experts used that the previous layer's prediction named
     used: int = 0  # experts used in layers that had a prediction (recall = predicted_used / used)
+    predicted_pairs_used: int = 0  # (token, slot) pairs of those layers whose expert the prediction named
+    pairs_used: int = 0  # (token, slot) pairs in layers that had a prediction (pair recall = the ratio)
     compute_overrun_s: float = 0.0  # paced compute past its emulated speed (the host fell short)
     early_used: int = 0  # experts run on its own tokens before the plan came, confirmed by the plan
     early_dropped: int = 0  # such early runs the plan overruled

@@ -3,11 +3,13 @@
 Every cluster is `potluck up --inventory` in a child process (agents are its children, real gRPC
 on loopback), driven only through its outside interfaces: streamed `/v1/completions` requests
 (httpx) and `/metrics`. Each request is a prompt of `--prompt-tokens` random token ids with
-`max_tokens=--gen-tokens`, temperature 0 and `logprobs: 0` (so every chunk names the tokens it
-carries). The inter-token time is the gap between consecutive token chunks as they arrive (the
-first chunk is the TTFT and is left out); a case's figure is the median over its `--rounds` rounds
-of each round's median gap. The API has no field to ignore an end-of-sequence token, so a stream
-may end early: then its gaps are over what arrived, and the tokens received are reported.
+`max_tokens=--gen-tokens`, temperature 0, `logprobs: 0` (so every chunk names the tokens it
+carries) and `ignore_eos: true` (vLLM's extension: an end-of-sequence token does not end the
+stream, so every request decodes `--gen-tokens` tokens, as transformers' loop below does). The
+inter-token time is the gap between consecutive token chunks as they arrive (the first chunk is
+the TTFT and is left out); a case's figure is the median over its `--rounds` rounds of each
+round's median gap. Should a stream still end early (a server that ignores the field), its gaps
+are over what arrived, and the report says how many tokens the shortest stream got.
 
 Every case, baselines included, gets the same warm-up (one request on the warm-up prompt, after
 which the cluster fills free expert memory; the bench waits until the agents stop reading) and
@@ -22,7 +24,11 @@ the same rounds (the same prompts). Cases:
 - lan: 4 agents, link `1Gbit/s` with `--lan-latency` one way, expert memory 25% of all expert
   bytes each (the pool holds the model once). Its bound is the 1-agent compute-bound median plus
   one round trip (twice the latency) per MoE layer. Round trips per token come from the agents'
-  decode counters on /metrics, summed over agents, around the timed requests.
+  decode counters on /metrics, summed over agents, around the timed requests. The server
+  refreshes those every 2 s and shortly after a request ends, so the bench scrapes until they
+  have settled: before, until they stop changing; after, until they count the tokens the bench
+  received minus each request's first (its prefill's) or stop changing. Counters that never
+  settle (within a deadline) give n/a, not a figure from a stale scrape.
 - streams: 1, 2, 4 and 8 concurrent streams (`--streams`) on the LAN cluster (started with
   `--max-running` = the most streams): tokens all streams received over the wall time from the
   first request sent to the last token, and each stream's median inter-token time.
@@ -53,8 +59,8 @@ from node_agent.model.checkpoint import Checkpoint
 from node_agent.model.config import MoeConfig
 from server.bench import default_bench_model
 from server.bench_decode_report import label, text_table, write_report
-from server.bench_decode_stats import (Arrival, DecodeCounters, StreamTiming, activity, round_trips_per_token,
-                                       summarize, tokens_in_chunk)  # fmt: skip
+from server.bench_decode_stats import (Arrival, DecodeCounters, StreamTiming, activity, counters_settled,
+                                       decoded_tokens, round_trips_per_token, summarize, tokens_in_chunk)  # fmt: skip
 from server.bench_prefill import prompts_for, wait_healthy
 from server.launcher import die_with_parent, free_ports
 
@@ -63,6 +69,8 @@ LAN_AGENTS = 4
 LINK = "1Gbit/s"
 SETTLE_POLL_S = 1.0  # /metrics scrapes this far apart must agree before a timed request
 SETTLE_TIMEOUT_S = 300.0
+COUNTERS_POLL_S = 0.25  # /metrics scrapes this far apart while waiting for the decode counters
+COUNTERS_TIMEOUT_S = 30.0  # past this the counters count as unsettled: round trips are n/a
 
 
 @dataclass(frozen=True)
@@ -121,7 +129,7 @@ class DecodeCluster:
 
     async def stream(self, prompt: list[int], max_tokens: int) -> StreamTiming:
         body = {"model": "bench", "prompt": prompt, "max_tokens": max_tokens, "stream": True, "temperature": 0,
-                "logprobs": 0}
+                "logprobs": 0, "ignore_eos": True}
         arrivals, finish = [], None
         sent = time.perf_counter()
         async with self.http.stream("POST", f"{self.url}/v1/completions", json=body) as response:
@@ -148,6 +156,22 @@ class DecodeCluster:
 
     async def counters(self) -> DecodeCounters:
         return DecodeCounters.from_metrics(await self.metrics())
+
+    async def settled_counters(self, before: DecodeCounters | None = None,
+                               expected_tokens: int | None = None) -> DecodeCounters | None:
+        """The decode counters once they hold every step run so far (`counters_settled`: the
+        `expected_tokens` decoded since `before`, or no change across a server refresh); None if
+        they do not settle within COUNTERS_TIMEOUT_S."""
+        start = time.monotonic()
+        last, since = await self.counters(), start
+        while not counters_settled(before, last, expected_tokens, time.monotonic() - since):
+            if time.monotonic() - start > COUNTERS_TIMEOUT_S:
+                return None
+            await asyncio.sleep(COUNTERS_POLL_S)
+            now = await self.counters()
+            if now != last:
+                last, since = now, time.monotonic()
+        return last
 
     async def settle(self) -> None:
         """Until the agents stop reading experts (fills after a request) and no request runs."""
@@ -198,14 +222,14 @@ async def run_compute(run: DecodeRun, counts: list[int], reference: Transformers
             if agents == 1:
                 await cluster.settle()
                 reference.stream(run.warmup, run.gen_tokens)
-            before, rounds = await cluster.counters(), []
+            before, rounds = await cluster.settled_counters(), []
             for prompt in run.prompts:
                 await cluster.settle()
                 rounds.append([await cluster.stream(prompt, run.gen_tokens)])
                 if agents == 1:
                     await cluster.settle()
                     theirs.append([reference.stream(prompt, run.gen_tokens)])
-            trips = round_trips_per_token(before, await cluster.counters())
+            trips = round_trips_per_token(before, await cluster.settled_counters(before, decoded_tokens(rounds)))
         out.append(_progress(summarize("compute", agents, 1, rounds, trips)))
     return [_progress(summarize("transformers", 1, 1, theirs)), *out]
 
@@ -218,11 +242,11 @@ async def run_lan(run: DecodeRun, cases: list[str], stream_counts: list[int]) ->
         await cluster.stream(run.warmup, run.gen_tokens)
         plan = ([("lan", 1)] if "lan" in cases else []) + [("streams", k) for k in stream_counts if "streams" in cases]
         for case, k in plan:
-            before, rounds = await cluster.counters(), []
+            before, rounds = await cluster.settled_counters(), []
             for r, prompt in enumerate(run.prompts):
                 await cluster.settle()
                 rounds.append(await cluster.streams([prompt] if k == 1 else run.stream_prompts[r][:k], run.gen_tokens))
-            trips = round_trips_per_token(before, await cluster.counters())
+            trips = round_trips_per_token(before, await cluster.settled_counters(before, decoded_tokens(rounds)))
             out.append(_progress(summarize(case, LAN_AGENTS, k, rounds, trips)))
     return out
 

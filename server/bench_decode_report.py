@@ -44,9 +44,10 @@ def settings(data: dict[str, Any]) -> list[str]:
     rounds = f"{data['rounds']} round{'s' if data['rounds'] > 1 else ''}"
     lines = [
         f"Model {data['model']} ({data['moe_layers']} MoE layers); a {data['prompt_tokens']}-token prompt of random "
-        f"token ids, then {data['gen_tokens']} tokens streamed from /v1/completions (temperature 0); {rounds} "
+        f"token ids, then {data['gen_tokens']} tokens streamed from /v1/completions (temperature 0, ignore_eos: "
+        f"an end-of-sequence token does not end a stream); {rounds} "
         f"(one request each) per case after one warm-up request; {data['threads']} torch threads for transformers "
-        f"and for each agent; a {data['cores']}-core host.",
+        f"and for each agent; a {data['cores'] or 'n/a'}-core host.",
     ]
     if "compute" in cases:
         lines.append("Compute-bound: every expert resident (unlimited expert memory), no throttles; transformers "
@@ -60,12 +61,13 @@ def settings(data: dict[str, Any]) -> list[str]:
         lines.append(f"LAN bound: 1-agent compute per token + {data['moe_layers']} MoE layers x one round trip "
                      f"({2 * latency * 1e3:g} ms) = {_ms(lan_bound_s(data))} ms.")
     lines.append("Round trips per token = (decode round trips + decode steps) / decode tokens of the agents' "
-                 "counters (/metrics), around the timed requests; n/a where the server does not count them.")
+                 "counters (/metrics), scraped once settled before and after the timed requests; n/a where the "
+                 "server does not count them or they did not settle.")
     if data["min_tokens"] < data["gen_tokens"]:
-        lines.append(f"{data['stopped']} stream{'s' if data['stopped'] != 1 else ''} ended with an end-of-sequence "
-                     f"token (the API has no field to ignore it): the fewest tokens a stream received was "
-                     f"{data['min_tokens']} of {data['gen_tokens']}; inter-token times and tokens/s count what "
-                     f"arrived.")
+        # Only a server that ignores the ignore_eos field (unknown fields are ignored) gets here.
+        lines.append(f"Short streams: the fewest tokens a stream received was {data['min_tokens']} of "
+                     f"{data['gen_tokens']} ({data['stopped']} ended with an end-of-sequence token although the "
+                     f"bench sent ignore_eos); inter-token times and tokens/s count what arrived.")
     return lines
 
 

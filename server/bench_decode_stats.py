@@ -6,6 +6,8 @@
     StreamTiming(sent_s, arrivals).median_gap_s
     DecodeCounters.from_metrics(text)          # /metrics -> summed agent decode counters (or None)
     activity(text)                             # /metrics -> what changes while agents still work
+    decoded_tokens(rounds)                     # -> tokens the agents' decode steps made for them
+    counters_settled(before, now, expected, unchanged_s)  # -> whether a scrape holds every step
     round_trips_per_token(before, after)       # -> float, or None when a counter is missing
     summarize(case, agents, streams, rounds)   # -> one case's JSON-ready figures
     targets(data)                              # -> [Target(name, measured, met)]
@@ -25,6 +27,9 @@ from prometheus_client.parser import text_string_to_metric_families
 ROUND_TRIPS = "potluck_agent_decode_round_trips_total"  # synchronous waits on peers within decode steps
 TOKENS = "potluck_agent_decode_tokens_total"  # tokens decoded by home agents
 STEPS = "potluck_agent_decode_steps_total"  # decode steps: one scheduler <-> home round trip each
+# The server refreshes agent counters every 2 s (and soon after a request ends, asynchronously):
+# scrapes that agree for longer than that span a refresh that changed nothing.
+COUNTERS_UNCHANGED_S = 2.5
 
 
 @dataclass(frozen=True)
@@ -132,10 +137,32 @@ class DecodeCounters:
         return cls(summed(s, ROUND_TRIPS), summed(s, TOKENS), summed(s, STEPS))
 
 
-def round_trips_per_token(before: DecodeCounters, after: DecodeCounters) -> float | None:
+def decoded_tokens(rounds: Sequence[Sequence[StreamTiming]]) -> int:
+    """Tokens the agents' decode steps produced for these streams: every token the bench received
+    but each request's first, which its prefill produced."""
+    return sum(max(s.tokens - 1, 0) for r in rounds for s in r)
+
+
+def counters_settled(before: DecodeCounters | None, now: DecodeCounters, expected_tokens: int | None,
+                     unchanged_s: float) -> bool:
+    """Whether a scrape taken after the timed requests holds all their decode steps: the agents'
+    decoded tokens since `before` are the `expected_tokens`, or the counters have not changed for
+    `unchanged_s` seconds (longer than the server's refresh: e.g. a build that counts differently).
+    A server without the counters has nothing to wait for."""
+    if now.tokens is None:
+        return True
+    if expected_tokens is not None and before is not None and before.tokens is not None:
+        if now.tokens - before.tokens == expected_tokens:
+            return True
+    return unchanged_s >= COUNTERS_UNCHANGED_S
+
+
+def round_trips_per_token(before: DecodeCounters | None, after: DecodeCounters | None) -> float | None:
     """(round trips + steps) / tokens between two scrapes: a step is one scheduler <-> home round
-    trip, the rest wait on peers. None when a counter is missing or no token was counted (a build
-    whose decode does not run on a home agent)."""
+    trip, the rest wait on peers. None when a scrape is missing (its counters never settled), a
+    counter is missing or no token was counted (a build whose decode does not run on a home agent)."""
+    if before is None or after is None:
+        return None
     diffs = [None if a is None or b is None else a - b for a, b in
              ((after.round_trips, before.round_trips), (after.tokens, before.tokens), (after.steps, before.steps))]
     trips, tokens, steps = diffs

@@ -4,7 +4,8 @@ Every case is a fresh cluster started with `potluck up --inventory` (agents are 
 with an emulated device profile each, talking real gRPC) and driven through `/v1/completions`
 with `max_tokens=1`, streamed, so TTFT is the time to the first chunk. Per case: the cold request
 (fresh cluster), then five distinct prompts whose last four give the warm median. Agents'
-counters (bytes read, attention seconds, prefetch recall) are read over gRPC around each request.
+counters (bytes read, attention seconds, prefetch recall per expert and per (token, expert) pair)
+are read over gRPC around each request.
 
 Each agent emulates a device: expert memory, disk and link rates, and a compute speed of
 `--compute-share` of one host core (its compute thread is paced by CPU time, so four agents on
@@ -26,6 +27,7 @@ import argparse
 import asyncio
 import json
 import os
+import shlex
 import statistics
 import subprocess
 import sys
@@ -67,9 +69,11 @@ class Request:
     must_read_bytes: int  # experts it activated that no agent held when it started
     lower_bound_s: float
     attention_s: dict[str, float]  # per agent
-    predicted_used: int
-    used: int
+    predicted_used: int  # experts used that the previous layer's prediction named, all agents
+    used: int  # experts used in layers that had a prediction, all agents
     compute_overrun_s: dict[str, float] = field(default_factory=dict)  # per agent: past its share
+    predicted_pairs_used: int = 0  # (token, slot) pairs whose expert the prediction named, all agents
+    pairs_used: int = 0  # (token, slot) pairs in layers that had a prediction, all agents (0: not counted)
 
     @property
     def efficiency(self) -> float:
@@ -89,7 +93,7 @@ class Case:
     cold: Request | None = None
     warm: list[Request] = field(default_factory=list)  # the measured ones (after the first)
 
-    def summary(self) -> dict[str, float | int | str]:
+    def summary(self) -> dict[str, float | int | str | None]:
         assert self.cold is not None
         warm_ttft = statistics.median(r.ttft_s for r in self.warm)
         warm_bound = statistics.median(r.lower_bound_s for r in self.warm)
@@ -97,6 +101,8 @@ class Case:
         balance = statistics.median(max(a.values()) / (sum(a.values()) / len(a)) for a in att if a and sum(a.values()))
         used = sum(r.used for r in [self.cold, *self.warm])
         hit = sum(r.predicted_used for r in [self.cold, *self.warm])
+        pairs = sum(r.pairs_used for r in [self.cold, *self.warm])
+        pair_hits = sum(r.predicted_pairs_used for r in [self.cold, *self.warm])
         return {
             "policy": self.policy, "agents": self.agents, "tokens": self.tokens,
             "cold_ttft_s": self.cold.ttft_s, "warm_ttft_s": warm_ttft,
@@ -104,7 +110,9 @@ class Case:
             "cold_efficiency": self.cold.efficiency, "warm_efficiency": warm_bound / warm_ttft,
             "cold_read_mb": self.cold.bytes_read / 1e6,
             "warm_read_mb": statistics.median(r.bytes_read for r in self.warm) / 1e6,
-            "attention_max_over_mean": balance, "prefetch_recall": hit / used if used else float("nan"),
+            # Recall is None (n/a in the report) where nothing was predicted, or not counted.
+            "attention_max_over_mean": balance, "prefetch_recall": hit / used if used else None,
+            "prefetch_pair_recall": pair_hits / pairs if pairs else None,
             "compute_overrun": max(r.overrun for r in [self.cold, *self.warm]),
         }
 
@@ -213,6 +221,8 @@ async def measure(cluster: Cluster, prompt: list[int], activated: set[tuple[int,
         attention_s={a.name: a.attention_s - b.attention_s for a, b in zip(after, before)},
         predicted_used=sum(a.predicted_used - b.predicted_used for a, b in zip(after, before)),
         used=sum(a.used - b.used for a, b in zip(after, before)),
+        predicted_pairs_used=sum(a.predicted_pairs_used - b.predicted_pairs_used for a, b in zip(after, before)),
+        pairs_used=sum(a.pairs_used - b.pairs_used for a, b in zip(after, before)),
         compute_overrun_s={a.name: a.compute_overrun_s - b.compute_overrun_s for a, b in zip(after, before)},
     )
 
@@ -226,12 +236,19 @@ def over_rounds(rounds: list[dict[str, Any]]) -> dict[str, Any]:
     if len(rounds) == 1:
         return rounds[0]
     middle = sorted(rounds, key=lambda r: r["warm_efficiency"])[(len(rounds) - 1) // 2]
-    figures = [k for k, v in middle.items() if isinstance(v, float)]
-    out = {**middle, **{k: statistics.median(r[k] for r in rounds) for k in figures}}
+    # A figure a round could not measure (None: a recall with nothing predicted) is left out of
+    # its median, and is None only if no round measured it.
+    figures = [k for k in middle if any(isinstance(r.get(k), float) for r in rounds)]
+    out = {**middle, **{k: _median([r.get(k) for r in rounds]) for k in figures}}
     if "compute_overrun" in out:  # the emulation check wants the worst request of all rounds
         out["compute_overrun"] = max(r["compute_overrun"] for r in rounds)
-    out["rounds"] = [{k: r[k] for k in figures} for r in rounds]
+    out["rounds"] = [{k: r.get(k) for k in figures} for r in rounds]
     return out
+
+
+def _median(values: list[Any]) -> float | None:
+    known = [v for v in values if isinstance(v, int | float)]
+    return statistics.median(known) if known else None
 
 
 def prompts_for(tokens: int, vocab: int, count: int, seed: int) -> list[list[int]]:
@@ -267,9 +284,10 @@ def main(args: argparse.Namespace) -> int:
     lengths = [int(x) for x in args.lengths.split(",")]
     agent_counts = [int(x) for x in args.agents.split(",")]
     labels = list(ABLATIONS) if args.policies == "all" else args.policies.split(",")
-    data: dict[str, object] = {"model": str(model_dir), "expert_bytes_total": total_expert_bytes,
-                               "expert_memory_per_agent": memory, "link": LINK, "cores": os.cpu_count(),
-                               "compute_share": args.compute_share}
+    data: dict[str, object] = {"command": shlex.join(["potluck", *sys.argv[1:]]), "model": str(model_dir),
+                               "expert_bytes_total": total_expert_bytes, "expert_memory_per_agent": memory,
+                               "link": LINK, "cores": os.cpu_count(), "compute_share": args.compute_share,
+                               "rounds": args.rounds, "calibrate": args.calibrate}
     prompts = {n: prompts_for(n, cfg["vocab_size"], 6, seed=n) for n in lengths}
     activated = {}
     for n in lengths:
@@ -311,7 +329,7 @@ def _run(args: argparse.Namespace, model_dir: Path, out: Path, work: Path, cfg: 
     print(f"disk {disk_rate / 1e6:.1f} MB/s per agent: reading all {total_expert_bytes / 1e6:.0f} MB of experts takes "
           f"{read_all_s:.1f} s = {read_all_s / compute[ref_tokens]:.1f}x the {ref_tokens}-token compute", flush=True)
     data.update({"compute_s": compute, "disk_bytes_per_s": disk_rate, "read_all_experts_s": read_all_s,
-                 "io_ratio": read_all_s / compute[ref_tokens]})
+                 "io_ratio": read_all_s / compute[ref_tokens], "io_reference_tokens": ref_tokens})
     cases = []
     for n in lengths:
         for agents in agent_counts:
@@ -329,10 +347,15 @@ def _run(args: argparse.Namespace, model_dir: Path, out: Path, work: Path, cfg: 
                     print(f"{label:28} agents={agents} tokens={n}: 1-agent compute {c1:.2f}s, "
                           f"cold {s['cold_ttft_s']:.2f}s warm {s['warm_ttft_s']:.2f}s "
                           f"eff {s['cold_efficiency']:.2f}/{s['warm_efficiency']:.2f} "
-                          f"balance {s['attention_max_over_mean']:.2f} recall {s['prefetch_recall']:.2f}", flush=True)
+                          f"balance {s['attention_max_over_mean']:.2f} recall {_fraction(s['prefetch_recall'])} "
+                          f"(pairs {_fraction(s['prefetch_pair_recall'])})", flush=True)
                 cases.append(over_rounds(rounds))
     data["cases"] = cases
     (out / "prefill.json").write_text(json.dumps(data, indent=2))
     write_report(data, out)
     print(f"wrote {out / 'prefill.json'}, {out / 'prefill.md'}, {out / 'prefill.png'}")
     return 0
+
+
+def _fraction(value: object) -> str:
+    return f"{value:.2f}" if isinstance(value, float) else "n/a"

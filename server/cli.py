@@ -14,11 +14,13 @@ $POTLUCK_API_KEY) and turns flags into the typed settings the other modules take
 from __future__ import annotations
 
 import argparse
+import ast
+import copy
 import logging
 import os
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from server.units import UnitError, parse_duration, parse_rate, parse_size
 
@@ -28,6 +30,8 @@ if TYPE_CHECKING:
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 DEMO_ARCH: Final = "qwen3_moe"  # what `potluck up` serves when given no --model
 DEMO_PRESET: Final = "tiny"
+# `potluck bench SUITE` -> the module that runs it, whose docstring says what the suite measures.
+BENCH_SUITES: Final = {"compare": "bench", "prefill": "bench_prefill", "decode": "bench_decode"}
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -37,6 +41,34 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         if action.default is None or "default" in (action.help or ""):
             return action.help
         return super()._get_help_string(action)
+
+
+class _RawDescriptionFormatter(argparse.RawDescriptionHelpFormatter, _HelpFormatter):
+    """Keeps a description's own line breaks (a module docstring's lists and paragraphs)."""
+
+
+def suite_description(suite: str) -> str:
+    """What a bench suite measures: its module's docstring, read from the source rather than
+    imported (the suites import torch, and `--help` stays quick)."""
+    source = Path(__file__).with_name(f"{BENCH_SUITES[suite]}.py").read_text(encoding="utf-8")
+    return ast.get_docstring(ast.parse(source)) or ""
+
+
+class _SuiteHelp(argparse.Action):
+    """-h/--help of `potluck bench`: after a suite (`potluck bench decode --help`), that suite's
+    description above the shared flags; without one, the overview of the suites."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        # The suite positional comes before the flag, so argparse has already set it.
+        suite = getattr(namespace, "suite", None)
+        if suite in BENCH_SUITES:
+            parser = copy.copy(parser)
+            parser.description = (f"{suite_description(suite)}\n\nEach flag's help starts with the suites it "
+                                  f"applies to; {suite} ignores the other suites' flags.")
+            parser.formatter_class = _RawDescriptionFormatter
+        parser.print_help()
+        parser.exit()
 
 
 def _size(text: str) -> int:
@@ -207,9 +239,14 @@ def _add_up(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-
 
 
 def _add_bench(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    p = _sub(commands, "bench", "Benchmarks on local agents (figures to report, not tests). Each flag's help "
-                                "starts with the suites it applies to.")  # fmt: skip
-    p.add_argument("suite", nargs="?", default="compare", choices=("compare", "prefill", "decode"),
+    overview = ("Benchmarks on local agents (figures to report, not tests). Each flag's help starts with the suites "
+                "it applies to; `potluck bench SUITE --help` describes what a suite measures and how.")
+    p = commands.add_parser("bench", help=overview, description=overview, formatter_class=_HelpFormatter,
+                            add_help=False)  # fmt: skip
+    p.add_argument("-h", "--help", action=_SuiteHelp, nargs=0, dest=argparse.SUPPRESS, default=argparse.SUPPRESS,
+                   help="show this help and exit; after a suite, also what that suite measures")  # fmt: skip
+    # default None, not "compare": the help tells `potluck bench --help` from `potluck bench compare --help`.
+    p.add_argument("suite", nargs="?", choices=tuple(BENCH_SUITES),
                    help="compare (default): 1-agent prefill against transformers' forward pass; prefill: TTFT of "
                         "clusters of 1..N agents per policy and ablation, with JSON, Markdown and a plot; decode: "
                         "median inter-token time of streamed requests on compute-bound clusters of 1..N agents "
@@ -255,8 +292,8 @@ def _add_bench(commands: argparse._SubParsersAction) -> None:  # type: ignore[ty
     p.add_argument("--streams", default="1,2,4,8", metavar="N,N", help="decode: concurrent streams of the streams case")
     p.add_argument("--prompt-tokens", type=_positive, default=128, metavar="N", help="decode: prompt tokens per request")
     p.add_argument("--gen-tokens", type=_positive, default=64, metavar="N",
-                   help="decode: tokens generated per request (max_tokens, default 64; an end-of-sequence token "
-                        "may end one sooner)")  # fmt: skip
+                   help="decode: tokens generated per request (max_tokens, with ignore_eos: every request "
+                        "decodes them all; default 64)")  # fmt: skip
     p.add_argument("--lan-latency", type=_duration, default="1ms", metavar="DURATION",
                    help="decode: one-way link latency of the LAN agents, e.g. 1ms; 0 = none (default 1ms)")  # fmt: skip
     p.set_defaults(run=_run_bench, log_level="WARNING")  # its own progress lines, not every HTTP request
@@ -314,6 +351,7 @@ def _run_up(args: argparse.Namespace) -> int:
 
 
 def _run_bench(args: argparse.Namespace) -> int:
+    args.suite = args.suite or "compare"
     if args.rounds is None:  # the flag is shared; each suite has its own default
         args.rounds = 3 if args.suite == "decode" else 1
     if args.suite == "decode":

@@ -89,6 +89,10 @@ _AGENT_COUNTERS = (
     ("potluck_agent_prefetch_predicted_used", "Experts used that the previous layer's prediction named "
      "(prefetch recall = this / potluck_agent_prefetch_used_total).", "predicted_used"),
     ("potluck_agent_prefetch_used", "Experts used in layers that had a prediction.", "used"),
+    ("potluck_agent_prefetch_predicted_pairs", "(token, slot) pairs, in layers that had a prediction, whose expert "
+     "the previous layer's prediction named (pair recall = this / potluck_agent_prefetch_pairs_total; it weighs "
+     "each expert by its tokens).", "predicted_pairs_used"),
+    ("potluck_agent_prefetch_pairs", "(token, slot) pairs routed in layers that had a prediction.", "pairs_used"),
     ("potluck_agent_expert_fills", "Experts no agent held, read into the agent's free memory between requests.",
      "fills"),
     ("potluck_agent_expert_fill_preemptions", "Fill reads stopped part-way to give the disk to a demand or "

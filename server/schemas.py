@@ -102,6 +102,9 @@ class SamplingFields(BaseModel):
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     logit_bias: dict[str, float] | None = None
+    # vLLM's extension: end-of-sequence tokens do not stop generation, which runs to max_tokens
+    # (benchmarks use it so that every request decodes the same number of tokens).
+    ignore_eos: bool = False
 
     @field_validator("n")
     @classmethod

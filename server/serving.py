@@ -95,18 +95,27 @@ def _completion_prompt(state: ServerState, prompt: str | tuple[int, ...]) -> lis
     return list(prompt)
 
 
-def _generation(
-    state: ServerState, prefix: str, prompt: list[int], body: SamplingFields, max_tokens: int, logprobs: bool, top: int
-) -> Generation:
-    sampling = SamplingParams(
+def sampling_params(
+    body: SamplingFields, max_tokens: int, logprobs: bool, top: int, stop_token_ids: frozenset[int]
+) -> SamplingParams:
+    """The engine's sampling settings for a request; `stop_token_ids` are the model's end-of-sequence ids."""
+    return SamplingParams(
         max_tokens=max_tokens,
         temperature=1.0 if body.temperature is None else body.temperature,
         top_p=1.0 if body.top_p is None else body.top_p,
         seed=body.seed,
-        stop_token_ids=state.text.stop_token_ids,
+        # ignore_eos: an end-of-sequence token is then an ordinary token, its text whatever
+        # detokenizing it gives (as in vLLM), and only max_tokens (or the context) ends the request.
+        stop_token_ids=frozenset() if body.ignore_eos else stop_token_ids,
         logprobs=logprobs,
         top_logprobs=top,
     )
+
+
+def _generation(
+    state: ServerState, prefix: str, prompt: list[int], body: SamplingFields, max_tokens: int, logprobs: bool, top: int
+) -> Generation:
+    sampling = sampling_params(body, max_tokens, logprobs, top, state.text.stop_token_ids)
     request = GenerationRequest(RequestId(f"{prefix}-{uuid.uuid4().hex}"), tuple(prompt), sampling)
     assembler = OutputAssembler(Detokenizer(state.text.decode, prompt), StopBuffer(body.stop), max_tokens, logprobs)
     return Generation(state.engine, request, assembler, state.metrics)

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import httpx
 from openai import OpenAI
 from openai.types.chat import ChatCompletionMessageParam
 
+from server.text import TextModel
 from tests.e2e.conftest import PotluckUp
 
 HELLO: list[ChatCompletionMessageParam] = [{"role": "user", "content": "Tell me a story about a fox."}]
@@ -158,6 +160,46 @@ def test_max_tokens_finishes_with_length(client: OpenAI, model_id: str) -> None:
     assert reply.usage is not None and reply.usage.completion_tokens == 3
 
 
+def eos_prompt(model_dir: Path) -> tuple[list[int], str, float]:
+    """The one-token prompt whose greedy next token is an end-of-sequence id by the widest margin
+    (logits of the reference model, transformers on the same checkpoint), that token's text and
+    the margin."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    text = TextModel.load(model_dir)
+    stops = sorted(text.stop_token_ids)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        logits = model(torch.arange(model.config.vocab_size).view(-1, 1)).logits[:, -1]  # [V, V]
+    best_stop, which = logits[:, stops].max(dim=-1)  # [V], [V]
+    logits[:, stops] = float("-inf")
+    margin = best_stop - logits.max(dim=-1).values  # [V]: > 0 where greedy picks a stop id
+    token = int(margin.argmax())
+    return [token], text.token_text(stops[int(which[token])]), float(margin[token])
+
+
+def test_ignore_eos_runs_to_max_tokens(client: OpenAI, model_id: str, qwen_tiny: Path) -> None:
+    prompt, eos, margin = eos_prompt(qwen_tiny)
+    assert margin > 0.1, f"no prompt of the tiny model makes greedy decoding end at once (margin {margin:.3f})"
+    stopped = client.completions.create(model=model_id, prompt=prompt, max_tokens=6, temperature=0)
+    assert stopped.choices[0].finish_reason == "stop" and stopped.choices[0].text == ""
+    assert stopped.usage is not None and stopped.usage.completion_tokens == 1  # the end-of-sequence token
+    ignoring = client.completions.create(model=model_id, prompt=prompt, max_tokens=6, temperature=0, logprobs=0,
+                                         extra_body={"ignore_eos": True})  # fmt: skip
+    assert ignoring.choices[0].finish_reason == "length"
+    assert ignoring.usage is not None and ignoring.usage.completion_tokens == 6
+    logprobs = ignoring.choices[0].logprobs
+    assert logprobs is not None and logprobs.tokens is not None and len(logprobs.tokens) == 6
+    assert logprobs.tokens[0] == eos  # the end-of-sequence token, reported like any other
+    # Chat too, streamed: every token up to max_tokens arrives.
+    chunks = list(client.chat.completions.create(model=model_id, messages=HELLO, max_tokens=5, temperature=0,
+                                                 stream=True, stream_options={"include_usage": True},
+                                                 extra_body={"ignore_eos": True}))  # fmt: skip
+    assert chunks[-2].choices[0].finish_reason == "length"
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 5
+
+
 def test_metrics(client: OpenAI, model_id: str, base_url: str) -> None:
     client.completions.create(model=model_id, prompt="Once", max_tokens=3)
     text = httpx.get(f"{base_url}/metrics").text
@@ -171,6 +213,7 @@ def test_metrics(client: OpenAI, model_id: str, base_url: str) -> None:
         "potluck_agent_link_sent_bytes_total", "potluck_agent_expert_cache_bytes",
         "potluck_agent_attention_seconds_total", "potluck_agent_expert_prefetches_total",
         "potluck_agent_prefetch_predicted_used_total", "potluck_agent_prefetch_used_total",
+        "potluck_agent_prefetch_predicted_pairs_total", "potluck_agent_prefetch_pairs_total",
         "potluck_agent_compute_overrun_seconds_total", "potluck_agent_direct_expert_sends_total",
         'potluck_agent_early_expert_runs_total{agent="agent0",outcome="used"}',
         'potluck_agent_early_expert_runs_total{agent="agent0",outcome="dropped"}',

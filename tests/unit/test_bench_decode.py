@@ -10,8 +10,9 @@ import pytest
 
 from scheduler.types import AgentSnapshot, EngineSnapshot, NodeId
 from server.bench_decode_report import text_table, write_report
-from server.bench_decode_stats import (Arrival, DecodeCounters, StreamTiming, activity, aggregate_tokens_per_s,
-                                       inter_token_gaps, lan_bound_s, round_trips_per_token, summarize, targets,
+from server.bench_decode_stats import (COUNTERS_UNCHANGED_S, Arrival, DecodeCounters, StreamTiming, activity,
+                                       aggregate_tokens_per_s, counters_settled, decoded_tokens, inter_token_gaps,
+                                       lan_bound_s, round_trips_per_token, summarize, targets,
                                        tokens_in_chunk)  # fmt: skip
 from server.cli import build_parser
 from server.inventory import parse_inventory
@@ -77,6 +78,26 @@ def test_round_trips_are_unknown_without_the_counters_or_without_decoded_tokens(
     assert round_trips_per_token(idle, idle) is None  # decode ran elsewhere: nothing to divide
 
 
+def test_counters_settle_once_they_count_every_decoded_token_or_stop_changing() -> None:
+    # Two rounds of two streams, 64 tokens each: each request's first token came from its prefill.
+    rounds = [[stream(0.0, *((1.0 + i, 1) for i in range(64)))] * 2] * 2
+    assert decoded_tokens(rounds) == 4 * 63 and decoded_tokens([[stream(0.0)]]) == 0
+    before = DecodeCounters(round_trips=100.0, tokens=63.0, steps=63.0)
+    stale = DecodeCounters(round_trips=400.0, tokens=63.0 + 3 * 63, steps=63.0 + 3 * 63)  # one refresh behind
+    done = DecodeCounters(round_trips=500.0, tokens=63.0 + 4 * 63, steps=63.0 + 4 * 63)
+    assert not counters_settled(before, stale, 4 * 63, unchanged_s=0.5)
+    assert counters_settled(before, done, 4 * 63, unchanged_s=0.0)  # at once: nothing more to come
+    # A count that never matches (a build that counts otherwise) settles once a refresh changed nothing.
+    assert not counters_settled(before, stale, 4 * 63, unchanged_s=COUNTERS_UNCHANGED_S - 0.1)
+    assert counters_settled(before, stale, 4 * 63, unchanged_s=COUNTERS_UNCHANGED_S)
+    assert counters_settled(None, before, None, unchanged_s=COUNTERS_UNCHANGED_S)  # the scrape before: no count
+    assert counters_settled(before, DecodeCounters(None, None, None), 4 * 63, 0.0)  # not exported: no wait
+    # Counters that never settled give no figure, rather than one from a stale scrape.
+    assert round_trips_per_token(before, None) is None and round_trips_per_token(None, done) is None
+    assert round_trips_per_token(before, done) == pytest.approx((400 + 4 * 63) / (4 * 63))
+    assert COUNTERS_UNCHANGED_S > 2.0  # longer than the server's refresh of agent counters
+
+
 def test_activity_changes_while_agents_read_or_a_request_runs() -> None:
     quiet = activity(metrics_text([agent("a", bytes_read=10, bytes_used=10)]))
     assert quiet == activity(metrics_text([agent("a", bytes_read=10, bytes_used=10)]))
@@ -136,7 +157,8 @@ def test_report_names_its_command_and_settings_and_never_says_nan(tmp_path: Path
     md = (tmp_path / "decode.md").read_text()
     assert md.startswith("`potluck bench decode --rounds 3`") and "nan" not in md.lower()
     assert "| LAN | 4 | 1 | 70.0 |" in md and "| n/a |" in md and "1 Gbit/s" not in md and "1Gbit/s" in md
-    assert "1 stream ended with an end-of-sequence token" in md and "37 of 64" in md
+    assert "the fewest tokens a stream received was 37 of 64 (1 ended with an end-of-sequence token" in md
+    assert "ignore_eos: an end-of-sequence token does not end a stream" in md
     assert "| 1 agent <= 1.0x transformers | 1.12x | missed |" in md
     assert "LAN bound: 1-agent compute per token + 8 MoE layers x one round trip (2 ms) = 61.0 ms." in md
     assert (tmp_path / "decode.png").stat().st_size > 0

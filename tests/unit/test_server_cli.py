@@ -28,6 +28,23 @@ def test_every_flag_has_help(name: str) -> None:
     assert sub.format_help()  # renders without errors
 
 
+@pytest.mark.parametrize(("suite", "words"), [("prefill", "time-to-first-token of real local clusters"),
+                                              ("decode", "inter-token time of real local clusters"),
+                                              ("compare", "own forward pass, side by side")])
+def test_bench_suite_help_says_what_the_suite_measures(suite: str, words: str,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as done:
+        build_parser().parse_args(["bench", suite, "--help"])
+    out = capsys.readouterr().out
+    assert done.value.code == 0 and words in out and "--lengths" in out  # the shared flags follow
+    assert "\n\nEvery " in out or suite == "compare"  # the docstring's paragraphs kept, not refilled
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["bench", "--help"])
+    overview = " ".join(capsys.readouterr().out.split())  # refilled to the terminal's width
+    assert "`potluck bench SUITE --help` describes" in overview and words not in overview
+    assert build_parser().parse_args(["bench"]).suite is None  # compare, when run
+
+
 def test_sizes_and_rates_are_parsed_at_the_edge() -> None:
     args = build_parser().parse_args(["up", "--expert-memory", "512MiB", "--disk-bandwidth", "200MB/s",
                                       "--link-bandwidth", "1Gbit/s", "--agents", "3"])  # fmt: skip

@@ -10,7 +10,8 @@ from pydantic import BaseModel, ValidationError
 
 from scheduler.errors import AgentFailed, NoAgentsAvailable, PromptTooLong, QueueFull
 from server.errors import ApiError, AuthenticationFailed, InvalidRequest, ModelNotFound, describe
-from server.schemas import ChatCompletionRequest, CompletionRequest
+from server.schemas import ChatCompletionRequest, CompletionRequest, SamplingFields
+from server.serving import sampling_params
 
 USER = [{"role": "user", "content": "hi"}]
 
@@ -85,6 +86,19 @@ def test_accepted_shapes() -> None:
     assert [(m.role, m.content) for m in chat.messages] == [("system", "sys"), ("user", "a\nb")]
     assert CompletionRequest.model_validate({"prompt": [[1, 2, 3]]}).prompt == (1, 2, 3)
     assert CompletionRequest.model_validate({"prompt": ["text"]}).prompt == "text"
+
+
+@pytest.mark.parametrize("model", [ChatCompletionRequest, CompletionRequest])
+def test_ignore_eos_leaves_the_end_of_sequence_ids_out_of_the_stop_ids(model: type[SamplingFields]) -> None:
+    base: dict[str, Any] = {"messages": USER} if model is ChatCompletionRequest else {"prompt": "hi"}
+    eos = frozenset({7, 9})
+    default = model.model_validate(base)
+    assert not default.ignore_eos and sampling_params(default, 16, False, 0, eos).stop_token_ids == eos
+    ignoring = model.model_validate({**base, "ignore_eos": True})
+    params = sampling_params(ignoring, 16, False, 0, eos)
+    assert params.stop_token_ids == frozenset() and params.max_tokens == 16
+    error = refusal(model, {**base, "ignore_eos": "sometimes"})
+    assert (error.status, error.param) == (400, "ignore_eos")
 
 
 def test_malformed_json_is_a_400_not_a_422() -> None:

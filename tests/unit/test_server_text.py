@@ -178,6 +178,19 @@ def test_end_of_sequence_is_counted_but_not_shown(text_model: TextModel) -> None
     assert eos not in [t.token_id for d in deltas for t in d.tokens]
 
 
+def test_an_ignored_end_of_sequence_is_an_ordinary_token(text_model: TextModel) -> None:
+    # With ignore_eos the sampler never marks the id as a stop: generation runs to max_tokens and
+    # the id's text is what detokenizing it gives (nothing: the server skips special tokens).
+    eos = min(text_model.stop_token_ids)
+    before = text_model.tokenizer("Hello there", add_special_tokens=False)["input_ids"]
+    after = text_model.tokenizer(" again", add_special_tokens=False)["input_ids"]
+    ids = [*before, eos, *after]
+    deltas, assembler = assemble(text_model, ids, [], max_tokens=len(ids))
+    assert "".join(d.text for d in deltas) == text_model.decode(ids) == "Hello there again"
+    assert assembler.finish_reason == "length" and assembler.completion_tokens == len(ids)
+    assert [t.token_id for d in deltas for t in d.tokens] == ids
+
+
 def test_max_tokens_gives_length_and_flushes_held_text(text_model: TextModel) -> None:
     ids = text_model.encode("abc abc abc abc")
     deltas, assembler = assemble(text_model, ids, ["abc abc abc abc abc"], max_tokens=3)
