@@ -62,7 +62,7 @@ from server.bench_decode_report import label, text_table, write_report
 from server.bench_decode_stats import (Arrival, DecodeCounters, StreamTiming, activity, counters_settled,
                                        decoded_tokens, round_trips_per_token, summarize, tokens_in_chunk)  # fmt: skip
 from server.bench_prefill import prompts_for, wait_healthy
-from server.launcher import die_with_parent, free_ports
+from server.launcher import die_with_parent, free_ports, stop_process
 
 CASES = ("compute", "lan", "streams")
 LAN_AGENTS = 4
@@ -121,11 +121,7 @@ class DecodeCluster:
     async def __aexit__(self, *exc: object) -> None:
         await self.http.aclose()
         if self.proc is not None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
+            stop_process(self.proc)
 
     async def stream(self, prompt: list[int], max_tokens: int) -> StreamTiming:
         body = {"model": "bench", "prompt": prompt, "max_tokens": max_tokens, "stream": True, "temperature": 0,

@@ -46,7 +46,7 @@ from scheduler.cost_model import lower_bound_s
 from scheduler.policy import Policy
 from scheduler.types import AgentSnapshot, NodeId, NodeSpec
 from server.bench import default_bench_model
-from server.launcher import die_with_parent, free_ports
+from server.launcher import die_with_parent, free_ports, stop_process
 from server.bench_report import write_report
 
 LINK = "1Gbit/s"
@@ -169,11 +169,7 @@ class Cluster:
         for c in self.clients:
             await c.close()
         if self.proc is not None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
+            stop_process(self.proc)
 
     @property
     def url(self) -> str:

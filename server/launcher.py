@@ -210,3 +210,12 @@ def die_with_parent() -> None:
             ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
         except (OSError, AttributeError):
             pass
+
+
+def stop_process(proc: subprocess.Popen[bytes], grace_s: float = 60.0) -> None:
+    """SIGTERM, then SIGKILL if it has not exited within grace_s (a benchmark's cluster)."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()

@@ -115,15 +115,8 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
 
 def qkv(w: LayerWeights, cfg: MoeConfig, h: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Input norm + projections + (q/k norm) + RoPE. h [T, D] -> q [T,H,hd], k/v [T,KVH,hd]."""
-    x = rms_norm(h, w.input_norm, cfg.rms_eps)
-    T = x.shape[0]
-    q = F.linear(x, w.q).view(T, cfg.num_heads, cfg.head_dim)
-    k = F.linear(x, w.k).view(T, cfg.num_kv_heads, cfg.head_dim)
-    v = F.linear(x, w.v).view(T, cfg.num_kv_heads, cfg.head_dim)
-    if w.q_norm is not None and w.k_norm is not None:
-        q, k = rms_norm(q, w.q_norm, cfg.rms_eps), rms_norm(k, w.k_norm, cfg.rms_eps)
-    cos, sin = rope_tables(positions, cfg.head_dim, cfg.rope_theta, x.dtype)
-    return rope(q, cos, sin), rope(k, cos, sin), v
+    cos, sin = rope_tables(positions, cfg.head_dim, cfg.rope_theta, h.dtype)
+    return qkv_at(w, cfg, h, cos, sin)
 
 
 def attend(
