@@ -21,8 +21,12 @@ R = TypeVar("R")
 
 
 class KVPeers(Protocol):
-    async def push_kv(self, address: str, request_id: str, step: int, layer: int, shard: KVShard) -> None: ...
-    async def attend(self, address: str, request_id: str, layer: int, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
+    """K/V calls to the peer `name` at `address` (its name goes into any error)."""
+
+    async def push_kv(self, name: str, address: str, request_id: str, step: int, layer: int, shard: KVShard
+                      ) -> None: ...
+    async def attend(self, name: str, address: str, request_id: str, layer: int, q: torch.Tensor
+                     ) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
 class Compute(Protocol):
@@ -45,11 +49,13 @@ class PeerAttention:
         others = [p for p in st.peers if p.name != self.name]
         # Push my new K/V to every peer with a query that can see one of my keys: the keys it can see.
         pushes = [
-            asyncio.ensure_future(self.peers.push_kv(p.address, request_id, st.step, layer, own_new.visible_to(p.new_max)))
+            asyncio.ensure_future(self.peers.push_kv(p.name, p.address, request_id, st.step, layer,
+                                                     own_new.visible_to(p.new_max)))
             for p in others if p.has_new and p.new_max > lo
         ]
         # Split-KV over peers' K/V from earlier steps (decode): they return partial out + lse.
-        pulls = [asyncio.ensure_future(self.peers.attend(p.address, request_id, layer, q)) for p in others if p.cached > 0]
+        pulls = [asyncio.ensure_future(self.peers.attend(p.name, p.address, request_id, layer, q))
+                 for p in others if p.cached > 0]
         try:
             mine = state.kv[layer].append(own_new) if layer in state.kv else own_new
             parts = [await self.compute(moe.attend, q, mine.k, mine.v, st.positions, mine.pos)]

@@ -8,11 +8,12 @@ each pair of agents keeps one connection; a frame is a little-endian uint32 leng
 find their caller by call id, so calls overlap on one connection.
 
     server = DataServer(name, run, link); port = await server.start(host)
-    client = DataClient(link, timeout_s); out = await client.run_experts(address, layer, x, ids, w)
+    client = DataClient(link, timeout_s); out = await client.run_experts(holder, address, layer, x, ids, w)
 
 Every byte passes the agent's link emulation as on the gRPC path (bandwidth both ways, latency on
 every frame sent). Errors come back as error frames naming the holder; a broken connection fails
-every call waiting on it, and the next call reconnects.
+every call waiting on it, and the next call reconnects. A failed call raises `PeerFailed` naming
+the holder, as a failed gRPC call to a peer does.
 """
 
 from __future__ import annotations
@@ -26,9 +27,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from node_agent.peers import Link
-from protos.convert import tensor_from_proto, tensor_to_proto
+from node_agent.peers import Link, PeerFailed
+from protos.convert import expert_batch_to_proto, expert_result_from_proto, peer_frame_from_proto, peer_frame_to_proto
 from protos.limits import MAX_MESSAGE_BYTES
+from protos.messages import ExpertBatch
 from protos.potluck.v1 import agent_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -38,7 +40,8 @@ RunBatch = Callable[[pb.ExpertBatch], Awaitable[pb.ExpertResult]]  # the holder'
 
 
 class DataPlaneError(RuntimeError):
-    """An expert call on the data plane failed: the holder's error, or a lost connection."""
+    """An expert call on the data plane failed: the holder's error, or a lost connection (the
+    caller hears it as PeerFailed)."""
 
 
 async def _read_frame(reader: asyncio.StreamReader) -> pb.PeerFrame:
@@ -62,9 +65,9 @@ class DataServer:
         self._tasks: set[asyncio.Task[None]] = set()
         self._writers: set[asyncio.StreamWriter] = set()  # open connections, closed with the server
 
-    async def start(self, host: str) -> int:
-        """Listen on an ephemeral port of `host`; returns the port."""
-        self._server = await asyncio.start_server(self._serve, host, 0)
+    async def start(self, host: str, port: int = 0) -> int:
+        """Listen on `port` of `host` (0: an ephemeral one); returns the port."""
+        self._server = await asyncio.start_server(self._serve, host, port)
         return int(self._server.sockets[0].getsockname()[1])
 
     async def close(self) -> None:
@@ -94,15 +97,16 @@ class DataServer:
 
     async def _answer(self, frame: pb.PeerFrame, writer: asyncio.StreamWriter) -> None:
         try:
-            if not frame.HasField("batch"):
+            call, batch = peer_frame_from_proto(frame)
+            if not isinstance(batch, pb.ExpertBatch):
                 raise ValueError("a data plane request must carry an expert batch")
-            result = await self.run(frame.batch)
-            reply = pb.PeerFrame(call=frame.call, result=result)
+            result = await self.run(batch)
+            reply = peer_frame_to_proto(call, result)
             await self.link.send(result.output)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # the caller hears of it, with this agent's name
-            reply = pb.PeerFrame(call=frame.call, error=f"agent {self.name}: {type(exc).__name__}: {exc}")
+            reply = peer_frame_to_proto(frame.call, f"agent {self.name}: {type(exc).__name__}: {exc}")
         await self.link.delay()
         if not writer.is_closing():
             _write_frame(writer, reply)
@@ -151,10 +155,15 @@ class DataClient:
                 waiter = conn.pending.pop(frame.call, None)
                 if waiter is None or waiter.done():
                     continue  # its caller gave up (timed out or was cancelled)
-                if frame.HasField("result"):
-                    waiter.set_result(frame.result)
-                else:
-                    waiter.set_exception(DataPlaneError(f"{address}: {frame.error or 'an empty reply'}"))
+                try:
+                    _, body = peer_frame_from_proto(frame)
+                except ValueError:  # no body at all
+                    body = ""
+                if isinstance(body, pb.ExpertResult):
+                    waiter.set_result(body)
+                else:  # the holder's error (a batch is no answer)
+                    why = body if isinstance(body, str) and body else "an empty reply"
+                    waiter.set_exception(DataPlaneError(f"{address}: {why}"))
         except (asyncio.IncompleteReadError, ConnectionError, DataPlaneError) as exc:
             if isinstance(exc, DataPlaneError):
                 error = exc
@@ -165,20 +174,26 @@ class DataClient:
                     waiter.set_exception(error)
             conn.pending.clear()
 
-    async def run_experts(self, address: str, layer: int, x: torch.Tensor, ids: torch.Tensor,
+    async def run_experts(self, holder: str, address: str, layer: int, x: torch.Tensor, ids: torch.Tensor,
                           weights: torch.Tensor) -> torch.Tensor:
-        """The holder's weighted experts [n, D] on a decode step's rows x [n, D] (ids [n, k] with -1
-        in the slots it does not run)."""
-        batch = pb.ExpertBatch(request_id="decode", layer=layer, hidden=tensor_to_proto(x),
-                               expert_ids=tensor_to_proto(ids.to(torch.int32)),
-                               weights=tensor_to_proto(weights.float()), decode=True)
+        """The weighted experts [n, D] of `holder` (its data plane at `address`) on a decode step's
+        rows x [n, D] (ids [n, k] with -1 in the slots it does not run); PeerFailed naming it."""
+        try:
+            return await self._run_experts(address, layer, x, ids, weights)
+        except DataPlaneError as exc:
+            raise PeerFailed(holder, address, "RunExperts (data plane)", "UNAVAILABLE", str(exc)) from exc
+
+    async def _run_experts(self, address: str, layer: int, x: torch.Tensor, ids: torch.Tensor,
+                           weights: torch.Tensor) -> torch.Tensor:
+        batch = expert_batch_to_proto(ExpertBatch(request_id="decode", layer=layer, hidden=x, expert_ids=ids,
+                                                  weights=weights, decode=True))
         conn = await self._connection(address)
         call = next(self._calls)
         waiter: asyncio.Future[pb.ExpertResult] = asyncio.get_running_loop().create_future()
         conn.pending[call] = waiter
         try:
             await self.link.request(batch.hidden, batch.expert_ids, batch.weights)
-            _write_frame(conn.writer, pb.PeerFrame(call=call, batch=batch))
+            _write_frame(conn.writer, peer_frame_to_proto(call, batch))
             try:
                 result = await asyncio.wait_for(waiter, self.timeout_s)
             except TimeoutError:
@@ -186,7 +201,7 @@ class DataClient:
         finally:
             conn.pending.pop(call, None)
         await self.link.receive(result.output)
-        return tensor_from_proto(result.output)
+        return expert_result_from_proto(result)
 
     async def close(self) -> None:
         for conn in self._connections.values():

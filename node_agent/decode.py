@@ -29,6 +29,7 @@ from node_agent.dataplane import DataClient
 from node_agent.expert_buffer import ExpertBuffer, LayerPins
 from node_agent.model import moe
 from node_agent.model.config import MoeConfig
+from node_agent.peers import PeerFailed
 from node_agent.state import KVShard, UnknownRequest
 from protos.ids import ExpertId, NodeId
 from protos.routing import RoutingTable
@@ -37,9 +38,11 @@ Rows = tuple[torch.Tensor, torch.Tensor]  # (token rows [m], their expert output
 
 
 class DecodePeers(Protocol):
-    async def run_experts(self, address: str, request_id: str, layer: int, x: torch.Tensor, ids: torch.Tensor,
-                          weights: torch.Tensor, decode: bool = False) -> torch.Tensor: ...
-    async def fetch_kv(self, address: str, request_id: str, layer: int) -> KVShard: ...
+    """Expert and K/V calls to the peer `name` at `address` (its name goes into any error)."""
+
+    async def run_experts(self, name: str, address: str, request_id: str, layer: int, x: torch.Tensor,
+                          ids: torch.Tensor, weights: torch.Tensor, decode: bool = False) -> torch.Tensor: ...
+    async def fetch_kv(self, name: str, address: str, request_id: str, layer: int) -> KVShard: ...
 
 
 class KVNotReady(RuntimeError):
@@ -184,13 +187,15 @@ class Decoder:
         """Every source's K/V, layer by layer (the first decode step's layer 0 needs layer 0 first)."""
         try:
             for layer in range(self.cfg.num_layers):
-                shards = await asyncio.gather(*(self.peers.fetch_kv(a, request_id, layer) for _, a in sources))
+                shards = await asyncio.gather(*(self.peers.fetch_kv(n, a, request_id, layer) for n, a in sources))
                 for shard in shards:
                     cache.put(layer, shard)
                 cache.ready[layer].set()
         except asyncio.CancelledError:
             raise
-        except Exception as exc:  # the step that waits on this layer reports it
+        except PeerFailed as exc:  # the step that waits on this layer reports it, naming the source
+            cache.fail(exc)
+        except Exception as exc:
             names = ", ".join(n for n, _ in sources)
             cache.fail(RuntimeError(f"pulling K/V from {names}: {exc}"))
 
@@ -328,10 +333,10 @@ class Decoder:
                 dispatch.remote += len(es)
                 data_address = self.table.data_addresses.get(NodeId(holder))
                 if self.data is not None and data_address:
-                    run = self.data.run_experts(data_address, layer, x[rows], sub[rows], weights[rows])
+                    run = self.data.run_experts(holder, data_address, layer, x[rows], sub[rows], weights[rows])
                 else:
                     address = self.table.addresses[NodeId(holder)]
-                    run = self.peers.run_experts(address, "decode", layer, x[rows], sub[rows], weights[rows],
+                    run = self.peers.run_experts(holder, address, "decode", layer, x[rows], sub[rows], weights[rows],
                                                  decode=True)
             dispatch.runs.append(asyncio.ensure_future(_rows(rows, run)))
 

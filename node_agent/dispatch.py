@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from protos.messages import RoutingPlan
+
 
 @dataclass(frozen=True)
 class LayerPlan:
@@ -15,6 +17,14 @@ class LayerPlan:
     mine: Mapping[int, Sequence[tuple[str, int]]] = field(default_factory=dict)
     # expert -> [(executor, tokens)] for this agent's own tokens; tokens 0 = all the rest.
     executes: frozenset[int] = frozenset()  # experts this agent runs for any owner
+
+    @classmethod
+    def of(cls, plan: RoutingPlan | None, me: str) -> LayerPlan:
+        """My share of the scheduler's plan (None: no plan, every expert runs on its owner)."""
+        if plan is None:
+            return cls()
+        mine = {e: list(shares) for (owner, e), shares in plan.shares.items() if owner == me}
+        return cls(mine, frozenset(e for (_, e), shares in plan.shares.items() for x, _ in shares if x == me))
 
 
 def split_by_executor(ids: torch.Tensor, plan: LayerPlan, me: str) -> dict[str, torch.Tensor]:

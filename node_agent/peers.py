@@ -4,22 +4,39 @@ Every tensor byte this agent sends or receives passes its link's bandwidth throt
 message it sends arrives its link latency later. A request to a peer awaits `Link.request`; a
 reply this agent sends gets its bandwidth from the handler (`Link.send`) and its latency from
 the server's `LatencyInterceptor`, so each message is delayed once.
+
+A call to a peer that fails, or that cannot reach it, raises `PeerFailed` naming that peer, so
+that the scheduler hears which agent failed, not only which one was waiting on it.
 """
 
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import grpc
 import torch
 
 from node_agent.state import KVShard
 from node_agent.throttle import Throttle
-from protos.convert import kv_block_from_proto, tensor_from_proto, tensor_to_proto
+from protos.convert import (attend_reply_from_proto, attend_to_proto, expert_batch_to_proto, expert_result_from_proto,
+                            failed_agent_from_metadata, fetch_kv_to_proto, kv_block_from_proto, kv_block_to_proto)
 from protos.limits import CHANNEL_OPTIONS, CHUNK_BYTES
+from protos.messages import ExpertBatch, KVBlock
 from protos.potluck.v1 import agent_pb2 as pb
 from protos.potluck.v1 import agent_pb2_grpc as pb_grpc
 
+
+class PeerFailed(RuntimeError):
+    """A call to another agent failed, or could not reach it: `peer` is the agent that failed."""
+
+    def __init__(self, peer: str, address: str, method: str, code: str, details: str) -> None:
+        super().__init__(f"agent {peer} ({address}) failed during {method}: {code}: {details}")
+        self.peer = peer  # its name (NodeId)
+        self.address = address  # where this agent reached it
+        self.method = method  # the call, e.g. "PushKV"
+        self.code = code  # what went wrong, as a gRPC status code name, e.g. "UNAVAILABLE"
+        self.details = details
 
 
 class Link:
@@ -91,46 +108,50 @@ class GrpcPeers:
             stub = self._stubs[address] = pb_grpc.NodeAgentStub(channel)
         return stub
 
+    async def _call(self, name: str, address: str, method: str, request: Any) -> Any:
+        """The peer's reply; PeerFailed naming it, or the agent it names as failed, if the call fails."""
+        try:
+            return await getattr(self._stub(address), method)(request)
+        except grpc.aio.AioRpcError as exc:
+            name, address = failed_agent_from_metadata(exc.trailing_metadata()) or (name, address)
+            raise PeerFailed(name, address, method, exc.code().name, exc.details() or "") from exc
+
     async def close(self) -> None:
         for channel in self._channels:
             await channel.close()
 
-    async def push_kv(self, address: str, request_id: str, step: int, layer: int, shard: KVShard) -> None:
+    async def push_kv(self, name: str, address: str, request_id: str, step: int, layer: int, shard: KVShard) -> None:
         row_bytes = 2 * shard.k[0].numel() * shard.k.element_size()
         chunks = row_chunks(shard.k.shape[0], row_bytes)
 
         async def push(i: int, rows: slice) -> None:
-            block = pb.KVBlock(
-                request_id=request_id, step=step, layer=layer, sender=self.name,
-                keys=tensor_to_proto(shard.k[rows]), values=tensor_to_proto(shard.v[rows]),
-                positions=shard.pos[rows].tolist(), chunk=i, num_chunks=len(chunks),
-            )
+            block = kv_block_to_proto(KVBlock(
+                request_id=request_id, step=step, layer=layer, sender=self.name, keys=shard.k[rows],
+                values=shard.v[rows], positions=shard.pos[rows], chunk=i, num_chunks=len(chunks)))
             await self.link.request(block.keys, block.values)
-            await self._stub(address).PushKV(block)
+            await self._call(name, address, "PushKV", block)
 
         await asyncio.gather(*(push(i, rows) for i, rows in enumerate(chunks)))
 
-    async def attend(self, address: str, request_id: str, layer: int, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        msg = pb.AttendRequest(request_id=request_id, layer=layer, queries=tensor_to_proto(q))
+    async def attend(self, name: str, address: str, request_id: str, layer: int, q: torch.Tensor
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+        msg = attend_to_proto(request_id, layer, q)
         await self.link.request(msg.queries)
-        reply = await self._stub(address).Attend(msg)
+        reply = await self._call(name, address, "Attend", msg)
         await self.link.receive(reply.output, reply.lse)
-        return tensor_from_proto(reply.output), tensor_from_proto(reply.lse)
+        return attend_reply_from_proto(reply)
 
     async def run_experts(
-        self, address: str, request_id: str, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
-        decode: bool = False,
+        self, name: str, address: str, request_id: str, layer: int, x: torch.Tensor, ids: torch.Tensor,
+        weights: torch.Tensor, decode: bool = False,
     ) -> torch.Tensor:
         async def run(rows: slice) -> torch.Tensor:
-            batch = pb.ExpertBatch(
-                request_id=request_id, layer=layer, hidden=tensor_to_proto(x[rows]),
-                expert_ids=tensor_to_proto(ids[rows].to(torch.int32)), weights=tensor_to_proto(weights[rows].float()),
-                decode=decode,
-            )
+            batch = expert_batch_to_proto(ExpertBatch(request_id=request_id, layer=layer, hidden=x[rows],
+                                                      expert_ids=ids[rows], weights=weights[rows], decode=decode))
             await self.link.request(batch.hidden, batch.expert_ids, batch.weights)
-            result = await self._stub(address).RunExperts(batch)
+            result = await self._call(name, address, "RunExperts", batch)
             await self.link.receive(result.output)
-            return tensor_from_proto(result.output)
+            return expert_result_from_proto(result)
 
         row_bytes = x[0].numel() * x.element_size() if x.shape[0] else 1
         chunks = row_chunks(x.shape[0], row_bytes)
@@ -138,13 +159,12 @@ class GrpcPeers:
             return await run(chunks[0])
         return torch.cat(await asyncio.gather(*(run(rows) for rows in chunks)))
 
-    async def fetch_kv(self, address: str, request_id: str, layer: int) -> KVShard:
+    async def fetch_kv(self, name: str, address: str, request_id: str, layer: int) -> KVShard:
         """A peer's K/V rows of one layer of a request (decode's home pulls the prompt's K/V):
         the first chunk says how many there are, the rest come in parallel."""
         async def fetch(chunk: int) -> pb.KVBlock:
-            msg = pb.FetchKVRequest(request_id=request_id, layer=layer, chunk=chunk)
             await self.link.request()
-            block = await self._stub(address).FetchKV(msg)
+            block: pb.KVBlock = await self._call(name, address, "FetchKV", fetch_kv_to_proto(request_id, layer, chunk))
             await self.link.receive(block.keys, block.values)
             return block
 
@@ -152,5 +172,6 @@ class GrpcPeers:
         blocks = [first, *await asyncio.gather(*(fetch(i) for i in range(1, first.num_chunks)))]
         parts = [kv_block_from_proto(b) for b in blocks]
         if len(parts) == 1:
-            return KVShard(*parts[0])
-        return KVShard(*(torch.cat([p[i] for p in parts]) for i in range(3)))
+            return KVShard(parts[0].keys, parts[0].values, parts[0].positions)
+        return KVShard(torch.cat([p.keys for p in parts]), torch.cat([p.values for p in parts]),
+                       torch.cat([p.positions for p in parts]))

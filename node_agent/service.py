@@ -7,7 +7,7 @@ import logging
 import signal
 import statistics
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -18,7 +18,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from node_agent.dataplane import DataClient, DataPlaneError, DataServer
+from node_agent.dataplane import DataClient, DataServer
 from node_agent.cache_policy import LayerCyclicPolicy, LRUPolicy
 from node_agent.dispatch import LayerPlan
 from node_agent.expert_buffer import BufferTooSmall, ExpertBuffer
@@ -26,16 +26,22 @@ from node_agent.expert_store import ExpertStore
 from node_agent.model.checkpoint import Checkpoint
 from node_agent.model.config import MoeConfig
 from node_agent.model.moe import load_dense
-from node_agent.peers import GrpcPeers, Link
-from node_agent.state import KVShard, Peer, RequestReleased, UnknownRequest
+from node_agent.peers import GrpcPeers, Link, PeerFailed
+from node_agent.state import KVShard, RequestReleased, UnknownRequest
 from node_agent.throttle import ComputePacer, Throttle
 from node_agent.worker import AgentCore
-from protos.convert import (decode_step_from_proto, direct_from_proto, expert_from_wire, expert_to_wire, kv_block_to_proto,
-                            routing_table_from_proto, tensor_from_proto, tensor_to_proto)
+from protos.convert import (adopt_kv_from_proto, adopt_kv_reply_to_proto, attend_from_proto, attend_reply_to_proto,
+                            begin_step_from_proto, cache_state_to_proto, decode_step_from_proto,
+                            decode_step_reply_to_proto, expert_batch_from_proto, expert_from_wire,
+                            expert_result_to_proto, expert_to_wire, failed_agent_to_metadata, fetch_kv_from_proto,
+                            fill_from_proto, fill_reply_to_proto, finish_from_proto, finish_reply_to_proto,
+                            forward_from_proto, info_to_proto, kv_block_from_proto, kv_block_to_proto,
+                            layer_report_to_proto, release_from_proto, routing_table_from_proto, step_begun_to_proto)
 from protos.limits import CHANNEL_OPTIONS
+from protos.messages import AgentInfo, CacheCounters, CacheState, KVBlock, StepBegun
 from protos.potluck.v1 import agent_pb2 as pb
 from protos.potluck.v1 import agent_pb2_grpc as pb_grpc
-from protos.ids import ExpertId, model_fingerprint
+from protos.ids import ExpertId, NodeId, model_fingerprint
 
 log = logging.getLogger("potluck.agent")
 
@@ -61,6 +67,7 @@ class AgentSettings(BaseSettings):
     eviction: str = Field("layer-cyclic", pattern="^(lru|layer-cyclic)$",
                           description="which expert to evict: lru, or layer-cyclic (the one needed last)")
     log_level: str = Field("INFO")
+    data_port: int = Field(0, ge=0, le=65535, description="TCP port of the decode data plane; 0 = any free port")
 
     @model_validator(mode="after")
     def _paced_on_one_thread(self) -> AgentSettings:
@@ -72,14 +79,6 @@ class AgentSettings(BaseSettings):
     @property
     def node_name(self) -> str:
         return self.name or self.listen
-
-
-def _plan(msg: pb.RoutingPlan, me: str) -> LayerPlan:
-    mine: dict[int, list[tuple[str, int]]] = {}
-    for a in msg.assignments:
-        if a.owner == me:
-            mine.setdefault(a.expert, []).append((a.executor, a.tokens))
-    return LayerPlan(mine, frozenset(a.expert for a in msg.assignments if a.executor == me))
 
 
 def measure_expert_flops(cfg: MoeConfig, dtype: torch.dtype, tokens: int = 256, compute_share: float = 0) -> float:
@@ -128,6 +127,9 @@ def decode_threads(cfg: MoeConfig, dtype: torch.dtype, threads: int) -> int:
 
 
 class Servicer(pb_grpc.NodeAgentServicer):
+    """Each handler parses its request (protos/convert.py), delegates to the core and converts the
+    answer; the core holds no gRPC."""
+
     def __init__(self, core: AgentCore, settings: AgentSettings, link: Link, store: ExpertStore, fingerprint: str,
                  flops: float, data_port: int = 0) -> None:
         self.core, self.settings, self.link, self.store, self.fingerprint = core, settings, link, store, fingerprint
@@ -136,103 +138,104 @@ class Servicer(pb_grpc.NodeAgentServicer):
 
     async def Info(self, request: pb.InfoRequest, context: Any) -> pb.InfoReply:
         cfg, s = self.core.cfg, self.settings
-        profile = pb.DeviceProfile(expert_memory_bytes=s.expert_memory_bytes, disk_bytes_per_s=s.disk_bytes_per_s,
-                                   link_bytes_per_s=s.link_bytes_per_s, compute_share=s.compute_share,
-                                   link_latency_s=s.link_latency_s)
-        return pb.InfoReply(name=s.node_name, model_type=cfg.model_type, num_layers=cfg.num_layers,
-                            num_experts=cfg.num_experts, vocab_size=cfg.vocab_size, profile=profile,
-                            model_fingerprint=self.fingerprint, expert_bytes=self.store.expert_nbytes,
-                            max_positions=cfg.max_positions, dense_layers=sorted(cfg.dense_layers),
-                            expert_flops_per_s=self.flops, hidden_size=cfg.hidden_size,
-                            dtype_bytes=self.core.dense.embed.element_size(), data_port=self.data_port)
+        return info_to_proto(AgentInfo(
+            name=NodeId(s.node_name), model_type=cfg.model_type, num_layers=cfg.num_layers,
+            num_experts=cfg.num_experts, vocab_size=cfg.vocab_size, fingerprint=self.fingerprint,
+            expert_bytes=self.store.expert_nbytes, memory_bytes=s.expert_memory_bytes,
+            disk_bytes_per_s=s.disk_bytes_per_s, link_bytes_per_s=s.link_bytes_per_s,
+            max_positions=cfg.max_positions, dense_layers=frozenset(cfg.dense_layers), flops_per_s=self.flops,
+            hidden_size=cfg.hidden_size, dtype_bytes=self.core.dense.embed.element_size(),
+            link_latency_s=s.link_latency_s, data_port=self.data_port, compute_share=s.compute_share))
 
     async def BeginStep(self, request: pb.BeginStepRequest, context: Any) -> pb.BeginStepReply:
-        peers = [Peer(p.name, p.address, p.new_min_position, p.new_max_position, p.cached_tokens) for p in request.peers]
-        r = await self.core.begin_step(request.request_id, request.step, request.token_ids, request.positions, peers,
-                                       request.all_logits, request.predict)
-        n, buf = self.core.cfg.num_experts, self.core.buffer
-        held = [expert_to_wire(e, n) for e in buf.all_resident() + buf.all_loading()] if request.holdings else []
-        if r is None:
-            return pb.BeginStepReply(held=held)
-        return pb.BeginStepReply(predicted_counts=r.predicted, next_resident=r.next_resident,
-                                 next_loading=r.next_loading, resident_total=r.resident_total, held=held)
+        b = begin_step_from_proto(request)
+        report = await self.core.begin_step(b.request_id, b.step, b.token_ids, b.positions, b.peers, b.all_logits,
+                                            b.predict)
+        buf = self.core.buffer
+        held = self._flat(buf.all_resident() + buf.all_loading()) if b.holdings else frozenset()
+        return step_begun_to_proto(StepBegun(report, held))
 
     async def Forward(self, request: pb.ForwardRequest, context: Any) -> pb.ForwardReply:
-        r = await self.core.forward(request.request_id, request.layer, _plan(request.plan, self.core.name),
-                                    request.prefetch, request.predict, direct_from_proto(request.direct))
-        return pb.ForwardReply(expert_token_counts=r.counts, resident_experts=r.resident, loading_experts=r.loading,
-                               attention_seconds=r.attention_s, predicted_counts=r.predicted,
-                               resident_total=r.resident_total, next_resident=r.next_resident,
-                               next_loading=r.next_loading)
+        f = forward_from_proto(request)
+        report = await self.core.forward(f.request_id, f.layer, LayerPlan.of(f.plan, self.core.name), f.prefetch,
+                                         f.predict, f.direct)
+        return layer_report_to_proto(report)
 
     async def Finish(self, request: pb.FinishRequest, context: Any) -> pb.FinishReply:
-        logits, positions = await self.core.finish(request.request_id, _plan(request.plan, self.core.name))
-        if logits is None:
-            return pb.FinishReply()
-        msg = tensor_to_proto(logits)
-        await self.link.send(msg)
-        return pb.FinishReply(logits=msg, positions=positions.tolist())
+        request_id, plan = finish_from_proto(request)
+        logits, positions = await self.core.finish(request_id, LayerPlan.of(plan, self.core.name))
+        reply = finish_reply_to_proto(logits, positions.tolist())
+        if logits is not None:
+            await self.link.send(reply.logits)
+        return reply
 
     async def Release(self, request: pb.ReleaseRequest, context: Any) -> pb.ReleaseReply:
-        await self.core.release(request.request_id)
+        await self.core.release(release_from_proto(request))
         return pb.ReleaseReply()
 
     async def CacheState(self, request: pb.CacheStateRequest, context: Any) -> pb.CacheStateReply:
+        buf = self.core.buffer
+        return cache_state_to_proto(CacheState(self._counters(), self._flat(buf.all_resident()),
+                                               self._flat(buf.all_loading())))
+
+    def _counters(self) -> CacheCounters:
         core, buf, c = self.core, self.core.buffer, self.core.buffer.counters
-        counters = pb.CacheCounters(hits=c.hits, misses=c.misses, loads=c.loads, evictions=c.evictions,
-                                    bytes_read=self.store.bytes_read, bytes_sent=self.link.bytes_sent,
-                                    bytes_used=buf.bytes_used, capacity_bytes=buf.capacity,
-                                    attention_seconds=core.attention_s, prefetches=c.prefetches,
-                                    predicted_used=core.predicted_used, used=core.used,
-                                    predicted_pairs_used=core.predicted_pairs_used, pairs_used=core.pairs_used,
-                                    compute_overrun_seconds=core.pacer.overrun_s, early_experts_used=core.early_used,
-                                    early_experts_dropped=core.early_dropped, direct_experts_sent=core.direct_sent, fills=c.fills,
-                                    fill_preemptions=c.fill_preemptions, decode_steps=core.decoder.steps,
-                                    decode_tokens=core.decoder.tokens, decode_round_trips=core.decoder.round_trips,
-                                    decode_remote_experts=core.decoder.remote_experts,
-                                    requests=len(core.requests.keys() | core.decoder.caches.keys()))
-        n = self.core.cfg.num_experts
-        return pb.CacheStateReply(counters=counters, resident=[expert_to_wire(e, n) for e in buf.all_resident()],
-                                  loading=[expert_to_wire(e, n) for e in buf.all_loading()])
+        return CacheCounters(
+            hits=c.hits, misses=c.misses, loads=c.loads, evictions=c.evictions, bytes_read=self.store.bytes_read,
+            bytes_sent=self.link.bytes_sent, bytes_used=buf.bytes_used, capacity_bytes=buf.capacity,
+            attention_s=core.attention_s, prefetches=c.prefetches, predicted_used=core.predicted_used,
+            used=core.used, predicted_pairs_used=core.predicted_pairs_used, pairs_used=core.pairs_used,
+            compute_overrun_s=core.pacer.overrun_s, early_used=core.early_used, early_dropped=core.early_dropped,
+            fills=c.fills, fill_preemptions=c.fill_preemptions, direct_sent=core.direct_sent,
+            decode_steps=core.decoder.steps, decode_tokens=core.decoder.tokens,
+            decode_round_trips=core.decoder.round_trips, decode_remote_experts=core.decoder.remote_experts,
+            requests=len(core.requests.keys() | core.decoder.caches.keys()))
+
+    def _flat(self, experts: Iterable[ExpertId]) -> frozenset[int]:
+        """Experts as the wire's flat ids (layer * num_experts + index)."""
+        return frozenset(expert_to_wire(e, self.core.cfg.num_experts) for e in experts)
 
     async def Fill(self, request: pb.FillRequest, context: Any) -> pb.FillReply:
         n = self.core.cfg.num_experts
-        accepted = self.core.fill([expert_from_wire(e, n) for e in request.experts])
-        return pb.FillReply(accepted=[expert_to_wire(e, n) for e in accepted])
+        accepted = self.core.fill([expert_from_wire(e, n) for e in fill_from_proto(request)])
+        return fill_reply_to_proto([expert_to_wire(e, n) for e in accepted])
 
     async def SetRoutingTable(self, request: pb.RoutingTable, context: Any) -> pb.Ack:
         self.core.set_routing_table(routing_table_from_proto(request, self.core.cfg.num_experts))
         return pb.Ack()
 
     async def AdoptKV(self, request: pb.AdoptKVRequest, context: Any) -> pb.AdoptKVReply:
-        sources = [(a.name, a.address) for a in request.sources]
-        rows = await self.core.adopt_kv(request.request_id, request.capacity, request.prompt_tokens, sources)
-        return pb.AdoptKVReply(local_tokens=rows)
+        a = adopt_kv_from_proto(request)
+        rows = await self.core.adopt_kv(a.request_id, a.capacity, a.prompt_tokens, a.sources)
+        return adopt_kv_reply_to_proto(rows)
 
     async def DecodeStep(self, request: pb.DecodeStepRequest, context: Any) -> pb.DecodeStepReply:
         logits, trips = await self.core.decode_step(decode_step_from_proto(request))
-        reply = pb.DecodeStepReply(logits=tensor_to_proto(logits), round_trips=trips)
+        reply = decode_step_reply_to_proto(logits, trips)
         await self.link.send(reply.logits)
         return reply
 
     async def FetchKV(self, request: pb.FetchKVRequest, context: Any) -> pb.KVBlock:
-        shard, chunks = self.core.fetch_kv(request.request_id, request.layer, request.chunk)
-        block = kv_block_to_proto(request.request_id, request.layer, self.core.name, shard.k, shard.v, shard.pos,
-                                  chunk=request.chunk, num_chunks=chunks)
+        request_id, layer, chunk = fetch_kv_from_proto(request)
+        shard, chunks = self.core.fetch_kv(request_id, layer, chunk)
+        block = kv_block_to_proto(KVBlock(request_id=request_id, step=0, layer=layer, sender=self.core.name,
+                                          keys=shard.k, values=shard.v, positions=shard.pos, chunk=chunk,
+                                          num_chunks=chunks))
         await self.link.send(block.keys, block.values)
         return block
 
     async def PushKV(self, request: pb.KVBlock, context: Any) -> pb.Ack:
         await self.link.receive(request.keys, request.values)
-        shard = KVShard(tensor_from_proto(request.keys), tensor_from_proto(request.values), torch.tensor(list(request.positions)))
-        await self.core.receive_kv(request.request_id, request.step, request.layer, request.sender, request.chunk,
-                                   request.num_chunks, shard)
+        b = kv_block_from_proto(request)
+        await self.core.receive_kv(b.request_id, b.step, b.layer, b.sender, b.chunk, b.num_chunks,
+                                   KVShard(b.keys, b.values, b.positions))
         return pb.Ack()
 
     async def Attend(self, request: pb.AttendRequest, context: Any) -> pb.AttendReply:
         await self.link.receive(request.queries)
-        out, lse = await self.core.attend(request.request_id, request.layer, tensor_from_proto(request.queries))
-        reply = pb.AttendReply(output=tensor_to_proto(out), lse=tensor_to_proto(lse))
+        request_id, layer, queries = attend_from_proto(request)
+        out, lse = await self.core.attend(request_id, layer, queries)
+        reply = attend_reply_to_proto(out, lse)
         await self.link.send(reply.output, reply.lse)
         return reply
 
@@ -244,23 +247,31 @@ class Servicer(pb_grpc.NodeAgentServicer):
     async def run_batch(self, request: pb.ExpertBatch) -> pb.ExpertResult:
         """A peer's expert batch, from a RunExperts call or the decode data plane."""
         await self.link.receive(request.hidden, request.expert_ids, request.weights)
-        x = tensor_from_proto(request.hidden)
-        ids = tensor_from_proto(request.expert_ids).long()
-        self.core.check_batch(request.layer, ids)
-        out = await self.core.execute(request.layer, x, ids, tensor_from_proto(request.weights).to(x.dtype),
-                                      request.decode)
-        return pb.ExpertResult(output=tensor_to_proto(out))
+        b = expert_batch_from_proto(request)
+        self.core.check_batch(b.layer, b.expert_ids)
+        out = await self.core.execute(b.layer, b.hidden, b.expert_ids, b.weights.to(b.hidden.dtype), b.decode)
+        return expert_result_to_proto(out)
+
+
+def _peer_failure(exc: BaseException) -> PeerFailed | None:
+    """The peer failure at the root of `exc`, if any (an error raised `from` one counts)."""
+    cause: BaseException | None = exc
+    while cause is not None:
+        if isinstance(cause, PeerFailed):
+            return cause
+        cause = cause.__cause__
+    return None
 
 
 class ErrorInterceptor(grpc.aio.ServerInterceptor):
-    """The one place where agent exceptions become gRPC status codes."""
+    """The one place where agent exceptions become gRPC status codes. A call to a peer that failed
+    is UNAVAILABLE, with the peer in the trailing metadata: the caller names it, not this agent."""
 
     CODES: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
         (UnknownRequest, grpc.StatusCode.NOT_FOUND),
         (RequestReleased, grpc.StatusCode.CANCELLED),
         (TimeoutError, grpc.StatusCode.DEADLINE_EXCEEDED),
         (ValueError, grpc.StatusCode.INVALID_ARGUMENT),
-        (DataPlaneError, grpc.StatusCode.UNAVAILABLE),
     )
 
     async def intercept_service(self, continuation: Callable[[Any], Awaitable[Any]], details: Any) -> Any:
@@ -275,6 +286,10 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
+                peer = _peer_failure(exc)
+                if peer is not None:
+                    await context.abort(grpc.StatusCode.UNAVAILABLE, f"{type(exc).__name__}: {exc}",
+                                        failed_agent_to_metadata(peer.peer, peer.address))
                 code = next((c for t, c in self.CODES if isinstance(exc, t)), grpc.StatusCode.INTERNAL)
                 if code is grpc.StatusCode.INTERNAL:
                     log.exception("%s failed", details.method)
@@ -341,11 +356,13 @@ async def serve(settings: AgentSettings, ready: asyncio.Event | None = None, sto
     servicer = Servicer(core, settings, link, store, model_fingerprint(settings.model_dir),
                         measure_expert_flops(cfg, dtype, compute_share=settings.compute_share))
     data_server = DataServer(settings.node_name, servicer.run_batch, link)
-    servicer.data_port = await data_server.start(split_host(settings.listen))
     pb_grpc.add_NodeAgentServicer_to_server(servicer, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     server.add_insecure_port(settings.listen)
+    # After the gRPC port is bound: an ephemeral port picked before could be the very port the
+    # launcher found free for the gRPC server (the kernel hands a just-freed port out again).
+    servicer.data_port = await data_server.start(split_host(settings.listen), settings.data_port)
     await server.start()
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     await health_servicer.set("potluck.v1.NodeAgent", health_pb2.HealthCheckResponse.SERVING)

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import torch
 
 from node_agent.model.moe import SlotOutputs
+from protos.messages import Peer as Peer  # another agent as one step sees it (StepPeer)
 
 
 class RequestReleased(Exception):
@@ -17,21 +18,6 @@ class RequestReleased(Exception):
 
 class UnknownRequest(KeyError):
     """A message names a request this agent has no state for."""
-
-
-@dataclass(frozen=True)
-class Peer:
-    """Another agent as one step sees it (from the scheduler's StepPeer)."""
-
-    name: str
-    address: str
-    new_min: int  # smallest new position this step, -1 if it has no new tokens
-    new_max: int  # largest new position this step, -1 if none
-    cached: int  # KV entries it holds from earlier steps
-
-    @property
-    def has_new(self) -> bool:
-        return self.new_max >= 0
 
 
 @dataclass

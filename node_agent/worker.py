@@ -12,14 +12,13 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Protocol, TypeVar
 
 import torch
 
 from node_agent.attention import KVPeers, PeerAttention
 from node_agent.dataplane import DataClient
-from node_agent.decode import Decoder
+from node_agent.decode import DecodePeers, Decoder
 from node_agent.dispatch import LayerPlan, only, split_by_executor
 from node_agent.peers import row_chunks
 from node_agent.expert_buffer import ExpertBuffer
@@ -28,32 +27,16 @@ from node_agent.model import moe
 from node_agent.model.config import MoeConfig
 from node_agent.state import DirectSends, EarlyExperts, KVShard, Peer, RequestState, StepState, UnknownRequest
 from node_agent.throttle import ComputePacer
-from protos.ids import ExpertId
+from protos.ids import ExpertId, NodeId
+from protos.messages import LayerReport
 from protos.routing import RoutingTable
 
 log = logging.getLogger(__name__)
 R = TypeVar("R")
 
 
-class PeerTransport(KVPeers, Protocol):
-    async def run_experts(
-        self, address: str, request_id: str, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
-        decode: bool = False,
-    ) -> torch.Tensor: ...
-
-    async def fetch_kv(self, address: str, request_id: str, layer: int) -> KVShard: ...
-
-
-@dataclass(frozen=True)
-class LayerReport:
-    counts: list[int]  # tokens routed to each expert of the layer ([] for a dense-MLP layer)
-    resident: list[int]  # expert indices of the layer in the buffer
-    loading: list[int]  # expert indices of the layer being read
-    attention_s: float  # seconds this agent spent in the layer's attention
-    predicted: list[int]  # next layer's predicted counts per expert ([] unless asked)
-    resident_total: int  # experts of all layers in the buffer, resident or being read
-    next_resident: list[int]  # next layer's experts in the buffer ([] unless predicting)
-    next_loading: list[int]  # next layer's experts being read ([] unless predicting)
+class PeerTransport(KVPeers, DecodePeers, Protocol):
+    """Calls to other agents, each named (name, address): a failed call names the peer."""
 
 
 class AgentCore:
@@ -119,8 +102,9 @@ class AgentCore:
     # Control plane ---------------------------------------------------------------------------
 
     async def begin_step(self, request_id: str, step: int, token_ids: Sequence[int], positions: Sequence[int],
-                         peers: Sequence[Peer], all_logits: bool, predict: bool = False) -> LayerReport | None:
-        """Embed this agent's new tokens; with predict, guess layer 0's routing from them."""
+                         peers: Sequence[Peer], all_logits: bool, predict: bool = False) -> LayerReport:
+        """Embed this agent's new tokens; with predict, guess layer 0's routing from them (the
+        report is empty without)."""
         state = self.requests.setdefault(request_id, RequestState(request_id))
         state.commit_step()
         ids = torch.tensor(list(token_ids), dtype=torch.long)
@@ -129,13 +113,14 @@ class AgentCore:
         hidden = self.dense.embed[ids]  # [T, D]
         st = state.step = StepState(step, torch.tensor(list(positions), dtype=torch.long), hidden, tuple(peers), all_logits)
         if not (predict and self.cfg.is_moe(0)):
-            return None
+            return LayerReport(NodeId(self.name), (), frozenset(), frozenset())
         predicted = [0] * self.cfg.num_experts
         if ids.numel():
             predicted = await self.compute(moe.predicted_counts, self.dense.layers[0], self.cfg, hidden)
             st.predicted = (0, frozenset(e for e, c in enumerate(predicted) if c))
-        return LayerReport([], [], [], 0.0, predicted, self.buffer.slots_taken, self.buffer.resident(0),
-                           self.buffer.loading(0))
+        return LayerReport(NodeId(self.name), (), frozenset(), frozenset(), predicted=tuple(predicted),
+                           resident_total=self.buffer.slots_taken, next_resident=frozenset(self.buffer.resident(0)),
+                           next_loading=frozenset(self.buffer.loading(0)))
 
     async def forward(self, request_id: str, layer: int, plan: LayerPlan, prefetch: Sequence[int] = (),
                       predict: bool = False, direct: Mapping[int, str] | None = None) -> LayerReport:
@@ -177,9 +162,12 @@ class AgentCore:
             sent = {e: x for e, x in direct.items() if x != self.name}
             st.direct = self._send_direct(request_id, st, layer, sent)
             st.early = self._start_early(layer, moe_in, *st.route, skip=frozenset(sent))
-        return LayerReport(counts, self.buffer.resident(layer), self.buffer.loading(layer), attention_s, predicted or [],
-                           self.buffer.slots_taken, self.buffer.resident(nxt) if predicting else [],
-                           self.buffer.loading(nxt) if predicting else [])
+        buf = self.buffer
+        return LayerReport(
+            NodeId(self.name), tuple(counts), frozenset(buf.resident(layer)), frozenset(buf.loading(layer)),
+            attention_s=attention_s, predicted=tuple(predicted or ()), resident_total=buf.slots_taken,
+            next_resident=frozenset(buf.resident(nxt) if predicting else ()),
+            next_loading=frozenset(buf.loading(nxt) if predicting else ()))
 
     def _send_direct(self, request_id: str, st: StepState, layer: int, routes: Mapping[int, str]) -> DirectSends | None:
         """Send my tokens of the experts in `routes` to their executors now, one batch each."""
@@ -209,7 +197,8 @@ class AgentCore:
             if name == self.name:
                 run = self.execute(layer, x[rows], sub[rows], weights[rows])
             else:
-                run = self.peers.run_experts(addresses[name], request_id, layer, x[rows], sub[rows], weights[rows])
+                run = self.peers.run_experts(name, addresses[name], request_id, layer, x[rows], sub[rows],
+                                             weights[rows])
             runs.append(_with_rows(rows, run))
         return runs
 

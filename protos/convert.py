@@ -1,15 +1,24 @@
-"""The one place where Python values become wire messages and back (round-trip tested)."""
+"""The one place where Python values become wire messages and back: one function per direction
+for every message, each pair round-trip tested (tests/unit/test_wire.py). Wide messages have a
+dataclass in protos/messages.py and are built with keywords; messages of one to three fields go
+from plain values. Messages nested in others (DeviceProfile, ExpertAssignment, DecodeToken,
+ExpertHolders, AgentAddress) are converted with them; the empty ones (InfoRequest,
+CacheStateRequest, ReleaseReply, Ack) carry nothing to convert. Expert ids stay flat ints
+(layer * num_experts + index) where the wire has them so: `expert_to_wire`/`expert_from_wire`."""
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict
 
 import numpy
 import torch
 
 from protos.ids import ExpertId, NodeId, RequestId
-from protos.routing import RoutingTable
+from protos.messages import (AdoptKV, AgentInfo, BeginStep, CacheCounters, CacheState, ExpertBatch, Forward, KVBlock,
+                             LayerReport, Peer, RoutingPlan, StepBegun)
 from protos.potluck.v1 import agent_pb2 as pb
+from protos.routing import RoutingTable
 
 _DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -59,6 +68,92 @@ def expert_from_wire(flat: int, num_experts: int) -> ExpertId:
     return ExpertId(layer, index)
 
 
+# Control plane (scheduler -> agent) -----------------------------------------------------------
+
+
+def info_to_proto(info: AgentInfo) -> pb.InfoReply:
+    profile = pb.DeviceProfile(expert_memory_bytes=info.memory_bytes, disk_bytes_per_s=info.disk_bytes_per_s,
+                               link_bytes_per_s=info.link_bytes_per_s, compute_share=info.compute_share,
+                               link_latency_s=info.link_latency_s)
+    return pb.InfoReply(name=info.name, model_type=info.model_type, num_layers=info.num_layers,
+                        num_experts=info.num_experts, vocab_size=info.vocab_size, profile=profile,
+                        model_fingerprint=info.fingerprint, expert_bytes=info.expert_bytes,
+                        expert_flops_per_s=info.flops_per_s, hidden_size=info.hidden_size,
+                        dtype_bytes=info.dtype_bytes, max_positions=info.max_positions,
+                        dense_layers=sorted(info.dense_layers), data_port=info.data_port)
+
+
+def info_from_proto(msg: pb.InfoReply) -> AgentInfo:
+    p = msg.profile
+    return AgentInfo(name=NodeId(msg.name), model_type=msg.model_type, num_layers=msg.num_layers,
+                     num_experts=msg.num_experts, vocab_size=msg.vocab_size, fingerprint=msg.model_fingerprint,
+                     expert_bytes=msg.expert_bytes, memory_bytes=p.expert_memory_bytes,
+                     disk_bytes_per_s=p.disk_bytes_per_s, link_bytes_per_s=p.link_bytes_per_s,
+                     max_positions=msg.max_positions, dense_layers=frozenset(msg.dense_layers),
+                     flops_per_s=msg.expert_flops_per_s, hidden_size=msg.hidden_size, dtype_bytes=msg.dtype_bytes,
+                     link_latency_s=p.link_latency_s, data_port=msg.data_port, compute_share=p.compute_share)
+
+
+def step_peer_to_proto(peer: Peer) -> pb.StepPeer:
+    return pb.StepPeer(name=peer.name, address=peer.address, new_min_position=peer.new_min,
+                       new_max_position=peer.new_max, cached_tokens=peer.cached)
+
+
+def step_peer_from_proto(msg: pb.StepPeer) -> Peer:
+    return Peer(name=msg.name, address=msg.address, new_min=msg.new_min_position, new_max=msg.new_max_position,
+                cached=msg.cached_tokens)
+
+
+def begin_step_to_proto(begin: BeginStep) -> pb.BeginStepRequest:
+    return pb.BeginStepRequest(request_id=begin.request_id, step=begin.step, token_ids=begin.token_ids,
+                               positions=begin.positions, peers=[step_peer_to_proto(p) for p in begin.peers],
+                               all_logits=begin.all_logits, predict=begin.predict, holdings=begin.holdings)
+
+
+def begin_step_from_proto(msg: pb.BeginStepRequest) -> BeginStep:
+    return BeginStep(request_id=msg.request_id, step=msg.step, token_ids=tuple(msg.token_ids),
+                     positions=tuple(msg.positions), peers=tuple(step_peer_from_proto(p) for p in msg.peers),
+                     all_logits=msg.all_logits, predict=msg.predict, holdings=msg.holdings)
+
+
+def step_begun_to_proto(begun: StepBegun) -> pb.BeginStepReply:
+    """Of the report, what the embeddings give: the prediction and the cache state."""
+    r = begun.report
+    return pb.BeginStepReply(predicted_counts=r.predicted, next_resident=sorted(r.next_resident),
+                             next_loading=sorted(r.next_loading), resident_total=r.resident_total,
+                             held=sorted(begun.held))
+
+
+def step_begun_from_proto(msg: pb.BeginStepReply, node: NodeId) -> StepBegun:
+    report = LayerReport(node=node, counts=(), resident=frozenset(), loading=frozenset(),
+                         predicted=tuple(msg.predicted_counts), resident_total=msg.resident_total,
+                         next_resident=frozenset(msg.next_resident), next_loading=frozenset(msg.next_loading))
+    return StepBegun(report=report, held=frozenset(msg.held))
+
+
+def routing_plan_to_proto(plan: RoutingPlan) -> pb.RoutingPlan:
+    return pb.RoutingPlan(
+        layer=plan.layer,
+        assignments=[
+            pb.ExpertAssignment(expert=e, owner=o, executor=x, tokens=n)
+            for (o, e), shares in sorted(plan.shares.items())
+            for x, n in shares
+        ],
+    )
+
+
+def routing_plan_from_proto(msg: pb.RoutingPlan) -> RoutingPlan:
+    shares: dict[tuple[NodeId, int], tuple[tuple[NodeId, int], ...]] = {}
+    for a in msg.assignments:
+        key = (NodeId(a.owner), a.expert)
+        shares[key] = (*shares.get(key, ()), (NodeId(a.executor), a.tokens))
+    return RoutingPlan(msg.layer, shares)
+
+
+def _plan_from_proto(holder: pb.ForwardRequest | pb.FinishRequest) -> RoutingPlan | None:
+    return routing_plan_from_proto(holder.plan) if holder.HasField("plan") else None
+
+
 def direct_to_proto(routes: Mapping[int, NodeId]) -> list[pb.DirectRoute]:
     """A layer's direct routes (expert index -> executor) as ForwardRequest.direct."""
     return [pb.DirectRoute(expert=e, executor=x) for e, x in sorted(routes.items())]
@@ -66,6 +161,106 @@ def direct_to_proto(routes: Mapping[int, NodeId]) -> list[pb.DirectRoute]:
 
 def direct_from_proto(msgs: Iterable[pb.DirectRoute]) -> dict[int, NodeId]:
     return {m.expert: NodeId(m.executor) for m in msgs}
+
+
+def forward_to_proto(forward: Forward) -> pb.ForwardRequest:
+    plan = None if forward.plan is None else routing_plan_to_proto(forward.plan)
+    return pb.ForwardRequest(request_id=forward.request_id, layer=forward.layer, plan=plan, prefetch=forward.prefetch,
+                             predict=forward.predict, direct=direct_to_proto(forward.direct))
+
+
+def forward_from_proto(msg: pb.ForwardRequest) -> Forward:
+    return Forward(request_id=msg.request_id, layer=msg.layer, plan=_plan_from_proto(msg),
+                   prefetch=tuple(msg.prefetch), predict=msg.predict, direct=direct_from_proto(msg.direct))
+
+
+def layer_report_to_proto(report: LayerReport) -> pb.ForwardReply:
+    return pb.ForwardReply(expert_token_counts=report.counts, resident_experts=sorted(report.resident),
+                           loading_experts=sorted(report.loading), attention_seconds=report.attention_s,
+                           predicted_counts=report.predicted, resident_total=report.resident_total,
+                           next_resident=sorted(report.next_resident), next_loading=sorted(report.next_loading))
+
+
+def layer_report_from_proto(msg: pb.ForwardReply, node: NodeId) -> LayerReport:
+    return LayerReport(node=node, counts=tuple(msg.expert_token_counts), resident=frozenset(msg.resident_experts),
+                       loading=frozenset(msg.loading_experts), attention_s=msg.attention_seconds,
+                       predicted=tuple(msg.predicted_counts), resident_total=msg.resident_total,
+                       next_resident=frozenset(msg.next_resident), next_loading=frozenset(msg.next_loading))
+
+
+def finish_to_proto(request_id: str, plan: RoutingPlan | None) -> pb.FinishRequest:
+    return pb.FinishRequest(request_id=request_id, plan=None if plan is None else routing_plan_to_proto(plan))
+
+
+def finish_from_proto(msg: pb.FinishRequest) -> tuple[str, RoutingPlan | None]:
+    return msg.request_id, _plan_from_proto(msg)
+
+
+def finish_reply_to_proto(logits: torch.Tensor | None, positions: Sequence[int]) -> pb.FinishReply:
+    """Logits [n, V] of the positions they belong to; None: this agent has none (no positions)."""
+    if logits is None:
+        return pb.FinishReply()
+    return pb.FinishReply(logits=tensor_to_proto(logits), positions=positions)
+
+
+def finish_reply_from_proto(msg: pb.FinishReply) -> tuple[torch.Tensor | None, list[int]]:
+    if not msg.HasField("logits"):
+        return None, []
+    return tensor_from_proto(msg.logits), list(msg.positions)
+
+
+def release_to_proto(request_id: str) -> pb.ReleaseRequest:
+    return pb.ReleaseRequest(request_id=request_id)
+
+
+def release_from_proto(msg: pb.ReleaseRequest) -> str:
+    return msg.request_id
+
+
+_COUNTER_NAMES = {  # CacheCounters field -> its name on the wire, where they differ
+    "attention_s": "attention_seconds", "compute_overrun_s": "compute_overrun_seconds",
+    "early_used": "early_experts_used", "early_dropped": "early_experts_dropped",
+    "direct_sent": "direct_experts_sent",
+}
+
+
+def cache_counters_to_proto(counters: CacheCounters) -> pb.CacheCounters:
+    return pb.CacheCounters(**{_COUNTER_NAMES.get(k, k): v for k, v in asdict(counters).items()})
+
+
+def cache_counters_from_proto(msg: pb.CacheCounters) -> CacheCounters:
+    wire = {f.name: getattr(msg, f.name) for f in msg.DESCRIPTOR.fields}
+    return CacheCounters(**{k: wire[_COUNTER_NAMES.get(k, k)] for k in asdict(CacheCounters())})
+
+
+def cache_state_to_proto(state: CacheState) -> pb.CacheStateReply:
+    return pb.CacheStateReply(counters=cache_counters_to_proto(state.counters), resident=sorted(state.resident),
+                              loading=sorted(state.loading))
+
+
+def cache_state_from_proto(msg: pb.CacheStateReply) -> CacheState:
+    return CacheState(counters=cache_counters_from_proto(msg.counters), resident=frozenset(msg.resident),
+                      loading=frozenset(msg.loading))
+
+
+def fill_to_proto(experts: Sequence[int]) -> pb.FillRequest:
+    """Experts as layer * num_experts + index, in the order to read them."""
+    return pb.FillRequest(experts=experts)
+
+
+def fill_from_proto(msg: pb.FillRequest) -> list[int]:
+    return list(msg.experts)
+
+
+def fill_reply_to_proto(accepted: Sequence[int]) -> pb.FillReply:
+    return pb.FillReply(accepted=accepted)
+
+
+def fill_reply_from_proto(msg: pb.FillReply) -> list[int]:
+    return list(msg.accepted)
+
+
+# Decode (scheduler -> home agent) -------------------------------------------------------------
 
 
 def routing_table_to_proto(table: RoutingTable, num_experts: int) -> pb.RoutingTable:
@@ -87,6 +282,24 @@ def routing_table_from_proto(msg: pb.RoutingTable, num_experts: int) -> RoutingT
     )
 
 
+def adopt_kv_to_proto(adopt: AdoptKV) -> pb.AdoptKVRequest:
+    return pb.AdoptKVRequest(request_id=adopt.request_id, capacity=adopt.capacity, prompt_tokens=adopt.prompt_tokens,
+                             sources=[pb.AgentAddress(name=n, address=a) for n, a in adopt.sources])
+
+
+def adopt_kv_from_proto(msg: pb.AdoptKVRequest) -> AdoptKV:
+    return AdoptKV(request_id=msg.request_id, capacity=msg.capacity, prompt_tokens=msg.prompt_tokens,
+                   sources=tuple((NodeId(a.name), a.address) for a in msg.sources))
+
+
+def adopt_kv_reply_to_proto(local_tokens: int) -> pb.AdoptKVReply:
+    return pb.AdoptKVReply(local_tokens=local_tokens)
+
+
+def adopt_kv_reply_from_proto(msg: pb.AdoptKVReply) -> int:
+    return msg.local_tokens
+
+
 DecodeToken = tuple[RequestId, int, int]  # (request, token id, position) of one decode step
 
 
@@ -98,19 +311,119 @@ def decode_step_from_proto(msg: pb.DecodeStepRequest) -> list[DecodeToken]:
     return [(RequestId(t.request_id), t.token_id, t.position) for t in msg.tokens]
 
 
-def kv_block_to_proto(request_id: str, layer: int, sender: str, keys: torch.Tensor, values: torch.Tensor,
-                      positions: torch.Tensor, step: int = 0, chunk: int = 0, num_chunks: int = 1) -> pb.KVBlock:
-    """K/V rows [n, KVH, hd] of one layer at positions [n]."""
-    return pb.KVBlock(request_id=request_id, step=step, layer=layer, sender=sender, keys=tensor_to_proto(keys),
-                      values=tensor_to_proto(values), positions=positions.tolist(), chunk=chunk,
-                      num_chunks=num_chunks)
+def decode_step_reply_to_proto(logits: torch.Tensor, round_trips: int) -> pb.DecodeStepReply:
+    """Logits [n, V], row i for the step's token i, and the step's waits on peers."""
+    return pb.DecodeStepReply(logits=tensor_to_proto(logits), round_trips=round_trips)
 
 
-def kv_block_from_proto(msg: pb.KVBlock) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(keys, values, positions) of a block; ValueError when their rows disagree."""
+def decode_step_reply_from_proto(msg: pb.DecodeStepReply) -> tuple[torch.Tensor, int]:
+    return tensor_from_proto(msg.logits), msg.round_trips
+
+
+# Peer plane (agent -> agent) ------------------------------------------------------------------
+
+
+def kv_block_to_proto(block: KVBlock) -> pb.KVBlock:
+    return pb.KVBlock(request_id=block.request_id, step=block.step, layer=block.layer, sender=block.sender,
+                      keys=tensor_to_proto(block.keys), values=tensor_to_proto(block.values),
+                      positions=block.positions.tolist(), chunk=block.chunk, num_chunks=block.num_chunks)
+
+
+def kv_block_from_proto(msg: pb.KVBlock) -> KVBlock:
+    """ValueError when the rows of keys, values and positions disagree."""
     keys, values = tensor_from_proto(msg.keys), tensor_from_proto(msg.values)
     positions = torch.tensor(list(msg.positions), dtype=torch.long)
     if keys.dim() != 3 or keys.shape != values.shape or keys.shape[0] != positions.numel():
         raise ValueError(f"K/V block shapes disagree: keys {list(keys.shape)}, values {list(values.shape)}, "
                          f"{positions.numel()} positions")
-    return keys, values, positions
+    return KVBlock(request_id=msg.request_id, step=msg.step, layer=msg.layer, sender=msg.sender, keys=keys,
+                   values=values, positions=positions, chunk=msg.chunk, num_chunks=msg.num_chunks)
+
+
+def attend_to_proto(request_id: str, layer: int, queries: torch.Tensor) -> pb.AttendRequest:
+    """Queries [n, H, hd], RoPE applied."""
+    return pb.AttendRequest(request_id=request_id, layer=layer, queries=tensor_to_proto(queries))
+
+
+def attend_from_proto(msg: pb.AttendRequest) -> tuple[str, int, torch.Tensor]:
+    return msg.request_id, msg.layer, tensor_from_proto(msg.queries)
+
+
+def attend_reply_to_proto(output: torch.Tensor, lse: torch.Tensor) -> pb.AttendReply:
+    """Output [n, H, hd] normalised over the shard, and its log-sum-exp [n, H]."""
+    return pb.AttendReply(output=tensor_to_proto(output), lse=tensor_to_proto(lse))
+
+
+def attend_reply_from_proto(msg: pb.AttendReply) -> tuple[torch.Tensor, torch.Tensor]:
+    return tensor_from_proto(msg.output), tensor_from_proto(msg.lse)
+
+
+def expert_batch_to_proto(batch: ExpertBatch) -> pb.ExpertBatch:
+    """Expert ids travel as int32 and weights as float32, whatever the compute dtypes."""
+    return pb.ExpertBatch(request_id=batch.request_id, layer=batch.layer, hidden=tensor_to_proto(batch.hidden),
+                          expert_ids=tensor_to_proto(batch.expert_ids.to(torch.int32)),
+                          weights=tensor_to_proto(batch.weights.float()), decode=batch.decode)
+
+
+def expert_batch_from_proto(msg: pb.ExpertBatch) -> ExpertBatch:
+    return ExpertBatch(request_id=msg.request_id, layer=msg.layer, hidden=tensor_from_proto(msg.hidden),
+                       expert_ids=tensor_from_proto(msg.expert_ids).long(), weights=tensor_from_proto(msg.weights),
+                       decode=msg.decode)
+
+
+def expert_result_to_proto(output: torch.Tensor) -> pb.ExpertResult:
+    """The executor's weighted experts [n, D] on the batch's rows."""
+    return pb.ExpertResult(output=tensor_to_proto(output))
+
+
+def expert_result_from_proto(msg: pb.ExpertResult) -> torch.Tensor:
+    return tensor_from_proto(msg.output)
+
+
+def fetch_kv_to_proto(request_id: str, layer: int, chunk: int) -> pb.FetchKVRequest:
+    return pb.FetchKVRequest(request_id=request_id, layer=layer, chunk=chunk)
+
+
+def fetch_kv_from_proto(msg: pb.FetchKVRequest) -> tuple[str, int, int]:
+    return msg.request_id, msg.layer, msg.chunk
+
+
+FrameBody = pb.ExpertBatch | pb.ExpertResult | str  # a call, its result, or why it failed
+
+
+def peer_frame_to_proto(call: int, body: FrameBody) -> pb.PeerFrame:
+    """A data plane frame. Its body stays a message: the ends convert it as RunExperts does."""
+    if isinstance(body, str):
+        return pb.PeerFrame(call=call, error=body)
+    if isinstance(body, pb.ExpertBatch):
+        return pb.PeerFrame(call=call, batch=body)
+    return pb.PeerFrame(call=call, result=body)
+
+
+def peer_frame_from_proto(msg: pb.PeerFrame) -> tuple[int, FrameBody]:
+    """ValueError for a frame without a body."""
+    kind = msg.WhichOneof("body")
+    if kind is None:
+        raise ValueError(f"data plane frame {msg.call} has no body")
+    body: FrameBody = getattr(msg, kind)
+    return msg.call, body
+
+
+# Errors --------------------------------------------------------------------------------------
+
+# Trailing metadata of an agent's error status: the agent that failed, when it is not the one
+# answering (a peer it called), as an AgentAddress (name, gRPC address), serialized.
+FAILED_AGENT_KEY = "potluck-failed-agent-bin"
+
+
+def failed_agent_to_metadata(name: str, address: str) -> tuple[tuple[str, bytes], ...]:
+    return ((FAILED_AGENT_KEY, pb.AgentAddress(name=name, address=address).SerializeToString()),)
+
+
+def failed_agent_from_metadata(metadata: Iterable[tuple[str, str | bytes]] | None) -> tuple[str, str] | None:
+    """(name, address) of the failed agent the metadata names, or None (the answering agent failed)."""
+    for key, value in metadata or ():
+        if key == FAILED_AGENT_KEY and isinstance(value, bytes):
+            failed = pb.AgentAddress.FromString(value)
+            return failed.name, failed.address
+    return None

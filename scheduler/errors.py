@@ -32,7 +32,15 @@ class PromptTooLong(PotluckError):
 
 
 class AgentFailed(PotluckError):
-    """An agent failed mid-request; the request is aborted and its state released (HTTP 503)."""
+    """An agent failed mid-request; the request is aborted and its state released (HTTP 503).
+
+    The message starts with the agent that failed, which is not always the one the scheduler
+    called: an agent whose call to a peer failed reports that peer."""
+
+    def __init__(self, message: str, agent: str | None = None, address: str | None = None) -> None:
+        super().__init__(message)
+        self.agent = agent  # NodeId of the agent that failed (None: unknown)
+        self.address = address  # its gRPC address, as the agent that saw it fail reached it
 
 
 class ModelMismatch(PotluckError):

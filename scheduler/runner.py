@@ -21,7 +21,7 @@ import torch
 
 from protos.convert import expert_from_wire
 from protos.ids import ExpertId
-from protos.potluck.v1 import agent_pb2 as pb
+from protos.messages import Peer
 from scheduler.client import AgentClient, AgentInfo
 from scheduler.cost_model import AgentProfile, CostModel
 from scheduler.policy import Policy
@@ -98,8 +98,8 @@ class RequestRunner:
         members = [n for n in self.agents if n in plan.cached or n in active]
         spans = {s.node: (min(s.positions), max(s.positions)) for s in plan.shards}
         peers = [
-            pb.StepPeer(name=n, address=self.agents[n].spec.address, new_min_position=spans.get(n, (-1, -1))[0],
-                        new_max_position=spans.get(n, (-1, -1))[1], cached_tokens=plan.cached.get(n, 0))
+            Peer(name=n, address=self.agents[n].spec.address, new_min=spans.get(n, (-1, -1))[0],
+                 new_max=spans.get(n, (-1, -1))[1], cached=plan.cached.get(n, 0))
             for n in members
         ]
         shape, cost, policy = self.shape, self.view.cost, self.policy

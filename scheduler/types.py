@@ -7,17 +7,23 @@
                   end of step:      logits -> sample (sampling.py) -> TokenEvent to the server
 
 Pure decisions (partition, token scheduling, prefetch, sampling) take these types and return
-these types; the gRPC client that carries them out lives in `client.py`.
+these types; the gRPC client that carries them out lives in `client.py`. The ones that cross the
+wire (`LayerReport`, `RoutingPlan`, and the counters of `AgentSnapshot`) are defined once in
+protos/messages.py, which the agents read too, and re-exported here.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-# The IDs are shared with the agents (protos/ids.py); re-exported here for the scheduler's users.
+# Shared with the agents (protos/ids.py, protos/messages.py); re-exported for the scheduler's users.
 from protos.ids import ExpertId as ExpertId
 from protos.ids import NodeId as NodeId
 from protos.ids import RequestId as RequestId
+from protos.messages import CacheCounters
+from protos.messages import LayerReport as LayerReport
+from protos.messages import RoutingPlan as RoutingPlan
+from protos.messages import Share as Share
 
 
 @dataclass(frozen=True)
@@ -60,37 +66,13 @@ class TokenEvent:
 
 
 @dataclass(frozen=True)
-class AgentSnapshot:
-    """What the scheduler last heard from one agent; feeds /metrics and /health."""
+class AgentSnapshot(CacheCounters):
+    """What the scheduler last heard from one agent: its counters (CacheCounters' fields, given
+    by keyword) and holdings; feeds /metrics and /health."""
 
     name: NodeId
     address: str
     up: bool
-    hits: int = 0
-    misses: int = 0
-    loads: int = 0
-    evictions: int = 0
-    bytes_read: int = 0  # bytes read from the expert store
-    bytes_sent: int = 0  # tensor bytes sent over the link
-    bytes_used: int = 0  # expert buffer bytes resident now
-    capacity_bytes: int = 0  # expert buffer budget (0 = unlimited)
-    attention_s: float = 0.0  # seconds spent in attention
-    prefetches: int = 0  # experts read because a prefetch asked
-    predicted_used: int = 0  # experts used that the previous layer's prediction named
-    used: int = 0  # experts used in layers that had a prediction (recall = predicted_used / used)
-    predicted_pairs_used: int = 0  # (token, slot) pairs of those layers whose expert the prediction named
-    pairs_used: int = 0  # (token, slot) pairs in layers that had a prediction (pair recall = the ratio)
-    compute_overrun_s: float = 0.0  # paced compute past its emulated speed (the host fell short)
-    early_used: int = 0  # experts run on its own tokens before the plan came, confirmed by the plan
-    early_dropped: int = 0  # such early runs the plan overruled
-    fills: int = 0  # experts read into free memory because a fill asked
-    fill_preemptions: int = 0  # fill reads stopped part-way for a demand or prefetch read
-    direct_sent: int = 0  # experts whose tokens it sent to their executor by a direct route, before the plan
-    decode_steps: int = 0  # decode steps it ran as a home agent
-    decode_tokens: int = 0  # tokens decoded in them
-    decode_round_trips: int = 0  # synchronous waits on peers within its decode steps (at most one per layer)
-    decode_remote_experts: int = 0  # (layer, expert) runs of its decode steps sent to remote holders
-    requests: int = 0  # requests it holds state for now (prefill K/V or a decode cache)
     held: frozenset[int] = frozenset()  # experts resident or being read, as layer * num_experts + index
 
 
@@ -99,44 +81,6 @@ class EngineSnapshot:
     running: int  # requests being computed now
     waiting: int  # requests queued
     agents: tuple[AgentSnapshot, ...] = field(default_factory=tuple)
-
-
-@dataclass(frozen=True)
-class LayerReport:
-    """One agent's answer after the router of a layer (from ForwardReply)."""
-
-    node: NodeId
-    counts: tuple[int, ...]  # tokens it owns routed to each expert; () for a dense-MLP layer
-    resident: frozenset[int]  # expert indices of the layer resident in its buffer
-    loading: frozenset[int]  # expert indices of the layer being read into its buffer
-    attention_s: float = 0.0  # seconds it spent in the layer's attention
-    predicted: tuple[int, ...] = ()  # next layer's predicted counts (empty unless asked)
-    resident_total: int = 0  # experts of all layers in its buffer, resident or being read (slots taken)
-    next_resident: frozenset[int] = frozenset()  # next layer's experts in its buffer
-    next_loading: frozenset[int] = frozenset()  # next layer's experts being read
-
-
-Share = tuple[NodeId, int]  # (executor, tokens): tokens 0 = all the owner's remaining pairs
-
-
-@dataclass(frozen=True)
-class RoutingPlan:
-    """Who runs which expert for whose tokens, for one MoE layer of one step (scheduler-owned).
-
-    An owner's (token, slot) pairs routed to an expert go to the shares' executors in row order;
-    several shares split them. A pair absent from the plan runs on its owner.
-    """
-
-    layer: int
-    shares: dict[tuple[NodeId, int], tuple[Share, ...]]  # (owner, expert index) -> shares
-
-    @classmethod
-    def whole(cls, layer: int, executor: dict[tuple[NodeId, int], NodeId]) -> RoutingPlan:
-        """Each (owner, expert) entirely on one executor."""
-        return cls(layer, {key: ((node, 0),) for key, node in executor.items()})
-
-    def executors(self, expert: int) -> set[NodeId]:
-        return {x for (_, e), shares in self.shares.items() if e == expert for x, _ in shares}
 
 
 @dataclass(frozen=True)

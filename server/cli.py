@@ -161,6 +161,9 @@ def _add_agent(commands: argparse._SubParsersAction) -> None:  # type: ignore[ty
     p.add_argument("--name", help="node name as in the inventory; default: the --listen address")
     _add_profile_flags(p)
     p.add_argument("--torch-threads", type=_positive, default=1, metavar="N", help="torch intra-op threads")
+    p.add_argument("--data-port", type=_non_negative, default=0, metavar="PORT",
+                   help="TCP port of the decode data plane (agent-to-agent expert calls), on the --listen host; "
+                        "0 = any free port (default)")  # fmt: skip
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"), help="compute dtype")
     p.add_argument("--eviction", default="layer-cyclic", choices=("layer-cyclic", "lru"),
                    help="expert eviction: layer-cyclic (evict the expert whose layer comes round last; default) or "
@@ -317,7 +320,7 @@ def _run_agent(args: argparse.Namespace) -> int:
         listen=args.listen, model_dir=args.model, name=args.name, expert_memory_bytes=args.expert_memory,
         disk_bytes_per_s=args.disk_bandwidth, link_bytes_per_s=args.link_bandwidth, link_latency_s=args.link_latency,
         compute_share=args.compute_share, torch_threads=1 if args.compute_share else args.torch_threads,
-        dtype=args.dtype, eviction=args.eviction, log_level=args.log_level,
+        dtype=args.dtype, eviction=args.eviction, log_level=args.log_level, data_port=args.data_port,
     )  # fmt: skip
     run_agent(settings)
     return 0

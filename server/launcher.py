@@ -49,6 +49,7 @@ class AgentLaunch:
     listen: str  # 127.0.0.1:port
     profile: NodeProfile
     torch_threads: int  # torch intra-op threads; agents on one machine split its cores
+    data_port: int = 0  # its decode data plane's port, chosen with the others (0: an ephemeral one)
 
 
 def available_cores() -> int:
@@ -90,8 +91,11 @@ def plan_local_agents(count: int, profile: NodeProfile, cores: int | None = None
                       avoid: Collection[int] = ()) -> list[AgentLaunch]:
     """`count` agents named agent0.. on distinct free loopback ports (none in `avoid`), all with `profile`."""
     threads = _threads(profile, threads_per_agent(count, cores or available_cores()))
-    ports = free_ports(count, avoid=avoid)
-    return [AgentLaunch(f"agent{i}", f"127.0.0.1:{port}", profile, threads) for i, port in enumerate(ports)]
+    # The data planes' ports too: an agent picking an ephemeral one could take the port another
+    # agent of this launch was given and has not bound yet.
+    ports = free_ports(2 * count, avoid=avoid)
+    return [AgentLaunch(f"agent{i}", f"127.0.0.1:{port}", profile, threads, data_port)
+            for i, (port, data_port) in enumerate(zip(ports[:count], ports[count:]))]
 
 
 def launches_from_inventory(inventory: Inventory, cores: int | None = None,
@@ -108,8 +112,10 @@ def launches_from_inventory(inventory: Inventory, cores: int | None = None,
     if taken:
         raise InventoryError(f"these nodes would listen on the API's port: {', '.join(taken)}; give them another port")
     threads = threads_per_agent(len(inventory.nodes), cores or available_cores())
-    return [AgentLaunch(n.name, n.address, n.profile, _threads(n.profile, n.torch_threads or threads))
-            for n in inventory.nodes]
+    listening = {split_address(n.address)[1] for n in inventory.nodes}
+    data_ports = free_ports(len(inventory.nodes), avoid={*avoid, *listening})
+    return [AgentLaunch(n.name, n.address, n.profile, _threads(n.profile, n.torch_threads or threads), data_port)
+            for n, data_port in zip(inventory.nodes, data_ports)]
 
 
 def _threads(profile: NodeProfile, fair: int) -> int:
@@ -138,7 +144,8 @@ class LocalAgents:
             "--expert-memory", str(p.expert_memory_bytes),
             "--disk-bandwidth", f"{p.disk_bytes_per_s:f}", "--link-bandwidth", f"{p.link_bytes_per_s:f}",
             "--link-latency", f"{p.link_latency_s:.9f}s", "--compute-share", f"{p.compute_share:f}",
-            "--torch-threads", str(launch.torch_threads), "--log-level", self.log_level,
+            "--torch-threads", str(launch.torch_threads), "--data-port", str(launch.data_port),
+            "--log-level", self.log_level,
         ]  # fmt: skip
 
     def start(self) -> None:

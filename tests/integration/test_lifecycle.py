@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -12,12 +15,14 @@ import torch
 
 from node_agent.service import AgentSettings, serve
 from protos.convert import tensor_to_proto
+from protos.messages import Peer
 from protos.potluck.v1 import agent_pb2 as pb
 from protos.potluck.v1 import agent_pb2_grpc as pb_grpc
 from scheduler.client import AgentClient
 from scheduler.errors import AgentFailed
 from scheduler.batching import Batcher
-from scheduler.runner import ClusterView
+from scheduler.partition import contiguous_prefill
+from scheduler.runner import ClusterView, RequestRunner
 from scheduler.types import GenerationRequest, NodeId, NodeSpec, RequestId, SamplingParams
 from tests.integration.cluster import free_port, local_cluster
 
@@ -51,6 +56,79 @@ async def test_a_dead_agent_fails_the_request_with_a_named_error(qwen_tiny: Path
                 pass
         await batcher.aclose()
         await victim.close()
+
+
+@dataclass
+class Doomed:
+    """An agent the test stops while others still count on it."""
+
+    client: AgentClient
+    stop: asyncio.Event
+    serving: asyncio.Task[None]
+
+    async def kill(self) -> None:
+        """Stop its server and wait until it is gone."""
+        self.stop.set()
+        await self.serving
+
+
+@contextlib.asynccontextmanager
+async def doomed_agent(model_dir: Path) -> AsyncIterator[Doomed]:
+    address = f"127.0.0.1:{free_port()}"
+    stop, ready = asyncio.Event(), asyncio.Event()
+    settings = AgentSettings(listen=address, model_dir=model_dir, name="doomed")
+    serving = asyncio.create_task(serve(settings, ready=ready, stop=stop))
+    await ready.wait()
+    doomed = Doomed(AgentClient(NodeSpec(NodeId("doomed"), address)), stop, serving)
+    try:
+        yield doomed
+    finally:
+        await doomed.kill()
+        await doomed.client.close()
+
+
+def failed_by(caller: AgentClient, doomed: AgentClient, method: str) -> str:
+    """How an AgentFailed starts when `caller` reports that `doomed` failed."""
+    return f"agent {doomed.name} ({doomed.spec.address}) failed (reported by agent {caller.name} during {method})"
+
+
+async def test_a_peer_that_dies_mid_prefill_is_named_not_the_agent_that_called_it(qwen_tiny: Path) -> None:
+    """The step begins on both agents, then one dies: the other's Forward fails pushing its K/V
+    there, and the scheduler hears that the dead one failed (the caller only reports it)."""
+    async with local_cluster(qwen_tiny, 1) as cluster, doomed_agent(qwen_tiny) as doomed:
+        caller = cluster.clients[0]
+        # The caller owns the earlier positions: it pushes its K/V to the doomed agent and waits on
+        # none from it, so its Forward fails on the push, not on a wait.
+        plan = contiguous_prefill(tuple(range(1, 21)), [caller.name, doomed.client.name])
+        addresses = {c.name: c.spec.address for c in (caller, doomed.client)}
+        peers = [Peer(s.node, addresses[s.node], min(s.positions), max(s.positions), 0) for s in plan.shards]
+        await asyncio.gather(*(c.begin_step("r", plan, peers, all_logits=False) for c in (caller, doomed.client)))
+        await doomed.kill()
+        with pytest.raises(AgentFailed) as failed:
+            await caller.forward("r", 0, None)
+        assert str(failed.value).startswith(failed_by(caller, doomed.client, "Forward"))
+        assert "PushKV" in str(failed.value)
+        assert (failed.value.agent, failed.value.address) == ("doomed", doomed.client.spec.address)
+        await caller.release("r")
+
+
+async def test_a_kv_source_that_dies_before_decode_is_named_not_the_home(qwen_tiny: Path) -> None:
+    """The home pulls the prompt's K/V from an agent that died after the prefill: its decode step
+    fails, and the scheduler hears that the source failed."""
+    async with local_cluster(qwen_tiny, 1) as cluster, doomed_agent(qwen_tiny) as doomed:
+        home = cluster.clients[0]
+        agents = [home, doomed.client]
+        runner = RequestRunner(agents, ClusterView.from_infos([await a.info() for a in agents]))
+        prompt = tuple(range(1, 21))
+        await runner.run_step("r", contiguous_prefill(prompt, [a.name for a in agents]))
+        await doomed.kill()
+        await home.adopt_kv("r", len(prompt) + 4, len(prompt), [(doomed.client.name, doomed.client.spec.address)])
+        with pytest.raises(AgentFailed) as failed:
+            await home.decode_step([(RequestId("r"), 5, len(prompt))])
+        assert str(failed.value).startswith(failed_by(home, doomed.client, "DecodeStep"))
+        assert "FetchKV" in str(failed.value)
+        assert failed.value.agent == "doomed"
+        await home.release("r")
 
 
 async def test_a_bad_expert_batch_is_refused_with_invalid_argument(qwen_tiny: Path) -> None:

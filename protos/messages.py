@@ -1,0 +1,214 @@
+"""The Python values of the wire messages both ends read: the scheduler builds them and an agent
+acts on them, or an agent reports them and the scheduler decides with them. Each is defined once,
+here, so neither side keeps a parallel struct; protos/convert.py turns each into its message and
+back (round-trip tested). The scheduler re-exports the ones its decisions use (scheduler/types.py).
+
+    scheduler                                   agent
+    AgentInfo            <-- InfoReply ---      (its settings and model)
+    BeginStep(Peer...)   --- BeginStepRequest ->
+    StepBegun            <-- BeginStepReply ---
+    Forward(RoutingPlan) --- ForwardRequest --> LayerPlan (node_agent/dispatch.py: its own share)
+    LayerReport          <-- ForwardReply -----
+    CacheState           <-- CacheStateReply --
+    AdoptKV              --- AdoptKVRequest --->
+                                                agent <-> agent: KVBlock, ExpertBatch
+
+Messages of one to three fields go on the wire from plain values instead (see convert.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from protos.ids import NodeId
+
+
+@dataclass(frozen=True)
+class AgentInfo:
+    """What an agent is and what it may give (InfoReply)."""
+
+    name: NodeId
+    model_type: str  # "mixtral" | "qwen3_moe"
+    num_layers: int
+    num_experts: int  # routed experts per MoE layer
+    vocab_size: int
+    fingerprint: str  # hash of config.json (protos.ids.model_fingerprint)
+    expert_bytes: int  # one expert in the agent's memory
+    memory_bytes: int  # expert buffer budget, 0 = unlimited
+    disk_bytes_per_s: float  # 0 = unlimited
+    link_bytes_per_s: float  # 0 = unlimited
+    max_positions: int  # the model's context length
+    dense_layers: frozenset[int]  # layers without routed experts
+    flops_per_s: float  # measured expert matmul speed
+    hidden_size: int  # D
+    dtype_bytes: int  # bytes per element on the wire
+    link_latency_s: float = 0.0  # one-way delay of each message the agent sends, seconds; 0 = none
+    data_port: int = 0  # TCP port of its decode data plane on its gRPC host (0: none)
+    compute_share: float = 0.0  # emulated compute, fraction of one host core (0 = not paced)
+
+
+@dataclass(frozen=True)
+class Peer:
+    """An agent as one step of one request sees it (StepPeer)."""
+
+    name: str  # NodeId
+    address: str  # host:port of its gRPC server
+    new_min: int  # smallest new position this step, -1 if it has no new tokens
+    new_max: int  # largest new position this step, -1 if none
+    cached: int  # KV entries it holds from earlier steps
+
+    @property
+    def has_new(self) -> bool:
+        return self.new_max >= 0
+
+
+@dataclass(frozen=True)
+class BeginStep:
+    """Start one step of one request on one agent (BeginStepRequest)."""
+
+    request_id: str
+    step: int  # 0 = prefill, then one per chunk or decoded token
+    token_ids: tuple[int, ...]  # this agent's new tokens (may be empty)
+    positions: tuple[int, ...]  # their absolute positions
+    peers: tuple[Peer, ...]  # every agent in the step, this one included
+    all_logits: bool  # logits of every new token, not only the last
+    predict: bool = False  # guess layer 0's routing from the embeddings
+    holdings: bool = False  # list every expert held in the reply
+
+
+@dataclass(frozen=True)
+class LayerReport:
+    """One agent's answer after the router of a layer (ForwardReply; BeginStepReply for the
+    embeddings). `node` is not on the wire: the receiver knows whom it asked."""
+
+    node: NodeId
+    counts: tuple[int, ...]  # tokens it owns routed to each expert; () for a dense-MLP layer
+    resident: frozenset[int]  # expert indices of the layer resident in its buffer
+    loading: frozenset[int]  # expert indices of the layer being read into its buffer
+    attention_s: float = 0.0  # seconds it spent in the layer's attention
+    predicted: tuple[int, ...] = ()  # next layer's predicted counts (empty unless asked)
+    resident_total: int = 0  # experts of all layers in its buffer, resident or being read (slots taken)
+    next_resident: frozenset[int] = frozenset()  # next layer's experts in its buffer
+    next_loading: frozenset[int] = frozenset()  # next layer's experts being read
+
+
+@dataclass(frozen=True)
+class StepBegun:
+    """An agent's answer to BeginStep (BeginStepReply)."""
+
+    report: LayerReport  # with predict: layer 0's routing guessed from the embeddings, and its cache state
+    held: frozenset[int] = frozenset()  # with holdings: experts resident or being read (layer * num_experts + index)
+
+
+Share = tuple[NodeId, int]  # (executor, tokens): tokens 0 = all the owner's remaining pairs
+
+
+@dataclass(frozen=True)
+class RoutingPlan:
+    """Who runs which expert for whose tokens, for one MoE layer of one step (the scheduler decides).
+
+    An owner's (token, slot) pairs routed to an expert go to the shares' executors in row order;
+    several shares split them. A pair absent from the plan runs on its owner.
+    """
+
+    layer: int
+    shares: dict[tuple[NodeId, int], tuple[Share, ...]]  # (owner, expert index) -> shares
+
+    @classmethod
+    def whole(cls, layer: int, executor: dict[tuple[NodeId, int], NodeId]) -> RoutingPlan:
+        """Each (owner, expert) entirely on one executor."""
+        return cls(layer, {key: ((node, 0),) for key, node in executor.items()})
+
+    def executors(self, expert: int) -> set[NodeId]:
+        return {x for (_, e), shares in self.shares.items() if e == expert for x, _ in shares}
+
+
+@dataclass(frozen=True)
+class Forward:
+    """One layer of one step on an agent with new tokens (ForwardRequest)."""
+
+    request_id: str
+    layer: int  # attention and router of this layer
+    plan: RoutingPlan | None  # MoE of layer - 1; None at layer 0
+    prefetch: tuple[int, ...] = ()  # experts of `layer` to start reading now (a hint)
+    predict: bool = False  # also guess the next layer's routing
+    direct: dict[int, NodeId] = field(default_factory=dict)  # expert of `layer` -> executor, sent before the plan
+
+
+@dataclass(frozen=True, kw_only=True)
+class CacheCounters:
+    """An agent's counters since start, monotonic but for the gauges (CacheCounters)."""
+
+    hits: int = 0  # expert requests served from memory
+    misses: int = 0  # expert requests that needed a load
+    loads: int = 0  # experts read from the store
+    evictions: int = 0  # experts dropped to stay within the budget
+    bytes_read: int = 0  # bytes read from the expert store
+    bytes_sent: int = 0  # tensor bytes sent over the link
+    bytes_used: int = 0  # expert buffer bytes resident now (a gauge)
+    capacity_bytes: int = 0  # expert buffer budget (0 = unlimited)
+    attention_s: float = 0.0  # seconds spent in attention
+    prefetches: int = 0  # experts read because a prefetch asked
+    predicted_used: int = 0  # experts used that the previous layer's prediction named
+    used: int = 0  # experts used in layers that had a prediction (recall = predicted_used / used)
+    predicted_pairs_used: int = 0  # (token, slot) pairs of those layers whose expert the prediction named
+    pairs_used: int = 0  # (token, slot) pairs in layers that had a prediction (pair recall = the ratio)
+    compute_overrun_s: float = 0.0  # paced compute past its emulated speed (the host fell short)
+    early_used: int = 0  # experts run on its own tokens before the plan came, confirmed by the plan
+    early_dropped: int = 0  # such early runs the plan overruled
+    fills: int = 0  # experts read into free memory because a fill asked
+    fill_preemptions: int = 0  # fill reads stopped part-way for a demand or prefetch read
+    direct_sent: int = 0  # experts whose tokens it sent to their executor by a direct route, before the plan
+    decode_steps: int = 0  # decode steps it ran as a home agent
+    decode_tokens: int = 0  # tokens decoded in them
+    decode_round_trips: int = 0  # synchronous waits on peers within its decode steps (at most one per layer)
+    decode_remote_experts: int = 0  # (layer, expert) runs of its decode steps sent to remote holders
+    requests: int = 0  # requests it holds state for now (prefill K/V or a decode cache; a gauge)
+
+
+@dataclass(frozen=True)
+class CacheState:
+    """An agent's counters and holdings (CacheStateReply); experts as layer * num_experts + index."""
+
+    counters: CacheCounters
+    resident: frozenset[int]  # every resident expert
+    loading: frozenset[int]  # every expert whose read is queued or under way
+
+
+@dataclass(frozen=True)
+class AdoptKV:
+    """Make an agent a request's home for decode (AdoptKVRequest)."""
+
+    request_id: str
+    capacity: int  # positions to preallocate: prompt + tokens still to generate
+    prompt_tokens: int  # positions 0..prompt_tokens-1 must all arrive
+    sources: tuple[tuple[NodeId, str], ...]  # (name, gRPC address) of the other agents holding its K/V
+
+
+@dataclass(frozen=True, eq=False)  # tensors: compare field by field
+class KVBlock:
+    """K/V rows of one layer of a request, pushed by their owner or fetched by a home (KVBlock)."""
+
+    request_id: str
+    step: int
+    layer: int
+    sender: str  # NodeId of the agent whose tokens they are
+    keys: torch.Tensor  # [n, KVH, hd], RoPE applied
+    values: torch.Tensor  # [n, KVH, hd]
+    positions: torch.Tensor  # [n] int64
+    chunk: int = 0  # which row chunk of the whole block
+    num_chunks: int = 1  # chunks in the whole block
+
+
+@dataclass(frozen=True, eq=False)  # tensors: compare field by field
+class ExpertBatch:
+    """An owner's tokens for one executor and one MoE layer (ExpertBatch)."""
+
+    request_id: str
+    layer: int
+    hidden: torch.Tensor  # [n, D] post-attention-norm hidden states
+    expert_ids: torch.Tensor  # [n, k] int64; -1 where the slot runs elsewhere
+    weights: torch.Tensor  # [n, k] float32 routing weights
+    decode: bool = False  # a decode step's few rows: run at once, not in the layer's grouped pass
