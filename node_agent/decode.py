@@ -3,15 +3,17 @@
     AdoptKV   -> KVCache (preallocated [L, KVH, capacity, hd]; the prompt's K/V from this agent's
                  prefill shard, and from the other agents' shards pulled layer by layer in the
                  background, each layer's `ready` set when all its rows are in)
-    DecodeStep(tokens of every request homed here) -> per layer, one compute job:
-                 combine the previous layer's remote expert outputs, attention over each
-                 request's cache, router, then the experts this agent holds; the other experts'
-                 tokens are handed to the event loop from inside the job (`Dispatch`), which
-                 sends them to their holders (RoutingTable) while the job computes -> logits
+    DecodeStep(tokens of every request homed here) -> compute jobs, each running layer after
+                 layer: add the previous layer's remote expert outputs, attention over each
+                 request's cache, router, the experts this agent holds; a layer needing experts
+                 it lacks hands their tokens to the event loop from inside the job (`_Dispatch`),
+                 which sends them to their holders (RoutingTable, on the data plane) while the job
+                 runs the local ones, and ends the job -> logits
 
 A step waits on peers at most once per layer (the remote holders, in parallel; or K/V still
-arriving), and not at all when every expert it needs is resident here. Peers are reached through
-an injected transport and torch work goes through the agent's compute thread, as in prefill.
+arriving), and not at all when every expert it needs is resident here: then it is one job. Peers
+are reached through an injected transport and torch work goes through the agent's compute
+thread, as in prefill.
 """
 
 from __future__ import annotations
