@@ -17,8 +17,8 @@ The lower bound of a request on N agents is the larger of (bytes of its experts 
 anywhere) / (N disk rates) and that one-agent compute / N. Agents count the compute that ran past
 their share (the host could not carry the emulation); each case reports the worst request's share.
 A single run of a case scatters by about as much as the host drifts, so `--rounds N` runs every
-multi-agent case N times (fresh clusters, each with its own calibration) and reports the medians
-with every round's efficiencies.
+case, the one-agent baseline too, N times (fresh clusters, each with its own calibration) and
+reports the medians with every round's efficiencies.
 """
 
 from __future__ import annotations
@@ -331,10 +331,13 @@ def _run(args: argparse.Namespace, model_dir: Path, out: Path, work: Path, cfg: 
         for agents in agent_counts:
             for label in (labels if agents > 1 else ["sirius"]):  # one agent: the same baseline for all
                 rounds = []
-                for _ in range(args.rounds if agents > 1 else 1):  # the one-agent baseline is minutes long
+                # Every case, the one-agent baseline included, gets the same rounds and calibration:
+                # the speedups divide its medians, and a baseline measured once would carry one
+                # round's drift into every ratio.
+                for _ in range(args.rounds):
                     # This host's speed drifts by 5-15% over minutes: the compute a case's lower
                     # bound divides is measured right before the case, not once for the whole run.
-                    c1 = calibrate(n) if args.calibrate == "each" and agents > 1 else compute[n]
+                    c1 = calibrate(n) if args.calibrate == "each" else compute[n]
                     case = asyncio.run(run_case(model_dir, work, label, agents, n, prompts[n], activated[n], memory,
                                                 disk_rate, c1, expert_file_bytes, share))
                     s = {**case.summary(), "compute_s": c1}

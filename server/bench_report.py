@@ -118,7 +118,7 @@ def _calibration(data: dict[str, Any]) -> str:
     if data.get("calibrate") == "once":
         return "measured once, at the start of the run"
     if data.get("calibrate") == "each":
-        return "measured right before each multi-agent case (column 1-agent compute)"
+        return "measured right before each case (column 1-agent compute)"
     return "measured right before each case (column 1-agent compute) unless the run calibrated once"
 
 

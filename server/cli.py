@@ -279,12 +279,12 @@ def _add_bench(commands: argparse._SubParsersAction) -> None:  # type: ignore[ty
                         "agents share the host's cores")  # fmt: skip
     p.add_argument("--calibrate", default="each", choices=("each", "once"),
                    help="prefill: measure one agent's all-resident compute (which the lower bounds divide) right "
-                        "before every multi-agent case (each, default: the host's speed drifts) or only at the "
+                        "before every case (each, default: the host's speed drifts) or only at the "
                         "start (once: faster)")  # fmt: skip
     p.add_argument("--disk-rate", type=_rate, default=0.0, metavar="RATE",
                    help="prefill: fixed disk rate per agent instead of --io-ratio, e.g. 50MB/s")  # fmt: skip
     p.add_argument("--rounds", type=_positive, metavar="N",
-                   help="prefill: run every multi-agent case N times, each a fresh cluster with its own "
+                   help="prefill: run every case (the one-agent baseline too) N times, each a fresh cluster with its own "
                         "calibration (with --calibrate each), and report the medians and every round (default 1); "
                         "decode: timed requests per case, one prompt each, after one warm-up request (default 3)")  # fmt: skip
     p.add_argument("--cases", default="all", metavar="C,C",
