@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch
 
+from node_agent.model.synth import init_model
 from scheduler.policy import Policy
 from tests.integration.cluster import expert_bytes, local_cluster
 
@@ -52,3 +53,21 @@ async def test_a_prefill_runs_the_last_layer_only_for_the_final_token(qwen_tiny:
         assert 1 <= len(last_layer) <= 2  # top-2 of one token, where earlier layers used many more
         first_layer = {i % experts for c in cluster.clients for i in await c.resident() if i // experts == 0}
         assert len(first_layer) > 2
+
+
+async def test_pair_recall_is_counted_per_token_and_can_miss(tmp_path: Path) -> None:
+    """Many experts and short prompts, where a prediction misses: every (token, slot) pair of a
+    layer with a prediction is counted once, and the share predicted is below 1."""
+    model_dir = init_model("qwen3_moe", tmp_path / "e32", "tiny", experts=32, seed=11)
+    lengths = (4, 8, 16)
+    async with local_cluster(model_dir, 2) as cluster:
+        for n in lengths:
+            ids = torch.randint(0, 1000, (n,), generator=torch.Generator().manual_seed(5)).tolist()
+            await cluster.runner(Policy.from_flags("sirius")).prefill_logits(f"p{n}", ids)
+        snaps = [await c.snapshot() for c in cluster.clients]
+    pairs, pair_hit = sum(s.pairs_used for s in snaps), sum(s.predicted_pairs_used for s in snaps)
+    # Every layer has a prediction (layer 0's from the embeddings); all logits: every token runs
+    # the last layer too. Tiny preset: 3 layers, top-2.
+    assert pairs == 3 * 2 * sum(lengths)
+    assert 0 < pair_hit < pairs
+    assert 0 < sum(s.predicted_used for s in snaps) < sum(s.used for s in snaps)
