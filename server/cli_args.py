@@ -1,0 +1,64 @@
+"""Argument types and help formatting shared by the `potluck` subcommands (server/cli.py,
+server/cli_bench.py): each type turns a flag's text into a value or an error quoting it."""
+
+from __future__ import annotations
+
+import argparse
+
+from server.units import UnitError, parse_duration, parse_rate, parse_size
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows "(default: X)" unless there is none or the help text already explains it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
+class RawDescriptionFormatter(argparse.RawDescriptionHelpFormatter, HelpFormatter):
+    """Keeps a description's own line breaks (a module docstring's lists and paragraphs)."""
+
+
+def size(text: str) -> int:
+    try:
+        return parse_size(text)
+    except UnitError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def rate(text: str) -> float:
+    try:
+        return parse_rate(text)
+    except UnitError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def duration(text: str) -> float:
+    try:
+        return parse_duration(text)
+    except UnitError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    return int(text)
+
+
+def non_negative(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}")
+    return int(text)
+
+
+def share(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"expected a fraction of one core in [0, 1], got {text!r}")
+    return value
