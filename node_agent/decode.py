@@ -30,7 +30,7 @@ from node_agent.attention import Compute
 from node_agent.dataplane import DataClient
 from node_agent.expert_buffer import ExpertBuffer, LayerPins
 from node_agent.kv_cache import KVCache
-from node_agent.model import moe
+from node_agent.model import moe, slots
 from node_agent.model.config import MoeConfig
 from node_agent.peers import PeerFailed
 from node_agent.state import KVShard, UnknownRequest
@@ -250,7 +250,7 @@ class Decoder:
             dispatch.runs_pending = True
             loop.call_soon_threadsafe(self._dispatch, dispatch, layer, x, ids, weights, elsewhere)
         local = {e: held[e] for e in needed if e in held}
-        out = moe.mix_experts(x, ids, weights, local)
+        out = slots.mix_experts(x, ids, weights, local)
         return (h if out is None else h + out), sorted(local)
 
     def _dispatch(self, dispatch: _Dispatch, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
@@ -287,16 +287,16 @@ class Decoder:
         out = torch.zeros_like(x)
         for e in experts:  # the buffer bounds memory: one at a time, each pinned while it runs
             async with self.buffer.pinned(ExpertId(layer, e)) as w:
-                part = await self.compute(moe.mix_experts, x, ids, weights, {e: w})
+                part = await self.compute(slots.mix_experts, x, ids, weights, {e: w})
                 if part is not None:
                     out += part
         return out
 
     def mix(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, experts: Mapping[int, moe.ExpertWeights]
             ) -> torch.Tensor | None:
-        """`moe.mix_experts` on a decode batch a peer sent, with a decode step's torch threads."""
+        """`slots.mix_experts` on a decode batch a peer sent, with a decode step's torch threads."""
         with _torch_threads(self.threads):
-            return moe.mix_experts(x, ids, weights, experts)
+            return slots.mix_experts(x, ids, weights, experts)
 
     def _logits(self, run: _Run) -> torch.Tensor:
         assert run.h is not None

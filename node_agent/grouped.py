@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from node_agent.model import moe
+from node_agent.model import moe, slots
 from node_agent.throttle import ComputePacer
 
 
@@ -34,9 +34,9 @@ class _Batch:
     weights: torch.Tensor
     out: torch.Tensor | None  # written on the compute thread only; None: keep outputs per slot
     held: dict[int, moe.ExpertWeights]
-    parts: list[moe.SlotOutputs] = field(default_factory=list)  # per expert run, when out is None
+    parts: list[slots.SlotOutputs] = field(default_factory=list)  # per expert run, when out is None
     done: asyncio.Future[None] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
-    groups: moe.SlotGroups = field(init=False)  # its slots by expert, set when it joins a pass (compute thread)
+    groups: slots.SlotGroups = field(init=False)  # its slots by expert, set when it joins a pass (compute thread)
     todo: set[int] = field(default_factory=set)  # experts still to run for it (compute thread)
 
 
@@ -81,12 +81,12 @@ class GroupedPasses:
         await self._join(layer, _Batch(x, ids, weights, out, held))
 
     async def slots(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
-                    held: dict[int, moe.ExpertWeights]) -> moe.SlotOutputs:
+                    held: dict[int, moe.ExpertWeights]) -> slots.SlotOutputs:
         """The held experts' outputs per (token, slot), kept apart by expert (an owner's early run,
         which its plan may overrule in part), in a pass as `run`'s batches."""
         batch = _Batch(x, ids, weights, None, held)
         await self._join(layer, batch)
-        return moe.SlotOutputs.cat(batch.parts, x)
+        return slots.SlotOutputs.cat(batch.parts, x)
 
     async def _join(self, layer: int, batch: _Batch) -> None:
         with self._lock:
@@ -116,7 +116,7 @@ class GroupedPasses:
         for b in batches:
             if b.done.cancelled():  # its waiter is gone
                 continue
-            b.groups = moe.SlotGroups.of(b.ids, b.weights, b.held)
+            b.groups = slots.SlotGroups.of(b.ids, b.weights, b.held)
             b.todo = set(b.groups.spans)
             joining.append(b)
         return joining
@@ -156,15 +156,15 @@ class GroupedPasses:
     def _run_next(self, active: list[_Batch]) -> None:
         """The expert with the most slots waiting, over every batch that needs it: the batches
         that join later still share the experts after it."""
-        slots: dict[int, int] = {}
+        waiting: dict[int, int] = {}  # expert -> slots waiting for it
         for b in active:
             for e in b.todo:
-                slots[e] = slots.get(e, 0) + b.groups.spans[e][1]
-        if not slots:
+                waiting[e] = waiting.get(e, 0) + b.groups.spans[e][1]
+        if not waiting:
             return
-        expert = min(slots, key=lambda e: (-slots[e], e))
+        expert = min(waiting, key=lambda e: (-waiting[e], e))
         group = [b for b in active if expert in b.todo]
-        outs = moe.run_expert(group[0].held[expert], [(b.x, b.groups) for b in group], expert)
+        outs = slots.run_expert(group[0].held[expert], [(b.x, b.groups) for b in group], expert)
         self.steps += 1
         for b, slot_outs in zip(group, outs):
             b.todo.discard(expert)

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from node_agent.model.moe import SlotOutputs
+from node_agent.model.slots import SlotOutputs
 from protos.messages import Peer as Peer  # another agent as one step sees it (StepPeer)
 
 

@@ -23,7 +23,7 @@ from node_agent.dispatch import LayerPlan, only, split_by_executor
 from node_agent.peers import row_chunks
 from node_agent.expert_buffer import ExpertBuffer
 from node_agent.grouped import GroupedPasses, QueuedJobs
-from node_agent.model import moe
+from node_agent.model import moe, slots
 from node_agent.model.config import MoeConfig
 from node_agent.state import DirectSends, EarlyExperts, KVShard, Peer, RequestState, StepState, UnknownRequest
 from node_agent.throttle import ComputePacer
@@ -390,7 +390,7 @@ class AgentCore:
         st.moe_in, st.route = None, None
 
     @staticmethod
-    async def _early_share(out: asyncio.Future[moe.SlotOutputs], experts: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    async def _early_share(out: asyncio.Future[slots.SlotOutputs], experts: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
         return (await out).only(experts)
 
     def check_batch(self, layer: int, ids: torch.Tensor) -> None:
@@ -425,7 +425,7 @@ class AgentCore:
 
         async def one(eid: ExpertId) -> None:
             async with self.buffer.pinned(eid) as w:
-                await self.compute(moe.add_experts, out, x, ids, weights, {eid.index: w})
+                await self.compute(slots.add_experts, out, x, ids, weights, {eid.index: w})
 
         try:
             tasks = [asyncio.ensure_future(one(e)) for e in later]  # loads start before compute

@@ -1,9 +1,10 @@
 """The decoder math of Mixtral and Qwen3-MoE, written so distribution is applied from outside.
 
 Every function works on the tokens it is given (a shard of a sequence) and takes their absolute
-positions, so the same code serves one process, sequence-parallel prefill and split-KV decode:
+positions, so the same code serves one process, sequence-parallel prefill and a home agent's decode:
 attention returns a partial output and its log-sum-exp over whatever keys it saw, and `merge`
-combines partials exactly. Experts are weights looked up by expert index, never modules.
+combines partials exactly. Experts are weights looked up by expert index, never modules; which
+tokens go through which expert, and how their outputs are added back, is `slots.py`.
 
 Shapes: T new tokens, S keys, D hidden, H heads, KVH kv heads, hd head dim, E experts, k top-k.
 """
@@ -11,7 +12,7 @@ Shapes: T new tokens, S keys, D hidden, H heads, KVH kv heads, hd head dim, E ex
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -271,27 +272,6 @@ def attend_cached(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Te
     return out[0, :, 0]
 
 
-def mix_experts(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, experts: Mapping[int, ExpertWeights]
-                ) -> torch.Tensor | None:
-    """Weighted sum [n, D] of the experts in `experts` over the (token, slot) pairs of ids [n, k]
-    that name them, or None if none does. For decode's few rows: the pairs are grouped in Python
-    (cheaper than `SlotGroups` on a handful of ints), one matmul chain per expert."""
-    k = ids.shape[1]
-    slots: dict[int, list[int]] = {}
-    for i, e in enumerate(ids.flatten().tolist()):
-        if e in experts:
-            slots.setdefault(e, []).append(i)
-    if not slots:
-        return None
-    out = torch.zeros_like(x)
-    flat_w = weights.flatten()
-    for e, pairs in slots.items():
-        idx = torch.tensor(pairs)
-        rows = idx // k
-        out.index_add_(0, rows, swiglu(experts[e], x[rows]) * flat_w[idx, None])
-    return out
-
-
 def attention_output(w: LayerWeights, h: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
     """o_proj + residual. attn [T,H,hd] -> h [T,D]."""
     return h + F.linear(attn.reshape(attn.shape[0], -1), w.o)
@@ -319,104 +299,6 @@ def predicted_counts(w: LayerWeights, cfg: MoeConfig, hidden: torch.Tensor) -> l
 def swiglu(e: ExpertWeights, x: torch.Tensor) -> torch.Tensor:
     """One SwiGLU MLP on x [n, D] -> [n, D]."""
     return F.linear(F.silu(F.linear(x, e.gate)) * F.linear(x, e.up), e.down)
-
-
-def add_experts(out: torch.Tensor, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
-                experts: Mapping[int, ExpertWeights]) -> None:
-    """out += routing weight * expert(x) for every (token, slot) of ids [n,k] whose expert is in
-    `experts` (others are skipped). Slots are grouped by expert so each expert runs one matmul
-    on a contiguous block, and results go back with one index_add."""
-    slots = expert_slots([(x, ids, weights)], experts)[0]
-    if slots.rows.numel():
-        out.index_add_(0, slots.rows, slots.y)
-
-
-@dataclass(frozen=True)
-class SlotOutputs:
-    """Weighted expert outputs of a batch's (token, slot) pairs, one row per slot and kept apart
-    by expert, so that a caller can add only some experts' share to the residual stream."""
-
-    rows: torch.Tensor  # [m] token row of each slot
-    experts: torch.Tensor  # [m] expert index of each slot
-    y: torch.Tensor  # [m, D] routing weight * expert(x[row])
-
-    @staticmethod
-    def cat(parts: Sequence[SlotOutputs], x: torch.Tensor) -> SlotOutputs:
-        """One batch's slot outputs from several runs over disjoint experts (x: the batch's
-        tokens, which give an empty result its width)."""
-        if not parts:
-            none = torch.empty(0, dtype=torch.long)
-            return SlotOutputs(none, none, x.new_empty(0, x.shape[1]))
-        if len(parts) == 1:
-            return parts[0]
-        return SlotOutputs(torch.cat([p.rows for p in parts]), torch.cat([p.experts for p in parts]),
-                           torch.cat([p.y for p in parts]))
-
-    def only(self, keep: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(rows, y) of the slots whose expert is in keep."""
-        mask = torch.isin(self.experts, torch.tensor(list(keep), dtype=self.experts.dtype))
-        return self.rows[mask], self.y[mask]
-
-
-@dataclass(frozen=True)
-class SlotGroups:
-    """A batch's (token, slot) pairs for some experts, sorted by expert, with each expert's span:
-    grouped once, so that a pass can run the experts one at a time without regrouping."""
-
-    rows: torch.Tensor  # [m] token row of each slot
-    experts: torch.Tensor  # [m] expert index of each slot (ascending)
-    weights: torch.Tensor  # [m, 1] routing weight of each slot
-    spans: dict[int, tuple[int, int]]  # expert -> (start, count) of its slots
-
-    @classmethod
-    def of(cls, ids: torch.Tensor, weights: torch.Tensor, experts: Iterable[int]) -> SlotGroups:
-        k = ids.shape[1]
-        flat = ids.flatten()  # [n*k]
-        slots = torch.isin(flat, torch.tensor(sorted(experts), dtype=torch.long)).nonzero().flatten()
-        slots = slots[torch.argsort(flat[slots], stable=True)]  # grouped by expert id
-        counts = torch.bincount(flat[slots]).tolist() if slots.numel() else []
-        spans, start = {}, 0
-        for e, c in enumerate(counts):
-            if c:
-                spans[e] = (start, c)
-                start += c
-        return cls(slots // k, flat[slots], weights.flatten()[slots, None], spans)
-
-
-def run_expert(e: ExpertWeights, members: Sequence[tuple[torch.Tensor, SlotGroups]], index: int) -> list[SlotOutputs]:
-    """Expert `index` on its slots of every (x, groups) member, one matmul over all their rows;
-    each member's weighted outputs, one row per slot."""
-    parts = [(x, g, *g.spans[index]) for x, g in members]
-    xs = [x[g.rows[s : s + c]] for x, g, s, c in parts]
-    y = swiglu(e, xs[0] if len(xs) == 1 else torch.cat(xs))
-    out, done = [], 0
-    for _, g, s, c in parts:
-        out.append(SlotOutputs(g.rows[s : s + c], g.experts[s : s + c], y[done : done + c] * g.weights[s : s + c]))
-        done += c
-    return out
-
-
-def expert_slots(batches: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
-                 experts: Mapping[int, ExpertWeights]) -> list[SlotOutputs]:
-    """The slot outputs of every (x, ids, weights) batch for its slots whose expert is in
-    `experts`, each expert running one matmul over its rows from all the batches."""
-    members = [(x, SlotGroups.of(ids, weights, experts)) for x, ids, weights in batches]
-    per_batch: list[list[SlotOutputs]] = [[] for _ in members]
-    for index in sorted(experts):
-        having = [i for i, (_, g) in enumerate(members) if index in g.spans]
-        if having:
-            for i, part in zip(having, run_expert(experts[index], [members[i] for i in having], index)):
-                per_batch[i].append(part)
-    return [SlotOutputs.cat(parts, x) for parts, (x, _) in zip(per_batch, members)]
-
-
-def run_experts(
-    x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, expert: Callable[[int], ExpertWeights]
-) -> torch.Tensor:
-    """Weighted sum of the experts named in ids [n,k] (slots with -1 are skipped) on x [n,D]."""
-    out = torch.zeros_like(x)
-    add_experts(out, x, ids, weights, {int(i): expert(int(i)) for i in torch.unique(ids[ids >= 0]).tolist()})
-    return out
 
 
 def final_logits(dense: DenseWeights, cfg: MoeConfig, h: torch.Tensor) -> torch.Tensor:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from node_agent.model import moe
+from node_agent.model import moe, slots
 from node_agent.model.checkpoint import Checkpoint
 from node_agent.model.config import MoeConfig
 
@@ -48,5 +48,5 @@ class LocalModel:
                 ids, weights = moe.route(w, cfg, x)
                 self.last_routed |= {(i, int(e)) for e in ids.unique().tolist()}
                 self.last_token_routed = {int(e) for e in ids[-1].tolist()}
-                h = h + moe.run_experts(x, ids, weights, lambda e, i=i: self.expert(i, e))  # type: ignore[misc]
+                h = h + slots.run_experts(x, ids, weights, lambda e, i=i: self.expert(i, e))  # type: ignore[misc]
         return moe.final_logits(self.dense, cfg, h)

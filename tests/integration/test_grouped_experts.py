@@ -14,7 +14,7 @@ import torch
 
 from node_agent.expert_buffer import ExpertBuffer
 from node_agent.expert_store import ExpertStore
-from node_agent.model import moe
+from node_agent.model import moe, slots
 from node_agent.model.checkpoint import Checkpoint
 from node_agent.model.config import MoeConfig
 from node_agent.peers import GrpcPeers, Link
@@ -66,7 +66,7 @@ async def test_batches_arriving_together_share_one_pass(qwen_tiny: Path) -> None
 
     assert core.passes.formed == 1  # three owners' resident experts, one pass
     for (x, ids, w), out in zip(batches, outs):
-        expected = moe.run_experts(x, ids, w, lambda e: weights.get(e) or store.load(ExpertId(layer, e)))
+        expected = slots.run_experts(x, ids, w, lambda e: weights.get(e) or store.load(ExpertId(layer, e)))
         assert torch.allclose(out, expected, atol=1e-6)
 
 
@@ -103,7 +103,7 @@ async def test_a_batch_arriving_while_a_pass_runs_joins_it(qwen_tiny: Path) -> N
     # (one pass each would take 4 + 4 expert matmuls).
     assert (core.passes.formed, core.passes.steps) == (1, 5)
     for (x, ids, w), out in zip(batches, outs):
-        expected = moe.run_experts(x, ids, w, weights.__getitem__)
+        expected = slots.run_experts(x, ids, w, weights.__getitem__)
         assert torch.allclose(out, expected, atol=1e-6)
 
 
@@ -133,7 +133,7 @@ async def test_a_pass_gives_the_thread_up_to_other_work_between_experts(qwen_tin
 
     assert steps_before == 1  # it ran after the first expert, not after the fourth
     assert (core.passes.formed, core.passes.resumed, core.passes.steps) == (1, 1, 4)
-    assert torch.allclose(out, moe.run_experts(*batch, weights.__getitem__), atol=1e-6)
+    assert torch.allclose(out, slots.run_experts(*batch, weights.__getitem__), atol=1e-6)
 
 
 async def test_an_early_run_cancelled_before_its_first_step_unpins_its_experts(qwen_tiny: Path) -> None:
