@@ -248,8 +248,8 @@ class Servicer(pb_grpc.NodeAgentServicer):
         """A peer's expert batch, from a RunExperts call or the decode data plane."""
         await self.link.receive(request.hidden, request.expert_ids, request.weights)
         b = expert_batch_from_proto(request)
-        self.core.check_batch(b.layer, b.expert_ids)
-        out = await self.core.execute(b.layer, b.hidden, b.expert_ids, b.weights.to(b.hidden.dtype), b.decode)
+        self.core.executor.check_batch(b.layer, b.expert_ids)
+        out = await self.core.executor.execute(b.layer, b.hidden, b.expert_ids, b.weights.to(b.hidden.dtype), b.decode)
         return expert_result_to_proto(out)
 
 

@@ -20,11 +20,12 @@ from node_agent.attention import KVPeers, PeerAttention
 from node_agent.dataplane import DataClient
 from node_agent.decode import DecodePeers, Decoder
 from node_agent.dispatch import LayerPlan, only, split_by_executor
-from node_agent.peers import row_chunks
+from node_agent.executor import ExpertExecutor
 from node_agent.expert_buffer import ExpertBuffer
 from node_agent.grouped import GroupedPasses, QueuedJobs
 from node_agent.model import moe, slots
 from node_agent.model.config import MoeConfig
+from node_agent.peers import row_chunks
 from node_agent.state import DirectSends, EarlyExperts, KVShard, Peer, RequestState, StepState, UnknownRequest
 from node_agent.throttle import ComputePacer
 from protos.ids import ExpertId, NodeId
@@ -61,6 +62,7 @@ class AgentCore:
         self.passes = GroupedPasses(self.pacer, self._compute, self._queued.any)
         self.attention = PeerAttention(name, cfg, dense, peers, self.compute, peer_timeout_s)
         self.decoder = Decoder(name, cfg, dense, buffer, peers, self.compute, peer_timeout_s, decode_threads, data)
+        self.executor = ExpertExecutor(cfg, buffer, self.passes, self.compute, self.decoder.mix)
         self.early_used = 0  # experts run early on my own tokens whose share the plan confirmed
         self.early_dropped = 0  # experts run early that the plan overruled (it sent those slots elsewhere)
         self.direct_sent = 0  # experts whose tokens went to their executor by a direct route
@@ -195,7 +197,7 @@ class AgentCore:
         for name, sub in sorted(subs.items()):
             rows = (sub >= 0).any(dim=1).nonzero().flatten()
             if name == self.name:
-                run = self.execute(layer, x[rows], sub[rows], weights[rows])
+                run = self.executor.execute(layer, x[rows], sub[rows], weights[rows])
             else:
                 run = self.peers.run_experts(name, addresses[name], request_id, layer, x[rows], sub[rows],
                                              weights[rows])
@@ -392,50 +394,6 @@ class AgentCore:
     @staticmethod
     async def _early_share(out: asyncio.Future[slots.SlotOutputs], experts: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
         return (await out).only(experts)
-
-    def check_batch(self, layer: int, ids: torch.Tensor) -> None:
-        """Refuse a peer's expert batch that names a layer without routed experts or an expert the
-        model lacks (my own router's batches need no check)."""
-        if not self.cfg.has_experts(layer):
-            raise ValueError(f"layer {layer} has no routed experts")
-        named = set(ids.flatten().tolist())  # a handful of distinct ints: cheaper than min/max ops
-        if named and (min(named) < -1 or max(named) >= self.cfg.num_experts):
-            raise ValueError(f"expert ids must be in [0, {self.cfg.num_experts}), or -1 for a skipped slot")
-
-    async def execute(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
-                      decode: bool = False) -> torch.Tensor:
-        """Weighted sum of my experts on tokens sent to me. Resident experts run in one grouped
-        pass, shared with the other owners' batches of the layer that arrive meanwhile; missing
-        ones are loaded concurrently (the buffer bounds memory) and each runs as soon as it is in,
-        so reads overlap compute. A decode step's tokens whose experts are all resident run in
-        one job: on a few rows a pass's bookkeeping costs more than sharing saves."""
-        out = torch.zeros_like(x)
-        wanted = [ExpertId(layer, i) for i in sorted(set(ids.flatten().tolist())) if i >= 0]
-        ready = set(self.buffer.resident(layer))
-        now = [e for e in wanted if e.index in ready]
-        later = [e for e in wanted if e.index not in ready]
-        held = {e.index: await self.buffer.acquire(e) for e in now}  # resident: no await inside
-        if decode and not later:  # a decode step's few tokens: one job, no pass
-            try:
-                mixed = await self.compute(self.decoder.mix, x, ids, weights, held)
-            finally:
-                for e in now:
-                    await self.buffer.release(e)
-            return out if mixed is None else mixed
-
-        async def one(eid: ExpertId) -> None:
-            async with self.buffer.pinned(eid) as w:
-                await self.compute(slots.add_experts, out, x, ids, weights, {eid.index: w})
-
-        try:
-            tasks = [asyncio.ensure_future(one(e)) for e in later]  # loads start before compute
-            if held:
-                await self.passes.run(layer, x, ids, weights, out, held)
-        finally:
-            for e in now:
-                await self.buffer.release(e)
-        await asyncio.gather(*tasks)
-        return out
 
 
 async def _with_rows(rows: torch.Tensor, out: Awaitable[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

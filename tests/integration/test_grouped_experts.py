@@ -54,7 +54,7 @@ async def test_batches_arriving_together_share_one_pass(qwen_tiny: Path) -> None
 
     busy = asyncio.ensure_future(core.compute(hold))
     assert await asyncio.to_thread(taken.wait, 10)  # the compute thread is taken
-    running = [asyncio.ensure_future(core.execute(layer, *b)) for b in batches]
+    running = [asyncio.ensure_future(core.executor.execute(layer, *b)) for b in batches]
     for _ in range(10_000):  # the owners' batches queue while it is taken
         if core.passes.queued == len(batches):
             break
@@ -88,9 +88,9 @@ async def test_a_batch_arriving_while_a_pass_runs_joins_it(qwen_tiny: Path) -> N
     batches = [(torch.randn(len(ids), cfg.hidden_size, generator=g), ids, torch.rand(len(ids), cfg.top_k, generator=g))
                for ids in (ids_a, ids_b)]
 
-    a = asyncio.ensure_future(core.execute(layer, *batches[0]))
+    a = asyncio.ensure_future(core.executor.execute(layer, *batches[0]))
     assert await asyncio.to_thread(first_step.wait, 10)  # expert 0 ran for the first owner
-    b = asyncio.ensure_future(core.execute(layer, *batches[1]))
+    b = asyncio.ensure_future(core.executor.execute(layer, *batches[1]))
     for _ in range(10_000):
         if core.passes.queued == 1:
             break
@@ -124,7 +124,7 @@ async def test_a_pass_gives_the_thread_up_to_other_work_between_experts(qwen_tin
     g = torch.Generator().manual_seed(7)
     batch = (torch.randn(len(ids), cfg.hidden_size, generator=g), ids, torch.rand(len(ids), cfg.top_k, generator=g))
 
-    running = asyncio.ensure_future(core.execute(layer, *batch))
+    running = asyncio.ensure_future(core.executor.execute(layer, *batch))
     assert await asyncio.to_thread(first_step.wait, 10)  # one of the four experts has run
     other = asyncio.ensure_future(core.compute(lambda: core.passes.steps))  # queued meanwhile
     await asyncio.sleep(0.05)

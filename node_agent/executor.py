@@ -1,0 +1,70 @@
+"""The experts an agent runs for tokens other agents (or its own plan) send it: a peer's batch is
+checked, resident experts run in the layer's grouped pass (or, for a decode step's few rows, in
+one job), and missing ones are read and run as each comes in."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Mapping
+
+import torch
+
+from node_agent.attention import Compute
+from node_agent.expert_buffer import ExpertBuffer
+from node_agent.grouped import GroupedPasses
+from node_agent.model import slots
+from node_agent.model.config import MoeConfig
+from node_agent.model.moe import ExpertWeights
+from protos.ids import ExpertId
+
+# A decode batch's experts on the decode step's torch threads (Decoder.mix).
+Mix = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, Mapping[int, ExpertWeights]], torch.Tensor | None]
+
+
+class ExpertExecutor:
+    def __init__(self, cfg: MoeConfig, buffer: ExpertBuffer, passes: GroupedPasses, compute: Compute, mix: Mix) -> None:
+        self.cfg, self.buffer, self.passes, self.compute, self.mix = cfg, buffer, passes, compute, mix
+
+    def check_batch(self, layer: int, ids: torch.Tensor) -> None:
+        """Refuse a peer's expert batch that names a layer without routed experts or an expert the
+        model lacks (my own router's batches need no check)."""
+        if not self.cfg.has_experts(layer):
+            raise ValueError(f"layer {layer} has no routed experts")
+        named = set(ids.flatten().tolist())  # a handful of distinct ints: cheaper than min/max ops
+        if named and (min(named) < -1 or max(named) >= self.cfg.num_experts):
+            raise ValueError(f"expert ids must be in [0, {self.cfg.num_experts}), or -1 for a skipped slot")
+
+    async def execute(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
+                      decode: bool = False) -> torch.Tensor:
+        """Weighted sum of my experts on tokens sent to me. Resident experts run in one grouped
+        pass, shared with the other owners' batches of the layer that arrive meanwhile; missing
+        ones are loaded concurrently (the buffer bounds memory) and each runs as soon as it is in,
+        so reads overlap compute. A decode step's tokens whose experts are all resident run in
+        one job: on a few rows a pass's bookkeeping costs more than sharing saves."""
+        out = torch.zeros_like(x)
+        wanted = [ExpertId(layer, i) for i in sorted(set(ids.flatten().tolist())) if i >= 0]
+        ready = set(self.buffer.resident(layer))
+        now = [e for e in wanted if e.index in ready]
+        later = [e for e in wanted if e.index not in ready]
+        held = {e.index: await self.buffer.acquire(e) for e in now}  # resident: no await inside
+        if decode and not later:  # a decode step's few tokens: one job, no pass
+            try:
+                mixed = await self.compute(self.mix, x, ids, weights, held)
+            finally:
+                for e in now:
+                    await self.buffer.release(e)
+            return out if mixed is None else mixed
+
+        async def one(eid: ExpertId) -> None:
+            async with self.buffer.pinned(eid) as w:
+                await self.compute(slots.add_experts, out, x, ids, weights, {eid.index: w})
+
+        try:
+            tasks = [asyncio.ensure_future(one(e)) for e in later]  # loads start before compute
+            if held:
+                await self.passes.run(layer, x, ids, weights, out, held)
+        finally:
+            for e in now:
+                await self.buffer.release(e)
+        await asyncio.gather(*tasks)
+        return out
