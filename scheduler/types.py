@@ -1,12 +1,14 @@
 """Typed messages of the scheduler, and how they flow.
 
-    server  --GenerationRequest-->  Engine (queue)  --> RequestRunner
-    RequestRunner, once per step:   StepPlan (policy.partition) -> BeginStep on agents
+    server  --GenerationRequest-->  Engine --> Batcher (batching.py: waiting, then running)
+    prefill step (RequestRunner):   StepPlan (policy.partition, chunk_step) -> BeginStep on agents
                   per MoE layer:    LayerReport per agent -> RoutingPlan (policy.route: token
                                     scheduling under the cost model) + prefetch hints -> Forward
-                  end of step:      logits -> sample (sampling.py) -> TokenEvent to the server
+                  end of prefill:   logits -> sample (sampling.py) -> TokenEvent; choose_home -> AdoptKV
+    decode step:                    DecodeStep per home -> logits per request -> sample -> TokenEvent
 
-Pure decisions (partition, token scheduling, prefetch, sampling) take these types and return
+Pure decisions (partition, token scheduling, prefetch, home, routing table, sampling) take these
+types and return
 these types; the gRPC client that carries them out lives in `client.py`. The ones that cross the
 wire (`LayerReport`, `RoutingPlan`, and the counters of `AgentSnapshot`) are defined once in
 protos/messages.py, which the agents read too, and re-exported here.
