@@ -4,6 +4,8 @@ server/cli_bench.py): each type turns a flag's text into a value or an error quo
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
+from typing import TypeVar
 
 from server.units import UnitError, parse_duration, parse_rate, parse_size
 
@@ -21,25 +23,24 @@ class RawDescriptionFormatter(argparse.RawDescriptionHelpFormatter, HelpFormatte
     """Keeps a description's own line breaks (a module docstring's lists and paragraphs)."""
 
 
-def size(text: str) -> int:
-    try:
-        return parse_size(text)
-    except UnitError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
+T = TypeVar("T")
 
 
-def rate(text: str) -> float:
-    try:
-        return parse_rate(text)
-    except UnitError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
+def _argument(parse: Callable[[str], T]) -> Callable[[str], T]:
+    """A units parser as an argparse type: its UnitError (which quotes the value) becomes the
+    flag's error."""
+    def convert(text: str) -> T:
+        try:
+            return parse(text)
+        except UnitError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    return convert
 
 
-def duration(text: str) -> float:
-    try:
-        return parse_duration(text)
-    except UnitError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
+size = _argument(parse_size)  # bytes
+rate = _argument(parse_rate)  # bytes/s
+duration = _argument(parse_duration)  # seconds
 
 
 def positive(text: str) -> int:
