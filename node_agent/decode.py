@@ -2,13 +2,15 @@
 
     AdoptKV   -> KVCache (preallocated [L, KVH, capacity, hd]; the prompt's K/V from this agent's
                  prefill shard, and from the other agents' shards pulled layer by layer in the
-                 background, each layer's `ready` set when all its rows are in)
-    DecodeStep(tokens of every request homed here) -> compute jobs, each running layer after
-                 layer: add the previous layer's remote expert outputs, attention over each
-                 request's cache, router, the experts this agent holds; a layer needing experts
-                 it lacks hands their tokens to the event loop from inside the job (`_Dispatch`),
-                 which sends them to their holders (RoutingTable, on the data plane) while the job
-                 runs the local ones, and ends the job -> logits
+                 background, each layer's `ready` set when all its rows are in; or, prefill_here,
+                 none: the home computes the prompt itself in its steps' spans)
+    DecodeStep(a span of every request homed here that takes part: its next token, or a chunk of
+                 its prompt) -> compute jobs, each running layer after layer: add the previous
+                 layer's remote expert outputs, attention over each request's cache (causal within
+                 a span), router, the experts this agent holds; a layer needing experts it lacks
+                 hands their tokens to the event loop from inside the job (`_Dispatch`), which
+                 sends them to their holders (RoutingTable, on the data plane) while the job runs
+                 the local ones, and ends the job -> logits of each span's last token
 
 A step waits on peers at most once per layer (the remote holders, in parallel; or K/V still
 arriving), and not at all when every expert it needs is resident here: then it is one job. Peers
@@ -35,6 +37,7 @@ from node_agent.model.config import MoeConfig
 from node_agent.peers import PeerFailed
 from node_agent.state import KVShard, UnknownRequest
 from protos.ids import ExpertId, NodeId
+from protos.messages import DecodeSpan
 from protos.routing import RoutingTable
 
 Rows = tuple[torch.Tensor, torch.Tensor]  # (token rows [m], their expert output [m, D]) to add to h
@@ -64,24 +67,37 @@ class _Run:
     (only one of them touches it at a time)."""
 
     batch: DecodeBatch
-    cos: torch.Tensor  # [B, 1, hd] rotary rows at the batch's positions
+    cos: torch.Tensor  # [T, 1, hd] rotary rows at the batch's positions
     sin: torch.Tensor
     pins: dict[int, LayerPins] = field(default_factory=dict)  # layer -> its resident experts, pinned for a job
     used: dict[int, list[int]] = field(default_factory=dict)  # layer -> experts a job ran here (cache hits)
     layer: int = 0  # the next layer to run
-    h: torch.Tensor | None = None  # [B, D] residual stream after the layers run so far
+    h: torch.Tensor | None = None  # [T, D] residual stream after the layers run so far
     done: list[Rows] = field(default_factory=list)  # remote outputs still to add to h
     logits: torch.Tensor | None = None  # [B, V] once the step is through
 
 
+# A step or a peer's batch of more rows than this runs on all the agent's torch threads; fewer
+# run on the decode threads (see service.decode_threads). One bench-model expert (512 x 768) on
+# this project's 2-core host: 8 rows 217 us on one thread and 198 us on two, 16 rows 342 / 271 us,
+# 64 rows 1272 / 703 us.
+FEW_ROWS = 8
+
+
 @dataclass(frozen=True)
 class DecodeBatch:
-    """One step's tokens on this home, one per request."""
+    """One step's spans on this home, one per request, their tokens concatenated in span order."""
 
-    request_ids: tuple[str, ...]
-    token_ids: torch.Tensor  # [B] int64
-    positions: torch.Tensor  # [B] int64
-    caches: tuple[KVCache, ...]
+    spans: tuple[DecodeSpan, ...]
+    token_ids: torch.Tensor  # [T] int64
+    positions: torch.Tensor  # [T] int64
+    caches: tuple[KVCache, ...]  # span i's request's cache
+    starts: tuple[int, ...]  # span i's first row
+
+    @property
+    def last_rows(self) -> torch.Tensor:
+        """[B] each span's last row: the token whose logits the step returns."""
+        return torch.tensor([start + len(s.token_ids) - 1 for start, s in zip(self.starts, self.spans)])
 
 
 class Decoder:
@@ -98,23 +114,30 @@ class Decoder:
         self.rope = moe.RopeTable(cfg.head_dim, cfg.rope_theta, dense.embed.dtype)
         self.caches: dict[str, KVCache] = {}
         self.table = RoutingTable()
-        self.steps = 0  # decode steps run
-        self.tokens = 0  # tokens decoded
+        self.steps = 0  # steps that decoded a token (prompt-only steps are not decode steps)
+        self.tokens = 0  # tokens decoded (spans past their prompt)
+        self.prompt_tokens = 0  # prompt tokens prefilled here in spans (prefill_here)
         self.round_trips = 0  # synchronous waits on peers (see DecodeStepReply.round_trips)
         self.remote_experts = 0  # (layer, expert) runs sent to remote holders
 
     # K/V ------------------------------------------------------------------------------------
 
     def adopt(self, request_id: str, capacity: int, prompt: int, own: dict[int, KVShard],
-              sources: Sequence[tuple[str, str]]) -> int:
+              sources: Sequence[tuple[str, str]], here: bool = False) -> int:
         """Become the request's home: a cache for `capacity` positions holding my own prefill
-        shard now and the sources' (name, address) shards as they arrive; returns my rows."""
-        if not 0 < prompt < capacity <= self.cfg.max_positions:
-            raise ValueError(f"K/V capacity {capacity} must exceed the prompt ({prompt} tokens) and fit the "
+        shard now and the sources' (name, address) shards as they arrive; returns my rows. With
+        `here`, no prefill ran: the steps' spans bring the prompt from position 0."""
+        if not 0 < prompt <= capacity <= self.cfg.max_positions:
+            raise ValueError(f"K/V capacity {capacity} must hold the prompt ({prompt} tokens) and fit the "
                              f"model's context ({self.cfg.max_positions})")
         if request_id in self.caches:
             raise ValueError(f"request {request_id!r} already decodes on agent {self.name!r}")
-        cache = KVCache.allocate(self.cfg, capacity, prompt, self.dense.embed.dtype)
+        if here and (own or sources):
+            raise ValueError(f"request {request_id!r} has prefill K/V: its prompt cannot be prefilled on its home")
+        cache = KVCache.allocate(self.cfg, capacity, prompt, self.dense.embed.dtype, here)
+        if here:
+            self.caches[request_id] = cache
+            return 0
         for layer, shard in own.items():
             cache.put(layer, shard)
         self.caches[request_id] = cache
@@ -152,29 +175,39 @@ class Decoder:
 
     # One step -------------------------------------------------------------------------------
 
-    def batch(self, tokens: Sequence[tuple[str, int, int]]) -> DecodeBatch:
-        """Check a step's (request id, token id, position) triples against the caches."""
-        if not tokens:
-            raise ValueError("a decode step needs at least one token")
+    def batch(self, spans: Sequence[DecodeSpan]) -> DecodeBatch:
+        """Check a step's spans against the caches: each request once, its span starting where
+        its K/V ends and fitting its cache."""
+        if not spans:
+            raise ValueError("a decode step needs at least one span")
         seen: set[str] = set()
-        caches = []
-        for rid, token, pos in tokens:
+        caches, starts, row = [], [], 0
+        for span in spans:
+            rid = span.request_id
             cache = self.caches.get(rid)
             if cache is None:
                 raise UnknownRequest(f"request {rid!r} does not decode on agent {self.name!r}")
             if rid in seen:
                 raise ValueError(f"request {rid!r} appears twice in one decode step")
-            if not 0 <= token < self.cfg.vocab_size:
-                raise ValueError(f"token id {token} of {rid!r} is outside [0, {self.cfg.vocab_size})")
-            if not cache.prompt <= pos < cache.capacity:
-                raise ValueError(f"position {pos} of {rid!r} is outside its cache [{cache.prompt}, {cache.capacity})")
+            if not span.token_ids:
+                raise ValueError(f"the span of {rid!r} has no tokens")
+            bad = [t for t in span.token_ids if not 0 <= t < self.cfg.vocab_size]
+            if bad:
+                raise ValueError(f"token id {bad[0]} of {rid!r} is outside [0, {self.cfg.vocab_size})")
+            if span.position != cache.next:
+                raise ValueError(f"the span of {rid!r} starts at position {span.position}; its K/V ends at {cache.next}")
+            if span.end > cache.capacity:
+                raise ValueError(f"the span of {rid!r} ends at position {span.end}, past its cache ({cache.capacity})")
             seen.add(rid)
             caches.append(cache)
-        return DecodeBatch(tuple(t[0] for t in tokens), torch.tensor([t[1] for t in tokens]),
-                           torch.tensor([t[2] for t in tokens]), tuple(caches))
+            starts.append(row)
+            row += len(span.token_ids)
+        token_ids = torch.tensor([t for s in spans for t in s.token_ids])
+        positions = torch.cat([torch.arange(s.position, s.end) for s in spans])
+        return DecodeBatch(tuple(spans), token_ids, positions, tuple(caches), tuple(starts))
 
     async def step(self, batch: DecodeBatch) -> tuple[torch.Tensor, int]:
-        """Logits [B, V] (float32) of the batch's next tokens, and the round trips it made."""
+        """Logits [B, V] (float32) after each span's last token, and the round trips it made."""
         loop = asyncio.get_running_loop()
         cos, sin = self.rope.at(batch.positions)
         run = _Run(batch, cos, sin)
@@ -200,9 +233,14 @@ class Decoder:
                 trips += 1
                 self.remote_experts += dispatch.remote
             run.done = await _gather(dispatch.runs)
-        self.steps += 1
-        self.tokens += len(batch.request_ids)
-        self.round_trips += trips
+        for span, cache in zip(batch.spans, batch.caches):
+            cache.next = span.end
+        decoded = sum(span.position >= cache.prompt for span, cache in zip(batch.spans, batch.caches))
+        self.prompt_tokens += sum(max(0, min(s.end, c.prompt) - s.position) for s, c in zip(batch.spans, batch.caches))
+        if decoded:  # a step that only prefills is not a decode step (nor are its round trips)
+            self.steps += 1
+            self.tokens += decoded
+            self.round_trips += trips
         assert run.logits is not None
         return run.logits, trips
 
@@ -211,7 +249,7 @@ class Decoder:
         loop (their outputs are needed before the next layer), or the next layer's prompt K/V is
         not in yet; and the logits if it gets through the last layer with nothing handed out.
         With every expert resident here, a whole step is one job."""
-        with _torch_threads(self.threads):
+        with _torch_threads(self._threads(len(run.batch.token_ids))):
             self._layers_from(loop, dispatch, run)
 
     def _layers_from(self, loop: asyncio.AbstractEventLoop, dispatch: _Dispatch, run: _Run) -> None:
@@ -230,19 +268,25 @@ class Decoder:
                ) -> tuple[torch.Tensor, list[int]]:
         """One layer: (new h [B, D], experts run here)."""
         cfg, w, batch = self.cfg, self.dense.layers[layer], run.batch
-        h = self.dense.embed[batch.token_ids] if run.h is None else _with(run.h, run.done)  # [B, D]
+        h = self.dense.embed[batch.token_ids] if run.h is None else _with(run.h, run.done)  # [T, D]
         run.done = []
-        q, k, v = moe.qkv_at(w, cfg, h, run.cos, run.sin)  # [B, H, hd], [B, KVH, hd]
+        q, k, v = moe.qkv_at(w, cfg, h, run.cos, run.sin)  # [T, H, hd], [T, KVH, hd]
         attn = torch.empty_like(q)
-        for i, (cache, pos) in enumerate(zip(batch.caches, batch.positions.tolist())):
-            cache.k[layer, :, pos] = k[i]
-            cache.v[layer, :, pos] = v[i]
-            attn[i] = moe.attend_cached(q[i], cache.k[layer, :, : pos + 1], cache.v[layer, :, : pos + 1])
+        for span, cache, start in zip(batch.spans, batch.caches, batch.starts):
+            p, end, rows = span.position, span.end, slice(start, start + len(span.token_ids))
+            cache.k[layer, :, p:end] = k[rows].transpose(0, 1)
+            cache.v[layer, :, p:end] = v[rows].transpose(0, 1)
+            keys, values = cache.k[layer, :, :end], cache.v[layer, :, :end]  # [KVH, end, hd]
+            if end - p == 1:
+                attn[start] = moe.attend_cached(q[start], keys, values)
+            else:  # a prompt chunk: causal within it, after every earlier position
+                attn[rows] = moe.attend(q[rows], keys.transpose(0, 1), values.transpose(0, 1),
+                                        torch.arange(p, end), torch.arange(end))[0]
         h = moe.attention_output(w, h, attn)
-        x = moe.rms_norm(h, w.post_norm, cfg.rms_eps)  # [B, D]
+        x = moe.rms_norm(h, w.post_norm, cfg.rms_eps)  # [T, D]
         if w.dense_mlp is not None:
             return h + moe.swiglu(w.dense_mlp, x), []
-        ids, weights = moe.route(w, cfg, x)  # [B, k]
+        ids, weights = moe.route(w, cfg, x)  # [T, k]
         held = run.pins[layer].weights
         needed = set(ids.flatten().tolist())
         elsewhere = sorted(needed - held.keys())
@@ -295,14 +339,19 @@ class Decoder:
     def mix(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, experts: Mapping[int, moe.ExpertWeights]
             ) -> torch.Tensor | None:
         """`slots.mix_experts` on a decode batch a peer sent, with a decode step's torch threads."""
-        with _torch_threads(self.threads):
+        with _torch_threads(self._threads(x.shape[0])):
             return slots.mix_experts(x, ids, weights, experts)
 
     def _logits(self, run: _Run) -> torch.Tensor:
+        """Logits [B, V] of each span's last token."""
         assert run.h is not None
         h, run.done = _with(run.h, run.done), []
         with _torch_threads(self.threads):
-            return moe.final_logits(self.dense, self.cfg, h)
+            return moe.final_logits(self.dense, self.cfg, h[run.batch.last_rows])
+
+    def _threads(self, rows: int) -> int | None:
+        """Torch threads of a job over `rows` tokens (None: the agent's own)."""
+        return self.threads if rows <= FEW_ROWS else None
 
 
 @contextlib.contextmanager

@@ -1,6 +1,7 @@
 """A decode request's K/V on its home agent: preallocated for every position the request can
 reach, filled with the prompt's rows as they arrive (the home's own prefill shard at once, the
-other agents' layer by layer), each layer's readiness an event a decode step waits on."""
+other agents' layer by layer), each layer's readiness an event a decode step waits on; or, when
+the home prefills the prompt itself, written by its decode steps from position 0."""
 
 from __future__ import annotations
 
@@ -26,14 +27,21 @@ class KVCache:
     prompt: int  # positions 0..prompt-1 come from the prefill
     ready: list[asyncio.Event]  # per layer: every prompt row is in
     filled: list[int]  # per layer: prompt rows in so far
+    next: int  # the position the next step's span must start at (every row before it is in)
     error: BaseException | None = None  # why the prompt's K/V could not be gathered
     fetch: asyncio.Task[None] | None = None  # the background pull from the other agents
 
     @classmethod
-    def allocate(cls, cfg: MoeConfig, capacity: int, prompt: int, dtype: torch.dtype) -> KVCache:
+    def allocate(cls, cfg: MoeConfig, capacity: int, prompt: int, dtype: torch.dtype, here: bool = False) -> KVCache:
+        """With `here`, no prefill ran elsewhere: nothing is gathered (every layer is ready) and
+        the home's steps write the prompt's rows from position 0."""
         shape = (cfg.num_layers, cfg.num_kv_heads, capacity, cfg.head_dim)
-        return cls(torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype), prompt,
-                   [asyncio.Event() for _ in range(cfg.num_layers)], [0] * cfg.num_layers)
+        ready = [asyncio.Event() for _ in range(cfg.num_layers)]
+        if here:
+            for event in ready:
+                event.set()
+        return cls(torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype), prompt, ready,
+                   [prompt if here else 0] * cfg.num_layers, 0 if here else prompt)
 
     @property
     def capacity(self) -> int:

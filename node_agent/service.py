@@ -206,7 +206,7 @@ class Servicer(pb_grpc.NodeAgentServicer):
 
     async def AdoptKV(self, request: pb.AdoptKVRequest, context: Any) -> pb.AdoptKVReply:
         a = adopt_kv_from_proto(request)
-        rows = await self.core.adopt_kv(a.request_id, a.capacity, a.prompt_tokens, a.sources)
+        rows = await self.core.adopt_kv(a.request_id, a.capacity, a.prompt_tokens, a.sources, a.prefill_here)
         return adopt_kv_reply_to_proto(rows)
 
     async def DecodeStep(self, request: pb.DecodeStepRequest, context: Any) -> pb.DecodeStepReply:

@@ -29,7 +29,7 @@ from node_agent.peers import row_chunks
 from node_agent.state import DirectSends, EarlyExperts, KVShard, Peer, RequestState, StepState, UnknownRequest
 from node_agent.throttle import ComputePacer
 from protos.ids import ExpertId, NodeId
-from protos.messages import LayerReport
+from protos.messages import DecodeSpan, LayerReport
 from protos.routing import RoutingTable
 
 log = logging.getLogger(__name__)
@@ -289,9 +289,13 @@ class AgentCore:
 
     # Decode (node_agent/decode.py) -------------------------------------------------------------
 
-    async def adopt_kv(self, request_id: str, capacity: int, prompt: int, sources: Sequence[tuple[str, str]]) -> int:
+    async def adopt_kv(self, request_id: str, capacity: int, prompt: int, sources: Sequence[tuple[str, str]],
+                       here: bool = False) -> int:
         """Become the request's home for decode: my prefill K/V moves into a preallocated cache and
-        the sources' (name, address) K/V is pulled in the background; returns my rows."""
+        the sources' (name, address) K/V is pulled in the background; returns my rows. With
+        `here`, no prefill ran: decode steps bring the prompt in spans."""
+        if here:
+            return self.decoder.adopt(request_id, capacity, prompt, {}, sources, here=True)
         state = self.requests.pop(request_id, None)
         own: dict[int, KVShard] = {}
         if state is not None:
@@ -316,9 +320,10 @@ class AgentCore:
         rows = chunks[chunk]
         return KVShard(shard.k[rows], shard.v[rows], shard.pos[rows]), len(chunks)
 
-    async def decode_step(self, tokens: Sequence[tuple[str, int, int]]) -> tuple[torch.Tensor, int]:
-        """Logits [B, V] of one step of the requests homed here, and the round trips it made."""
-        return await self.decoder.step(self.decoder.batch(tokens))
+    async def decode_step(self, spans: Sequence[DecodeSpan]) -> tuple[torch.Tensor, int]:
+        """Logits [B, V] of one step of the requests homed here (after each span's last token),
+        and the round trips it made."""
+        return await self.decoder.step(self.decoder.batch(spans))
 
     def set_routing_table(self, table: RoutingTable) -> None:
         self.decoder.set_table(table)

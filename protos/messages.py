@@ -185,6 +185,22 @@ class AdoptKV:
     capacity: int  # positions to preallocate: prompt + tokens still to generate
     prompt_tokens: int  # positions 0..prompt_tokens-1 must all arrive
     sources: tuple[tuple[NodeId, str], ...]  # (name, gRPC address) of the other agents holding its K/V
+    prefill_here: bool = False  # no prefill ran: the home computes the prompt in decode steps' spans
+
+
+@dataclass(frozen=True)
+class DecodeSpan:
+    """One request's new tokens in a decode step (DecodeSpan): one token when it decodes, a chunk
+    of its prompt when its home prefills it."""
+
+    request_id: str
+    token_ids: tuple[int, ...]  # at consecutive positions from `position`
+    position: int  # absolute position of token_ids[0]
+
+    @property
+    def end(self) -> int:
+        """The position after its last token."""
+        return self.position + len(self.token_ids)
 
 
 @dataclass(frozen=True, eq=False)  # tensors: compare field by field

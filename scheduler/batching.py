@@ -1,16 +1,21 @@
 """Continuous batching: the scheduler's loop over every running request.
 
-    generate(request) -> waiting (FIFO) -> admitted while fewer than max_running run
+    generate(request) -> waiting (FIFO) -> admitted while fewer than max_running run; a prompt
+    of at most `home_prefill_max` tokens is prefilled on its home (`prefill_at_home`), a longer
+    one sequence-parallel on every agent
     each turn of the loop (`step`):
-      1. the oldest request still in prefill runs one step on every agent (sequence parallel,
-         `RequestRunner.run_step`): its whole prompt when nothing decodes, else the next chunk of
+      1. the oldest request in sequence-parallel prefill runs one step on every agent
+         (`RequestRunner.run_step`): its whole prompt when nothing decodes, else the next chunk of
          at most `prefill_chunk` tokens, so running streams wait at most one chunk. After its
          last chunk its first token is sampled, a home agent is chosen (`choose_home`), the home
          adopts the prompt's K/V (AdoptKV), and the routing tables are refreshed
-      2. one decode step for every decoding request: one DecodeStep per home agent, in parallel;
-         each request's next token is sampled from its row of logits, with its own generator, as
-         it would be alone. After a request's first decode step the home holds all of its K/V
-         and the other agents release it.
+      2. one DecodeStep per home agent, in parallel, with a span of every request homed there:
+         a decoding request's last token (its next token is sampled from its row of logits, with
+         its own generator, as it would be alone), or the next chunk of a prompt prefilled there
+         (whole prompts while nothing decodes, else at most `prefill_chunk` prompt tokens in the
+         turn, step 1's included); after its last chunk its first token is sampled. After a
+         request's first decode step the home holds all of its K/V and the other agents release
+         it.
 
 The scheduler is not in the layer loop of decode: a step is one call per home agent. Agents are
 reached through the `AgentClient`s the cluster callback hands out, so tests and the engine
@@ -28,29 +33,33 @@ from dataclasses import dataclass, field
 import torch
 
 from scheduler.client import AgentClient
-from scheduler.decode_plan import choose_home
+from scheduler.decode_plan import choose_home, prefill_at_home
 from scheduler.errors import NoAgentsAvailable
 from scheduler.partition import after_step, chunk_step
 from scheduler.policy import Policy
 from scheduler.runner import ClusterView, RequestRunner
 from scheduler.sampling import make_generator, sample
-from scheduler.types import GenerationRequest, NodeId, TokenEvent
+from scheduler.types import DecodeSpan, GenerationRequest, NodeId, TokenEvent
 
 log = logging.getLogger("potluck.scheduler")
 
 ClusterFn = Callable[[], tuple[Sequence[AgentClient], ClusterView | None]]  # the agents up now, and their view
+ReadFn = Callable[[NodeId], float]  # seconds an agent's disk would take to read every expert no agent holds
 
 
 @dataclass(frozen=True)
 class BatchSettings:
     max_running: int = 4  # requests prefilling or decoding at once
     prefill_chunk: int = 512  # prompt tokens per prefill step while other requests decode
+    home_prefill_max: int = 1024  # longer prompts are prefilled sequence-parallel (see prefill_at_home)
 
     def __post_init__(self) -> None:
         if self.max_running < 1:
             raise ValueError(f"max_running must be >= 1, got {self.max_running}")
         if self.prefill_chunk < 1:
             raise ValueError(f"prefill_chunk must be >= 1 token, got {self.prefill_chunk}")
+        if self.home_prefill_max < 0:
+            raise ValueError(f"home_prefill_max must be >= 0 tokens, got {self.home_prefill_max}")
 
 
 @dataclass(eq=False)
@@ -65,7 +74,9 @@ class _Seq:
     prefilled: int = 0  # prompt tokens through prefill so far
     steps: int = 0  # prefill steps run (StepPlan.step of the next one)
     cached: dict[NodeId, int] = field(default_factory=dict)  # K/V rows each agent holds
-    home: AgentClient | None = None  # set once it decodes
+    at_home: bool = False  # its home prefills the prompt in decode steps (else sequence-parallel)
+    opened: bool = False  # at_home: the home has its cache (AdoptKV)
+    home: AgentClient | None = None  # set once it decodes (at_home: once admitted)
     last_token: int = -1  # the token the next decode step feeds
     position: int = 0  # its position
     produced: int = 0  # tokens sampled
@@ -77,11 +88,17 @@ class _Seq:
     def rid(self) -> str:
         return self.request.request_id
 
+    @property
+    def generating(self) -> bool:
+        """Past its prompt: its steps decode tokens."""
+        return self.home is not None and self.prefilled == len(self.request.prompt_token_ids)
+
 
 class Batcher:
     def __init__(self, cluster: ClusterFn, policy: Policy = Policy(), settings: BatchSettings = BatchSettings(),
-                 on_prefilled: Callable[[], Awaitable[None]] | None = None) -> None:
+                 on_prefilled: Callable[[], Awaitable[None]] | None = None, unheld_read_s: ReadFn | None = None) -> None:
         self.cluster = cluster
+        self.unheld_read_s = unheld_read_s or (lambda node: 0.0)
         self.policy = policy
         self.settings = settings
         self.on_prefilled = on_prefilled  # refreshes holdings and routing tables before decode
@@ -143,19 +160,33 @@ class Batcher:
         for seq in [s for s in self.running if s.cancelled]:
             self._finish(seq, None)
         self._admit()
+        opening = [s for s in self.running if s.at_home and not s.opened]
+        if opening:
+            await asyncio.gather(*(self._open(s) for s in opening))
         prefilling = next((s for s in self.running if s.home is None), None)
-        decoding = [s for s in self.running if s.home is not None]
+        generating = any(s.generating for s in self.running)
+        budget = self.settings.prefill_chunk if generating else None  # prompt tokens this turn
         if prefilling is not None:
             self._flush()
-            await self._prefill(prefilling, chunked=bool(decoding))
-        decoding = [s for s in self.running if s.home is not None and not s.cancelled]
-        if not decoding:
+            ran = await self._prefill(prefilling, chunked=any(s.home is not None for s in self.running))
+            budget = None if budget is None else max(0, budget - ran)
+        homes: dict[NodeId, list[tuple[_Seq, DecodeSpan]]] = {}
+        for s in self.running:
+            if s.home is None or s.cancelled or (s.at_home and not s.opened):
+                continue
+            if s.generating:
+                span = DecodeSpan(request_id=s.rid, token_ids=(s.last_token,), position=s.position)
+            else:
+                prompt = s.request.prompt_token_ids
+                end = len(prompt) if budget is None else min(len(prompt), s.prefilled + budget)
+                if end == s.prefilled:
+                    continue  # no prompt budget left this turn
+                budget = None if budget is None else budget - (end - s.prefilled)
+                span = DecodeSpan(request_id=s.rid, token_ids=prompt[s.prefilled:end], position=s.prefilled)
+            homes.setdefault(s.home.name, []).append((s, span))
+        if not homes:
             self._flush()
             return
-        homes: dict[NodeId, list[_Seq]] = {}
-        for s in decoding:
-            assert s.home is not None
-            homes.setdefault(s.home.name, []).append(s)
         steps = [asyncio.ensure_future(self._decode(group)) for group in homes.values()]
         # The last step's tokens go to their consumers (who format and stream them) once this
         # step's calls are on their way: one turn lets each call schedule its send, and the
@@ -163,6 +194,10 @@ class Batcher:
         await asyncio.sleep(0)
         self._flush()
         await asyncio.gather(*steps)
+        prompts_done = any(s.generating and span.position < len(s.request.prompt_token_ids)
+                           for group in homes.values() for s, span in group)
+        if prompts_done and self.on_prefilled is not None:  # as after a sequence-parallel prefill
+            await self.on_prefilled()
 
     def _admit(self) -> None:
         while self.waiting and len(self.running) < self.settings.max_running:
@@ -175,9 +210,35 @@ class Batcher:
             seq.runner = RequestRunner(agents, view, self.policy)
             seq.members = [a.name for a in agents]
             seq.cached = {n: 0 for n in seq.members}
+            home = choose_home(seq.members, self._homes(), {})
+            if prefill_at_home(len(seq.request.prompt_token_ids), self.settings.home_prefill_max, len(agents),
+                               self.unheld_read_s(home)):
+                seq.at_home, seq.home = True, seq.runner.agents[home]
+                seq.members, seq.sources_released = [home], True
             self.running.append(seq)
 
-    async def _prefill(self, seq: _Seq, chunked: bool) -> None:
+    def _homes(self) -> dict[NodeId, int]:
+        """Requests with a home, per home agent."""
+        homes: dict[NodeId, int] = {}
+        for s in self.running:
+            if s.home is not None:
+                homes[s.home.name] = homes.get(s.home.name, 0) + 1
+        return homes
+
+    async def _open(self, seq: _Seq) -> None:
+        """A cache on the home of a request it prefills itself."""
+        assert seq.home is not None
+        prompt = len(seq.request.prompt_token_ids)
+        try:
+            await seq.home.adopt_kv(seq.rid, prompt + seq.request.sampling.max_tokens - 1, prompt, [],
+                                    prefill_here=True)
+            seq.opened = True
+        except Exception as exc:
+            log.error("request %s failed opening its cache on %s: %s", seq.rid, seq.home.name, exc)
+            self._finish(seq, exc)
+
+    async def _prefill(self, seq: _Seq, chunked: bool) -> int:
+        """One sequence-parallel prefill step; returns the prompt tokens it ran."""
         assert seq.runner is not None
         prompt = seq.request.prompt_token_ids
         start = seq.prefilled
@@ -188,50 +249,51 @@ class Batcher:
             logits = await seq.runner.run_step(seq.rid, plan)
             seq.cached, seq.steps, seq.prefilled = after_step(plan), seq.steps + 1, end
             if end < len(prompt):
-                return
+                return end - start
             event = self._emit(seq, logits[-1])
             self._flush()  # the first token goes out now, not after the home has adopted the K/V
-            if self._done(seq, event):
-                return
-            await self._adopt(seq, event.token_id)
+            if not self._done(seq, event):
+                await self._adopt(seq, event.token_id)
         except Exception as exc:  # reaches the client; nothing is lost silently
             log.error("request %s failed in prefill: %s", seq.rid, exc)
             self._finish(seq, exc)
+        return end - start
 
     async def _adopt(self, seq: _Seq, token: int) -> None:
         """Choose the request's home and have it gather the prompt's K/V."""
         assert seq.runner is not None
         prompt = len(seq.request.prompt_token_ids)
-        decoding: dict[NodeId, int] = {}
-        for s in self.running:
-            if s.home is not None:
-                decoding[s.home.name] = decoding.get(s.home.name, 0) + 1
-        home = seq.runner.agents[choose_home(seq.members, decoding, seq.cached)]
+        home = seq.runner.agents[choose_home(seq.members, self._homes(), seq.cached)]
         sources = [(n, seq.runner.agents[n].spec.address) for n in seq.members if n != home.name and seq.cached.get(n)]
         await home.adopt_kv(seq.rid, prompt + seq.request.sampling.max_tokens - 1, prompt, sources)
         seq.home, seq.last_token, seq.position = home, token, prompt
         if self.on_prefilled is not None:
             await self.on_prefilled()
 
-    async def _decode(self, group: list[_Seq]) -> None:
-        """One step of the requests homed on one agent."""
-        home = group[0].home
+    async def _decode(self, group: list[tuple[_Seq, DecodeSpan]]) -> None:
+        """One step of the requests homed on one agent (a token each, or a chunk of a prompt)."""
+        home = group[0][0].home
         assert home is not None
         try:
-            logits, _ = await home.decode_step([(s.request.request_id, s.last_token, s.position) for s in group])
+            logits, _ = await home.decode_step([span for _, span in group])
         except Exception as exc:
             log.error("decode step on %s failed: %s", home.name, exc)
-            for s in group:
+            for s, _ in group:
                 self._finish(s, exc)
             return
-        for s, row in zip(group, logits):
+        for (s, span), row in zip(group, logits):
             if s.cancelled:
                 continue  # dropped at the start of the next turn
             if not s.sources_released:
                 self._release(s, [n for n in s.members if n != home.name])
                 s.members, s.sources_released = [home.name], True
+            s.position = span.end
+            if not s.generating:
+                s.prefilled = span.end
+                if not s.generating:
+                    continue  # more of its prompt to come
             event = self._emit(s, row)
-            s.last_token, s.position = event.token_id, s.position + 1
+            s.last_token = event.token_id
             self._done(s, event)
 
     # Ends ----------------------------------------------------------------------------------------

@@ -13,13 +13,13 @@ from dataclasses import asdict
 import grpc
 import torch
 
-from protos.convert import (DecodeToken, adopt_kv_reply_from_proto, adopt_kv_to_proto, begin_step_to_proto,
+from protos.convert import (adopt_kv_reply_from_proto, adopt_kv_to_proto, begin_step_to_proto,
                             cache_state_from_proto, decode_step_reply_from_proto, decode_step_to_proto,
                             failed_agent_from_metadata, fill_reply_from_proto, fill_to_proto, finish_reply_from_proto,
                             finish_to_proto, forward_to_proto, info_from_proto, layer_report_from_proto,
                             release_to_proto, routing_table_to_proto, step_begun_from_proto)
 from protos.limits import CHANNEL_OPTIONS
-from protos.messages import AdoptKV, BeginStep, CacheState, Forward, Peer
+from protos.messages import AdoptKV, BeginStep, CacheState, DecodeSpan, Forward, Peer
 from protos.messages import AgentInfo as AgentInfo
 from protos.messages import StepBegun as StepBegun
 from protos.potluck.v1 import agent_pb2 as pb
@@ -90,23 +90,25 @@ class AgentClient:
         return finish_reply_from_proto(r)
 
     async def adopt_kv(self, request_id: str, capacity: int, prompt_tokens: int,
-                       sources: Sequence[tuple[NodeId, str]]) -> int:
+                       sources: Sequence[tuple[NodeId, str]], prefill_here: bool = False) -> int:
         """Make this agent the request's home for decode (it pulls the prompt's K/V from the
-        (name, address) sources in the background); returns the K/V rows it held already."""
-        adopt = AdoptKV(request_id=request_id, capacity=capacity, prompt_tokens=prompt_tokens, sources=tuple(sources))
+        (name, address) sources in the background; with prefill_here, no prefill ran and decode
+        steps bring the prompt); returns the K/V rows it held already."""
+        adopt = AdoptKV(request_id=request_id, capacity=capacity, prompt_tokens=prompt_tokens, sources=tuple(sources),
+                        prefill_here=prefill_here)
         r = await self._call("AdoptKV", adopt_kv_to_proto(adopt))
         assert isinstance(r, pb.AdoptKVReply)
         return adopt_kv_reply_from_proto(r)
 
-    async def decode_step(self, tokens: Sequence[DecodeToken]) -> tuple[torch.Tensor, int]:
-        """Logits [n, V] of one decode step of the requests homed here (row i for tokens[i]),
-        and the round trips to peers the step made."""
-        r = await self._call("DecodeStep", decode_step_to_proto(tokens))
+    async def decode_step(self, spans: Sequence[DecodeSpan]) -> tuple[torch.Tensor, int]:
+        """Logits [n, V] of one decode step of the requests homed here (row i after the last
+        token of spans[i]), and the round trips to peers the step made."""
+        r = await self._call("DecodeStep", decode_step_to_proto(spans))
         assert isinstance(r, pb.DecodeStepReply)
         logits, trips = decode_step_reply_from_proto(r)
-        if logits.dim() != 2 or logits.shape[0] != len(tokens):
+        if logits.dim() != 2 or logits.shape[0] != len(spans):
             raise AgentFailed(f"agent {self.spec.name} returned logits of shape {list(logits.shape)} for "
-                              f"{len(tokens)} tokens", self.spec.name, self.spec.address)
+                              f"{len(spans)} spans", self.spec.name, self.spec.address)
         return logits, trips
 
     async def set_routing_table(self, table: RoutingTable, num_experts: int) -> None:

@@ -1,6 +1,8 @@
-"""Decode's control-plane decisions (pure): which agent is a request's home, and the routing
-table the home agents follow to reach the holders of the experts they lack.
+"""Decode's control-plane decisions (pure): where a prompt is prefilled, which agent is a
+request's home, and the routing table the home agents follow to reach the holders of the experts
+they lack.
 
+    prefill_at_home(prompt tokens, longest prompt a home prefills, agents, unheld experts' read time) -> bool
     choose_home(agents, decoding per agent, K/V rows per agent) -> NodeId
     routing_table(version, addresses, experts held per agent) -> RoutingTable (protos/routing.py)
 """
@@ -14,6 +16,27 @@ from protos.routing import RoutingTable
 
 
 HOME_BATCH = 8  # requests decoding on one home before the next one goes to another agent
+
+
+# What a sequence-parallel prefill step costs beyond its compute (every agent's control round
+# trips per layer, the K/V exchange, the home's adoption): on this project's 2-core host, 4
+# agents, the bench model, a 128-token prompt took 745 ms sequence-parallel against 199 ms on its
+# home (docs/decode.md).
+SEQUENCE_PARALLEL_OVERHEAD_S = 0.5
+
+
+def prefill_at_home(prompt_tokens: int, home_max: int, agents: int, unheld_read_s: float) -> bool:
+    """Whether a prompt is prefilled on its home, in decode steps (beside the running requests'
+    tokens, its experts sent to their holders like theirs), rather than sequence-parallel on
+    every agent. The home runs every token's attention and dense work; a sequence-parallel
+    prefill splits them over the agents, and also the reads of experts that no agent holds (its
+    token scheduling spreads them over every disk, where the home would read them all itself:
+    `unheld_read_s` at its disk rate). At most `home_max` tokens go home (the compute the split
+    would save stays small), and only while what spreading the reads would save stays under
+    the sequence-parallel step's own overhead."""
+    if prompt_tokens > home_max:
+        return False
+    return unheld_read_s * (1 - 1 / max(agents, 1)) <= SEQUENCE_PARALLEL_OVERHEAD_S
 
 
 def choose_home(nodes: Sequence[NodeId], decoding: Mapping[NodeId, int], kv_rows: Mapping[NodeId, int],

@@ -8,6 +8,7 @@ table of which agent holds which expert whenever it changes) and the continuous-
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import contextlib
 import logging
 import time
@@ -25,7 +26,7 @@ from protos.routing import RoutingTable
 from scheduler.batching import BatchSettings, Batcher
 from scheduler.decode_plan import data_address, routing_table, same_holders
 from scheduler.runner import ClusterView, ModelShape
-from scheduler.types import AgentSnapshot, EngineSnapshot, GenerationRequest, NodeSpec, TokenEvent
+from scheduler.types import AgentSnapshot, EngineSnapshot, GenerationRequest, NodeId, NodeSpec, TokenEvent
 
 log = logging.getLogger("potluck.scheduler")
 
@@ -35,13 +36,18 @@ class EngineSettings:
     max_waiting: int = 64  # queued requests beyond which submit answers QueueFull (429)
     max_running: int = 4  # requests prefilling or decoding at once (continuous batching)
     prefill_chunk: int = 512  # prompt tokens per prefill step while other requests decode
+    home_prefill_max: int = BatchSettings.home_prefill_max  # longer prompts are prefilled sequence-parallel
     poll_interval_s: float = 2.0  # how often agents' health and counters are refreshed
     call_timeout_s: float = 300.0  # deadline of one control call to an agent
 
     def __post_init__(self) -> None:
         if self.max_waiting < 0:
             raise ValueError(f"max_waiting must be >= 0, got {self.max_waiting}")
-        BatchSettings(self.max_running, self.prefill_chunk)  # checks its bounds
+        self.batch  # checks its bounds
+
+    @property
+    def batch(self) -> BatchSettings:
+        return BatchSettings(self.max_running, self.prefill_chunk, self.home_prefill_max)
 
 
 class EngineService:
@@ -53,8 +59,8 @@ class EngineService:
         self.clients = [AgentClient(n, settings.call_timeout_s) for n in nodes]
         self.infos: dict[str, AgentInfo] = {}
         self._snapshots: dict[str, AgentSnapshot] = {n.name: AgentSnapshot(n.name, n.address, False) for n in nodes}
-        self.batcher = Batcher(self._cluster, policy, BatchSettings(settings.max_running, settings.prefill_chunk),
-                               on_prefilled=self.refresh)
+        self.batcher = Batcher(self._cluster, policy, settings.batch, on_prefilled=self.refresh,
+                               unheld_read_s=self._unheld_read_s)
         self.table = RoutingTable()  # the routing table last published to the agents
         self._durations: list[float] = []  # recent request durations, for Retry-After
         self._tasks: list[asyncio.Task[None]] = []
@@ -119,6 +125,16 @@ class EngineService:
 
     def snapshot(self) -> EngineSnapshot:
         return EngineSnapshot(len(self.batcher.running), len(self.batcher.waiting), tuple(self._snapshots.values()))
+
+    def _unheld_read_s(self, node: NodeId) -> float:
+        """Seconds `node`'s disk would take to read every routed expert no agent holds (as the
+        last poll and the fills since saw them)."""
+        info = self.infos.get(node)
+        if self.shape is None or info is None or not info.disk_bytes_per_s:
+            return 0.0
+        routed = (self.shape.num_layers - len(self.shape.dense_layers)) * self.shape.num_experts
+        held = frozenset().union(*(s.held for s in self._snapshots.values() if s.up))
+        return max(0, routed - len(held)) * info.expert_bytes / info.disk_bytes_per_s
 
     def _cluster(self) -> tuple[list[AgentClient], ClusterView | None]:
         """The agents up now and their view (for a request being admitted)."""
@@ -217,6 +233,9 @@ class EngineService:
         for (node, es), result in zip(sent, results):
             if isinstance(result, BaseException):  # only a lost chance to read ahead: the next request reads on demand
                 log.warning("fill of %d experts on %s failed: %s", len(es), node, result)
+            elif result:  # held from now on (being read): the next routing table names them
+                snap = self._snapshots[node]
+                self._snapshots[node] = dataclasses.replace(snap, held=snap.held | frozenset(result))
 
 
 async def start_engine(model_dir: Path, nodes: Sequence[NodeSpec], settings: EngineSettings,

@@ -5,7 +5,9 @@
                   per MoE layer:    LayerReport per agent -> RoutingPlan (policy.route: token
                                     scheduling under the cost model) + prefetch hints -> Forward
                   end of prefill:   logits -> sample (sampling.py) -> TokenEvent; choose_home -> AdoptKV
-    decode step:                    DecodeStep per home -> logits per request -> sample -> TokenEvent
+    decode step:                    DecodeStep per home (a DecodeSpan per request: its last token, or
+                                    a chunk of a prompt its home prefills) -> logits per request ->
+                                    sample -> TokenEvent
 
 Pure decisions (partition, token scheduling, prefetch, home, routing table, sampling) take these
 types and return
@@ -23,6 +25,7 @@ from protos.ids import ExpertId as ExpertId
 from protos.ids import NodeId as NodeId
 from protos.ids import RequestId as RequestId
 from protos.messages import CacheCounters
+from protos.messages import DecodeSpan as DecodeSpan
 from protos.messages import LayerReport as LayerReport
 from protos.messages import RoutingPlan as RoutingPlan
 from protos.messages import Share as Share

@@ -154,7 +154,7 @@ class Cluster:
         flags += ["--no-fill"] if not policy.fill and policy.name != "naive" else []
         self.cmd = [sys.executable, "-m", "server.cli", "up", "--inventory", str(inventory), "--model", str(model_dir),
                     "--port", str(self.port), "--served-model-name", "bench", "--policy", policy.name, *flags,
-                    "--log-level", "WARNING"]
+                    "--home-prefill-max", "0", "--log-level", "WARNING"]  # the policies' sequence-parallel prefill
         self.proc: subprocess.Popen[bytes] | None = None
         self.clients: list[AgentClient] = []
 

@@ -119,6 +119,10 @@ def _add_server_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prefill-chunk", type=positive, default=512, metavar="TOKENS",
                    help="prompt tokens per prefill step while other requests decode, so their streams wait at "
                         "most one chunk (a prompt arriving when nothing decodes is prefilled whole)")  # fmt: skip
+    p.add_argument("--home-prefill-max", type=non_negative, default=1024, metavar="TOKENS",
+                   help="a prompt of at most this many tokens is prefilled on the agent it decodes on, in its decode "
+                        "steps beside the running requests' tokens; a longer one sequence-parallel on every agent "
+                        "(0: every prompt sequence-parallel)")  # fmt: skip
     p.add_argument("--policy", default="sirius", choices=("sirius", "naive", "expert-parallel"),
                    help="prefill policy: sirius (interleaved partition, token scheduling, prefetch); naive (contiguous "
                         "split, each agent runs its own tokens' experts); expert-parallel (agent i owns a fixed 1/N of "
@@ -218,6 +222,7 @@ def _server_options(args: argparse.Namespace, model_dir: Path) -> ServerOptions:
         api_key=args.api_key or os.environ.get("POTLUCK_API_KEY") or None,
         served_model_name=args.served_model_name or Path(model_dir).resolve().name,
         max_waiting=args.max_waiting, max_running=args.max_running, prefill_chunk=args.prefill_chunk,
+        home_prefill_max=args.home_prefill_max,
         log_level=args.log_level,
         policy=Policy.from_flags(args.policy, args.no_interleave, args.no_token_scheduling, args.no_prefetch,
                                  args.no_fill),

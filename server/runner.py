@@ -47,6 +47,7 @@ class ServerOptions:
     policy: Policy  # prefill policy and ablations
     log_level: str  # "DEBUG" | "INFO" | ...
     prefill_chunk: int = 512  # prompt tokens per prefill step while other requests decode
+    home_prefill_max: int = 1024  # longer prompts are prefilled sequence-parallel, shorter ones on their home
 
 
 class Shutdown(BaseException):
@@ -59,7 +60,7 @@ def engine_opener(options: ServerOptions, nodes: Sequence[NodeSpec]) -> EngineOp
         from scheduler.service import EngineSettings, start_engine
 
         settings = EngineSettings(max_waiting=options.max_waiting, max_running=options.max_running,
-                                  prefill_chunk=options.prefill_chunk)
+                                  prefill_chunk=options.prefill_chunk, home_prefill_max=options.home_prefill_max)
         try:
             service = await start_engine(options.model_dir, nodes, settings, options.policy)
         except NoAgentsAvailable as exc:

@@ -8,8 +8,8 @@ from dataclasses import asdict
 import torch
 
 from protos.ids import NodeId, RequestId
-from protos.messages import (AdoptKV, AgentInfo, BeginStep, CacheCounters, CacheState, Forward, LayerReport, Peer,
-                             RoutingPlan, StepBegun)
+from protos.messages import (AdoptKV, AgentInfo, BeginStep, CacheCounters, CacheState, DecodeSpan, Forward, LayerReport,
+                             Peer, RoutingPlan, StepBegun)
 from protos.potluck.v1 import agent_pb2 as pb
 from protos.routing import RoutingTable
 from protos.convert.tensors import expert_from_wire, expert_to_wire, tensor_from_proto, tensor_to_proto
@@ -231,12 +231,13 @@ def routing_table_from_proto(msg: pb.RoutingTable, num_experts: int) -> RoutingT
 
 def adopt_kv_to_proto(adopt: AdoptKV) -> pb.AdoptKVRequest:
     return pb.AdoptKVRequest(request_id=adopt.request_id, capacity=adopt.capacity, prompt_tokens=adopt.prompt_tokens,
-                             sources=[pb.AgentAddress(name=n, address=a) for n, a in adopt.sources])
+                             sources=[pb.AgentAddress(name=n, address=a) for n, a in adopt.sources],
+                             prefill_here=adopt.prefill_here)
 
 
 def adopt_kv_from_proto(msg: pb.AdoptKVRequest) -> AdoptKV:
     return AdoptKV(request_id=msg.request_id, capacity=msg.capacity, prompt_tokens=msg.prompt_tokens,
-                   sources=tuple((NodeId(a.name), a.address) for a in msg.sources))
+                   sources=tuple((NodeId(a.name), a.address) for a in msg.sources), prefill_here=msg.prefill_here)
 
 
 def adopt_kv_reply_to_proto(local_tokens: int) -> pb.AdoptKVReply:
@@ -247,19 +248,18 @@ def adopt_kv_reply_from_proto(msg: pb.AdoptKVReply) -> int:
     return msg.local_tokens
 
 
-DecodeToken = tuple[RequestId, int, int]  # (request, token id, position) of one decode step
+def decode_step_to_proto(spans: Sequence[DecodeSpan]) -> pb.DecodeStepRequest:
+    return pb.DecodeStepRequest(spans=[pb.DecodeSpan(request_id=s.request_id, position=s.position,
+                                                     token_ids=s.token_ids) for s in spans])
 
 
-def decode_step_to_proto(tokens: Sequence[DecodeToken]) -> pb.DecodeStepRequest:
-    return pb.DecodeStepRequest(tokens=[pb.DecodeToken(request_id=r, token_id=t, position=p) for r, t, p in tokens])
-
-
-def decode_step_from_proto(msg: pb.DecodeStepRequest) -> list[DecodeToken]:
-    return [(RequestId(t.request_id), t.token_id, t.position) for t in msg.tokens]
+def decode_step_from_proto(msg: pb.DecodeStepRequest) -> list[DecodeSpan]:
+    return [DecodeSpan(request_id=RequestId(s.request_id), token_ids=tuple(s.token_ids), position=s.position)
+            for s in msg.spans]
 
 
 def decode_step_reply_to_proto(logits: torch.Tensor, round_trips: int) -> pb.DecodeStepReply:
-    """Logits [n, V], row i for the step's token i, and the step's waits on peers."""
+    """Logits [n, V], row i for the last token of the step's span i, and the step's waits on peers."""
     return pb.DecodeStepReply(logits=tensor_to_proto(logits), round_trips=round_trips)
 
 

@@ -41,11 +41,13 @@ async def together(cluster: Cluster, reqs: list[GenerationRequest], **settings: 
 
 
 @pytest.mark.parametrize("agents", [1, 3])
-async def test_batched_greedy_requests_match_transformers_and_their_runs_alone(qwen_tiny: Path, agents: int) -> None:
+@pytest.mark.parametrize("home_max", [0, 64], ids=["sequence-parallel", "home"])  # where prompts are prefilled
+async def test_batched_greedy_requests_match_transformers_and_their_runs_alone(qwen_tiny: Path, agents: int,
+                                                                               home_max: int) -> None:
     reqs = requests(1000)
     async with local_cluster(qwen_tiny, agents) as cluster:
-        alone = [await cluster.generate(r, max_running=1) for r in reqs]
-        batched = await together(cluster, reqs, max_running=4, prefill_chunk=8)
+        alone = [await cluster.generate(r, max_running=1, home_prefill_max=home_max) for r in reqs]
+        batched = await together(cluster, reqs, max_running=4, prefill_chunk=8, home_prefill_max=home_max)
         snaps = [await c.snapshot() for c in cluster.clients]
     for r, one, many in zip(reqs, alone, batched):
         assert [e.token_id for e in many] == [e.token_id for e in one]
@@ -66,11 +68,13 @@ async def test_seeded_sampling_is_the_same_batched_or_alone(qwen_tiny: Path) -> 
     assert [[e.token_id for e in s] for s in batched] == [[e.token_id for e in s] for s in alone]
 
 
-async def test_a_prompt_arriving_while_others_decode_is_prefilled_in_chunks(qwen_tiny: Path) -> None:
+@pytest.mark.parametrize("home_max", [0, 64], ids=["sequence-parallel", "home"])
+async def test_a_prompt_arriving_while_others_decode_is_prefilled_in_chunks(qwen_tiny: Path, home_max: int) -> None:
     """The late request's prompt (51 tokens) goes in chunks of 8 while the first one decodes;
     both still give transformers' tokens."""
     first, late = requests(1000)[2], requests(1000)[3]
-    async with local_cluster(qwen_tiny, 2) as cluster, cluster.engine(max_running=4, prefill_chunk=8) as engine:
+    async with (local_cluster(qwen_tiny, 2) as cluster,
+                cluster.engine(max_running=4, prefill_chunk=8, home_prefill_max=home_max) as engine):
         stream = await engine.submit(GenerationRequest(first.request_id, first.prompt_token_ids,
                                                        SamplingParams(max_tokens=40, temperature=0)))
         head = [await stream.__anext__() for _ in range(2)]  # it decodes now

@@ -91,7 +91,9 @@ async def test_engine_fills_after_each_request(qwen_tiny: Path) -> None:
     async with local_cluster(qwen_tiny, AGENTS) as probe:
         total = len(routed(probe))
     async with local_cluster(qwen_tiny, AGENTS, expert_memory=total * size, disk_rate=50 * size) as cluster:
-        engine = await start_engine(qwen_tiny, cluster.specs, EngineSettings(poll_interval_s=60), "sirius")
+        # Sequence-parallel prefill (home_prefill_max=0): every agent computes and reads.
+        engine = await start_engine(qwen_tiny, cluster.specs, EngineSettings(poll_interval_s=60, home_prefill_max=0),
+                                    "sirius")
         try:
             for i in range(2):
                 if i == 1:

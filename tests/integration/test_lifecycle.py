@@ -15,12 +15,12 @@ import torch
 
 from node_agent.service import AgentSettings, serve
 from protos.convert import tensor_to_proto
-from protos.messages import Peer
+from protos.messages import DecodeSpan, Peer
 from protos.potluck.v1 import agent_pb2 as pb
 from protos.potluck.v1 import agent_pb2_grpc as pb_grpc
 from scheduler.client import AgentClient
 from scheduler.errors import AgentFailed
-from scheduler.batching import Batcher
+from scheduler.batching import Batcher, BatchSettings
 from scheduler.partition import contiguous_prefill
 from scheduler.runner import ClusterView, RequestRunner
 from scheduler.types import GenerationRequest, NodeId, NodeSpec, RequestId, SamplingParams
@@ -38,16 +38,20 @@ async def test_closing_the_stream_releases_the_request_on_every_agent(qwen_tiny:
         assert [(await c.snapshot()).requests for c in cluster.clients] == [0, 0]
 
 
-async def test_a_dead_agent_fails_the_request_with_a_named_error(qwen_tiny: Path) -> None:
+@pytest.mark.parametrize("prefill", ["sequence-parallel", "home"])
+async def test_a_dead_agent_fails_the_request_with_a_named_error(qwen_tiny: Path, prefill: str) -> None:
+    """Sequence-parallel, every agent takes part; prefilled on its home, the dead agent is the
+    home (the first in order)."""
     address = f"127.0.0.1:{free_port()}"
     stop, ready = asyncio.Event(), asyncio.Event()
     async with local_cluster(qwen_tiny, 1) as cluster:
         doomed = asyncio.create_task(serve(AgentSettings(listen=address, model_dir=qwen_tiny, name="doomed"), ready=ready, stop=stop))
         await ready.wait()
         victim = AgentClient(NodeSpec(NodeId("doomed"), address))
-        agents = [*cluster.clients, victim]
+        agents = [*cluster.clients, victim] if prefill == "sequence-parallel" else [victim, *cluster.clients]
         view = ClusterView.from_infos([await a.info() for a in agents])
-        batcher = Batcher(lambda: (agents, view))
+        home_max = 0 if prefill == "sequence-parallel" else BatchSettings.home_prefill_max
+        batcher = Batcher(lambda: (agents, view), settings=BatchSettings(home_prefill_max=home_max))
         stop.set()
         await doomed
         request = GenerationRequest(RequestId("r"), tuple(range(1, 20)), SamplingParams(max_tokens=4, temperature=0))
@@ -124,7 +128,7 @@ async def test_a_kv_source_that_dies_before_decode_is_named_not_the_home(qwen_ti
         await doomed.kill()
         await home.adopt_kv("r", len(prompt) + 4, len(prompt), [(doomed.client.name, doomed.client.spec.address)])
         with pytest.raises(AgentFailed) as failed:
-            await home.decode_step([(RequestId("r"), 5, len(prompt))])
+            await home.decode_step([DecodeSpan(request_id=RequestId("r"), token_ids=(5,), position=len(prompt))])
         assert str(failed.value).startswith(failed_by(home, doomed.client, "DecodeStep"))
         assert "FetchKV" in str(failed.value)
         assert failed.value.agent == "doomed"

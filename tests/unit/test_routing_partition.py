@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from protos.ids import ExpertId
-from scheduler.decode_plan import choose_home, routing_table, same_holders
+from scheduler.decode_plan import (SEQUENCE_PARALLEL_OVERHEAD_S, choose_home, prefill_at_home, routing_table,
+                                   same_holders)
 from scheduler.partition import after_step, chunk_step, contiguous_prefill, zigzag_prefill
 from scheduler.routing import resident_first
 from scheduler.types import LayerReport, NodeId
@@ -35,6 +36,16 @@ def test_prompt_chunks_follow_one_another_with_the_kv_each_agent_holds() -> None
     assert positions == list(range(10))  # every position once, in absolute terms
     assert {t for s in second.shards for t, p in zip(s.token_ids, s.positions)} == {tokens[p] for p in range(6, 10)}
     assert all(tokens[p] == t for s in second.shards for t, p in zip(s.token_ids, s.positions))
+
+
+def test_short_prompts_on_a_warm_pool_are_prefilled_on_their_home() -> None:
+    assert prefill_at_home(128, 256, 4, 0.0)
+    assert prefill_at_home(256, 256, 4, 0.0) and not prefill_at_home(257, 256, 4, 0.0)
+    assert not prefill_at_home(1, 0, 4, 0.0)  # 0: every prompt sequence-parallel
+    # Experts no agent holds: spreading their reads over 4 disks saves 3/4 of the home's read time.
+    limit = SEQUENCE_PARALLEL_OVERHEAD_S / 0.75
+    assert prefill_at_home(128, 256, 4, 0.99 * limit) and not prefill_at_home(128, 256, 4, 1.01 * limit)
+    assert prefill_at_home(128, 256, 1, 100.0)  # one agent reads them all either way
 
 
 def test_home_joins_the_largest_open_batch_then_holds_most_kv() -> None:

@@ -11,7 +11,7 @@ from google.protobuf.message import Message
 
 from protos import convert as c
 from protos.ids import ExpertId, NodeId, RequestId
-from protos.messages import (AdoptKV, AgentInfo, BeginStep, CacheCounters, CacheState, ExpertBatch, Forward, KVBlock,
+from protos.messages import (AdoptKV, AgentInfo, BeginStep, CacheCounters, CacheState, DecodeSpan, ExpertBatch, Forward, KVBlock,
                              LayerReport, Peer, RoutingPlan, StepBegun)
 from protos.potluck.v1 import agent_pb2 as pb
 from protos.routing import RoutingTable
@@ -160,12 +160,15 @@ def test_routing_table_round_trip() -> None:
 def test_adopt_kv_round_trip() -> None:
     adopt = AdoptKV(request_id="r", capacity=40, prompt_tokens=30, sources=((A, "h:1"), (B, "h:2")))
     assert c.adopt_kv_from_proto(wire(c.adopt_kv_to_proto(adopt))) == adopt
+    here = AdoptKV(request_id="r", capacity=40, prompt_tokens=30, sources=(), prefill_here=True)
+    assert c.adopt_kv_from_proto(wire(c.adopt_kv_to_proto(here))) == here
     assert c.adopt_kv_reply_from_proto(wire(c.adopt_kv_reply_to_proto(12))) == 12
 
 
 def test_decode_step_round_trip() -> None:
-    tokens = [(RequestId("r1"), 5, 30), (RequestId("r2"), 0, 7)]
-    assert c.decode_step_from_proto(wire(c.decode_step_to_proto(tokens))) == tokens
+    spans = [DecodeSpan(request_id=RequestId("r1"), token_ids=(5,), position=30),
+             DecodeSpan(request_id=RequestId("r2"), token_ids=(0, 9, 4), position=0)]
+    assert c.decode_step_from_proto(wire(c.decode_step_to_proto(spans))) == spans
     logits = torch.randn(2, 11)
     back, trips = c.decode_step_reply_from_proto(wire(c.decode_step_reply_to_proto(logits, 3)))
     assert same(back, logits) and trips == 3

@@ -379,16 +379,18 @@ class RoutingTable(_message.Message):
     def __init__(self, version: _Optional[int] = ..., agents: _Optional[_Iterable[_Union[AgentAddress, _Mapping]]] = ..., experts: _Optional[_Iterable[_Union[ExpertHolders, _Mapping]]] = ...) -> None: ...
 
 class AdoptKVRequest(_message.Message):
-    __slots__ = ("request_id", "capacity", "prompt_tokens", "sources")
+    __slots__ = ("request_id", "capacity", "prompt_tokens", "sources", "prefill_here")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     CAPACITY_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     SOURCES_FIELD_NUMBER: _ClassVar[int]
+    PREFILL_HERE_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     capacity: int
     prompt_tokens: int
     sources: _containers.RepeatedCompositeFieldContainer[AgentAddress]
-    def __init__(self, request_id: _Optional[str] = ..., capacity: _Optional[int] = ..., prompt_tokens: _Optional[int] = ..., sources: _Optional[_Iterable[_Union[AgentAddress, _Mapping]]] = ...) -> None: ...
+    prefill_here: bool
+    def __init__(self, request_id: _Optional[str] = ..., capacity: _Optional[int] = ..., prompt_tokens: _Optional[int] = ..., sources: _Optional[_Iterable[_Union[AgentAddress, _Mapping]]] = ..., prefill_here: _Optional[bool] = ...) -> None: ...
 
 class AdoptKVReply(_message.Message):
     __slots__ = ("local_tokens",)
@@ -406,21 +408,21 @@ class FetchKVRequest(_message.Message):
     chunk: int
     def __init__(self, request_id: _Optional[str] = ..., layer: _Optional[int] = ..., chunk: _Optional[int] = ...) -> None: ...
 
-class DecodeToken(_message.Message):
-    __slots__ = ("request_id", "token_id", "position")
+class DecodeSpan(_message.Message):
+    __slots__ = ("request_id", "position", "token_ids")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
-    TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
     POSITION_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
-    token_id: int
     position: int
-    def __init__(self, request_id: _Optional[str] = ..., token_id: _Optional[int] = ..., position: _Optional[int] = ...) -> None: ...
+    token_ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, request_id: _Optional[str] = ..., position: _Optional[int] = ..., token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class DecodeStepRequest(_message.Message):
-    __slots__ = ("tokens",)
-    TOKENS_FIELD_NUMBER: _ClassVar[int]
-    tokens: _containers.RepeatedCompositeFieldContainer[DecodeToken]
-    def __init__(self, tokens: _Optional[_Iterable[_Union[DecodeToken, _Mapping]]] = ...) -> None: ...
+    __slots__ = ("spans",)
+    SPANS_FIELD_NUMBER: _ClassVar[int]
+    spans: _containers.RepeatedCompositeFieldContainer[DecodeSpan]
+    def __init__(self, spans: _Optional[_Iterable[_Union[DecodeSpan, _Mapping]]] = ...) -> None: ...
 
 class DecodeStepReply(_message.Message):
     __slots__ = ("logits", "round_trips")
