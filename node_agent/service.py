@@ -189,6 +189,7 @@ class Servicer(pb_grpc.NodeAgentServicer):
             fills=c.fills, fill_preemptions=c.fill_preemptions, direct_sent=core.direct_sent,
             decode_steps=core.decoder.steps, decode_tokens=core.decoder.tokens,
             decode_round_trips=core.decoder.round_trips, decode_remote_experts=core.decoder.remote_experts,
+            home_prefill_tokens=core.decoder.prompt_tokens,
             requests=len(core.requests.keys() | core.decoder.caches.keys()))
 
     def _flat(self, experts: Iterable[ExpertId]) -> frozenset[int]:

@@ -165,6 +165,7 @@ class CacheCounters:
     decode_tokens: int = 0  # tokens decoded in them
     decode_round_trips: int = 0  # synchronous waits on peers within its decode steps (at most one per layer)
     decode_remote_experts: int = 0  # (layer, expert) runs of its decode steps sent to remote holders
+    home_prefill_tokens: int = 0  # prompt tokens it prefilled as a home, in decode steps' spans
     requests: int = 0  # requests it holds state for now (prefill K/V or a decode cache; a gauge)
 
 

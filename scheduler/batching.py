@@ -156,7 +156,9 @@ class Batcher:
                 await self.step()
 
     async def step(self) -> None:
-        """One turn: drop what was cancelled, admit, one prefill step, one decode step."""
+        """One turn: drop what was cancelled, admit (opening the caches of prompts prefilled on
+        their home), one sequence-parallel prefill step, one decode step per home (with its
+        requests' next tokens and prompt chunks)."""
         for seq in [s for s in self.running if s.cancelled]:
             self._finish(seq, None)
         self._admit()

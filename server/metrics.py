@@ -102,13 +102,15 @@ _AGENT_COUNTERS = (
     ("potluck_agent_direct_expert_sends", "Experts whose tokens the agent sent to their executor as soon as its "
      "router had run, by a direct route from the scheduler (before the layer's plan).", "direct_sent"),
     ("potluck_agent_decode_steps", "Decode steps the agent ran as a home agent (one token for each request "
-     "decoding there).", "decode_steps"),
+     "decoding there; steps that only prefilled prompts are not counted).", "decode_steps"),
     ("potluck_agent_decode_tokens", "Tokens the agent decoded as a home agent.", "decode_tokens"),
     ("potluck_agent_decode_round_trips", "Synchronous waits on peers within the agent's decode steps: one per "
      "layer that sent tokens to remote expert holders (in parallel), one per layer that waited for K/V still "
      "arriving from a peer.", "decode_round_trips"),
-    ("potluck_agent_decode_remote_experts", "Expert runs of the agent's decode steps sent to a remote holder "
-     "(per layer and expert).", "decode_remote_experts"),
+    ("potluck_agent_decode_remote_experts", "Expert runs of the agent's decode steps (prompts prefilled there "
+     "included) sent to a remote holder (per layer and expert).", "decode_remote_experts"),
+    ("potluck_agent_home_prefill_tokens", "Prompt tokens the agent prefilled as a home agent, in its decode "
+     "steps (short prompts; longer ones are prefilled sequence-parallel).", "home_prefill_tokens"),
 )
 _AGENT_GAUGES = (
     ("potluck_agent_up", "1 if the scheduler reaches the agent, else 0.", "up"),

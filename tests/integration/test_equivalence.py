@@ -27,6 +27,16 @@ def prompt(vocab: int, n: int = PROMPT_LEN, seed: int = 3) -> list[int]:
     return torch.randint(0, vocab, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
 
 
+def transformers_outputs(model_dir: Path) -> tuple[list[int], torch.Tensor, list[int]]:
+    """The test prompt, transformers' logits [T, V] at its positions and its 16 greedy tokens."""
+    ref = reference(model_dir)
+    ids = prompt(ref.config.vocab_size)
+    with torch.no_grad():
+        expected = ref(torch.tensor([ids])).logits[0]
+        greedy = ref.generate(torch.tensor([ids]), max_new_tokens=16, min_new_tokens=16, do_sample=False)[0, len(ids):].tolist()
+    return ids, expected, greedy
+
+
 POLICIES = [
     Policy.from_flags("sirius"),
     Policy.from_flags("naive"),
@@ -43,11 +53,7 @@ async def test_prefill_logits_and_greedy_tokens_match_transformers(
     tiny_models: dict[str, Path], arch: str, agents: int, budget_experts: int, policy: Policy
 ) -> None:
     model_dir = tiny_models[arch]
-    ref = reference(model_dir)
-    ids = prompt(ref.config.vocab_size)
-    with torch.no_grad():
-        expected = ref(torch.tensor([ids])).logits[0]
-        greedy = ref.generate(torch.tensor([ids]), max_new_tokens=16, min_new_tokens=16, do_sample=False)[0, len(ids):].tolist()
+    ids, expected, greedy = transformers_outputs(model_dir)
     size = expert_bytes(model_dir)
     async with local_cluster(model_dir, agents, expert_memory=budget_experts * size) as cluster:
         runner = cluster.runner(policy)

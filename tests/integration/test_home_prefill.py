@@ -7,7 +7,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
 
 from protos.ids import RequestId
 from protos.messages import DecodeSpan
@@ -15,7 +14,7 @@ from scheduler.errors import AgentFailed
 from scheduler.types import GenerationRequest, SamplingParams
 from tests.conftest import ARCHS
 from tests.integration.cluster import expert_bytes, local_cluster
-from tests.integration.test_equivalence import ATOL, PROMPT_LEN, prompt, reference
+from tests.integration.test_equivalence import ATOL, PROMPT_LEN, transformers_outputs
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -26,10 +25,7 @@ async def test_spans_give_transformers_logits_at_each_chunk_end(
     tiny_models: dict[str, Path], arch: str, agents: int, budget_experts: int, chunk: int
 ) -> None:
     model_dir = tiny_models[arch]
-    ref = reference(model_dir)
-    ids = prompt(ref.config.vocab_size)
-    with torch.no_grad():
-        expected = ref(torch.tensor([ids])).logits[0]
+    ids, expected, _ = transformers_outputs(model_dir)
     async with local_cluster(model_dir, agents, expert_memory=budget_experts * expert_bytes(model_dir)) as cluster:
         async with cluster.engine() as engine:
             await engine.refresh()  # fills the agents' memory and publishes the routing table
@@ -53,16 +49,14 @@ async def test_spans_give_transformers_logits_at_each_chunk_end(
 async def test_greedy_tokens_match_transformers(tiny_models: dict[str, Path], arch: str, agents: int,
                                                 budget_experts: int) -> None:
     model_dir = tiny_models[arch]
-    ref = reference(model_dir)
-    ids = prompt(ref.config.vocab_size)
-    with torch.no_grad():
-        greedy = ref.generate(torch.tensor([ids]), max_new_tokens=16, min_new_tokens=16, do_sample=False)[0, len(ids):].tolist()
+    ids, _, greedy = transformers_outputs(model_dir)
     async with local_cluster(model_dir, agents, expert_memory=budget_experts * expert_bytes(model_dir)) as cluster:
         request = GenerationRequest(RequestId("gen-1"), tuple(ids), SamplingParams(max_tokens=16, temperature=0))
         tokens = [e.token_id for e in await cluster.generate(request, home_prefill_max=PROMPT_LEN, prefill_chunk=8)]
         snaps = [await c.snapshot() for c in cluster.clients]
     assert tokens == greedy
     assert sum(s.decode_tokens for s in snaps) == 15  # the prompt's steps are not decode steps
+    assert sum(s.home_prefill_tokens for s in snaps) == PROMPT_LEN
     assert all(s.requests == 0 for s in snaps)
 
 
