@@ -13,28 +13,32 @@
                  the local ones, and ends the job -> logits of each span's last token
 
 A step waits on peers at most once per layer (the remote holders, in parallel; or K/V still
-arriving), and not at all when every expert it needs is resident here: then it is one job. Peers
-are reached through an injected transport and torch work goes through the agent's compute
-thread, as in prefill.
+arriving), and not at all when every expert it needs is resident here: then it is one job. While
+a prompt's K/V is still moving here, a layer whose rows are further off than a round trip is
+attended where they are instead (split-KV: the home's partial over the rows it holds, merged
+with the sources' partials, `decode_attention.py`); that layer waits once for them, and once more
+if it also sends experts. Peers are reached through an injected transport and torch work goes
+through the agent's compute thread, as in prefill.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import Awaitable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 import torch
 
 from node_agent.attention import Compute
 from node_agent.dataplane import DataClient
+from node_agent.decode_attention import Partial, attend_spans, merge_split
 from node_agent.expert_buffer import ExpertBuffer, LayerPins
-from node_agent.kv_cache import KVCache
+from node_agent.kv_cache import HomeCaches, KVCache, attend_where_it_is
 from node_agent.model import moe, slots
 from node_agent.model.config import MoeConfig
-from node_agent.peers import PeerFailed
 from node_agent.state import KVShard, UnknownRequest
 from protos.ids import ExpertId, NodeId
 from protos.messages import DecodeSpan
@@ -48,7 +52,9 @@ class DecodePeers(Protocol):
 
     async def run_experts(self, name: str, address: str, request_id: str, layer: int, x: torch.Tensor,
                           ids: torch.Tensor, weights: torch.Tensor, decode: bool = False) -> torch.Tensor: ...
-    async def fetch_kv(self, name: str, address: str, request_id: str, layer: int) -> KVShard: ...
+    async def fetch_kv(self, name: str, address: str, request_id: str, layer: int) -> KVShard: ...  # see HomeCaches
+    async def attend(self, name: str, address: str, request_id: str, layer: int, q: torch.Tensor
+                     ) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
 @dataclass
@@ -59,6 +65,7 @@ class _Dispatch:
     runs: list[asyncio.Future[Rows]] = field(default_factory=list)
     runs_pending: bool = False  # set on the compute thread when it hands work out (runs fill in later)
     remote: int = 0  # (expert, holder) runs sent to peers
+    attends: list[asyncio.Future[tuple[int, Partial]]] = field(default_factory=list)  # split-KV: (span, partial)
 
 
 @dataclass
@@ -75,7 +82,14 @@ class _Run:
     h: torch.Tensor | None = None  # [T, D] residual stream after the layers run so far
     done: list[Rows] = field(default_factory=list)  # remote outputs still to add to h
     logits: torch.Tensor | None = None  # [B, V] once the step is through
+    split: frozenset[int] = frozenset()  # spans attending at `layer` over prompt K/V still at its sources
+    paused: tuple[torch.Tensor, torch.Tensor] | None = None  # (h, attn) of `layer`, waiting on split partials
+    partials: dict[int, list[Partial]] = field(default_factory=dict)  # span -> its partials at `layer`
 
+
+# What a synchronous wait on peers costs until one is measured: a LAN round trip with both
+# sides' software (the split-KV choice weighs it against K/V still on its way).
+DEFAULT_ROUND_TRIP_S = 0.002
 
 # A step or a peer's batch of more rows than this runs on all the agent's torch threads; fewer
 # run on the decode threads (see service.decode_threads). One bench-model expert (512 x 768) on
@@ -105,69 +119,23 @@ class Decoder:
 
     def __init__(self, name: str, cfg: MoeConfig, dense: moe.DenseWeights, buffer: ExpertBuffer,
                  peers: DecodePeers, compute: Compute, peer_timeout_s: float = 120.0, threads: int | None = None,
-                 data: DataClient | None = None) -> None:
+                 data: DataClient | None = None, round_trip_s: float = DEFAULT_ROUND_TRIP_S) -> None:
         self.data = data  # the decode data plane to holders that publish one (else their gRPC RunExperts)
         self.threads = threads  # torch threads of a step's jobs (None: the agent's); see service.decode_threads
         self.name, self.cfg, self.dense, self.buffer, self.peers = name, cfg, dense, buffer, peers
         self.compute = compute
         self.peer_timeout_s = peer_timeout_s
         self.rope = moe.RopeTable(cfg.head_dim, cfg.rope_theta, dense.embed.dtype)
-        self.caches: dict[str, KVCache] = {}
+        self.kv = HomeCaches(name, cfg, dense.embed.dtype, peers)  # the requests homed here
+        self.caches = self.kv.caches
         self.table = RoutingTable()
         self.steps = 0  # steps that decoded a token (prompt-only steps are not decode steps)
         self.tokens = 0  # tokens decoded (spans past their prompt)
         self.prompt_tokens = 0  # prompt tokens prefilled here in spans (prefill_here)
         self.round_trips = 0  # synchronous waits on peers (see DecodeStepReply.round_trips)
         self.remote_experts = 0  # (layer, expert) runs sent to remote holders
-
-    # K/V ------------------------------------------------------------------------------------
-
-    def adopt(self, request_id: str, capacity: int, prompt: int, own: dict[int, KVShard],
-              sources: Sequence[tuple[str, str]], here: bool = False) -> int:
-        """Become the request's home: a cache for `capacity` positions holding my own prefill
-        shard now and the sources' (name, address) shards as they arrive; returns my rows. With
-        `here`, no prefill ran: the steps' spans bring the prompt from position 0."""
-        if not 0 < prompt <= capacity <= self.cfg.max_positions:
-            raise ValueError(f"K/V capacity {capacity} must hold the prompt ({prompt} tokens) and fit the "
-                             f"model's context ({self.cfg.max_positions})")
-        if request_id in self.caches:
-            raise ValueError(f"request {request_id!r} already decodes on agent {self.name!r}")
-        if here and (own or sources):
-            raise ValueError(f"request {request_id!r} has prefill K/V: its prompt cannot be prefilled on its home")
-        cache = KVCache.allocate(self.cfg, capacity, prompt, self.dense.embed.dtype, here)
-        if here:
-            self.caches[request_id] = cache
-            return 0
-        for layer, shard in own.items():
-            cache.put(layer, shard)
-        self.caches[request_id] = cache
-        if sources:
-            cache.fetch = asyncio.ensure_future(self._pull(request_id, cache, sources))
-        else:
-            for layer in range(self.cfg.num_layers):
-                cache.ready[layer].set()  # checked against `filled` when a step waits on it
-        return int(own[0].pos.numel()) if 0 in own else 0
-
-    async def _pull(self, request_id: str, cache: KVCache, sources: Sequence[tuple[str, str]]) -> None:
-        """Every source's K/V, layer by layer (the first decode step's layer 0 needs layer 0 first)."""
-        try:
-            for layer in range(self.cfg.num_layers):
-                shards = await asyncio.gather(*(self.peers.fetch_kv(n, a, request_id, layer) for n, a in sources))
-                for shard in shards:
-                    cache.put(layer, shard)
-                cache.ready[layer].set()
-        except asyncio.CancelledError:
-            raise
-        except PeerFailed as exc:  # the step that waits on this layer reports it, naming the source
-            cache.fail(exc)
-        except Exception as exc:
-            names = ", ".join(n for n, _ in sources)
-            cache.fail(RuntimeError(f"pulling K/V from {names}: {exc}"))
-
-    def release(self, request_id: str) -> None:
-        cache = self.caches.pop(request_id, None)
-        if cache is not None and cache.fetch is not None:
-            cache.fetch.cancel()
+        self.split_attention = 0  # (layer, request) attentions over prompt K/V still at its sources
+        self.round_trip_s = round_trip_s  # a synchronous wait on peers, as last measured
 
     def set_table(self, table: RoutingTable) -> None:
         if table.version >= self.table.version:  # a late, older table never replaces a newer one
@@ -216,8 +184,11 @@ class Decoder:
             if run.layer == self.cfg.num_layers:  # the last layer's remote outputs are in
                 run.logits = await self.compute(self._logits, run)
                 break
-            waited = [await c.wait(run.layer, self.peer_timeout_s) for c in batch.caches]
-            trips += any(waited)
+            if run.paused is None:
+                run.split = self._split(run)
+                waited = [await c.wait(run.layer, self.peer_timeout_s)
+                          for i, c in enumerate(batch.caches) if i not in run.split]
+                trips += any(waited)
             # The resident experts of the layers ahead, pinned for one job, so that it can run
             # layer after layer; unpinned before waiting on anything, so that reads the job asked
             # for (or peers' batches) can find room.
@@ -229,10 +200,16 @@ class Decoder:
             finally:
                 for pins in run.pins.values():
                     await self.buffer.unpin_layer(pins, run.used.get(pins.layer, ()))
-            if dispatch.remote:
+            if dispatch.remote or dispatch.attends:
                 trips += 1
                 self.remote_experts += dispatch.remote
+                self.split_attention += len(dispatch.attends)
+            began = time.monotonic()
             run.done = await _gather(dispatch.runs)
+            for i, part in await _gather(dispatch.attends):
+                run.partials[i].append(part)
+            if dispatch.remote or dispatch.attends:  # the pace a split-KV choice weighs
+                self.round_trip_s = time.monotonic() - began
         for span, cache in zip(batch.spans, batch.caches):
             cache.next = span.end
         decoded = sum(span.position >= cache.prompt for span, cache in zip(batch.spans, batch.caches))
@@ -252,36 +229,58 @@ class Decoder:
         with _torch_threads(self._threads(len(run.batch.token_ids))):
             self._layers_from(loop, dispatch, run)
 
+    def _split(self, run: _Run) -> frozenset[int]:
+        """The decode tokens that attend at `run.layer` over prompt K/V still at its sources:
+        their layer is further off than a round trip (`attend_where_it_is`)."""
+        return frozenset(
+            i for i, (span, c) in enumerate(zip(run.batch.spans, run.batch.caches))
+            if not c.ready_at(run.layer) and len(span.token_ids) == 1
+            and attend_where_it_is(c.arrival_s(run.layer), self.round_trip_s))
+
     def _layers_from(self, loop: asyncio.AbstractEventLoop, dispatch: _Dispatch, run: _Run) -> None:
-        L = self.cfg.num_layers
+        L, first = self.cfg.num_layers, True  # the event loop saw to the first layer's K/V
         while run.layer < L:
-            if run.h is not None and not all(c.ready_at(run.layer) for c in run.batch.caches):
-                return  # the event loop waits for that layer's K/V (or reports why it failed)
             layer = run.layer
-            run.h, run.used[layer] = self._layer(loop, dispatch, run, layer)
+            if run.paused is not None:  # the split partials of this layer are in
+                (h, attn), run.paused = run.paused, None
+                run.h, run.used[layer] = self._experts(loop, dispatch, run, layer, h,
+                                                       merge_split(attn, run.batch.starts, run.partials))
+                run.partials = {}
+            else:
+                if not first and not all(c.ready_at(layer) for c in run.batch.caches):
+                    return  # the event loop waits for that layer's K/V (or attends where it is)
+                out = self._layer(loop, dispatch, run, layer)
+                if out is None:
+                    return  # the sources' partials first
+                run.h, run.used[layer] = out
+            first, run.split = False, frozenset()
             run.layer += 1
             if dispatch.runs_pending:
                 return
         run.logits = self._logits(run)
 
     def _layer(self, loop: asyncio.AbstractEventLoop, dispatch: _Dispatch, run: _Run, layer: int
-               ) -> tuple[torch.Tensor, list[int]]:
-        """One layer: (new h [B, D], experts run here)."""
+               ) -> tuple[torch.Tensor, list[int]] | None:
+        """One layer: (new h [T, D], experts run here); None when split spans wait for their
+        sources' partial attention (the layer resumes from `run.paused`)."""
         cfg, w, batch = self.cfg, self.dense.layers[layer], run.batch
         h = self.dense.embed[batch.token_ids] if run.h is None else _with(run.h, run.done)  # [T, D]
         run.done = []
         q, k, v = moe.qkv_at(w, cfg, h, run.cos, run.sin)  # [T, H, hd], [T, KVH, hd]
-        attn = torch.empty_like(q)
-        for span, cache, start in zip(batch.spans, batch.caches, batch.starts):
-            p, end, rows = span.position, span.end, slice(start, start + len(span.token_ids))
-            cache.k[layer, :, p:end] = k[rows].transpose(0, 1)
-            cache.v[layer, :, p:end] = v[rows].transpose(0, 1)
-            keys, values = cache.k[layer, :, :end], cache.v[layer, :, :end]  # [KVH, end, hd]
-            if end - p == 1:
-                attn[start] = moe.attend_cached(q[start], keys, values)
-            else:  # a prompt chunk: causal within it, after every earlier position
-                attn[rows] = moe.attend(q[rows], keys.transpose(0, 1), values.transpose(0, 1),
-                                        torch.arange(p, end), torch.arange(end))[0]
+        attn, partials = attend_spans(layer, batch.spans, batch.caches, batch.starts, q, k, v, run.split)
+        if not partials:
+            return self._experts(loop, dispatch, run, layer, h, attn)
+        run.paused, run.partials = (h, attn), {i: [part] for i, part in partials.items()}
+        for i in partials:
+            row = q[batch.starts[i]: batch.starts[i] + 1].clone()
+            loop.call_soon_threadsafe(self._dispatch_attention, dispatch, i, layer, row, batch.spans[i].request_id,
+                                      batch.caches[i].sources)
+        return None
+
+    def _experts(self, loop: asyncio.AbstractEventLoop, dispatch: _Dispatch, run: _Run, layer: int,
+                 h: torch.Tensor, attn: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
+        """The rest of a layer after attention: (new h [T, D], experts run here)."""
+        cfg, w = self.cfg, self.dense.layers[layer]
         h = moe.attention_output(w, h, attn)
         x = moe.rms_norm(h, w.post_norm, cfg.rms_eps)  # [T, D]
         if w.dense_mlp is not None:
@@ -296,6 +295,13 @@ class Decoder:
         local = {e: held[e] for e in needed if e in held}
         out = slots.mix_experts(x, ids, weights, local)
         return (h if out is None else h + out), sorted(local)
+
+    def _dispatch_attention(self, dispatch: _Dispatch, span: int, layer: int, q: torch.Tensor, request_id: str,
+                            sources: Sequence[tuple[str, str]]) -> None:
+        """On the event loop: a split span's query [1, H, hd] to every source of its prompt K/V."""
+        for name, address in sources:
+            attend = self.peers.attend(name, address, request_id, layer, q)
+            dispatch.attends.append(asyncio.ensure_future(_part(span, attend)))
 
     def _dispatch(self, dispatch: _Dispatch, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
                   experts: Sequence[int]) -> None:
@@ -383,7 +389,10 @@ def _only(ids: torch.Tensor, experts: Sequence[int]) -> torch.Tensor:
     return torch.where(inside, ids, torch.full_like(ids, -1))
 
 
-async def _gather(runs: list[asyncio.Future[Rows]]) -> list[Rows]:
+T = TypeVar("T")
+
+
+async def _gather(runs: list[asyncio.Future[T]]) -> list[T]:
     """Every run's rows; if one fails, the others are cancelled (none is left running)."""
     try:
         return list(await asyncio.gather(*runs))
@@ -395,3 +404,7 @@ async def _gather(runs: list[asyncio.Future[Rows]]) -> list[Rows]:
 
 async def _rows(rows: torch.Tensor, run: Awaitable[torch.Tensor]) -> Rows:
     return rows, await run
+
+
+async def _part(span: int, attend: Awaitable[Partial]) -> tuple[int, Partial]:
+    return span, await attend

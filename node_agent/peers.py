@@ -60,10 +60,11 @@ class Link:
         self.bytes_sent = 0
         self.bytes_received = 0
 
-    async def send(self, *tensors: pb.Tensor) -> None:
-        """Pace a message's tensor bytes through the send queue (bandwidth only, no latency)."""
+    async def send(self, *tensors: pb.Tensor, background: bool = False) -> None:
+        """Pace a message's tensor bytes through the send queue (bandwidth only, no latency);
+        background bytes (a bulk transfer) yield to the others (see throttle.py)."""
         n = sum(len(t.data) for t in tensors)
-        await self.throttle.pace_async(n)
+        await self.throttle.pace_async(n, background=background)
         self.bytes_sent += n
 
     async def delay(self) -> None:
@@ -76,7 +77,7 @@ class Link:
         await self.send(*tensors)
         await self.delay()
 
-    async def receive(self, *tensors: pb.Tensor) -> None:
+    async def receive(self, *tensors: pb.Tensor, background: bool = False) -> None:
         """Pace the tensor bytes of a message this agent received through the receive queue.
         A link is a pipe, not store-and-forward: the bytes were arriving while the sender paced
         them out, so the receive queue books them as begun one transfer time (at this link's
@@ -84,7 +85,7 @@ class Link:
         messages converging on one receiver queue behind each other on its downlink."""
         n = sum(len(t.data) for t in tensors)
         rate = self.receive_throttle.rate
-        await self.receive_throttle.pace_async(n, ago_s=n / rate if rate > 0 else 0.0)
+        await self.receive_throttle.pace_async(n, ago_s=n / rate if rate > 0 else 0.0, background=background)
         self.bytes_received += n
 
 
@@ -165,7 +166,7 @@ class GrpcPeers:
         async def fetch(chunk: int) -> pb.KVBlock:
             await self.link.request()
             block: pb.KVBlock = await self._call(name, address, "FetchKV", fetch_kv_to_proto(request_id, layer, chunk))
-            await self.link.receive(block.keys, block.values)
+            await self.link.receive(block.keys, block.values, background=True)  # the move yields to decode traffic
             return block
 
         first = await fetch(0)

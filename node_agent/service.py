@@ -189,7 +189,7 @@ class Servicer(pb_grpc.NodeAgentServicer):
             fills=c.fills, fill_preemptions=c.fill_preemptions, direct_sent=core.direct_sent,
             decode_steps=core.decoder.steps, decode_tokens=core.decoder.tokens,
             decode_round_trips=core.decoder.round_trips, decode_remote_experts=core.decoder.remote_experts,
-            home_prefill_tokens=core.decoder.prompt_tokens,
+            home_prefill_tokens=core.decoder.prompt_tokens, decode_split_attention=core.decoder.split_attention,
             requests=len(core.requests.keys() | core.decoder.caches.keys()))
 
     def _flat(self, experts: Iterable[ExpertId]) -> frozenset[int]:
@@ -211,8 +211,8 @@ class Servicer(pb_grpc.NodeAgentServicer):
         return adopt_kv_reply_to_proto(rows)
 
     async def DecodeStep(self, request: pb.DecodeStepRequest, context: Any) -> pb.DecodeStepReply:
-        logits, trips = await self.core.decode_step(decode_step_from_proto(request))
-        reply = decode_step_reply_to_proto(logits, trips)
+        logits, trips, gathered = await self.core.decode_step(decode_step_from_proto(request))
+        reply = decode_step_reply_to_proto(logits, trips, gathered)
         await self.link.send(reply.logits)
         return reply
 
@@ -222,7 +222,7 @@ class Servicer(pb_grpc.NodeAgentServicer):
         block = kv_block_to_proto(KVBlock(request_id=request_id, step=0, layer=layer, sender=self.core.name,
                                           keys=shard.k, values=shard.v, positions=shard.pos, chunk=chunk,
                                           num_chunks=chunks))
-        await self.link.send(block.keys, block.values)
+        await self.link.send(block.keys, block.values, background=True)  # the move yields to decode traffic
         return block
 
     async def PushKV(self, request: pb.KVBlock, context: Any) -> pb.Ack:

@@ -3,6 +3,11 @@
 A throttle is a single queue of bytes at `rate` bytes/s: each reservation starts when the previous
 one ends (or now, if the line is idle) and no idle time is banked as credit, so bursts after a
 pause are not faster than the rate, and concurrent users share the one rate. Rate 0 = unlimited.
+
+Background bytes (a link's bulk transfers, such as a prompt's K/V moving to its home) yield to
+the others: a foreground reservation queues only behind foreground bytes, and pushes the
+background backlog back by its own length, as a link scheduler that serves latency-sensitive
+flows first would. Background bytes already being waited out are not delayed again.
 """
 
 from __future__ import annotations
@@ -24,18 +29,25 @@ class Throttle:
             raise ValueError(f"rate must be >= 0 bytes/s, got {rate_bytes_per_s}")
         self.rate = rate_bytes_per_s
         self._lock = threading.Lock()
-        self._free_at = 0.0  # monotonic time at which the line is idle again
+        self._free_at = 0.0  # monotonic time at which the line is idle again (every byte through)
+        self._foreground_free_at = 0.0  # ... at which the foreground bytes are through
 
-    def _reserve(self, nbytes: int, ago_s: float = 0.0) -> float:
-        """Book nbytes on the line, starting no earlier than `ago_s` before now; return how long
-        the caller must wait until they are through."""
+    def _reserve(self, nbytes: int, ago_s: float = 0.0, background: bool = False) -> float:
+        """Book nbytes on the line, starting no earlier than `ago_s` before now (and, in the
+        background, after every byte booked so far); return how long the caller must wait until
+        they are through."""
         if self.rate <= 0 or nbytes <= 0:
             return 0.0
         with self._lock:
             now = time.monotonic()
-            start = max(now - ago_s, self._free_at)
-            self._free_at = start + nbytes / self.rate
-            return self._free_at - now
+            length = nbytes / self.rate
+            if background:
+                self._free_at = max(now - ago_s, self._free_at) + length
+                return self._free_at - now
+            end = max(now - ago_s, self._foreground_free_at) + length
+            self._foreground_free_at = end
+            self._free_at = max(self._free_at + length, end)  # the background backlog waits for it
+            return end - now
 
     def pace(self, nbytes: int) -> None:
         """Block the calling thread (a disk reader) until nbytes have passed at the rate."""
@@ -43,7 +55,7 @@ class Throttle:
         if wait > 0:
             time.sleep(wait)
 
-    async def pace_async(self, nbytes: int, ago_s: float = 0.0) -> None:
+    async def pace_async(self, nbytes: int, ago_s: float = 0.0, background: bool = False) -> None:
         """Wait on the event loop (a sender) until nbytes have passed at the rate; with ago_s,
         bytes that began arriving that long ago (a receiver) may have passed in the meantime.
 
@@ -52,7 +64,7 @@ class Throttle:
         millisecond, and a remote expert call, paced four times, took 4 ms more than its link.
         The bytes stay booked on the line, so a burst of small messages still queues behind them
         and waits once the backlog exceeds the granularity: the rate holds over any burst."""
-        wait = self._reserve(nbytes, ago_s)
+        wait = self._reserve(nbytes, ago_s, background)
         if wait >= LOOP_TIMER_S:
             await asyncio.sleep(wait)
 

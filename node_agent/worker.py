@@ -282,7 +282,7 @@ class AgentCore:
         return logits, st.positions[rows]
 
     async def release(self, request_id: str) -> None:
-        self.decoder.release(request_id)
+        self.decoder.kv.release(request_id)
         state = self.requests.pop(request_id, None)
         if state is not None:
             await state.release()
@@ -295,14 +295,14 @@ class AgentCore:
         the sources' (name, address) K/V is pulled in the background; returns my rows. With
         `here`, no prefill ran: decode steps bring the prompt in spans."""
         if here:
-            return self.decoder.adopt(request_id, capacity, prompt, {}, sources, here=True)
+            return self.decoder.kv.adopt(request_id, capacity, prompt, {}, sources, here=True)
         state = self.requests.pop(request_id, None)
         own: dict[int, KVShard] = {}
         if state is not None:
             state.commit_step()
             own = state.kv
             await state.release()
-        return self.decoder.adopt(request_id, capacity, prompt, own, sources)
+        return self.decoder.kv.adopt(request_id, capacity, prompt, own, sources)
 
     def fetch_kv(self, request_id: str, layer: int, chunk: int) -> tuple[KVShard, int]:
         """Chunk `chunk` of my K/V rows of `layer` for the request's home, and the number of chunks."""
@@ -320,10 +320,12 @@ class AgentCore:
         rows = chunks[chunk]
         return KVShard(shard.k[rows], shard.v[rows], shard.pos[rows]), len(chunks)
 
-    async def decode_step(self, spans: Sequence[DecodeSpan]) -> tuple[torch.Tensor, int]:
+    async def decode_step(self, spans: Sequence[DecodeSpan]) -> tuple[torch.Tensor, int, list[str]]:
         """Logits [B, V] of one step of the requests homed here (after each span's last token),
-        and the round trips it made."""
-        return await self.decoder.step(self.decoder.batch(spans))
+        the round trips it made, and the requests whose prompt K/V is now all here."""
+        batch = self.decoder.batch(spans)
+        logits, trips = await self.decoder.step(batch)
+        return logits, trips, self.decoder.kv.newly_gathered([s.request_id for s in batch.spans])
 
     def set_routing_table(self, table: RoutingTable) -> None:
         self.decoder.set_table(table)

@@ -166,6 +166,7 @@ class CacheCounters:
     decode_round_trips: int = 0  # synchronous waits on peers within its decode steps (at most one per layer)
     decode_remote_experts: int = 0  # (layer, expert) runs of its decode steps sent to remote holders
     home_prefill_tokens: int = 0  # prompt tokens it prefilled as a home, in decode steps' spans
+    decode_split_attention: int = 0  # (layer, request) attentions over prompt K/V still at its sources
     requests: int = 0  # requests it holds state for now (prefill K/V or a decode cache; a gauge)
 
 

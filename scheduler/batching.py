@@ -277,7 +277,7 @@ class Batcher:
         home = group[0][0].home
         assert home is not None
         try:
-            logits, _ = await home.decode_step([span for _, span in group])
+            logits, _, gathered = await home.decode_step([span for _, span in group])
         except Exception as exc:
             log.error("decode step on %s failed: %s", home.name, exc)
             for s, _ in group:
@@ -286,7 +286,7 @@ class Batcher:
         for (s, span), row in zip(group, logits):
             if s.cancelled:
                 continue  # dropped at the start of the next turn
-            if not s.sources_released:
+            if not s.sources_released and s.rid in gathered:  # its prompt K/V is all on the home
                 self._release(s, [n for n in s.members if n != home.name])
                 s.members, s.sources_released = [home.name], True
             s.position = span.end

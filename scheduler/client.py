@@ -26,7 +26,7 @@ from protos.potluck.v1 import agent_pb2 as pb
 from protos.potluck.v1 import agent_pb2_grpc as pb_grpc
 from protos.routing import RoutingTable
 from scheduler.errors import AgentFailed
-from scheduler.types import AgentSnapshot, LayerReport, NodeId, NodeSpec, RoutingPlan, StepPlan
+from scheduler.types import AgentSnapshot, LayerReport, NodeId, NodeSpec, RequestId, RoutingPlan, StepPlan
 
 
 class AgentClient:
@@ -100,16 +100,17 @@ class AgentClient:
         assert isinstance(r, pb.AdoptKVReply)
         return adopt_kv_reply_from_proto(r)
 
-    async def decode_step(self, spans: Sequence[DecodeSpan]) -> tuple[torch.Tensor, int]:
+    async def decode_step(self, spans: Sequence[DecodeSpan]) -> tuple[torch.Tensor, int, list[RequestId]]:
         """Logits [n, V] of one decode step of the requests homed here (row i after the last
-        token of spans[i]), and the round trips to peers the step made."""
+        token of spans[i]), the round trips to peers the step made, and the requests whose
+        prompt K/V is now all on the home (their other agents may release it)."""
         r = await self._call("DecodeStep", decode_step_to_proto(spans))
         assert isinstance(r, pb.DecodeStepReply)
-        logits, trips = decode_step_reply_from_proto(r)
+        logits, trips, gathered = decode_step_reply_from_proto(r)
         if logits.dim() != 2 or logits.shape[0] != len(spans):
             raise AgentFailed(f"agent {self.spec.name} returned logits of shape {list(logits.shape)} for "
                               f"{len(spans)} spans", self.spec.name, self.spec.address)
-        return logits, trips
+        return logits, trips, gathered
 
     async def set_routing_table(self, table: RoutingTable, num_experts: int) -> None:
         await self._call("SetRoutingTable", routing_table_to_proto(table, num_experts), 5.0)

@@ -109,6 +109,9 @@ _AGENT_COUNTERS = (
      "arriving from a peer.", "decode_round_trips"),
     ("potluck_agent_decode_remote_experts", "Expert runs of the agent's decode steps (prompts prefilled there "
      "included) sent to a remote holder (per layer and expert).", "decode_remote_experts"),
+    ("potluck_agent_decode_split_attention", "Attentions (per layer and request) of the agent's decode steps over "
+     "prompt K/V still on the agents it is moving from (split-KV), where waiting for it would cost more than a "
+     "round trip.", "decode_split_attention"),
     ("potluck_agent_home_prefill_tokens", "Prompt tokens the agent prefilled as a home agent, in its decode "
      "steps (short prompts; longer ones are prefilled sequence-parallel).", "home_prefill_tokens"),
 )

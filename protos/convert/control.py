@@ -258,10 +258,12 @@ def decode_step_from_proto(msg: pb.DecodeStepRequest) -> list[DecodeSpan]:
             for s in msg.spans]
 
 
-def decode_step_reply_to_proto(logits: torch.Tensor, round_trips: int) -> pb.DecodeStepReply:
-    """Logits [n, V], row i for the last token of the step's span i, and the step's waits on peers."""
-    return pb.DecodeStepReply(logits=tensor_to_proto(logits), round_trips=round_trips)
+def decode_step_reply_to_proto(logits: torch.Tensor, round_trips: int, gathered: Sequence[str] = ()
+                               ) -> pb.DecodeStepReply:
+    """Logits [n, V], row i for the last token of the step's span i; the step's waits on peers;
+    the requests whose prompt K/V is now all on the home."""
+    return pb.DecodeStepReply(logits=tensor_to_proto(logits), round_trips=round_trips, gathered=gathered)
 
 
-def decode_step_reply_from_proto(msg: pb.DecodeStepReply) -> tuple[torch.Tensor, int]:
-    return tensor_from_proto(msg.logits), msg.round_trips
+def decode_step_reply_from_proto(msg: pb.DecodeStepReply) -> tuple[torch.Tensor, int, list[RequestId]]:
+    return tensor_from_proto(msg.logits), msg.round_trips, [RequestId(r) for r in msg.gathered]

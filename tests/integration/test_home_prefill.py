@@ -33,7 +33,7 @@ async def test_spans_give_transformers_logits_at_each_chunk_end(
             await home.adopt_kv("r", PROMPT_LEN + 1, PROMPT_LEN, [], prefill_here=True)
             for start in range(0, PROMPT_LEN, chunk):
                 end = min(PROMPT_LEN, start + chunk)
-                logits, _ = await home.decode_step([DecodeSpan(request_id=RequestId("r"), token_ids=tuple(ids[start:end]),
+                logits, _, _ = await home.decode_step([DecodeSpan(request_id=RequestId("r"), token_ids=tuple(ids[start:end]),
                                                                position=start)])
                 assert (logits[0] - expected[end - 1]).abs().max().item() <= ATOL, (start, end)
             await home.release("r")

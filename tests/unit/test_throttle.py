@@ -50,6 +50,14 @@ async def test_link_sends_no_faster_than_its_rate() -> None:
     assert link.bytes_sent == 800_000
 
 
+def test_background_bytes_yield_to_foreground_ones() -> None:
+    line = Throttle(1000.0)  # bytes/s
+    assert line._reserve(1000, background=True) == pytest.approx(1.0, abs=0.01)  # a bulk transfer: 1 s
+    assert line._reserve(100) == pytest.approx(0.1, abs=0.01)  # a small message does not queue behind it
+    assert line._reserve(100) == pytest.approx(0.2, abs=0.01)  # but behind other foreground bytes
+    assert line._reserve(100, background=True) == pytest.approx(1.3, abs=0.01)  # the bulk waited 0.2 s more
+
+
 def test_unlimited_rate_books_no_wait() -> None:
     assert Throttle(0)._reserve(10**12) == 0.0
     assert Throttle(10.0)._reserve(20) > 1.0

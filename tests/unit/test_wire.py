@@ -136,7 +136,7 @@ def test_release_round_trip() -> None:
 def test_cache_state_round_trip() -> None:
     # Distinct values, so that a counter that lands in another's field is caught.
     counters = CacheCounters(**{name: i + 1 for i, name in enumerate(CacheCounters.__dataclass_fields__)})
-    assert counters.attention_s == 9 and counters.requests == 26
+    assert counters.attention_s == 9 and counters.requests == 27
     state = CacheState(counters, frozenset({1, 4, 8}), frozenset({2}))
     assert c.cache_state_from_proto(wire(c.cache_state_to_proto(state))) == state
     assert c.cache_counters_from_proto(wire(c.cache_counters_to_proto(counters))) == counters
@@ -170,8 +170,8 @@ def test_decode_step_round_trip() -> None:
              DecodeSpan(request_id=RequestId("r2"), token_ids=(0, 9, 4), position=0)]
     assert c.decode_step_from_proto(wire(c.decode_step_to_proto(spans))) == spans
     logits = torch.randn(2, 11)
-    back, trips = c.decode_step_reply_from_proto(wire(c.decode_step_reply_to_proto(logits, 3)))
-    assert same(back, logits) and trips == 3
+    back, trips, gathered = c.decode_step_reply_from_proto(wire(c.decode_step_reply_to_proto(logits, 3, ["r2"])))
+    assert same(back, logits) and trips == 3 and gathered == ["r2"]
 
 
 # Peer plane ------------------------------------------------------------------------------------

@@ -31,7 +31,7 @@ class DeviceProfile(_message.Message):
     def __init__(self, expert_memory_bytes: _Optional[int] = ..., disk_bytes_per_s: _Optional[float] = ..., link_bytes_per_s: _Optional[float] = ..., compute_share: _Optional[float] = ..., link_latency_s: _Optional[float] = ...) -> None: ...
 
 class CacheCounters(_message.Message):
-    __slots__ = ("hits", "misses", "loads", "evictions", "bytes_read", "bytes_sent", "bytes_used", "capacity_bytes", "attention_seconds", "prefetches", "predicted_used", "used", "compute_overrun_seconds", "early_experts_used", "early_experts_dropped", "fills", "fill_preemptions", "direct_experts_sent", "decode_steps", "decode_tokens", "decode_round_trips", "decode_remote_experts", "requests", "predicted_pairs_used", "pairs_used", "home_prefill_tokens")
+    __slots__ = ("hits", "misses", "loads", "evictions", "bytes_read", "bytes_sent", "bytes_used", "capacity_bytes", "attention_seconds", "prefetches", "predicted_used", "used", "compute_overrun_seconds", "early_experts_used", "early_experts_dropped", "fills", "fill_preemptions", "direct_experts_sent", "decode_steps", "decode_tokens", "decode_round_trips", "decode_remote_experts", "requests", "predicted_pairs_used", "pairs_used", "home_prefill_tokens", "decode_split_attention")
     HITS_FIELD_NUMBER: _ClassVar[int]
     MISSES_FIELD_NUMBER: _ClassVar[int]
     LOADS_FIELD_NUMBER: _ClassVar[int]
@@ -58,6 +58,7 @@ class CacheCounters(_message.Message):
     PREDICTED_PAIRS_USED_FIELD_NUMBER: _ClassVar[int]
     PAIRS_USED_FIELD_NUMBER: _ClassVar[int]
     HOME_PREFILL_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    DECODE_SPLIT_ATTENTION_FIELD_NUMBER: _ClassVar[int]
     hits: int
     misses: int
     loads: int
@@ -84,7 +85,8 @@ class CacheCounters(_message.Message):
     predicted_pairs_used: int
     pairs_used: int
     home_prefill_tokens: int
-    def __init__(self, hits: _Optional[int] = ..., misses: _Optional[int] = ..., loads: _Optional[int] = ..., evictions: _Optional[int] = ..., bytes_read: _Optional[int] = ..., bytes_sent: _Optional[int] = ..., bytes_used: _Optional[int] = ..., capacity_bytes: _Optional[int] = ..., attention_seconds: _Optional[float] = ..., prefetches: _Optional[int] = ..., predicted_used: _Optional[int] = ..., used: _Optional[int] = ..., compute_overrun_seconds: _Optional[float] = ..., early_experts_used: _Optional[int] = ..., early_experts_dropped: _Optional[int] = ..., fills: _Optional[int] = ..., fill_preemptions: _Optional[int] = ..., direct_experts_sent: _Optional[int] = ..., decode_steps: _Optional[int] = ..., decode_tokens: _Optional[int] = ..., decode_round_trips: _Optional[int] = ..., decode_remote_experts: _Optional[int] = ..., requests: _Optional[int] = ..., predicted_pairs_used: _Optional[int] = ..., pairs_used: _Optional[int] = ..., home_prefill_tokens: _Optional[int] = ...) -> None: ...
+    decode_split_attention: int
+    def __init__(self, hits: _Optional[int] = ..., misses: _Optional[int] = ..., loads: _Optional[int] = ..., evictions: _Optional[int] = ..., bytes_read: _Optional[int] = ..., bytes_sent: _Optional[int] = ..., bytes_used: _Optional[int] = ..., capacity_bytes: _Optional[int] = ..., attention_seconds: _Optional[float] = ..., prefetches: _Optional[int] = ..., predicted_used: _Optional[int] = ..., used: _Optional[int] = ..., compute_overrun_seconds: _Optional[float] = ..., early_experts_used: _Optional[int] = ..., early_experts_dropped: _Optional[int] = ..., fills: _Optional[int] = ..., fill_preemptions: _Optional[int] = ..., direct_experts_sent: _Optional[int] = ..., decode_steps: _Optional[int] = ..., decode_tokens: _Optional[int] = ..., decode_round_trips: _Optional[int] = ..., decode_remote_experts: _Optional[int] = ..., requests: _Optional[int] = ..., predicted_pairs_used: _Optional[int] = ..., pairs_used: _Optional[int] = ..., home_prefill_tokens: _Optional[int] = ..., decode_split_attention: _Optional[int] = ...) -> None: ...
 
 class InfoRequest(_message.Message):
     __slots__ = ()
@@ -427,12 +429,14 @@ class DecodeStepRequest(_message.Message):
     def __init__(self, spans: _Optional[_Iterable[_Union[DecodeSpan, _Mapping]]] = ...) -> None: ...
 
 class DecodeStepReply(_message.Message):
-    __slots__ = ("logits", "round_trips")
+    __slots__ = ("logits", "round_trips", "gathered")
     LOGITS_FIELD_NUMBER: _ClassVar[int]
     ROUND_TRIPS_FIELD_NUMBER: _ClassVar[int]
+    GATHERED_FIELD_NUMBER: _ClassVar[int]
     logits: Tensor
     round_trips: int
-    def __init__(self, logits: _Optional[_Union[Tensor, _Mapping]] = ..., round_trips: _Optional[int] = ...) -> None: ...
+    gathered: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, logits: _Optional[_Union[Tensor, _Mapping]] = ..., round_trips: _Optional[int] = ..., gathered: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class PeerFrame(_message.Message):
     __slots__ = ("call", "batch", "result", "error")
