@@ -190,6 +190,7 @@ class Servicer(pb_grpc.NodeAgentServicer):
             decode_steps=core.decoder.steps, decode_tokens=core.decoder.tokens,
             decode_round_trips=core.decoder.round_trips, decode_remote_experts=core.decoder.remote_experts,
             home_prefill_tokens=core.decoder.prompt_tokens, decode_split_attention=core.decoder.split_attention,
+            cpu_s=time.process_time(), paced_cpu_s=core.pacer.paced_cpu_s,
             requests=len(core.requests.keys() | core.decoder.caches.keys()))
 
     def _flat(self, experts: Iterable[ExpertId]) -> frozenset[int]:

@@ -97,6 +97,7 @@ class ComputePacer:
             raise ValueError(f"compute share must be in [0, 1] (a fraction of one core), got {share}")
         self.share = share
         self.overrun_s = 0.0  # wall seconds beyond c / share, summed over paced work
+        self.paced_cpu_s = 0.0  # CPU seconds of the work it paced (the rest of the agent's CPU is not paced)
         self._sleep = sleep
         self._late = 0.0  # how far the last paced work ended past the emulated device's end
         self._ended = -math.inf  # perf_counter() when it ended
@@ -109,7 +110,9 @@ class ComputePacer:
         cpu, wall = time.thread_time(), time.perf_counter()
         owed = self._late if wall - self._ended <= self.CHAINED_S else 0.0
         yield
-        budget = (time.thread_time() - cpu) / self.share
+        used = time.thread_time() - cpu
+        self.paced_cpu_s += used
+        budget = used / self.share
         elapsed = time.perf_counter() - wall
         if elapsed > budget:
             self.overrun_s += elapsed - budget

@@ -167,6 +167,8 @@ class CacheCounters:
     decode_remote_experts: int = 0  # (layer, expert) runs of its decode steps sent to remote holders
     home_prefill_tokens: int = 0  # prompt tokens it prefilled as a home, in decode steps' spans
     decode_split_attention: int = 0  # (layer, request) attentions over prompt K/V still at its sources
+    cpu_s: float = 0.0  # CPU seconds of its process, every thread
+    paced_cpu_s: float = 0.0  # of which paced to its compute share (0 when unpaced)
     requests: int = 0  # requests it holds state for now (prefill K/V or a decode cache; a gauge)
 
 

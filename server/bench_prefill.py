@@ -74,10 +74,19 @@ class Request:
     compute_overrun_s: dict[str, float] = field(default_factory=dict)  # per agent: past its share
     predicted_pairs_used: int = 0  # (token, slot) pairs whose expert the prediction named, all agents
     pairs_used: int = 0  # (token, slot) pairs in layers that had a prediction, all agents (0: not counted)
+    cpu_s: float = 0.0  # CPU seconds of the agents' processes during the request, all agents
+    paced_cpu_s: float = 0.0  # of which paced to their compute share
 
     @property
     def efficiency(self) -> float:
         return self.lower_bound_s / self.ttft_s
+
+    @property
+    def unpaced(self) -> float | None:
+        """The share of the agents' CPU during the request that no pacing slowed (event loops,
+        gRPC, messaging: they run at the host's speed, not the emulated device's); None if
+        not counted."""
+        return 1.0 - self.paced_cpu_s / self.cpu_s if self.cpu_s > 0 else None
 
     @property
     def overrun(self) -> float:
@@ -114,6 +123,7 @@ class Case:
             "attention_max_over_mean": balance, "prefetch_recall": hit / used if used else None,
             "prefetch_pair_recall": pair_hits / pairs if pairs else None,
             "compute_overrun": max(r.overrun for r in [self.cold, *self.warm]),
+            "unpaced_cpu_share": max((u for r in [self.cold, *self.warm] if (u := r.unpaced) is not None), default=None),
         }
 
 
@@ -220,6 +230,8 @@ async def measure(cluster: Cluster, prompt: list[int], activated: set[tuple[int,
         predicted_pairs_used=sum(a.predicted_pairs_used - b.predicted_pairs_used for a, b in zip(after, before)),
         pairs_used=sum(a.pairs_used - b.pairs_used for a, b in zip(after, before)),
         compute_overrun_s={a.name: a.compute_overrun_s - b.compute_overrun_s for a, b in zip(after, before)},
+        cpu_s=sum(a.cpu_s - b.cpu_s for a, b in zip(after, before)),
+        paced_cpu_s=sum(a.paced_cpu_s - b.paced_cpu_s for a, b in zip(after, before)),
     )
 
 

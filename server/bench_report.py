@@ -137,11 +137,13 @@ def write_report(data: dict[str, Any], out: Path) -> None:
         f"Efficiency = lower bound / TTFT; the bound's compute is one agent's all-resident compute, "
         f"{_calibration(data)}. Prefetch recall: of the experts each layer used, the share the previous layer's "
         f"prediction named; per pair: of the (token, expert) pairs routed, the share whose expert it named "
-        f"(n/a where nothing was predicted or the agents do not count it).",
+        f"(n/a where nothing was predicted or the agents do not count it). Unpaced CPU: of the agents' CPU "
+        f"during a request, the share no compute pacing slowed (event loops, gRPC, gathers and combines run at "
+        f"the host's speed, not the emulated device's), in the case's worst request.",
         "",
         "| policy | agents | tokens | 1-agent compute s | cold TTFT s | warm TTFT s | cold eff. | warm eff. | "
-        "read cold MB | attention max/mean | prefetch recall | prefetch pair recall |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "read cold MB | attention max/mean | prefetch recall | prefetch pair recall | unpaced CPU |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for c in cases:
         c1 = c.get("compute_s", _compute_at(data, c["tokens"]))
@@ -150,7 +152,7 @@ def write_report(data: dict[str, Any], out: Path) -> None:
             f"{_num(c['warm_ttft_s'], '.2f')} | {_num(c['cold_efficiency'], '.2f')} | "
             f"{_num(c['warm_efficiency'], '.2f')} | {_num(c['cold_read_mb'], '.0f')} | "
             f"{_num(c['attention_max_over_mean'], '.2f')} | {_num(c.get('prefetch_recall'), '.3f')} | "
-            f"{_num(c.get('prefetch_pair_recall'), '.3f')} |"
+            f"{_num(c.get('prefetch_pair_recall'), '.3f')} | {_num(c.get('unpaced_cpu_share'), '.0%')} |"
         )
     repeated = [c for c in cases if c.get("rounds")]
     if repeated:

@@ -97,6 +97,9 @@ _AGENT_COUNTERS = (
      "fills"),
     ("potluck_agent_expert_fill_preemptions", "Fill reads stopped part-way to give the disk to a demand or "
      "prefetch read (each is read again later).", "fill_preemptions"),
+    ("potluck_agent_cpu_seconds", "CPU seconds of the agent's process, every thread.", "cpu_s"),
+    ("potluck_agent_paced_cpu_seconds", "CPU seconds the agent's compute thread spent in work paced to its "
+     "compute share (0 when unpaced; the rest of its CPU runs at the host's speed).", "paced_cpu_s"),
     ("potluck_agent_compute_overrun_seconds", "Seconds of paced compute past the agent's emulated speed "
      "(compute_share): the host could not give it its share.", "compute_overrun_s"),
     ("potluck_agent_direct_expert_sends", "Experts whose tokens the agent sent to their executor as soon as its "

@@ -167,7 +167,7 @@ def release_from_proto(msg: pb.ReleaseRequest) -> str:
 _COUNTER_NAMES = {  # CacheCounters field -> its name on the wire, where they differ
     "attention_s": "attention_seconds", "compute_overrun_s": "compute_overrun_seconds",
     "early_used": "early_experts_used", "early_dropped": "early_experts_dropped",
-    "direct_sent": "direct_experts_sent",
+    "direct_sent": "direct_experts_sent", "cpu_s": "cpu_seconds", "paced_cpu_s": "paced_cpu_seconds",
 }
 
 

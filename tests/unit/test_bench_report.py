@@ -50,7 +50,7 @@ def test_a_case_run_in_rounds_reports_the_median_of_each_rounds_own_efficiency(t
     assert [r["warm_efficiency"] for r in merged["rounds"]] == pytest.approx([0.8, 0.7, 0.9])
     assert over_rounds(rounds[:1]) is rounds[0]  # one round: as it was, no per-round list
 
-    one = {**case("sirius", 1, 27.0, 27.6, 4.94, 6.6), "cold_read_mb": 610.0}
+    one = {**case("sirius", 1, 27.0, 27.6, 4.94, 6.6), "cold_read_mb": 610.0, "unpaced_cpu_share": 0.12}
     data = {"cases": [one, merged], "expert_bytes_total": 6e8, "expert_memory_per_agent": 1.5e8,
             "disk_bytes_per_s": 2e7, "link": "1Gbit/s", "cores": 2, "compute_share": 0.25,
             "read_all_experts_s": 30.0, "compute_s": {2048: 4.94}, "io_ratio": 6.1}
@@ -58,6 +58,15 @@ def test_a_case_run_in_rounds_reports_the_median_of_each_rounds_own_efficiency(t
     md = (tmp_path / "prefill.md").read_text()
     assert "- sirius, 4 agents, 2048 tokens: " in md and "/ 0.80, " in md and "/ 0.70, " in md and md.count("/ 0.90") == 1
     assert "| efficiency >= 0.8 (cold / warm) |" in md and (tmp_path / "prefill.png").stat().st_size > 0
+    assert "| 12% |" in md and "Unpaced CPU: of the agents' CPU" in md  # the share no pacing slowed, per case
+
+
+def test_the_unpaced_share_is_the_cpu_no_pacing_slowed() -> None:
+    request = Request(ttft_s=1.0, bytes_read=0, must_read_bytes=0, lower_bound_s=0.5, attention_s={}, predicted_used=0,
+                      used=0, cpu_s=2.0, paced_cpu_s=1.5)
+    assert request.unpaced == pytest.approx(0.25)
+    assert Request(ttft_s=1.0, bytes_read=0, must_read_bytes=0, lower_bound_s=0.5, attention_s={}, predicted_used=0,
+                   used=0).unpaced is None  # agents that do not count it
 
 
 def run_data(cases: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:

@@ -136,7 +136,7 @@ def test_release_round_trip() -> None:
 def test_cache_state_round_trip() -> None:
     # Distinct values, so that a counter that lands in another's field is caught.
     counters = CacheCounters(**{name: i + 1 for i, name in enumerate(CacheCounters.__dataclass_fields__)})
-    assert counters.attention_s == 9 and counters.requests == 27
+    assert counters.attention_s == 9 and counters.requests == 29
     state = CacheState(counters, frozenset({1, 4, 8}), frozenset({2}))
     assert c.cache_state_from_proto(wire(c.cache_state_to_proto(state))) == state
     assert c.cache_counters_from_proto(wire(c.cache_counters_to_proto(counters))) == counters
