@@ -264,7 +264,7 @@ class Decoder:
         """One layer: (new h [T, D], experts run here); None when split spans wait for their
         sources' partial attention (the layer resumes from `run.paused`)."""
         cfg, w, batch = self.cfg, self.dense.layers[layer], run.batch
-        h = self.dense.embed[batch.token_ids] if run.h is None else _with(run.h, run.done)  # [T, D]
+        h = self.dense.embed[batch.token_ids] if run.h is None else slots.with_rows(run.h, run.done)  # [T, D]
         run.done = []
         q, k, v = moe.qkv_at(w, cfg, h, run.cos, run.sin)  # [T, H, hd], [T, KVH, hd]
         attn, partials = attend_spans(layer, batch.spans, batch.caches, batch.starts, q, k, v, run.split)
@@ -317,7 +317,7 @@ class Decoder:
                 self.buffer.fill(eid)
             by_holder.setdefault(remote or self.name, []).append(e)
         for holder, es in by_holder.items():
-            sub = _only(ids, es)
+            sub = slots.only_experts(ids, es)
             rows = (sub >= 0).any(dim=1).nonzero().flatten()
             if holder == self.name:
                 run: Awaitable[torch.Tensor] = self._load_and_run(layer, x[rows], sub[rows], weights[rows], es)
@@ -351,7 +351,7 @@ class Decoder:
     def _logits(self, run: _Run) -> torch.Tensor:
         """Logits [B, V] of each span's last token."""
         assert run.h is not None
-        h, run.done = _with(run.h, run.done), []
+        h, run.done = slots.with_rows(run.h, run.done), []
         with _torch_threads(self.threads):
             return moe.final_logits(self.dense, self.cfg, h[run.batch.last_rows])
 
@@ -372,21 +372,6 @@ def _torch_threads(n: int | None) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(before)
-
-
-def _with(h: torch.Tensor, done: list[Rows]) -> torch.Tensor:
-    """h plus the remote expert outputs of the previous layer."""
-    if not done:
-        return h
-    h = h.clone()
-    for rows, out in done:
-        h.index_add_(0, rows, out.to(h.dtype))
-    return h
-
-
-def _only(ids: torch.Tensor, experts: Sequence[int]) -> torch.Tensor:
-    inside = torch.isin(ids, torch.tensor(list(experts), dtype=ids.dtype))
-    return torch.where(inside, ids, torch.full_like(ids, -1))
 
 
 T = TypeVar("T")
