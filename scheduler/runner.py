@@ -129,10 +129,11 @@ class RequestRunner:
             routing = None if layer in shape.dense_layers else policy.route(layer, reports, profiles, cost, E, direct)
             prefetch, direct = policy.lookahead(layer + 1, reports, profiles, cost, E) if predict else ({}, {})
         finished = await asyncio.gather(*(self.agents[n].finish(request_id, routing) for n in active))
-        rows = sorted((pos, row) for logits, positions in finished if logits is not None for pos, row in zip(positions, logits))
-        if not rows:
+        parts = [(logits, positions) for logits, positions in finished if logits is not None]
+        if not parts:
             raise RuntimeError(f"no agent returned logits for step {plan.step} of {request_id}")
-        return torch.stack([row for _, row in rows])
+        order = torch.tensor([p for _, positions in parts for p in positions]).argsort()
+        return torch.cat([logits for logits, _ in parts])[order]  # rows in position order
 
     async def release(self, request_id: str, nodes: Sequence[NodeId]) -> None:
         """Drop the request's state everywhere; runs even when the request was cancelled."""

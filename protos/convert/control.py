@@ -12,7 +12,7 @@ from protos.messages import (AdoptKV, AgentInfo, BeginStep, CacheCounters, Cache
                              Peer, RoutingPlan, StepBegun)
 from protos.potluck.v1 import agent_pb2 as pb
 from protos.routing import RoutingTable
-from protos.convert.tensors import expert_from_wire, expert_to_wire, tensor_from_proto, tensor_to_proto
+from protos.convert.tensors import expert_from_wire, expert_to_wire, tensor_from_proto, tensor_into, tensor_to_proto
 
 
 # Control plane (scheduler -> agent) -----------------------------------------------------------
@@ -147,7 +147,9 @@ def finish_reply_to_proto(logits: torch.Tensor | None, positions: Sequence[int])
     """Logits [n, V] of the positions they belong to; None: this agent has none (no positions)."""
     if logits is None:
         return pb.FinishReply()
-    return pb.FinishReply(logits=tensor_to_proto(logits), positions=positions)
+    reply = pb.FinishReply(positions=positions)
+    tensor_into(reply.logits, logits)  # every position's logits can be tens of MB: written in place
+    return reply
 
 
 def finish_reply_from_proto(msg: pb.FinishReply) -> tuple[torch.Tensor | None, list[int]]:
