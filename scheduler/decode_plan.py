@@ -33,7 +33,12 @@ def prefill_at_home(prompt_tokens: int, home_max: int, agents: int, unheld_read_
     token scheduling spreads them over every disk, where the home would read them all itself:
     `unheld_read_s` at its disk rate). At most `home_max` tokens go home (the compute the split
     would save stays small), and only while what spreading the reads would save stays under
-    the sequence-parallel step's own overhead."""
+    the sequence-parallel step's own overhead.
+
+    A departure from splitting every prompt across the agents: for a short prompt the split's
+    fixed cost is most of its TTFT (a 128-token prompt on 4 agents: 745 ms split, 199 ms at
+    home), and prompts that arrive together could only be split one after the other, while on
+    the home they share steps with each other and with the running requests."""
     if prompt_tokens > home_max:
         return False
     return unheld_read_s * (1 - 1 / max(agents, 1)) <= SEQUENCE_PARALLEL_OVERHEAD_S
