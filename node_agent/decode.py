@@ -35,6 +35,7 @@ import torch
 from node_agent.attention import Compute
 from node_agent.dataplane import DataClient
 from node_agent.decode_attention import Partial, attend_spans, merge_split
+from node_agent.dispatch import only, rows_with
 from node_agent.expert_buffer import ExpertBuffer, LayerPins
 from node_agent.kv_cache import HomeCaches, KVCache, attend_where_it_is
 from node_agent.model import moe, slots
@@ -127,7 +128,6 @@ class Decoder:
         self.peer_timeout_s = peer_timeout_s
         self.rope = moe.RopeTable(cfg.head_dim, cfg.rope_theta, dense.embed.dtype)
         self.kv = HomeCaches(name, cfg, dense.embed.dtype, peers)  # the requests homed here
-        self.caches = self.kv.caches
         self.table = RoutingTable()
         self.steps = 0  # steps that decoded a token (prompt-only steps are not decode steps)
         self.tokens = 0  # tokens decoded (spans past their prompt)
@@ -152,7 +152,7 @@ class Decoder:
         caches, starts, row = [], [], 0
         for span in spans:
             rid = span.request_id
-            cache = self.caches.get(rid)
+            cache = self.kv.caches.get(rid)
             if cache is None:
                 raise UnknownRequest(f"request {rid!r} does not decode on agent {self.name!r}")
             if rid in seen:
@@ -317,7 +317,7 @@ class Decoder:
                 self.buffer.fill(eid)
             by_holder.setdefault(remote or self.name, []).append(e)
         for holder, es in by_holder.items():
-            sub = slots.only_experts(ids, es)
+            sub = only(ids, es)
             rows = (sub >= 0).any(dim=1).nonzero().flatten()
             if holder == self.name:
                 run: Awaitable[torch.Tensor] = self._load_and_run(layer, x[rows], sub[rows], weights[rows], es)
@@ -330,7 +330,7 @@ class Decoder:
                     address = self.table.addresses[NodeId(holder)]
                     run = self.peers.run_experts(holder, address, "decode", layer, x[rows], sub[rows], weights[rows],
                                                  decode=True)
-            dispatch.runs.append(asyncio.ensure_future(_rows(rows, run)))
+            dispatch.runs.append(asyncio.ensure_future(rows_with(rows, run)))
 
     async def _load_and_run(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
                             experts: Sequence[int]) -> torch.Tensor:
@@ -385,10 +385,6 @@ async def _gather(runs: list[asyncio.Future[T]]) -> list[T]:
         for run in runs:
             run.cancel()
         raise
-
-
-async def _rows(rows: torch.Tensor, run: Awaitable[torch.Tensor]) -> Rows:
-    return rows, await run
 
 
 async def _part(span: int, attend: Awaitable[Partial]) -> tuple[int, Partial]:

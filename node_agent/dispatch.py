@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -48,6 +48,11 @@ def split_by_executor(ids: torch.Tensor, plan: LayerPlan, me: str) -> dict[str, 
         if bool((sub >= 0).any()):
             out[name] = sub
     return out
+
+
+async def rows_with(rows: torch.Tensor, out: Awaitable[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows, their expert output) once an executor has answered: what `slots.with_rows` adds."""
+    return rows, await out
 
 
 def only(ids: torch.Tensor, experts: Iterable[int], keep: bool = True) -> torch.Tensor:

@@ -140,9 +140,6 @@ class HomeCaches:
         if here and (own or sources):
             raise ValueError(f"request {request_id!r} has prefill K/V: its prompt cannot be prefilled on its home")
         cache = KVCache.allocate(self.cfg, capacity, prompt, self.dtype, here)
-        if here:
-            self.caches[request_id] = cache
-            return 0
         for layer, shard in own.items():
             cache.put(layer, shard)
         self.caches[request_id] = cache

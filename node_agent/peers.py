@@ -3,7 +3,7 @@
 Every tensor byte this agent sends or receives passes its link's bandwidth throttle, and every
 message it sends arrives its link latency later. A request to a peer awaits `Link.request`; a
 reply this agent sends gets its bandwidth from the handler (`Link.send`) and its latency from
-the server's `LatencyInterceptor`, so each message is delayed once.
+the server's `LatencyInterceptor` (interceptors.py), so each message is delayed once.
 
 A call to a peer that fails, or that cannot reach it, raises `PeerFailed` naming that peer, so
 that the scheduler hears which agent failed, not only which one was waiting on it.

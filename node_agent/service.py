@@ -7,7 +7,7 @@ import logging
 import signal
 import statistics
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -23,17 +23,18 @@ from node_agent.cache_policy import LayerCyclicPolicy, LRUPolicy
 from node_agent.dispatch import LayerPlan
 from node_agent.expert_buffer import BufferTooSmall, ExpertBuffer
 from node_agent.expert_store import ExpertStore
+from node_agent.interceptors import ErrorInterceptor, LatencyInterceptor
 from node_agent.model.checkpoint import Checkpoint
 from node_agent.model.config import MoeConfig
 from node_agent.model.moe import load_dense
-from node_agent.peers import GrpcPeers, Link, PeerFailed
-from node_agent.state import KVShard, RequestReleased, UnknownRequest
+from node_agent.peers import GrpcPeers, Link
+from node_agent.state import KVShard
 from node_agent.throttle import ComputePacer, Throttle
 from node_agent.worker import AgentCore
 from protos.convert import (adopt_kv_from_proto, adopt_kv_reply_to_proto, attend_from_proto, attend_reply_to_proto,
                             begin_step_from_proto, cache_state_to_proto, decode_step_from_proto,
                             decode_step_reply_to_proto, expert_batch_from_proto, expert_from_wire,
-                            expert_result_to_proto, expert_to_wire, failed_agent_to_metadata, fetch_kv_from_proto,
+                            expert_result_to_proto, expert_to_wire, fetch_kv_from_proto,
                             fill_from_proto, fill_reply_to_proto, finish_from_proto, finish_reply_to_proto,
                             forward_from_proto, info_to_proto, kv_block_from_proto, kv_block_to_proto,
                             layer_report_to_proto, release_from_proto, routing_table_from_proto, step_begun_to_proto)
@@ -183,15 +184,16 @@ class Servicer(pb_grpc.NodeAgentServicer):
         return CacheCounters(
             hits=c.hits, misses=c.misses, loads=c.loads, evictions=c.evictions, bytes_read=self.store.bytes_read,
             bytes_sent=self.link.bytes_sent, bytes_used=buf.bytes_used, capacity_bytes=buf.capacity,
-            attention_s=core.attention_s, prefetches=c.prefetches, predicted_used=core.predicted_used,
-            used=core.used, predicted_pairs_used=core.predicted_pairs_used, pairs_used=core.pairs_used,
+            attention_s=core.attention_s, prefetches=c.prefetches, predicted_used=core.recall.predicted_used,
+            used=core.recall.used, predicted_pairs_used=core.recall.predicted_pairs_used,
+            pairs_used=core.recall.pairs_used,
             compute_overrun_s=core.pacer.overrun_s, early_used=core.early_used, early_dropped=core.early_dropped,
             fills=c.fills, fill_preemptions=c.fill_preemptions, direct_sent=core.direct_sent,
             decode_steps=core.decoder.steps, decode_tokens=core.decoder.tokens,
             decode_round_trips=core.decoder.round_trips, decode_remote_experts=core.decoder.remote_experts,
             home_prefill_tokens=core.decoder.prompt_tokens, decode_split_attention=core.decoder.split_attention,
             cpu_s=time.process_time(), paced_cpu_s=core.pacer.paced_cpu_s,
-            requests=len(core.requests.keys() | core.decoder.caches.keys()))
+            requests=len(core.requests.keys() | core.decoder.kv.caches.keys()))
 
     def _flat(self, experts: Iterable[ExpertId]) -> frozenset[int]:
         """Experts as the wire's flat ids (layer * num_experts + index)."""
@@ -253,80 +255,6 @@ class Servicer(pb_grpc.NodeAgentServicer):
         self.core.executor.check_batch(b.layer, b.expert_ids)
         out = await self.core.executor.execute(b.layer, b.hidden, b.expert_ids, b.weights.to(b.hidden.dtype), b.decode)
         return expert_result_to_proto(out)
-
-
-def _peer_failure(exc: BaseException) -> PeerFailed | None:
-    """The peer failure at the root of `exc`, if any (an error raised `from` one counts)."""
-    cause: BaseException | None = exc
-    while cause is not None:
-        if isinstance(cause, PeerFailed):
-            return cause
-        cause = cause.__cause__
-    return None
-
-
-class ErrorInterceptor(grpc.aio.ServerInterceptor):
-    """The one place where agent exceptions become gRPC status codes. A call to a peer that failed
-    is UNAVAILABLE, with the peer in the trailing metadata: the caller names it, not this agent."""
-
-    CODES: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
-        (UnknownRequest, grpc.StatusCode.NOT_FOUND),
-        (RequestReleased, grpc.StatusCode.CANCELLED),
-        (TimeoutError, grpc.StatusCode.DEADLINE_EXCEEDED),
-        (ValueError, grpc.StatusCode.INVALID_ARGUMENT),
-    )
-
-    async def intercept_service(self, continuation: Callable[[Any], Awaitable[Any]], details: Any) -> Any:
-        handler = await continuation(details)
-        if handler is None or handler.unary_unary is None:
-            return handler
-        inner = handler.unary_unary
-
-        async def guarded(request: Any, context: Any) -> Any:
-            try:
-                return await inner(request, context)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                peer = _peer_failure(exc)
-                if peer is not None:
-                    await context.abort(grpc.StatusCode.UNAVAILABLE, f"{type(exc).__name__}: {exc}",
-                                        failed_agent_to_metadata(peer.peer, peer.address))
-                code = next((c for t, c in self.CODES if isinstance(exc, t)), grpc.StatusCode.INTERNAL)
-                if code is grpc.StatusCode.INTERNAL:
-                    log.exception("%s failed", details.method)
-                await context.abort(code, f"{type(exc).__name__}: {exc}")
-
-        return grpc.unary_unary_rpc_method_handler(
-            guarded, request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer
-        )
-
-
-class LatencyInterceptor(grpc.aio.ServerInterceptor):
-    """Delays every unary NodeAgent reply by the link latency, after the handler computed it
-    (whose `Link.send` already paced its bytes). Health checks are not delayed: they are the
-    launcher's probe, not the emulated device's traffic."""
-
-    SERVICE = "/potluck.v1.NodeAgent/"
-
-    def __init__(self, link: Link) -> None:
-        self.link = link
-
-    async def intercept_service(self, continuation: Callable[[Any], Awaitable[Any]], details: Any) -> Any:
-        handler = await continuation(details)
-        if (handler is None or handler.unary_unary is None or not self.link.latency_s
-                or not details.method.startswith(self.SERVICE)):
-            return handler
-        inner = handler.unary_unary
-
-        async def delayed(request: Any, context: Any) -> Any:
-            reply = await inner(request, context)
-            await self.link.delay()
-            return reply
-
-        return grpc.unary_unary_rpc_method_handler(
-            delayed, request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer
-        )
 
 
 async def serve(settings: AgentSettings, ready: asyncio.Event | None = None, stop: asyncio.Event | None = None) -> None:

@@ -19,13 +19,14 @@ import torch
 from node_agent.attention import KVPeers, PeerAttention
 from node_agent.dataplane import DataClient
 from node_agent.decode import DecodePeers, Decoder
-from node_agent.dispatch import LayerPlan, only, split_by_executor
+from node_agent.dispatch import LayerPlan, only, rows_with, split_by_executor
 from node_agent.executor import ExpertExecutor
 from node_agent.expert_buffer import ExpertBuffer
 from node_agent.grouped import GroupedPasses, QueuedJobs
 from node_agent.model import moe, slots
 from node_agent.model.config import MoeConfig
 from node_agent.peers import row_chunks
+from node_agent.recall import PredictionRecall
 from node_agent.state import DirectSends, EarlyExperts, KVShard, Peer, RequestState, StepState, UnknownRequest
 from node_agent.throttle import ComputePacer
 from protos.ids import ExpertId, NodeId
@@ -67,10 +68,7 @@ class AgentCore:
         self.early_dropped = 0  # experts run early that the plan overruled (it sent those slots elsewhere)
         self.direct_sent = 0  # experts whose tokens went to their executor by a direct route
         self.attention_s = 0.0  # total seconds in attention, all requests
-        self.predicted_used = 0  # experts used by my tokens that the previous layer predicted
-        self.used = 0  # experts used by my tokens in layers that had a prediction
-        self.predicted_pairs_used = 0  # (token, slot) pairs of my tokens whose expert the previous layer predicted
-        self.pairs_used = 0  # (token, slot) pairs of my tokens in layers that had a prediction
+        self.recall = PredictionRecall()  # of the prefetch's predictions, on my own tokens
 
     async def compute(self, fn: Callable[..., R], *args: object) -> R:
         """Run torch work on the compute thread (torch releases the GIL inside its kernels), paced
@@ -153,7 +151,8 @@ class AgentCore:
         if st.route is not None:
             ids = st.route[0]
             counts = torch.bincount(ids[ids >= 0], minlength=self.cfg.num_experts).tolist()
-            self._score_prediction(st, layer, counts)
+            if st.predicted is not None and st.predicted[0] == layer:
+                self.recall.score(st.predicted[1], counts)
         elif self.cfg.is_moe(layer):
             counts = [0] * self.cfg.num_experts
         if predicted is not None:
@@ -201,7 +200,7 @@ class AgentCore:
             else:
                 run = self.peers.run_experts(name, addresses[name], request_id, layer, x[rows], sub[rows],
                                              weights[rows])
-            runs.append(_with_rows(rows, run))
+            runs.append(rows_with(rows, run))
         return runs
 
     def _start_early(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
@@ -254,17 +253,6 @@ class AgentCore:
         hidden = st.hidden if keep is None else st.hidden[keep]
         return moe_in, route, moe.predicted_counts(self.dense.layers[layer + 1], self.cfg, hidden)
 
-    def _score_prediction(self, st: StepState, layer: int, counts: list[int]) -> None:
-        if st.predicted is None or st.predicted[0] != layer:
-            return
-        predicted = st.predicted[1]
-        used = {e for e, c in enumerate(counts) if c}
-        self.used += len(used)
-        self.predicted_used += len(used & predicted)
-        # Per (token, slot) pair: a hot expert weighs by its tokens, a rarely used one by its few.
-        self.pairs_used += sum(counts)
-        self.predicted_pairs_used += sum(counts[e] for e in predicted)
-
     async def finish(self, request_id: str, plan: LayerPlan) -> tuple[torch.Tensor | None, torch.Tensor]:
         """MoE of the last layer; logits if this agent owns the step's last position (with
         all_logits: of every new token it owns)."""
@@ -294,21 +282,18 @@ class AgentCore:
         """Become the request's home for decode: my prefill K/V moves into a preallocated cache and
         the sources' (name, address) K/V is pulled in the background; returns my rows. With
         `here`, no prefill ran: decode steps bring the prompt in spans."""
-        if here:
-            return self.decoder.kv.adopt(request_id, capacity, prompt, {}, sources, here=True)
-        state = self.requests.pop(request_id, None)
+        state = None if here else self.requests.pop(request_id, None)
         own: dict[int, KVShard] = {}
         if state is not None:
             state.commit_step()
             own = state.kv
             await state.release()
-        return self.decoder.kv.adopt(request_id, capacity, prompt, own, sources)
+        return self.decoder.kv.adopt(request_id, capacity, prompt, own, sources, here)
 
     def fetch_kv(self, request_id: str, layer: int, chunk: int) -> tuple[KVShard, int]:
         """Chunk `chunk` of my K/V rows of `layer` for the request's home, and the number of chunks."""
         state = self._state(request_id)
-        if state.step is not None:
-            state.commit_step()  # the prefill's last step is over: its K/V is final
+        state.commit_step()  # the prefill's last step is over: its K/V is final
         if not 0 <= layer < self.cfg.num_layers:
             raise ValueError(f"layer {layer} is outside [0, {self.cfg.num_layers})")
         shard = state.kv.get(layer)
@@ -389,19 +374,10 @@ class AgentCore:
                 early.out.cancel()
         outs = await asyncio.gather(*jobs, *self._run_on_executors(request_id, st, layer, subs))
 
-        def combine() -> torch.Tensor:
-            h = st.hidden.clone()
-            for rows, out in outs:
-                h.index_add_(0, rows, out)
-            return h
-
-        st.hidden = await self.compute(combine)
+        st.hidden = await self.compute(slots.with_rows, st.hidden, outs)
         st.moe_in, st.route = None, None
 
     @staticmethod
     async def _early_share(out: asyncio.Future[slots.SlotOutputs], experts: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
         return (await out).only(experts)
 
-
-async def _with_rows(rows: torch.Tensor, out: Awaitable[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    return rows, await out

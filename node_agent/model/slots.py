@@ -25,12 +25,6 @@ def with_rows(h: torch.Tensor, done: Sequence[tuple[torch.Tensor, torch.Tensor]]
     return h
 
 
-def only_experts(ids: torch.Tensor, experts: Sequence[int]) -> torch.Tensor:
-    """ids [n, k] with every slot naming an expert outside `experts` set to -1 (skipped)."""
-    inside = torch.isin(ids, torch.tensor(list(experts), dtype=ids.dtype))
-    return torch.where(inside, ids, torch.full_like(ids, -1))
-
-
 def mix_experts(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, experts: Mapping[int, ExpertWeights]
                 ) -> torch.Tensor | None:
     """Weighted sum [n, D] of the experts in `experts` over the (token, slot) pairs of ids [n, k]
