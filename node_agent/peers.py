@@ -20,7 +20,8 @@ import torch
 from node_agent.state import KVShard
 from node_agent.throttle import Throttle
 from protos.convert import (attend_reply_from_proto, attend_to_proto, expert_batch_to_proto, expert_result_from_proto,
-                            failed_agent_from_metadata, fetch_kv_to_proto, kv_block_from_proto, kv_block_to_proto)
+                            failed_agent_from_metadata, fetch_kv_to_proto, kv_block_from_proto, kv_block_to_proto,
+                            tensor_nbytes)
 from protos.limits import CHANNEL_OPTIONS, CHUNK_BYTES
 from protos.messages import ExpertBatch, KVBlock
 from protos.potluck.v1 import agent_pb2 as pb
@@ -63,7 +64,7 @@ class Link:
     async def send(self, *tensors: pb.Tensor, background: bool = False) -> None:
         """Pace a message's tensor bytes through the send queue (bandwidth only, no latency);
         background bytes (a bulk transfer) yield to the others (see throttle.py)."""
-        n = sum(len(t.data) for t in tensors)
+        n = sum(tensor_nbytes(t) for t in tensors)
         await self.throttle.pace_async(n, background=background)
         self.bytes_sent += n
 
@@ -83,7 +84,7 @@ class Link:
         them out, so the receive queue books them as begun one transfer time (at this link's
         rate) ago. A lone message between agents of one rate then costs n/R, not 2n/R, and
         messages converging on one receiver queue behind each other on its downlink."""
-        n = sum(len(t.data) for t in tensors)
+        n = sum(tensor_nbytes(t) for t in tensors)
         rate = self.receive_throttle.rate
         await self.receive_throttle.pace_async(n, ago_s=n / rate if rate > 0 else 0.0, background=background)
         self.bytes_received += n
