@@ -42,8 +42,9 @@ from node_agent.model import moe, slots
 from node_agent.model.config import MoeConfig
 from node_agent.state import KVShard, UnknownRequest
 from protos.ids import ExpertId, NodeId
-from protos.messages import DecodeSpan
+from protos.messages import DecodeResult, DecodeSpan, TokenEvent
 from protos.routing import RoutingTable
+from protos.sampling import sample
 
 Rows = tuple[torch.Tensor, torch.Tensor]  # (token rows [m], their expert output [m, D]) to add to h
 
@@ -83,6 +84,7 @@ class _Run:
     h: torch.Tensor | None = None  # [T, D] residual stream after the layers run so far
     done: list[Rows] = field(default_factory=list)  # remote outputs still to add to h
     logits: torch.Tensor | None = None  # [B, V] once the step is through
+    tokens: tuple[TokenEvent | None, ...] = ()  # sampled after each span (None inside a prompt), with the logits
     split: frozenset[int] = frozenset()  # spans attending at `layer` over prompt K/V still at its sources
     paused: tuple[torch.Tensor, torch.Tensor] | None = None  # (h, attn) of `layer`, waiting on split partials
     partials: dict[int, list[Partial]] = field(default_factory=dict)  # span -> its partials at `layer`
@@ -136,6 +138,7 @@ class Decoder:
         self.remote_experts = 0  # (layer, expert) runs sent to remote holders
         self.split_attention = 0  # (layer, request) attentions over prompt K/V still at its sources
         self.round_trip_s = round_trip_s  # a synchronous wait on peers, as last measured
+        self._one_step = asyncio.Lock()  # steps run one at a time, in the order they became ready
 
     def set_table(self, table: RoutingTable) -> None:
         if table.version >= self.table.version:  # a late, older table never replaces a newer one
@@ -150,6 +153,7 @@ class Decoder:
             raise ValueError("a decode step needs at least one span")
         seen: set[str] = set()
         caches, starts, row = [], [], 0
+        resolved: list[DecodeSpan] = []  # a span that follows the home's sample, with that token
         for span in spans:
             rid = span.request_id
             cache = self.kv.caches.get(rid)
@@ -157,8 +161,14 @@ class Decoder:
                 raise UnknownRequest(f"request {rid!r} does not decode on agent {self.name!r}")
             if rid in seen:
                 raise ValueError(f"request {rid!r} appears twice in one decode step")
-            if not span.token_ids:
-                raise ValueError(f"the span of {rid!r} has no tokens")
+            if span.follows:
+                if cache.sampled is None:
+                    raise ValueError(f"the span of {rid!r} follows the token sampled in its last step, but that "
+                                     f"step sampled none (it ended inside the prompt, or none ran)")
+                span = DecodeSpan(request_id=rid, token_ids=(cache.sampled,), position=span.position)
+                resolved.append(span)
+            else:
+                resolved.append(span)
             bad = [t for t in span.token_ids if not 0 <= t < self.cfg.vocab_size]
             if bad:
                 raise ValueError(f"token id {bad[0]} of {rid!r} is outside [0, {self.cfg.vocab_size})")
@@ -170,12 +180,38 @@ class Decoder:
             caches.append(cache)
             starts.append(row)
             row += len(span.token_ids)
-        token_ids = torch.tensor([t for s in spans for t in s.token_ids])
-        positions = torch.cat([torch.arange(s.position, s.end) for s in spans])
-        return DecodeBatch(tuple(spans), token_ids, positions, tuple(caches), tuple(starts))
+        token_ids = torch.tensor([t for s in resolved for t in s.token_ids])
+        positions = torch.cat([torch.arange(s.position, s.end) for s in resolved])
+        return DecodeBatch(tuple(resolved), token_ids, positions, tuple(caches), tuple(starts))
 
-    async def step(self, batch: DecodeBatch) -> tuple[torch.Tensor, int]:
-        """Logits [B, V] (float32) after each span's last token, and the round trips it made."""
+    async def run(self, spans: Sequence[DecodeSpan], logits: bool = False) -> DecodeResult:
+        """One step of the requests homed here, after every earlier step of the same requests
+        (the scheduler sends a step before the reply of the one its spans follow): each span's
+        sampled token, the round trips, the requests whose prompt K/V is now all here, and with
+        `logits` each span's logits. Steps run one at a time."""
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        before = set()
+        for span in spans:
+            cache = self.kv.caches.get(span.request_id)
+            if cache is not None:
+                if cache.last_step is not None and not cache.last_step.done():
+                    before.add(cache.last_step)
+                cache.last_step = done
+        try:
+            if before:
+                await asyncio.wait(before)
+            async with self._one_step:
+                batch = self.batch(spans)
+                out, trips, tokens = await self.step(batch)
+            gathered = self.kv.newly_gathered([s.request_id for s in batch.spans])
+            return DecodeResult(tokens=tokens, round_trips=trips, gathered=tuple(gathered),
+                                logits=out if logits else None)
+        finally:
+            done.set_result(None)
+
+    async def step(self, batch: DecodeBatch) -> tuple[torch.Tensor, int, tuple[TokenEvent | None, ...]]:
+        """Logits [B, V] (float32) after each span's last token, the round trips it made, and the
+        token sampled after each span that reaches past its prompt."""
         loop = asyncio.get_running_loop()
         cos, sin = self.rope.at(batch.positions)
         run = _Run(batch, cos, sin)
@@ -219,7 +255,7 @@ class Decoder:
             self.tokens += decoded
             self.round_trips += trips
         assert run.logits is not None
-        return run.logits, trips
+        return run.logits, trips, run.tokens
 
     def _run_layers(self, loop: asyncio.AbstractEventLoop, dispatch: _Dispatch, run: _Run) -> None:
         """On the compute thread: layers from `run.layer` on, until one hands experts to the event
@@ -353,7 +389,14 @@ class Decoder:
         assert run.h is not None
         h, run.done = slots.with_rows(run.h, run.done), []
         with _torch_threads(self.threads):
-            return moe.final_logits(self.dense, self.cfg, h[run.batch.last_rows])
+            logits = moe.final_logits(self.dense, self.cfg, h[run.batch.last_rows])
+        tokens: list[TokenEvent | None] = []
+        for row, span, cache in zip(logits, run.batch.spans, run.batch.caches):
+            token = sample(row, cache.sampling, cache.generator) if span.end >= cache.prompt else None
+            cache.sampled = None if token is None else token.token_id
+            tokens.append(token)
+        run.tokens = tuple(tokens)
+        return logits
 
     def _threads(self, rows: int) -> int | None:
         """Torch threads of a job over `rows` tokens (None: the agent's own)."""

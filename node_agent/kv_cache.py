@@ -21,6 +21,7 @@ import torch
 from node_agent.model.config import MoeConfig
 from node_agent.peers import PeerFailed
 from node_agent.state import KVShard
+from protos.messages import SamplingParams
 
 
 class KVNotReady(RuntimeError):
@@ -45,6 +46,10 @@ class KVCache:
     layer_s: float | None = None  # seconds one layer's pull took, the last one measured
     pulled_at: float = 0.0  # monotonic time the last layer came in (or the pull began)
     reported: bool = False  # the scheduler has heard that every row is in
+    sampling: SamplingParams = SamplingParams(max_tokens=1)  # how the home samples the request's tokens
+    generator: torch.Generator = field(default_factory=torch.Generator)  # its randomness, continued from the scheduler's
+    sampled: int | None = None  # the token sampled after its last step (a span that follows feeds it)
+    last_step: asyncio.Future[None] | None = None  # done when the last step accepted with it is over
 
     @classmethod
     def allocate(cls, cfg: MoeConfig, capacity: int, prompt: int, dtype: torch.dtype, here: bool = False) -> KVCache:
@@ -128,10 +133,13 @@ class HomeCaches:
         self.caches: dict[str, KVCache] = {}
 
     def adopt(self, request_id: str, capacity: int, prompt: int, own: dict[int, KVShard],
-              sources: Sequence[tuple[str, str]], here: bool = False) -> int:
+              sources: Sequence[tuple[str, str]], here: bool = False,
+              sampling: tuple[SamplingParams, torch.Generator] | None = None) -> int:
         """Become the request's home: a cache for `capacity` positions holding my own prefill
         shard now and the sources' (name, address) shards as they arrive; returns my rows. With
-        `here`, no prefill ran: the steps' spans bring the prompt from position 0."""
+        `here`, no prefill ran: the steps' spans bring the prompt from position 0. Its tokens are
+        sampled with `sampling`'s parameters and generator (default: temperature 1, a fresh
+        generator)."""
         if not 0 < prompt <= capacity <= self.cfg.max_positions:
             raise ValueError(f"K/V capacity {capacity} must hold the prompt ({prompt} tokens) and fit the "
                              f"model's context ({self.cfg.max_positions})")
@@ -140,6 +148,8 @@ class HomeCaches:
         if here and (own or sources):
             raise ValueError(f"request {request_id!r} has prefill K/V: its prompt cannot be prefilled on its home")
         cache = KVCache.allocate(self.cfg, capacity, prompt, self.dtype, here)
+        if sampling is not None:
+            cache.sampling, cache.generator = sampling
         for layer, shard in own.items():
             cache.put(layer, shard)
         self.caches[request_id] = cache

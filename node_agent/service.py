@@ -43,6 +43,7 @@ from protos.messages import AgentInfo, CacheCounters, CacheState, KVBlock, StepB
 from protos.potluck.v1 import agent_pb2 as pb
 from protos.potluck.v1 import agent_pb2_grpc as pb_grpc
 from protos.ids import ExpertId, NodeId, model_fingerprint
+from protos.sampling import generator_from_state, make_generator
 
 log = logging.getLogger("potluck.agent")
 
@@ -210,13 +211,16 @@ class Servicer(pb_grpc.NodeAgentServicer):
 
     async def AdoptKV(self, request: pb.AdoptKVRequest, context: Any) -> pb.AdoptKVReply:
         a = adopt_kv_from_proto(request)
-        rows = await self.core.adopt_kv(a.request_id, a.capacity, a.prompt_tokens, a.sources, a.prefill_here)
+        generator = generator_from_state(a.generator_state) if a.generator_state else make_generator(a.sampling.seed)
+        rows = await self.core.adopt_kv(a.request_id, a.capacity, a.prompt_tokens, a.sources, a.prefill_here,
+                                        (a.sampling, generator))
         return adopt_kv_reply_to_proto(rows)
 
     async def DecodeStep(self, request: pb.DecodeStepRequest, context: Any) -> pb.DecodeStepReply:
-        logits, trips, gathered = await self.core.decode_step(decode_step_from_proto(request))
-        reply = decode_step_reply_to_proto(logits, trips, gathered)
-        await self.link.send(reply.logits)
+        spans, logits = decode_step_from_proto(request)
+        reply = decode_step_reply_to_proto(await self.core.decode_step(spans, logits))
+        if logits:
+            await self.link.send(reply.logits)
         return reply
 
     async def FetchKV(self, request: pb.FetchKVRequest, context: Any) -> pb.KVBlock:

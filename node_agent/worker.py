@@ -30,7 +30,7 @@ from node_agent.recall import PredictionRecall
 from node_agent.state import DirectSends, EarlyExperts, KVShard, Peer, RequestState, StepState, UnknownRequest
 from node_agent.throttle import ComputePacer
 from protos.ids import ExpertId, NodeId
-from protos.messages import DecodeSpan, LayerReport
+from protos.messages import DecodeResult, DecodeSpan, LayerReport, SamplingParams
 from protos.routing import RoutingTable
 
 log = logging.getLogger(__name__)
@@ -279,17 +279,18 @@ class AgentCore:
     # Decode (node_agent/decode.py) -------------------------------------------------------------
 
     async def adopt_kv(self, request_id: str, capacity: int, prompt: int, sources: Sequence[tuple[str, str]],
-                       here: bool = False) -> int:
+                       here: bool = False, sampling: tuple[SamplingParams, torch.Generator] | None = None) -> int:
         """Become the request's home for decode: my prefill K/V moves into a preallocated cache and
         the sources' (name, address) K/V is pulled in the background; returns my rows. With
-        `here`, no prefill ran: decode steps bring the prompt in spans."""
+        `here`, no prefill ran: decode steps bring the prompt in spans. Its tokens are sampled here
+        with `sampling` (parameters and generator)."""
         state = None if here else self.requests.pop(request_id, None)
         own: dict[int, KVShard] = {}
         if state is not None:
             state.commit_step()
             own = state.kv
             await state.release()
-        return self.decoder.kv.adopt(request_id, capacity, prompt, own, sources, here)
+        return self.decoder.kv.adopt(request_id, capacity, prompt, own, sources, here, sampling)
 
     def fetch_kv(self, request_id: str, layer: int, chunk: int) -> tuple[KVShard, int]:
         """Chunk `chunk` of my K/V rows of `layer` for the request's home, and the number of chunks."""
@@ -306,12 +307,9 @@ class AgentCore:
         rows = chunks[chunk]
         return KVShard(shard.k[rows], shard.v[rows], shard.pos[rows]), len(chunks)
 
-    async def decode_step(self, spans: Sequence[DecodeSpan]) -> tuple[torch.Tensor, int, list[str]]:
-        """Logits [B, V] of one step of the requests homed here (after each span's last token),
-        the round trips it made, and the requests whose prompt K/V is now all here."""
-        batch = self.decoder.batch(spans)
-        logits, trips = await self.decoder.step(batch)
-        return logits, trips, self.decoder.kv.newly_gathered([s.request_id for s in batch.spans])
+    async def decode_step(self, spans: Sequence[DecodeSpan], logits: bool = False) -> DecodeResult:
+        """One step of the requests homed here (Decoder.run)."""
+        return await self.decoder.run(spans, logits)
 
     def set_routing_table(self, table: RoutingTable) -> None:
         self.decoder.set_table(table)

@@ -10,7 +10,9 @@ back (round-trip tested). The scheduler re-exports the ones its decisions use (s
     Forward(RoutingPlan) --- ForwardRequest --> LayerPlan (node_agent/dispatch.py: its own share)
     LayerReport          <-- ForwardReply -----
     CacheState           <-- CacheStateReply --
-    AdoptKV              --- AdoptKVRequest --->
+    AdoptKV(SamplingParams, generator) --- AdoptKVRequest --->
+    DecodeSpan           --- DecodeStepRequest ->  (the home samples: protos/sampling.py)
+    DecodeResult(TokenEvent) <-- DecodeStepReply --
                                                 agent <-> agent: KVBlock, ExpertBatch
 
 Messages of one to three fields go on the wire from plain values instead (see convert.py).
@@ -182,6 +184,29 @@ class CacheState:
 
 
 @dataclass(frozen=True)
+class SamplingParams:
+    """How to pick tokens (SamplingParams). Validated by the server before it gets here."""
+
+    max_tokens: int  # new tokens at most (>= 1)
+    temperature: float = 1.0  # 0 means greedy
+    top_p: float = 1.0  # nucleus mass in (0, 1]
+    seed: int | None = None  # makes sampling reproducible
+    stop_token_ids: frozenset[int] = frozenset()  # end-of-sequence ids; not emitted as text
+    logprobs: bool = False  # report the chosen token's log-probability
+    top_logprobs: int = 0  # and this many alternatives (0..20)
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    """One generated token (SampledToken), as the engine yields it to the server."""
+
+    token_id: int
+    logprob: float | None = None  # natural log; None unless asked for
+    top_logprobs: tuple[tuple[int, float], ...] = ()  # (token id, logprob), best first
+    is_stop: bool = False  # the token is an end-of-sequence id (finish_reason "stop")
+
+
+@dataclass(frozen=True)
 class AdoptKV:
     """Make an agent a request's home for decode (AdoptKVRequest)."""
 
@@ -190,6 +215,8 @@ class AdoptKV:
     prompt_tokens: int  # positions 0..prompt_tokens-1 must all arrive
     sources: tuple[tuple[NodeId, str], ...]  # (name, gRPC address) of the other agents holding its K/V
     prefill_here: bool = False  # no prefill ran: the home computes the prompt in decode steps' spans
+    sampling: SamplingParams = SamplingParams(max_tokens=1)  # how the home samples its tokens
+    generator_state: bytes = b""  # its torch.Generator's state (get_state()), after the scheduler's samples
 
 
 @dataclass(frozen=True)
@@ -203,8 +230,23 @@ class DecodeSpan:
 
     @property
     def end(self) -> int:
-        """The position after its last token."""
-        return self.position + len(self.token_ids)
+        """The position after its last token (a span that follows the home's sample: one token)."""
+        return self.position + max(1, len(self.token_ids))
+
+    @property
+    def follows(self) -> bool:
+        """Its token is the one the home sampled for the request in its previous step."""
+        return not self.token_ids
+
+
+@dataclass(frozen=True, eq=False)  # tensors: compare field by field
+class DecodeResult:
+    """What one decode step gives back (DecodeStepReply)."""
+
+    tokens: tuple[TokenEvent | None, ...]  # tokens[i] sampled after spans[i]; None inside a prompt
+    round_trips: int  # synchronous waits on peers the step made
+    gathered: tuple[str, ...] = ()  # requests whose prompt K/V is now all on the home
+    logits: torch.Tensor | None = None  # [n, V] float32 after each span, when asked for
 
 
 @dataclass(frozen=True, eq=False)  # tensors: compare field by field

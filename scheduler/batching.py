@@ -10,12 +10,20 @@
          last chunk its first token is sampled, a home agent is chosen (`choose_home`), the home
          adopts the prompt's K/V (AdoptKV), and the routing tables are refreshed
       2. one DecodeStep per home agent, in parallel, with a span of every request homed there:
-         a decoding request's last token (its next token is sampled from its row of logits, with
-         its own generator, as it would be alone), or the next chunk of a prompt prefilled there
-         (whole prompts while nothing decodes, else at most `prefill_chunk` prompt tokens in the
-         turn, step 1's included); after its last chunk its first token is sampled. After a
-         request's first decode step the home holds all of its K/V and the other agents release
-         it.
+         a decoding request's next token, or the next chunk of a prompt prefilled there (whole
+         prompts while nothing decodes, else at most `prefill_chunk` prompt tokens in the turn,
+         step 1's included). The home samples each request's tokens (after its last prompt
+         chunk, its first) with the request's parameters and generator, handed over in AdoptKV,
+         so a request draws what it would draw alone. After a request's first decode step the
+         home holds all of its K/V and the other agents release it.
+      3. the replies of the previous turn's steps: tokens to their consumers, ended requests out.
+
+Steps are pipelined: a turn sends its steps before it waits for the previous turn's, and a
+request whose last token is still being sampled takes part with a span that follows it (the home
+feeds the token it sampled, once the step before is over). The home thus goes from one step to
+the next without waiting for the scheduler; the price is at most one token computed in vain
+after a stop token (never past max_tokens), and a request that ends is released once no step
+with it is in flight.
 
 The scheduler is not in the layer loop of decode: a step is one call per home agent. Agents are
 reached through the `AgentClient`s the cluster callback hands out, so tests and the engine
@@ -38,8 +46,10 @@ from scheduler.errors import NoAgentsAvailable
 from scheduler.partition import after_step, chunk_step
 from scheduler.policy import Policy
 from scheduler.runner import ClusterView, RequestRunner
-from scheduler.sampling import make_generator, sample
+from protos.sampling import make_generator, sample
 from scheduler.types import DecodeSpan, GenerationRequest, NodeId, TokenEvent
+from protos.messages import DecodeResult
+from protos.sampling import generator_state, make_generator, sample
 
 log = logging.getLogger("potluck.scheduler")
 
@@ -77,11 +87,15 @@ class _Seq:
     at_home: bool = False  # its home prefills the prompt in decode steps (else sequence-parallel)
     opened: bool = False  # at_home: the home has its cache (AdoptKV)
     home: AgentClient | None = None  # set once it decodes (at_home: once admitted)
-    last_token: int = -1  # the token the next decode step feeds
-    position: int = 0  # its position
-    produced: int = 0  # tokens sampled
+    last_token: int = -1  # the last token sampled (the next span feeds it unless it is still coming)
+    position: int = 0  # where its next span starts
+    produced: int = 0  # tokens sampled and handed to the consumer
+    coming: int = 0  # tokens steps in flight will sample
+    in_flight: int = 0  # steps in flight that include it
     sources_released: bool = False  # the other agents dropped its prompt K/V (the home has it)
     cancelled: bool = False  # the consumer left
+    ended: bool = False  # out of the loop; released once no step with it is in flight
+    released: bool = False  # its release is under way
     gone: asyncio.Event = field(default_factory=asyncio.Event)  # out of the loop and released
 
     @property
@@ -90,7 +104,7 @@ class _Seq:
 
     @property
     def generating(self) -> bool:
-        """Past its prompt: its steps decode tokens."""
+        """Its whole prompt is sent: its next steps decode tokens."""
         return self.home is not None and self.prefilled == len(self.request.prompt_token_ids)
 
 
@@ -108,6 +122,7 @@ class Batcher:
         self._outbox: list[tuple[_Seq, TokenEvent | BaseException | None]] = []  # to consumers, in order
         self._task: asyncio.Task[None] | None = None
         self._releases: set[asyncio.Task[None]] = set()
+        self._in_flight: list[asyncio.Future[bool]] = []  # the last turn's steps (True: a prompt got done)
 
     # The consumer's side -----------------------------------------------------------------------
 
@@ -142,6 +157,9 @@ class Batcher:
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
+        for call in self._in_flight:
+            call.cancel()
+        await asyncio.gather(*self._in_flight, return_exceptions=True)
         self._flush()
         await asyncio.gather(*self._releases, return_exceptions=True)
 
@@ -152,13 +170,13 @@ class Batcher:
             self._flush()
             await self._wake.wait()
             self._wake.clear()
-            while self.waiting or self.running:
+            while self.waiting or self.running or self._in_flight:
                 await self.step()
 
     async def step(self) -> None:
         """One turn: drop what was cancelled, admit (opening the caches of prompts prefilled on
         their home), one sequence-parallel prefill step, one decode step per home (with its
-        requests' next tokens and prompt chunks)."""
+        requests' next tokens and prompt chunks), then the previous turn's decode replies."""
         for seq in [s for s in self.running if s.cancelled]:
             self._finish(seq, None)
         self._admit()
@@ -172,12 +190,34 @@ class Batcher:
             self._flush()
             ran = await self._prefill(prefilling, chunked=any(s.home is not None for s in self.running))
             budget = None if budget is None else max(0, budget - ran)
+        homes = self._spans(budget)
+        previous, self._in_flight = self._in_flight, [asyncio.ensure_future(self._decode(g)) for g in homes.values()]
+        # The last turn's tokens go to their consumers (who format and stream them) once this
+        # turn's calls are on their way: one turn of the event loop lets each call schedule its
+        # send, and the consumers, woken after, run behind it, while the agents compute.
+        await asyncio.sleep(0)
+        self._flush()
+        if not previous and self._in_flight:  # the first turn: its replies are awaited by the next
+            return
+        prompts_done = any(await asyncio.gather(*previous))
+        self._flush()
+        if prompts_done and self.on_prefilled is not None:  # as after a sequence-parallel prefill
+            await self.on_prefilled()
+
+    def _spans(self, budget: int | None) -> dict[NodeId, list[tuple[_Seq, DecodeSpan]]]:
+        """This turn's span of every request that has one, by home: its next token (the one its
+        last step is sampling, if that step is still in flight), or its prompt's next chunk within
+        `budget` prompt tokens (None: no limit)."""
         homes: dict[NodeId, list[tuple[_Seq, DecodeSpan]]] = {}
         for s in self.running:
             if s.home is None or s.cancelled or (s.at_home and not s.opened):
                 continue
             if s.generating:
-                span = DecodeSpan(request_id=s.rid, token_ids=(s.last_token,), position=s.position)
+                if s.produced + s.coming >= s.request.sampling.max_tokens:
+                    continue  # its last token is on its way
+                token_ids = () if s.coming else (s.last_token,)  # () follows the home's sample
+                span = DecodeSpan(request_id=s.rid, token_ids=token_ids, position=s.position)
+                s.coming += 1
             else:
                 prompt = s.request.prompt_token_ids
                 end = len(prompt) if budget is None else min(len(prompt), s.prefilled + budget)
@@ -185,21 +225,12 @@ class Batcher:
                     continue  # no prompt budget left this turn
                 budget = None if budget is None else budget - (end - s.prefilled)
                 span = DecodeSpan(request_id=s.rid, token_ids=prompt[s.prefilled:end], position=s.prefilled)
+                s.prefilled = end
+                s.coming += end == len(prompt)  # the home samples its first token
+            s.position = span.end
+            s.in_flight += 1
             homes.setdefault(s.home.name, []).append((s, span))
-        if not homes:
-            self._flush()
-            return
-        steps = [asyncio.ensure_future(self._decode(group)) for group in homes.values()]
-        # The last step's tokens go to their consumers (who format and stream them) once this
-        # step's calls are on their way: one turn lets each call schedule its send, and the
-        # consumers, woken after, run behind it, while the agents compute.
-        await asyncio.sleep(0)
-        self._flush()
-        await asyncio.gather(*steps)
-        prompts_done = any(s.generating and span.position < len(s.request.prompt_token_ids)
-                           for group in homes.values() for s, span in group)
-        if prompts_done and self.on_prefilled is not None:  # as after a sequence-parallel prefill
-            await self.on_prefilled()
+        return homes
 
     def _admit(self) -> None:
         while self.waiting and len(self.running) < self.settings.max_running:
@@ -233,7 +264,8 @@ class Batcher:
         prompt = len(seq.request.prompt_token_ids)
         try:
             await seq.home.adopt_kv(seq.rid, prompt + seq.request.sampling.max_tokens - 1, prompt, [],
-                                    prefill_here=True)
+                                    prefill_here=True, sampling=seq.request.sampling,
+                                    generator_state=generator_state(seq.generator))
             seq.opened = True
         except Exception as exc:
             log.error("request %s failed opening its cache on %s: %s", seq.rid, seq.home.name, exc)
@@ -252,7 +284,7 @@ class Batcher:
             seq.cached, seq.steps, seq.prefilled = after_step(plan), seq.steps + 1, end
             if end < len(prompt):
                 return end - start
-            event = self._emit(seq, logits[-1])
+            event = self._emit(seq, sample(logits[-1], seq.request.sampling, seq.generator))
             self._flush()  # the first token goes out now, not after the home has adopted the K/V
             if not self._done(seq, event):
                 await self._adopt(seq, event.token_id)
@@ -267,41 +299,50 @@ class Batcher:
         prompt = len(seq.request.prompt_token_ids)
         home = seq.runner.agents[choose_home(seq.members, self._homes(), seq.cached)]
         sources = [(n, seq.runner.agents[n].spec.address) for n in seq.members if n != home.name and seq.cached.get(n)]
-        await home.adopt_kv(seq.rid, prompt + seq.request.sampling.max_tokens - 1, prompt, sources)
+        await home.adopt_kv(seq.rid, prompt + seq.request.sampling.max_tokens - 1, prompt, sources,
+                            sampling=seq.request.sampling, generator_state=generator_state(seq.generator))
         seq.home, seq.last_token, seq.position = home, token, prompt
         if self.on_prefilled is not None:
             await self.on_prefilled()
 
-    async def _decode(self, group: list[tuple[_Seq, DecodeSpan]]) -> None:
-        """One step of the requests homed on one agent (a token each, or a chunk of a prompt)."""
+    async def _decode(self, group: list[tuple[_Seq, DecodeSpan]]) -> bool:
+        """One step of the requests homed on one agent (a token each, or a chunk of a prompt);
+        returns whether a prompt prefilled there got done."""
         home = group[0][0].home
         assert home is not None
         try:
-            logits, _, gathered = await home.decode_step([span for _, span in group])
+            result: DecodeResult | None = await home.decode_step([span for _, span in group])
         except Exception as exc:
             log.error("decode step on %s failed: %s", home.name, exc)
-            for s, _ in group:
-                self._finish(s, exc)
-            return
-        for (s, span), row in zip(group, logits):
-            if s.cancelled:
-                continue  # dropped at the start of the next turn
-            if not s.sources_released and s.rid in gathered:  # its prompt K/V is all on the home
+            result, error = None, exc
+        prompts_done = False
+        for i, (s, span) in enumerate(group):
+            s.in_flight -= 1
+            token = None if result is None else result.tokens[i]
+            if result is None:
+                s.coming = 0
+                if not s.ended:
+                    self._finish(s, error)
+            elif token is not None:
+                s.coming -= 1
+            if s.ended:  # cancelled, or stopped while this step was in flight: its token is dropped
+                self._release_ended(s)
+                continue
+            assert result is not None
+            if not s.sources_released and s.rid in result.gathered:  # its prompt K/V is all on the home
                 self._release(s, [n for n in s.members if n != home.name])
                 s.members, s.sources_released = [home.name], True
-            s.position = span.end
-            if not s.generating:
-                s.prefilled = span.end
-                if not s.generating:
-                    continue  # more of its prompt to come
-            event = self._emit(s, row)
-            s.last_token = event.token_id
-            self._done(s, event)
+            if token is None:
+                continue  # more of its prompt to come
+            prompts_done |= span.position < len(s.request.prompt_token_ids)
+            self._emit(s, token)
+            s.last_token = token.token_id
+            self._done(s, token)
+        return prompts_done
 
     # Ends ----------------------------------------------------------------------------------------
 
-    def _emit(self, seq: _Seq, logits: torch.Tensor) -> TokenEvent:
-        event = sample(logits, seq.request.sampling, seq.generator)
+    def _emit(self, seq: _Seq, event: TokenEvent) -> TokenEvent:
         seq.produced += 1
         self._outbox.append((seq, event))
         return event
@@ -321,10 +362,20 @@ class Batcher:
 
     def _finish(self, seq: _Seq, error: BaseException | None) -> None:
         """Out of the loop; its consumer hears the end (or the error); every agent holding its
-        state releases it in the background."""
+        state releases it in the background, once no step with it is in flight."""
         if seq in self.running:
             self.running.remove(seq)
         self._outbox.append((seq, error))
+        seq.ended = True
+        self._release_ended(seq)
+
+    def _release_ended(self, seq: _Seq) -> None:
+        if seq.in_flight or seq.released:
+            return  # the home still runs a step with it (its reply comes back here), or done
+        seq.released = True
+        if seq.runner is None:
+            seq.gone.set()
+            return
         task = self._release(seq, seq.members)
         task.add_done_callback(lambda _: seq.gone.set())
 

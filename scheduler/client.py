@@ -19,7 +19,7 @@ from protos.convert import (adopt_kv_reply_from_proto, adopt_kv_to_proto, begin_
                             finish_to_proto, forward_to_proto, info_from_proto, layer_report_from_proto,
                             release_to_proto, routing_table_to_proto, step_begun_from_proto)
 from protos.limits import CHANNEL_OPTIONS
-from protos.messages import AdoptKV, BeginStep, CacheState, DecodeSpan, Forward, Peer
+from protos.messages import AdoptKV, BeginStep, CacheState, DecodeResult, DecodeSpan, Forward, Peer, SamplingParams
 from protos.messages import AgentInfo as AgentInfo
 from protos.messages import StepBegun as StepBegun
 from protos.potluck.v1 import agent_pb2 as pb
@@ -90,27 +90,33 @@ class AgentClient:
         return finish_reply_from_proto(r)
 
     async def adopt_kv(self, request_id: str, capacity: int, prompt_tokens: int,
-                       sources: Sequence[tuple[NodeId, str]], prefill_here: bool = False) -> int:
+                       sources: Sequence[tuple[NodeId, str]], prefill_here: bool = False,
+                       sampling: SamplingParams = SamplingParams(max_tokens=1), generator_state: bytes = b"") -> int:
         """Make this agent the request's home for decode (it pulls the prompt's K/V from the
         (name, address) sources in the background; with prefill_here, no prefill ran and decode
-        steps bring the prompt); returns the K/V rows it held already."""
+        steps bring the prompt); it samples the request's tokens with `sampling` and the generator
+        saved in `generator_state` (empty: seeded from sampling.seed). Returns the K/V rows it
+        held already."""
         adopt = AdoptKV(request_id=request_id, capacity=capacity, prompt_tokens=prompt_tokens, sources=tuple(sources),
-                        prefill_here=prefill_here)
+                        prefill_here=prefill_here, sampling=sampling, generator_state=generator_state)
         r = await self._call("AdoptKV", adopt_kv_to_proto(adopt))
         assert isinstance(r, pb.AdoptKVReply)
         return adopt_kv_reply_from_proto(r)
 
-    async def decode_step(self, spans: Sequence[DecodeSpan]) -> tuple[torch.Tensor, int, list[RequestId]]:
-        """Logits [n, V] of one decode step of the requests homed here (row i after the last
-        token of spans[i]), the round trips to peers the step made, and the requests whose
-        prompt K/V is now all on the home (their other agents may release it)."""
-        r = await self._call("DecodeStep", decode_step_to_proto(spans))
+    async def decode_step(self, spans: Sequence[DecodeSpan], logits: bool = False) -> DecodeResult:
+        """One decode step of the requests homed here: the token sampled after each span (None
+        for a span inside its prompt), the round trips to peers the step made, the requests whose
+        prompt K/V is now all on the home (their other agents may release it), and with `logits`
+        the logits [n, V] after each span."""
+        r = await self._call("DecodeStep", decode_step_to_proto(spans, logits))
         assert isinstance(r, pb.DecodeStepReply)
-        logits, trips, gathered = decode_step_reply_from_proto(r)
-        if logits.dim() != 2 or logits.shape[0] != len(spans):
-            raise AgentFailed(f"agent {self.spec.name} returned logits of shape {list(logits.shape)} for "
-                              f"{len(spans)} spans", self.spec.name, self.spec.address)
-        return logits, trips, gathered
+        result = decode_step_reply_from_proto(r)
+        if len(result.tokens) != len(spans) or (logits and (result.logits is None or result.logits.dim() != 2
+                                                             or result.logits.shape[0] != len(spans))):
+            shape = None if result.logits is None else list(result.logits.shape)
+            raise AgentFailed(f"agent {self.spec.name} answered {len(spans)} spans with {len(result.tokens)} tokens "
+                              f"and logits of shape {shape}", self.spec.name, self.spec.address)
+        return result
 
     async def set_routing_table(self, table: RoutingTable, num_experts: int) -> None:
         await self._call("SetRoutingTable", routing_table_to_proto(table, num_experts), 5.0)

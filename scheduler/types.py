@@ -4,10 +4,11 @@
     prefill step (RequestRunner):   StepPlan (policy.partition, chunk_step) -> BeginStep on agents
                   per MoE layer:    LayerReport per agent -> RoutingPlan (policy.route: token
                                     scheduling under the cost model) + prefetch hints -> Forward
-                  end of prefill:   logits -> sample (sampling.py) -> TokenEvent; choose_home -> AdoptKV
-    decode step:                    DecodeStep per home (a DecodeSpan per request: its last token, or
-                                    a chunk of a prompt its home prefills) -> logits per request ->
-                                    sample -> TokenEvent
+                  end of prefill:   logits -> sample (protos/sampling.py) -> TokenEvent; choose_home ->
+                                    AdoptKV (with the request's SamplingParams and generator)
+    decode step:                    DecodeStep per home (a DecodeSpan per request: its last token,
+                                    the token the home sampled in the step before, or a chunk of a
+                                    prompt its home prefills) -> the home samples -> TokenEvent
 
 Pure decisions (partition, token scheduling, prefetch, home, routing table, sampling) take these
 types and return
@@ -28,7 +29,9 @@ from protos.messages import CacheCounters
 from protos.messages import DecodeSpan as DecodeSpan
 from protos.messages import LayerReport as LayerReport
 from protos.messages import RoutingPlan as RoutingPlan
+from protos.messages import SamplingParams as SamplingParams
 from protos.messages import Share as Share
+from protos.messages import TokenEvent as TokenEvent
 
 
 @dataclass(frozen=True)
@@ -41,33 +44,10 @@ class NodeSpec:
 
 
 @dataclass(frozen=True)
-class SamplingParams:
-    """How to pick tokens. Validated by the server before it gets here."""
-
-    max_tokens: int  # new tokens at most (>= 1)
-    temperature: float = 1.0  # 0 means greedy
-    top_p: float = 1.0  # nucleus mass in (0, 1]
-    seed: int | None = None  # makes sampling reproducible
-    stop_token_ids: frozenset[int] = frozenset()  # end-of-sequence ids; not emitted as text
-    logprobs: bool = False  # report the chosen token's log-probability
-    top_logprobs: int = 0  # and this many alternatives (0..20)
-
-
-@dataclass(frozen=True)
 class GenerationRequest:
     request_id: RequestId
     prompt_token_ids: tuple[int, ...]
     sampling: SamplingParams
-
-
-@dataclass(frozen=True)
-class TokenEvent:
-    """One generated token, as the engine yields it to the server."""
-
-    token_id: int
-    logprob: float | None = None  # natural log; None unless asked for
-    top_logprobs: tuple[tuple[int, float], ...] = ()  # (token id, logprob), best first
-    is_stop: bool = False  # the token is an end-of-sequence id (finish_reason "stop")
 
 
 @dataclass(frozen=True)

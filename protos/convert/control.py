@@ -8,8 +8,8 @@ from dataclasses import asdict
 import torch
 
 from protos.ids import NodeId, RequestId
-from protos.messages import (AdoptKV, AgentInfo, BeginStep, CacheCounters, CacheState, DecodeSpan, Forward, LayerReport,
-                             Peer, RoutingPlan, StepBegun)
+from protos.messages import (AdoptKV, AgentInfo, BeginStep, CacheCounters, CacheState, DecodeResult, DecodeSpan, Forward,
+                             LayerReport, Peer, RoutingPlan, SamplingParams, StepBegun, TokenEvent)
 from protos.potluck.v1 import agent_pb2 as pb
 from protos.routing import RoutingTable
 from protos.convert.tensors import expert_from_wire, expert_to_wire, tensor_from_proto, tensor_into, tensor_to_proto
@@ -231,15 +231,28 @@ def routing_table_from_proto(msg: pb.RoutingTable, num_experts: int) -> RoutingT
     )
 
 
+def sampling_to_proto(p: SamplingParams) -> pb.SamplingParams:
+    return pb.SamplingParams(max_tokens=p.max_tokens, temperature=p.temperature, top_p=p.top_p, seed=p.seed,
+                             stop_token_ids=sorted(p.stop_token_ids), logprobs=p.logprobs, top_logprobs=p.top_logprobs)
+
+
+def sampling_from_proto(msg: pb.SamplingParams) -> SamplingParams:
+    return SamplingParams(max_tokens=msg.max_tokens, temperature=msg.temperature, top_p=msg.top_p,
+                          seed=msg.seed if msg.HasField("seed") else None, stop_token_ids=frozenset(msg.stop_token_ids),
+                          logprobs=msg.logprobs, top_logprobs=msg.top_logprobs)
+
+
 def adopt_kv_to_proto(adopt: AdoptKV) -> pb.AdoptKVRequest:
     return pb.AdoptKVRequest(request_id=adopt.request_id, capacity=adopt.capacity, prompt_tokens=adopt.prompt_tokens,
                              sources=[pb.AgentAddress(name=n, address=a) for n, a in adopt.sources],
-                             prefill_here=adopt.prefill_here)
+                             prefill_here=adopt.prefill_here, sampling=sampling_to_proto(adopt.sampling),
+                             generator_state=adopt.generator_state)
 
 
 def adopt_kv_from_proto(msg: pb.AdoptKVRequest) -> AdoptKV:
     return AdoptKV(request_id=msg.request_id, capacity=msg.capacity, prompt_tokens=msg.prompt_tokens,
-                   sources=tuple((NodeId(a.name), a.address) for a in msg.sources), prefill_here=msg.prefill_here)
+                   sources=tuple((NodeId(a.name), a.address) for a in msg.sources), prefill_here=msg.prefill_here,
+                   sampling=sampling_from_proto(msg.sampling), generator_state=msg.generator_state)
 
 
 def adopt_kv_reply_to_proto(local_tokens: int) -> pb.AdoptKVReply:
@@ -250,22 +263,41 @@ def adopt_kv_reply_from_proto(msg: pb.AdoptKVReply) -> int:
     return msg.local_tokens
 
 
-def decode_step_to_proto(spans: Sequence[DecodeSpan]) -> pb.DecodeStepRequest:
+def decode_step_to_proto(spans: Sequence[DecodeSpan], logits: bool = False) -> pb.DecodeStepRequest:
     return pb.DecodeStepRequest(spans=[pb.DecodeSpan(request_id=s.request_id, position=s.position,
-                                                     token_ids=s.token_ids) for s in spans])
+                                                     token_ids=s.token_ids) for s in spans], logits=logits)
 
 
-def decode_step_from_proto(msg: pb.DecodeStepRequest) -> list[DecodeSpan]:
-    return [DecodeSpan(request_id=RequestId(s.request_id), token_ids=tuple(s.token_ids), position=s.position)
-            for s in msg.spans]
+def decode_step_from_proto(msg: pb.DecodeStepRequest) -> tuple[list[DecodeSpan], bool]:
+    """The step's spans, and whether it should return their logits."""
+    spans = [DecodeSpan(request_id=RequestId(s.request_id), token_ids=tuple(s.token_ids), position=s.position)
+             for s in msg.spans]
+    return spans, msg.logits
 
 
-def decode_step_reply_to_proto(logits: torch.Tensor, round_trips: int, gathered: Sequence[str] = ()
-                               ) -> pb.DecodeStepReply:
-    """Logits [n, V], row i for the last token of the step's span i; the step's waits on peers;
-    the requests whose prompt K/V is now all on the home."""
-    return pb.DecodeStepReply(logits=tensor_to_proto(logits), round_trips=round_trips, gathered=gathered)
+def _token_to_proto(t: TokenEvent | None) -> pb.SampledToken:
+    if t is None:
+        return pb.SampledToken(sampled=False)
+    return pb.SampledToken(sampled=True, token_id=t.token_id, logprob=t.logprob, is_stop=t.is_stop,
+                           top_ids=[i for i, _ in t.top_logprobs], top_logprobs=[lp for _, lp in t.top_logprobs])
 
 
-def decode_step_reply_from_proto(msg: pb.DecodeStepReply) -> tuple[torch.Tensor, int, list[RequestId]]:
-    return tensor_from_proto(msg.logits), msg.round_trips, [RequestId(r) for r in msg.gathered]
+def _token_from_proto(msg: pb.SampledToken) -> TokenEvent | None:
+    if not msg.sampled:
+        return None
+    if len(msg.top_ids) != len(msg.top_logprobs):
+        raise ValueError(f"{len(msg.top_ids)} top ids with {len(msg.top_logprobs)} logprobs")
+    return TokenEvent(token_id=msg.token_id, logprob=msg.logprob if msg.HasField("logprob") else None,
+                      top_logprobs=tuple(zip(msg.top_ids, msg.top_logprobs)), is_stop=msg.is_stop)
+
+
+def decode_step_reply_to_proto(result: DecodeResult) -> pb.DecodeStepReply:
+    return pb.DecodeStepReply(tokens=[_token_to_proto(t) for t in result.tokens], round_trips=result.round_trips,
+                              gathered=result.gathered,
+                              logits=None if result.logits is None else tensor_to_proto(result.logits))
+
+
+def decode_step_reply_from_proto(msg: pb.DecodeStepReply) -> DecodeResult:
+    return DecodeResult(tokens=tuple(_token_from_proto(t) for t in msg.tokens), round_trips=msg.round_trips,
+                        gathered=tuple(RequestId(r) for r in msg.gathered),
+                        logits=tensor_from_proto(msg.logits) if msg.HasField("logits") else None)

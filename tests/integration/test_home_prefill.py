@@ -33,9 +33,11 @@ async def test_spans_give_transformers_logits_at_each_chunk_end(
             await home.adopt_kv("r", PROMPT_LEN + 1, PROMPT_LEN, [], prefill_here=True)
             for start in range(0, PROMPT_LEN, chunk):
                 end = min(PROMPT_LEN, start + chunk)
-                logits, _, _ = await home.decode_step([DecodeSpan(request_id=RequestId("r"), token_ids=tuple(ids[start:end]),
-                                                               position=start)])
-                assert (logits[0] - expected[end - 1]).abs().max().item() <= ATOL, (start, end)
+                result = await home.decode_step([DecodeSpan(request_id=RequestId("r"), token_ids=tuple(ids[start:end]),
+                                                            position=start)], logits=True)
+                assert result.logits is not None
+                assert (result.logits[0] - expected[end - 1]).abs().max().item() <= ATOL, (start, end)
+                assert (result.tokens[0] is None) == (end < PROMPT_LEN)  # the home samples after the prompt
             await home.release("r")
             snap = await home.snapshot()
         if agents > 1:  # the fill spread the experts: the home sent the chunks' tokens to their holders
@@ -66,7 +68,7 @@ async def test_a_span_that_skips_or_repeats_positions_is_refused(qwen_tiny: Path
         await home.adopt_kv("r", 12, 8, [], prefill_here=True)
         bad = [DecodeSpan(request_id=RequestId("r"), token_ids=(1, 2), position=3),  # skips 0..2
                DecodeSpan(request_id=RequestId("r"), token_ids=tuple(range(13)), position=0),  # past the cache
-               DecodeSpan(request_id=RequestId("r"), token_ids=(), position=0)]
+               DecodeSpan(request_id=RequestId("r"), token_ids=(), position=0)]  # follows no sampled token
         for span in bad:
             with pytest.raises(AgentFailed, match="INVALID_ARGUMENT|span"):
                 await home.decode_step([span])

@@ -4,7 +4,7 @@ import math
 
 import torch
 
-from scheduler.sampling import make_generator, sample
+from protos.sampling import make_generator, sample
 from scheduler.types import SamplingParams
 
 

@@ -11,8 +11,8 @@ from google.protobuf.message import Message
 
 from protos import convert as c
 from protos.ids import ExpertId, NodeId, RequestId
-from protos.messages import (AdoptKV, AgentInfo, BeginStep, CacheCounters, CacheState, DecodeSpan, ExpertBatch, Forward, KVBlock,
-                             LayerReport, Peer, RoutingPlan, StepBegun)
+from protos.messages import (AdoptKV, AgentInfo, BeginStep, CacheCounters, CacheState, DecodeResult, DecodeSpan, ExpertBatch,
+                             Forward, KVBlock, LayerReport, Peer, RoutingPlan, SamplingParams, StepBegun, TokenEvent)
 from protos.potluck.v1 import agent_pb2 as pb
 from protos.routing import RoutingTable
 
@@ -160,18 +160,33 @@ def test_routing_table_round_trip() -> None:
 def test_adopt_kv_round_trip() -> None:
     adopt = AdoptKV(request_id="r", capacity=40, prompt_tokens=30, sources=((A, "h:1"), (B, "h:2")))
     assert c.adopt_kv_from_proto(wire(c.adopt_kv_to_proto(adopt))) == adopt
-    here = AdoptKV(request_id="r", capacity=40, prompt_tokens=30, sources=(), prefill_here=True)
+    sampling = SamplingParams(max_tokens=7, temperature=0.5, top_p=0.75, seed=0, stop_token_ids=frozenset({2, 9}),
+                              logprobs=True, top_logprobs=3)
+    here = AdoptKV(request_id="r", capacity=40, prompt_tokens=30, sources=(), prefill_here=True, sampling=sampling,
+                   generator_state=bytes(range(200)))
     assert c.adopt_kv_from_proto(wire(c.adopt_kv_to_proto(here))) == here
     assert c.adopt_kv_reply_from_proto(wire(c.adopt_kv_reply_to_proto(12))) == 12
 
 
+def test_sampling_params_round_trip() -> None:
+    for p in (SamplingParams(max_tokens=1), SamplingParams(max_tokens=3, temperature=0, seed=12345678901)):
+        assert c.sampling_from_proto(wire(c.sampling_to_proto(p))) == p
+
+
 def test_decode_step_round_trip() -> None:
     spans = [DecodeSpan(request_id=RequestId("r1"), token_ids=(5,), position=30),
-             DecodeSpan(request_id=RequestId("r2"), token_ids=(0, 9, 4), position=0)]
-    assert c.decode_step_from_proto(wire(c.decode_step_to_proto(spans))) == spans
-    logits = torch.randn(2, 11)
-    back, trips, gathered = c.decode_step_reply_from_proto(wire(c.decode_step_reply_to_proto(logits, 3, ["r2"])))
-    assert same(back, logits) and trips == 3 and gathered == ["r2"]
+             DecodeSpan(request_id=RequestId("r2"), token_ids=(0, 9, 4), position=0),
+             DecodeSpan(request_id=RequestId("r3"), token_ids=(), position=8)]  # follows the home's sample
+    assert c.decode_step_from_proto(wire(c.decode_step_to_proto(spans))) == (spans, False)
+    assert c.decode_step_from_proto(wire(c.decode_step_to_proto(spans, logits=True))) == (spans, True)
+    tokens = (TokenEvent(token_id=4, logprob=-0.5, top_logprobs=((4, -0.5), (1, -2.25)), is_stop=True), None,
+              TokenEvent(token_id=0))
+    result = DecodeResult(tokens=tokens, round_trips=3, gathered=("r2",), logits=torch.randn(3, 11))
+    back = c.decode_step_reply_from_proto(wire(c.decode_step_reply_to_proto(result)))
+    assert back.logits is not None and result.logits is not None and same(back.logits, result.logits)
+    assert (back.tokens, back.round_trips, back.gathered) == (tokens, 3, ("r2",))
+    bare = c.decode_step_reply_from_proto(wire(c.decode_step_reply_to_proto(DecodeResult(tokens=(), round_trips=0))))
+    assert bare.logits is None and bare.tokens == ()
 
 
 # Peer plane ------------------------------------------------------------------------------------

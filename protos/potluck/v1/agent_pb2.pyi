@@ -387,18 +387,40 @@ class RoutingTable(_message.Message):
     def __init__(self, version: _Optional[int] = ..., agents: _Optional[_Iterable[_Union[AgentAddress, _Mapping]]] = ..., experts: _Optional[_Iterable[_Union[ExpertHolders, _Mapping]]] = ...) -> None: ...
 
 class AdoptKVRequest(_message.Message):
-    __slots__ = ("request_id", "capacity", "prompt_tokens", "sources", "prefill_here")
+    __slots__ = ("request_id", "capacity", "prompt_tokens", "sources", "prefill_here", "sampling", "generator_state")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     CAPACITY_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     SOURCES_FIELD_NUMBER: _ClassVar[int]
     PREFILL_HERE_FIELD_NUMBER: _ClassVar[int]
+    SAMPLING_FIELD_NUMBER: _ClassVar[int]
+    GENERATOR_STATE_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     capacity: int
     prompt_tokens: int
     sources: _containers.RepeatedCompositeFieldContainer[AgentAddress]
     prefill_here: bool
-    def __init__(self, request_id: _Optional[str] = ..., capacity: _Optional[int] = ..., prompt_tokens: _Optional[int] = ..., sources: _Optional[_Iterable[_Union[AgentAddress, _Mapping]]] = ..., prefill_here: _Optional[bool] = ...) -> None: ...
+    sampling: SamplingParams
+    generator_state: bytes
+    def __init__(self, request_id: _Optional[str] = ..., capacity: _Optional[int] = ..., prompt_tokens: _Optional[int] = ..., sources: _Optional[_Iterable[_Union[AgentAddress, _Mapping]]] = ..., prefill_here: _Optional[bool] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., generator_state: _Optional[bytes] = ...) -> None: ...
+
+class SamplingParams(_message.Message):
+    __slots__ = ("max_tokens", "temperature", "top_p", "seed", "stop_token_ids", "logprobs", "top_logprobs")
+    MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
+    TOP_P_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    STOP_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    TOP_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    max_tokens: int
+    temperature: float
+    top_p: float
+    seed: int
+    stop_token_ids: _containers.RepeatedScalarFieldContainer[int]
+    logprobs: bool
+    top_logprobs: int
+    def __init__(self, max_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., seed: _Optional[int] = ..., stop_token_ids: _Optional[_Iterable[int]] = ..., logprobs: _Optional[bool] = ..., top_logprobs: _Optional[int] = ...) -> None: ...
 
 class AdoptKVReply(_message.Message):
     __slots__ = ("local_tokens",)
@@ -427,20 +449,40 @@ class DecodeSpan(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., position: _Optional[int] = ..., token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class DecodeStepRequest(_message.Message):
-    __slots__ = ("spans",)
+    __slots__ = ("spans", "logits")
     SPANS_FIELD_NUMBER: _ClassVar[int]
+    LOGITS_FIELD_NUMBER: _ClassVar[int]
     spans: _containers.RepeatedCompositeFieldContainer[DecodeSpan]
-    def __init__(self, spans: _Optional[_Iterable[_Union[DecodeSpan, _Mapping]]] = ...) -> None: ...
+    logits: bool
+    def __init__(self, spans: _Optional[_Iterable[_Union[DecodeSpan, _Mapping]]] = ..., logits: _Optional[bool] = ...) -> None: ...
+
+class SampledToken(_message.Message):
+    __slots__ = ("sampled", "token_id", "logprob", "top_ids", "top_logprobs", "is_stop")
+    SAMPLED_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
+    LOGPROB_FIELD_NUMBER: _ClassVar[int]
+    TOP_IDS_FIELD_NUMBER: _ClassVar[int]
+    TOP_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    IS_STOP_FIELD_NUMBER: _ClassVar[int]
+    sampled: bool
+    token_id: int
+    logprob: float
+    top_ids: _containers.RepeatedScalarFieldContainer[int]
+    top_logprobs: _containers.RepeatedScalarFieldContainer[float]
+    is_stop: bool
+    def __init__(self, sampled: _Optional[bool] = ..., token_id: _Optional[int] = ..., logprob: _Optional[float] = ..., top_ids: _Optional[_Iterable[int]] = ..., top_logprobs: _Optional[_Iterable[float]] = ..., is_stop: _Optional[bool] = ...) -> None: ...
 
 class DecodeStepReply(_message.Message):
-    __slots__ = ("logits", "round_trips", "gathered")
+    __slots__ = ("logits", "round_trips", "gathered", "tokens")
     LOGITS_FIELD_NUMBER: _ClassVar[int]
     ROUND_TRIPS_FIELD_NUMBER: _ClassVar[int]
     GATHERED_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
     logits: Tensor
     round_trips: int
     gathered: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, logits: _Optional[_Union[Tensor, _Mapping]] = ..., round_trips: _Optional[int] = ..., gathered: _Optional[_Iterable[str]] = ...) -> None: ...
+    tokens: _containers.RepeatedCompositeFieldContainer[SampledToken]
+    def __init__(self, logits: _Optional[_Union[Tensor, _Mapping]] = ..., round_trips: _Optional[int] = ..., gathered: _Optional[_Iterable[str]] = ..., tokens: _Optional[_Iterable[_Union[SampledToken, _Mapping]]] = ...) -> None: ...
 
 class PeerFrame(_message.Message):
     __slots__ = ("call", "batch", "result", "error")

@@ -1,10 +1,17 @@
-"""Pick the next token from logits (pure; randomness comes from the generator passed in)."""
+"""Pick the next token from logits (pure; randomness comes from the generator passed in).
+
+The one sampler of both ends: the scheduler samples a prompt's first token after a
+sequence-parallel prefill, and a request's home samples every token after that (and the first,
+when it prefilled the prompt), with the generator the scheduler hands it in AdoptKV. A request
+then draws the same tokens wherever each is sampled. It lives beside the wire types it reads and
+writes (SamplingParams, TokenEvent) because the scheduler and the agents may only share protos/.
+"""
 
 from __future__ import annotations
 
 import torch
 
-from scheduler.types import SamplingParams, TokenEvent
+from protos.messages import SamplingParams, TokenEvent
 
 
 def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> TokenEvent:
@@ -40,4 +47,19 @@ def make_generator(seed: int | None) -> torch.Generator:
         g.seed()
     else:
         g.manual_seed(seed)
+    return g
+
+
+def generator_state(generator: torch.Generator) -> bytes:
+    """A CPU generator's state as bytes (AdoptKVRequest.generator_state)."""
+    return bytes(generator.get_state().numpy().tobytes())
+
+
+def generator_from_state(state: bytes) -> torch.Generator:
+    """The generator `generator_state` saved; ValueError for bytes that are not one."""
+    g = torch.Generator()
+    try:
+        g.set_state(torch.frombuffer(bytearray(state), dtype=torch.uint8))
+    except RuntimeError as exc:
+        raise ValueError(f"not a generator state ({len(state)} bytes): {exc}") from exc
     return g
