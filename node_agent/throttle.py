@@ -12,12 +12,13 @@ flows first would. Background bytes already being waited out are not delayed aga
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import math
 import threading
 import time
 from collections.abc import Callable, Iterator
+
+from node_agent.precise_timer import sleep_precisely
 
 
 LOOP_TIMER_S = 0.001  # asyncio's epoll selector sleeps in whole milliseconds (it rounds timeouts up)
@@ -66,7 +67,7 @@ class Throttle:
         and waits once the backlog exceeds the granularity: the rate holds over any burst."""
         wait = self._reserve(nbytes, ago_s, background)
         if wait >= LOOP_TIMER_S:
-            await asyncio.sleep(wait)
+            await sleep_precisely(wait)
 
 
 class ComputePacer:
