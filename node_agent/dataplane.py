@@ -22,6 +22,7 @@ import asyncio
 import itertools
 import logging
 import struct
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
@@ -174,17 +175,23 @@ class DataClient:
                     waiter.set_exception(error)
             conn.pending.clear()
 
-    async def run_experts(self, holder: str, address: str, layer: int, x: torch.Tensor, ids: torch.Tensor,
-                          weights: torch.Tensor) -> torch.Tensor:
+    def run_experts(self, holder: str, address: str, layer: int, x: torch.Tensor, ids: torch.Tensor,
+                    weights: torch.Tensor) -> Awaitable[torch.Tensor]:
         """The weighted experts [n, D] of `holder` (its data plane at `address`) on a decode step's
-        rows x [n, D] (ids [n, k] with -1 in the slots it does not run); PeerFailed naming it."""
+        rows x [n, D] (ids [n, k] with -1 in the slots it does not run); PeerFailed naming it. The
+        call leaves now: its latency counts from here, though the awaitable runs later (a job on
+        the event loop hands its experts over, then runs the local ones before it yields)."""
+        return self._call(holder, address, layer, x, ids, weights, time.monotonic())
+
+    async def _call(self, holder: str, address: str, layer: int, x: torch.Tensor, ids: torch.Tensor,
+                    weights: torch.Tensor, left: float) -> torch.Tensor:
         try:
-            return await self._run_experts(address, layer, x, ids, weights)
+            return await self._run_experts(address, layer, x, ids, weights, left)
         except DataPlaneError as exc:
             raise PeerFailed(holder, address, "RunExperts (data plane)", "UNAVAILABLE", str(exc)) from exc
 
     async def _run_experts(self, address: str, layer: int, x: torch.Tensor, ids: torch.Tensor,
-                           weights: torch.Tensor) -> torch.Tensor:
+                           weights: torch.Tensor, left: float) -> torch.Tensor:
         batch = expert_batch_to_proto(ExpertBatch(request_id="decode", layer=layer, hidden=x, expert_ids=ids,
                                                   weights=weights, decode=True))
         conn = await self._connection(address)
@@ -192,7 +199,7 @@ class DataClient:
         waiter: asyncio.Future[pb.ExpertResult] = asyncio.get_running_loop().create_future()
         conn.pending[call] = waiter
         try:
-            await self.link.request(batch.hidden, batch.expert_ids, batch.weights)
+            await self.link.request(batch.hidden, batch.expert_ids, batch.weights, since=left)
             _write_frame(conn.writer, peer_frame_to_proto(call, batch))
             try:
                 result = await asyncio.wait_for(waiter, self.timeout_s)

@@ -26,7 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Awaitable, Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, TypeVar
 
@@ -36,6 +36,7 @@ from node_agent.attention import Compute
 from node_agent.dataplane import DataClient
 from node_agent.decode_attention import Partial, attend_spans, merge_split
 from node_agent.dispatch import only, rows_with
+from node_agent.executor import INLINE_ROWS
 from node_agent.expert_buffer import ExpertBuffer, LayerPins
 from node_agent.kv_cache import HomeCaches, KVCache, attend_where_it_is
 from node_agent.model import moe, slots
@@ -64,6 +65,7 @@ class _Dispatch:
     """The expert work a layer job hands back to the event loop: set from the compute thread
     through `call_soon_threadsafe`, so the sends start while the job runs the local experts."""
 
+    inline: bool = False  # the job runs one layer on the event loop itself: hand work over by a direct call
     runs: list[asyncio.Future[Rows]] = field(default_factory=list)
     runs_pending: bool = False  # set on the compute thread when it hands work out (runs fill in later)
     remote: int = 0  # (expert, holder) runs sent to peers
@@ -122,7 +124,7 @@ class Decoder:
 
     def __init__(self, name: str, cfg: MoeConfig, dense: moe.DenseWeights, buffer: ExpertBuffer,
                  peers: DecodePeers, compute: Compute, peer_timeout_s: float = 120.0, threads: int | None = None,
-                 data: DataClient | None = None, round_trip_s: float = DEFAULT_ROUND_TRIP_S) -> None:
+                 data: DataClient | None = None, round_trip_s: float = DEFAULT_ROUND_TRIP_S, inline: bool = False) -> None:
         self.data = data  # the decode data plane to holders that publish one (else their gRPC RunExperts)
         self.threads = threads  # torch threads of a step's jobs (None: the agent's); see service.decode_threads
         self.name, self.cfg, self.dense, self.buffer, self.peers = name, cfg, dense, buffer, peers
@@ -139,6 +141,7 @@ class Decoder:
         self.split_attention = 0  # (layer, request) attentions over prompt K/V still at its sources
         self.round_trip_s = round_trip_s  # a synchronous wait on peers, as last measured
         self._one_step = asyncio.Lock()  # steps run one at a time, in the order they became ready
+        self.inline = inline  # steps of at most INLINE_ROWS tokens run on the event loop (unpaced agents)
 
     def set_table(self, table: RoutingTable) -> None:
         if table.version >= self.table.version:  # a late, older table never replaces a newer one
@@ -217,8 +220,9 @@ class Decoder:
         run = _Run(batch, cos, sin)
         trips = 0
         while run.logits is None:
+            inline = self.inline and len(batch.token_ids) <= INLINE_ROWS
             if run.layer == self.cfg.num_layers:  # the last layer's remote outputs are in
-                run.logits = await self.compute(self._logits, run)
+                run.logits = self._inline(self._logits, run) if inline else await self.compute(self._logits, run)
                 break
             if run.paused is None:
                 run.split = self._split(run)
@@ -228,11 +232,15 @@ class Decoder:
             # The resident experts of the layers ahead, pinned for one job, so that it can run
             # layer after layer; unpinned before waiting on anything, so that reads the job asked
             # for (or peers' batches) can find room.
-            run.pins = {layer: self.buffer.pin_layer(layer) for layer in range(run.layer, self.cfg.num_layers)}
+            ahead = run.layer + 1 if inline else self.cfg.num_layers  # an inline job runs one layer
+            run.pins = {layer: self.buffer.pin_layer(layer) for layer in range(run.layer, ahead)}
             run.used = {}
-            dispatch = _Dispatch()
+            dispatch = _Dispatch(inline=inline)
             try:
-                await self.compute(self._run_layers, loop, dispatch, run)
+                if inline:
+                    self._inline(self._run_layers, loop, dispatch, run)
+                else:
+                    await self.compute(self._run_layers, loop, dispatch, run)
             finally:
                 for pins in run.pins.values():
                     await self.buffer.unpin_layer(pins, run.used.get(pins.layer, ()))
@@ -240,6 +248,8 @@ class Decoder:
                 trips += 1
                 self.remote_experts += dispatch.remote
                 self.split_attention += len(dispatch.attends)
+            if inline and not dispatch.runs and not dispatch.attends:
+                await asyncio.sleep(0)  # let waiting messages in between two layers run on the loop
             began = time.monotonic()
             run.done = await _gather(dispatch.runs)
             for i, part in await _gather(dispatch.attends):
@@ -291,7 +301,7 @@ class Decoder:
                 run.h, run.used[layer] = out
             first, run.split = False, frozenset()
             run.layer += 1
-            if dispatch.runs_pending:
+            if dispatch.runs_pending or dispatch.inline:  # the loop blocks for at most one layer
                 return
         run.logits = self._logits(run)
 
@@ -309,8 +319,8 @@ class Decoder:
         run.paused, run.partials = (h, attn), {i: [part] for i, part in partials.items()}
         for i in partials:
             row = q[batch.starts[i]: batch.starts[i] + 1].clone()
-            loop.call_soon_threadsafe(self._dispatch_attention, dispatch, i, layer, row, batch.spans[i].request_id,
-                                      batch.caches[i].sources)
+            _hand_over(loop, dispatch, self._dispatch_attention, dispatch, i, layer, row, batch.spans[i].request_id,
+                       batch.caches[i].sources)
         return None
 
     def _experts(self, loop: asyncio.AbstractEventLoop, dispatch: _Dispatch, run: _Run, layer: int,
@@ -327,7 +337,7 @@ class Decoder:
         elsewhere = sorted(needed - held.keys())
         if elsewhere:  # sent while this thread runs the local experts
             dispatch.runs_pending = True
-            loop.call_soon_threadsafe(self._dispatch, dispatch, layer, x, ids, weights, elsewhere)
+            _hand_over(loop, dispatch, self._dispatch, dispatch, layer, x, ids, weights, elsewhere)
         local = {e: held[e] for e in needed if e in held}
         out = slots.mix_experts(x, ids, weights, local)
         return (h if out is None else h + out), sorted(local)
@@ -398,6 +408,11 @@ class Decoder:
         run.tokens = tuple(tokens)
         return logits
 
+    def _inline(self, fn: Callable[..., R], *args: object) -> R:
+        """A job run on the event loop (see INLINE_ROWS), as the compute thread would run it."""
+        with torch.inference_mode():
+            return fn(*args)
+
     def _threads(self, rows: int) -> int | None:
         """Torch threads of a job over `rows` tokens (None: the agent's own)."""
         return self.threads if rows <= FEW_ROWS else None
@@ -418,6 +433,16 @@ def _torch_threads(n: int | None) -> Iterator[None]:
 
 
 T = TypeVar("T")
+R = TypeVar("R")
+
+
+def _hand_over(loop: asyncio.AbstractEventLoop, dispatch: _Dispatch, fn: Callable[..., None], *args: object) -> None:
+    """Have the event loop run fn(*args): now, when the job runs on the loop; else as soon as
+    the loop wakes, while the compute thread goes on."""
+    if dispatch.inline:
+        fn(*args)
+    else:
+        loop.call_soon_threadsafe(fn, *args)
 
 
 async def _gather(runs: list[asyncio.Future[T]]) -> list[T]:

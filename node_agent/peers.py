@@ -12,6 +12,7 @@ that the scheduler hears which agent failed, not only which one was waiting on i
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 import grpc
@@ -69,15 +70,19 @@ class Link:
         await self.throttle.pace_async(n, background=background)
         self.bytes_sent += n
 
-    async def delay(self) -> None:
-        """Wait out the latency of one message this agent sends."""
+    async def delay(self, since: float | None = None) -> None:
+        """Wait out the latency of one message this agent sends (that left at monotonic time
+        `since`, default now)."""
         if self.latency_s > 0:
-            await sleep_precisely(self.latency_s)  # asyncio's own timers came 15% late at 1 ms
+            wait = self.latency_s if since is None else since + self.latency_s - time.monotonic()
+            if wait > 0:
+                await sleep_precisely(wait)  # asyncio's own timers came 15% late at 1 ms
 
-    async def request(self, *tensors: pb.Tensor) -> None:
-        """Await before each call to a peer: the request's bytes pass the link, then its latency."""
+    async def request(self, *tensors: pb.Tensor, since: float | None = None) -> None:
+        """Await before each call to a peer: the request's bytes pass the link, then its latency
+        (from `since`, the monotonic time the call left, default now)."""
         await self.send(*tensors)
-        await self.delay()
+        await self.delay(since)
 
     async def receive(self, *tensors: pb.Tensor, background: bool = False) -> None:
         """Pace the tensor bytes of a message this agent received through the receive queue.

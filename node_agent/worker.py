@@ -62,7 +62,8 @@ class AgentCore:
         self._queued = QueuedJobs()
         self.passes = GroupedPasses(self.pacer, self._compute, self._queued.any)
         self.attention = PeerAttention(name, cfg, dense, peers, self.compute, peer_timeout_s)
-        self.decoder = Decoder(name, cfg, dense, buffer, peers, self.compute, peer_timeout_s, decode_threads, data)
+        self.decoder = Decoder(name, cfg, dense, buffer, peers, self.compute, peer_timeout_s, decode_threads, data,
+                               inline=self.pacer.share == 0)
         self.executor = ExpertExecutor(cfg, buffer, self.passes, self.compute, self.decoder.mix,
                                       inline=self.pacer.share == 0)
         self.early_used = 0  # experts run early on my own tokens whose share the plan confirmed

@@ -22,7 +22,9 @@ from tests.e2e.conftest import PotluckUp, alive, children_of, start_up
 MESSAGES: list[ChatCompletionMessageParam] = [{"role": "user", "content": "Tell me everything."}]
 # Greedy, so whether an end-of-sequence token cuts the request short is decided once, not by chance
 # (with sampling, an early EOS now and then finished the "long" request before the test could act).
-LONG = {"messages": MESSAGES, "max_tokens": 1500, "temperature": 0}
+# About the most the tiny model's context (2048) allows: seconds of decode, well past the 1.5 s an
+# impatient client below waits.
+LONG = {"messages": MESSAGES, "max_tokens": 2000, "temperature": 0}
 MAX_RUNNING = 4  # `potluck up`'s default --max-running
 
 
@@ -73,7 +75,7 @@ def test_a_queued_stream_whose_client_leaves_never_runs(base_url: str, model_id:
 def test_non_stream_client_disconnect_cancels_the_request(base_url: str, client: OpenAI, model_id: str) -> None:
     def impatient_client() -> None:
         with pytest.raises(httpx.ReadTimeout):
-            httpx.post(f"{base_url}/v1/chat/completions", json={**LONG, "model": model_id}, timeout=3)
+            httpx.post(f"{base_url}/v1/chat/completions", json={**LONG, "model": model_id}, timeout=1.5)
 
     with ThreadPoolExecutor(1) as pool:
         gone = pool.submit(impatient_client)
