@@ -65,6 +65,7 @@ class DataServer:
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._writers: set[asyncio.StreamWriter] = set()  # open connections, closed with the server
+        self._serving: set[asyncio.Task[None]] = set()  # one per connection (asyncio's own tasks)
 
     async def start(self, host: str, port: int = 0) -> int:
         """Listen on `port` of `host` (0: an ephemeral one); returns the port."""
@@ -79,9 +80,18 @@ class DataServer:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        # Each connection's task ends on its closed socket. Left running, it would be cancelled
+        # when the loop shuts down, and asyncio's stream callback logs a cancelled connection
+        # task as an error with a traceback, once per connection.
+        if self._serving:
+            await asyncio.wait(self._serving, timeout=1.0)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self._writers.add(writer)
+        task = asyncio.current_task()
+        if task is not None:
+            self._serving.add(task)
+            task.add_done_callback(self._serving.discard)
         try:
             while True:
                 frame = await _read_frame(reader)

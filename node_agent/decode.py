@@ -36,7 +36,6 @@ from node_agent.attention import Compute
 from node_agent.dataplane import DataClient
 from node_agent.decode_attention import Partial, attend_spans, merge_split
 from node_agent.dispatch import only, rows_with
-from node_agent.executor import INLINE_ROWS
 from node_agent.expert_buffer import ExpertBuffer, LayerPins
 from node_agent.kv_cache import HomeCaches, KVCache, attend_where_it_is
 from node_agent.model import moe, slots
@@ -102,6 +101,17 @@ DEFAULT_ROUND_TRIP_S = 0.002
 # 64 rows 1272 / 703 us.
 FEW_ROWS = 8
 
+# An unpaced home whose last step called peers runs a step of this many tokens on its event loop,
+# a layer per turn of the loop, rather than as compute jobs: a job per remote layer cost two
+# thread hops (as on the holders, executor.INLINE_ROWS), 2-3 ms a token on the emulated LAN. Its
+# expert calls leave when the layer hands them over (their latency counts from there) but are
+# sent once the layer's local experts are done: with one token, at most two local experts, well
+# within a link's latency. With more tokens the local experts took longer than that: 8 LAN
+# streams went from 82 to 100 ms a step. A home with every expert resident runs a step as one
+# job (two hops a token), and steps with more tokens stay on the compute thread, whose sends go
+# out while it runs the local experts.
+HOME_INLINE_ROWS = 1
+
 
 @dataclass(frozen=True)
 class DecodeBatch:
@@ -141,7 +151,8 @@ class Decoder:
         self.split_attention = 0  # (layer, request) attentions over prompt K/V still at its sources
         self.round_trip_s = round_trip_s  # a synchronous wait on peers, as last measured
         self._one_step = asyncio.Lock()  # steps run one at a time, in the order they became ready
-        self.inline = inline  # steps of at most INLINE_ROWS tokens run on the event loop (unpaced agents)
+        self.inline = inline  # see HOME_INLINE_ROWS (unpaced agents only)
+        self._went_remote = False  # the last step called peers
 
     def set_table(self, table: RoutingTable) -> None:
         if table.version >= self.table.version:  # a late, older table never replaces a newer one
@@ -218,9 +229,9 @@ class Decoder:
         loop = asyncio.get_running_loop()
         cos, sin = self.rope.at(batch.positions)
         run = _Run(batch, cos, sin)
-        trips = 0
+        trips, remote = 0, 0
         while run.logits is None:
-            inline = self.inline and len(batch.token_ids) <= INLINE_ROWS
+            inline = self.inline and self._went_remote and len(batch.token_ids) <= HOME_INLINE_ROWS
             if run.layer == self.cfg.num_layers:  # the last layer's remote outputs are in
                 run.logits = self._inline(self._logits, run) if inline else await self.compute(self._logits, run)
                 break
@@ -244,6 +255,7 @@ class Decoder:
             finally:
                 for pins in run.pins.values():
                     await self.buffer.unpin_layer(pins, run.used.get(pins.layer, ()))
+            remote += dispatch.remote + len(dispatch.attends)
             if dispatch.remote or dispatch.attends:
                 trips += 1
                 self.remote_experts += dispatch.remote
@@ -256,6 +268,7 @@ class Decoder:
                 run.partials[i].append(part)
             if dispatch.remote or dispatch.attends:  # the pace a split-KV choice weighs
                 self.round_trip_s = time.monotonic() - began
+        self._went_remote = remote > 0
         for span, cache in zip(batch.spans, batch.caches):
             cache.next = span.end
         decoded = sum(span.position >= cache.prompt for span, cache in zip(batch.spans, batch.caches))
@@ -409,7 +422,7 @@ class Decoder:
         return logits
 
     def _inline(self, fn: Callable[..., R], *args: object) -> R:
-        """A job run on the event loop (see INLINE_ROWS), as the compute thread would run it."""
+        """A job run on the event loop (see HOME_INLINE_ROWS), as the compute thread would run it."""
         with torch.inference_mode():
             return fn(*args)
 

@@ -22,13 +22,11 @@ Mix = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, Mapping[int, ExpertWei
 
 
 # A peer's decode batch of at most this many rows, all resident, runs on the event loop of an
-# unpaced agent rather than as a compute job; so do a home's decode steps of at most this many
-# tokens (decode.py). A batch's matrix-vector products (2 bench-model experts on one row: 0.28 ms
+# unpaced agent rather than as a compute job (as a home's one-token steps do, decode.py). A batch's matrix-vector products (2 bench-model experts on one row: 0.28 ms
 # alone) cost less than the two thread hops around a job: 0.34 ms of a holder's 1.04 ms per call
-# on the emulated-LAN decode bench, 6 calls a token, and as much again on the home. This departs
-# from keeping the loop free of torch work: messages wait for up to a layer's compute (about
-# 1.5 ms for the bench model), which on a decode path is shorter than the hops it saves. A paced
-# agent (compute_share) still runs them on the compute thread, where the pacer counts them.
+# on the emulated-LAN decode bench, 6 calls a token. This departs from keeping the loop free of
+# torch work: other messages wait for up to a batch's compute, about what a call's hops cost. A
+# paced agent (compute_share) still runs them on the compute thread, where the pacer counts them.
 INLINE_ROWS = 8
 
 
