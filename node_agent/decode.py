@@ -35,12 +35,13 @@ import torch
 from node_agent.attention import Compute
 from node_agent.dataplane import DataClient
 from node_agent.decode_attention import Partial, attend_spans, merge_split
+from node_agent.decode_batch import DecodeBatch, decode_batch
 from node_agent.dispatch import only, rows_with
 from node_agent.expert_buffer import ExpertBuffer, LayerPins
-from node_agent.kv_cache import HomeCaches, KVCache, attend_where_it_is
+from node_agent.kv_cache import HomeCaches, attend_where_it_is
 from node_agent.model import moe, slots
 from node_agent.model.config import MoeConfig
-from node_agent.state import KVShard, UnknownRequest
+from node_agent.state import KVShard
 from protos.ids import ExpertId, NodeId
 from protos.messages import DecodeResult, DecodeSpan, TokenEvent
 from protos.routing import RoutingTable
@@ -113,22 +114,6 @@ FEW_ROWS = 8
 HOME_INLINE_ROWS = 1
 
 
-@dataclass(frozen=True)
-class DecodeBatch:
-    """One step's spans on this home, one per request, their tokens concatenated in span order."""
-
-    spans: tuple[DecodeSpan, ...]
-    token_ids: torch.Tensor  # [T] int64
-    positions: torch.Tensor  # [T] int64
-    caches: tuple[KVCache, ...]  # span i's request's cache
-    starts: tuple[int, ...]  # span i's first row
-
-    @property
-    def last_rows(self) -> torch.Tensor:
-        """[B] each span's last row: the token whose logits the step returns."""
-        return torch.tensor([start + len(s.token_ids) - 1 for start, s in zip(self.starts, self.spans)])
-
-
 class Decoder:
     """Runs decode steps for the requests homed on this agent."""
 
@@ -161,42 +146,8 @@ class Decoder:
     # One step -------------------------------------------------------------------------------
 
     def batch(self, spans: Sequence[DecodeSpan]) -> DecodeBatch:
-        """Check a step's spans against the caches: each request once, its span starting where
-        its K/V ends and fitting its cache."""
-        if not spans:
-            raise ValueError("a decode step needs at least one span")
-        seen: set[str] = set()
-        caches, starts, row = [], [], 0
-        resolved: list[DecodeSpan] = []  # a span that follows the home's sample, with that token
-        for span in spans:
-            rid = span.request_id
-            cache = self.kv.caches.get(rid)
-            if cache is None:
-                raise UnknownRequest(f"request {rid!r} does not decode on agent {self.name!r}")
-            if rid in seen:
-                raise ValueError(f"request {rid!r} appears twice in one decode step")
-            if span.follows:
-                if cache.sampled is None:
-                    raise ValueError(f"the span of {rid!r} follows the token sampled in its last step, but that "
-                                     f"step sampled none (it ended inside the prompt, or none ran)")
-                span = DecodeSpan(request_id=rid, token_ids=(cache.sampled,), position=span.position)
-                resolved.append(span)
-            else:
-                resolved.append(span)
-            bad = [t for t in span.token_ids if not 0 <= t < self.cfg.vocab_size]
-            if bad:
-                raise ValueError(f"token id {bad[0]} of {rid!r} is outside [0, {self.cfg.vocab_size})")
-            if span.position != cache.next:
-                raise ValueError(f"the span of {rid!r} starts at position {span.position}; its K/V ends at {cache.next}")
-            if span.end > cache.capacity:
-                raise ValueError(f"the span of {rid!r} ends at position {span.end}, past its cache ({cache.capacity})")
-            seen.add(rid)
-            caches.append(cache)
-            starts.append(row)
-            row += len(span.token_ids)
-        token_ids = torch.tensor([t for s in resolved for t in s.token_ids])
-        positions = torch.cat([torch.arange(s.position, s.end) for s in resolved])
-        return DecodeBatch(tuple(resolved), token_ids, positions, tuple(caches), tuple(starts))
+        """A step's spans checked against the caches of the requests homed here (`decode_batch`)."""
+        return decode_batch(spans, self.kv.caches, self.cfg.vocab_size, self.name)
 
     async def run(self, spans: Sequence[DecodeSpan], logits: bool = False) -> DecodeResult:
         """One step of the requests homed here, after every earlier step of the same requests

@@ -40,16 +40,15 @@ from dataclasses import dataclass, field
 
 import torch
 
+from protos.messages import DecodeResult
+from protos.sampling import generator_state, make_generator, sample
 from scheduler.client import AgentClient
 from scheduler.decode_plan import choose_home, prefill_at_home
 from scheduler.errors import NoAgentsAvailable
 from scheduler.partition import after_step, chunk_step
 from scheduler.policy import Policy
 from scheduler.runner import ClusterView, RequestRunner
-from protos.sampling import make_generator, sample
 from scheduler.types import DecodeSpan, GenerationRequest, NodeId, TokenEvent
-from protos.messages import DecodeResult
-from protos.sampling import generator_state, make_generator, sample
 
 log = logging.getLogger("potluck.scheduler")
 

@@ -26,7 +26,7 @@ from protos.potluck.v1 import agent_pb2 as pb
 from protos.potluck.v1 import agent_pb2_grpc as pb_grpc
 from protos.routing import RoutingTable
 from scheduler.errors import AgentFailed
-from scheduler.types import AgentSnapshot, LayerReport, NodeId, NodeSpec, RequestId, RoutingPlan, StepPlan
+from scheduler.types import AgentSnapshot, LayerReport, NodeId, NodeSpec, RoutingPlan, StepPlan
 
 
 class AgentClient:
