@@ -100,3 +100,23 @@ async def test_a_step_sent_before_the_one_it_follows_is_over_runs_after_it(qwen_
     with torch.no_grad():
         expected = reference(qwen_tiny)(torch.tensor([ids + greedy[:1]])).logits[0, -1]
     assert second.logits is not None and (second.logits[0] - expected).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("home_max", [0, 64], ids=["sequence-parallel", "home"])
+async def test_a_consumer_leaving_mid_stream_releases_its_request_everywhere(qwen_tiny: Path, home_max: int) -> None:
+    """The consumer leaves after three tokens, while the step after them is already in flight:
+    closing its stream returns once every agent has released the request, and the next request
+    runs as usual."""
+    ids_a, ids_b = prompt(1000, 21, seed=14), prompt(1000, 15, seed=15)
+    a = GenerationRequest(RequestId("a"), tuple(ids_a), SamplingParams(max_tokens=40, temperature=0))
+    b = GenerationRequest(RequestId("b"), tuple(ids_b), SamplingParams(max_tokens=6, temperature=0))
+    async with local_cluster(qwen_tiny, 2) as cluster:
+        async with cluster.engine(max_running=4, home_prefill_max=home_max) as engine:
+            stream = await engine.submit(a)
+            head = [await stream.__anext__() for _ in range(3)]
+            await stream.aclose()  # type: ignore[attr-defined]
+            left = [await c.snapshot() for c in cluster.clients]
+            got_b = [e.token_id async for e in await engine.submit(b)]
+    assert [e.token_id for e in head] == greedy_reference(qwen_tiny, ids_a, 3)
+    assert all(s.requests == 0 for s in left)
+    assert got_b == greedy_reference(qwen_tiny, ids_b, 6)
