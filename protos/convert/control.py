@@ -237,6 +237,10 @@ def sampling_to_proto(p: SamplingParams) -> pb.SamplingParams:
 
 
 def sampling_from_proto(msg: pb.SamplingParams) -> SamplingParams:
+    """ValueError for parameters no server sends (the agent samples with them)."""
+    if not (msg.temperature >= 0 and 0 < msg.top_p <= 1 and 0 <= msg.top_logprobs <= 20 and msg.max_tokens >= 1):
+        raise ValueError(f"sampling parameters out of range: temperature {msg.temperature} (>= 0), top_p {msg.top_p} "
+                         f"(0, 1], top_logprobs {msg.top_logprobs} (0..20), max_tokens {msg.max_tokens} (>= 1)")
     return SamplingParams(max_tokens=msg.max_tokens, temperature=msg.temperature, top_p=msg.top_p,
                           seed=msg.seed if msg.HasField("seed") else None, stop_token_ids=frozenset(msg.stop_token_ids),
                           logprobs=msg.logprobs, top_logprobs=msg.top_logprobs)

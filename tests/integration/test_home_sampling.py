@@ -120,3 +120,14 @@ async def test_a_consumer_leaving_mid_stream_releases_its_request_everywhere(qwe
     assert [e.token_id for e in head] == greedy_reference(qwen_tiny, ids_a, 3)
     assert all(s.requests == 0 for s in left)
     assert got_b == greedy_reference(qwen_tiny, ids_b, 6)
+
+
+async def test_a_home_refuses_sampling_it_cannot_follow(qwen_tiny: Path) -> None:
+    async with local_cluster(qwen_tiny, 1) as cluster:
+        home = cluster.clients[0]
+        with pytest.raises(AgentFailed, match="INVALID_ARGUMENT.*sampling parameters out of range"):
+            await home.adopt_kv("r", 12, 8, [], prefill_here=True, sampling=SamplingParams(max_tokens=4, top_p=0))
+        with pytest.raises(AgentFailed, match="INVALID_ARGUMENT.*not a generator state"):
+            await home.adopt_kv("r", 12, 8, [], prefill_here=True, sampling=SamplingParams(max_tokens=4),
+                                generator_state=b"\x00" * 12)
+        assert (await home.snapshot()).requests == 0

@@ -171,6 +171,10 @@ def test_adopt_kv_round_trip() -> None:
 def test_sampling_params_round_trip() -> None:
     for p in (SamplingParams(max_tokens=1), SamplingParams(max_tokens=3, temperature=0, seed=12345678901)):
         assert c.sampling_from_proto(wire(c.sampling_to_proto(p))) == p
+    for bad in (SamplingParams(max_tokens=1, temperature=-1), SamplingParams(max_tokens=1, top_p=0),
+                SamplingParams(max_tokens=1, top_logprobs=21), SamplingParams(max_tokens=0)):
+        with pytest.raises(ValueError, match="out of range"):
+            c.sampling_from_proto(wire(c.sampling_to_proto(bad)))
 
 
 def test_decode_step_round_trip() -> None:
