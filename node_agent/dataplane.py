@@ -195,28 +195,24 @@ class DataClient:
 
     async def _call(self, holder: str, address: str, layer: int, x: torch.Tensor, ids: torch.Tensor,
                     weights: torch.Tensor, left: float) -> torch.Tensor:
-        try:
-            return await self._run_experts(address, layer, x, ids, weights, left)
-        except DataPlaneError as exc:
-            raise PeerFailed(holder, address, "RunExperts (data plane)", "UNAVAILABLE", str(exc)) from exc
-
-    async def _run_experts(self, address: str, layer: int, x: torch.Tensor, ids: torch.Tensor,
-                           weights: torch.Tensor, left: float) -> torch.Tensor:
         batch = expert_batch_to_proto(ExpertBatch(request_id="decode", layer=layer, hidden=x, expert_ids=ids,
                                                   weights=weights, decode=True))
-        conn = await self._connection(address)
-        call = next(self._calls)
-        waiter: asyncio.Future[pb.ExpertResult] = asyncio.get_running_loop().create_future()
-        conn.pending[call] = waiter
         try:
-            await self.link.request(batch.hidden, batch.expert_ids, batch.weights, since=left)
-            _write_frame(conn.writer, peer_frame_to_proto(call, batch))
+            conn = await self._connection(address)
+            call = next(self._calls)
+            waiter: asyncio.Future[pb.ExpertResult] = asyncio.get_running_loop().create_future()
+            conn.pending[call] = waiter
             try:
-                result = await asyncio.wait_for(waiter, self.timeout_s)
-            except TimeoutError:
-                raise DataPlaneError(f"{address} did not answer an expert call within {self.timeout_s}s") from None
-        finally:
-            conn.pending.pop(call, None)
+                await self.link.request(batch.hidden, batch.expert_ids, batch.weights, since=left)
+                _write_frame(conn.writer, peer_frame_to_proto(call, batch))
+                try:
+                    result = await asyncio.wait_for(waiter, self.timeout_s)
+                except TimeoutError:
+                    raise DataPlaneError(f"{address} did not answer an expert call within {self.timeout_s}s") from None
+            finally:
+                conn.pending.pop(call, None)
+        except DataPlaneError as exc:
+            raise PeerFailed(holder, address, "RunExperts (data plane)", "UNAVAILABLE", str(exc)) from exc
         await self.link.receive(result.output)
         return expert_result_from_proto(result)
 

@@ -8,9 +8,10 @@
                  its prompt) -> compute jobs, each running layer after layer: add the previous
                  layer's remote expert outputs, attention over each request's cache (causal within
                  a span), router, the experts this agent holds; a layer needing experts it lacks
-                 hands their tokens to the event loop from inside the job (`_Dispatch`), which
+                 hands their tokens to the event loop from inside the job (`decode_sends.py`), which
                  sends them to their holders (RoutingTable, on the data plane) while the job runs
-                 the local ones, and ends the job -> logits of each span's last token
+                 the local ones, and ends the job -> logits of each span's last token -> the token
+                 sampled after each span past its prompt (`Decoder.run` orders a request's steps)
 
 A step waits on peers at most once per layer (the remote holders, in parallel; or K/V still
 arriving), and not at all when every expert it needs is resident here: then it is one job. While
@@ -26,9 +27,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol, TypeVar
+from typing import TypeVar
 
 import torch
 
@@ -36,40 +37,15 @@ from node_agent.attention import Compute
 from node_agent.dataplane import DataClient
 from node_agent.decode_attention import Partial, attend_spans, merge_split
 from node_agent.decode_batch import DecodeBatch, decode_batch
-from node_agent.dispatch import only, rows_with
+from node_agent.decode_sends import DecodePeers, Dispatch, LayerSends, Rows, gather, hand_over
 from node_agent.expert_buffer import ExpertBuffer, LayerPins
 from node_agent.kv_cache import HomeCaches, attend_where_it_is
 from node_agent.model import moe, slots
 from node_agent.model.config import MoeConfig
-from node_agent.state import KVShard
-from protos.ids import ExpertId, NodeId
 from protos.messages import DecodeResult, DecodeSpan, TokenEvent
 from protos.routing import RoutingTable
 from protos.sampling import sample
 
-Rows = tuple[torch.Tensor, torch.Tensor]  # (token rows [m], their expert output [m, D]) to add to h
-
-
-class DecodePeers(Protocol):
-    """Expert and K/V calls to the peer `name` at `address` (its name goes into any error)."""
-
-    async def run_experts(self, name: str, address: str, request_id: str, layer: int, x: torch.Tensor,
-                          ids: torch.Tensor, weights: torch.Tensor, decode: bool = False) -> torch.Tensor: ...
-    async def fetch_kv(self, name: str, address: str, request_id: str, layer: int) -> KVShard: ...  # see HomeCaches
-    async def attend(self, name: str, address: str, request_id: str, layer: int, q: torch.Tensor
-                     ) -> tuple[torch.Tensor, torch.Tensor]: ...
-
-
-@dataclass
-class _Dispatch:
-    """The expert work a layer job hands back to the event loop: set from the compute thread
-    through `call_soon_threadsafe`, so the sends start while the job runs the local experts."""
-
-    inline: bool = False  # the job runs one layer on the event loop itself: hand work over by a direct call
-    runs: list[asyncio.Future[Rows]] = field(default_factory=list)
-    runs_pending: bool = False  # set on the compute thread when it hands work out (runs fill in later)
-    remote: int = 0  # (expert, holder) runs sent to peers
-    attends: list[asyncio.Future[tuple[int, Partial]]] = field(default_factory=list)  # split-KV: (span, partial)
 
 
 @dataclass
@@ -120,14 +96,13 @@ class Decoder:
     def __init__(self, name: str, cfg: MoeConfig, dense: moe.DenseWeights, buffer: ExpertBuffer,
                  peers: DecodePeers, compute: Compute, peer_timeout_s: float = 120.0, threads: int | None = None,
                  data: DataClient | None = None, round_trip_s: float = DEFAULT_ROUND_TRIP_S, inline: bool = False) -> None:
-        self.data = data  # the decode data plane to holders that publish one (else their gRPC RunExperts)
         self.threads = threads  # torch threads of a step's jobs (None: the agent's); see service.decode_threads
         self.name, self.cfg, self.dense, self.buffer, self.peers = name, cfg, dense, buffer, peers
         self.compute = compute
         self.peer_timeout_s = peer_timeout_s
         self.rope = moe.RopeTable(cfg.head_dim, cfg.rope_theta, dense.embed.dtype)
         self.kv = HomeCaches(name, cfg, dense.embed.dtype, peers)  # the requests homed here
-        self.table = RoutingTable()
+        self.sends = LayerSends(name, buffer, peers, compute, data)  # experts and queries to peers
         self.steps = 0  # steps that decoded a token (prompt-only steps are not decode steps)
         self.tokens = 0  # tokens decoded (spans past their prompt)
         self.prompt_tokens = 0  # prompt tokens prefilled here in spans (prefill_here)
@@ -140,8 +115,8 @@ class Decoder:
         self._went_remote = False  # the last step called peers
 
     def set_table(self, table: RoutingTable) -> None:
-        if table.version >= self.table.version:  # a late, older table never replaces a newer one
-            self.table = table
+        if table.version >= self.sends.table.version:  # a late, older table never replaces a newer one
+            self.sends.table = table
 
     # One step -------------------------------------------------------------------------------
 
@@ -180,7 +155,7 @@ class Decoder:
         loop = asyncio.get_running_loop()
         cos, sin = self.rope.at(batch.positions)
         run = _Run(batch, cos, sin)
-        trips, remote = 0, 0
+        trips, called = 0, False
         while run.logits is None:
             inline = self.inline and self._went_remote and len(batch.token_ids) <= HOME_INLINE_ROWS
             if run.layer == self.cfg.num_layers:  # the last layer's remote outputs are in
@@ -197,7 +172,7 @@ class Decoder:
             ahead = run.layer + 1 if inline else self.cfg.num_layers  # an inline job runs one layer
             run.pins = {layer: self.buffer.pin_layer(layer) for layer in range(run.layer, ahead)}
             run.used = {}
-            dispatch = _Dispatch(inline=inline)
+            dispatch = Dispatch(inline=inline)
             try:
                 if inline:
                     self._inline(self._run_layers, loop, dispatch, run)
@@ -206,20 +181,19 @@ class Decoder:
             finally:
                 for pins in run.pins.values():
                     await self.buffer.unpin_layer(pins, run.used.get(pins.layer, ()))
-            remote += dispatch.remote + len(dispatch.attends)
             if dispatch.remote or dispatch.attends:
-                trips += 1
+                trips, called = trips + 1, True
                 self.remote_experts += dispatch.remote
                 self.split_attention += len(dispatch.attends)
             if inline and not dispatch.runs and not dispatch.attends:
                 await asyncio.sleep(0)  # let waiting messages in between two layers run on the loop
             began = time.monotonic()
-            run.done = await _gather(dispatch.runs)
-            for i, part in await _gather(dispatch.attends):
+            run.done = await gather(dispatch.runs)
+            for i, part in await gather(dispatch.attends):
                 run.partials[i].append(part)
             if dispatch.remote or dispatch.attends:  # the pace a split-KV choice weighs
                 self.round_trip_s = time.monotonic() - began
-        self._went_remote = remote > 0
+        self._went_remote = called
         for span, cache in zip(batch.spans, batch.caches):
             cache.next = span.end
         decoded = sum(span.position >= cache.prompt for span, cache in zip(batch.spans, batch.caches))
@@ -231,7 +205,7 @@ class Decoder:
         assert run.logits is not None
         return run.logits, trips, run.tokens
 
-    def _run_layers(self, loop: asyncio.AbstractEventLoop, dispatch: _Dispatch, run: _Run) -> None:
+    def _run_layers(self, loop: asyncio.AbstractEventLoop, dispatch: Dispatch, run: _Run) -> None:
         """On the compute thread: layers from `run.layer` on, until one hands experts to the event
         loop (their outputs are needed before the next layer), or the next layer's prompt K/V is
         not in yet; and the logits if it gets through the last layer with nothing handed out.
@@ -247,7 +221,7 @@ class Decoder:
             if not c.ready_at(run.layer) and len(span.token_ids) == 1
             and attend_where_it_is(c.arrival_s(run.layer), self.round_trip_s))
 
-    def _layers_from(self, loop: asyncio.AbstractEventLoop, dispatch: _Dispatch, run: _Run) -> None:
+    def _layers_from(self, loop: asyncio.AbstractEventLoop, dispatch: Dispatch, run: _Run) -> None:
         L, first = self.cfg.num_layers, True  # the event loop saw to the first layer's K/V
         while run.layer < L:
             layer = run.layer
@@ -269,7 +243,7 @@ class Decoder:
                 return
         run.logits = self._logits(run)
 
-    def _layer(self, loop: asyncio.AbstractEventLoop, dispatch: _Dispatch, run: _Run, layer: int
+    def _layer(self, loop: asyncio.AbstractEventLoop, dispatch: Dispatch, run: _Run, layer: int
                ) -> tuple[torch.Tensor, list[int]] | None:
         """One layer: (new h [T, D], experts run here); None when split spans wait for their
         sources' partial attention (the layer resumes from `run.paused`)."""
@@ -283,11 +257,11 @@ class Decoder:
         run.paused, run.partials = (h, attn), {i: [part] for i, part in partials.items()}
         for i in partials:
             row = q[batch.starts[i]: batch.starts[i] + 1].clone()
-            _hand_over(loop, dispatch, self._dispatch_attention, dispatch, i, layer, row, batch.spans[i].request_id,
+            hand_over(loop, dispatch, self.sends.attention, dispatch, i, layer, row, batch.spans[i].request_id,
                        batch.caches[i].sources)
         return None
 
-    def _experts(self, loop: asyncio.AbstractEventLoop, dispatch: _Dispatch, run: _Run, layer: int,
+    def _experts(self, loop: asyncio.AbstractEventLoop, dispatch: Dispatch, run: _Run, layer: int,
                  h: torch.Tensor, attn: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
         """The rest of a layer after attention: (new h [T, D], experts run here)."""
         cfg, w = self.cfg, self.dense.layers[layer]
@@ -301,56 +275,10 @@ class Decoder:
         elsewhere = sorted(needed - held.keys())
         if elsewhere:  # sent while this thread runs the local experts
             dispatch.runs_pending = True
-            _hand_over(loop, dispatch, self._dispatch, dispatch, layer, x, ids, weights, elsewhere)
+            hand_over(loop, dispatch, self.sends.experts, dispatch, layer, x, ids, weights, elsewhere)
         local = {e: held[e] for e in needed if e in held}
         out = slots.mix_experts(x, ids, weights, local)
         return (h if out is None else h + out), sorted(local)
-
-    def _dispatch_attention(self, dispatch: _Dispatch, span: int, layer: int, q: torch.Tensor, request_id: str,
-                            sources: Sequence[tuple[str, str]]) -> None:
-        """On the event loop: a split span's query [1, H, hd] to every source of its prompt K/V."""
-        for name, address in sources:
-            attend = self.peers.attend(name, address, request_id, layer, q)
-            dispatch.attends.append(asyncio.ensure_future(_part(span, attend)))
-
-    def _dispatch(self, dispatch: _Dispatch, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
-                  experts: Sequence[int]) -> None:
-        """On the event loop: the layer's experts not resident here, each to a holder in the
-        routing table (one batch per holder), or read here if no other agent holds it. An expert
-        run remotely is also read into free memory here (never evicting), so a home with room
-        ends up running its requests' experts itself."""
-        by_holder: dict[str, list[int]] = {}
-        for e in experts:
-            eid = ExpertId(layer, e)
-            remote = self.table.remote_holder(eid, self.name)
-            if remote is not None:
-                self.buffer.fill(eid)
-            by_holder.setdefault(remote or self.name, []).append(e)
-        for holder, es in by_holder.items():
-            sub = only(ids, es)
-            rows = (sub >= 0).any(dim=1).nonzero().flatten()
-            if holder == self.name:
-                run: Awaitable[torch.Tensor] = self._load_and_run(layer, x[rows], sub[rows], weights[rows], es)
-            else:
-                dispatch.remote += len(es)
-                data_address = self.table.data_addresses.get(NodeId(holder))
-                if self.data is not None and data_address:
-                    run = self.data.run_experts(holder, data_address, layer, x[rows], sub[rows], weights[rows])
-                else:
-                    address = self.table.addresses[NodeId(holder)]
-                    run = self.peers.run_experts(holder, address, "decode", layer, x[rows], sub[rows], weights[rows],
-                                                 decode=True)
-            dispatch.runs.append(asyncio.ensure_future(rows_with(rows, run)))
-
-    async def _load_and_run(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
-                            experts: Sequence[int]) -> torch.Tensor:
-        out = torch.zeros_like(x)
-        for e in experts:  # the buffer bounds memory: one at a time, each pinned while it runs
-            async with self.buffer.pinned(ExpertId(layer, e)) as w:
-                part = await self.compute(slots.mix_experts, x, ids, weights, {e: w})
-                if part is not None:
-                    out += part
-        return out
 
     def mix(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, experts: Mapping[int, moe.ExpertWeights]
             ) -> torch.Tensor | None:
@@ -396,28 +324,6 @@ def _torch_threads(n: int | None) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-T = TypeVar("T")
 R = TypeVar("R")
 
 
-def _hand_over(loop: asyncio.AbstractEventLoop, dispatch: _Dispatch, fn: Callable[..., None], *args: object) -> None:
-    """Have the event loop run fn(*args): now, when the job runs on the loop; else as soon as
-    the loop wakes, while the compute thread goes on."""
-    if dispatch.inline:
-        fn(*args)
-    else:
-        loop.call_soon_threadsafe(fn, *args)
-
-
-async def _gather(runs: list[asyncio.Future[T]]) -> list[T]:
-    """Every run's rows; if one fails, the others are cancelled (none is left running)."""
-    try:
-        return list(await asyncio.gather(*runs))
-    except BaseException:
-        for run in runs:
-            run.cancel()
-        raise
-
-
-async def _part(span: int, attend: Awaitable[Partial]) -> tuple[int, Partial]:
-    return span, await attend

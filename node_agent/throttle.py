@@ -60,11 +60,12 @@ class Throttle:
         """Wait on the event loop (a sender) until nbytes have passed at the rate; with ago_s,
         bytes that began arriving that long ago (a receiver) may have passed in the meantime.
 
-        A wait shorter than the event loop's timer granularity is not slept: the loop's epoll
-        wakes in whole milliseconds, so a 16 us wait (a decode token's 2 KB at 1 Gbit/s) took a
-        millisecond, and a remote expert call, paced four times, took 4 ms more than its link.
-        The bytes stay booked on the line, so a burst of small messages still queues behind them
-        and waits once the backlog exceeds the granularity: the rate holds over any burst."""
+        A wait shorter than LOOP_TIMER_S is not slept: with asyncio's own timer (epoll wakes in
+        whole milliseconds) a 16 us wait (a decode token's 2 KB at 1 Gbit/s) took a millisecond,
+        and a remote expert call, paced four times, took 4 ms more than its link; even a precise
+        sleep costs a wake-up per message. The bytes stay booked on the line, so a burst of small
+        messages still queues behind them and waits once the backlog exceeds LOOP_TIMER_S: the
+        rate holds over any burst."""
         wait = self._reserve(nbytes, ago_s, background)
         if wait >= LOOP_TIMER_S:
             await sleep_precisely(wait)

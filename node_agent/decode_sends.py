@@ -1,0 +1,131 @@
+"""Where a decode layer's work goes when its home lacks it: the experts it does not hold, to the
+holders the routing table names (on the data plane where they publish one, else gRPC), or read
+on the home when no other agent holds them; and a split-KV span's query, to the agents still
+holding its prompt's K/V.
+
+    Decoder job (compute thread or event loop) --hand_over--> LayerSends.experts / .attention
+        -> Dispatch.runs / .attends (futures) -> the step gathers them before the next layer
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol, TypeVar
+
+import torch
+
+from node_agent.attention import Compute
+from node_agent.dataplane import DataClient
+from node_agent.decode_attention import Partial
+from node_agent.dispatch import only, rows_with
+from node_agent.expert_buffer import ExpertBuffer
+from node_agent.model import slots
+from node_agent.state import KVShard
+from protos.ids import ExpertId, NodeId
+from protos.routing import RoutingTable
+
+Rows = tuple[torch.Tensor, torch.Tensor]  # (token rows [m], their expert output [m, D]) to add to h
+T = TypeVar("T")
+
+
+class DecodePeers(Protocol):
+    """Expert and K/V calls to the peer `name` at `address` (its name goes into any error)."""
+
+    async def run_experts(self, name: str, address: str, request_id: str, layer: int, x: torch.Tensor,
+                          ids: torch.Tensor, weights: torch.Tensor, decode: bool = False) -> torch.Tensor: ...
+    async def fetch_kv(self, name: str, address: str, request_id: str, layer: int) -> KVShard: ...  # see HomeCaches
+    async def attend(self, name: str, address: str, request_id: str, layer: int, q: torch.Tensor
+                     ) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+@dataclass
+class Dispatch:
+    """The expert work a layer job hands back to the event loop: set from the compute thread
+    through `call_soon_threadsafe`, so the sends start while the job runs the local experts."""
+
+    inline: bool = False  # the job runs one layer on the event loop itself: hand work over by a direct call
+    runs: list[asyncio.Future[Rows]] = field(default_factory=list)
+    runs_pending: bool = False  # set on the compute thread when it hands work out (runs fill in later)
+    remote: int = 0  # (expert, holder) runs sent to peers
+    attends: list[asyncio.Future[tuple[int, Partial]]] = field(default_factory=list)  # split-KV: (span, partial)
+
+
+class LayerSends:
+    """A home's outbound decode work. `table` is the routing table the scheduler last published."""
+
+    def __init__(self, name: str, buffer: ExpertBuffer, peers: DecodePeers, compute: Compute,
+                 data: DataClient | None = None) -> None:
+        self.name, self.buffer, self.peers, self.compute = name, buffer, peers, compute
+        self.data = data  # the decode data plane to holders that publish one (else their gRPC RunExperts)
+        self.table = RoutingTable()
+
+    def attention(self, dispatch: Dispatch, span: int, layer: int, q: torch.Tensor, request_id: str,
+                  sources: Sequence[tuple[str, str]]) -> None:
+        """On the event loop: a split span's query [1, H, hd] to every source of its prompt K/V."""
+        for name, address in sources:
+            attend = self.peers.attend(name, address, request_id, layer, q)
+            dispatch.attends.append(asyncio.ensure_future(_part(span, attend)))
+
+    def experts(self, dispatch: Dispatch, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
+                experts: Sequence[int]) -> None:
+        """On the event loop: the layer's experts not resident here, each to a holder in the
+        routing table (one batch per holder), or read here if no other agent holds it. An expert
+        run remotely is also read into free memory here (never evicting), so a home with room
+        ends up running its requests' experts itself."""
+        by_holder: dict[str, list[int]] = {}
+        for e in experts:
+            eid = ExpertId(layer, e)
+            remote = self.table.remote_holder(eid, self.name)
+            if remote is not None:
+                self.buffer.fill(eid)
+            by_holder.setdefault(remote or self.name, []).append(e)
+        for holder, es in by_holder.items():
+            sub = only(ids, es)
+            rows = (sub >= 0).any(dim=1).nonzero().flatten()
+            if holder == self.name:
+                run: Awaitable[torch.Tensor] = self._load_and_run(layer, x[rows], sub[rows], weights[rows], es)
+            else:
+                dispatch.remote += len(es)
+                data_address = self.table.data_addresses.get(NodeId(holder))
+                if self.data is not None and data_address:
+                    run = self.data.run_experts(holder, data_address, layer, x[rows], sub[rows], weights[rows])
+                else:
+                    address = self.table.addresses[NodeId(holder)]
+                    run = self.peers.run_experts(holder, address, "decode", layer, x[rows], sub[rows], weights[rows],
+                                                 decode=True)
+            dispatch.runs.append(asyncio.ensure_future(rows_with(rows, run)))
+
+    async def _load_and_run(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
+                            experts: Sequence[int]) -> torch.Tensor:
+        out = torch.zeros_like(x)
+        for e in experts:  # the buffer bounds memory: one at a time, each pinned while it runs
+            async with self.buffer.pinned(ExpertId(layer, e)) as w:
+                part = await self.compute(slots.mix_experts, x, ids, weights, {e: w})
+                if part is not None:
+                    out += part
+        return out
+
+
+def hand_over(loop: asyncio.AbstractEventLoop, dispatch: Dispatch, fn: Callable[..., None], *args: object) -> None:
+    """Have the event loop run fn(*args): now, when the job runs on the loop; else as soon as
+    the loop wakes, while the compute thread goes on."""
+    if dispatch.inline:
+        fn(*args)
+    else:
+        loop.call_soon_threadsafe(fn, *args)
+
+
+async def gather(runs: list[asyncio.Future[T]]) -> list[T]:
+    """Every run's rows; if one fails, the others are cancelled (none is left running)."""
+    try:
+        return list(await asyncio.gather(*runs))
+    except BaseException:
+        for run in runs:
+            run.cancel()
+        raise
+
+
+async def _part(span: int, attend: Awaitable[Partial]) -> tuple[int, Partial]:
+    return span, await attend
