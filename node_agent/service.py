@@ -38,6 +38,7 @@ from protos.convert import (adopt_kv_from_proto, adopt_kv_reply_to_proto, attend
                             fill_from_proto, fill_reply_to_proto, finish_from_proto, finish_reply_to_proto,
                             forward_from_proto, info_to_proto, kv_block_from_proto, kv_block_to_proto,
                             layer_report_to_proto, release_from_proto, routing_table_from_proto, step_begun_to_proto)
+from protos.human import format_rate, format_size
 from protos.limits import CHANNEL_OPTIONS
 from protos.messages import AgentInfo, CacheCounters, CacheState, KVBlock, StepBegun
 from protos.potluck.v1 import agent_pb2 as pb
@@ -286,7 +287,10 @@ async def serve(settings: AgentSettings, ready: asyncio.Event | None = None, sto
                      decode_threads=threads, data=data)
     # The latency wraps the handlers inside the error mapping: a failed call is answered without
     # it (errors are not the traffic being emulated).
-    server = grpc.aio.server(interceptors=[ErrorInterceptor(), LatencyInterceptor(link)], options=CHANNEL_OPTIONS)
+    # No SO_REUSEPORT (gRPC's default on Linux): with it a second agent on the same port started
+    # fine and took half of the first one's calls.
+    server = grpc.aio.server(interceptors=[ErrorInterceptor(), LatencyInterceptor(link)],
+                             options=[*CHANNEL_OPTIONS, ("grpc.so_reuseport", 0)])
     servicer = Servicer(core, settings, link, store, model_fingerprint(settings.model_dir),
                         measure_expert_flops(cfg, dtype, compute_share=settings.compute_share))
     data_server = DataServer(settings.node_name, servicer.run_batch, link)
@@ -300,10 +304,9 @@ async def serve(settings: AgentSettings, ready: asyncio.Event | None = None, sto
     await server.start()
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     await health_servicer.set("potluck.v1.NodeAgent", health_pb2.HealthCheckResponse.SERVING)
-    log.info("agent %s: serving on %s, decode data plane on port %d (expert memory %s bytes, disk %s B/s, link %s "
-             "B/s, latency %g ms)", settings.node_name, settings.listen, servicer.data_port,
-             settings.expert_memory_bytes or "unlimited",
-             settings.disk_bytes_per_s or "unlimited", settings.link_bytes_per_s or "unlimited",
+    log.info("agent %s: serving on %s, decode data plane on port %d (expert memory %s, disk %s, link %s, latency %g "
+             "ms)", settings.node_name, settings.listen, servicer.data_port, format_size(settings.expert_memory_bytes),
+             format_rate(settings.disk_bytes_per_s), format_rate(settings.link_bytes_per_s),
              settings.link_latency_s * 1e3)
     if ready is not None:
         ready.set()

@@ -36,7 +36,7 @@ class AgentInfo:
     num_layers: int
     num_experts: int  # routed experts per MoE layer
     vocab_size: int
-    fingerprint: str  # hash of config.json (protos.ids.model_fingerprint)
+    fingerprint: str  # the checkpoint's identity (protos.ids.model_fingerprint)
     expert_bytes: int  # one expert in the agent's memory
     memory_bytes: int  # expert buffer budget, 0 = unlimited
     disk_bytes_per_s: float  # 0 = unlimited

@@ -8,10 +8,10 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import Protocol
 
-from scheduler.types import EngineSnapshot, GenerationRequest, TokenEvent
+from scheduler.types import EngineSnapshot, GenerationRequest, NodeSpec, TokenEvent
 
 
 class Engine(Protocol):
@@ -26,4 +26,8 @@ class Engine(Protocol):
 
     def snapshot(self) -> EngineSnapshot:
         """Queue depths and the last state heard from every agent (cheap; no I/O)."""
+        ...
+
+    def set_nodes(self, nodes: Sequence[NodeSpec]) -> str:
+        """A new inventory's nodes: joins, drains and label changes, without a restart; what changed."""
         ...

@@ -248,6 +248,8 @@ class Batcher:
                 seq.at_home, seq.home = True, seq.runner.agents[home]
                 seq.members, seq.sources_released = [home], True
             self.running.append(seq)
+            if seq.request.on_admitted is not None:
+                seq.request.on_admitted()
 
     def _homes(self) -> dict[NodeId, int]:
         """Requests with a home, per home agent."""

@@ -136,7 +136,7 @@ class AgentClient:
     async def snapshot(self) -> AgentSnapshot:
         state = await self._cache_state()
         return AgentSnapshot(self.spec.name, self.spec.address, True, state.resident | state.loading,
-                             **asdict(state.counters))
+                             labels=self.spec.labels, **asdict(state.counters))
 
     async def fill(self, experts: Sequence[int]) -> list[int]:
         """Ask the agent to read these experts (layer * num_experts + index) into free memory at

@@ -43,5 +43,6 @@ class AgentFailed(PotluckError):
         self.address = address  # its gRPC address, as the agent that saw it fail reached it
 
 
-class ModelMismatch(PotluckError):
-    """An agent serves a different checkpoint than the scheduler (refused at join)."""
+class JoinRefused(PotluckError):
+    """An agent answers but is not the one the inventory names, or serves another checkpoint than
+    the scheduler's: refused at join, the message giving both values and the fix."""

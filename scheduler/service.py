@@ -12,14 +12,14 @@ import dataclasses
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from protos.convert import expert_from_wire, expert_to_wire
 from protos.ids import ExpertId, model_fingerprint
 from scheduler.client import AgentClient, AgentInfo
-from scheduler.errors import AgentFailed, ModelMismatch, NoAgentsAvailable, PromptTooLong, QueueFull
+from scheduler.errors import AgentFailed, JoinRefused, NoAgentsAvailable, PromptTooLong, QueueFull
 from scheduler.fill import AgentHoldings
 from scheduler.policy import Policy
 from protos.routing import RoutingTable
@@ -29,6 +29,8 @@ from scheduler.runner import ClusterView, ModelShape
 from scheduler.types import AgentSnapshot, EngineSnapshot, GenerationRequest, NodeId, NodeSpec, TokenEvent
 
 log = logging.getLogger("potluck.scheduler")
+
+JoinHook = Callable[[NodeId, AgentInfo], None]  # an agent joined, and what it reported about itself
 
 
 @dataclass(frozen=True)
@@ -51,14 +53,18 @@ class EngineSettings:
 
 
 class EngineService:
-    def __init__(self, model_dir: Path, nodes: Sequence[NodeSpec], settings: EngineSettings, policy: Policy = Policy()) -> None:
+    def __init__(self, model_dir: Path, nodes: Sequence[NodeSpec], settings: EngineSettings, policy: Policy = Policy(),
+                 on_join: JoinHook | None = None) -> None:
         self.policy = policy
+        self.on_join = on_join  # told of each agent that joins, with what it reported (Info)
+        self.model_dir = model_dir
         self.fingerprint = model_fingerprint(model_dir)
         self.settings = settings
         self.shape: ModelShape | None = None  # learnt from the first agent that answers Info
         self.clients = [AgentClient(n, settings.call_timeout_s) for n in nodes]
         self.infos: dict[str, AgentInfo] = {}
-        self._snapshots: dict[str, AgentSnapshot] = {n.name: AgentSnapshot(n.name, n.address, False) for n in nodes}
+        self._snapshots: dict[str, AgentSnapshot] = {n.name: AgentSnapshot(n.name, n.address, False, problem="not polled yet")
+                                                     for n in nodes}
         self.batcher = Batcher(self._cluster, policy, settings.batch, on_prefilled=self.refresh,
                                unheld_read_s=self._unheld_read_s)
         self.table = RoutingTable()  # the routing table last published to the agents
@@ -66,6 +72,7 @@ class EngineService:
         self._tasks: list[asyncio.Task[None]] = []
         self._background: set[asyncio.Task[None]] = set()
         self._refreshing: asyncio.Task[None] | None = None
+        self._draining: list[AgentClient] = []  # removed from the inventory, still used by running requests
 
     @property
     def context_length(self) -> int:
@@ -76,7 +83,8 @@ class EngineService:
     async def start(self) -> None:
         await self.poll()
         if not self.up_clients():
-            raise NoAgentsAvailable(f"no agent is reachable: {[c.spec.address for c in self.clients]}")
+            why = "; ".join(f"{s.name} at {s.address}: {s.problem}" for s in self._snapshots.values())
+            raise NoAgentsAvailable(f"no agent of the inventory can serve ({why})")
         await self.publish_routing()
         self._tasks.append(asyncio.create_task(self._poll_forever()))
 
@@ -85,8 +93,44 @@ class EngineService:
         for task in [*self._tasks, *self._background]:
             task.cancel()
         await asyncio.gather(*self._tasks, *self._background, return_exceptions=True)
-        for c in self.clients:
+        for c in [*self.clients, *self._draining]:
             await c.close()
+
+    def set_nodes(self, nodes: Sequence[NodeSpec]) -> str:
+        """Take a new inventory without a restart: new nodes join at the next poll; a removed
+        node (or one whose address changed) takes no new request and leaves once the requests
+        using it are done (drained); labels update in place. Returns what changed, for the log."""
+        old = {c.name: c for c in self.clients}
+        new = {n.name: n for n in nodes}
+        kept, added, removed = [], [], []
+        for name, client in old.items():
+            spec = new.get(name)
+            if spec is not None and spec.address == client.spec.address:
+                client.spec = spec  # labels
+                kept.append(client)
+            else:
+                removed.append(name)
+                self._draining.append(client)
+                self._snapshots.pop(name, None)
+                self.infos.pop(name, None)
+        for name, spec in new.items():
+            if name not in old or old[name].spec.address != spec.address:
+                added.append(name)
+                kept.append(AgentClient(spec, self.settings.call_timeout_s))
+                self._snapshots[name] = AgentSnapshot(name, spec.address, False, problem="not polled yet")
+        order = {n.name: i for i, n in enumerate(nodes)}
+        self.clients = sorted(kept, key=lambda c: order[c.name])
+        self._refresh_soon()
+        return f"added {', '.join(added) or 'none'}; draining {', '.join(removed) or 'none'}"
+
+    async def _close_drained(self) -> None:
+        """Close the removed agents' channels once no running request uses them."""
+        busy = {n for s in self.batcher.running for n in s.members} | \
+            {s.home.name for s in self.batcher.running if s.home is not None}
+        for client in [c for c in self._draining if c.name not in busy]:
+            self._draining.remove(client)
+            await client.close()
+            log.info("agent %s drained and removed", client.name)
 
     # Membership --------------------------------------------------------------------------
 
@@ -96,32 +140,48 @@ class EngineService:
     async def _check(self, client: AgentClient) -> AgentSnapshot:
         if client.name not in self.infos:
             info = await client.info()
+            if info.name != client.name:
+                raise JoinRefused(f"the agent at {client.spec.address} is named {info.name!r} but the inventory "
+                                  f"names {client.name!r} there: start it with --name {client.name}, or fix the "
+                                  f"inventory")
             if info.fingerprint != self.fingerprint:
-                raise ModelMismatch(f"agent {client.name} serves a different model (config {info.fingerprint}, expected {self.fingerprint})")
+                raise JoinRefused(f"agent {client.name} serves another checkpoint (fingerprint {info.fingerprint}; "
+                                  f"the server's {self.model_dir} is {self.fingerprint}): give the agent the same "
+                                  f"model folder (--model)")
             self.infos[client.name] = info
             if self.shape is None:
                 self.shape = ModelShape(info.num_layers, info.num_experts, info.vocab_size, info.dense_layers, info.max_positions)
         return await client.snapshot()
 
     async def poll(self) -> None:
-        results = await asyncio.gather(*(self._check(c) for c in self.clients), return_exceptions=True)
-        for client, result in zip(self.clients, results):
-            was_up = self._snapshots[client.name].up
+        clients = list(self.clients)  # an inventory reload may replace the list meanwhile
+        results = await asyncio.gather(*(self._check(c) for c in clients), return_exceptions=True)
+        for client, result in zip(clients, results):
+            if client not in self.clients:
+                continue  # removed while it was asked
+            before = self._snapshots[client.name]
             if isinstance(result, AgentSnapshot):
                 self._snapshots[client.name] = result
-                if not was_up:
+                if not before.up:
                     log.info("agent %s joined (%s)", client.name, client.spec.address)
+                    if self.on_join is not None:
+                        self.on_join(client.name, self.infos[client.name])
             else:
-                self._snapshots[client.name] = AgentSnapshot(client.name, client.spec.address, False)
+                problem = _problem(result)
+                self._snapshots[client.name] = AgentSnapshot(client.name, client.spec.address, False, problem=problem,
+                                                             labels=client.spec.labels)
                 self.infos.pop(client.name, None)
-                if was_up or isinstance(result, ModelMismatch):
-                    log.warning("agent %s left: %s", client.name, result)
+                if before.up:
+                    log.warning("agent %s left: %s", client.name, problem)
+                elif problem != before.problem and self._tasks:  # once per new reason (start raises instead)
+                    log.warning("agent %s is not serving: %s", client.name, problem)
 
     async def _poll_forever(self) -> None:
         while True:
             await asyncio.sleep(self.settings.poll_interval_s)
             await self.poll()
             await self.publish_routing()
+            await self._close_drained()
 
     def snapshot(self) -> EngineSnapshot:
         return EngineSnapshot(len(self.batcher.running), len(self.batcher.waiting), tuple(self._snapshots.values()))
@@ -205,8 +265,7 @@ class EngineService:
             async with contextlib.aclosing(events):  # leaving early releases it now, not at GC
                 async for event in events:
                     yield event
-        except AgentFailed as exc:
-            log.error("request %s failed: %s", request.request_id, exc)
+        except AgentFailed:  # logged once where it happened (the batcher), and in the request's last line
             self._refresh_soon()  # mark the failed agent down promptly
             raise
         finally:
@@ -233,14 +292,28 @@ class EngineService:
         for (node, es), result in zip(sent, results):
             if isinstance(result, BaseException):  # only a lost chance to read ahead: the next request reads on demand
                 log.warning("fill of %d experts on %s failed: %s", len(es), node, result)
-            elif result:  # held from now on (being read): the next routing table names them
+            elif result and node in self._snapshots:  # held from now on (being read): the next table names them
                 snap = self._snapshots[node]
                 self._snapshots[node] = dataclasses.replace(snap, held=snap.held | frozenset(result))
 
 
 async def start_engine(model_dir: Path, nodes: Sequence[NodeSpec], settings: EngineSettings,
-                       policy: Policy | str = "sirius") -> EngineService:
+                       policy: Policy | str = "sirius", on_join: JoinHook | None = None) -> EngineService:
     """Connect to the agents and start serving; raises NoAgentsAvailable if none answers."""
-    service = EngineService(model_dir, nodes, settings, policy if isinstance(policy, Policy) else Policy.from_flags(policy))
+    service = EngineService(model_dir, nodes, settings, policy if isinstance(policy, Policy) else Policy.from_flags(policy),
+                            on_join)
     await service.start()
     return service
+
+
+def _problem(exc: BaseException) -> str:
+    """One short line on why an agent cannot serve: its refusal, or what the transport said."""
+    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    if not isinstance(exc, AgentFailed):
+        return text
+    why = text.partition(": ")[2] or text  # "agent X (addr) failed during Info: UNAVAILABLE: ..." -> the reason
+    if why.startswith("UNAVAILABLE") and "Failed to connect to remote host: " in why:
+        return f"unreachable ({why.rpartition('Failed to connect to remote host: ')[2].strip().lower()})"
+    if why.startswith("DEADLINE_EXCEEDED"):
+        return "no answer in time (stopped, overloaded, or not a potluck agent)"
+    return why

@@ -19,6 +19,7 @@ protos/messages.py, which the agents read too, and re-exported here.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 # Shared with the agents (protos/ids.py, protos/messages.py); re-exported for the scheduler's users.
@@ -48,6 +49,9 @@ class GenerationRequest:
     request_id: RequestId
     prompt_token_ids: tuple[int, ...]
     sampling: SamplingParams
+    # Called once when the request leaves the queue and starts running (the server's queue-time
+    # metric); None: nobody asks.
+    on_admitted: Callable[[], None] | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True)
@@ -59,6 +63,8 @@ class AgentSnapshot(CacheCounters):
     address: str
     up: bool
     held: frozenset[int] = frozenset()  # experts resident or being read, as layer * num_experts + index
+    problem: str = ""  # why it is not up: unreachable (the transport's reason) or refused at join
+    labels: tuple[str, ...] = ()  # the inventory's labels of the node (for people: status, /health)
 
 
 @dataclass(frozen=True)

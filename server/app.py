@@ -17,6 +17,7 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from fastapi import FastAPI
 
 from scheduler.api import Engine
+from server.version import potluck_version
 from server.errors import install_error_handlers
 from server.metrics import RequestCounter
 from server.routes import router
@@ -40,7 +41,7 @@ def create_app(settings: ServerSettings, open_engine: EngineOpener) -> FastAPI:
             finally:
                 state.attach(None)
 
-    app = FastAPI(title="potluck", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app = FastAPI(title="potluck", version=potluck_version(), lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.potluck = state
     install_error_handlers(app)
     app.add_middleware(RequestCounter, metrics=state.metrics)

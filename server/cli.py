@@ -22,11 +22,14 @@ from typing import TYPE_CHECKING, Final
 
 from server.cli_args import HelpFormatter, duration, non_negative, positive, rate, share, size
 from server.cli_bench import add_bench
+from server.setup_checks import SetupError, listen_address, port, port_or_any
+from server.version import potluck_version
 
 if TYPE_CHECKING:
     from server.runner import ServerOptions
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+log = logging.getLogger("potluck.server")
 DEMO_ARCH: Final = "qwen3_moe"  # what `potluck up` serves when given no --model
 DEMO_PRESET: Final = "tiny"
 
@@ -37,11 +40,13 @@ def build_parser() -> argparse.ArgumentParser:
         description="Serve a Mixture-of-Experts LLM from the devices on one LAN, behind an OpenAI-compatible API.",
         formatter_class=HelpFormatter,
     )
+    parser.add_argument("--version", action="version", version=f"potluck {potluck_version()}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_init_model(commands)
     _add_agent(commands)
     _add_serve(commands)
     _add_up(commands)
+    _add_status(commands)
     add_bench(commands)
     return parser
 
@@ -73,12 +78,13 @@ def _add_init_model(commands: argparse._SubParsersAction) -> None:  # type: igno
 
 def _add_agent(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = _sub(commands, "agent", "Run a node agent on this device (a gRPC server) until SIGINT/SIGTERM.")
-    p.add_argument("--listen", required=True, metavar="HOST:PORT", help="address of the gRPC server")
+    p.add_argument("--listen", required=True, type=listen_address, metavar="HOST:PORT",
+                   help="address of the gRPC server (port 1-65535)")  # fmt: skip
     p.add_argument("--model", required=True, type=Path, metavar="DIR", help="checkpoint folder on this device")
     p.add_argument("--name", help="node name as in the inventory; default: the --listen address")
     _add_profile_flags(p)
     p.add_argument("--torch-threads", type=positive, default=1, metavar="N", help="torch intra-op threads")
-    p.add_argument("--data-port", type=non_negative, default=0, metavar="PORT",
+    p.add_argument("--data-port", type=port_or_any, default=0, metavar="PORT",
                    help="TCP port of the decode data plane (agent-to-agent expert calls), on the --listen host; "
                         "0 = any free port (default)")  # fmt: skip
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"), help="compute dtype")
@@ -95,7 +101,7 @@ def _add_profile_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--disk-bandwidth", type=rate, default=0.0, metavar="RATE",
                    help="emulated expert-store read rate, e.g. 200MB/s, 800KiB/s (bytes/s); 0 = unlimited")  # fmt: skip
     p.add_argument("--link-bandwidth", type=rate, default=0.0, metavar="RATE",
-                   help="emulated link rate, e.g. 1Gbit/s, 50MB/s (bytes/s), for sending and (separately) "
+                   help="emulated link rate, e.g. 1Gbit/s or 1Gb/s (bits), 50MB/s (bytes), for sending and (separately) "
                         "receiving; 0 = unlimited")  # fmt: skip
     p.add_argument("--link-latency", type=duration, default=0.0, metavar="DURATION",
                    help="emulated one-way delay of every message an agent sends, e.g. 2ms, 500us, 0.01s (a unit "
@@ -107,7 +113,7 @@ def _add_profile_flags(p: argparse.ArgumentParser) -> None:
 
 def _add_server_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address the HTTP server binds (0.0.0.0: every interface)")
-    p.add_argument("--port", type=int, default=8000, help="TCP port of the HTTP server")
+    p.add_argument("--port", type=port, default=8000, help="TCP port of the HTTP server (1-65535)")
     p.add_argument("--api-key", default=None, metavar="KEY",
                    help="require 'Authorization: Bearer KEY' on /v1/* (default: $POTLUCK_API_KEY; unset = open)")  # fmt: skip
     p.add_argument("--served-model-name", metavar="NAME", help="model id clients use; default: the model folder's name")
@@ -162,8 +168,55 @@ def _add_up(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-
     p.set_defaults(run=_run_up)
 
 
+def _add_status(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = _sub(commands, "status", "Show the cluster a server drives: each agent's state, expert memory, experts "
+             "held, hit rate, bytes read and sent, requests; and the queue.")
+    p.add_argument("--url", default="http://127.0.0.1:8000", help="the server's base URL")
+    p.add_argument("--api-key", default=None, metavar="KEY", help="the server's API key (default: $POTLUCK_API_KEY)")
+    p.add_argument("--watch", type=float, nargs="?", const=2.0, default=None, metavar="SECONDS",
+                   help="refresh every SECONDS (2 if given alone) until Ctrl-C")  # fmt: skip
+    p.add_argument("--json", action="store_true", help="print the JSON of GET /admin/status instead of a table")
+    p.set_defaults(run=_run_status)
+
+
+def _run_status(args: argparse.Namespace) -> int:
+    import json
+    import time
+    import urllib.error
+    import urllib.request
+
+    from server.status import status_table
+
+    url = f"{args.url.rstrip('/')}/admin/status"
+    key = args.api_key or os.environ.get("POTLUCK_API_KEY")
+    while True:
+        request = urllib.request.Request(url, headers={"Authorization": f"Bearer {key}"} if key else {})
+        try:
+            with urllib.request.urlopen(request, timeout=10) as reply:
+                body = json.loads(reply.read())
+        except urllib.error.HTTPError as exc:
+            hint = "; give --api-key" if exc.code == 401 else ""
+            raise SetupError(f"{url} answered {exc.code} {exc.reason}{hint}") from None
+        except (urllib.error.URLError, OSError) as exc:
+            reason = getattr(exc, "reason", exc)
+            raise SetupError(f"cannot reach the server at {args.url} ({reason}); is `potluck serve` running "
+                             f"there? (--url)") from None
+        text = json.dumps(body, indent=2) if args.json else status_table(body)
+        if args.watch is None:
+            print(text)
+            return 0
+        print("\033[H\033[J" + time.strftime("%H:%M:%S ") + text, flush=True)  # clear the screen, then the table
+        try:
+            time.sleep(args.watch)
+        except KeyboardInterrupt:
+            return 0
+
+
 def _run_init_model(args: argparse.Namespace) -> int:
     from node_agent.model.synth import init_model
+    from server.setup_checks import check_new_folder
+
+    check_new_folder(args.out)
 
     init_model(
         args.arch, args.out, args.preset, hidden_size=args.hidden_size, layers=args.layers, experts=args.experts,
@@ -174,6 +227,14 @@ def _run_init_model(args: argparse.Namespace) -> int:
 
 
 def _run_agent(args: argparse.Namespace) -> int:
+    from server.inventory import split_address
+    from server.setup_checks import check_model_dir, check_port_free
+
+    check_model_dir(args.model)
+    host, grpc_port = split_address(args.listen)
+    check_port_free(host, grpc_port, "--listen")
+    if args.data_port:
+        check_port_free(host, args.data_port, "--data-port")
     from node_agent.service import AgentSettings, run_agent
 
     settings = AgentSettings(
@@ -187,28 +248,63 @@ def _run_agent(args: argparse.Namespace) -> int:
 
 
 def _run_serve(args: argparse.Namespace) -> int:
-    from server.inventory import load_inventory
-    from server.runner import serve_http
+    from protos.messages import AgentInfo
+    from scheduler.types import NodeId, NodeSpec
+    from server.inventory import load_inventory, profile_mismatches, up_only_fields
+    from server.runner import Reload, serve_http
+    from server.setup_checks import check_port_free
 
     inventory = load_inventory(args.inventory)
-    model_dir = args.model or inventory.model
+    model_dir = _model_dir(args, inventory.model, args.inventory)
     if model_dir is None:
-        raise SystemExit("potluck serve: give --model DIR, or 'model:' in the inventory")
-    return serve_http(_server_options(args, model_dir), inventory.node_specs())
+        raise SetupError(f"give --model DIR, or 'model:' in {args.inventory}")
+    check_port_free(args.host, args.port, "--port")
+    profiles = inventory.profiles()
+    for line in up_only_fields(inventory):
+        log.warning("%s", line)
+
+    def on_join(name: NodeId, info: AgentInfo) -> None:
+        for line in profile_mismatches(name, profiles[name], info) if name in profiles else ():
+            log.warning("%s", line)
+
+    def read() -> tuple[NodeSpec, ...]:  # on SIGHUP or a change of the file; the model stays
+        again = load_inventory(args.inventory)
+        profiles.clear()
+        profiles.update(again.profiles())
+        return again.node_specs()
+
+    return serve_http(_server_options(args, model_dir), inventory.node_specs(), on_join=on_join,
+                      reload=Reload(args.inventory, read))
+
+
+def _model_dir(args: argparse.Namespace, from_inventory: Path | None, inventory: Path | None) -> Path | None:
+    """--model, else the inventory's `model:`, checked to be a checkpoint folder the server can
+    serve (None: neither is given)."""
+    from server.setup_checks import check_model_dir
+
+    if args.model is not None:
+        check_model_dir(args.model, "--model", needs_tokenizer=True)
+        return Path(args.model)
+    if from_inventory is not None:
+        check_model_dir(from_inventory, f"{inventory}: model:", needs_tokenizer=True)
+    return from_inventory
 
 
 def _run_up(args: argparse.Namespace) -> int:
     from server.inventory import NodeProfile, load_inventory
     from server.launcher import LocalAgents, launches_from_inventory, plan_local_agents, specs_of
     from server.runner import run_up
+    from server.setup_checks import check_port_free
 
-    if args.inventory is not None:
-        launches = launches_from_inventory(load_inventory(args.inventory), avoid={args.port})
+    check_port_free(args.host, args.port, "--port")
+    inventory = load_inventory(args.inventory) if args.inventory is not None else None
+    if inventory is not None:
+        launches = launches_from_inventory(inventory, avoid={args.port})
     else:
         profile = NodeProfile(args.expert_memory, args.disk_bandwidth, args.link_bandwidth, args.compute_share,
                               args.link_latency)
         launches = plan_local_agents(args.agents or 2, profile, avoid={args.port})
-    model_dir = args.model or _demo_model()
+    model_dir = _model_dir(args, inventory.model if inventory else None, args.inventory) or _demo_model()
     agents = LocalAgents(model_dir, launches, args.log_level)
     return run_up(_server_options(args, model_dir), agents, specs_of(launches), args.agent_start_timeout)
 
@@ -254,12 +350,19 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=getattr(args, "log_level", "INFO"), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    from scheduler.errors import JoinRefused, NoAgentsAvailable
     from server.inventory import InventoryError
 
     try:
         return int(args.run(args))
-    except InventoryError as exc:
-        print(f"potluck {args.command}: {exc}", file=sys.stderr)
+    except (SetupError, InventoryError, NoAgentsAvailable, JoinRefused) as exc:
+        # An admin's mistake: what is wrong and how to fix it, without a traceback unless asked for.
+        if getattr(args, "log_level", "INFO") == "DEBUG":
+            logging.getLogger("potluck").exception("potluck %s failed", args.command)
+        print(f"potluck {args.command}: error: {exc}", file=sys.stderr)
+        if isinstance(exc, NoAgentsAvailable):
+            print(f"potluck {args.command}: hint: start each agent first (potluck agent --name NAME --listen "
+                  f"HOST:PORT --model DIR), and check the inventory's names and addresses", file=sys.stderr)
         return 2
 
 

@@ -100,9 +100,9 @@ def describe(exc: Exception, path: str = "") -> ApiError:
 
 async def handle_error(request: Request, exc: Exception) -> JSONResponse:
     error = describe(exc, request.url.path)
-    if error.status > 500:
+    if error.status > 500 and not isinstance(exc, AgentFailed):
         # 500s are not logged here: Starlette re-raises them after this handler, and the ASGI
-        # server logs them with their traceback.
+        # server logs them with their traceback. An agent's failure was logged where it happened.
         log.error("request %s %s failed: %s", request.method, request.url.path, exc)
     return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
 

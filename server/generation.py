@@ -15,6 +15,7 @@ which cancels the request on every agent.
 from __future__ import annotations
 
 import logging
+import dataclasses
 import time
 from collections import deque
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
@@ -128,10 +129,11 @@ class Generation:
         metrics: ServerMetrics,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self.request, self.assembler = request, assembler
+        self.request, self.assembler = dataclasses.replace(request, on_admitted=self._on_admitted), assembler
         self._engine, self._metrics, self._clock = engine, metrics, clock
         self._events: AsyncIterator[TokenEvent] | None = None
         self._submitted = 0.0  # clock() at submission, seconds
+        self._admitted: float | None = None  # clock() when it left the queue
         self._first_token: float | None = None
         self._last_token: float | None = None
         self._outcome = "cancelled"  # the log's finish_reason unless generation completes
@@ -198,10 +200,19 @@ class Generation:
             self._metrics.inter_token_latency.observe(now - self._last_token)
         self._last_token = now
 
+    def _on_admitted(self) -> None:
+        self._admitted = self._clock()
+        self._metrics.queue_time.observe(self._admitted - self._submitted)
+
     def _record(self, outcome: str) -> None:
         total = self._clock() - self._submitted
         self._metrics.e2e_request_latency.observe(total)
         self._metrics.generation_tokens.inc(self.assembler.completion_tokens)
+        if self._admitted is not None and self._first_token is not None:
+            self._metrics.prefill_time.observe(self._first_token - self._admitted)
+        if self._first_token is not None and self._last_token is not None:
+            self._metrics.decode_time.observe(self._last_token - self._first_token)
+        self._metrics.finished(outcome if outcome in ("stop", "length") else "abort")
         ttft = f"{self._first_token - self._submitted:.3f}s" if self._first_token is not None else "-"
         log.info(
             "request %s finished: prompt_tokens=%d output_tokens=%d ttft=%s total=%.3fs finish_reason=%s",

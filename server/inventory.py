@@ -26,7 +26,9 @@ Every error names the field and the node, e.g. `nodes[1].address (node 'pi'): ..
 
 from __future__ import annotations
 
+import difflib
 import ipaddress
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,7 +38,8 @@ import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from scheduler.types import NodeId, NodeSpec
-from server.units import UnitError, parse_duration, parse_rate, parse_size
+from protos.messages import AgentInfo
+from server.units import UnitError, format_rate, format_size, parse_duration, parse_rate, parse_size
 
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
 
@@ -101,6 +104,36 @@ def is_loopback(address: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+def profile_mismatches(name: str, expected: NodeProfile, info: AgentInfo) -> list[str]:
+    """What an agent started by hand reports against what the inventory gives it, one line each
+    (`serve` cannot apply a profile: each agent takes its own flags)."""
+    def line(what: str, flag: str, has: str, wants: str) -> str:
+        return (f"agent {name} runs with {what} {has} but the inventory gives it {wants}: restart it with "
+                f"{flag} {wants.replace(' ', '')}, or fix the inventory")
+
+    lines = []
+    if info.memory_bytes != expected.expert_memory_bytes:
+        lines.append(line("expert memory", "--expert-memory", format_size(info.memory_bytes),
+                          format_size(expected.expert_memory_bytes)))
+    for what, flag, has, wants in (("disk bandwidth", "--disk-bandwidth", info.disk_bytes_per_s, expected.disk_bytes_per_s),
+                                   ("link bandwidth", "--link-bandwidth", info.link_bytes_per_s, expected.link_bytes_per_s)):
+        if not math.isclose(has, wants, rel_tol=1e-6):
+            lines.append(line(what, flag, format_rate(has), format_rate(wants)))
+    if not math.isclose(info.link_latency_s, expected.link_latency_s, rel_tol=1e-6, abs_tol=1e-9):
+        lines.append(line("link latency", "--link-latency", f"{info.link_latency_s * 1e3:g} ms",
+                          f"{expected.link_latency_s * 1e3:g} ms"))
+    if not math.isclose(info.compute_share, expected.compute_share, rel_tol=1e-6):
+        lines.append(line("compute share", "--compute-share", f"{info.compute_share:g}", f"{expected.compute_share:g}"))
+    return lines
+
+
+def up_only_fields(inventory: Inventory) -> list[str]:
+    """Lines for the fields `serve` cannot check against a running agent (it reports no thread
+    count): only `potluck up`, which starts the agents, applies them."""
+    return [f"node {n.name}: torch_threads {n.torch_threads} applies to agents `potluck up` starts; start this "
+            f"agent with --torch-threads {n.torch_threads}" for n in inventory.nodes if n.torch_threads is not None]
 
 
 class NodeEntry(BaseModel):
@@ -208,18 +241,42 @@ def load_inventory(path: Path) -> Inventory:
 
 
 def _describe(exc: ValidationError, data: dict[str, Any]) -> str:
-    """The first error as `nodes[1].address (node 'pi'): message`."""
-    error = exc.errors()[0]
-    loc = list(error["loc"])
-    message = error["msg"].removeprefix("Value error, ")
-    cause = error.get("ctx", {}).get("error")
-    if isinstance(cause, _DuplicateError):
-        loc, message = ["nodes", cause.index, cause.key], cause.message
+    """Every error, one per line, as `nodes[1].address (node 'pi'): message`; a misspelt field
+    name gets the closest valid one, and the field it leaves missing is not reported twice."""
+    errors = exc.errors()
+    misspelt = {tuple(e["loc"][:-1]): _closest(list(e["loc"])) for e in errors if e["type"] == "extra_forbidden"}
+    lines = []
+    for error in errors:
+        loc, message = list(error["loc"]), error["msg"].removeprefix("Value error, ")
+        cause = error.get("ctx", {}).get("error")
+        if isinstance(cause, _DuplicateError):
+            loc, message = ["nodes", cause.index, cause.key], cause.message
+        if error["type"] == "missing" and tuple(loc[:-1]) in misspelt.keys() and loc[-1] in misspelt.values():
+            continue  # said with its misspelling
+        if error["type"] == "extra_forbidden":
+            guess = _closest(loc)
+            message = f"unknown field; did you mean {guess!r}?" if guess else \
+                f"unknown field (valid: {', '.join(_fields(loc))})"
+        lines.append(f"{_where(loc, data)}: {message}")
+    return lines[0] if len(lines) == 1 else f"{len(lines)} errors:\n  " + "\n  ".join(lines)
+
+
+def _fields(loc: list[Any]) -> list[str]:
+    model = NodeEntry if len(loc) >= 3 and loc[0] == "nodes" else Inventory
+    return list(model.model_fields)
+
+
+def _closest(loc: list[Any]) -> str | None:
+    """The valid field name nearest to the unknown one at `loc` (None if none is close)."""
+    close = difflib.get_close_matches(str(loc[-1]), _fields(loc), n=1, cutoff=0.6)
+    return close[0] if close else None
+
+
+def _where(loc: list[Any], data: dict[str, Any]) -> str:
     path = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in loc).lstrip(".")
     if len(loc) >= 2 and loc[0] == "nodes" and isinstance(loc[1], int):
         nodes = data.get("nodes")
         node = nodes[loc[1]] if isinstance(nodes, list) and loc[1] < len(nodes) else None
         if isinstance(node, dict) and isinstance(node.get("name"), str) and loc[2:] != ["name"]:
             path += f" (node {node['name']!r})"
-    extra = len(exc.errors()) - 1
-    return f"{path or 'inventory'}: {message}" + (f" (and {extra} more error{'s' if extra > 1 else ''})" if extra else "")
+    return path or "inventory"

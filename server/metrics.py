@@ -10,12 +10,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, Info, generate_latest
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from scheduler.types import AgentSnapshot, EngineSnapshot
+from server.version import potluck_version
 
 # Seconds. From a few ms (a cached decode step on a fast box) to 10 min (a long prompt whose
 # experts all stream from a slow disk).
@@ -25,31 +26,50 @@ SnapshotSource = Callable[[], EngineSnapshot | None]  # None until the engine ha
 
 
 class ServerMetrics:
-    """Every metric the server exports; `render()` is the body of GET /metrics."""
+    """Every metric the server exports; `render()` is the body of GET /metrics. Request metrics
+    carry `model_name` (the served model id), as vLLM's do, so one dashboard serves several
+    servers; the attributes are the children bound to it."""
 
     content_type = CONTENT_TYPE_LATEST
 
-    def __init__(self, snapshot: SnapshotSource) -> None:
+    def __init__(self, snapshot: SnapshotSource, model_name: str = "") -> None:
         self.registry = CollectorRegistry()
-        registry = self.registry
-        self.time_to_first_token = Histogram(
-            "potluck_time_to_first_token_seconds", "Time from submission to the first generated token.",
-            buckets=LATENCY_BUCKETS, registry=registry,
-        )  # fmt: skip
-        self.inter_token_latency = Histogram(
-            "potluck_inter_token_latency_seconds", "Time between consecutive generated tokens of a request.",
-            buckets=LATENCY_BUCKETS, registry=registry,
-        )  # fmt: skip
-        self.e2e_request_latency = Histogram(
-            "potluck_e2e_request_latency_seconds", "Time from submission to the last token of a request.",
-            buckets=LATENCY_BUCKETS, registry=registry,
-        )  # fmt: skip
-        self.prompt_tokens = Counter("potluck_prompt_tokens", "Prompt tokens submitted.", registry=registry)
-        self.generation_tokens = Counter("potluck_generation_tokens", "Tokens generated.", registry=registry)
+        registry, model = self.registry, {"model_name": model_name}
+
+        def histogram(name: str, help_text: str) -> Histogram:
+            return Histogram(name, help_text, ["model_name"], buckets=LATENCY_BUCKETS, registry=registry).labels(**model)
+
+        def counter(name: str, help_text: str) -> Counter:
+            return Counter(name, help_text, ["model_name"], registry=registry).labels(**model)
+
+        self.time_to_first_token = histogram("potluck_time_to_first_token_seconds",
+                                             "Time from submission to the first generated token.")
+        self.inter_token_latency = histogram("potluck_inter_token_latency_seconds",
+                                             "Time between consecutive generated tokens of a request.")
+        self.e2e_request_latency = histogram("potluck_e2e_request_latency_seconds",
+                                             "Time from submission to the last token of a request.")
+        self.queue_time = histogram("potluck_request_queue_time_seconds",
+                                    "Time a request waited in the queue before it started running.")
+        self.prefill_time = histogram("potluck_request_prefill_time_seconds",
+                                      "Time from a request's start of running to its first token.")
+        self.decode_time = histogram("potluck_request_decode_time_seconds",
+                                     "Time from a request's first token to its last.")
+        self.prompt_tokens = counter("potluck_prompt_tokens", "Prompt tokens submitted.")
+        self.generation_tokens = counter("potluck_generation_tokens", "Tokens generated.")
+        self._success = Counter("potluck_request_success", "Requests that finished, by finish reason: stop, length, "
+                                "or abort (the client left or the request failed).", ["model_name", "finished_reason"],
+                                registry=registry)  # fmt: skip
+        self._model_name = model_name
         self.requests = Counter(
             "potluck_requests", "HTTP requests by endpoint and status code.", ["endpoint", "status"], registry=registry
         )
+        Info("potluck_build", "The potluck version serving, and its model.", registry=registry).info(
+            {"version": potluck_version(), "model_name": model_name})
         registry.register(EngineCollector(snapshot))
+
+    def finished(self, reason: str) -> None:
+        """One request out of the engine: `reason` is its finish_reason, or "abort"."""
+        self._success.labels(model_name=self._model_name, finished_reason=reason).inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

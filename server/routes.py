@@ -14,7 +14,8 @@ from fastapi.responses import JSONResponse
 from starlette.responses import Response
 
 from server import responses as objects
-from server import serving
+from server import serving, status
+from server.version import potluck_version
 from server.state import ServerState
 from server.errors import AuthenticationFailed
 from server.schemas import ChatCompletionRequest, CompletionRequest
@@ -40,6 +41,7 @@ def require_api_key(state: State, authorization: Annotated[str | None, Header()]
 
 router = APIRouter()
 v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)])
+admin = APIRouter(prefix="/admin", dependencies=[Depends(require_api_key)])
 
 
 @v1.post("/chat/completions")
@@ -65,14 +67,24 @@ async def retrieve_model(model: str, state: State) -> JSONResponse:
 
 @router.get("/health")
 async def health(state: State) -> JSONResponse:
+    """ok: every agent of the inventory serves; degraded (still 200): some do, the others are named
+    with the reason; unavailable (503): none does."""
     snapshot = state.snapshot()
-    agents = [{"name": a.name, "address": a.address, "up": a.up} for a in (snapshot.agents if snapshot else ())]
-    ok = any(agent["up"] for agent in agents)
+    agents = [{"name": a.name, "address": a.address, "up": a.up, **({} if a.up else {"problem": a.problem})}
+              for a in (snapshot.agents if snapshot else ())]  # fmt: skip
+    up = sum(a.up for a in (snapshot.agents if snapshot else ()))
+    status = "unavailable" if not up else "ok" if up == len(agents) else "degraded"
     body = {
-        "status": "ok" if ok else "unavailable", "agents": agents,
+        "status": status, "agents": agents,
         "running": snapshot.running if snapshot else 0, "waiting": snapshot.waiting if snapshot else 0,
     }  # fmt: skip
-    return JSONResponse(body, status_code=200 if ok else 503)
+    return JSONResponse(body, status_code=503 if status == "unavailable" else 200)
+
+
+@admin.get("/status")
+async def cluster_status(state: State) -> JSONResponse:
+    """The cluster for `potluck status`: every agent's state, memory, holdings, traffic; the queue."""
+    return JSONResponse(status.cluster_status(state.snapshot(), state.settings.served_model_name, potluck_version()))
 
 
 @router.get("/metrics")
@@ -81,3 +93,4 @@ async def metrics(state: State) -> Response:
 
 
 router.include_router(v1)
+router.include_router(admin)

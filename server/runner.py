@@ -3,8 +3,9 @@
     serve_http(options, nodes)              # uvicorn until SIGINT/SIGTERM; 0 on a clean stop
     run_up(options, agents, nodes, 180.0)   # start agents, wait for SERVING, serve, stop them all
 
-The engine is started in the app's lifespan (so uvicorn only reports "started" once the agents
-answer) and stopped on shutdown. While serving, a watchdog checks the child agents twice a
+The engine is started before uvicorn binds its port, so that no agent to serve with is one
+clean error (`NoAgentsAvailable`, naming each agent and why), and stopped after uvicorn's
+shutdown; the app's lifespan only attaches it. While serving, a watchdog checks the child agents twice a
 second: if one dies, `run_up` logs it, shuts the server down and returns 1 rather than hang.
 """
 
@@ -13,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,8 +23,8 @@ from types import FrameType
 import uvicorn
 
 from scheduler.api import Engine
-from scheduler.errors import NoAgentsAvailable
 from scheduler.policy import Policy
+from scheduler.service import JoinHook
 from scheduler.types import NodeSpec
 from server.app import EngineOpener, ServerSettings, create_app
 from server.launcher import AgentExited, LocalAgents
@@ -54,18 +55,14 @@ class Shutdown(BaseException):
     """SIGINT or SIGTERM asked `potluck up` to stop (a BaseException, like KeyboardInterrupt)."""
 
 
-def engine_opener(options: ServerOptions, nodes: Sequence[NodeSpec]) -> EngineOpener:
+def engine_opener(options: ServerOptions, nodes: Sequence[NodeSpec], on_join: JoinHook | None = None) -> EngineOpener:
     @asynccontextmanager
     async def open_engine() -> AsyncIterator[Engine]:
         from scheduler.service import EngineSettings, start_engine
 
         settings = EngineSettings(max_waiting=options.max_waiting, max_running=options.max_running,
                                   prefill_chunk=options.prefill_chunk, home_prefill_max=options.home_prefill_max)
-        try:
-            service = await start_engine(options.model_dir, nodes, settings, options.policy)
-        except NoAgentsAvailable as exc:
-            log.error("cannot start: %s", exc)
-            raise
+        service = await start_engine(options.model_dir, nodes, settings, options.policy, on_join)
         try:
             yield service
         finally:
@@ -74,18 +71,27 @@ def engine_opener(options: ServerOptions, nodes: Sequence[NodeSpec]) -> EngineOp
     return open_engine
 
 
-def serve_http(options: ServerOptions, nodes: Sequence[NodeSpec], agents: LocalAgents | None = None) -> int:
+@dataclass(frozen=True)
+class Reload:
+    """Where `serve` re-reads its inventory from, on SIGHUP or when the file changes."""
+
+    path: Path  # the inventory file
+    read: Callable[[], Sequence[NodeSpec]]  # its nodes now; InventoryError keeps the running ones
+
+
+def serve_http(options: ServerOptions, nodes: Sequence[NodeSpec], agents: LocalAgents | None = None,
+               on_join: JoinHook | None = None, reload: Reload | None = None) -> int:
     """Run the server until it is asked to stop; 0 when it stopped cleanly, 1 otherwise."""
     settings = ServerSettings(options.model_dir, options.served_model_name, options.api_key)
-    app = create_app(settings, engine_opener(options, nodes))
+    slot = _EngineSlot()
+    app = create_app(settings, slot.attach)  # loads the tokenizer: a broken one fails before any agent call
     config = uvicorn.Config(app, host=options.host, port=options.port, log_level=options.log_level.lower(),
                             lifespan="on", timeout_graceful_shutdown=5, log_config=None)  # fmt: skip
     server = uvicorn.Server(config)
-    log.info("starting the API for %s on http://%s:%d/v1 (%d agents)", options.served_model_name, options.host, options.port,
-             len(nodes))  # fmt: skip
     with _signals_raise_shutdown():
         try:
-            code, dead = asyncio.run(_serve_watching(server, agents))
+            code, dead = asyncio.run(_serve_watching(server, agents, slot, engine_opener(options, nodes, on_join), options,
+                                                     len(nodes), reload))  # fmt: skip
         except Shutdown:
             return 0  # uvicorn has shut down gracefully (engine stopped) before re-raising
     if dead is not None:
@@ -94,17 +100,62 @@ def serve_http(options: ServerOptions, nodes: Sequence[NodeSpec], agents: LocalA
     return code
 
 
-async def _serve_watching(server: uvicorn.Server, agents: LocalAgents | None) -> tuple[int, str | None]:
-    """Serve until asked to stop or an agent dies: (exit code, the dead agent or None)."""
-    serving = asyncio.create_task(_serve(server))
-    dead: str | None = None
-    while not serving.done():
-        await asyncio.wait({serving}, timeout=WATCH_INTERVAL_S)
-        if dead is None and agents is not None:
-            dead = agents.dead()
-            if dead is not None:
-                server.should_exit = True  # graceful: open streams get up to 5 s to finish
-    return serving.result(), dead
+class _EngineSlot:
+    """The engine started before uvicorn, handed to the app's lifespan."""
+
+    engine: Engine | None = None
+
+    @asynccontextmanager
+    async def attach(self) -> AsyncIterator[Engine]:
+        assert self.engine is not None, "the engine starts before the app"
+        yield self.engine
+
+
+async def _serve_watching(server: uvicorn.Server, agents: LocalAgents | None, slot: _EngineSlot,
+                          open_engine: EngineOpener, options: ServerOptions, nodes: int,
+                          reload: Reload | None = None) -> tuple[int, str | None]:
+    """Start the engine, then serve until asked to stop or an agent dies: (exit code, the dead
+    agent or None). With `reload`, SIGHUP or a change of the file's modification time re-reads
+    the inventory."""
+    async with open_engine() as slot.engine:
+        log.info("starting the API for %s on http://%s:%d/v1 (%d agents)", options.served_model_name, options.host,
+                 options.port, nodes)  # fmt: skip
+        serving = asyncio.create_task(_serve(server))
+        hangup = asyncio.Event()
+        if reload is not None:
+            asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, hangup.set)
+        seen = _mtime(reload.path) if reload else None
+        dead: str | None = None
+        while not serving.done():
+            await asyncio.wait({serving}, timeout=WATCH_INTERVAL_S)
+            if dead is None and agents is not None:
+                dead = agents.dead()
+                if dead is not None:
+                    server.should_exit = True  # graceful: open streams get up to 5 s to finish
+            if reload is not None and (hangup.is_set() or _mtime(reload.path) != seen):
+                hangup.clear()
+                seen = _mtime(reload.path)
+                _reload(slot.engine, reload)
+        return serving.result(), dead
+
+
+def _mtime(path: Path) -> float | None:
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return None
+
+
+def _reload(engine: Engine, reload: Reload) -> None:
+    """The inventory read again and handed to the engine; a broken file keeps the running nodes."""
+    from server.inventory import InventoryError
+
+    try:
+        nodes = reload.read()
+    except InventoryError as exc:
+        log.error("inventory not reloaded, still serving the previous one: %s", exc)
+        return
+    log.info("inventory %s reloaded: %s", reload.path, engine.set_nodes(nodes))
 
 
 async def _serve(server: uvicorn.Server) -> int:

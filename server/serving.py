@@ -202,7 +202,8 @@ async def _frames(
             yield sse(objects.usage_chunk(env, obj, objects.usage(gen.prompt_tokens, gen.assembler.completion_tokens)))
     except Exception as exc:  # noqa: BLE001 - the stream's boundary: every failure becomes an error event
         error = describe(exc)
-        log.error("request %s failed mid-stream: %s", gen.request_id, exc, exc_info=error.status == 500)
+        if error.status == 500:  # unexpected: with its traceback; the others are in the request's last log line
+            log.error("request %s failed mid-stream: %s", gen.request_id, exc, exc_info=True)
         yield sse(error.body())
     finally:
         await deltas.aclose()

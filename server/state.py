@@ -31,7 +31,7 @@ class ServerState:
         self.text = text
         self.created = int(time.time())  # Unix seconds; the model card's "created"
         self._engine: Engine | None = None
-        self.metrics = ServerMetrics(self.snapshot)
+        self.metrics = ServerMetrics(self.snapshot, settings.served_model_name)
 
     @property
     def engine(self) -> Engine:

@@ -5,10 +5,10 @@
     parse_duration("500us") == 0.0005         # seconds (float); "0" / "none" -> 0.0
 
 0 means unlimited everywhere in potluck (the agents' `DeviceProfile` uses the same convention).
-Suffixes are case-insensitive: `KiB/MiB/GiB/TiB` (and `Ki`, `Mi`, ...) are powers of 1024,
-`kB/MB/GB/TB` (and `k`, `M`, ...) are powers of 1000, `B` is one byte. In a rate, `bit/s`
-(e.g. `Mbit/s`) counts bits (8 per byte); every other unit counts bytes. A bare `b` is not
-accepted as "bit" because case-insensitive parsing could not tell it from `B`.
+Prefixes are case-insensitive: `KiB/MiB/GiB/TiB` (and `Ki`, `Mi`, ...) are powers of 1024,
+`kB/MB/GB/TB` (and `k`, `M`, ...) are powers of 1000. In a size, `B` (or `b`) is one byte. In a
+rate the unit's case matters, as on network gear: `b` and `bit` are bits, `B` is bytes, so
+`1Gb/s`, `1Gbit/s` and `1Gbps` are 125 MB/s while `1GB/s` and `1GBps` are 10^9 bytes/s.
 A duration needs a unit, `s`, `ms` or `us` (also `µs`), unless it is 0: a bare `2` could mean
 seconds or milliseconds, and guessing wrong is off by a thousand.
 """
@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import math
 import re
+
+from protos.human import format_rate, format_size  # noqa: F401 (the formatting half, shared with the agents)
 
 UNLIMITED = ("unlimited", "none", "inf")  # words meaning "no limit" (returned as 0)
 
@@ -80,11 +82,8 @@ def parse_rate(value: str | int | float) -> float:
         raise UnitError(
             f"invalid rate {value!r}: expected e.g. '50MB/s', '100Mbit/s', '800KiB/s' or 'unlimited'"
         )
-    if per == "ps":
-        # "Mbps" and "MBps" differ only by case, which we ignore: refuse rather than guess.
-        raise UnitError(f"invalid rate {value!r}: write 'Mbit/s' for bits or 'MB/s' for bytes")
-    unit = (match["unit"] or "b").lower()
-    per_unit = 1 / 8 if unit.startswith("bit") else 1
+    unit = match["unit"] or "B"  # a bare number (or prefix) per second counts bytes
+    per_unit = 1 / 8 if unit == "b" or unit.lower().startswith("bit") else 1
     prefix = (match["prefix"] or "").lower()
     return _non_negative(float(match["num"]) * _PREFIX[prefix] * per_unit, value)
 
@@ -106,28 +105,6 @@ def parse_duration(value: str | int | float) -> float:
     if match["unit"] is None and float(match["num"]) != 0:
         raise UnitError(f"invalid duration {value!r}: give a unit, e.g. '{text}ms' or '{text}s'")
     return _non_negative(float(match["num"]) * _SECONDS[(match["unit"] or "s").lower()], value)
-
-
-def format_size(num_bytes: int) -> str:
-    """`num_bytes` for people: '512 MiB', '1.5 GiB'; 0 is 'unlimited'."""
-    if num_bytes == 0:
-        return "unlimited"
-    for prefix in ("Ti", "Gi", "Mi", "Ki"):
-        scale = _PREFIX[prefix.lower()]
-        if num_bytes >= scale:
-            return f"{num_bytes / scale:.4g} {prefix}B"
-    return f"{num_bytes} B"
-
-
-def format_rate(bytes_per_s: float) -> str:
-    """`bytes_per_s` for people: '50 MB/s'; 0 is 'unlimited'."""
-    if bytes_per_s == 0:
-        return "unlimited"
-    for prefix in ("T", "G", "M", "k"):
-        scale = _PREFIX[prefix.lower()]
-        if bytes_per_s >= scale:
-            return f"{bytes_per_s / scale:.4g} {prefix}B/s"
-    return f"{bytes_per_s:.4g} B/s"
 
 
 def _whole_bytes(amount: float, original: object) -> int:

@@ -90,6 +90,32 @@ class PotluckUp:
         return code
 
 
+AGENT_ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
+
+
+class Agent:
+    """One `potluck agent` process (as on a device of its own), serving once its log says so."""
+
+    def __init__(self, work: Path, model: Path, name: str, port: int) -> None:
+        self.name, self.address = name, f"127.0.0.1:{port}"
+        self.log = work / f"agent-{name}-{port}.log"
+        with self.log.open("wb") as log:
+            self.proc = subprocess.Popen([*potluck_command(), "agent", "--name", name, "--listen", self.address,
+                                          "--model", str(model)], stdout=log, stderr=subprocess.STDOUT, env=AGENT_ENV)
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while "serving on" not in self.log.read_text(errors="replace"):
+            assert self.proc.poll() is None, self.log.read_text()
+            assert time.monotonic() < deadline, self.log.read_text()
+            time.sleep(0.2)
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
 def start_up(model: Path, workdir: Path, *extra: str) -> PotluckUp:
     port = free_port()
     log_path = workdir / f"potluck-up-{port}.log"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import subprocess
 from pathlib import Path
 
 import httpx
@@ -10,7 +11,7 @@ from openai import OpenAI
 from openai.types.chat import ChatCompletionMessageParam
 
 from server.text import TextModel
-from tests.e2e.conftest import PotluckUp
+from tests.e2e.conftest import PotluckUp, potluck_command
 
 HELLO: list[ChatCompletionMessageParam] = [{"role": "user", "content": "Tell me a story about a fox."}]
 
@@ -219,3 +220,27 @@ def test_metrics(client: OpenAI, model_id: str, base_url: str) -> None:
         'potluck_agent_early_expert_runs_total{agent="agent0",outcome="dropped"}',
     ):  # fmt: skip
         assert name in text, name
+    model = f'model_name="{model_id}"'
+    for name in (  # request metrics carry the served model's name; one request finished by length
+        f"potluck_time_to_first_token_seconds_count{{{model}}}", f"potluck_request_queue_time_seconds_count{{{model}}}",
+        f"potluck_request_prefill_time_seconds_count{{{model}}}", f"potluck_request_decode_time_seconds_count{{{model}}}",
+        f'potluck_request_success_total{{finished_reason="length",{model}}}', "potluck_build_info{",
+    ):  # fmt: skip
+        assert name in text, name
+    build = next(line for line in text.splitlines() if line.startswith("potluck_build_info{"))
+    assert 'version="' in build and model in build and build.endswith(" 1.0"), build
+
+
+def test_admin_status(client: OpenAI, model_id: str, base_url: str) -> None:
+    """`GET /admin/status` and `potluck status`, the table an admin reads, on the running cluster."""
+    client.completions.create(model=model_id, prompt="Once", max_tokens=2)
+    body = httpx.get(f"{base_url}/admin/status").json()
+    assert body["model"] == model_id and {a["name"] for a in body["agents"]} == {"agent0", "agent1"}
+    assert all(a["up"] and a["experts_held"] >= 0 for a in body["agents"])
+    done = subprocess.run([*potluck_command(), "status", "--url", base_url], capture_output=True, text=True,
+                          timeout=60)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0].startswith(f"model {model_id} (potluck ") and lines[0].endswith("2 of 2 agents up"), lines[0]
+    assert lines[1].split()[:3] == ["agent", "address", "state"]
+    assert [line.split()[0] for line in lines[2:4]] == ["agent0", "agent1"] and all(" up " in x for x in lines[2:4])

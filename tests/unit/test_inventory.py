@@ -9,7 +9,9 @@ import pytest
 import yaml
 
 from scheduler.types import NodeId, NodeSpec
-from server.inventory import InventoryError, NodeProfile, is_loopback, load_inventory, parse_inventory, split_address
+from protos.messages import AgentInfo
+from server.inventory import (InventoryError, NodeProfile, is_loopback, load_inventory, parse_inventory,
+                              profile_mismatches, split_address, up_only_fields)
 from server.cli import build_parser
 from server.launcher import LocalAgents, launches_from_inventory
 
@@ -79,7 +81,7 @@ def test_relative_model_path_is_from_the_file(tmp_path: Path) -> None:
         ({"nodes": [node(link_latency="2")]}, "nodes[0].link_latency (node 'a'): invalid duration '2': give a unit"),
         ({"nodes": [node(compute_share=3)]}, "nodes[0].compute_share (node 'a'): Input should be less than or equal to 1"),
         ({"nodes": [{"name": "a", "address": "127.0.0.1:1"}]}, "nodes[0].expert_memory (node 'a'): Field required"),
-        ({"nodes": [node(colour="red")]}, "nodes[0].colour (node 'a'): Extra inputs are not permitted"),
+        ({"nodes": [node(colour="red")]}, "nodes[0].colour (node 'a'): unknown field (valid: name, address, "),
         ({"nodes": [node(name="bad name")]}, "nodes[0].name: 'bad name' is not a node name"),
         ({"nodes": []}, "nodes: at least one node is required"),
         ({}, "nodes: Field required"),
@@ -91,6 +93,22 @@ def test_errors_name_field_and_node(data: Any, message: str) -> None:
         parse_inventory(data, "inv.yaml")
     assert str(info.value).startswith("inv.yaml: ")
     assert message in str(info.value)
+
+
+def test_every_error_is_shown_and_a_typo_gets_its_field() -> None:
+    data = {"nodes": [{"name": "a", "adress": "127.0.0.1:1", "expert_memory": 0},
+                      {"name": "b", "address": "127.0.0.1:99999", "expert_memroy": 0, "link_bandwidth": "fast"}]}
+    with pytest.raises(InventoryError) as info:
+        parse_inventory(data, "inv.yaml")
+    lines = str(info.value).splitlines()
+    assert lines[0] == "inv.yaml: 4 errors:"
+    assert lines[1:] == [
+        "  nodes[0].adress (node 'a'): unknown field; did you mean 'address'?",
+        "  nodes[1].address (node 'b'): '127.0.0.1:99999' is not host:port (e.g. '192.168.1.20:50051', port 1-65535)",
+        "  nodes[1].link_bandwidth (node 'b'): invalid rate 'fast': expected e.g. '50MB/s', '100Mbit/s', "
+        "'800KiB/s' or 'unlimited'",
+        "  nodes[1].expert_memroy (node 'b'): unknown field; did you mean 'expert_memory'?",
+    ]  # the fields the typos leave missing are not reported again
 
 
 def test_unreadable_and_malformed_files(tmp_path: Path) -> None:
@@ -123,3 +141,37 @@ def test_up_refuses_non_loopback_nodes_and_shares_cores() -> None:
     assert launches_from_inventory(local, cores=16)[0].torch_threads == 8
     with pytest.raises(InventoryError, match=r"API's port: b \(127\.0\.0\.1:50052\)"):
         launches_from_inventory(local, avoid={50052})
+
+
+def _info(**profile: Any) -> AgentInfo:
+    base = {"memory_bytes": 0, "disk_bytes_per_s": 0.0, "link_bytes_per_s": 0.0, "link_latency_s": 0.0,
+            "compute_share": 0.0}
+    return AgentInfo(name=NodeId("pi"), model_type="qwen3_moe", num_layers=2, num_experts=4, vocab_size=64,
+                     fingerprint="f", expert_bytes=1, max_positions=64, dense_layers=frozenset(), flops_per_s=1.0,
+                     hidden_size=8, dtype_bytes=4, **{**base, **profile})
+
+
+def test_a_running_agent_is_checked_against_its_inventory_profile() -> None:
+    wants = NodeProfile(2 * 1024**3, 0.0, 125e6, 0.0, 0.002)
+    assert profile_mismatches("pi", wants, _info(memory_bytes=2 * 1024**3, link_bytes_per_s=125e6,
+                                                 link_latency_s=0.002)) == []  # fmt: skip
+    lines = profile_mismatches("pi", wants, _info(link_bytes_per_s=1e9, compute_share=0.5))
+    assert lines == [
+        "agent pi runs with expert memory unlimited but the inventory gives it 2 GiB: restart it with --expert-memory "
+        "2GiB, or fix the inventory",
+        "agent pi runs with link bandwidth 1 GB/s but the inventory gives it 125 MB/s: restart it with "
+        "--link-bandwidth 125MB/s, or fix the inventory",
+        "agent pi runs with link latency 0 ms but the inventory gives it 2 ms: restart it with --link-latency 2ms, or "
+        "fix the inventory",
+        "agent pi runs with compute share 0.5 but the inventory gives it 0: restart it with --compute-share 0, or fix "
+        "the inventory",
+    ]
+    # The suggested values parse back to what the inventory asks for.
+    assert parse_inventory({"nodes": [node(expert_memory="2GiB", link_bandwidth="125MB/s", link_latency="2ms")]}
+                           ).profiles()[NodeId("a")] == wants  # fmt: skip
+
+
+def test_serve_names_the_fields_only_up_applies() -> None:
+    inventory = parse_inventory({"nodes": [node(torch_threads=4), node("b", "127.0.0.1:50052")]})
+    assert up_only_fields(inventory) == [
+        "node a: torch_threads 4 applies to agents `potluck up` starts; start this agent with --torch-threads 4"]
