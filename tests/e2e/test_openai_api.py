@@ -244,3 +244,18 @@ def test_admin_status(client: OpenAI, model_id: str, base_url: str) -> None:
     assert lines[0].startswith(f"model {model_id} (potluck ") and lines[0].endswith("2 of 2 agents up"), lines[0]
     assert lines[1].split()[:3] == ["agent", "address", "state"]
     assert [line.split()[0] for line in lines[2:4]] == ["agent0", "agent1"] and all(" up " in x for x in lines[2:4])
+
+
+def test_one_log_line_per_request_in_human_units(client: OpenAI, model_id: str, potluck: PotluckUp) -> None:
+    """A finished request logs one line with its finish reason (not `cancelled`), streamed or not;
+    the agents' start lines give sizes and rates for people."""
+    done = client.completions.create(model=model_id, prompt="Once", max_tokens=3, extra_body={"ignore_eos": True})
+    streamed = list(client.completions.create(model=model_id, prompt="Twice", max_tokens=3, stream=True,
+                                              extra_body={"ignore_eos": True}))  # fmt: skip
+    log = potluck.log_path.read_text(errors="replace")
+    for request_id in (done.id, streamed[0].id):
+        lines = [line for line in log.splitlines() if request_id in line]
+        assert len(lines) == 1 and "finished:" in lines[0] and "finish_reason=length" in lines[0], lines
+    starts = [line for line in log.splitlines() if ": serving on " in line and "potluck.agent" in line]
+    assert len(starts) == 2 and all("expert memory unlimited, disk unlimited, link unlimited" in s for s in starts)
+    assert "B/s" not in "".join(starts)
