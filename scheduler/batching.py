@@ -107,6 +107,42 @@ class _Seq:
         return self.home is not None and self.prefilled == len(self.request.prompt_token_ids)
 
 
+class TokenStream:
+    """One request's tokens (AsyncIterator[TokenEvent]). `aclose()` ends it on every path, also
+    before the first token was asked for (an async generator's close would then run nothing and
+    leave the request queued with no one to read it): out of the queue, or released on every
+    agent, before it returns."""
+
+    def __init__(self, batcher: Batcher, seq: _Seq, on_close: Callable[[], None] | None) -> None:
+        self._batcher, self._seq, self._on_close = batcher, seq, on_close
+        self._closed = False
+
+    def __aiter__(self) -> TokenStream:
+        return self
+
+    async def __anext__(self) -> TokenEvent:
+        if self._closed:
+            raise StopAsyncIteration
+        item = await self._seq.out.get()
+        if item is None:
+            await self.aclose()
+            raise StopAsyncIteration
+        if isinstance(item, BaseException):
+            await self.aclose()
+            raise item
+        return item
+
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            await self._batcher._leave(self._seq)
+        finally:
+            if self._on_close is not None:
+                self._on_close()
+
+
 class Batcher:
     def __init__(self, cluster: ClusterFn, policy: Policy = Policy(), settings: BatchSettings = BatchSettings(),
                  on_prefilled: Callable[[], Awaitable[None]] | None = None, unheld_read_s: ReadFn | None = None) -> None:
@@ -125,28 +161,33 @@ class Batcher:
 
     # The consumer's side -----------------------------------------------------------------------
 
-    async def generate(self, request: GenerationRequest) -> AsyncGenerator[TokenEvent, None]:
-        """The request's tokens as they are sampled; leaving early releases it on every agent
-        (the iterator's close returns once that is done)."""
+    def submit(self, request: GenerationRequest, on_close: Callable[[], None] | None = None) -> TokenStream:
+        """Queue the request now (so the queue's length is exact from this call on); its tokens
+        come from the returned stream as they are sampled."""
         seq = _Seq(request, make_generator(request.sampling.seed))
         self.waiting.append(seq)
         self._ensure_running()
         self._wake.set()
+        return TokenStream(self, seq, on_close)
+
+    async def generate(self, request: GenerationRequest) -> AsyncGenerator[TokenEvent, None]:
+        """`submit` as an async generator (closing it closes the stream)."""
+        stream = self.submit(request)
         try:
-            while True:
-                item = await seq.out.get()
-                if item is None:
-                    return
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
+            async for event in stream:
+                yield event
         finally:
-            seq.cancelled = True
-            if seq in self.waiting:
-                self.waiting.remove(seq)
-                seq.gone.set()
-            self._wake.set()
-            await asyncio.shield(seq.gone.wait())
+            await stream.aclose()
+
+    async def _leave(self, seq: _Seq) -> None:
+        """The consumer is done with `seq` (finished, failed or gone): out of the queue if it
+        never ran, else released on every agent; returns once that is done."""
+        seq.cancelled = True
+        if seq in self.waiting:
+            self.waiting.remove(seq)
+            seq.gone.set()
+        self._wake.set()
+        await asyncio.shield(seq.gone.wait())
 
     def _ensure_running(self) -> None:
         if self._task is None or self._task.done():

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -249,28 +248,22 @@ class EngineService:
         if not self.up_clients():
             raise NoAgentsAvailable("no agent is reachable; check that the agents in the inventory are running")
         waiting, running = len(self.batcher.waiting), len(self.batcher.running)
-        if waiting >= self.settings.max_waiting and running >= self.settings.max_running:
+        # Requests are queued as they are accepted, so this counts every one: at most max_running
+        # run and max_waiting wait.
+        if waiting + running >= self.settings.max_waiting + self.settings.max_running:
             raise QueueFull(waiting, self._retry_after())
-        return self._events(request)
+        start = time.monotonic()
+
+        def closed() -> None:
+            self._durations = (self._durations + [time.monotonic() - start])[-20:]
+            self._refresh_soon()  # fresh counters for /metrics, fills, routing table; a failed agent marked down
+
+        return self.batcher.submit(request, on_close=closed)
 
     def _retry_after(self) -> float:
         recent = self._durations[-20:]
         mean = sum(recent) / len(recent) if recent else 1.0
         return max(1.0, mean * (len(self.batcher.waiting) + 1) / self.settings.max_running)
-
-    async def _events(self, request: GenerationRequest) -> AsyncIterator[TokenEvent]:
-        start = time.monotonic()
-        events = self.batcher.generate(request)
-        try:
-            async with contextlib.aclosing(events):  # leaving early releases it now, not at GC
-                async for event in events:
-                    yield event
-        except AgentFailed:  # logged once where it happened (the batcher), and in the request's last line
-            self._refresh_soon()  # mark the failed agent down promptly
-            raise
-        finally:
-            self._durations = (self._durations + [time.monotonic() - start])[-20:]
-            self._refresh_soon()  # fresh counters for /metrics, fills, routing table
 
     async def fill(self) -> None:
         """Ask the agents to read the experts none of them holds into their free memory (they

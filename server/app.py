@@ -17,6 +17,8 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from fastapi import FastAPI
 
 from scheduler.api import Engine
+from server.body_limit import BodyLimit
+from server.openapi import install_openapi
 from server.version import potluck_version
 from server.errors import install_error_handlers
 from server.metrics import RequestCounter
@@ -44,6 +46,8 @@ def create_app(settings: ServerSettings, open_engine: EngineOpener) -> FastAPI:
     app = FastAPI(title="potluck", version=potluck_version(), lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.potluck = state
     install_error_handlers(app)
-    app.add_middleware(RequestCounter, metrics=state.metrics)
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(RequestCounter, metrics=state.metrics)  # outermost: counts the 413s too
     app.include_router(router)
+    install_openapi(app)
     return app

@@ -117,6 +117,8 @@ def _add_server_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--api-key", default=None, metavar="KEY",
                    help="require 'Authorization: Bearer KEY' on /v1/* (default: $POTLUCK_API_KEY; unset = open)")  # fmt: skip
     p.add_argument("--served-model-name", metavar="NAME", help="model id clients use; default: the model folder's name")
+    p.add_argument("--max-body", type=size, default="4MiB", metavar="SIZE",
+                   help="largest request body; a larger one gets 413 before it is read (0 = no bound)")  # fmt: skip
     p.add_argument("--max-waiting", type=non_negative, default=64, metavar="N",
                    help="queued requests (beyond the running ones) before answering 429")  # fmt: skip
     p.add_argument("--max-running", type=positive, default=4, metavar="N",
@@ -318,7 +320,7 @@ def _server_options(args: argparse.Namespace, model_dir: Path) -> ServerOptions:
         api_key=args.api_key or os.environ.get("POTLUCK_API_KEY") or None,
         served_model_name=args.served_model_name or Path(model_dir).resolve().name,
         max_waiting=args.max_waiting, max_running=args.max_running, prefill_chunk=args.prefill_chunk,
-        home_prefill_max=args.home_prefill_max,
+        home_prefill_max=args.home_prefill_max, max_body_bytes=args.max_body,
         log_level=args.log_level,
         policy=Policy.from_flags(args.policy, args.no_interleave, args.no_token_scheduling, args.no_prefetch,
                                  args.no_fill),

@@ -49,6 +49,7 @@ class ServerOptions:
     log_level: str  # "DEBUG" | "INFO" | ...
     prefill_chunk: int = 512  # prompt tokens per prefill step while other requests decode
     home_prefill_max: int = 1024  # longer prompts are prefilled sequence-parallel, shorter ones on their home
+    max_body_bytes: int = 4 * 2**20  # larger request bodies get 413; 0 = no bound
 
 
 class Shutdown(BaseException):
@@ -82,7 +83,7 @@ class Reload:
 def serve_http(options: ServerOptions, nodes: Sequence[NodeSpec], agents: LocalAgents | None = None,
                on_join: JoinHook | None = None, reload: Reload | None = None) -> int:
     """Run the server until it is asked to stop; 0 when it stopped cleanly, 1 otherwise."""
-    settings = ServerSettings(options.model_dir, options.served_model_name, options.api_key)
+    settings = ServerSettings(options.model_dir, options.served_model_name, options.api_key, options.max_body_bytes)
     slot = _EngineSlot()
     app = create_app(settings, slot.attach)  # loads the tokenizer: a broken one fails before any agent call
     config = uvicorn.Config(app, host=options.host, port=options.port, log_level=options.log_level.lower(),

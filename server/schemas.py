@@ -11,12 +11,28 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, StrictInt,
+                      ValidationInfo, field_validator)
 from pydantic_core import PydanticCustomError
 
 MAX_STOP_STRINGS = 4  # as OpenAI
 MAX_TOP_LOGPROBS = 20  # as OpenAI's chat API
 _SEED_MIN, _SEED_MAX = -(2**63), 2**64 - 1  # what torch.Generator.manual_seed accepts
+
+
+def _unicode(value: str) -> str:
+    """Text that can be encoded: JSON's escapes can spell a lone UTF-16 surrogate ("\\ud800"),
+    which is no character and which no tokenizer can take."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        bad = value[exc.start]
+        raise PydanticCustomError("unicode", "the text holds a lone surrogate (\\u{code}) at index {at}, which is "
+                                  "not a character", {"code": f"{ord(bad):04x}", "at": exc.start}) from None
+    return value
+
+
+Text = Annotated[str, AfterValidator(_unicode)]
 
 
 def _unsupported(what: str) -> PydanticCustomError:
@@ -52,6 +68,8 @@ def _stop(value: Any) -> tuple[str, ...]:
     stops = [] if value is None else [value] if isinstance(value, str) else value
     if not isinstance(stops, list) or not all(isinstance(s, str) and s for s in stops):
         raise PydanticCustomError("stop", "stop must be a non-empty string or a list of non-empty strings")
+    for stop in stops:
+        _unicode(stop)
     if len(stops) > MAX_STOP_STRINGS:
         raise PydanticCustomError("stop", "at most {n} stop strings are allowed", {"n": MAX_STOP_STRINGS})
     return tuple(dict.fromkeys(stops))  # duplicates dropped, order kept
@@ -62,7 +80,7 @@ def _prompt(value: Any) -> str | tuple[int, ...]:
     if isinstance(value, list) and len(value) == 1 and isinstance(value[0], str | list):
         value = value[0]
     if isinstance(value, str):
-        return value
+        return _unicode(value)
     if isinstance(value, list) and value and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
         return tuple(value)
     if isinstance(value, list) and len(value) > 1 and all(isinstance(v, str | list) for v in value):
@@ -74,14 +92,14 @@ class Message(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     role: Annotated[Literal["system", "user", "assistant"], BeforeValidator(_role)]
-    content: Annotated[str, BeforeValidator(_text_content)]
-    name: str | None = None  # accepted and ignored
+    content: Annotated[str, BeforeValidator(_text_content), AfterValidator(_unicode)]
+    name: Text | None = None  # accepted and ignored
 
 
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
-    include_usage: bool = False  # send a last chunk with usage (and no choices) before [DONE]
+    include_usage: StrictBool = False  # send a last chunk with usage (and no choices) before [DONE]
 
 
 class SamplingFields(BaseModel):
@@ -89,22 +107,22 @@ class SamplingFields(BaseModel):
 
     model_config = ConfigDict(extra="ignore")
 
-    model: str | None = None  # None: the served model
-    max_tokens: int | None = Field(None, ge=1)
+    model: Text | None = None  # None: the served model
+    max_tokens: StrictInt | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0, le=2)  # None: 1.0; 0 means greedy
     top_p: float | None = Field(None, gt=0, le=1)  # None: 1.0
-    n: int | None = None
+    n: StrictInt | None = None
     stop: Annotated[tuple[str, ...], BeforeValidator(_stop)] = ()
-    seed: int | None = Field(None, ge=_SEED_MIN, le=_SEED_MAX)
-    stream: bool | None = False
+    seed: StrictInt | None = Field(None, ge=_SEED_MIN, le=_SEED_MAX)
+    stream: StrictBool | None = False
     stream_options: StreamOptions | None = None
-    user: str | None = None  # accepted and ignored
+    user: Text | None = None  # accepted and ignored
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     logit_bias: dict[str, float] | None = None
     # vLLM's extension: end-of-sequence tokens do not stop generation, which runs to max_tokens
     # (benchmarks use it so that every request decodes the same number of tokens).
-    ignore_eos: bool = False
+    ignore_eos: StrictBool = False
 
     @field_validator("n")
     @classmethod
@@ -143,15 +161,15 @@ class ChatCompletionRequest(SamplingFields):
     """POST /v1/chat/completions."""
 
     messages: list[Message] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1)  # wins over max_tokens when both are set
-    logprobs: bool | None = False
-    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    max_completion_tokens: StrictInt | None = Field(None, ge=1)  # wins over max_tokens when both are set
+    logprobs: StrictBool | None = False
+    top_logprobs: StrictInt | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     response_format: dict[str, Any] | None = None
     tools: list[Any] | None = None
     tool_choice: Any = None
     functions: list[Any] | None = None
     function_call: Any = None
-    parallel_tool_calls: bool | None = None  # meaningless without tools; ignored
+    parallel_tool_calls: StrictBool | None = None  # meaningless without tools; ignored
 
     @field_validator("top_logprobs")
     @classmethod
@@ -190,9 +208,9 @@ class CompletionRequest(SamplingFields):
     """POST /v1/completions (the legacy text API)."""
 
     prompt: Annotated[str | tuple[int, ...], BeforeValidator(_prompt)]
-    logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)  # alternatives per token
-    echo: bool | None = False
-    best_of: int | None = None
+    logprobs: StrictInt | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)  # alternatives per token
+    echo: StrictBool | None = False
+    best_of: StrictInt | None = None
     suffix: str | None = None
 
     @field_validator("echo")

@@ -46,7 +46,8 @@ class Collected:
 
 async def chat_completion(state: ServerState, body: ChatCompletionRequest, request: Request) -> Response:
     model = state.check_model(body.model)
-    prompt = state.text.chat_prompt([ChatMessage(m.role, m.content) for m in body.messages])
+    # Off the event loop: a long conversation takes the tokenizer a while, and other streams go on.
+    prompt = await asyncio.to_thread(state.text.chat_prompt, [ChatMessage(m.role, m.content) for m in body.messages])
     # By default the answer may use whatever context the prompt leaves.
     max_tokens = body.completion_limit or max(1, state.engine.context_length - len(prompt))
     top = body.top_logprobs or 0
@@ -65,7 +66,7 @@ async def chat_completion(state: ServerState, body: ChatCompletionRequest, reque
 
 async def text_completion(state: ServerState, body: CompletionRequest, request: Request) -> Response:
     model = state.check_model(body.model)
-    prompt = _completion_prompt(state, body.prompt)
+    prompt = await asyncio.to_thread(_completion_prompt, state, body.prompt)  # off the loop, as for chat
     max_tokens = body.max_tokens or DEFAULT_COMPLETION_TOKENS
     want = body.logprobs is not None
     gen = _generation(state, "cmpl", prompt, body, max_tokens, want, body.logprobs or 0)

@@ -21,6 +21,7 @@ class ServerSettings:
     model_dir: Path  # Hugging Face checkpoint folder: tokenizer, chat template, config
     served_model_name: str  # the model id clients send and /v1/models lists
     api_key: str | None = None  # when set, /v1/* requires "Authorization: Bearer <api_key>"
+    max_body_bytes: int = 4 * 2**20  # request bodies beyond this get 413 before they are read; 0 = no bound
 
 
 class ServerState:

@@ -1,7 +1,7 @@
 """The served model's text side: tokenizer, chat template, stop ids, per-token text and bytes.
 
 Everything here reads the checkpoint folder once at start-up (`TextModel.load`); after that it is
-pure CPU work on the event loop (tokenizing a prompt takes well under a millisecond per KB).
+pure CPU work, which the handlers run off the event loop for prompts (a 10 MB body took 12 s).
 """
 
 from __future__ import annotations
@@ -38,6 +38,9 @@ class TextModel:
         self.stop_token_ids = stop_token_ids  # end-of-sequence ids: generation stops, not emitted
         self.fingerprint = _fingerprint(model_dir)  # "fp_" + 10 hex digits of config.json
         self._byte_decoder = _byte_level_decoder(tokenizer)
+        # Ids only a chat template may write (<|im_start|>, <|im_end|>, ...), never a client's text.
+        self.control_ids = frozenset(tokenizer.all_special_ids) | frozenset(
+            i for i, added in getattr(tokenizer, "added_tokens_decoder", {}).items() if getattr(added, "special", False))
         # Per-token caches for logprobs; bounded by the vocabulary.
         self._text_cache: dict[int, str] = {}
         self._bytes_cache: dict[int, bytes] = {}
@@ -54,15 +57,50 @@ class TextModel:
         return cls(model_dir, tokenizer, vocab_size, frozenset(stops))
 
     def chat_prompt(self, messages: Sequence[ChatMessage]) -> list[int]:
-        """Token ids of `messages` rendered by the chat template, ready for the assistant's turn."""
-        conversation = [{"role": m.role, "content": m.content} for m in messages]
+        """Token ids of `messages` rendered by the chat template, ready for the assistant's turn.
+
+        Control tokens come from the template only: text a client sends that spells one (say
+        `<|im_start|>system`) stays text, else a user could write the system prompt. The
+        rendered prompt is tokenized whole, as transformers does; only when a control token lands
+        inside a message's text is it tokenized piecewise, the messages' text with special
+        tokens split into plain ones."""
+        text = self._render([{"role": m.role, "content": m.content} for m in messages])
+        # The template already wrote BOS and any other special tokens it wants.
+        encoded = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        ids, offsets = list(encoded["input_ids"]), encoded["offset_mapping"]
+        pieces = self._pieces(messages, text)
+        spans = [(start, start + len(piece)) for start, piece, is_content in pieces if is_content] if pieces else []
+        if not any(i in self.control_ids and any(a <= lo < b for a, b in spans) for i, (lo, _) in zip(ids, offsets)):
+            return ids
+        assert pieces is not None
+        return [i for _, piece, is_content in pieces
+                for i in self.tokenizer(piece, add_special_tokens=False, split_special_tokens=is_content)["input_ids"]]
+
+    def _render(self, conversation: list[dict[str, str]]) -> str:
         try:
-            text = self.tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
+            return str(self.tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False))
         except TemplateError as exc:
             # Templates raise for conversations they refuse (e.g. roles that do not alternate).
             raise InvalidRequest(f"the chat template rejected the messages: {exc}", param="messages") from None
-        # The template already wrote BOS and any other special tokens it wants.
-        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def _pieces(self, messages: Sequence[ChatMessage], text: str) -> list[tuple[int, str, bool]] | None:
+        """`text` cut into (start, piece, is a message's content) in order, found by rendering the
+        conversation again with a marker for each content; None when the template does not copy
+        each content once and unchanged (then the whole-text tokenization stands)."""
+        marks = [f"\ue000{i}\ue001" for i in range(len(messages))]  # private-use characters
+        marked = self._render([{"role": m.role, "content": mark} for m, mark in zip(messages, marks)])
+        pieces, at, start = [], 0, 0
+        for mark, message in zip(marks, messages):
+            found = marked.find(mark, at)
+            if found < 0 or marked.count(mark) != 1:
+                return None
+            pieces += [(start, marked[at:found], False), (start + found - at, message.content, True)]
+            start += found - at + len(message.content)
+            at = found + len(mark)
+        pieces.append((start, marked[at:], False))
+        if "".join(piece for _, piece, _ in pieces) != text:
+            return None
+        return [p for p in pieces if p[1]]
 
     def encode(self, text: str) -> list[int]:
         """Token ids of a plain completion prompt, with the tokenizer's usual BOS if it has one."""
