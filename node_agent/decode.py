@@ -111,6 +111,7 @@ class Decoder:
         self.split_attention = 0  # (layer, request) attentions over prompt K/V still at its sources
         self.round_trip_s = round_trip_s  # a synchronous wait on peers, as last measured
         self._one_step = asyncio.Lock()  # steps run one at a time, in the order they became ready
+        self._waiting: list[asyncio.Future[None]] = []  # steps waiting for their turn (see _in_order)
         self.inline = inline  # see HOME_INLINE_ROWS (unpaced agents only)
         self._went_remote = False  # the last step called peers
 
@@ -129,25 +130,38 @@ class Decoder:
         (the scheduler sends a step before the reply of the one its spans follow): each span's
         sampled token, the round trips, the requests whose prompt K/V is now all here, and with
         `logits` each span's logits. Steps run one at a time."""
-        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        before = set()
-        for span in spans:
-            cache = self.kv.caches.get(span.request_id)
-            if cache is not None:
-                if cache.last_step is not None and not cache.last_step.done():
-                    before.add(cache.last_step)
-                cache.last_step = done
+        await self._in_order(spans)
         try:
-            if before:
-                await asyncio.wait(before)
             async with self._one_step:
                 batch = self.batch(spans)
                 out, trips, tokens = await self.step(batch)
-            gathered = self.kv.newly_gathered([s.request_id for s in batch.spans])
-            return DecodeResult(tokens=tokens, round_trips=trips, gathered=tuple(gathered),
-                                logits=out if logits else None)
         finally:
-            done.set_result(None)
+            self.moved()
+        gathered = self.kv.newly_gathered([s.request_id for s in batch.spans])
+        return DecodeResult(tokens=tokens, round_trips=trips, gathered=tuple(gathered), logits=out if logits else None)
+
+    async def _in_order(self, spans: Sequence[DecodeSpan]) -> None:
+        """Until every span's request has its K/V up to where the span starts. Steps are ordered by
+        position, not by arrival: two calls in flight on one channel may reach the handlers in
+        either order (fuzzing the API, a chat request failed with its span at position 589 and
+        its K/V at 588). A request released meanwhile, or a span that starts too early, is let
+        through for `batch` to refuse."""
+        def ready() -> bool:
+            return all((c := self.kv.caches.get(s.request_id)) is None or s.position <= c.next for s in spans)
+
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.peer_timeout_s
+        while not ready():
+            turn = loop.create_future()
+            self._waiting.append(turn)
+            await asyncio.wait_for(turn, max(0.0, deadline - loop.time()))
+
+    def moved(self) -> None:
+        """A step ended or a request was released: the steps waiting for their turn look again."""
+        waiting, self._waiting = self._waiting, []
+        for turn in waiting:
+            if not turn.done():
+                turn.set_result(None)
 
     async def step(self, batch: DecodeBatch) -> tuple[torch.Tensor, int, tuple[TokenEvent | None, ...]]:
         """Logits [B, V] (float32) after each span's last token, the round trips it made, and the

@@ -49,7 +49,6 @@ class KVCache:
     sampling: SamplingParams = SamplingParams(max_tokens=1)  # how the home samples the request's tokens
     generator: torch.Generator = field(default_factory=torch.Generator)  # its randomness, continued from the scheduler's
     sampled: int | None = None  # the token sampled after its last step (a span that follows feeds it)
-    last_step: asyncio.Future[None] | None = None  # done when the last step accepted with it is over
 
     @classmethod
     def allocate(cls, cfg: MoeConfig, capacity: int, prompt: int, dtype: torch.dtype, here: bool = False) -> KVCache:

@@ -39,6 +39,13 @@ ERRORS: dict[str, tuple[int, ...]] = {  # path -> statuses besides 200
 }  # fmt: skip
 
 
+_TEXT = {"schema": {"type": "string"}}
+OK_CONTENT: dict[str, dict[str, Any]] = {  # what a 200 carries besides JSON
+    "/v1/chat/completions": {"text/event-stream": _TEXT}, "/v1/completions": {"text/event-stream": _TEXT},
+    "/metrics": {"text/plain": _TEXT},
+}  # fmt: skip
+
+
 def install_openapi(app: FastAPI) -> None:
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
@@ -51,6 +58,10 @@ def install_openapi(app: FastAPI) -> None:
                 for operation in operations.values():
                     responses = operation.setdefault("responses", {})
                     responses.pop("422", None)
+                    ok = responses.setdefault("200", {"description": "Successful Response"})
+                    ok["content"] = {**ok.get("content", {}), **OK_CONTENT.get(path, {})}
+                    if path == "/metrics":  # Prometheus' text format, not JSON
+                        ok["content"].pop("application/json", None)
                     for status in ERRORS.get(path, (500,)):
                         responses[str(status)] = {"description": WHY[status], "content": {
                             "application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}}

@@ -36,6 +36,7 @@ log = logging.getLogger("potluck.server")
 T = TypeVar("T")
 
 DEFAULT_COMPLETION_TOKENS = 16  # /v1/completions' max_tokens default, as OpenAI's
+FLOAT32_TINY = 1.1754943508222875e-38  # the smallest positive normal float32
 
 
 @dataclass(frozen=True)
@@ -103,7 +104,9 @@ def sampling_params(
     return SamplingParams(
         max_tokens=max_tokens,
         temperature=1.0 if body.temperature is None else body.temperature,
-        top_p=1.0 if body.top_p is None else body.top_p,
+        # The wire carries float32, where a positive top_p below its smallest normal (5e-324, found
+        # by fuzzing) would become 0 and be refused by the home; it means "the top token" either way.
+        top_p=1.0 if body.top_p is None else max(body.top_p, FLOAT32_TINY),
         seed=body.seed,
         # ignore_eos: an end-of-sequence token is then an ordinary token, its text whatever
         # detokenizing it gives (as in vLLM), and only max_tokens (or the context) ends the request.

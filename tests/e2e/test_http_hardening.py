@@ -117,3 +117,10 @@ async def test_openapi_describes_the_errors_sent(http: httpx.AsyncClient) -> Non
     assert sorted(chat) == ["200", "400", "401", "404", "413", "429", "500", "503"]
     assert all("422" not in op["responses"] for ops in paths.values() for op in ops.values())
     assert chat["429"]["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/ErrorResponse"}
+
+
+async def test_a_top_p_below_float32s_range_still_samples(http: httpx.AsyncClient) -> None:
+    """5e-324 is a valid top_p (> 0) that float32 on the wire would make 0 (found by fuzzing)."""
+    reply = await http.post("/v1/completions", json={"model": "small", "prompt": "hi", "max_tokens": 2,
+                                                      "top_p": 5e-324, "seed": 1})  # fmt: skip
+    assert reply.status_code == 200, reply.text

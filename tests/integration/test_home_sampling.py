@@ -102,6 +102,25 @@ async def test_a_step_sent_before_the_one_it_follows_is_over_runs_after_it(qwen_
     assert second.logits is not None and (second.logits[0] - expected).abs().max().item() <= 1e-4
 
 
+async def test_a_step_that_arrives_before_the_one_it_follows_waits_for_it(qwen_tiny: Path) -> None:
+    """Pipelined steps may reach the home in either order: the later one (sent first here, with
+    a head start) waits until the K/V reaches its position, and both sample what one step after
+    the other would."""
+    ids = prompt(1000, 17, seed=14)
+    params = SamplingParams(max_tokens=3, temperature=0)
+    async with local_cluster(qwen_tiny, 1) as cluster:
+        home = cluster.clients[0]
+        await home.adopt_kv("r", len(ids) + 2, len(ids), [], prefill_here=True, sampling=params)
+        later = asyncio.ensure_future(home.decode_step([DecodeSpan(request_id=RequestId("r"), token_ids=(),
+                                                                   position=len(ids))]))  # fmt: skip
+        await asyncio.sleep(0.2)  # an order to create, not a wait for an outcome: either order must pass
+        first = await home.decode_step([DecodeSpan(request_id=RequestId("r"), token_ids=tuple(ids), position=0)])
+        second = await later
+        await home.release("r")
+    assert first.tokens[0] is not None and second.tokens[0] is not None
+    assert [first.tokens[0].token_id, second.tokens[0].token_id] == greedy_reference(qwen_tiny, ids, 2)
+
+
 @pytest.mark.parametrize("home_max", [0, 64], ids=["sequence-parallel", "home"])
 async def test_a_consumer_leaving_mid_stream_releases_its_request_everywhere(qwen_tiny: Path, home_max: int) -> None:
     """The consumer leaves after three tokens, while the step after them is already in flight:
