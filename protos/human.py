@@ -10,19 +10,18 @@ _DECIMAL = (("T", 1000**4), ("G", 1000**3), ("M", 1000**2), ("k", 1000))
 
 def format_size(num_bytes: int) -> str:
     """`num_bytes` for people: '512 MiB', '1.5 GiB'; 0 is 'unlimited'."""
-    if num_bytes == 0:
-        return "unlimited"
-    for prefix, scale in _BINARY:
-        if num_bytes >= scale:
-            return f"{num_bytes / scale:.4g} {prefix}B"
-    return f"{num_bytes} B"
+    return _scaled(num_bytes, _BINARY, "B") or f"{num_bytes} B"
 
 
 def format_rate(bytes_per_s: float) -> str:
     """`bytes_per_s` for people: '50 MB/s'; 0 is 'unlimited'."""
-    if bytes_per_s == 0:
+    return _scaled(bytes_per_s, _DECIMAL, "B/s") or f"{bytes_per_s:.4g} B/s"
+
+
+def _scaled(value: float, scales: tuple[tuple[str, int], ...], unit: str) -> str | None:
+    if value == 0:
         return "unlimited"
-    for prefix, scale in _DECIMAL:
-        if bytes_per_s >= scale:
-            return f"{bytes_per_s / scale:.4g} {prefix}B/s"
-    return f"{bytes_per_s:.4g} B/s"
+    for prefix, scale in scales:
+        if value >= scale:
+            return f"{value / scale:.4g} {prefix}{unit}"
+    return None
