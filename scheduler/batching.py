@@ -158,6 +158,7 @@ class Batcher:
         self._task: asyncio.Task[None] | None = None
         self._releases: set[asyncio.Task[None]] = set()
         self._in_flight: list[asyncio.Future[bool]] = []  # the last turn's steps (True: a prompt got done)
+        self._last_step: dict[NodeId, asyncio.Future[bool]] = {}  # each home's latest step (see _decode)
 
     # The consumer's side -----------------------------------------------------------------------
 
@@ -231,7 +232,7 @@ class Batcher:
             ran = await self._prefill(prefilling, chunked=any(s.home is not None for s in self.running))
             budget = None if budget is None else max(0, budget - ran)
         homes = self._spans(budget)
-        previous, self._in_flight = self._in_flight, [asyncio.ensure_future(self._decode(g)) for g in homes.values()]
+        previous, self._in_flight = self._in_flight, [self._send(name, g) for name, g in homes.items()]
         # The last turn's tokens go to their consumers (who format and stream them) once this
         # turn's calls are on their way: one turn of the event loop lets each call schedule its
         # send, and the consumers, woken after, run behind it, while the agents compute.
@@ -347,9 +348,18 @@ class Batcher:
         if self.on_prefilled is not None:
             await self.on_prefilled()
 
-    async def _decode(self, group: list[tuple[_Seq, DecodeSpan]]) -> bool:
+    def _send(self, home: NodeId, group: list[tuple[_Seq, DecodeSpan]]) -> asyncio.Future[bool]:
+        """A home's step, sent now; its reply is handled after the reply of the home's step before
+        (`_decode`)."""
+        step = asyncio.ensure_future(self._decode(group, self._last_step.get(home)))
+        self._last_step[home] = step
+        return step
+
+    async def _decode(self, group: list[tuple[_Seq, DecodeSpan]], after: asyncio.Future[bool] | None = None) -> bool:
         """One step of the requests homed on one agent (a token each, or a chunk of a prompt);
-        returns whether a prompt prefilled there got done."""
+        returns whether a prompt prefilled there got done. Its reply is handled once the reply of
+        `after` (the home's step before) is: two replies in flight may come back in either order,
+        and a request's tokens must reach its consumer in the order they were sampled."""
         home = group[0][0].home
         assert home is not None
         try:
@@ -357,6 +367,8 @@ class Batcher:
         except Exception as exc:
             log.error("decode step on %s failed: %s", home.name, exc)
             result, error = None, exc
+        if after is not None and not after.done():
+            await asyncio.wait([after])
         prompts_done = False
         for i, (s, span) in enumerate(group):
             s.in_flight -= 1
