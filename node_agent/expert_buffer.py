@@ -109,6 +109,11 @@ class ExpertBuffer:
         """Experts resident or reserved for a read in flight."""
         return len(self._entries)
 
+    @property
+    def waiting_for_room(self) -> int:
+        """Demand reads waiting for a pinned expert's release (every byte is pinned or loading)."""
+        return self._room_waiters
+
     def resident(self, layer: int) -> list[int]:
         return sorted(self._resident.get(layer, ()))
 

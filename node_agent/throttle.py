@@ -25,12 +25,13 @@ LOOP_TIMER_S = 0.001  # asyncio's epoll selector sleeps in whole milliseconds (i
 
 
 class Throttle:
-    def __init__(self, rate_bytes_per_s: float) -> None:
+    def __init__(self, rate_bytes_per_s: float, clock: Callable[[], float] = time.monotonic) -> None:
         if rate_bytes_per_s < 0:
             raise ValueError(f"rate must be >= 0 bytes/s, got {rate_bytes_per_s}")
         self.rate = rate_bytes_per_s
+        self._clock = clock  # seconds; reservations are booked against it (a test may stop it)
         self._lock = threading.Lock()
-        self._free_at = 0.0  # monotonic time at which the line is idle again (every byte through)
+        self._free_at = 0.0  # clock time at which the line is idle again (every byte through)
         self._foreground_free_at = 0.0  # ... at which the foreground bytes are through
 
     def _reserve(self, nbytes: int, ago_s: float = 0.0, background: bool = False) -> float:
@@ -40,7 +41,7 @@ class Throttle:
         if self.rate <= 0 or nbytes <= 0:
             return 0.0
         with self._lock:
-            now = time.monotonic()
+            now = self._clock()
             length = nbytes / self.rate
             if background:
                 self._free_at = max(now - ago_s, self._free_at) + length

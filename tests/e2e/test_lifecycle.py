@@ -5,11 +5,13 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
+import socket
 import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -22,69 +24,132 @@ from tests.e2e.conftest import PotluckUp, alive, children_of, start_up
 MESSAGES: list[ChatCompletionMessageParam] = [{"role": "user", "content": "Tell me everything."}]
 # Greedy, so whether an end-of-sequence token cuts the request short is decided once, not by chance
 # (with sampling, an early EOS now and then finished the "long" request before the test could act).
-# About the most the tiny model's context (2048) allows: seconds of decode, well past the 1.5 s an
-# impatient client below waits.
-LONG = {"messages": MESSAGES, "max_tokens": 2000, "temperature": 0}
+# About the most the tiny model's context (2048) allows: seconds of decode, so a client leaves
+# while it runs, and a request that ends with fewer tokens was cut short.
+MAX_TOKENS = 2000
+LONG = {"messages": MESSAGES, "max_tokens": MAX_TOKENS, "temperature": 0}
 MAX_RUNNING = 4  # `potluck up`'s default --max-running
+# A deadline against hanging, far beyond what any wait below takes even on a busy host; no test
+# claims anything about how soon a request starts or ends.
+DEADLINE_S = 60.0
+# The server's log line for a request that ended, written once the request is released on every
+# agent (server/generation.py).
+FINISHED = re.compile(r"request (?P<id>\S+) finished: .*\boutput_tokens=(?P<tokens>\d+) .*\bfinish_reason=(?P<reason>\S+)")
 
 
-def wait_idle(base_url: str, within_s: float) -> float:
-    """Seconds until the engine runs and queues nothing; fails after `within_s`."""
-    start = time.monotonic()
-    while time.monotonic() - start < within_s:
-        health = httpx.get(f"{base_url}/health").json()
-        if health["running"] == 0 and health["waiting"] == 0:
-            return time.monotonic() - start
-        time.sleep(0.1)
-    pytest.fail(f"the engine was still busy {within_s}s after the client left")
+@dataclass(frozen=True)
+class Ended:
+    request_id: str  # the response's id ("chatcmpl-...")
+    output_tokens: int  # tokens generated before it ended
+    finish_reason: str  # stop, length, cancelled (the client left), or error
 
 
-def test_stream_client_disconnect_cancels_the_request(base_url: str, client: OpenAI, model_id: str) -> None:
+class Ends:
+    """The requests that the server reports ended, since this object was made, in order.
+
+    A test checks a cancellation by what the server reports of the request (cancelled, with
+    fewer tokens than asked), not by how soon the engine goes idle: a request never cancelled
+    also leaves the engine idle once it finishes, within seconds on a fast host, and a busy host
+    may take longer than any guess to do either."""
+
+    def __init__(self, server: PotluckUp) -> None:
+        self.path = server.log_path
+        self.start = self.path.stat().st_size
+
+    def now(self) -> list[Ended]:
+        with self.path.open("rb") as log:
+            log.seek(self.start)
+            text = log.read().decode(errors="replace")
+        whole = text[: text.rfind("\n") + 1]  # a line still being written waits for the next look
+        return [Ended(m["id"], int(m["tokens"]), m["reason"]) for m in FINISHED.finditer(whole)]
+
+    def wait(self, count: int) -> list[Ended]:
+        """The first `count` requests to end (waits for them)."""
+        deadline = time.monotonic() + DEADLINE_S
+        while len(ended := self.now()) < count:
+            assert time.monotonic() < deadline, f"{len(ended)} of {count} requests ended within {DEADLINE_S}s"
+            time.sleep(0.05)
+        return ended[:count]
+
+
+def response_id(line: str) -> str:
+    return str(json.loads(line.removeprefix("data: "))["id"])
+
+
+def engine_load(base_url: str) -> tuple[int, int]:
+    """Requests (running, waiting) in the engine now."""
+    health = httpx.get(f"{base_url}/health").json()
+    return health["running"], health["waiting"]
+
+
+def wait_for_load(base_url: str, load: tuple[int, int]) -> None:
+    """Waits until the engine runs and queues `load`: a request reaches the engine a moment after
+    its response began (a stream's role chunk), or after its client has sent it."""
+    deadline = time.monotonic() + DEADLINE_S
+    while (now := engine_load(base_url)) != load:
+        assert time.monotonic() < deadline, f"the engine's (running, waiting) stayed {now}, not {load}"
+        time.sleep(0.05)
+
+
+def test_stream_client_disconnect_cancels_the_request(potluck: PotluckUp, client: OpenAI, model_id: str) -> None:
+    ends = Ends(potluck)
     body = {**LONG, "model": model_id, "stream": True}
-    with httpx.stream("POST", f"{base_url}/v1/chat/completions", json=body, timeout=60) as reply:
+    with httpx.stream("POST", f"{potluck.url}/v1/chat/completions", json=body, timeout=60) as reply:
         lines = reply.iter_lines()
-        next(line for line in lines if '"content":"' in line and '"role"' not in line)
-        assert httpx.get(f"{base_url}/health").json()["running"] == 1
-    # 1500 tokens would take far longer than this: the request was cancelled, not finished.
-    wait_idle(base_url, within_s=5)
+        first = next(line for line in lines if '"content":"' in line and '"role"' not in line)
+        assert engine_load(potluck.url) == (1, 0)
+    # The client left mid-stream: the request ends cancelled, cut short, and nothing runs on.
+    [ended] = ends.wait(1)
+    assert (ended.request_id, ended.finish_reason) == (response_id(first), "cancelled")
+    assert ended.output_tokens < MAX_TOKENS
+    assert engine_load(potluck.url) == (0, 0)
     after = client.chat.completions.create(model=model_id, messages=MESSAGES, max_tokens=3)
     assert after.choices[0].finish_reason in ("stop", "length")
 
 
-def test_a_queued_stream_whose_client_leaves_never_runs(base_url: str, model_id: str) -> None:
+def test_a_queued_stream_whose_client_leaves_never_runs(potluck: PotluckUp, model_id: str) -> None:
+    ends = Ends(potluck)
     body = {**LONG, "model": model_id, "stream": True}
-    url = f"{base_url}/v1/chat/completions"
+    url = f"{potluck.url}/v1/chat/completions"
     with contextlib.ExitStack() as streams:
         # As many running streams as the server runs at once (its default --max-running), each
         # past its first content chunk. Keep the line iterators referenced: dropping one closes
         # the connection (a disconnect).
-        lines = []
+        lines, running = [], []
         for _ in range(MAX_RUNNING):
-            running = streams.enter_context(httpx.stream("POST", url, json=body, timeout=60))
-            lines.append(running.iter_lines())
-            next(line for line in lines[-1] if '"content":"' in line and '"role"' not in line)
-        queued = streams.enter_context(httpx.stream("POST", url, json=body, timeout=60))
-        lines.append(queued.iter_lines())
-        next(line for line in lines[-1] if line.startswith("data: "))  # the role chunk
-        health = httpx.get(f"{base_url}/health").json()
-        assert (health["running"], health["waiting"]) == (MAX_RUNNING, 1), health
-    # All left: the running ones are cancelled, and the queued one is dropped before it starts.
-    wait_idle(base_url, within_s=5)
+            stream = streams.enter_context(httpx.stream("POST", url, json=body, timeout=60))
+            lines.append(stream.iter_lines())
+            running.append(response_id(next(line for line in lines[-1] if '"content":"' in line and '"role"' not in line)))
+        with httpx.stream("POST", url, json=body, timeout=60) as queued:
+            lines.append(queued.iter_lines())
+            role = next(line for line in lines[-1] if line.startswith("data: "))  # the role chunk
+            wait_for_load(potluck.url, (MAX_RUNNING, 1))
+        # The queued client left while every slot stayed taken: its request is dropped from the
+        # queue, having produced nothing, and the running ones run on.
+        assert ends.wait(1) == [Ended(response_id(role), 0, "cancelled")]
+        assert engine_load(potluck.url) == (MAX_RUNNING, 0)
+    # The running ones' clients left too: each was still running (so the queued one never got a
+    # slot), and is cancelled.
+    rest = ends.wait(1 + MAX_RUNNING)[1:]
+    assert sorted(e.request_id for e in rest) == sorted(running)
+    assert all(e.finish_reason == "cancelled" and e.output_tokens < MAX_TOKENS for e in rest), rest
+    assert engine_load(potluck.url) == (0, 0)
 
 
-def test_non_stream_client_disconnect_cancels_the_request(base_url: str, client: OpenAI, model_id: str) -> None:
-    def impatient_client() -> None:
-        with pytest.raises(httpx.ReadTimeout):
-            httpx.post(f"{base_url}/v1/chat/completions", json={**LONG, "model": model_id}, timeout=1.5)
-
-    with ThreadPoolExecutor(1) as pool:
-        gone = pool.submit(impatient_client)
-        deadline = time.monotonic() + 3
-        while httpx.get(f"{base_url}/health").json()["running"] != 1:
-            assert time.monotonic() < deadline, "the request never started"
-            time.sleep(0.05)
-        gone.result()  # the client gave up (closed its connection) while its request ran
-    wait_idle(base_url, within_s=5)
+def test_non_stream_client_disconnect_cancels_the_request(potluck: PotluckUp, client: OpenAI, model_id: str) -> None:
+    ends = Ends(potluck)
+    body = json.dumps({**LONG, "model": model_id}).encode()
+    host, port = potluck.url.removeprefix("http://").rsplit(":", 1)
+    # A bare HTTP client, so that the test chooses when it leaves: once its request runs (an
+    # impatient client on a timer might leave before it starts, or after it ends).
+    with socket.create_connection((host, int(port))) as conn:
+        conn.sendall(f"POST /v1/chat/completions HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n"
+                     f"Content-Length: {len(body)}\r\n\r\n".encode() + body)  # fmt: skip
+        wait_for_load(potluck.url, (1, 0))
+    # The client closed its connection while its request ran.
+    [ended] = ends.wait(1)
+    assert ended.finish_reason == "cancelled" and ended.output_tokens < MAX_TOKENS, ended
+    assert engine_load(potluck.url) == (0, 0)
     after = client.completions.create(model=model_id, prompt="still here?", max_tokens=3)
     assert after.choices[0].finish_reason in ("stop", "length")
 

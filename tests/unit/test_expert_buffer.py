@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -12,7 +13,7 @@ import pytest
 import torch
 
 from node_agent.cache_policy import LayerCyclicPolicy, LRUPolicy
-from node_agent.expert_buffer import BufferTooSmall, ExpertBuffer
+from node_agent.expert_buffer import BufferTooSmall, ExpertBuffer, ReadPreempted
 from node_agent.expert_store import ExpertStore
 from node_agent.model.checkpoint import Checkpoint
 from node_agent.model.config import MoeConfig
@@ -21,12 +22,58 @@ from node_agent.throttle import Throttle
 from scheduler.types import ExpertId
 
 
-def make(model_dir: Path, experts: int, seconds_per_expert: float = 0.0) -> tuple[ExpertBuffer, ExpertStore, MoeConfig]:
+def make(model_dir: Path, experts: int) -> tuple[ExpertBuffer, ExpertStore, MoeConfig]:
     cfg = MoeConfig.load(model_dir)
     store = ExpertStore(Checkpoint(model_dir), cfg, torch.float32, Throttle(0))
-    if seconds_per_expert:
-        store.disk = Throttle(store.expert_nbytes / seconds_per_expert)
     return ExpertBuffer(experts * store.expert_nbytes, store.expert_nbytes, store.load, ThreadPoolExecutor(1)), store, cfg
+
+
+async def until(condition: Callable[[], bool], timeout_s: float = 10.0) -> None:
+    """Let the event loop (and the disk thread) run until `condition` holds. The timeout only
+    keeps a broken buffer from hanging the suite; no test depends on how soon it holds."""
+    async with asyncio.timeout(timeout_s):
+        while not condition():
+            await asyncio.sleep(0.001)
+
+
+class HeldDisk:
+    """The store's reads, in the disk thread, with the first read of one expert held before one
+    of its chunks until the test lets it go on: the test acts while that read is under way,
+    rather than sleeping and hoping the read has got that far. Records how each read ended."""
+
+    def __init__(self, store: ExpertStore, eid: ExpertId, before_chunk: int) -> None:
+        self.store, self.eid, self.before_chunk = store, eid, before_chunk  # before_chunk: 1 = the first
+        self.held = threading.Event()  # the read has got there
+        self.go_on = threading.Event()
+        self.ended: list[tuple[str, ExpertId]] = []  # ("read" | "stopped", expert), in order
+
+    def load(self, eid: ExpertId, check: Callable[[], None]) -> ExpertWeights:
+        chunks = 0
+
+        def held_check() -> None:
+            nonlocal chunks
+            chunks += 1
+            if eid == self.eid and chunks == self.before_chunk and not self.held.is_set():
+                self.held.set()
+                self.go_on.wait(10)
+            check()
+
+        try:
+            weights = self.store.load(eid, held_check)
+        except ReadPreempted:
+            self.ended.append(("stopped", eid))
+            raise
+        self.ended.append(("read", eid))
+        return weights
+
+    async def wait_held(self) -> None:
+        assert await asyncio.to_thread(self.held.wait, 10), f"the read of {self.eid} never got there"
+
+
+def make_held(model_dir: Path, experts: int, eid: ExpertId, before_chunk: int) -> tuple[ExpertBuffer, ExpertStore, HeldDisk]:
+    _, store, _ = make(model_dir, experts)
+    disk = HeldDisk(store, eid, before_chunk)
+    return ExpertBuffer(experts * store.expert_nbytes, store.expert_nbytes, disk.load, ThreadPoolExecutor(1)), store, disk
 
 
 @pytest.mark.parametrize("capacity", [1, 2, 5])
@@ -72,8 +119,8 @@ async def test_lru_evicts_least_recently_used_and_pins_are_kept(qwen_tiny: Path)
     assert buffer.all_resident() == [a, c]
     async with buffer.pinned(a), buffer.pinned(c):
         load = asyncio.create_task(buffer.acquire(b))  # both pinned: must wait
-        await asyncio.sleep(0.05)
-        assert not load.done() and buffer.bytes_used <= buffer.capacity
+        await until(lambda: buffer.waiting_for_room == 1)
+        assert not load.done() and b not in buffer.all_loading() and buffer.bytes_used <= buffer.capacity
     await load
     await buffer.release(b)
     assert b in buffer.all_resident() and len(buffer.all_resident()) == 2
@@ -95,8 +142,8 @@ async def test_acquires_that_wait_for_room_share_one_load_and_count_one_miss(qwe
     a, b = ExpertId(0, 0), ExpertId(0, 1)
     await buffer.acquire(a)
     waiters = [asyncio.ensure_future(buffer.acquire(b)) for _ in range(2)]
-    await asyncio.sleep(0.01)
-    assert not any(w.done() for w in waiters)  # both wait for the room a holds
+    await until(lambda: buffer.waiting_for_room == 2)  # both wait for the room a holds
+    assert not any(w.done() for w in waiters) and buffer.all_loading() == []
     await buffer.release(a)
     # The second waiter must join the first one's read, not go on waiting for room that the
     # first one's pin on b holds (nor evict b, once unpinned, to read it again).
@@ -135,8 +182,8 @@ async def test_a_failed_read_unpins_only_its_own_waiters(qwen_tiny: Path) -> Non
         await asyncio.wait_for(first, timeout=10)
     await asyncio.wait_for(second, timeout=10)
     evicting = asyncio.ensure_future(buffer.acquire(f))
-    await asyncio.sleep(0.05)
-    assert not evicting.done()  # e is still pinned by the second user
+    await until(lambda: buffer.waiting_for_room == 1)  # e is still pinned by the second user
+    assert not evicting.done()
     assert buffer.all_resident() == [e]
     await buffer.release(e)
     await asyncio.wait_for(evicting, timeout=10)
@@ -144,16 +191,19 @@ async def test_a_failed_read_unpins_only_its_own_waiters(qwen_tiny: Path) -> Non
 
 
 async def test_fill_takes_only_free_memory_and_gives_it_back_to_a_load(qwen_tiny: Path) -> None:
-    buffer, store, _ = make(qwen_tiny, 2, seconds_per_expert=0.3)
     a, b, c = ExpertId(0, 0), ExpertId(0, 1), ExpertId(0, 2)
+    buffer, store, disk = make_held(qwen_tiny, 2, a, before_chunk=1)
     assert buffer.fill(a) and buffer.fill(b)
     assert not buffer.fill(c)  # no free room: a fill never evicts
-    await asyncio.sleep(0.05)  # a is being read, b waits in the queue
-    weights = await buffer.acquire(c)  # needs room: b's reservation goes, not a resident expert
+    await disk.wait_held()  # a is being read, b waits in the queue
+    loading = asyncio.ensure_future(buffer.acquire(c))  # needs room: b's reservation goes, not a resident expert
+    await until(lambda: c in buffer.all_loading())
+    assert buffer.all_loading() == [a, c]
+    disk.go_on.set()
+    weights = await asyncio.wait_for(loading, timeout=10)
     await buffer.release(c)
     assert torch.equal(weights.gate, store.ckpt.read(store.cfg.expert_tensor_names(0, 2)[0]))
-    while buffer.loading(0):
-        await asyncio.sleep(0.02)
+    await until(lambda: not buffer.loading(0))
     assert buffer.all_resident() == [a, c]
     assert buffer.counters.evictions == 0 and buffer.counters.fills == 2 and buffer.counters.loads == 2
     assert buffer.bytes_used <= buffer.capacity
@@ -162,21 +212,25 @@ async def test_fill_takes_only_free_memory_and_gives_it_back_to_a_load(qwen_tiny
 async def test_fill_read_yields_the_disk_to_a_demand_read(qwen_tiny: Path) -> None:
     """A fill being read stops at its next chunk when a demand read is queued, and is read again
     after it; a fill that someone then needs is no longer stopped."""
-    buffer, store, _ = make(qwen_tiny, 4, seconds_per_expert=0.3)
     a, b = ExpertId(1, 0), ExpertId(1, 1)
+    buffer, store, disk = make_held(qwen_tiny, 4, a, before_chunk=2)
     assert buffer.fill(a)
-    await asyncio.sleep(0.03)  # a's first tensor is on its way
+    await disk.wait_held()  # a's first tensor is read, its second is next
     done: list[ExpertId] = []
 
     async def need(eid: ExpertId) -> None:
         async with buffer.pinned(eid):
             done.append(eid)
 
-    await need(b)
-    assert done == [b] and buffer.loading(1) == [0]  # b came first; a is read again from the start
+    needed = asyncio.ensure_future(need(b))
+    await until(lambda: b in buffer.all_loading())  # queued behind a's read
+    disk.go_on.set()
+    await asyncio.wait_for(needed, timeout=10)
+    assert done == [b] and disk.ended[:2] == [("stopped", a), ("read", b)]  # b came first
     assert buffer.counters.fill_preemptions == 1
-    await need(a)  # now needed: joins the read, which no longer yields
+    await need(a)  # now needed: joins the read (or finds it done), which no longer yields
     assert done == [b, a] and buffer.all_resident() == [a, b]
+    assert disk.ended == [("stopped", a), ("read", b), ("read", a)]  # a is read again from the start
     assert store.bytes_read > 2 * store.expert_nbytes  # the stopped part of a's first read was paid for
     assert buffer.counters.loads == 2 and buffer.counters.misses == 1 and buffer.counters.hits == 1
 

@@ -6,6 +6,7 @@ import asyncio
 import statistics
 import time
 
+from node_agent import precise_timer
 from node_agent.precise_timer import sleep_precisely
 
 
@@ -28,10 +29,18 @@ async def test_sleepers_wake_in_deadline_order_and_a_cancelled_one_leaves_the_re
         await sleep_precisely(seconds)
         woke.append(seconds)
 
-    tasks = [asyncio.ensure_future(sleeper(s)) for s in (0.004, 0.001, 0.003, 0.002)]
-    doomed = asyncio.ensure_future(sleeper(0.0015))
-    await asyncio.sleep(0)
+    started = (0.004, 0.001, 0.003, 0.002, 0.0015)  # the order the sleepers start in
+    tasks = [asyncio.ensure_future(sleeper(s)) for s in started[:-1]]
+    doomed = asyncio.ensure_future(sleeper(started[-1]))
+    await asyncio.sleep(0)  # each sleeper has started: its deadline is set, now + its seconds
+    # A busy host may hold the loop between one sleeper's start and the next's for longer than
+    # the 1 ms between the seconds asked, so the deadlines set are read back (the timer's line
+    # holds them in the order the sleepers started), not assumed from the seconds asked.
+    timer = precise_timer._TIMERS.get(asyncio.get_running_loop())
+    waiting = sorted(timer.waiting, key=lambda w: w[1]) if timer is not None else [(s, 0, None) for s in started]
+    deadline = {s: d for s, (d, _, _) in zip(started, waiting, strict=True)}
     doomed.cancel()
     await asyncio.gather(*tasks)
     assert doomed.cancelled()
-    assert woke == [0.001, 0.002, 0.003, 0.004]
+    assert woke == sorted(started[:-1], key=deadline.__getitem__)
+    assert sorted(woke) == [0.001, 0.002, 0.003, 0.004]  # and the cancelled one did not wake
