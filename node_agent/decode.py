@@ -68,6 +68,11 @@ class _Run:
     partials: dict[int, list[Partial]] = field(default_factory=dict)  # span -> its partials at `layer`
 
 
+# How long a step whose span starts past its request's K/V waits for the step before it to
+# arrive, when no other step of that request is here: pipelined steps leave the scheduler
+# together, so the one before comes within a round trip unless it was never sent.
+ARRIVAL_GRACE_S = 2.0
+
 # What a synchronous wait on peers costs until one is measured: a LAN round trip with both
 # sides' software (the split-KV choice weighs it against K/V still on its way).
 DEFAULT_ROUND_TRIP_S = 0.002
@@ -112,6 +117,7 @@ class Decoder:
         self.round_trip_s = round_trip_s  # a synchronous wait on peers, as last measured
         self._one_step = asyncio.Lock()  # steps run one at a time, in the order they became ready
         self._waiting: list[asyncio.Future[None]] = []  # steps waiting for their turn (see _in_order)
+        self._arrived: dict[str, int] = {}  # request id -> its steps here, running or waiting
         self.inline = inline  # see HOME_INLINE_ROWS (unpaced agents only)
         self._went_remote = False  # the last step called peers
 
@@ -130,12 +136,19 @@ class Decoder:
         (the scheduler sends a step before the reply of the one its spans follow): each span's
         sampled token, the round trips, the requests whose prompt K/V is now all here, and with
         `logits` each span's logits. Steps run one at a time."""
-        await self._in_order(spans)
+        for span in spans:
+            self._arrived[span.request_id] = self._arrived.get(span.request_id, 0) + 1
         try:
+            await self._in_order(spans)
             async with self._one_step:
                 batch = self.batch(spans)
                 out, trips, tokens = await self.step(batch)
         finally:
+            for span in spans:
+                if (left := self._arrived[span.request_id] - 1) > 0:
+                    self._arrived[span.request_id] = left
+                else:
+                    del self._arrived[span.request_id]
             self.moved()
         gathered = self.kv.newly_gathered([s.request_id for s in batch.spans])
         return DecodeResult(tokens=tokens, round_trips=trips, gathered=tuple(gathered), logits=out if logits else None)
@@ -144,17 +157,25 @@ class Decoder:
         """Until every span's request has its K/V up to where the span starts. Steps are ordered by
         position, not by arrival: two calls in flight on one channel may reach the handlers in
         either order (fuzzing the API, a chat request failed with its span at position 589 and
-        its K/V at 588). A request released meanwhile, or a span that starts too early, is let
-        through for `batch` to refuse."""
-        def ready() -> bool:
-            return all((c := self.kv.caches.get(s.request_id)) is None or s.position <= c.next for s in spans)
+        its K/V at 588). It waits while another step of its requests is here (running or
+        waiting), else ARRIVAL_GRACE_S for one to arrive; a span that skips positions, or whose
+        request was released meanwhile, is then let through for `batch` to refuse."""
+        def behind() -> list[DecodeSpan]:
+            return [s for s in spans if (c := self.kv.caches.get(s.request_id)) is not None and s.position > c.next]
 
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.peer_timeout_s
-        while not ready():
+        start = loop.time()
+        while waiting := behind():
+            coming = any(self._arrived.get(s.request_id, 0) > 1 for s in waiting)  # a step of it besides this one
+            left = start + (self.peer_timeout_s if coming else ARRIVAL_GRACE_S) - loop.time()
+            if left <= 0:
+                return
             turn = loop.create_future()
             self._waiting.append(turn)
-            await asyncio.wait_for(turn, max(0.0, deadline - loop.time()))
+            try:
+                await asyncio.wait_for(turn, left)
+            except TimeoutError:
+                pass  # look again: a step may have come meanwhile
 
     def moved(self) -> None:
         """A step ended or a request was released: the steps waiting for their turn look again."""
