@@ -48,6 +48,7 @@ from scheduler.errors import NoAgentsAvailable
 from scheduler.partition import after_step, chunk_step
 from scheduler.policy import Policy
 from scheduler.runner import ClusterView, RequestRunner
+from scheduler.token_stream import TokenStream
 from scheduler.types import DecodeSpan, GenerationRequest, NodeId, TokenEvent
 
 log = logging.getLogger("potluck.scheduler")
@@ -107,42 +108,6 @@ class _Seq:
         return self.home is not None and self.prefilled == len(self.request.prompt_token_ids)
 
 
-class TokenStream:
-    """One request's tokens (AsyncIterator[TokenEvent]). `aclose()` ends it on every path, also
-    before the first token was asked for (an async generator's close would then run nothing and
-    leave the request queued with no one to read it): out of the queue, or released on every
-    agent, before it returns."""
-
-    def __init__(self, batcher: Batcher, seq: _Seq, on_close: Callable[[], None] | None) -> None:
-        self._batcher, self._seq, self._on_close = batcher, seq, on_close
-        self._closed = False
-
-    def __aiter__(self) -> TokenStream:
-        return self
-
-    async def __anext__(self) -> TokenEvent:
-        if self._closed:
-            raise StopAsyncIteration
-        item = await self._seq.out.get()
-        if item is None:
-            await self.aclose()
-            raise StopAsyncIteration
-        if isinstance(item, BaseException):
-            await self.aclose()
-            raise item
-        return item
-
-    async def aclose(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        try:
-            await self._batcher._leave(self._seq)
-        finally:
-            if self._on_close is not None:
-                self._on_close()
-
-
 class Batcher:
     def __init__(self, cluster: ClusterFn, policy: Policy = Policy(), settings: BatchSettings = BatchSettings(),
                  on_prefilled: Callable[[], Awaitable[None]] | None = None, unheld_read_s: ReadFn | None = None) -> None:
@@ -169,7 +134,7 @@ class Batcher:
         self.waiting.append(seq)
         self._ensure_running()
         self._wake.set()
-        return TokenStream(self, seq, on_close)
+        return TokenStream(seq.out, lambda: self._leave(seq), on_close)
 
     async def generate(self, request: GenerationRequest) -> AsyncGenerator[TokenEvent, None]:
         """`submit` as an async generator (closing it closes the stream)."""
