@@ -110,6 +110,10 @@ async def test_engine_fills_after_each_request(qwen_tiny: Path) -> None:
         # only reads are the home's copies, into its free memory, of experts its decode steps ran
         # on a holder.
         assert [s.misses for s in after] == [s.misses for s in before]
-        fills = [a.fills - b.fills for a, b in zip(after, before)]
-        assert [a.bytes_read - b.bytes_read for a, b in zip(after, before)] == [f * size for f in fills]
+        for a, b in zip(after, before):
+            whole = (a.fills - b.fills + a.prefetches - b.prefetches) * size
+            # A fill stopped part-way for an urgent read (a busy machine makes that likely) is read
+            # again from the start: what it had read counts twice, at most one expert per stop.
+            partial = a.bytes_read - b.bytes_read - whole
+            assert 0 <= partial <= (a.fill_preemptions - b.fill_preemptions) * size, (a, b)
         assert sum(s.decode_remote_experts for s in after) > 0
