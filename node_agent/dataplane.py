@@ -10,7 +10,9 @@ find their caller by call id, so calls overlap on one connection.
     server = DataServer(name, run, link); port = await server.start(host)
     client = DataClient(link, timeout_s); out = await client.run_experts(holder, address, layer, x, ids, w)
 
-Every byte passes the agent's link emulation as on the gRPC path (bandwidth both ways, latency on
+With credentials, both ends speak TLS with certificates from the cluster's CA: the server serves
+only enrolled agents, and the client checks that the holder's certificate names the holder it
+meant to call. Every byte passes the agent's link emulation as on the gRPC path (bandwidth both ways, latency on
 every frame sent). Errors come back as error frames naming the holder; a broken connection fails
 every call waiting on it, and the next call reconnects. A failed call raises `PeerFailed` naming
 the holder, as a failed gRPC call to a peer does.
@@ -33,6 +35,7 @@ from protos.convert import expert_batch_to_proto, expert_result_from_proto, peer
 from protos.limits import MAX_MESSAGE_BYTES
 from protos.messages import ExpertBatch
 from protos.potluck.v1 import agent_pb2 as pb
+from protos.security import Credentials, agent_identity, agent_name, ssl_identity
 
 log = logging.getLogger(__name__)
 _LENGTH = struct.Struct("<I")
@@ -60,8 +63,9 @@ def _write_frame(writer: asyncio.StreamWriter, frame: pb.PeerFrame) -> None:
 class DataServer:
     """Serves expert calls from home agents: each frame is run as it arrives (calls overlap)."""
 
-    def __init__(self, name: str, run: RunBatch, link: Link) -> None:
+    def __init__(self, name: str, run: RunBatch, link: Link, creds: Credentials | None = None) -> None:
         self.name, self.run, self.link = name, run, link
+        self._ssl = creds.ssl_context(server_side=True) if creds is not None else None
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._writers: set[asyncio.StreamWriter] = set()  # open connections, closed with the server
@@ -69,7 +73,7 @@ class DataServer:
 
     async def start(self, host: str, port: int = 0) -> int:
         """Listen on `port` of `host` (0: an ephemeral one); returns the port."""
-        self._server = await asyncio.start_server(self._serve, host, port)
+        self._server = await asyncio.start_server(self._serve, host, port, ssl=self._ssl)
         return int(self._server.sockets[0].getsockname()[1])
 
     async def close(self) -> None:
@@ -87,6 +91,13 @@ class DataServer:
             await asyncio.wait(self._serving, timeout=1.0)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self._ssl is not None:
+            who = ssl_identity(writer.get_extra_info("peercert"))
+            if who is None or agent_name(who) is None:  # the handshake checked the CA; only agents call here
+                log.warning("data plane: refused a connection from %s (certificate names %s, not an agent)",
+                            writer.get_extra_info("peername"), who)
+                writer.close()
+                return
         self._writers.add(writer)
         task = asyncio.current_task()
         if task is not None:
@@ -133,28 +144,33 @@ class _Connection:
 class DataClient:
     """A home agent's calls to holders, one connection per holder address."""
 
-    def __init__(self, link: Link, timeout_s: float = 120.0) -> None:
+    def __init__(self, link: Link, timeout_s: float = 120.0, creds: Credentials | None = None) -> None:
         self.link = link
         self.timeout_s = timeout_s  # deadline of one call
-        self._connections: dict[str, _Connection] = {}
-        self._connecting: dict[str, asyncio.Lock] = {}
+        self._ssl = creds.ssl_context(server_side=False) if creds is not None else None
+        self._connections: dict[tuple[str, str], _Connection] = {}  # by (holder, address): checked for that holder
+        self._connecting: dict[tuple[str, str], asyncio.Lock] = {}
         self._calls = itertools.count(1)
 
-    async def _connection(self, address: str) -> _Connection:
-        conn = self._connections.get(address)
+    async def _connection(self, holder: str, address: str) -> _Connection:
+        key = (holder, address)
+        conn = self._connections.get(key)
         if conn is not None and not conn.writer.is_closing():
             return conn
-        async with self._connecting.setdefault(address, asyncio.Lock()):
-            conn = self._connections.get(address)
+        async with self._connecting.setdefault(key, asyncio.Lock()):
+            conn = self._connections.get(key)
             if conn is not None and not conn.writer.is_closing():
                 return conn
             host, _, port = address.rpartition(":")
             try:
-                reader, writer = await asyncio.wait_for(asyncio.open_connection(host.strip("[]"), int(port)),
-                                                        self.timeout_s)
-            except (OSError, TimeoutError) as exc:
+                reader, writer = await asyncio.wait_for(
+                    asyncio.open_connection(host.strip("[]"), int(port), ssl=self._ssl), self.timeout_s)
+            except (OSError, TimeoutError) as exc:  # ssl.SSLError is an OSError
                 raise DataPlaneError(f"cannot reach the data plane at {address}: {exc}") from exc
-            conn = self._connections[address] = _Connection(writer)
+            if self._ssl is not None and (who := ssl_identity(writer.get_extra_info("peercert"))) != agent_identity(holder):
+                writer.close()
+                raise DataPlaneError(f"the data plane at {address} is {who}, not agent {holder}")
+            conn = self._connections[key] = _Connection(writer)
             conn.reading = asyncio.ensure_future(self._read(address, reader, conn))
             return conn
 
@@ -198,7 +214,7 @@ class DataClient:
         batch = expert_batch_to_proto(ExpertBatch(request_id="decode", layer=layer, hidden=x, expert_ids=ids,
                                                   weights=weights, decode=True))
         try:
-            conn = await self._connection(address)
+            conn = await self._connection(holder, address)
             call = next(self._calls)
             waiter: asyncio.Future[pb.ExpertResult] = asyncio.get_running_loop().create_future()
             conn.pending[call] = waiter

@@ -136,8 +136,11 @@ class Decoder:
         (the scheduler sends a step before the reply of the one its spans follow): each span's
         sampled token, the round trips, the requests whose prompt K/V is now all here, and with
         `logits` each span's logits. Steps run one at a time."""
+        now = time.monotonic()
         for span in spans:
             self._arrived[span.request_id] = self._arrived.get(span.request_id, 0) + 1
+            if (cache := self.kv.caches.get(span.request_id)) is not None:
+                cache.touched = now
         try:
             await self._in_order(spans)
             async with self._one_step:

@@ -49,6 +49,7 @@ class KVCache:
     sampling: SamplingParams = SamplingParams(max_tokens=1)  # how the home samples the request's tokens
     generator: torch.Generator = field(default_factory=torch.Generator)  # its randomness, continued from the scheduler's
     sampled: int | None = None  # the token sampled after its last step (a span that follows feeds it)
+    touched: float = field(default_factory=time.monotonic)  # when a step last used it (its time to live)
 
     @classmethod
     def allocate(cls, cfg: MoeConfig, capacity: int, prompt: int, dtype: torch.dtype, here: bool = False) -> KVCache:

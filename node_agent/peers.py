@@ -28,6 +28,7 @@ from protos.limits import CHANNEL_OPTIONS, CHUNK_BYTES
 from protos.messages import ExpertBatch, KVBlock
 from protos.potluck.v1 import agent_pb2 as pb
 from protos.potluck.v1 import agent_pb2_grpc as pb_grpc
+from protos.security import Credentials, agent_identity, open_channel
 
 
 class PeerFailed(RuntimeError):
@@ -102,24 +103,29 @@ def row_chunks(rows: int, row_bytes: int) -> list[slice]:
 
 
 class GrpcPeers:
-    def __init__(self, name: str, link: Link) -> None:
+    """Channels to the other agents. With credentials, a channel to agent `name` accepts only a
+    server whose certificate names that agent: an address in a message reaches an enrolled peer
+    of the inventory or fails at the handshake."""
+
+    def __init__(self, name: str, link: Link, creds: Credentials | None = None) -> None:
         self.name = name
         self.link = link
-        self._stubs: dict[str, pb_grpc.NodeAgentStub] = {}
+        self.creds = creds
+        self._stubs: dict[tuple[str, str], pb_grpc.NodeAgentStub] = {}
         self._channels: list[grpc.aio.Channel] = []
 
-    def _stub(self, address: str) -> pb_grpc.NodeAgentStub:
-        stub = self._stubs.get(address)
+    def _stub(self, name: str, address: str) -> pb_grpc.NodeAgentStub:
+        stub = self._stubs.get((name, address))
         if stub is None:
-            channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+            channel = open_channel(address, agent_identity(name), self.creds, CHANNEL_OPTIONS)
             self._channels.append(channel)
-            stub = self._stubs[address] = pb_grpc.NodeAgentStub(channel)
+            stub = self._stubs[name, address] = pb_grpc.NodeAgentStub(channel)
         return stub
 
     async def _call(self, name: str, address: str, method: str, request: Any) -> Any:
         """The peer's reply; PeerFailed naming it, or the agent it names as failed, if the call fails."""
         try:
-            return await getattr(self._stub(address), method)(request)
+            return await getattr(self._stub(name, address), method)(request)
         except grpc.aio.AioRpcError as exc:
             name, address = failed_agent_from_metadata(exc.trailing_metadata()) or (name, address)
             raise PeerFailed(name, address, method, exc.code().name, exc.details() or "") from exc

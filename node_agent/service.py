@@ -23,7 +23,8 @@ from node_agent.cache_policy import LayerCyclicPolicy, LRUPolicy
 from node_agent.dispatch import LayerPlan
 from node_agent.expert_buffer import BufferTooSmall, ExpertBuffer
 from node_agent.expert_store import ExpertStore
-from node_agent.interceptors import ErrorInterceptor, LatencyInterceptor
+from node_agent.interceptors import ErrorInterceptor, GateInterceptor, LatencyInterceptor
+from node_agent.limits import AgentLimits, check_at_most, control_message_bytes
 from node_agent.model.checkpoint import Checkpoint
 from node_agent.model.config import MoeConfig
 from node_agent.model.moe import load_dense
@@ -37,7 +38,8 @@ from protos.convert import (adopt_kv_from_proto, adopt_kv_reply_to_proto, attend
                             expert_result_to_proto, expert_to_wire, fetch_kv_from_proto,
                             fill_from_proto, fill_reply_to_proto, finish_from_proto, finish_reply_to_proto,
                             forward_from_proto, info_to_proto, kv_block_from_proto, kv_block_to_proto,
-                            layer_report_to_proto, release_from_proto, routing_table_from_proto, step_begun_to_proto)
+                            layer_report_to_proto, release_from_proto, routing_table_from_proto, step_begun_to_proto,
+                            tensor_nbytes)
 from protos.human import format_rate, format_size
 from protos.limits import CHANNEL_OPTIONS
 from protos.messages import AgentInfo, CacheCounters, CacheState, KVBlock, StepBegun
@@ -45,6 +47,7 @@ from protos.potluck.v1 import agent_pb2 as pb
 from protos.potluck.v1 import agent_pb2_grpc as pb_grpc
 from protos.ids import ExpertId, NodeId, model_fingerprint
 from protos.sampling import generator_from_state, make_generator
+from protos.security import Credentials, CredentialsError, agent_identity
 
 log = logging.getLogger("potluck.agent")
 
@@ -71,6 +74,13 @@ class AgentSettings(BaseSettings):
                           description="which expert to evict: lru, or layer-cyclic (the one needed last)")
     log_level: str = Field("INFO")
     data_port: int = Field(0, ge=0, le=65535, description="TCP port of the decode data plane; 0 = any free port")
+    certs: Path | None = Field(None, description="folder of this node's ca.pem, cert.pem, key.pem (`potluck certs`)")
+    insecure: bool = Field(False, description="plaintext gRPC and data plane, anyone may call (trusted networks only)")
+    max_step_tokens: int = Field(AgentLimits.max_step_tokens, ge=1, description="new tokens of one request in one step")
+    max_requests: int = Field(AgentLimits.max_requests, ge=1, description="requests with state on this agent")
+    max_inbox_bytes: int = Field(AgentLimits.max_inbox_bytes, ge=1, description="K/V bytes from peers not yet used")
+    request_ttl_s: float = Field(AgentLimits.request_ttl_s, gt=0, description="seconds before an untouched request's "
+                                 "state is released")
 
     @model_validator(mode="after")
     def _paced_on_one_thread(self) -> AgentSettings:
@@ -79,9 +89,31 @@ class AgentSettings(BaseSettings):
             raise ValueError("compute_share paces one compute thread: torch_threads must be 1")
         return self
 
+    @model_validator(mode="after")
+    def _secure_unless_told(self) -> AgentSettings:
+        if (self.certs is None) == (not self.insecure):
+            raise ValueError("an agent needs exactly one of certs (its certificate folder) and insecure (plaintext)")
+        return self
+
+    def credentials(self) -> Credentials | None:
+        """This node's TLS material (None: insecure); CredentialsError if the folder cannot serve
+        this node (missing files, or a certificate that names another node)."""
+        if self.certs is None:
+            return None
+        creds = Credentials.load(self.certs)
+        if creds.identity != agent_identity(self.node_name):
+            raise CredentialsError(f"{self.certs / 'cert.pem'} is the certificate of {creds.identity}, not of node "
+                                   f"{self.node_name!r} ({agent_identity(self.node_name)}): give this node's folder")
+        return creds
+
     @property
     def node_name(self) -> str:
         return self.name or self.listen
+
+    @property
+    def limits(self) -> AgentLimits:
+        return AgentLimits(max_step_tokens=self.max_step_tokens, max_requests=self.max_requests,
+                           max_inbox_bytes=self.max_inbox_bytes, request_ttl_s=self.request_ttl_s)
 
 
 def measure_expert_flops(cfg: MoeConfig, dtype: torch.dtype, tokens: int = 256, compute_share: float = 0) -> float:
@@ -151,6 +183,8 @@ class Servicer(pb_grpc.NodeAgentServicer):
             link_latency_s=s.link_latency_s, data_port=self.data_port, compute_share=s.compute_share))
 
     async def BeginStep(self, request: pb.BeginStepRequest, context: Any) -> pb.BeginStepReply:
+        # Before converting: a million ids would take 36 MB of Python ints only to be refused.
+        check_at_most("tokens in one step", len(request.token_ids), self.core.limits.max_step_tokens)
         b = begin_step_from_proto(request)
         report = await self.core.begin_step(b.request_id, b.step, b.token_ids, b.positions, b.peers, b.all_logits,
                                             b.predict)
@@ -234,6 +268,8 @@ class Servicer(pb_grpc.NodeAgentServicer):
         return block
 
     async def PushKV(self, request: pb.KVBlock, context: Any) -> pb.Ack:
+        # Room in the inbox is checked before the tensors are copied out of the message.
+        self.core.inbox_room(request.request_id, tensor_nbytes(request.keys) + tensor_nbytes(request.values))
         await self.link.receive(request.keys, request.values)
         b = kv_block_from_proto(request)
         await self.core.receive_kv(b.request_id, b.step, b.layer, b.sender, b.chunk, b.num_chunks,
@@ -277,27 +313,36 @@ async def serve(settings: AgentSettings, ready: asyncio.Event | None = None, sto
         buffer = ExpertBuffer(settings.expert_memory_bytes, store.expert_nbytes, store.load, disk, policy)
     except BufferTooSmall as exc:
         raise SystemExit(f"--expert-memory: {exc}") from None
+    creds = settings.credentials()
+    if creds is None:
+        log.warning("agent %s: --insecure: plaintext, and anyone who reaches %s may call it", settings.node_name,
+                    settings.listen)
     link = Link(settings.link_bytes_per_s, settings.link_latency_s)
-    peers = GrpcPeers(settings.node_name, link)
+    peers = GrpcPeers(settings.node_name, link, creds)
     threads = decode_threads(cfg, dtype, settings.torch_threads)
     log.info("agent %s: decode steps use %d of its %d torch threads", settings.node_name, threads,
              settings.torch_threads)
-    data = DataClient(link)
+    data = DataClient(link, creds=creds)
     core = AgentCore(settings.node_name, cfg, dense, buffer, peers, pacer=ComputePacer(settings.compute_share),
-                     decode_threads=threads, data=data)
-    # The latency wraps the handlers inside the error mapping: a failed call is answered without
-    # it (errors are not the traffic being emulated).
+                     decode_threads=threads, data=data, limits=settings.limits)
+    # The gate comes first (a refused caller or message gets no work and no emulated latency); the
+    # latency wraps the handlers inside the error mapping: a failed call is answered without it
+    # (errors are not the traffic being emulated).
     # No SO_REUSEPORT (gRPC's default on Linux): with it a second agent on the same port started
     # fine and took half of the first one's calls.
-    server = grpc.aio.server(interceptors=[ErrorInterceptor(), LatencyInterceptor(link)],
+    gate = GateInterceptor(secure=creds is not None, max_control_bytes=control_message_bytes(settings.limits))
+    server = grpc.aio.server(interceptors=[gate, ErrorInterceptor(), LatencyInterceptor(link)],
                              options=[*CHANNEL_OPTIONS, ("grpc.so_reuseport", 0)])
     servicer = Servicer(core, settings, link, store, model_fingerprint(settings.model_dir),
                         measure_expert_flops(cfg, dtype, compute_share=settings.compute_share))
-    data_server = DataServer(settings.node_name, servicer.run_batch, link)
+    data_server = DataServer(settings.node_name, servicer.run_batch, link, creds=creds)
     pb_grpc.add_NodeAgentServicer_to_server(servicer, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    server.add_insecure_port(settings.listen)
+    if creds is None:
+        server.add_insecure_port(settings.listen)
+    else:
+        server.add_secure_port(settings.listen, creds.grpc_server())
     # After the gRPC port is bound: an ephemeral port picked before could be the very port the
     # launcher found free for the gRPC server (the kernel hands a just-freed port out again).
     servicer.data_port = await data_server.start(split_host(settings.listen), settings.data_port)
@@ -310,9 +355,11 @@ async def serve(settings: AgentSettings, ready: asyncio.Event | None = None, sto
              settings.link_latency_s * 1e3)
     if ready is not None:
         ready.set()
+    reaper = asyncio.create_task(_expire_forever(core))
     try:
         await (stop or asyncio.Event()).wait()
     finally:
+        reaper.cancel()
         await health_servicer.enter_graceful_shutdown()
         await server.stop(grace=2.0)
         await data_server.close()
@@ -320,6 +367,13 @@ async def serve(settings: AgentSettings, ready: asyncio.Event | None = None, sto
         await peers.close()
         disk.shutdown(wait=False, cancel_futures=True)
         log.info("agent %s: stopped", settings.node_name)
+
+
+async def _expire_forever(core: AgentCore) -> None:
+    """Release requests past their time to live, checked a few times per time to live."""
+    while True:
+        await asyncio.sleep(min(30.0, core.limits.request_ttl_s / 4))
+        await core.expire()
 
 
 def run_agent(settings: AgentSettings) -> None:

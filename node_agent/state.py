@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -125,6 +126,11 @@ class RequestState:
     inbox: dict[tuple[int, int], dict[str, dict[int, tuple[int, KVShard]]]] = field(default_factory=dict)
     arrived: asyncio.Condition = field(default_factory=asyncio.Condition)
     released: bool = False
+    touched: float = field(default_factory=time.monotonic)  # when a message last named it (its time to live)
+
+    def inbox_bytes(self) -> int:
+        return sum(2 * shard.k.nbytes + shard.pos.nbytes for senders in self.inbox.values()
+                   for chunks in senders.values() for _, shard in chunks.values())
 
     def commit_step(self) -> None:
         """Fold the finished step's own K/V into the shard (called when the next step begins)."""

@@ -23,6 +23,7 @@ from node_agent.dispatch import LayerPlan, only, rows_with, split_by_executor
 from node_agent.executor import ExpertExecutor
 from node_agent.expert_buffer import ExpertBuffer
 from node_agent.grouped import GroupedPasses, QueuedJobs
+from node_agent.limits import AgentLimits, Overloaded, check_in_range, check_kv_block, check_step
 from node_agent.model import moe, slots
 from node_agent.model.config import MoeConfig
 from node_agent.peers import row_chunks
@@ -53,8 +54,10 @@ class AgentCore:
         pacer: ComputePacer | None = None,
         decode_threads: int | None = None,
         data: DataClient | None = None,
+        limits: AgentLimits = AgentLimits(),
     ) -> None:
         self.name, self.cfg, self.dense, self.buffer, self.peers = name, cfg, dense, buffer, peers
+        self.limits = limits
         self.pacer = pacer or ComputePacer(0)
         self._compute = ThreadPoolExecutor(1, thread_name_prefix="compute")
         self.requests: dict[str, RequestState] = {}
@@ -93,7 +96,30 @@ class AgentCore:
         state = self.requests.get(request_id)
         if state is None:
             raise UnknownRequest(f"request {request_id!r} is unknown to agent {self.name!r}")
+        state.touched = time.monotonic()
         return state
+
+    def live_requests(self) -> set[str]:
+        return self.requests.keys() | self.decoder.kv.caches.keys()
+
+    def _admit(self, request_id: str) -> None:
+        """Room for state of one more request, or Overloaded."""
+        if request_id not in self.requests and request_id not in self.decoder.kv.caches and \
+                len(self.live_requests()) >= self.limits.max_requests:
+            raise Overloaded(f"agent {self.name!r} holds {self.limits.max_requests} requests, its limit")
+
+    async def expire(self, now: float | None = None) -> list[str]:
+        """Release every request no message touched for the limits' time to live (its server
+        died, or forgot it); returns their ids."""
+        now = time.monotonic() if now is None else now
+        stale = [r for r, s in self.requests.items() if now - s.touched > self.limits.request_ttl_s]
+        stale += [r for r, c in self.decoder.kv.caches.items() if now - c.touched > self.limits.request_ttl_s]
+        for request_id in sorted(set(stale)):
+            log.warning("agent %s: released request %s, untouched for %.0f s", self.name, request_id,
+                        self.limits.request_ttl_s)
+            await self.release(request_id)
+        return sorted(set(stale))
+
 
     def _step(self, request_id: str) -> StepState:
         step = self._state(request_id).step
@@ -107,7 +133,10 @@ class AgentCore:
                          peers: Sequence[Peer], all_logits: bool, predict: bool = False) -> LayerReport:
         """Embed this agent's new tokens; with predict, guess layer 0's routing from them (the
         report is empty without)."""
+        check_step(self.cfg, self.limits, self.name, token_ids, positions, [p.name for p in peers])
+        self._admit(request_id)
         state = self.requests.setdefault(request_id, RequestState(request_id))
+        state.touched = time.monotonic()
         state.commit_step()
         ids = torch.tensor(list(token_ids), dtype=torch.long)
         if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.cfg.vocab_size):
@@ -130,7 +159,12 @@ class AgentCore:
         `layer` start loading first, so the disk works while attention computes. After the
         router, my tokens of the experts in `direct` (expert -> executor) go straight to their
         executors, and those of experts I hold start here."""
+        check_in_range("layer", [layer], 0, self.cfg.num_layers)
+        check_in_range("prefetched experts", list(prefetch), 0, self.cfg.num_experts)
+        check_in_range("directly routed experts", list(direct or {}), 0, self.cfg.num_experts)
         st = self._step(request_id)
+        if layer > 0:
+            self._check_plan(st, layer - 1, plan)
         direct = direct or {}
         mine = [ExpertId(layer, e) for e, x in direct.items() if x == self.name]
         self.buffer.protect([ExpertId(layer - 1, e) for e in plan.executes] + [ExpertId(layer, e) for e in prefetch] + mine)
@@ -171,6 +205,14 @@ class AgentCore:
             attention_s=attention_s, predicted=tuple(predicted or ()), resident_total=buf.slots_taken,
             next_resident=frozenset(buf.resident(nxt) if predicting else ()),
             next_loading=frozenset(buf.loading(nxt) if predicting else ()))
+
+    def _check_plan(self, st: StepState, layer: int, plan: LayerPlan) -> None:
+        """A plan names experts of the model and executors of the step, or is refused."""
+        check_in_range(f"experts of layer {layer}'s plan", [*plan.mine, *plan.executes], 0, self.cfg.num_experts)
+        names = {p.name for p in st.peers}
+        unknown = sorted({x for shares in plan.mine.values() for x, _ in shares} - names)
+        if unknown:
+            raise ValueError(f"the plan of layer {layer} names executors outside the step: {', '.join(unknown)}")
 
     def _send_direct(self, request_id: str, st: StepState, layer: int, routes: Mapping[int, str]) -> DirectSends | None:
         """Send my tokens of the experts in `routes` to their executors now, one batch each."""
@@ -259,6 +301,7 @@ class AgentCore:
         """MoE of the last layer; logits if this agent owns the step's last position (with
         all_logits: of every new token it owns)."""
         st = self._step(request_id)
+        self._check_plan(st, self.cfg.num_layers - 1, plan)
         self.buffer.protect([ExpertId(self.cfg.num_layers - 1, e) for e in plan.executes])
         await self._apply_mlp(request_id, st, self.cfg.num_layers - 1, plan)
         last = st.last_position
@@ -286,6 +329,7 @@ class AgentCore:
         the sources' (name, address) K/V is pulled in the background; returns my rows. With
         `here`, no prefill ran: decode steps bring the prompt in spans. Its tokens are sampled here
         with `sampling` (parameters and generator)."""
+        self._admit(request_id)
         state = None if here else self.requests.pop(request_id, None)
         own: dict[int, KVShard] = {}
         if state is not None:
@@ -332,7 +376,24 @@ class AgentCore:
 
     async def receive_kv(self, request_id: str, step: int, layer: int, sender: str, chunk: int, num_chunks: int,
                          shard: KVShard) -> None:
-        await self._state(request_id).deliver(step, layer, sender, chunk, num_chunks, shard)
+        """A peer's K/V block (one chunk of it) for a step of a request, checked against the model
+        and the step, and held in the inbox only while the inbox has room."""
+        state = self._state(request_id)
+        check_kv_block(self.cfg, layer, chunk, num_chunks, shard.k, shard.v, shard.pos)
+        current = state.step.step if state.step is not None else None
+        if current is not None and step != current:
+            raise ValueError(f"K/V for step {step} of request {request_id!r}, whose step is {current}")
+        self.inbox_room(request_id, 2 * shard.k.nbytes + shard.pos.nbytes)
+        await state.deliver(step, layer, sender, chunk, num_chunks, shard)
+
+    def inbox_room(self, request_id: str, nbytes: int) -> None:
+        """Overloaded unless the inbox can take `nbytes` more of K/V (UnknownRequest for a
+        request with no state here)."""
+        self._state(request_id)
+        held = sum(s.inbox_bytes() for s in self.requests.values())
+        if held + nbytes > self.limits.max_inbox_bytes:
+            raise Overloaded(f"agent {self.name!r} holds {held} bytes of K/V not yet used; {nbytes} more would exceed "
+                             f"its limit of {self.limits.max_inbox_bytes}")
 
     # Experts ---------------------------------------------------------------------------------
 

@@ -25,15 +25,20 @@ from protos.messages import StepBegun as StepBegun
 from protos.potluck.v1 import agent_pb2 as pb
 from protos.potluck.v1 import agent_pb2_grpc as pb_grpc
 from protos.routing import RoutingTable
+from protos.security import Credentials, agent_identity, open_channel
 from scheduler.errors import AgentFailed
 from scheduler.types import AgentSnapshot, LayerReport, NodeId, NodeSpec, RoutingPlan, StepPlan
 
 
 class AgentClient:
-    def __init__(self, spec: NodeSpec, timeout_s: float = 300.0) -> None:
+    """With credentials (the server's), the channel accepts only an agent whose certificate names
+    `spec.name`: a wrong address in the inventory fails at the handshake instead of reaching
+    another agent."""
+
+    def __init__(self, spec: NodeSpec, timeout_s: float = 300.0, creds: Credentials | None = None) -> None:
         self.spec = spec
         self.timeout_s = timeout_s  # deadline of one control call (a Forward may wait on disk reads)
-        self._channel = grpc.aio.insecure_channel(spec.address, options=CHANNEL_OPTIONS)
+        self._channel = open_channel(spec.address, agent_identity(spec.name), creds, CHANNEL_OPTIONS)
         self._stub = pb_grpc.NodeAgentStub(self._channel)
 
     @property
@@ -133,8 +138,14 @@ class AgentClient:
         """Resident experts as layer * num_experts + index."""
         return sorted((await self._cache_state()).resident)
 
+    async def cache_state(self) -> CacheState:
+        """Counters, resident and loading experts, from one reply."""
+        return await self._cache_state()
+
     async def snapshot(self) -> AgentSnapshot:
-        state = await self._cache_state()
+        return self.snapshot_of(await self._cache_state())
+
+    def snapshot_of(self, state: CacheState) -> AgentSnapshot:
         return AgentSnapshot(self.spec.name, self.spec.address, True, state.resident | state.loading,
                              labels=self.spec.labels, **asdict(state.counters))
 

@@ -22,6 +22,7 @@ from scheduler.errors import AgentFailed, JoinRefused, NoAgentsAvailable, Prompt
 from scheduler.fill import AgentHoldings
 from scheduler.policy import Policy
 from protos.routing import RoutingTable
+from protos.security import Credentials, probe_peer
 from scheduler.batching import BatchSettings, Batcher
 from scheduler.decode_plan import data_address, routing_table, same_holders
 from scheduler.runner import ClusterView, ModelShape
@@ -40,6 +41,7 @@ class EngineSettings:
     home_prefill_max: int = BatchSettings.home_prefill_max  # longer prompts are prefilled sequence-parallel
     poll_interval_s: float = 2.0  # how often agents' health and counters are refreshed
     call_timeout_s: float = 300.0  # deadline of one control call to an agent
+    credentials: Credentials | None = None  # the server's TLS identity; None: plaintext (--insecure)
 
     def __post_init__(self) -> None:
         if self.max_waiting < 0:
@@ -60,7 +62,7 @@ class EngineService:
         self.fingerprint = model_fingerprint(model_dir)
         self.settings = settings
         self.shape: ModelShape | None = None  # learnt from the first agent that answers Info
-        self.clients = [AgentClient(n, settings.call_timeout_s) for n in nodes]
+        self.clients = [AgentClient(n, settings.call_timeout_s, settings.credentials) for n in nodes]
         self.infos: dict[str, AgentInfo] = {}
         self._snapshots: dict[str, AgentSnapshot] = {n.name: AgentSnapshot(n.name, n.address, False, problem="not polled yet")
                                                      for n in nodes}
@@ -115,7 +117,7 @@ class EngineService:
         for name, spec in new.items():
             if name not in old or old[name].spec.address != spec.address:
                 added.append(name)
-                kept.append(AgentClient(spec, self.settings.call_timeout_s))
+                kept.append(AgentClient(spec, self.settings.call_timeout_s, self.settings.credentials))
                 self._snapshots[name] = AgentSnapshot(name, spec.address, False, problem="not polled yet")
         order = {n.name: i for i, n in enumerate(nodes)}
         self.clients = sorted(kept, key=lambda c: order[c.name])
@@ -138,7 +140,10 @@ class EngineService:
 
     async def _check(self, client: AgentClient) -> AgentSnapshot:
         if client.name not in self.infos:
-            info = await client.info()
+            try:
+                info = await client.info()
+            except AgentFailed as exc:
+                raise await self._refusal(client) or exc
             if info.name != client.name:
                 raise JoinRefused(f"the agent at {client.spec.address} is named {info.name!r} but the inventory "
                                   f"names {client.name!r} there: start it with --name {client.name}, or fix the "
@@ -151,6 +156,21 @@ class EngineService:
             if self.shape is None:
                 self.shape = ModelShape(info.num_layers, info.num_experts, info.vocab_size, info.dense_layers, info.max_positions)
         return await client.snapshot()
+
+    async def _refusal(self, client: AgentClient) -> JoinRefused | None:
+        """Why the TLS handshake with an agent failed, if it did: the agent of another name, or
+        outside the cluster's CA, or without TLS (None: it did not answer at all)."""
+        creds = self.settings.credentials
+        found = await probe_peer(client.spec.address, creds) if creds is not None else None
+        if found is None or found == f"agent {client.name}":
+            return None
+        if found.startswith("agent "):
+            return JoinRefused(f"the agent at {client.spec.address} is named {found[6:]!r} but the inventory names "
+                               f"{client.name!r} there: start it with --name {client.name} and that node's "
+                               f"certificates, or fix the inventory")
+        fix = "start it with --certs" if found == "no TLS" else "give it this cluster's certificates"
+        return JoinRefused(f"the agent at {client.spec.address} ({client.name}) has {found}: {fix} (potluck certs "
+                           f"--out DIR: DIR/nodes/{client.name}), or serve everyone with --insecure")
 
     async def poll(self) -> None:
         clients = list(self.clients)  # an inventory reload may replace the list meanwhile

@@ -17,14 +17,18 @@ import asyncio
 import json
 import os
 import statistics
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import torch
 
 from node_agent.model.synth import init_model
+from protos.security import Credentials
+from server.certs import SERVER_FOLDER, throwaway
 from server.launcher import die_with_parent, free_port
 from scheduler.client import AgentClient
 from scheduler.partition import contiguous_prefill
@@ -61,10 +65,12 @@ async def time_side_by_side(model_dir: Path, prompts: list[list[int]], threads: 
     from transformers import AutoModelForCausalLM
 
     address = f"127.0.0.1:{free_port()}"
+    certs = Path(tempfile.mkdtemp(prefix="potluck-bench-certs-"))  # TLS, as a deployed agent runs
+    folders = throwaway(certs, ["bench"])
     cmd = [sys.executable, "-m", "server.cli", "agent", "--listen", address, "--model", str(model_dir),
-           "--name", "bench", "--torch-threads", str(threads), "--log-level", "WARNING"]
+           "--name", "bench", "--torch-threads", str(threads), "--log-level", "WARNING", "--certs", str(folders["bench"])]
     proc = subprocess.Popen(cmd, preexec_fn=die_with_parent)
-    client = AgentClient(NodeSpec(NodeId("bench"), address))
+    client = AgentClient(NodeSpec(NodeId("bench"), address), creds=Credentials.load(folders[SERVER_FOLDER]))
     torch.set_num_threads(threads)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     ours, last, theirs, diff = [], [], [], 0.0
@@ -89,6 +95,7 @@ async def time_side_by_side(model_dir: Path, prompts: list[list[int]], threads: 
     finally:
         await client.close()
         proc.terminate()
+        shutil.rmtree(certs, ignore_errors=True)
         proc.wait(timeout=30)
 
 

@@ -46,6 +46,8 @@ from scheduler.cost_model import lower_bound_s
 from scheduler.policy import Policy
 from scheduler.types import AgentSnapshot, NodeId, NodeSpec
 from server.bench import default_bench_model
+from protos.security import Credentials
+from server.certs import SERVER_FOLDER, enrol
 from server.launcher import die_with_parent, free_ports, stop_process
 from server.bench_report import write_report
 
@@ -159,12 +161,16 @@ class Cluster:
             for s in self.specs
         )
         inventory.write_text("nodes:\n" + nodes)
+        # The cluster's own enrolment, so that this bench can ask the agents for their counters.
+        self.certs = workdir / f"certs-{self.port}"
+        enrol(self.certs, [s.name for s in self.specs], days=1)
         flags = [f"--no-{f}" for f, on in (("interleave", policy.interleave), ("token-scheduling", policy.token_scheduling),
                                            ("prefetch", policy.prefetch)) if not on and policy.name == "sirius"]
         flags += ["--no-fill"] if not policy.fill and policy.name != "naive" else []
         self.cmd = [sys.executable, "-m", "server.cli", "up", "--inventory", str(inventory), "--model", str(model_dir),
                     "--port", str(self.port), "--served-model-name", "bench", "--policy", policy.name, *flags,
-                    "--home-prefill-max", "0", "--log-level", "WARNING"]  # the policies' sequence-parallel prefill
+                    "--home-prefill-max", "0", "--log-level", "WARNING",  # the policies' sequence-parallel prefill
+                    "--certs", str(self.certs)]
         self.proc: subprocess.Popen[bytes] | None = None
         self.clients: list[AgentClient] = []
 
@@ -172,7 +178,8 @@ class Cluster:
         # Killed outright, the bench takes its cluster with it (`potluck up` in turn takes its agents).
         self.proc = subprocess.Popen(self.cmd, env={**os.environ, "HF_HUB_OFFLINE": "1"}, preexec_fn=die_with_parent)
         await wait_healthy(self.proc, self.cmd, self.url)
-        self.clients = [AgentClient(s) for s in self.specs]
+        creds = Credentials.load(self.certs / SERVER_FOLDER)
+        self.clients = [AgentClient(s, creds=creds) for s in self.specs]
         return self
 
     async def __aexit__(self, *exc: object) -> None:

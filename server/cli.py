@@ -3,7 +3,8 @@
     potluck up                                   # demo model, 2 local agents, server on :8000
     potluck init-model --arch qwen3_moe --out models/tiny
     potluck agent --listen 0.0.0.0:50051 --model /srv/models/m --expert-memory 6GiB
-    potluck serve --inventory deploy/home-lan.example.yaml --model /srv/models/m
+    potluck certs --inventory deploy/home-lan.example.yaml --out certs/
+    potluck serve --inventory deploy/home-lan.example.yaml --model /srv/models/m --certs certs/server
     potluck bench
 
 This is the process's edge: it alone reads environment variables ($XDG_CACHE_HOME,
@@ -14,6 +15,7 @@ $POTLUCK_API_KEY) and turns flags into the typed settings the other modules take
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import sys
@@ -22,6 +24,7 @@ from typing import TYPE_CHECKING, Final
 
 from server.cli_args import HelpFormatter, duration, non_negative, positive, rate, share, size
 from server.cli_bench import add_bench
+from server.cli_certs import add_certs, add_trust_flags, server_credentials
 from server.setup_checks import SetupError, listen_address, port, port_or_any
 from server.version import potluck_version
 
@@ -47,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_serve(commands)
     _add_up(commands)
     _add_status(commands)
+    add_certs(commands)
     add_bench(commands)
     return parser
 
@@ -91,8 +95,22 @@ def _add_agent(commands: argparse._SubParsersAction) -> None:  # type: ignore[ty
     p.add_argument("--eviction", default="layer-cyclic", choices=("layer-cyclic", "lru"),
                    help="expert eviction: layer-cyclic (evict the expert whose layer comes round last; default) or "
                         "lru (least recently used)")  # fmt: skip
+    p.add_argument("--max-requests", type=positive, default=256, metavar="N",
+                   help="requests this agent holds state for at once; more are refused (RESOURCE_EXHAUSTED)")
+    p.add_argument("--max-step-tokens", type=positive, default=32768, metavar="N",
+                   help="new tokens of one request in one prefill step; a larger step is refused")
+    p.add_argument("--max-inbox", type=size, default="1GiB", metavar="SIZE",
+                   help="K/V received from peers and not yet used, all requests together")
+    p.add_argument("--request-ttl", type=duration, default="600s", metavar="DURATION",
+                   help="a request no message has named for this long is released (its server died or forgot it)")
     p.add_argument("--log-level", default="INFO", choices=LOG_LEVELS, help="log verbosity")
+    add_trust_flags(p, "this node's certificate folder from `potluck certs` (ca.pem, cert.pem, key.pem; or the "
+                        "whole --out folder of `potluck certs`, which holds nodes/NAME/)")
     p.set_defaults(run=_run_agent)
+
+
+
+
 
 
 def _add_profile_flags(p: argparse.ArgumentParser) -> None:
@@ -145,11 +163,13 @@ def _add_server_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log-level", default="INFO", choices=LOG_LEVELS, help="log verbosity")
 
 
+
 def _add_serve(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = _sub(commands, "serve", "Serve the OpenAI-compatible API, driving the agents listed in an inventory.")
     p.add_argument("--inventory", required=True, type=Path, metavar="FILE", help="YAML node inventory (see deploy/)")
     p.add_argument("--model", type=Path, metavar="DIR", help="checkpoint folder; default: the inventory's 'model'")
     _add_server_flags(p)
+    add_trust_flags(p, "the server's certificate folder from `potluck certs` (its server/ folder)")
     p.set_defaults(run=_run_serve)
 
 
@@ -167,6 +187,8 @@ def _add_up(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-
     p.add_argument("--agent-start-timeout", type=float, default=180.0, metavar="SECONDS",
                    help="how long to wait for the agents to load and report SERVING")  # fmt: skip
     _add_server_flags(p)
+    add_trust_flags(p, "use this `potluck certs` output for the agents and the server (default: a throwaway CA, "
+                        "made at start and removed at exit)")
     p.set_defaults(run=_run_up)
 
 
@@ -238,13 +260,21 @@ def _run_agent(args: argparse.Namespace) -> int:
     if args.data_port:
         check_port_free(host, args.data_port, "--data-port")
     from node_agent.service import AgentSettings, run_agent
+    from server.certs import own_folder
 
+    if args.certs is None and not args.insecure:
+        raise SetupError("give --certs DIR (this node's folder from `potluck certs --inventory FILE --out DIR`: "
+                         "DIR/nodes/NAME), or --insecure for plaintext on a trusted network")
     settings = AgentSettings(
         listen=args.listen, model_dir=args.model, name=args.name, expert_memory_bytes=args.expert_memory,
         disk_bytes_per_s=args.disk_bandwidth, link_bytes_per_s=args.link_bandwidth, link_latency_s=args.link_latency,
         compute_share=args.compute_share, torch_threads=1 if args.compute_share else args.torch_threads,
         dtype=args.dtype, eviction=args.eviction, log_level=args.log_level, data_port=args.data_port,
+        certs=own_folder(args.certs, args.name or args.listen) if args.certs else None, insecure=args.insecure,
+        max_requests=args.max_requests, max_step_tokens=args.max_step_tokens, max_inbox_bytes=args.max_inbox,
+        request_ttl_s=args.request_ttl,
     )  # fmt: skip
+    settings.credentials()  # a wrong folder is an admin's error: said now, before loading any weights
     run_agent(settings)
     return 0
 
@@ -275,7 +305,8 @@ def _run_serve(args: argparse.Namespace) -> int:
         profiles.update(again.profiles())
         return again.node_specs()
 
-    return serve_http(_server_options(args, model_dir), inventory.node_specs(), on_join=on_join,
+    options = dataclasses.replace(_server_options(args, model_dir), credentials=server_credentials(args))
+    return serve_http(options, inventory.node_specs(), on_join=on_join,
                       reload=Reload(args.inventory, read))
 
 
@@ -307,7 +338,7 @@ def _run_up(args: argparse.Namespace) -> int:
                               args.link_latency)
         launches = plan_local_agents(args.agents or 2, profile, avoid={args.port})
     model_dir = _model_dir(args, inventory.model if inventory else None, args.inventory) or _demo_model()
-    agents = LocalAgents(model_dir, launches, args.log_level)
+    agents = LocalAgents(model_dir, launches, args.log_level, insecure=args.insecure, enrolment=args.certs)
     return run_up(_server_options(args, model_dir), agents, specs_of(launches), args.agent_start_timeout)
 
 
@@ -352,12 +383,13 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=getattr(args, "log_level", "INFO"), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    from protos.security import CredentialsError
     from scheduler.errors import JoinRefused, NoAgentsAvailable
     from server.inventory import InventoryError
 
     try:
         return int(args.run(args))
-    except (SetupError, InventoryError, NoAgentsAvailable, JoinRefused) as exc:
+    except (SetupError, InventoryError, NoAgentsAvailable, JoinRefused, CredentialsError) as exc:
         # An admin's mistake: what is wrong and how to fix it, without a traceback unless asked for.
         if getattr(args, "log_level", "INFO") == "DEBUG":
             logging.getLogger("potluck").exception("potluck %s failed", args.command)

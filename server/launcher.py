@@ -6,6 +6,9 @@
     ...                             # agents.dead() names a child that exited, if any
     agents.stop()                   # SIGTERM, wait, SIGKILL after a grace period; never leaves one
 
+Unless `insecure`, the agents and the server speak mutual TLS with a throwaway CA made at start
+in a private temporary folder (removed at stop): `server_credentials` is the server's identity.
+
 Children run in their own session, so a Ctrl-C in the terminal reaches only `potluck up`, which
 then stops them in order (rather than every process racing to exit at once). On Linux they also
 get SIGKILL if `potluck up` itself dies without cleaning up (PR_SET_PDEATHSIG).
@@ -17,10 +20,12 @@ import contextlib
 import ctypes
 import logging
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
@@ -29,7 +34,9 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from protos.security import Credentials, agent_identity, open_blocking_channel
 from scheduler.types import NodeId, NodeSpec
+from server.certs import SERVER_FOLDER, folders, throwaway
 from server.inventory import Inventory, InventoryError, NodeProfile, is_loopback, split_address
 
 log = logging.getLogger("potluck.up")
@@ -130,11 +137,17 @@ def specs_of(launches: Sequence[AgentLaunch]) -> tuple[NodeSpec, ...]:
 class LocalAgents:
     """The agent child processes of one `potluck up`."""
 
-    def __init__(self, model_dir: Path, launches: Sequence[AgentLaunch], log_level: str = "INFO") -> None:
+    def __init__(self, model_dir: Path, launches: Sequence[AgentLaunch], log_level: str = "INFO",
+                 insecure: bool = False, enrolment: Path | None = None) -> None:
         self.model_dir = model_dir
         self.launches = tuple(launches)
         self.log_level = log_level
+        self.insecure = insecure
+        self.enrolment = enrolment  # a `potluck certs` folder to use; None: a throwaway CA
         self._procs: dict[str, subprocess.Popen[bytes]] = {}
+        self._certs: dict[str, Path] = {}  # certificate folder of each agent and of the server
+        self._certs_root: Path | None = None
+        self.server_credentials: Credentials | None = None  # set by start() unless insecure
 
     def command(self, launch: AgentLaunch) -> list[str]:
         p = launch.profile
@@ -146,9 +159,25 @@ class LocalAgents:
             "--link-latency", f"{p.link_latency_s:.9f}s", "--compute-share", f"{p.compute_share:f}",
             "--torch-threads", str(launch.torch_threads), "--data-port", str(launch.data_port),
             "--log-level", self.log_level,
+            *(["--insecure"] if self.insecure else ["--certs", str(self._enrol()[launch.name])]),
         ]  # fmt: skip
 
+    def _enrol(self) -> dict[str, Path]:
+        """The certificate folders, made on first use (stop() removes them)."""
+        if not self.insecure and not self._certs:
+            names = [launch.name for launch in self.launches]
+            if self.enrolment is not None:
+                self._certs = folders(self.enrolment, names)
+                for folder in self._certs.values():
+                    Credentials.load(folder)  # CredentialsError now, naming what is missing, not in a child
+            else:
+                self._certs_root = Path(tempfile.mkdtemp(prefix="potluck-certs-"))  # mode 0700
+                self._certs = throwaway(self._certs_root, names)
+            self.server_credentials = Credentials.load(self._certs[SERVER_FOLDER])
+        return self._certs
+
     def start(self) -> None:
+        self._enrol()
         for launch in self.launches:
             log.info("starting agent %s on %s (%d torch threads)", launch.name, launch.listen, launch.torch_threads)
             self._procs[launch.name] = subprocess.Popen(
@@ -162,7 +191,7 @@ class LocalAgents:
         while pending:
             self.raise_if_dead()
             for name, address in list(pending.items()):
-                if _serving(address):
+                if _serving(address, name, self.server_credentials):
                     log.info("agent %s is serving on %s", name, address)
                     del pending[name]
             if pending and time.monotonic() > deadline:
@@ -196,11 +225,14 @@ class LocalAgents:
                 proc.kill()
                 proc.wait()
         self._procs.clear()
+        if self._certs_root is not None:
+            shutil.rmtree(self._certs_root, ignore_errors=True)
+            self._certs_root = None
 
 
-def _serving(address: str) -> bool:
-    """True when the agent at `address` answers the standard gRPC health check with SERVING."""
-    with grpc.insecure_channel(address) as channel:
+def _serving(address: str, name: str, creds: Credentials | None) -> bool:
+    """True when agent `name` at `address` answers the standard gRPC health check with SERVING."""
+    with open_blocking_channel(address, agent_identity(name), creds) as channel:
         try:
             reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""), timeout=1.0)
         except grpc.RpcError:

@@ -12,6 +12,7 @@ second: if one dies, `run_up` logs it, shuts the server down and returns 1 rathe
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import signal
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
@@ -22,6 +23,7 @@ from types import FrameType
 
 import uvicorn
 
+from protos.security import Credentials
 from scheduler.api import Engine
 from scheduler.policy import Policy
 from scheduler.service import JoinHook
@@ -50,6 +52,7 @@ class ServerOptions:
     prefill_chunk: int = 512  # prompt tokens per prefill step while other requests decode
     home_prefill_max: int = 1024  # longer prompts are prefilled sequence-parallel, shorter ones on their home
     max_body_bytes: int = 4 * 2**20  # larger request bodies get 413; 0 = no bound
+    credentials: Credentials | None = None  # the server's TLS identity toward the agents; None = plaintext
 
 
 class Shutdown(BaseException):
@@ -62,7 +65,8 @@ def engine_opener(options: ServerOptions, nodes: Sequence[NodeSpec], on_join: Jo
         from scheduler.service import EngineSettings, start_engine
 
         settings = EngineSettings(max_waiting=options.max_waiting, max_running=options.max_running,
-                                  prefill_chunk=options.prefill_chunk, home_prefill_max=options.home_prefill_max)
+                                  prefill_chunk=options.prefill_chunk, home_prefill_max=options.home_prefill_max,
+                                  credentials=options.credentials)
         service = await start_engine(options.model_dir, nodes, settings, options.policy, on_join)
         try:
             yield service
@@ -175,7 +179,8 @@ def run_up(options: ServerOptions, agents: LocalAgents, nodes: Sequence[NodeSpec
         try:
             agents.start()
             agents.wait_ready(start_timeout_s)
-            return serve_http(options, nodes, agents)
+            # The agents' CA exists once they are started (a throwaway one unless given).
+            return serve_http(dataclasses.replace(options, credentials=agents.server_credentials), nodes, agents)
         except Shutdown:
             log.info("stopping")
             return 0

@@ -10,9 +10,21 @@
 #     and potluck,
 #   - /etc/potluck with agent-NAME.env, server.env and a one-node inventory.yaml (only when
 #     absent; examples of every setting are in agent.env.example and server.env.example),
+#   - /etc/potluck/certs from `potluck certs` for that inventory (only when absent): the CA, the
+#     server's and this node's certificates; the keys readable by the user, ca.key by root only,
 #   - /srv/potluck/models, with a small random-weight demo model in demo/ (only when absent),
 #   - potluck-agent@.service and potluck-server.service in /etc/systemd/system.
 # It enables nothing; the last lines it prints say what to start.
+#
+# A LAN of several devices: their certificates must come from one CA (each one-device install
+# makes a CA of its own). On the admin's machine, with the inventory of every device,
+#
+#   potluck certs --inventory inventory.yaml --out certs
+#
+# then copy certs/nodes/NAME/ to /etc/potluck/certs/nodes/NAME/ on device NAME, and certs/server/
+# to /etc/potluck/certs/server/ on the server's (or all of certs/ but ca.key, which enrols new
+# devices and stays with the admin). Copy before running this script, or remove the folder it
+# made first; a later run sets the copied keys' owner and modes as above.
 #
 # Environment (the defaults are what the units expect; any other value is written into the
 # installed units):
@@ -95,9 +107,11 @@ write_once() {  # MODE DEST: stdin to DEST (root-owned) unless DEST exists
   fi
 }
 install -m 0644 -o root -g root "$here/agent.env.example" "$here/server.env.example" "$conf/"
-sed -e "s|/srv/potluck|$data|g" "$here/agent.env.example" | write_once 0644 "$conf/agent-$name.env"
+sed -e "s|/srv/potluck|$data|g; s|/etc/potluck|$conf|g" "$here/agent.env.example" \
+  | write_once 0644 "$conf/agent-$name.env"
 # 0600: the server's env file holds the API key; systemd reads it as root.
-sed -e "s|/srv/potluck|$data|g" "$here/server.env.example" | write_once 0600 "$conf/server.env"
+sed -e "s|/srv/potluck|$data|g; s|/etc/potluck|$conf|g" "$here/server.env.example" \
+  | write_once 0600 "$conf/server.env"
 write_once 0644 "$conf/inventory.yaml" <<EOF
 # The agents the server drives (see deploy/home-lan.example.yaml for a LAN of unlike devices).
 # Each name is an agent's instance name (potluck-agent@NAME), each address its POTLUCK_LISTEN
@@ -107,6 +121,20 @@ nodes:
     address: 127.0.0.1:50051
     expert_memory: unlimited
 EOF
+
+# The certificates: made for the inventory unless the folder is there (on a LAN, copied from the
+# admin's `potluck certs`, see the top). The services' group may read the keys, no other user;
+# the CA's key stays root's alone. Modes are set on every run, so copied files get them too.
+certs=$conf/certs
+if [[ -e $certs ]]; then
+  say "kept $certs"
+else
+  (umask 022 && "$prefix/.venv/bin/potluck" certs --inventory "$conf/inventory.yaml" \
+     --out "$certs" >/dev/null)
+  say "wrote the certificates to $certs"
+fi
+find "$certs" -type f -name key.pem -exec chown "root:$user" {} + -exec chmod 0640 {} +
+find "$certs" -type f -name ca.key -exec chown root:root {} + -exec chmod 0600 {} +
 
 # The demo model (a few MB of random weights), so the example files work as they are. Written by
 # the user into a sibling folder and renamed into place, so an interrupted run leaves none.
@@ -131,7 +159,8 @@ else
 fi
 
 cat <<EOF
-install.sh: done. Edit $conf/agent-$name.env, $conf/server.env and $conf/inventory.yaml, then
+install.sh: done. Edit $conf/agent-$name.env, $conf/server.env and $conf/inventory.yaml (for a
+LAN, with $conf/certs from one \`potluck certs\`: see the top of install.sh), then
   systemctl enable --now potluck-agent@$name      # on every device, with its own NAME
   systemctl enable --now potluck-server           # on the device that serves the API
 EOF

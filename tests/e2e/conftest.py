@@ -21,6 +21,7 @@ import httpx
 import pytest
 from openai import OpenAI
 
+from server.certs import enrol
 from server.launcher import free_port
 
 API_KEY = "e2e-secret-key"
@@ -93,15 +94,25 @@ class PotluckUp:
 AGENT_ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
 
 
-class Agent:
-    """One `potluck agent` process (as on a device of its own), serving once its log says so."""
+def certs(work: Path, *nodes: str) -> Path:
+    """The `potluck certs` folder of `work` (one CA per folder) with certificates for `nodes` and
+    the server: `--certs` takes it whole, for `serve` as for any of its agents."""
+    enrol(work / "certs", nodes, days=1)
+    return work / "certs"
 
-    def __init__(self, work: Path, model: Path, name: str, port: int) -> None:
+
+class Agent:
+    """One `potluck agent` process (as on a device of its own, enrolled in `work`'s CA), serving
+    once its log says so."""
+
+    def __init__(self, work: Path, model: Path, name: str, port: int, *extra: str) -> None:
         self.name, self.address = name, f"127.0.0.1:{port}"
         self.log = work / f"agent-{name}-{port}.log"
+        self.certs = certs(work, name)
         with self.log.open("wb") as log:
             self.proc = subprocess.Popen([*potluck_command(), "agent", "--name", name, "--listen", self.address,
-                                          "--model", str(model)], stdout=log, stderr=subprocess.STDOUT, env=AGENT_ENV)
+                                          "--model", str(model), "--certs", str(self.certs), *extra],
+                                         stdout=log, stderr=subprocess.STDOUT, env=AGENT_ENV)
         deadline = time.monotonic() + START_TIMEOUT_S
         while "serving on" not in self.log.read_text(errors="replace"):
             assert self.proc.poll() is None, self.log.read_text()

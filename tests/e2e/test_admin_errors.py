@@ -19,7 +19,7 @@ import yaml
 
 from node_agent.model.synth import init_model
 from server.launcher import free_port
-from tests.e2e.conftest import START_TIMEOUT_S, Agent, potluck_command
+from tests.e2e.conftest import START_TIMEOUT_S, Agent, certs, potluck_command
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "POTLUCK_API_KEY": ""}  # the server's; agents take conftest's
 RUN_TIMEOUT_S = 120.0
@@ -120,7 +120,8 @@ def test_serve_with_no_agent_running(work: Path, qwen_tiny: Path) -> None:
     inventory = write_inventory(work / "none.yaml", [{"name": "ghost", "address": f"127.0.0.1:{port}",
                                                       "expert_memory": 0}])  # fmt: skip
     text = refused(potluck("serve", "--model", str(qwen_tiny), "--inventory", str(inventory), "--port",
-                           str(free_port())), f"ghost at 127.0.0.1:{port}: unreachable (connection refused)")  # fmt: skip
+                           str(free_port()), "--certs", str(certs(work))),
+                   f"ghost at 127.0.0.1:{port}: unreachable (connection refused)")  # fmt: skip
     assert "start each agent first" in text
 
 
@@ -128,14 +129,15 @@ def test_serve_with_no_agent_running(work: Path, qwen_tiny: Path) -> None:
 
 
 def test_a_second_agent_on_a_taken_port_is_refused(agent: Agent, qwen_tiny: Path) -> None:
-    refused(potluck("agent", "--name", "twin", "--listen", agent.address, "--model", str(qwen_tiny)),
+    refused(potluck("agent", "--name", "twin", "--listen", agent.address, "--model", str(qwen_tiny), "--insecure"),
             f"port {agent.address.rpartition(':')[2]} on 127.0.0.1 is already in use")  # fmt: skip
 
 
 def test_an_agent_named_otherwise_is_refused_with_both_names(agent: Agent, qwen_tiny: Path, work: Path) -> None:
     inventory = write_inventory(work / "desktop.yaml", [{"name": "desktop", "address": agent.address,
                                                          "expert_memory": 0}])  # fmt: skip
-    refused(potluck("serve", "--model", str(qwen_tiny), "--inventory", str(inventory), "--port", str(free_port())),
+    refused(potluck("serve", "--model", str(qwen_tiny), "--inventory", str(inventory), "--port", str(free_port()),
+                    "--certs", str(certs(work, "desktop"))),
             f"the agent at {agent.address} is named 'agent0' but the inventory names 'desktop'",
             "--name desktop")  # fmt: skip
 
@@ -144,7 +146,8 @@ def test_an_agent_with_another_checkpoint_is_refused(agent: Agent, work: Path) -
     other = init_model("qwen3_moe", work / "other-seed", "tiny", seed=12)  # the same shape, other weights
     inventory = write_inventory(work / "other.yaml", [{"name": "agent0", "address": agent.address,
                                                        "expert_memory": 0}])  # fmt: skip
-    refused(potluck("serve", "--model", str(other), "--inventory", str(inventory), "--port", str(free_port())),
+    refused(potluck("serve", "--model", str(other), "--inventory", str(inventory), "--port", str(free_port()),
+                    "--certs", str(agent.certs)),
             "agent agent0 serves another checkpoint (fingerprint", "give the agent the same model folder")
 
 
@@ -157,7 +160,8 @@ def test_an_unreachable_node_makes_health_degraded(agent: Agent, qwen_tiny: Path
     port, log = free_port(), work / "serve-degraded.log"
     with log.open("wb") as out:
         serve = subprocess.Popen([*potluck_command(), "serve", "--model", str(qwen_tiny), "--inventory",
-                                  str(inventory), "--port", str(port)], stdout=out, stderr=subprocess.STDOUT, env=ENV)
+                                  str(inventory), "--port", str(port), "--certs", str(certs(work, "ghost"))],
+                                 stdout=out, stderr=subprocess.STDOUT, env=ENV)
     try:
         deadline, health = time.monotonic() + START_TIMEOUT_S, None
         while health is None:

@@ -1,8 +1,8 @@
 """deploy/systemd/install.sh run for real, as root, into a temporary prefix: it creates the system
 user, the folders, the venv (pinned torch, then potluck), the config files and the demo model,
-and installs units that systemd-analyze accepts; the agent and the server then answer a request
-when started as the unit's ExecStart says, as that user, from the installed files. A second run
-keeps the admin's edits.
+and installs units that systemd-analyze accepts, and the cluster's certificates; the agent and the
+server then answer a request when started as the unit's ExecStart says, as that user, from the
+installed files, over mutual TLS. A second run keeps the admin's edits and the certificates.
 
 What stays unchecked here: systemd itself starting the units (this machine's PID 1 is not
 systemd), so neither the sandboxing options nor CacheDirectory= are exercised; the test makes
@@ -23,9 +23,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import grpc
 import httpx
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from protos.security import SERVER_IDENTITY, Credentials, agent_identity, open_blocking_channel
+from server.certs import own_folder
 from server.launcher import free_ports
 from tests.unit.test_deploy import SYSTEMD, exec_start, makefile_torch, read_env_file, tool, unit_environment
 
@@ -113,6 +117,27 @@ def test_creates_the_system_user_folders_config_and_demo_model(installed: Instal
     assert (installed.conf / "agent.env.example").is_file() and (installed.conf / "inventory.yaml").is_file()
 
 
+def _readable_by(path: Path, uid: int, gid: int) -> bool:
+    done = subprocess.run(["cat", str(path)], user=uid, group=gid, extra_groups=[], capture_output=True, timeout=30)
+    return done.returncode == 0
+
+
+def test_makes_the_certificates_with_keys_only_the_services_user_reads(installed: Installed) -> None:
+    certs = installed.conf / "certs"
+    assert f"wrote the certificates to {certs}" in installed.output
+    account = pwd.getpwnam(installed.user)
+    ca_key = (certs / "ca.key").stat()
+    assert (ca_key.st_uid, ca_key.st_gid, stat.S_IMODE(ca_key.st_mode)) == (0, 0, 0o600)  # enrols; root's alone
+    assert not _readable_by(certs / "ca.key", account.pw_uid, account.pw_gid)
+    for node, identity in ((NAME, agent_identity(NAME)), (None, SERVER_IDENTITY)):
+        folder = own_folder(certs, node)  # what --certs of the unit finds
+        assert Credentials.load(folder).identity == identity
+        key = (folder / "key.pem").stat()
+        assert (key.st_uid, key.st_gid, stat.S_IMODE(key.st_mode)) == (0, account.pw_gid, 0o640), folder
+        assert _readable_by(folder / "key.pem", account.pw_uid, account.pw_gid)
+        assert not _readable_by(folder / "key.pem", 65534, 65534)  # nobody else
+
+
 def test_venv_holds_the_pinned_torch_and_a_copy_of_potluck(installed: Installed) -> None:
     python = installed.prefix / ".venv" / "bin" / "python"
     probe = "import torch, server; print(torch.__version__); print(server.__file__)"
@@ -155,17 +180,30 @@ def _start(installed: Installed, unit: str, instance: str, cache: Path) -> subpr
     env = {k: v.replace("/var/cache/potluck", str(cache)) for k, v in env.items()}  # as CacheDirectory= would
     account = pwd.getpwnam(installed.user)
     env |= {"PATH": "/usr/bin:/bin", "HOME": account.pw_dir, "USER": installed.user}
+    command = exec_start(path, instance, env)
+    # TLS with install.sh's certificates, never plaintext.
+    assert command[command.index("--certs") + 1] == str(installed.conf / "certs") and "--insecure" not in command
     log = (installed.root / f"{unit}.log").open("wb")
-    return subprocess.Popen(exec_start(path, instance, env), env=env, stdout=log, stderr=subprocess.STDOUT,
-                            user=account.pw_uid, group=account.pw_gid, extra_groups=[], cwd="/")  # fmt: skip
+    return subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, user=account.pw_uid,
+                            group=account.pw_gid, extra_groups=[], cwd="/")  # fmt: skip
+
+
+def _health(address: str, creds: Credentials | None) -> int:
+    """The agent's gRPC health status as a client with `creds` sees it (None: plaintext); -1: refused."""
+    with open_blocking_channel(address, agent_identity(NAME), creds) as channel:
+        try:
+            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
+        except grpc.RpcError:
+            return -1
+        return int(reply.status)
 
 
 def test_agent_and_server_answer_from_the_installed_files(installed: Installed) -> None:
-    grpc, data, http = free_ports(3)
-    _set(installed.conf / f"agent-{NAME}.env", POTLUCK_LISTEN=f"127.0.0.1:{grpc}", POTLUCK_DATA_PORT=str(data))
+    grpc_port, data, http = free_ports(3)
+    _set(installed.conf / f"agent-{NAME}.env", POTLUCK_LISTEN=f"127.0.0.1:{grpc_port}", POTLUCK_DATA_PORT=str(data))
     _set(installed.conf / "server.env", POTLUCK_HOST="127.0.0.1", POTLUCK_PORT=str(http))
     inventory = installed.conf / "inventory.yaml"
-    inventory.write_text(inventory.read_text().replace("127.0.0.1:50051", f"127.0.0.1:{grpc}"))
+    inventory.write_text(inventory.read_text().replace("127.0.0.1:50051", f"127.0.0.1:{grpc_port}"))
     cache = installed.root / "cache"
     cache.mkdir(exist_ok=True)
     shutil.chown(cache, installed.user, installed.user)
@@ -186,6 +224,10 @@ def test_agent_and_server_answer_from_the_installed_files(installed: Installed) 
         reply = httpx.post(f"http://127.0.0.1:{http}/v1/completions", timeout=120,
                            json={"model": "demo", "prompt": "Hello", "max_tokens": 4})  # fmt: skip
         assert reply.status_code == 200 and reply.json()["usage"]["completion_tokens"] == 4, reply.text
+        # The agent speaks TLS only, to a party the cluster's CA enrolled.
+        server_creds = Credentials.load(own_folder(installed.conf / "certs", None))
+        assert _health(f"127.0.0.1:{grpc_port}", server_creds) == health_pb2.HealthCheckResponse.SERVING
+        assert _health(f"127.0.0.1:{grpc_port}", None) == -1
     finally:
         for process in (server, agent):  # systemd stops with SIGTERM (KillSignal=)
             if process.poll() is None:
@@ -204,10 +246,19 @@ def test_second_run_keeps_the_admins_edits(installed: Installed) -> None:
               installed.conf / "inventory.yaml": "# edited\n"}  # fmt: skip
     for path, line in edited.items():
         path.write_text(path.read_text() + line)
+    certs = installed.conf / "certs"
+    enrolled = {p: p.read_bytes() for p in certs.rglob("*") if p.is_file()}
+    copied = certs / "nodes" / NAME / "key.pem"  # as an admin's copy from another machine lands
+    os.chown(copied, 12345, 12345)
+    copied.chmod(0o600)
     done = installed.run()
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     for path, line in edited.items():
         assert path.read_text().endswith(line), f"a second run overwrote {path.name}"
         assert f"kept {path}" in done.stdout
+    assert f"kept {certs}" in done.stdout
+    assert {p: p.read_bytes() for p in certs.rglob("*") if p.is_file()} == enrolled, "a second run re-keyed"
+    key = copied.stat()
+    assert (key.st_uid, key.st_gid, stat.S_IMODE(key.st_mode)) == (0, pwd.getpwnam(installed.user).pw_gid, 0o640)
     assert "created system user" not in done.stdout and "wrote the demo model" not in done.stdout
     assert "created system user" in installed.output and "wrote the demo model" in installed.output

@@ -51,7 +51,8 @@ def test_nodes_join_drain_and_a_broken_file_is_refused(agents: list[Agent], qwen
     url = f"http://127.0.0.1:{port}"
     with log.open("wb") as out:
         serve = subprocess.Popen([*potluck_command(), "serve", "--model", str(qwen_tiny), "--inventory", str(inventory),
-                                  "--port", str(port)], stdout=out, stderr=subprocess.STDOUT, env=AGENT_ENV)  # fmt: skip
+                                  "--port", str(port), "--certs", str(agents[0].certs)], stdout=out,
+                                 stderr=subprocess.STDOUT, env=AGENT_ENV)  # fmt: skip
 
     def up() -> set[str]:
         return {a["name"] for a in httpx.get(f"{url}/admin/status", timeout=5).json()["agents"] if a["up"]}

@@ -1,14 +1,17 @@
-"""Real node agents (real gRPC servers on loopback ports) in the test's event loop."""
+"""Real node agents (real gRPC servers on loopback ports) in the test's event loop, enrolled in a
+throwaway CA of the cluster's own: agents and scheduler speak mutual TLS, as they do by default."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import tempfile
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import grpc
 import torch
 
 from node_agent.expert_store import ExpertStore
@@ -16,12 +19,42 @@ from node_agent.model.checkpoint import Checkpoint
 from node_agent.model.config import MoeConfig
 from node_agent.service import AgentSettings, serve
 from node_agent.throttle import Throttle
+from protos.limits import CHANNEL_OPTIONS
+from protos.security import SERVER_IDENTITY, Credentials, agent_identity, open_channel
 from scheduler.client import AgentClient
 from scheduler.policy import Policy
 from scheduler.runner import ClusterView, ModelShape, RequestRunner
 from scheduler.service import EngineService, EngineSettings
 from scheduler.types import GenerationRequest, NodeId, NodeSpec, TokenEvent
+from server.certs import ClusterCA, save_credentials
 from server.launcher import free_port
+
+
+@dataclass
+class Enrolment:
+    """The cluster's CA: certificates for more agents, and the server's identity."""
+
+    ca: ClusterCA
+    folder: Path
+    server: Credentials
+
+    @classmethod
+    def create(cls, folder: Path) -> Enrolment:
+        ca = ClusterCA.create(days=1)
+        return cls(ca, folder, ca.issue(SERVER_IDENTITY, days=1))
+
+    def agent(self, name: str, address: str, model_dir: Path, **settings: Any) -> AgentSettings:
+        """Settings of an enrolled agent `name` listening on `address`."""
+        certs = self.folder / name
+        save_credentials(self.ca.issue(agent_identity(name), days=1), certs)
+        return AgentSettings(listen=address, model_dir=model_dir, name=name, certs=certs, **settings)
+
+    def client(self, spec: NodeSpec) -> AgentClient:
+        return AgentClient(spec, creds=self.server)
+
+    def channel(self, spec: NodeSpec, creds: Credentials | None = None) -> grpc.aio.Channel:
+        """A raw channel to an agent, as the server (or as `creds`)."""
+        return open_channel(spec.address, agent_identity(spec.name), creds or self.server, CHANNEL_OPTIONS)
 
 
 @dataclass
@@ -30,6 +63,7 @@ class Cluster:
     specs: list[NodeSpec]
     clients: list[AgentClient]
     view: ClusterView
+    enrolment: Enrolment
 
     @property
     def shape(self) -> ModelShape:
@@ -42,6 +76,7 @@ class Cluster:
     async def engine(self, policy: Policy = Policy(), **settings: Any) -> AsyncIterator[EngineService]:
         """The scheduler as the server runs it (its own clients, routing tables, continuous
         batching) over these agents."""
+        settings.setdefault("credentials", self.enrolment.server)
         service = EngineService(self.model_dir, self.specs, EngineSettings(**settings), policy)
         await service.start()
         try:
@@ -60,26 +95,29 @@ async def local_cluster(model_dir: Path, agents: int, expert_memory: int = 0, di
                         link_rate: float = 0, link_latency_s: float = 0) -> AsyncIterator[Cluster]:
     stop = asyncio.Event()
     tasks, specs = [], []
+    certs = tempfile.TemporaryDirectory(prefix="potluck-test-certs-")
+    enrolment = Enrolment.create(Path(certs.name))
     try:
         for i in range(agents):
             address = f"127.0.0.1:{free_port()}"
             ready = asyncio.Event()
-            settings = AgentSettings(listen=address, model_dir=model_dir, name=f"agent{i}", expert_memory_bytes=expert_memory,
-                                     disk_bytes_per_s=disk_rate, link_bytes_per_s=link_rate,
-                                     link_latency_s=link_latency_s)
+            settings = enrolment.agent(f"agent{i}", address, model_dir, expert_memory_bytes=expert_memory,
+                                       disk_bytes_per_s=disk_rate, link_bytes_per_s=link_rate,
+                                       link_latency_s=link_latency_s)
             tasks.append(asyncio.create_task(serve(settings, ready=ready, stop=stop)))
             await asyncio.wait([tasks[-1], asyncio.create_task(ready.wait())], return_when=asyncio.FIRST_COMPLETED)
             if tasks[-1].done():
                 tasks[-1].result()  # raise the agent's start-up error
             specs.append(NodeSpec(NodeId(f"agent{i}"), address))
-        clients = [AgentClient(s) for s in specs]
+        clients = [enrolment.client(s) for s in specs]
         view = ClusterView.from_infos([await c.info() for c in clients])
-        yield Cluster(model_dir, specs, clients, view)
+        yield Cluster(model_dir, specs, clients, view, enrolment)
         for c in clients:
             await c.close()
     finally:
         stop.set()
         await asyncio.gather(*tasks, return_exceptions=True)
+        certs.cleanup()
 
 
 def expert_bytes(model_dir: Path) -> int:

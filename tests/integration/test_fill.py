@@ -23,12 +23,13 @@ AGENTS = 2
 
 async def settle(cluster: Cluster, covered: bool = False, timeout_s: float = 30.0) -> list[AgentSnapshot]:
     """Snapshots once no agent has a read queued or under way (and, with covered, once every
-    routed expert is on some agent)."""
+    routed expert is on some agent): judged from the same reply as the counters, so that no read
+    can begin or end between the two."""
     deadline = time.monotonic() + timeout_s
     while True:
-        snaps = [await c.snapshot() for c in cluster.clients]
-        resident = [set(await c.resident()) for c in cluster.clients]
-        idle = all(s.held == r for s, r in zip(snaps, resident))
+        states = [await c.cache_state() for c in cluster.clients]
+        snaps = [c.snapshot_of(s) for c, s in zip(cluster.clients, states)]
+        idle = not any(s.loading for s in states)
         if idle and (not covered or set().union(*(held(cluster, s) for s in snaps)) == routed(cluster)):
             return snaps
         assert time.monotonic() < deadline, f"still reading (or not covered) after {timeout_s} s"
@@ -58,7 +59,7 @@ async def test_fill_reads_what_no_agent_holds_into_free_memory(qwen_tiny: Path, 
         runner = cluster.runner(policy)
         await runner.run_step("p", policy.partition(ids, list(runner.agents)))  # the next token's logits only
         await runner.release("p", list(runner.agents))
-        engine = EngineService(qwen_tiny, cluster.specs, EngineSettings(), policy)
+        engine = EngineService(qwen_tiny, cluster.specs, EngineSettings(credentials=cluster.enrolment.server), policy)
         try:
             await engine.poll()
             before = await settle(cluster)
@@ -92,8 +93,8 @@ async def test_engine_fills_after_each_request(qwen_tiny: Path) -> None:
         total = len(routed(probe))
     async with local_cluster(qwen_tiny, AGENTS, expert_memory=total * size, disk_rate=50 * size) as cluster:
         # Sequence-parallel prefill (home_prefill_max=0): every agent computes and reads.
-        engine = await start_engine(qwen_tiny, cluster.specs, EngineSettings(poll_interval_s=60, home_prefill_max=0),
-                                    "sirius")
+        settings = EngineSettings(poll_interval_s=60, home_prefill_max=0, credentials=cluster.enrolment.server)
+        engine = await start_engine(qwen_tiny, cluster.specs, settings, "sirius")
         try:
             for i in range(2):
                 if i == 1:

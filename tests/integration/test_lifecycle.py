@@ -13,7 +13,7 @@ import grpc
 import pytest
 import torch
 
-from node_agent.service import AgentSettings, serve
+from node_agent.service import serve
 from protos.convert import tensor_to_proto
 from protos.messages import DecodeSpan, Peer
 from protos.potluck.v1 import agent_pb2 as pb
@@ -24,7 +24,7 @@ from scheduler.batching import Batcher, BatchSettings
 from scheduler.partition import contiguous_prefill
 from scheduler.runner import ClusterView, RequestRunner
 from scheduler.types import GenerationRequest, NodeId, NodeSpec, RequestId, SamplingParams
-from tests.integration.cluster import free_port, local_cluster
+from tests.integration.cluster import Cluster, free_port, local_cluster
 
 
 async def test_closing_the_stream_releases_the_request_on_every_agent(qwen_tiny: Path) -> None:
@@ -45,9 +45,9 @@ async def test_a_dead_agent_fails_the_request_with_a_named_error(qwen_tiny: Path
     address = f"127.0.0.1:{free_port()}"
     stop, ready = asyncio.Event(), asyncio.Event()
     async with local_cluster(qwen_tiny, 1) as cluster:
-        doomed = asyncio.create_task(serve(AgentSettings(listen=address, model_dir=qwen_tiny, name="doomed"), ready=ready, stop=stop))
+        doomed = asyncio.create_task(serve(cluster.enrolment.agent("doomed", address, qwen_tiny), ready=ready, stop=stop))
         await ready.wait()
-        victim = AgentClient(NodeSpec(NodeId("doomed"), address))
+        victim = cluster.enrolment.client(NodeSpec(NodeId("doomed"), address))
         agents = [*cluster.clients, victim] if prefill == "sequence-parallel" else [victim, *cluster.clients]
         view = ClusterView.from_infos([await a.info() for a in agents])
         home_max = 0 if prefill == "sequence-parallel" else BatchSettings.home_prefill_max
@@ -77,13 +77,14 @@ class Doomed:
 
 
 @contextlib.asynccontextmanager
-async def doomed_agent(model_dir: Path) -> AsyncIterator[Doomed]:
+async def doomed_agent(cluster: Cluster) -> AsyncIterator[Doomed]:
+    """An agent enrolled in `cluster`'s CA, apart from its agents."""
     address = f"127.0.0.1:{free_port()}"
     stop, ready = asyncio.Event(), asyncio.Event()
-    settings = AgentSettings(listen=address, model_dir=model_dir, name="doomed")
+    settings = cluster.enrolment.agent("doomed", address, cluster.model_dir)
     serving = asyncio.create_task(serve(settings, ready=ready, stop=stop))
     await ready.wait()
-    doomed = Doomed(AgentClient(NodeSpec(NodeId("doomed"), address)), stop, serving)
+    doomed = Doomed(cluster.enrolment.client(NodeSpec(NodeId("doomed"), address)), stop, serving)
     try:
         yield doomed
     finally:
@@ -99,7 +100,7 @@ def failed_by(caller: AgentClient, doomed: AgentClient, method: str) -> str:
 async def test_a_peer_that_dies_mid_prefill_is_named_not_the_agent_that_called_it(qwen_tiny: Path) -> None:
     """The step begins on both agents, then one dies: the other's Forward fails pushing its K/V
     there, and the scheduler hears that the dead one failed (the caller only reports it)."""
-    async with local_cluster(qwen_tiny, 1) as cluster, doomed_agent(qwen_tiny) as doomed:
+    async with local_cluster(qwen_tiny, 1) as cluster, doomed_agent(cluster) as doomed:
         caller = cluster.clients[0]
         # The caller owns the earlier positions: it pushes its K/V to the doomed agent and waits on
         # none from it, so its Forward fails on the push, not on a wait.
@@ -119,7 +120,7 @@ async def test_a_peer_that_dies_mid_prefill_is_named_not_the_agent_that_called_i
 async def test_a_kv_source_that_dies_before_decode_is_named_not_the_home(qwen_tiny: Path) -> None:
     """The home pulls the prompt's K/V from an agent that died after the prefill: its decode step
     fails, and the scheduler hears that the source failed."""
-    async with local_cluster(qwen_tiny, 1) as cluster, doomed_agent(qwen_tiny) as doomed:
+    async with local_cluster(qwen_tiny, 1) as cluster, doomed_agent(cluster) as doomed:
         home = cluster.clients[0]
         agents = [home, doomed.client]
         runner = RequestRunner(agents, ClusterView.from_infos([await a.info() for a in agents]))
@@ -143,7 +144,7 @@ async def test_a_bad_expert_batch_is_refused_with_invalid_argument(qwen_tiny: Pa
     bad_expert = tensor_to_proto(torch.tensor([[0, 1], [cfg["num_experts"], 0]], dtype=torch.int32))
     bad_layer = tensor_to_proto(torch.tensor([[0, 1], [1, 0]], dtype=torch.int32))
     async with local_cluster(qwen_tiny, 1) as cluster:
-        async with grpc.aio.insecure_channel(cluster.specs[0].address) as channel:
+        async with cluster.enrolment.channel(cluster.specs[0]) as channel:
             stub = pb_grpc.NodeAgentStub(channel)
             for layer, ids, message in ((1, bad_expert, "expert ids must be in"),
                                         (cfg["num_hidden_layers"], bad_layer, "has no routed experts")):

@@ -6,7 +6,6 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-import grpc
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -27,7 +26,7 @@ async def test_link_latency_delays_replies_but_not_health_checks_and_keeps_logit
         assert time.monotonic() - start >= LATENCY_S
         assert info.link_latency_s == LATENCY_S
 
-        async with grpc.aio.insecure_channel(cluster.specs[0].address) as channel:
+        async with cluster.enrolment.channel(cluster.specs[0]) as channel:
             health = health_pb2_grpc.HealthStub(channel)
             checks = []
             for _ in range(3):  # the fastest of three: a busy host may stall any one call

@@ -9,12 +9,15 @@ tests/e2e/test_deploy_metrics.py, and install.sh runs for real in tests/e2e/test
 from __future__ import annotations
 
 import argparse
+import base64
 import contextlib
 import io
 import json
 import re
 import shlex
+import os
 import shutil
+import stat
 import subprocess
 import sys
 import tomllib
@@ -24,6 +27,8 @@ from typing import Any
 import pytest
 import yaml
 
+from protos.security import SERVER_IDENTITY, Credentials, agent_identity
+from server.certs import enrol, own_folder
 from server.cli import build_parser
 from server.inventory import load_inventory, split_address
 
@@ -142,12 +147,16 @@ def test_env_parser_keeps_an_inline_comment_in_the_value(tmp_path: Path) -> None
         parse_cli(exec_start(AGENT_UNIT, "pi", env)[1:])
 
 
+CERTS = "/etc/potluck/certs"  # where install.sh runs `potluck certs`
+
+
 def test_agent_unit_runs_a_valid_agent_command_from_the_example_env() -> None:
     command = exec_start(AGENT_UNIT, "pi", unit_environment(AGENT_UNIT, "pi", EXAMPLES))
     assert command[0] == VENV_POTLUCK
     args = parse_cli(command[1:])
     assert (args.command, args.name, str(args.model)) == ("agent", "pi", "/srv/potluck/models/demo")
     assert split_address(args.listen)[1] == 50051 and args.data_port == 50052 and args.expert_memory == 0
+    assert (str(args.certs), args.insecure) == (CERTS, False)  # TLS, from install.sh's certificates
 
 
 def test_server_unit_runs_a_valid_serve_command_from_the_example_env() -> None:
@@ -156,6 +165,34 @@ def test_server_unit_runs_a_valid_serve_command_from_the_example_env() -> None:
     args = parse_cli(command[1:])
     assert (args.command, str(args.inventory), args.port) == ("serve", "/etc/potluck/inventory.yaml", 8000)
     assert str(args.model) == read_env_file(SYSTEMD / "agent.env.example")["POTLUCK_MODEL"]  # the agents' model
+    assert (str(args.certs), args.insecure) == (CERTS, False)
+
+
+@pytest.mark.parametrize("unit", [AGENT_UNIT, SERVER_UNIT], ids=lambda p: p.name)
+def test_units_default_to_the_certificates_without_an_env_file_setting(unit: Path, tmp_path: Path) -> None:
+    # An env file from before POTLUCK_CERTS (or one that leaves it out) still gets TLS.
+    files = {}
+    for name, example in EXAMPLES.items():
+        files[name] = tmp_path / example.name
+        files[name].write_text("".join(line for line in example.read_text().splitlines(keepends=True)
+                                       if not line.startswith("POTLUCK_CERTS=")))  # fmt: skip
+    args = parse_cli(exec_start(unit, "pi", unit_environment(unit, "pi", files))[1:])
+    assert str(args.certs) == CERTS
+
+
+def test_install_script_enrols_the_inventory_it_writes(tmp_path: Path) -> None:
+    # The `potluck certs` command of install.sh parses, reads the inventory it writes, and makes
+    # the folder both units' --certs take: each finds its own certificate there.
+    script = (SYSTEMD / "install.sh").read_text().replace("\\\n", " ")
+    (line,) = [line for line in script.splitlines() if '/bin/potluck" certs ' in line]
+    assert script.index('write_once 0644 "$conf/inventory.yaml"') < script.index(line), "certs before the inventory"
+    words = shlex.split(line.split('/bin/potluck" ', 1)[1].split(">")[0])
+    args = parse_cli([w.replace("$conf", "/etc/potluck").replace("$certs", CERTS) for w in words])
+    assert (args.command, str(args.inventory), str(args.out)) == ("certs", "/etc/potluck/inventory.yaml", CERTS)
+    assert re.search(r'^certs=\$conf/certs$', script, re.M)
+    enrol(tmp_path, ["pi"])  # what it runs, for a one-node inventory
+    assert Credentials.load(own_folder(tmp_path, "pi")).identity == agent_identity("pi")
+    assert Credentials.load(own_folder(tmp_path, None)).identity == SERVER_IDENTITY
 
 
 @pytest.mark.parametrize("unit", [AGENT_UNIT, SERVER_UNIT], ids=lambda p: p.name)
@@ -164,6 +201,9 @@ def test_units_keep_their_hardening_and_run_as_the_installed_user(unit: Path) ->
     assert {k: settings.get(k) for k in HARDENING} == HARDENING
     assert settings["User"] == settings["Group"] == "potluck"
     assert "/srv/potluck" in settings["ReadOnlyPaths"].split()  # the models, read-only
+    # The certificates under /etc: ProtectSystem=strict leaves it readable, and nothing hides it.
+    hidden = " ".join(settings.get(k, "") for k in ("InaccessiblePaths", "TemporaryFileSystem")).split()
+    assert not any(CERTS.startswith(path.lstrip("-+")) for path in hidden)
     install = (SYSTEMD / "install.sh").read_text()
     for default in ("POTLUCK_PREFIX:-/opt/potluck", "POTLUCK_USER:-potluck", "POTLUCK_DATA:-/srv/potluck",
                     "POTLUCK_CONF:-/etc/potluck"):  # fmt: skip
@@ -332,11 +372,20 @@ def potluck_services(spec: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 def service_cli(service: dict[str, Any]) -> argparse.Namespace:
     """The potluck arguments a service runs: its command after the image's ENTRYPOINT `potluck`,
-    or after a shell entrypoint that ends in `exec potluck "$@"`."""
+    or after a shell entrypoint that runs `potluck "$@"`."""
     entrypoint = service.get("entrypoint")
     if entrypoint is not None:
-        assert entrypoint[:2] == ["/bin/sh", "-c"] and 'exec potluck "$@"' in entrypoint[2], entrypoint
+        assert entrypoint[:2] == ["/bin/sh", "-c"] and 'potluck "$@"' in entrypoint[2], entrypoint
     return parse_cli(service["command"])
+
+
+def mounts(service: dict[str, Any]) -> dict[str, tuple[str, str]]:
+    """A service's volumes by target: (source, options)."""
+    found = {}
+    for volume in service.get("volumes", []):
+        source, target, *options = volume.split(":")
+        found[target] = (source, ",".join(options))
+    return found
 
 
 def test_compose_file_matches_the_compose_spec() -> None:
@@ -373,6 +422,7 @@ def test_compose_commands_parse_and_agree_on_the_model(env: dict[str, str]) -> N
     services = potluck_services(spec)
     model = service_cli(services["model"])
     assert model.command == "init-model" and services["model"]["environment"]["MODEL"] == str(model.out)
+    services.pop("certs")  # the one service without a model
     volumes = {s["volumes"][0].split(":")[0] for s in services.values()}
     assert volumes == {env.get("POTLUCK_MODELS", "models")}, "every service must mount the same models"
     if "POTLUCK_MODELS" not in env:
@@ -398,6 +448,65 @@ def test_compose_server_inventory_names_the_agent_services() -> None:
     assert services["server"]["ports"] == [f"127.0.0.1:{server.port}:{server.port}"]
 
 
+def inventory_source(service: dict[str, Any]) -> str:
+    """The file in deploy/ that a service mounts where its --inventory points."""
+    return mounts(service)[str(service_cli(service).inventory)][0]
+
+
+def test_compose_certs_service_enrols_the_inventory_and_every_service_uses_it() -> None:
+    spec = compose()
+    services = potluck_services(spec)
+    certs = service_cli(services["certs"])
+    assert certs.command == "certs"
+    volume, _ = mounts(services["certs"])[str(certs.out)]
+    assert volume in spec["volumes"], "the certificates must outlive the containers: a named volume"
+    assert inventory_source(services["certs"]) == inventory_source(services["server"])  # the nodes it drives
+    inventory = load_inventory(COMPOSE.parent / inventory_source(services["certs"]))
+    for name, service in services.items():
+        if name in ("model", "certs"):
+            continue
+        args = service_cli(service)
+        assert (args.certs, args.insecure) == (certs.out, False), name
+        assert mounts(service)[str(args.certs)] == (volume, "ro"), f"{name} must mount the certificates read-only"
+        assert service["depends_on"]["certs"] == {"condition": "service_completed_successfully"}, name
+        if args.command == "agent":
+            assert args.name in {n.name for n in inventory.nodes}, f"{name} is not enrolled"
+
+
+def test_compose_certs_step_gives_the_images_user_its_keys_but_not_the_cas(tmp_path: Path) -> None:
+    # The `certs` service's shell with potluck's real `potluck certs`, as the container runs it
+    # (as root): each agent and the server find their certificate in the volume, own it as the
+    # image's user, and cannot read the CA's key; a second `up` keeps every file.
+    if os.geteuid() != 0:
+        pytest.skip("the certs step chowns the certificates to the image's user: it needs root")
+    service = potluck_services(compose())["certs"]
+    assert service["user"] == "0:0" and f"chown -R {IMAGE_UID}:{IMAGE_UID} " in service["entrypoint"][2]
+    out = str(service_cli(service).out)
+    inventory = COMPOSE.parent / inventory_source(service)
+    volume = tmp_path / "certs"
+    volume.mkdir()  # docker makes the mount point
+    local = {"/etc/potluck/inventory.yaml": str(inventory), out: str(volume)}
+    script = [re.sub(rf"{re.escape(out)}\b", str(volume), w) for w in service["entrypoint"]]
+    argv = [local.get(a, a) for a in service["command"]]
+    env = {"PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin", "HOME": str(tmp_path)}
+    done = subprocess.run([*script, *argv], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    files = {p: p.read_bytes() for p in volume.rglob("*") if p.is_file()}
+    ca_key = (volume / "ca.key").stat()
+    assert (ca_key.st_uid, stat.S_IMODE(ca_key.st_mode)) == (0, 0o600)
+    services = potluck_services(compose())
+    for name in (n for n in services if n not in ("model", "certs")):
+        args = service_cli(services[name])
+        folder = own_folder(volume, args.name if args.command == "agent" else None)
+        identity = agent_identity(args.name) if args.command == "agent" else SERVER_IDENTITY
+        assert Credentials.load(folder).identity == identity, name
+        key = (folder / "key.pem").stat()
+        assert (key.st_uid, key.st_gid, stat.S_IMODE(key.st_mode)) == (IMAGE_UID, IMAGE_UID, 0o600), name
+    again = subprocess.run([*script, *argv], env=env, capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0 and "kept" in again.stdout, again.stdout + again.stderr
+    assert {p: p.read_bytes() for p in volume.rglob("*") if p.is_file()} == files
+
+
 def test_compose_bind_mounts_exist() -> None:
     for name, service in compose()["services"].items():
         for volume in service.get("volumes", []):
@@ -420,7 +529,8 @@ def model_steps() -> dict[str, tuple[list[str], list[str]]]:
     steps["compose"] = (service["entrypoint"], service["command"])
     for doc in k8s_documents():
         for init in doc.get("spec", {}).get("template", {}).get("spec", {}).get("initContainers", []):
-            steps[f"k8s-{doc['metadata']['name']}"] = (init["command"], init["args"])
+            if init["name"] == "model":
+                steps[f"k8s-{doc['metadata']['name']}"] = (init["command"], init["args"])
     return steps
 
 
@@ -513,8 +623,132 @@ def test_agents_run_on_labelled_nodes_with_the_hosts_network() -> None:
     assert args.command == "agent" and args.name == "minipc"
     ports = {p["name"]: p["containerPort"] for p in agent["ports"]}
     assert ports == {"grpc": split_address(args.listen)[1], "data": args.data_port}
-    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-        assert agent[probe]["grpc"]["port"] == ports["grpc"], probe
+    for probe in ("startupProbe", "readinessProbe"):
+        assert agent[probe]["tcpSocket"]["port"] == ports["grpc"], probe
+    # The kubelet's gRPC probe speaks no TLS: it would fail against an agent with --certs.
+    assert "grpc" not in agent["livenessProbe"] and not args.insecure
+    assert f"127.0.0.1:{ports['grpc']}" in liveness_script(agent)
+
+
+def liveness_script(container: dict[str, Any]) -> str:
+    command = container["livenessProbe"]["exec"]["command"]
+    assert command[:2] == ["python", "-c"]
+    return str(command[2])
+
+
+def agent_pod() -> dict[str, Any]:
+    return k8s_object("DaemonSet", "potluck-agent")["spec"]["template"]["spec"]  # type: ignore[no-any-return]
+
+
+def secret_data(certs: Path) -> dict[str, bytes]:
+    """The potluck-certs Secret as namespace.yaml makes it from a `potluck certs` folder: every file
+    but ca.key, named by its path with "/" as "."."""
+    return {str(p.relative_to(certs)).replace("/", "."): p.read_bytes()
+            for p in sorted(certs.rglob("*.pem"))}  # fmt: skip
+
+
+def test_secret_command_makes_the_secret_the_pods_read(tmp_path: Path) -> None:
+    kubectl = tool("kubectl")
+    if kubectl is None:
+        pytest.skip("kubectl is not installed: the Secret command of namespace.yaml not run")
+    lines = (K8S / "namespace.yaml").read_text().splitlines()
+    start = next(n for n, line in enumerate(lines) if "create secret generic potluck-certs" in line)
+    command = ""
+    for line in lines[start:]:
+        command += line.removeprefix("#").strip()
+        if not command.endswith("\\"):
+            break
+        command = command[:-1] + " "
+    command = command.replace("potluck-certs", "potluck-certs --dry-run=client -o json", 1)
+    enrol(tmp_path / "certs", ["laptop", "minipc"])
+    done = subprocess.run(["bash", "-c", command], cwd=tmp_path, capture_output=True, text=True, timeout=60,
+                          env={"PATH": f"{Path(kubectl).parent}:/usr/bin:/bin", "HOME": str(tmp_path)})  # fmt: skip
+    assert done.returncode == 0, command + "\n" + done.stderr
+    made = json.loads(done.stdout)
+    data = {k: base64.b64decode(v) for k, v in made["data"].items()}
+    assert (made["metadata"]["name"], made["metadata"]["namespace"]) == ("potluck-certs", "potluck")
+    assert data == secret_data(tmp_path / "certs") and "ca.key" not in data  # the CA's key stays with the admin
+
+
+def run_certs_step(pod: dict[str, Any], node: str, secret: dict[str, bytes], tmp_path: Path
+                   ) -> tuple[subprocess.CompletedProcess[str], Path]:
+    """The agents' `certs` init container, its folders in `tmp_path`: the Secret's files, and the
+    folder the agent reads."""
+    (init,) = [c for c in pod["initContainers"] if c["name"] == "certs"]
+    mounted = {m["name"]: m["mountPath"] for m in init["volumeMounts"]}
+    folders = {mounted[name]: tmp_path / name for name in mounted}
+    for folder in folders.values():
+        folder.mkdir(exist_ok=True)
+    for key, value in secret.items():
+        (folders[mounted["potluck-certs"]] / key).write_bytes(value)
+    script = init["command"]
+    for path, folder in folders.items():
+        script = [re.sub(rf"{re.escape(path)}\b", str(folder), w) for w in script]
+    done = subprocess.run(script, env={"PATH": "/usr/bin:/bin", "NODE_NAME": node}, capture_output=True, text=True,
+                          timeout=60)  # fmt: skip
+    return done, folders[mounted["certs"]]
+
+
+def test_agents_take_their_nodes_certificate_from_the_secret(tmp_path: Path) -> None:
+    pod = agent_pod()
+    (agent,) = pod["containers"]
+    args = container_cli(agent, {"NODE_NAME": "minipc"})
+    mounted = {m["name"]: m for m in agent["volumeMounts"]}
+    assert (str(args.certs), args.insecure) == (mounted["certs"]["mountPath"], False)
+    assert mounted["certs"]["readOnly"] and "potluck-certs" not in mounted  # the agent sees its own files only
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert volumes["potluck-certs"]["secret"] == {"secretName": "potluck-certs"}
+    assert volumes["certs"]["emptyDir"] == {"medium": "Memory"}  # the key never on the node's disk
+    (init,) = [c for c in pod["initContainers"] if c["name"] == "certs"]
+    assert init["securityContext"]["runAsUser"] == agent["securityContext"]["runAsUser"] == IMAGE_UID
+    assert {e["name"]: e for e in init["env"]}["NODE_NAME"] == {e["name"]: e for e in agent["env"]}["NODE_NAME"]
+    enrol(tmp_path / "out", ["laptop", "minipc"])
+    secret = secret_data(tmp_path / "out")
+    done, certs = run_certs_step(pod, "minipc", secret, tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert Credentials.load(own_folder(certs, "minipc")).identity == agent_identity("minipc")
+    assert stat.S_IMODE((certs / "key.pem").stat().st_mode) == 0o600
+    again, _ = run_certs_step(pod, "minipc", secret, tmp_path)  # the pod restarted
+    assert again.returncode == 0, again.stderr
+    assert Credentials.load(certs).identity == agent_identity("minipc")
+
+
+def test_an_agent_on_a_node_without_a_certificate_says_so(tmp_path: Path) -> None:
+    enrol(tmp_path / "out", ["laptop"])
+    done, certs = run_certs_step(agent_pod(), "newbox", secret_data(tmp_path / "out"), tmp_path)
+    assert done.returncode != 0 and "no certificate of node newbox" in done.stderr, done.stderr
+    assert not any(certs.iterdir())
+
+
+def test_agent_liveness_probe_asks_the_health_service_over_tls(tmp_path: Path) -> None:
+    from concurrent import futures
+
+    import grpc
+    from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+    (agent,) = agent_pod()["containers"]
+    args = container_cli(agent, {"NODE_NAME": "minipc"})
+    enrol(tmp_path, ["minipc"])
+    creds = Credentials.load(own_folder(tmp_path, "minipc"))
+    server = grpc.server(futures.ThreadPoolExecutor(2))
+    servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    port = server.add_secure_port("127.0.0.1:0", creds.grpc_server())
+    server.start()
+    script = liveness_script(agent)
+    assert str(args.certs) in script
+    script = script.replace(str(args.certs), str(own_folder(tmp_path, "minipc")))
+    script = script.replace(f"127.0.0.1:{split_address(args.listen)[1]}", f"127.0.0.1:{port}")
+    try:
+        def probe() -> int:
+            return subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=60).returncode
+
+        servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+        assert probe() == 0
+        servicer.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+        assert probe() != 0
+    finally:
+        server.stop(None)
 
 
 def test_server_serves_the_configmap_inventory_and_probes_health() -> None:
@@ -524,10 +758,10 @@ def test_server_serves_the_configmap_inventory_and_probes_health() -> None:
     (server,) = pod["spec"]["containers"]
     args = container_cli(server, {})
     assert args.command == "serve" and args.host == "0.0.0.0"
-    mounts = {m["name"]: m["mountPath"] for m in server["volumeMounts"]}
+    mounted = {m["name"]: m["mountPath"] for m in server["volumeMounts"]}
     volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
-    config = volumes["inventory"]["configMap"]["name"]
-    assert args.inventory.parent == Path(mounts["inventory"])
+    (config,) = [s["configMap"]["name"] for s in volumes["config"]["projected"]["sources"] if "configMap" in s]
+    assert args.inventory.parent == Path(mounted["config"])
     assert args.inventory.name in k8s_object("ConfigMap", config)["data"]
     (port,) = server["ports"]
     assert port == {"name": "http", "containerPort": args.port, "protocol": "TCP"}
@@ -537,6 +771,25 @@ def test_server_serves_the_configmap_inventory_and_probes_health() -> None:
     assert service["spec"]["ports"][0]["targetPort"] == "http"
 
 
+def test_server_takes_its_certificate_from_the_secret(tmp_path: Path) -> None:
+    pod = k8s_object("Deployment", "potluck-server")["spec"]["template"]["spec"]
+    (server,) = pod["containers"]
+    args = container_cli(server, {})
+    assert not args.insecure
+    mounted = {m["name"]: m["mountPath"] for m in server["volumeMounts"]}
+    (secret,) = [s["secret"] for s in {v["name"]: v for v in pod["volumes"]}["config"]["projected"]["sources"]
+                 if "secret" in s]  # fmt: skip
+    assert secret["name"] == "potluck-certs"
+    enrol(tmp_path / "out", ["laptop"])
+    data = secret_data(tmp_path / "out")
+    for item in secret["items"]:  # as the kubelet projects them
+        path = tmp_path / "etc" / item["path"]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data[item["key"]])
+    folder = tmp_path / "etc" / args.certs.relative_to(mounted["config"])
+    assert Credentials.load(own_folder(folder, None)).identity == SERVER_IDENTITY
+
+
 def test_pods_share_the_model_folder_and_run_as_the_images_user() -> None:
     daemonset, deployment = k8s_object("DaemonSet", "potluck-agent"), k8s_object("Deployment", "potluck-server")
     agent_model = str(container_cli(daemonset["spec"]["template"]["spec"]["containers"][0], {"NODE_NAME": "x"}).model)
@@ -544,11 +797,11 @@ def test_pods_share_the_model_folder_and_run_as_the_images_user() -> None:
         pod = workload["spec"]["template"]["spec"]
         assert {v["name"]: v.get("hostPath") for v in pod["volumes"]}["models"]["path"] == "/srv/potluck/models"
         (main,) = pod["containers"]
-        (init,) = pod["initContainers"]
+        (init,) = [c for c in pod["initContainers"] if c["name"] == "model"]
         assert str(container_cli(main, {"NODE_NAME": "x"}).model) == agent_model
         assert {e["name"]: e.get("value") for e in init["env"]}["MODEL"] == agent_model
         assert main["securityContext"]["runAsUser"] == IMAGE_UID and main["securityContext"]["runAsNonRoot"]
-        for container in (init, main):
+        for container in (*pod["initContainers"], main):
             assert container["image"] == IMAGE
             assert container["securityContext"]["capabilities"] == {"drop": ["ALL"]}
 

@@ -106,7 +106,7 @@ def test_paced_agents_compute_on_one_thread_and_get_their_share() -> None:
     with pytest.raises(SystemExit):
         build_parser().parse_args(["up", "--compute-share", "2"])
     with pytest.raises(ValueError, match="torch_threads must be 1"):
-        AgentSettings(listen="127.0.0.1:1", model_dir=Path("/m"), compute_share=0.5, torch_threads=2)
+        AgentSettings(listen="127.0.0.1:1", model_dir=Path("/m"), compute_share=0.5, torch_threads=2, insecure=True)
 
 
 @pytest.mark.parametrize(("agents", "cores", "threads"), [(2, 2, 1), (3, 2, 1), (2, 16, 8), (4, 18, 4)])
