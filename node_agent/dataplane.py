@@ -12,7 +12,9 @@ find their caller by call id, so calls overlap on one connection.
 
 With credentials, both ends speak TLS with certificates from the cluster's CA: the server serves
 only enrolled agents, and the client checks that the holder's certificate names the holder it
-meant to call. Every byte passes the agent's link emulation as on the gRPC path (bandwidth both ways, latency on
+meant to call. While calls wait, the caller pings the holder every 2 s and gives up on the connection when 5 s
+pass with nothing from it (a stopped holder keeps its socket open): its calls then fail at once,
+naming the holder, as gRPC's keepalives fail calls to a stopped agent. Every byte passes the agent's link emulation as on the gRPC path (bandwidth both ways, latency on
 every frame sent). Errors come back as error frames naming the holder; a broken connection fails
 every call waiting on it, and the next call reconnects. A failed call raises `PeerFailed` naming
 the holder, as a failed gRPC call to a peer does.
@@ -31,14 +33,16 @@ from dataclasses import dataclass, field
 import torch
 
 from node_agent.peers import Link, PeerFailed
-from protos.convert import expert_batch_to_proto, expert_result_from_proto, peer_frame_from_proto, peer_frame_to_proto
-from protos.limits import MAX_MESSAGE_BYTES
+from protos.convert import (PING, PONG, expert_batch_to_proto, expert_result_from_proto, peer_frame_from_proto,
+                            peer_frame_to_proto)
+from protos.limits import KEEPALIVE_TIME_MS, MAX_MESSAGE_BYTES
 from protos.messages import ExpertBatch
 from protos.potluck.v1 import agent_pb2 as pb
 from protos.security import Credentials, agent_identity, agent_name, ssl_identity
 
 log = logging.getLogger(__name__)
 _LENGTH = struct.Struct("<I")
+KEEPALIVE_TIMEOUT_S = 5.0  # silence from a holder with calls waiting that closes the connection
 
 RunBatch = Callable[[pb.ExpertBatch], Awaitable[pb.ExpertResult]]  # the holder's RunExperts work
 
@@ -46,6 +50,10 @@ RunBatch = Callable[[pb.ExpertBatch], Awaitable[pb.ExpertResult]]  # the holder'
 class DataPlaneError(RuntimeError):
     """An expert call on the data plane failed: the holder's error, or a lost connection (the
     caller hears it as PeerFailed)."""
+
+    def __init__(self, message: str, answered: bool = False) -> None:
+        super().__init__(message)
+        self.answered = answered  # the holder answered with an error (it is up); else it is unreachable
 
 
 async def _read_frame(reader: asyncio.StreamReader) -> pb.PeerFrame:
@@ -106,6 +114,9 @@ class DataServer:
         try:
             while True:
                 frame = await _read_frame(reader)
+                if frame.ping:  # not the emulated traffic: no link latency
+                    _write_frame(writer, PONG)
+                    continue
                 task = asyncio.ensure_future(self._answer(frame, writer))
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
@@ -139,6 +150,9 @@ class _Connection:
     writer: asyncio.StreamWriter
     pending: dict[int, asyncio.Future[pb.ExpertResult]] = field(default_factory=dict)
     reading: asyncio.Task[None] | None = None
+    pinging: asyncio.Task[None] | None = None
+    heard: float = field(default_factory=time.monotonic)  # when the last frame came from the holder
+    failure: DataPlaneError | None = None  # why it was closed from this end
 
 
 class DataClient:
@@ -172,13 +186,34 @@ class DataClient:
                 raise DataPlaneError(f"the data plane at {address} is {who}, not agent {holder}")
             conn = self._connections[key] = _Connection(writer)
             conn.reading = asyncio.ensure_future(self._read(address, reader, conn))
+            conn.pinging = asyncio.ensure_future(self._keepalive(address, conn))
             return conn
+
+    async def _keepalive(self, address: str, conn: _Connection) -> None:
+        """Ping the holder while calls wait; close the connection after KEEPALIVE_TIMEOUT_S of
+        silence (its calls fail, and the next call reconnects)."""
+        while not conn.writer.is_closing():
+            await asyncio.sleep(KEEPALIVE_TIME_MS / 1000)
+            if not conn.pending:
+                conn.heard = time.monotonic()  # idle: silence is expected
+                continue
+            if time.monotonic() - conn.heard > KEEPALIVE_TIMEOUT_S:
+                conn.failure = DataPlaneError(f"{address} sent nothing for {KEEPALIVE_TIMEOUT_S:.0f} s with calls "
+                                              f"waiting (stopped or unreachable)")
+                conn.writer.close()
+                if conn.reading is not None:
+                    conn.reading.cancel()
+                return
+            _write_frame(conn.writer, PING)
 
     async def _read(self, address: str, reader: asyncio.StreamReader, conn: _Connection) -> None:
         error: BaseException = DataPlaneError(f"the data plane connection to {address} closed")
         try:
             while True:
                 frame = await _read_frame(reader)
+                conn.heard = time.monotonic()
+                if frame.pong:
+                    continue
                 waiter = conn.pending.pop(frame.call, None)
                 if waiter is None or waiter.done():
                     continue  # its caller gave up (timed out or was cancelled)
@@ -190,11 +225,15 @@ class DataClient:
                     waiter.set_result(body)
                 else:  # the holder's error (a batch is no answer)
                     why = body if isinstance(body, str) and body else "an empty reply"
-                    waiter.set_exception(DataPlaneError(f"{address}: {why}"))
+                    waiter.set_exception(DataPlaneError(f"{address}: {why}", answered=True))
         except (asyncio.IncompleteReadError, ConnectionError, DataPlaneError) as exc:
             if isinstance(exc, DataPlaneError):
                 error = exc
+        except asyncio.CancelledError:
+            if conn.failure is None:
+                raise
         finally:
+            error = conn.failure or error
             conn.writer.close()
             for waiter in conn.pending.values():
                 if not waiter.done():
@@ -228,14 +267,16 @@ class DataClient:
             finally:
                 conn.pending.pop(call, None)
         except DataPlaneError as exc:
-            raise PeerFailed(holder, address, "RunExperts (data plane)", "UNAVAILABLE", str(exc)) from exc
+            code = "INTERNAL" if exc.answered else "UNAVAILABLE"
+            raise PeerFailed(holder, address, "RunExperts (data plane)", code, str(exc)) from exc
         await self.link.receive(result.output)
         return expert_result_from_proto(result)
 
     async def close(self) -> None:
         for conn in self._connections.values():
             conn.writer.close()
-            if conn.reading is not None:
-                conn.reading.cancel()
+            for task in (conn.reading, conn.pinging):
+                if task is not None:
+                    task.cancel()
         await asyncio.gather(*(c.reading for c in self._connections.values() if c.reading), return_exceptions=True)
         self._connections.clear()

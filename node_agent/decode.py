@@ -44,7 +44,7 @@ from node_agent.model import moe, slots
 from node_agent.model.config import MoeConfig
 from protos.messages import DecodeResult, DecodeSpan, TokenEvent
 from protos.routing import RoutingTable
-from protos.sampling import sample
+from protos.sampling import sample, token_generator
 
 
 
@@ -332,7 +332,10 @@ class Decoder:
             logits = moe.final_logits(self.dense, self.cfg, h[run.batch.last_rows])
         tokens: list[TokenEvent | None] = []
         for row, span, cache in zip(logits, run.batch.spans, run.batch.caches):
-            token = sample(row, cache.sampling, cache.generator) if span.end >= cache.prompt else None
+            token = None
+            if span.end >= cache.prompt:
+                token = sample(row, cache.sampling, token_generator(cache.sampling.seed or 0, cache.drawn))
+                cache.drawn += 1
             cache.sampled = None if token is None else token.token_id
             tokens.append(token)
         run.tokens = tuple(tokens)

@@ -47,8 +47,11 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         """The status, details and trailing metadata that answer a call which raised `exc`."""
         why = f"{type(exc).__name__}: {exc}"
         peer = _peer_failure(exc)
-        if peer is not None:
-            return grpc.StatusCode.UNAVAILABLE, why, failed_agent_to_metadata(peer.peer, peer.address)
+        if peer is not None:  # the peer's own code, unless it went away or hung: then UNAVAILABLE
+            code = getattr(grpc.StatusCode, peer.code, grpc.StatusCode.UNAVAILABLE)
+            if code in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED, grpc.StatusCode.UNKNOWN):
+                code = grpc.StatusCode.UNAVAILABLE
+            return code, why, failed_agent_to_metadata(peer.peer, peer.address)
         code = next((c for t, c in self.CODES if isinstance(exc, t)), grpc.StatusCode.INTERNAL)
         if code is grpc.StatusCode.INTERNAL:
             log.error("%s failed", method, exc_info=exc)

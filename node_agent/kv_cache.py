@@ -47,7 +47,7 @@ class KVCache:
     pulled_at: float = 0.0  # monotonic time the last layer came in (or the pull began)
     reported: bool = False  # the scheduler has heard that every row is in
     sampling: SamplingParams = SamplingParams(max_tokens=1)  # how the home samples the request's tokens
-    generator: torch.Generator = field(default_factory=torch.Generator)  # its randomness, continued from the scheduler's
+    drawn: int = 0  # the index of the request's next token to sample (token_generator(seed, drawn))
     sampled: int | None = None  # the token sampled after its last step (a span that follows feeds it)
     touched: float = field(default_factory=time.monotonic)  # when a step last used it (its time to live)
 
@@ -134,12 +134,12 @@ class HomeCaches:
 
     def adopt(self, request_id: str, capacity: int, prompt: int, own: dict[int, KVShard],
               sources: Sequence[tuple[str, str]], here: bool = False,
-              sampling: tuple[SamplingParams, torch.Generator] | None = None) -> int:
+              sampling: tuple[SamplingParams, int] | None = None) -> int:
         """Become the request's home: a cache for `capacity` positions holding my own prefill
         shard now and the sources' (name, address) shards as they arrive; returns my rows. With
         `here`, no prefill ran: the steps' spans bring the prompt from position 0. Its tokens are
-        sampled with `sampling`'s parameters and generator (default: temperature 1, a fresh
-        generator)."""
+        sampled with `sampling`'s parameters, the first as token number `sampling[1]` of the
+        request (default: temperature 1, seed 0, from its first token)."""
         if not 0 < prompt <= capacity <= self.cfg.max_positions:
             raise ValueError(f"K/V capacity {capacity} must hold the prompt ({prompt} tokens) and fit the "
                              f"model's context ({self.cfg.max_positions})")
@@ -149,7 +149,7 @@ class HomeCaches:
             raise ValueError(f"request {request_id!r} has prefill K/V: its prompt cannot be prefilled on its home")
         cache = KVCache.allocate(self.cfg, capacity, prompt, self.dtype, here)
         if sampling is not None:
-            cache.sampling, cache.generator = sampling
+            cache.sampling, cache.drawn = sampling
         for layer, shard in own.items():
             cache.put(layer, shard)
         self.caches[request_id] = cache

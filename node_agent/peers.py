@@ -24,7 +24,7 @@ from node_agent.throttle import Throttle
 from protos.convert import (attend_reply_from_proto, attend_to_proto, expert_batch_to_proto, expert_result_from_proto,
                             failed_agent_from_metadata, fetch_kv_to_proto, kv_block_from_proto, kv_block_to_proto,
                             tensor_nbytes)
-from protos.limits import CHANNEL_OPTIONS, CHUNK_BYTES
+from protos.limits import CHANNEL_OPTIONS, CHUNK_BYTES, peer_deadline_s
 from protos.messages import ExpertBatch, KVBlock
 from protos.potluck.v1 import agent_pb2 as pb
 from protos.potluck.v1 import agent_pb2_grpc as pb_grpc
@@ -122,10 +122,11 @@ class GrpcPeers:
             stub = self._stubs[name, address] = pb_grpc.NodeAgentStub(channel)
         return stub
 
-    async def _call(self, name: str, address: str, method: str, request: Any) -> Any:
-        """The peer's reply; PeerFailed naming it, or the agent it names as failed, if the call fails."""
+    async def _call(self, name: str, address: str, method: str, request: Any, timeout_s: float) -> Any:
+        """The peer's reply within `timeout_s` (peer_deadline_s); PeerFailed naming it, or the
+        agent it names as failed, if the call fails."""
         try:
-            return await getattr(self._stub(name, address), method)(request)
+            return await getattr(self._stub(name, address), method)(request, timeout=timeout_s)
         except grpc.aio.AioRpcError as exc:
             name, address = failed_agent_from_metadata(exc.trailing_metadata()) or (name, address)
             raise PeerFailed(name, address, method, exc.code().name, exc.details() or "") from exc
@@ -143,7 +144,7 @@ class GrpcPeers:
                 request_id=request_id, step=step, layer=layer, sender=self.name, keys=shard.k[rows],
                 values=shard.v[rows], positions=shard.pos[rows], chunk=i, num_chunks=len(chunks)))
             await self.link.request(block.keys, block.values)
-            await self._call(name, address, "PushKV", block)
+            await self._call(name, address, "PushKV", block, peer_deadline_s(2 * tensor_nbytes(block.keys)))
 
         await asyncio.gather(*(push(i, rows) for i, rows in enumerate(chunks)))
 
@@ -151,7 +152,7 @@ class GrpcPeers:
                      ) -> tuple[torch.Tensor, torch.Tensor]:
         msg = attend_to_proto(request_id, layer, q)
         await self.link.request(msg.queries)
-        reply = await self._call(name, address, "Attend", msg)
+        reply = await self._call(name, address, "Attend", msg, peer_deadline_s(2 * tensor_nbytes(msg.queries)))
         await self.link.receive(reply.output, reply.lse)
         return attend_reply_from_proto(reply)
 
@@ -163,7 +164,11 @@ class GrpcPeers:
             batch = expert_batch_to_proto(ExpertBatch(request_id=request_id, layer=layer, hidden=x[rows],
                                                       expert_ids=ids[rows], weights=weights[rows], decode=decode))
             await self.link.request(batch.hidden, batch.expert_ids, batch.weights)
-            result = await self._call(name, address, "RunExperts", batch)
+            # The holder may have to read each expert from its disk first: 30 s an expert allows a
+            # Mixtral expert (352 MB in bfloat16) from a slow USB disk.
+            experts = int(ids[rows].unique().numel())
+            result = await self._call(name, address, "RunExperts", batch,
+                                      peer_deadline_s(2 * tensor_nbytes(batch.hidden), work_s=30.0 * experts))
             await self.link.receive(result.output)
             return expert_result_from_proto(result)
 
@@ -178,7 +183,8 @@ class GrpcPeers:
         the first chunk says how many there are, the rest come in parallel."""
         async def fetch(chunk: int) -> pb.KVBlock:
             await self.link.request()
-            block: pb.KVBlock = await self._call(name, address, "FetchKV", fetch_kv_to_proto(request_id, layer, chunk))
+            block: pb.KVBlock = await self._call(name, address, "FetchKV", fetch_kv_to_proto(request_id, layer, chunk),
+                                                 peer_deadline_s(CHUNK_BYTES))
             await self.link.receive(block.keys, block.values, background=True)  # the move yields to decode traffic
             return block
 

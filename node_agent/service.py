@@ -41,12 +41,11 @@ from protos.convert import (adopt_kv_from_proto, adopt_kv_reply_to_proto, attend
                             layer_report_to_proto, release_from_proto, routing_table_from_proto, step_begun_to_proto,
                             tensor_nbytes)
 from protos.human import format_rate, format_size
-from protos.limits import CHANNEL_OPTIONS
+from protos.limits import SERVER_OPTIONS
 from protos.messages import AgentInfo, CacheCounters, CacheState, KVBlock, StepBegun
 from protos.potluck.v1 import agent_pb2 as pb
 from protos.potluck.v1 import agent_pb2_grpc as pb_grpc
 from protos.ids import ExpertId, NodeId, model_fingerprint
-from protos.sampling import generator_from_state, make_generator
 from protos.security import Credentials, CredentialsError, agent_identity
 
 log = logging.getLogger("potluck.agent")
@@ -246,9 +245,10 @@ class Servicer(pb_grpc.NodeAgentServicer):
 
     async def AdoptKV(self, request: pb.AdoptKVRequest, context: Any) -> pb.AdoptKVReply:
         a = adopt_kv_from_proto(request)
-        generator = generator_from_state(a.generator_state) if a.generator_state else make_generator(a.sampling.seed)
+        if a.sampled < 0:
+            raise ValueError(f"sampled must be >= 0, got {a.sampled}")
         rows = await self.core.adopt_kv(a.request_id, a.capacity, a.prompt_tokens, a.sources, a.prefill_here,
-                                        (a.sampling, generator))
+                                        (a.sampling, a.sampled))
         return adopt_kv_reply_to_proto(rows)
 
     async def DecodeStep(self, request: pb.DecodeStepRequest, context: Any) -> pb.DecodeStepReply:
@@ -332,7 +332,7 @@ async def serve(settings: AgentSettings, ready: asyncio.Event | None = None, sto
     # fine and took half of the first one's calls.
     gate = GateInterceptor(secure=creds is not None, max_control_bytes=control_message_bytes(settings.limits))
     server = grpc.aio.server(interceptors=[gate, ErrorInterceptor(), LatencyInterceptor(link)],
-                             options=[*CHANNEL_OPTIONS, ("grpc.so_reuseport", 0)])
+                             options=[*SERVER_OPTIONS, ("grpc.so_reuseport", 0)])
     servicer = Servicer(core, settings, link, store, model_fingerprint(settings.model_dir),
                         measure_expert_flops(cfg, dtype, compute_share=settings.compute_share))
     data_server = DataServer(settings.node_name, servicer.run_batch, link, creds=creds)

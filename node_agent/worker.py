@@ -324,11 +324,11 @@ class AgentCore:
     # Decode (node_agent/decode.py) -------------------------------------------------------------
 
     async def adopt_kv(self, request_id: str, capacity: int, prompt: int, sources: Sequence[tuple[str, str]],
-                       here: bool = False, sampling: tuple[SamplingParams, torch.Generator] | None = None) -> int:
+                       here: bool = False, sampling: tuple[SamplingParams, int] | None = None) -> int:
         """Become the request's home for decode: my prefill K/V moves into a preallocated cache and
         the sources' (name, address) K/V is pulled in the background; returns my rows. With
         `here`, no prefill ran: decode steps bring the prompt in spans. Its tokens are sampled here
-        with `sampling` (parameters and generator)."""
+        with `sampling` (parameters, and how many of its tokens were sampled before)."""
         self._admit(request_id)
         state = None if here else self.requests.pop(request_id, None)
         own: dict[int, KVShard] = {}

@@ -10,7 +10,7 @@ back (round-trip tested). The scheduler re-exports the ones its decisions use (s
     Forward(RoutingPlan) --- ForwardRequest --> LayerPlan (node_agent/dispatch.py: its own share)
     LayerReport          <-- ForwardReply -----
     CacheState           <-- CacheStateReply --
-    AdoptKV(SamplingParams, generator) --- AdoptKVRequest --->
+    AdoptKV(SamplingParams, sampled) ----- AdoptKVRequest --->
     DecodeSpan           --- DecodeStepRequest ->  (the home samples: protos/sampling.py)
     DecodeResult(TokenEvent) <-- DecodeStepReply --
                                                 agent <-> agent: KVBlock, ExpertBatch
@@ -216,7 +216,7 @@ class AdoptKV:
     sources: tuple[tuple[NodeId, str], ...]  # (name, gRPC address) of the other agents holding its K/V
     prefill_here: bool = False  # no prefill ran: the home computes the prompt in decode steps' spans
     sampling: SamplingParams = SamplingParams(max_tokens=1)  # how the home samples its tokens
-    generator_state: bytes = b""  # its torch.Generator's state (get_state()), after the scheduler's samples
+    sampled: int = 0  # tokens of the request sampled before the home's first (prefill's, or before a failure)
 
 
 @dataclass(frozen=True)

@@ -2,12 +2,14 @@
 
 The one sampler of both ends: the scheduler samples a prompt's first token after a
 sequence-parallel prefill, and a request's home samples every token after that (and the first,
-when it prefilled the prompt), with the generator the scheduler hands it in AdoptKV. A request
-then draws the same tokens wherever each is sampled. It lives beside the wire types it reads and
+when it prefilled the prompt). Token i draws from `token_generator(seed, i)`, so a request draws
+the same tokens wherever each is sampled, also when it is replayed elsewhere after a failure. It lives beside the wire types it reads and
 writes (SamplingParams, TokenEvent) because the scheduler and the agents may only share protos/.
 """
 
 from __future__ import annotations
+
+import secrets
 
 import torch
 
@@ -41,25 +43,23 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
     )
 
 
-def make_generator(seed: int | None) -> torch.Generator:
+def request_seed(seed: int | None) -> int:
+    """A request's seed: its own, or a fresh one (drawn once, at submit, so that a replay after a
+    failure draws the same tokens as the run it continues)."""
+    return seed if seed is not None else secrets.randbits(63)
+
+
+_MASK = (1 << 64) - 1
+
+
+def token_generator(seed: int, index: int) -> torch.Generator:
+    """The randomness of a request's token `index` (0: its first), from the seed and the index
+    alone (a splitmix64 mix of the two): whoever samples a token (the scheduler after a prefill,
+    the home after a decode step, another agent replaying the request after a failure) draws the
+    same one, with no generator state to carry between them."""
+    z = (seed * 0x9E3779B97F4A7C15 + index + 1) & _MASK
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK
     g = torch.Generator()
-    if seed is None:
-        g.seed()
-    else:
-        g.manual_seed(seed)
-    return g
-
-
-def generator_state(generator: torch.Generator) -> bytes:
-    """A CPU generator's state as bytes (AdoptKVRequest.generator_state)."""
-    return bytes(generator.get_state().numpy().tobytes())
-
-
-def generator_from_state(state: bytes) -> torch.Generator:
-    """The generator `generator_state` saved; ValueError for bytes that are not one."""
-    g = torch.Generator()
-    try:
-        g.set_state(torch.frombuffer(bytearray(state), dtype=torch.uint8))
-    except RuntimeError as exc:
-        raise ValueError(f"not a generator state ({len(state)} bytes): {exc}") from exc
+    g.manual_seed((z ^ (z >> 31)) & ((1 << 63) - 1))
     return g

@@ -18,6 +18,13 @@
          home holds all of its K/V and the other agents release it.
       3. the replies of the previous turn's steps: tokens to their consumers, ended requests out.
 
+An agent that fails (AgentFailed names it) is reported (`on_agent_failed`: the engine takes it
+out of the cluster at once) and every request it broke is replayed on the agents left: its
+prompt and the tokens it already produced become a new prompt, prefilled under a new request id
+on the agents up now (so nothing left of the old run can collide with it), and sampling goes on
+from the next token's index (token i draws from (seed, i), protos/sampling.py). The consumer sees
+a pause, then the tokens an undisturbed run gives. With no agent left it gets the error.
+
 Steps are pipelined: a turn sends its steps before it waits for the previous turn's, and a
 request whose last token is still being sampled takes part with a span that follows it (the home
 feeds the token it sampled, once the step before is over). The home thus goes from one step to
@@ -33,18 +40,18 @@ service drive the same loop.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from collections import deque
-from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
-
-import torch
+from typing import Any, TypeVar
 
 from protos.messages import DecodeResult
-from protos.sampling import generator_state, make_generator, sample
+from protos.sampling import request_seed, sample, token_generator
 from scheduler.client import AgentClient
 from scheduler.decode_plan import choose_home, prefill_at_home
-from scheduler.errors import NoAgentsAvailable
+from scheduler.errors import AgentFailed, NoAgentsAvailable
 from scheduler.partition import after_step, chunk_step
 from scheduler.policy import Policy
 from scheduler.runner import ClusterView, RequestRunner
@@ -55,6 +62,9 @@ log = logging.getLogger("potluck.scheduler")
 
 ClusterFn = Callable[[], tuple[Sequence[AgentClient], ClusterView | None]]  # the agents up now, and their view
 ReadFn = Callable[[NodeId], float]  # seconds an agent's disk would take to read every expert no agent holds
+FailedFn = Callable[[NodeId, str], None]  # an agent failed (name, why): take it out of the cluster now
+MAX_REPLAYS = 3  # failures one request survives; a fourth ends it with the error
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -76,8 +86,7 @@ class BatchSettings:
 class _Seq:
     """One request in the loop: where its state lives and how far it has got."""
 
-    request: GenerationRequest
-    generator: torch.Generator
+    request: GenerationRequest  # its sampling seed is always set (request_seed)
     out: asyncio.Queue[TokenEvent | BaseException | None] = field(default_factory=asyncio.Queue)
     runner: RequestRunner | None = None  # the agents it was admitted on (its prefill members)
     members: list[NodeId] = field(default_factory=list)  # agents holding its state, to release
@@ -97,21 +106,33 @@ class _Seq:
     ended: bool = False  # out of the loop; released once no step with it is in flight
     released: bool = False  # its release is under way
     gone: asyncio.Event = field(default_factory=asyncio.Event)  # out of the loop and released
+    tokens: list[int] = field(default_factory=list)  # the token ids handed to the consumer
+    replayed: tuple[int, ...] = ()  # tokens produced before its last replay, now part of its prompt
+    epoch: int = 0  # replays so far: steps of an earlier run are ignored when they come back
+    admitted: bool = False  # on_admitted has been told
 
     @property
     def rid(self) -> str:
-        return self.request.request_id
+        """Its id on the agents: a replay runs under a new one."""
+        return self.request.request_id if not self.epoch else f"{self.request.request_id}~replay{self.epoch}"
+
+    @property
+    def prompt(self) -> tuple[int, ...]:
+        """What its run prefills: the request's prompt, and after a replay the tokens produced."""
+        return self.request.prompt_token_ids + self.replayed
 
     @property
     def generating(self) -> bool:
         """Its whole prompt is sent: its next steps decode tokens."""
-        return self.home is not None and self.prefilled == len(self.request.prompt_token_ids)
+        return self.home is not None and self.prefilled == len(self.prompt)
 
 
 class Batcher:
     def __init__(self, cluster: ClusterFn, policy: Policy = Policy(), settings: BatchSettings = BatchSettings(),
-                 on_prefilled: Callable[[], Awaitable[None]] | None = None, unheld_read_s: ReadFn | None = None) -> None:
+                 on_prefilled: Callable[[], Awaitable[None]] | None = None, unheld_read_s: ReadFn | None = None,
+                 on_agent_failed: FailedFn | None = None) -> None:
         self.cluster = cluster
+        self.on_agent_failed = on_agent_failed
         self.unheld_read_s = unheld_read_s or (lambda node: 0.0)
         self.policy = policy
         self.settings = settings
@@ -124,13 +145,16 @@ class Batcher:
         self._releases: set[asyncio.Task[None]] = set()
         self._in_flight: list[asyncio.Future[bool]] = []  # the last turn's steps (True: a prompt got done)
         self._last_step: dict[NodeId, asyncio.Future[bool]] = {}  # each home's latest step (see _decode)
+        self._calls: dict[NodeId, set[asyncio.Future[Any]]] = {}  # calls waiting on each agent (agent_down)
+        self._abandoned: dict[NodeId, set[asyncio.Future[Any]]] = {}  # the calls agent_down cancelled, by agent
 
     # The consumer's side -----------------------------------------------------------------------
 
     def submit(self, request: GenerationRequest, on_close: Callable[[], None] | None = None) -> TokenStream:
         """Queue the request now (so the queue's length is exact from this call on); its tokens
         come from the returned stream as they are sampled."""
-        seq = _Seq(request, make_generator(request.sampling.seed))
+        sampling = dataclasses.replace(request.sampling, seed=request_seed(request.sampling.seed))
+        seq = _Seq(dataclasses.replace(request, sampling=sampling))
         self.waiting.append(seq)
         self._ensure_running()
         self._wake.set()
@@ -176,8 +200,15 @@ class Batcher:
             self._flush()
             await self._wake.wait()
             self._wake.clear()
-            while self.waiting or self.running or self._in_flight:
-                await self.step()
+            try:
+                while self.waiting or self.running or self._in_flight:
+                    await self.step()
+            except Exception as exc:  # a bug: every request hears of it, none hangs
+                log.exception("the batching loop failed; ending every request")
+                for seq in [*self.running, *self.waiting]:
+                    self._finish(seq, exc)
+                self.waiting.clear()
+                self._in_flight = []
 
     async def step(self) -> None:
         """One turn: drop what was cancelled, admit (opening the caches of prompts prefilled on
@@ -210,11 +241,11 @@ class Batcher:
         if prompts_done and self.on_prefilled is not None:  # as after a sequence-parallel prefill
             await self.on_prefilled()
 
-    def _spans(self, budget: int | None) -> dict[NodeId, list[tuple[_Seq, DecodeSpan]]]:
+    def _spans(self, budget: int | None) -> dict[NodeId, list[tuple[_Seq, DecodeSpan, int]]]:
         """This turn's span of every request that has one, by home: its next token (the one its
         last step is sampling, if that step is still in flight), or its prompt's next chunk within
         `budget` prompt tokens (None: no limit)."""
-        homes: dict[NodeId, list[tuple[_Seq, DecodeSpan]]] = {}
+        homes: dict[NodeId, list[tuple[_Seq, DecodeSpan, int]]] = {}
         for s in self.running:
             if s.home is None or s.cancelled or (s.at_home and not s.opened):
                 continue
@@ -225,7 +256,7 @@ class Batcher:
                 span = DecodeSpan(request_id=s.rid, token_ids=token_ids, position=s.position)
                 s.coming += 1
             else:
-                prompt = s.request.prompt_token_ids
+                prompt = s.prompt
                 end = len(prompt) if budget is None else min(len(prompt), s.prefilled + budget)
                 if end == s.prefilled:
                     continue  # no prompt budget left this turn
@@ -235,7 +266,7 @@ class Batcher:
                 s.coming += end == len(prompt)  # the home samples its first token
             s.position = span.end
             s.in_flight += 1
-            homes.setdefault(s.home.name, []).append((s, span))
+            homes.setdefault(s.home.name, []).append((s, span, s.epoch))
         return homes
 
     def _admit(self) -> None:
@@ -250,13 +281,14 @@ class Batcher:
             seq.members = [a.name for a in agents]
             seq.cached = {n: 0 for n in seq.members}
             home = choose_home(seq.members, self._homes(), {})
-            if prefill_at_home(len(seq.request.prompt_token_ids), self.settings.home_prefill_max, len(agents),
+            if prefill_at_home(len(seq.prompt), self.settings.home_prefill_max, len(agents),
                                self.unheld_read_s(home)):
                 seq.at_home, seq.home = True, seq.runner.agents[home]
                 seq.members, seq.sources_released = [home], True
             self.running.append(seq)
-            if seq.request.on_admitted is not None:
+            if seq.request.on_admitted is not None and not seq.admitted:
                 seq.request.on_admitted()
+            seq.admitted = True
 
     def _homes(self) -> dict[NodeId, int]:
         """Requests with a home, per home agent."""
@@ -269,79 +301,100 @@ class Batcher:
     async def _open(self, seq: _Seq) -> None:
         """A cache on the home of a request it prefills itself."""
         assert seq.home is not None
-        prompt = len(seq.request.prompt_token_ids)
+        prompt, epoch, home = len(seq.prompt), seq.epoch, seq.home.name
         try:
-            await seq.home.adopt_kv(seq.rid, prompt + seq.request.sampling.max_tokens - 1, prompt, [],
-                                    prefill_here=True, sampling=seq.request.sampling,
-                                    generator_state=generator_state(seq.generator))
-            seq.opened = True
+            await self._on([home], seq.home.adopt_kv(seq.rid, self._capacity(seq), prompt, [], prefill_here=True,
+                                                     sampling=seq.request.sampling, sampled=seq.produced))
+            if seq.epoch == epoch:
+                seq.opened = True
         except Exception as exc:
-            log.error("request %s failed opening its cache on %s: %s", seq.rid, seq.home.name, exc)
-            self._finish(seq, exc)
+            log.error("request %s failed opening its cache on %s: %s", seq.rid, home, exc)
+            self._failed(seq, exc, epoch)
+
+    @staticmethod
+    def _capacity(seq: _Seq) -> int:
+        """K/V positions its home preallocates: its prompt and the tokens it may still sample
+        (the last one sampled is never fed back)."""
+        return len(seq.prompt) + seq.request.sampling.max_tokens - len(seq.replayed) - 1
 
     async def _prefill(self, seq: _Seq, chunked: bool) -> int:
         """One sequence-parallel prefill step; returns the prompt tokens it ran."""
         assert seq.runner is not None
-        prompt = seq.request.prompt_token_ids
+        prompt, epoch = seq.prompt, seq.epoch
         start = seq.prefilled
         end = min(len(prompt), start + self.settings.prefill_chunk) if chunked else len(prompt)
         part = self.policy.partition(prompt[start:end], seq.members)
         plan = chunk_step(part, start, seq.steps, seq.cached)
         try:
-            logits = await seq.runner.run_step(seq.rid, plan)
+            logits = await self._on(seq.members, seq.runner.run_step(seq.rid, plan))
+            if seq.epoch != epoch:
+                return end - start  # replayed meanwhile (an agent went down): this run is over
             seq.cached, seq.steps, seq.prefilled = after_step(plan), seq.steps + 1, end
             if end < len(prompt):
                 return end - start
-            event = self._emit(seq, sample(logits[-1], seq.request.sampling, seq.generator))
+            sampling = seq.request.sampling
+            event = self._emit(seq, sample(logits[-1], sampling, token_generator(sampling.seed or 0, seq.produced)))
             self._flush()  # the first token goes out now, not after the home has adopted the K/V
             if not self._done(seq, event):
                 await self._adopt(seq, event.token_id)
-        except Exception as exc:  # reaches the client; nothing is lost silently
+        except Exception as exc:  # replayed, or reaches the client; nothing is lost silently
             log.error("request %s failed in prefill: %s", seq.rid, exc)
-            self._finish(seq, exc)
+            self._failed(seq, exc, epoch)
         return end - start
 
     async def _adopt(self, seq: _Seq, token: int) -> None:
         """Choose the request's home and have it gather the prompt's K/V."""
         assert seq.runner is not None
-        prompt = len(seq.request.prompt_token_ids)
+        prompt, epoch = len(seq.prompt), seq.epoch
         home = seq.runner.agents[choose_home(seq.members, self._homes(), seq.cached)]
         sources = [(n, seq.runner.agents[n].spec.address) for n in seq.members if n != home.name and seq.cached.get(n)]
-        await home.adopt_kv(seq.rid, prompt + seq.request.sampling.max_tokens - 1, prompt, sources,
-                            sampling=seq.request.sampling, generator_state=generator_state(seq.generator))
+        await self._on([home.name, *(n for n, _ in sources)],
+                       home.adopt_kv(seq.rid, self._capacity(seq), prompt, sources, sampling=seq.request.sampling,
+                                     sampled=seq.produced))
+        if seq.epoch != epoch:
+            return
         seq.home, seq.last_token, seq.position = home, token, prompt
         if self.on_prefilled is not None:
             await self.on_prefilled()
 
-    def _send(self, home: NodeId, group: list[tuple[_Seq, DecodeSpan]]) -> asyncio.Future[bool]:
+    def _send(self, home: NodeId, group: list[tuple[_Seq, DecodeSpan, int]]) -> asyncio.Future[bool]:
         """A home's step, sent now; its reply is handled after the reply of the home's step before
         (`_decode`)."""
-        step = asyncio.ensure_future(self._decode(group, self._last_step.get(home)))
+        client = group[0][0].home  # now: by the time the call runs, a replay may have cleared it
+        assert client is not None
+        step = asyncio.ensure_future(self._decode(client, group, self._last_step.get(home)))
         self._last_step[home] = step
         return step
 
-    async def _decode(self, group: list[tuple[_Seq, DecodeSpan]], after: asyncio.Future[bool] | None = None) -> bool:
+    async def _decode(self, home: AgentClient, group: list[tuple[_Seq, DecodeSpan, int]],
+                      after: asyncio.Future[bool] | None = None) -> bool:
         """One step of the requests homed on one agent (a token each, or a chunk of a prompt);
         returns whether a prompt prefilled there got done. Its reply is handled once the reply of
         `after` (the home's step before) is: two replies in flight may come back in either order,
         and a request's tokens must reach its consumer in the order they were sampled."""
-        home = group[0][0].home
-        assert home is not None
         try:
-            result: DecodeResult | None = await home.decode_step([span for _, span in group])
+            result: DecodeResult | None = await self._on([home.name],
+                                                         home.decode_step([span for _, span, _ in group]))
         except Exception as exc:
             log.error("decode step on %s failed: %s", home.name, exc)
             result, error = None, exc
         if after is not None and not after.done():
             await asyncio.wait([after])
         prompts_done = False
-        for i, (s, span) in enumerate(group):
+        for i, (s, span, epoch) in enumerate(group):
             s.in_flight -= 1
+            if epoch != s.epoch:  # a step of its run before a replay (whose state is being released)
+                if s.ended:
+                    self._release_ended(s)
+                continue
             token = None if result is None else result.tokens[i]
             if result is None:
                 s.coming = 0
-                if not s.ended:
-                    self._finish(s, error)
+                if s.ended:
+                    self._release_ended(s)
+                else:
+                    self._failed(s, error, epoch)
+                continue
             elif token is not None:
                 s.coming -= 1
             if s.ended:  # cancelled, or stopped while this step was in flight: its token is dropped
@@ -353,7 +406,7 @@ class Batcher:
                 s.members, s.sources_released = [home.name], True
             if token is None:
                 continue  # more of its prompt to come
-            prompts_done |= span.position < len(s.request.prompt_token_ids)
+            prompts_done |= span.position < len(s.prompt)
             self._emit(s, token)
             s.last_token = token.token_id
             self._done(s, token)
@@ -363,6 +416,7 @@ class Batcher:
 
     def _emit(self, seq: _Seq, event: TokenEvent) -> TokenEvent:
         seq.produced += 1
+        seq.tokens.append(event.token_id)
         self._outbox.append((seq, event))
         return event
 
@@ -378,6 +432,71 @@ class Batcher:
             self._finish(seq, None)
             return True
         return False
+
+    async def _on(self, agents: Sequence[NodeId], call: Coroutine[Any, Any, T]) -> T:
+        """`call`'s result; AgentFailed at once if one of `agents` is declared down meanwhile
+        (`agent_down`), rather than when the call fails on its own: a stopped agent keeps its
+        connections open, and a call to it hung for a minute before the transport gave up."""
+        future = asyncio.ensure_future(call)
+        for name in agents:
+            self._calls.setdefault(name, set()).add(future)
+        try:
+            return await future
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if not future.cancelled() or (task is not None and task.cancelling()):
+                raise  # this task was cancelled, not the call
+            down = next((n for n in agents if future in self._abandoned.get(n, ())), agents[0])
+            raise AgentFailed(f"agent {down} is down; the call waiting on it was abandoned", down) from None
+        finally:
+            for name in agents:
+                self._calls.get(name, set()).discard(future)
+                self._abandoned.get(name, set()).discard(future)
+
+    def agent_down(self, name: NodeId, why: str) -> None:
+        """`name` is down: every call waiting on it is abandoned, and every running request that
+        uses it is replayed at once, without waiting for its calls to fail (a stopped agent's hung
+        for a minute)."""
+        calls = self._calls.pop(name, set())
+        self._abandoned[name] = calls
+        for call in calls:
+            call.cancel()
+        for seq in list(self.running):
+            if name in seq.members or (seq.home is not None and seq.home.name == name):
+                self._failed(seq, AgentFailed(why, name), seq.epoch)
+
+    def _failed(self, seq: _Seq, error: BaseException, epoch: int) -> None:
+        """A step of `seq`'s run `epoch` failed: if an agent failed, the engine hears of it and
+        the request is replayed on the agents left (see the module's docstring); else it ends with
+        the error. A failure of a run already replayed is old news."""
+        if seq.ended or seq.epoch != epoch:
+            return
+        dead = error.agent if isinstance(error, AgentFailed) and error.down else None
+        if dead is not None and self.on_agent_failed is not None:
+            self.on_agent_failed(NodeId(dead), str(error))  # may replay it already (agent_down)
+        if seq.ended or seq.epoch != epoch:
+            return
+        if dead is None or seq.cancelled or seq.epoch >= MAX_REPLAYS:
+            self._finish(seq, error)
+            return
+        agents, _ = self.cluster()
+        if not [a for a in agents if a.name != dead]:
+            self._finish(seq, NoAgentsAvailable(f"no agent left to serve the request: {error}"))
+            return
+        log.warning("request %s: replaying it on the agents left (%d tokens produced) after: %s", seq.request.request_id,
+                    seq.produced, error)
+        old_rid, old_runner, old_members = seq.rid, seq.runner, [n for n in seq.members if n != dead]
+        if old_runner is not None and old_members:
+            self._track(asyncio.create_task(_forget(old_runner, old_rid, old_members)))
+        seq.epoch += 1
+        seq.replayed = tuple(seq.tokens)
+        seq.runner, seq.members, seq.cached, seq.home = None, [], {}, None
+        seq.prefilled = seq.steps = seq.position = seq.coming = 0
+        seq.at_home = seq.opened = seq.sources_released = False
+        if seq in self.running:
+            self.running.remove(seq)
+        self.waiting.appendleft(seq)  # first in line, on the agents up now
+        self._wake.set()
 
     def _finish(self, seq: _Seq, error: BaseException | None) -> None:
         """Out of the loop; its consumer hears the end (or the error); every agent holding its
@@ -400,7 +519,18 @@ class Batcher:
 
     def _release(self, seq: _Seq, nodes: Sequence[NodeId]) -> asyncio.Task[None]:
         assert seq.runner is not None
-        task = asyncio.create_task(seq.runner.release(seq.rid, list(nodes)))
+        return self._track(asyncio.create_task(seq.runner.release(seq.rid, list(nodes))))
+
+    def _track(self, task: asyncio.Task[None]) -> asyncio.Task[None]:
         self._releases.add(task)
         task.add_done_callback(self._releases.discard)
         return task
+
+
+async def _forget(runner: RequestRunner, rid: str, nodes: Sequence[NodeId]) -> None:
+    """Release the state of a run replaced by a replay on the agents that may hold it; an agent
+    that does not answer drops it at its time to live."""
+    try:
+        await runner.release(rid, list(nodes))
+    except Exception as exc:  # the replay goes on regardless
+        log.info("releasing %s after a failure: %s", rid, exc)

@@ -59,10 +59,10 @@ class AgentClient:
         peer = failed_agent_from_metadata(exc.trailing_metadata())
         if peer is None or peer[0] == self.spec.name:
             return AgentFailed(f"agent {self.spec.name} ({self.spec.address}) failed during {method}: {why}",
-                               self.spec.name, self.spec.address)
+                               self.spec.name, self.spec.address, exc.code().name)
         name, address = peer
         return AgentFailed(f"agent {name} ({address}) failed (reported by agent {self.spec.name} during {method}): "
-                           f"{why}", name, address)
+                           f"{why}", name, address, exc.code().name)
 
     async def info(self, timeout_s: float = 5.0) -> AgentInfo:
         r = await self._call("Info", pb.InfoRequest(), timeout_s)
@@ -96,14 +96,13 @@ class AgentClient:
 
     async def adopt_kv(self, request_id: str, capacity: int, prompt_tokens: int,
                        sources: Sequence[tuple[NodeId, str]], prefill_here: bool = False,
-                       sampling: SamplingParams = SamplingParams(max_tokens=1), generator_state: bytes = b"") -> int:
+                       sampling: SamplingParams = SamplingParams(max_tokens=1), sampled: int = 0) -> int:
         """Make this agent the request's home for decode (it pulls the prompt's K/V from the
         (name, address) sources in the background; with prefill_here, no prefill ran and decode
-        steps bring the prompt); it samples the request's tokens with `sampling` and the generator
-        saved in `generator_state` (empty: seeded from sampling.seed). Returns the K/V rows it
-        held already."""
+        steps bring the prompt); it samples the request's tokens with `sampling`, the first as the
+        request's token number `sampled`. Returns the K/V rows it held already."""
         adopt = AdoptKV(request_id=request_id, capacity=capacity, prompt_tokens=prompt_tokens, sources=tuple(sources),
-                        prefill_here=prefill_here, sampling=sampling, generator_state=generator_state)
+                        prefill_here=prefill_here, sampling=sampling, sampled=sampled)
         r = await self._call("AdoptKV", adopt_kv_to_proto(adopt))
         assert isinstance(r, pb.AdoptKVReply)
         return adopt_kv_reply_from_proto(r)

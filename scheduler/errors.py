@@ -37,10 +37,19 @@ class AgentFailed(PotluckError):
     The message starts with the agent that failed, which is not always the one the scheduler
     called: an agent whose call to a peer failed reports that peer."""
 
-    def __init__(self, message: str, agent: str | None = None, address: str | None = None) -> None:
+    def __init__(self, message: str, agent: str | None = None, address: str | None = None, code: str = "UNAVAILABLE"
+                 ) -> None:
         super().__init__(message)
         self.agent = agent  # NodeId of the agent that failed (None: unknown)
         self.address = address  # its gRPC address, as the agent that saw it fail reached it
+        self.code = code  # the gRPC status code's name
+
+    @property
+    def down(self) -> bool:
+        """The agent is gone or hangs (unreachable, shutting down and cancelling its calls, or no
+        answer in time), rather than refusing this request (INVALID_ARGUMENT, RESOURCE_EXHAUSTED,
+        ...): its requests go elsewhere."""
+        return self.agent is not None and self.code in ("UNAVAILABLE", "DEADLINE_EXCEEDED", "CANCELLED")
 
 
 class JoinRefused(PotluckError):

@@ -67,7 +67,7 @@ class EngineService:
         self._snapshots: dict[str, AgentSnapshot] = {n.name: AgentSnapshot(n.name, n.address, False, problem="not polled yet")
                                                      for n in nodes}
         self.batcher = Batcher(self._cluster, policy, settings.batch, on_prefilled=self.refresh,
-                               unheld_read_s=self._unheld_read_s)
+                               unheld_read_s=self._unheld_read_s, on_agent_failed=self._agent_failed)
         self.table = RoutingTable()  # the routing table last published to the agents
         self._durations: list[float] = []  # recent request durations, for Retry-After
         self._tasks: list[asyncio.Task[None]] = []
@@ -172,8 +172,10 @@ class EngineService:
         return JoinRefused(f"the agent at {client.spec.address} ({client.name}) has {found}: {fix} (potluck certs "
                            f"--out DIR: DIR/nodes/{client.name}), or serve everyone with --insecure")
 
-    async def poll(self) -> None:
-        clients = list(self.clients)  # an inventory reload may replace the list meanwhile
+    async def poll(self, up_only: bool = False) -> None:
+        """Ask every agent (with up_only, those up: a refresh between requests must not wait on
+        one that is down, which may not answer for seconds) for its counters and holdings."""
+        clients = list(self.up_clients() if up_only else self.clients)  # a reload may replace the list meanwhile
         results = await asyncio.gather(*(self._check(c) for c in clients), return_exceptions=True)
         for client, result in zip(clients, results):
             if client not in self.clients:
@@ -192,8 +194,22 @@ class EngineService:
                 self.infos.pop(client.name, None)
                 if before.up:
                     log.warning("agent %s left: %s", client.name, problem)
+                    self.batcher.agent_down(client.name, f"agent {client.name} stopped answering: {problem}")
                 elif problem != before.problem and self._tasks:  # once per new reason (start raises instead)
                     log.warning("agent %s is not serving: %s", client.name, problem)
+
+    def _agent_failed(self, name: NodeId, why: str) -> None:
+        """A request's step saw `name` fail: out of the cluster now (no new request is placed on
+        it, routing tables drop it), back once a poll finds it answering again."""
+        before = self._snapshots.get(name)
+        if before is None or not before.up:
+            return
+        log.warning("agent %s failed; serving on the others until it answers again: %s", name, why)
+        self._snapshots[name] = AgentSnapshot(name, before.address, False, problem=f"failed: {why.splitlines()[0]}",
+                                              labels=before.labels)
+        self.infos.pop(name, None)  # checked again (Info) when it comes back
+        self.batcher.agent_down(name, why)
+        self._refresh_soon()  # routing tables without it
 
     async def _poll_forever(self) -> None:
         while True:
@@ -241,7 +257,7 @@ class EngineService:
     async def refresh(self) -> None:
         """Fresh holdings, fills of what no agent holds, and the routing table: after a prefill
         (before its decode starts) and after a request."""
-        await self.poll()
+        await self.poll(up_only=True)
         await self.fill()
         await self.publish_routing()
 

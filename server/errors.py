@@ -23,6 +23,10 @@ from scheduler.errors import AgentFailed, NoAgentsAvailable, PotluckError, Promp
 
 log = logging.getLogger("potluck.server")
 
+# A 503 says when to try again: agents are polled every 2 s, and `potluck up` restarts a dead one
+# within seconds.
+AGAIN = {"Retry-After": "5"}
+
 
 class InvalidRequest(Exception):
     """The request is well-formed JSON but asks for something we cannot do (HTTP 400)."""
@@ -83,9 +87,9 @@ def describe(exc: Exception, path: str = "") -> ApiError:
             return ApiError(429, str(exc), "rate_limit_error", None, "queue_full", retry)
         case NoAgentsAvailable():
             message = f"no node agent is available: {exc}" if str(exc) else "no node agent is available"
-            return ApiError(503, message, "service_unavailable_error", None, "no_agents_available")
+            return ApiError(503, message, "service_unavailable_error", None, "no_agents_available", AGAIN)
         case AgentFailed():
-            return ApiError(503, f"a node agent failed: {exc}", "service_unavailable_error", None, "agent_failed")
+            return ApiError(503, f"a node agent failed: {exc}", "service_unavailable_error", None, "agent_failed", AGAIN)
         case PotluckError():
             return ApiError(500, str(exc), "server_error", None, type(exc).__name__)
         case ClientDisconnected():

@@ -3,7 +3,7 @@
     agents = LocalAgents(model_dir, plan_local_agents(2, profile), log_level="INFO")
     agents.start()                  # one child process per agent: `python -m server.cli agent ...`
     agents.wait_ready(timeout_s=120)    # gRPC health check reports SERVING for every agent
-    ...                             # agents.dead() names a child that exited, if any
+    ...                             # agents.revive() restarts a child that exited, with backoff
     agents.stop()                   # SIGTERM, wait, SIGKILL after a grace period; never leaves one
 
 Unless `insecure`, the agents and the server speak mutual TLS with a throwaway CA made at start
@@ -40,6 +40,9 @@ from server.certs import SERVER_FOLDER, folders, throwaway
 from server.inventory import Inventory, InventoryError, NodeProfile, is_loopback, split_address
 
 log = logging.getLogger("potluck.up")
+
+RESTART_BACKOFF_S = (1.0, 2.0, 4.0, 8.0, 16.0, 30.0)  # before the 1st, 2nd, ... restart of one agent
+STEADY_S = 60.0  # an agent up this long has its backoff reset
 
 _PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 
@@ -145,6 +148,9 @@ class LocalAgents:
         self.insecure = insecure
         self.enrolment = enrolment  # a `potluck certs` folder to use; None: a throwaway CA
         self._procs: dict[str, subprocess.Popen[bytes]] = {}
+        self._started: dict[str, float] = {}  # when each agent's process last started
+        self._restarts: dict[str, int] = {}  # restarts in a row (reset once it stays up STEADY_S)
+        self._due: dict[str, float] = {}  # when an exited agent is to be started again
         self._certs: dict[str, Path] = {}  # certificate folder of each agent and of the server
         self._certs_root: Path | None = None
         self.server_credentials: Credentials | None = None  # set by start() unless insecure
@@ -180,9 +186,38 @@ class LocalAgents:
         self._enrol()
         for launch in self.launches:
             log.info("starting agent %s on %s (%d torch threads)", launch.name, launch.listen, launch.torch_threads)
-            self._procs[launch.name] = subprocess.Popen(
-                self.command(launch), start_new_session=True, preexec_fn=die_with_parent
-            )
+            self._spawn(launch)
+
+    def _spawn(self, launch: AgentLaunch) -> None:
+        self._procs[launch.name] = subprocess.Popen(
+            self.command(launch), start_new_session=True, preexec_fn=die_with_parent
+        )
+        self._started[launch.name] = time.monotonic()
+
+    def revive(self, now: float | None = None) -> list[str]:
+        """Start again every agent whose process exited, after a backoff that grows with each
+        restart in a row (RESTART_BACKOFF_S); the server serves on the others meanwhile and takes
+        the agent back when it answers. Returns what it did, for the log."""
+        now = time.monotonic() if now is None else now
+        done = []
+        for launch in self.launches:
+            name, proc = launch.name, self._procs.get(launch.name)
+            if proc is None or proc.poll() is None:
+                if proc is not None and now - self._started.get(name, now) > STEADY_S:
+                    self._restarts.pop(name, None)
+                continue
+            if name not in self._due:
+                n = self._restarts.get(name, 0)
+                delay = RESTART_BACKOFF_S[min(n, len(RESTART_BACKOFF_S) - 1)]
+                self._due[name] = now + delay
+                done.append(f"agent {name} exited with code {proc.returncode}; restarting it in {delay:.0f} s "
+                            f"(serving on the others meanwhile)")
+            elif now >= self._due[name]:
+                del self._due[name]
+                self._restarts[name] = self._restarts.get(name, 0) + 1
+                self._spawn(launch)
+                done.append(f"agent {name} restarted (restart {self._restarts[name]} in a row)")
+        return done
 
     def wait_ready(self, timeout_s: float) -> None:
         """Block until every agent's gRPC health check reports SERVING; AgentExited if one exits."""

@@ -6,7 +6,8 @@
 The engine is started before uvicorn binds its port, so that no agent to serve with is one
 clean error (`NoAgentsAvailable`, naming each agent and why), and stopped after uvicorn's
 shutdown; the app's lifespan only attaches it. While serving, a watchdog checks the child agents twice a
-second: if one dies, `run_up` logs it, shuts the server down and returns 1 rather than hang.
+second: one that died is started again with backoff (`LocalAgents.revive`) while the server serves
+on the others, replaying the requests it broke.
 """
 
 from __future__ import annotations
@@ -95,13 +96,10 @@ def serve_http(options: ServerOptions, nodes: Sequence[NodeSpec], agents: LocalA
     server = uvicorn.Server(config)
     with _signals_raise_shutdown():
         try:
-            code, dead = asyncio.run(_serve_watching(server, agents, slot, engine_opener(options, nodes, on_join), options,
+            code = asyncio.run(_serve_watching(server, agents, slot, engine_opener(options, nodes, on_join), options,
                                                      len(nodes), reload))  # fmt: skip
         except Shutdown:
             return 0  # uvicorn has shut down gracefully (engine stopped) before re-raising
-    if dead is not None:
-        log.error("agent %s exited; stopped serving", dead)
-        return 1
     return code
 
 
@@ -118,10 +116,10 @@ class _EngineSlot:
 
 async def _serve_watching(server: uvicorn.Server, agents: LocalAgents | None, slot: _EngineSlot,
                           open_engine: EngineOpener, options: ServerOptions, nodes: int,
-                          reload: Reload | None = None) -> tuple[int, str | None]:
-    """Start the engine, then serve until asked to stop or an agent dies: (exit code, the dead
-    agent or None). With `reload`, SIGHUP or a change of the file's modification time re-reads
-    the inventory."""
+                          reload: Reload | None = None) -> int:
+    """Start the engine, then serve until asked to stop; the exit code. With `agents`, a child
+    that dies is restarted. With `reload`, SIGHUP or a change of the file's modification time
+    re-reads the inventory."""
     async with open_engine() as slot.engine:
         log.info("starting the API for %s on http://%s:%d/v1 (%d agents)", options.served_model_name, options.host,
                  options.port, nodes)  # fmt: skip
@@ -130,18 +128,16 @@ async def _serve_watching(server: uvicorn.Server, agents: LocalAgents | None, sl
         if reload is not None:
             asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, hangup.set)
         seen = _mtime(reload.path) if reload else None
-        dead: str | None = None
         while not serving.done():
             await asyncio.wait({serving}, timeout=WATCH_INTERVAL_S)
-            if dead is None and agents is not None:
-                dead = agents.dead()
-                if dead is not None:
-                    server.should_exit = True  # graceful: open streams get up to 5 s to finish
+            if agents is not None:
+                for line in agents.revive():
+                    log.warning("%s", line)
             if reload is not None and (hangup.is_set() or _mtime(reload.path) != seen):
                 hangup.clear()
                 seen = _mtime(reload.path)
                 _reload(slot.engine, reload)
-        return serving.result(), dead
+        return serving.result()
 
 
 def _mtime(path: Path) -> float | None:

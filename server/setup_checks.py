@@ -56,9 +56,12 @@ def check_new_folder(path: Path, flag: str = "--out") -> None:
 
 def check_port_free(host: str, port: int, flag: str) -> None:
     """Nothing listens on host:port yet. Binding without SO_REUSEPORT is the test: gRPC binds with
-    it, which let a second agent share a port with the first and take half its calls."""
+    it, which let a second agent share a port with the first and take half its calls. With
+    SO_REUSEADDR, as servers bind: the connections of a process that was just killed linger on its
+    port (TIME_WAIT), and an agent restarted there must not be refused."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             probe.bind((host, port))
         except OSError as exc:

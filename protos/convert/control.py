@@ -250,13 +250,13 @@ def adopt_kv_to_proto(adopt: AdoptKV) -> pb.AdoptKVRequest:
     return pb.AdoptKVRequest(request_id=adopt.request_id, capacity=adopt.capacity, prompt_tokens=adopt.prompt_tokens,
                              sources=[pb.AgentAddress(name=n, address=a) for n, a in adopt.sources],
                              prefill_here=adopt.prefill_here, sampling=sampling_to_proto(adopt.sampling),
-                             generator_state=adopt.generator_state)
+                             sampled=adopt.sampled)
 
 
 def adopt_kv_from_proto(msg: pb.AdoptKVRequest) -> AdoptKV:
     return AdoptKV(request_id=msg.request_id, capacity=msg.capacity, prompt_tokens=msg.prompt_tokens,
                    sources=tuple((NodeId(a.name), a.address) for a in msg.sources), prefill_here=msg.prefill_here,
-                   sampling=sampling_from_proto(msg.sampling), generator_state=msg.generator_state)
+                   sampling=sampling_from_proto(msg.sampling), sampled=msg.sampled)
 
 
 def adopt_kv_reply_to_proto(local_tokens: int) -> pb.AdoptKVReply:

@@ -92,6 +92,10 @@ def peer_frame_to_proto(call: int, body: FrameBody) -> pb.PeerFrame:
     return pb.PeerFrame(call=call, result=body)
 
 
+PING = pb.PeerFrame(ping=True)  # a data plane keepalive; the holder answers PONG at once
+PONG = pb.PeerFrame(pong=True)
+
+
 def peer_frame_from_proto(msg: pb.PeerFrame) -> tuple[int, FrameBody]:
     """ValueError for a frame without a body."""
     kind = msg.WhichOneof("body")

@@ -113,7 +113,8 @@ def test_no_message_grows_the_agent_past_its_limits(agent: Agent, qwen_tiny: Pat
     last = rss_bytes(agent.proc.pid)
     mib = 2**20
     assert first - before < INBOX + 128 * mib, f"one round grew the agent by {(first - before) / mib:.0f} MiB"
-    assert last - first < 64 * mib, f"three more rounds grew it by {(last - first) / mib:.0f} MiB"
+    # Under load the allocator's noise reached 64 MiB; before the gate three rounds kept about 300.
+    assert last - first < 128 * mib, f"three more rounds grew it by {(last - first) / mib:.0f} MiB"
 
 
 def test_state_nobody_touches_is_released(agent: Agent) -> None:

@@ -64,6 +64,14 @@ class Cluster:
     clients: list[AgentClient]
     view: ClusterView
     enrolment: Enrolment
+    stops: list[asyncio.Event]  # set one to stop that agent (its server goes away, as a process's would)
+    serving: list[asyncio.Task[None]]
+
+    async def stop_agent(self, name: str) -> None:
+        """Stop agent `name` and wait until it is gone."""
+        i = [s.name for s in self.specs].index(NodeId(name))
+        self.stops[i].set()
+        await asyncio.gather(self.serving[i], return_exceptions=True)
 
     @property
     def shape(self) -> ModelShape:
@@ -93,7 +101,7 @@ class Cluster:
 @contextlib.asynccontextmanager
 async def local_cluster(model_dir: Path, agents: int, expert_memory: int = 0, disk_rate: float = 0,
                         link_rate: float = 0, link_latency_s: float = 0) -> AsyncIterator[Cluster]:
-    stop = asyncio.Event()
+    stops: list[asyncio.Event] = []
     tasks, specs = [], []
     certs = tempfile.TemporaryDirectory(prefix="potluck-test-certs-")
     enrolment = Enrolment.create(Path(certs.name))
@@ -104,18 +112,20 @@ async def local_cluster(model_dir: Path, agents: int, expert_memory: int = 0, di
             settings = enrolment.agent(f"agent{i}", address, model_dir, expert_memory_bytes=expert_memory,
                                        disk_bytes_per_s=disk_rate, link_bytes_per_s=link_rate,
                                        link_latency_s=link_latency_s)
-            tasks.append(asyncio.create_task(serve(settings, ready=ready, stop=stop)))
+            stops.append(asyncio.Event())
+            tasks.append(asyncio.create_task(serve(settings, ready=ready, stop=stops[-1])))
             await asyncio.wait([tasks[-1], asyncio.create_task(ready.wait())], return_when=asyncio.FIRST_COMPLETED)
             if tasks[-1].done():
                 tasks[-1].result()  # raise the agent's start-up error
             specs.append(NodeSpec(NodeId(f"agent{i}"), address))
         clients = [enrolment.client(s) for s in specs]
         view = ClusterView.from_infos([await c.info() for c in clients])
-        yield Cluster(model_dir, specs, clients, view, enrolment)
+        yield Cluster(model_dir, specs, clients, view, enrolment, stops, tasks)
         for c in clients:
             await c.close()
     finally:
-        stop.set()
+        for stop in stops:
+            stop.set()
         await asyncio.gather(*tasks, return_exceptions=True)
         certs.cleanup()
 

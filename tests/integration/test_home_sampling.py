@@ -1,6 +1,6 @@
 """The home samples a request's tokens with the generator the scheduler hands it, and the
 scheduler pipelines decode steps (a step goes out before the reply of the one it follows): the
-tokens are those of one generator drawing from transformers' logits, a stop token ends a stream
+tokens are those drawn from transformers' logits with token i's randomness from (seed, i), a stop token ends a stream
 while the next step is in flight, and nothing stays behind on any agent."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from protos.messages import DecodeSpan
-from protos.sampling import make_generator, sample
+from protos.sampling import sample, token_generator
 from scheduler.errors import AgentFailed
 from scheduler.types import GenerationRequest, RequestId, SamplingParams, TokenEvent
 from tests.integration.cluster import local_cluster
@@ -22,11 +22,12 @@ from tests.integration.test_equivalence import prompt, reference
 
 
 def sampled_reference(model_dir: Path, ids: list[int], params: SamplingParams) -> list[TokenEvent]:
-    """transformers' logits, each token drawn by `sample` from one generator seeded once."""
-    model, generator, out = reference(model_dir), make_generator(params.seed), []
+    """transformers' logits, token i drawn by `sample` from (seed, i)."""
+    model, out = reference(model_dir), []
+    assert params.seed is not None
     with torch.no_grad():
-        for _ in range(params.max_tokens):
-            event = sample(model(torch.tensor([ids])).logits[0, -1], params, generator)
+        for i in range(params.max_tokens):
+            event = sample(model(torch.tensor([ids])).logits[0, -1], params, token_generator(params.seed, i))
             out.append(event)
             ids = ids + [event.token_id]
     return out
@@ -37,7 +38,7 @@ def sampled_reference(model_dir: Path, ids: list[int], params: SamplingParams) -
 async def test_seeded_tokens_are_one_generator_drawing_from_transformers(qwen_tiny: Path, agents: int,
                                                                          home_max: int) -> None:
     """Sequence-parallel: the scheduler draws the first token and the home the rest; home
-    prefill: the home draws them all. Either way one generator, as transformers' logits give."""
+    prefill: the home draws them all. Either way the draws of transformers' logits."""
     params = SamplingParams(max_tokens=12, temperature=0.8, top_p=0.9, seed=7, logprobs=True, top_logprobs=2)
     ids = prompt(1000, 29, seed=5)
     async with local_cluster(qwen_tiny, agents) as cluster:
@@ -146,7 +147,6 @@ async def test_a_home_refuses_sampling_it_cannot_follow(qwen_tiny: Path) -> None
         home = cluster.clients[0]
         with pytest.raises(AgentFailed, match="INVALID_ARGUMENT.*sampling parameters out of range"):
             await home.adopt_kv("r", 12, 8, [], prefill_here=True, sampling=SamplingParams(max_tokens=4, top_p=0))
-        with pytest.raises(AgentFailed, match="INVALID_ARGUMENT.*not a generator state"):
-            await home.adopt_kv("r", 12, 8, [], prefill_here=True, sampling=SamplingParams(max_tokens=4),
-                                generator_state=b"\x00" * 12)
+        with pytest.raises(AgentFailed, match="INVALID_ARGUMENT.*sampled must be >= 0"):
+            await home.adopt_kv("r", 12, 8, [], prefill_here=True, sampling=SamplingParams(max_tokens=4), sampled=-1)
         assert (await home.snapshot()).requests == 0

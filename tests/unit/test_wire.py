@@ -163,7 +163,7 @@ def test_adopt_kv_round_trip() -> None:
     sampling = SamplingParams(max_tokens=7, temperature=0.5, top_p=0.75, seed=0, stop_token_ids=frozenset({2, 9}),
                               logprobs=True, top_logprobs=3)
     here = AdoptKV(request_id="r", capacity=40, prompt_tokens=30, sources=(), prefill_here=True, sampling=sampling,
-                   generator_state=bytes(range(200)))
+                   sampled=5)
     assert c.adopt_kv_from_proto(wire(c.adopt_kv_to_proto(here))) == here
     assert c.adopt_kv_reply_from_proto(wire(c.adopt_kv_reply_to_proto(12))) == 12
 

@@ -387,22 +387,22 @@ class RoutingTable(_message.Message):
     def __init__(self, version: _Optional[int] = ..., agents: _Optional[_Iterable[_Union[AgentAddress, _Mapping]]] = ..., experts: _Optional[_Iterable[_Union[ExpertHolders, _Mapping]]] = ...) -> None: ...
 
 class AdoptKVRequest(_message.Message):
-    __slots__ = ("request_id", "capacity", "prompt_tokens", "sources", "prefill_here", "sampling", "generator_state")
+    __slots__ = ("request_id", "capacity", "prompt_tokens", "sources", "prefill_here", "sampling", "sampled")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     CAPACITY_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     SOURCES_FIELD_NUMBER: _ClassVar[int]
     PREFILL_HERE_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
-    GENERATOR_STATE_FIELD_NUMBER: _ClassVar[int]
+    SAMPLED_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     capacity: int
     prompt_tokens: int
     sources: _containers.RepeatedCompositeFieldContainer[AgentAddress]
     prefill_here: bool
     sampling: SamplingParams
-    generator_state: bytes
-    def __init__(self, request_id: _Optional[str] = ..., capacity: _Optional[int] = ..., prompt_tokens: _Optional[int] = ..., sources: _Optional[_Iterable[_Union[AgentAddress, _Mapping]]] = ..., prefill_here: _Optional[bool] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., generator_state: _Optional[bytes] = ...) -> None: ...
+    sampled: int
+    def __init__(self, request_id: _Optional[str] = ..., capacity: _Optional[int] = ..., prompt_tokens: _Optional[int] = ..., sources: _Optional[_Iterable[_Union[AgentAddress, _Mapping]]] = ..., prefill_here: _Optional[bool] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., sampled: _Optional[int] = ...) -> None: ...
 
 class SamplingParams(_message.Message):
     __slots__ = ("max_tokens", "temperature", "top_p", "seed", "stop_token_ids", "logprobs", "top_logprobs")
@@ -485,13 +485,17 @@ class DecodeStepReply(_message.Message):
     def __init__(self, logits: _Optional[_Union[Tensor, _Mapping]] = ..., round_trips: _Optional[int] = ..., gathered: _Optional[_Iterable[str]] = ..., tokens: _Optional[_Iterable[_Union[SampledToken, _Mapping]]] = ...) -> None: ...
 
 class PeerFrame(_message.Message):
-    __slots__ = ("call", "batch", "result", "error")
+    __slots__ = ("call", "batch", "result", "error", "ping", "pong")
     CALL_FIELD_NUMBER: _ClassVar[int]
     BATCH_FIELD_NUMBER: _ClassVar[int]
     RESULT_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    PING_FIELD_NUMBER: _ClassVar[int]
+    PONG_FIELD_NUMBER: _ClassVar[int]
     call: int
     batch: ExpertBatch
     result: ExpertResult
     error: str
-    def __init__(self, call: _Optional[int] = ..., batch: _Optional[_Union[ExpertBatch, _Mapping]] = ..., result: _Optional[_Union[ExpertResult, _Mapping]] = ..., error: _Optional[str] = ...) -> None: ...
+    ping: bool
+    pong: bool
+    def __init__(self, call: _Optional[int] = ..., batch: _Optional[_Union[ExpertBatch, _Mapping]] = ..., result: _Optional[_Union[ExpertResult, _Mapping]] = ..., error: _Optional[str] = ..., ping: _Optional[bool] = ..., pong: _Optional[bool] = ...) -> None: ...
