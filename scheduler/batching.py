@@ -190,6 +190,10 @@ class Batcher:
         for call in self._in_flight:
             call.cancel()
         await asyncio.gather(*self._in_flight, return_exceptions=True)
+        for seq in [*self.running, *self.waiting]:  # each stream hears the end, none hangs
+            seq.in_flight = 0
+            self._finish(seq, NoAgentsAvailable("the server is shutting down"))
+        self.waiting.clear()
         self._flush()
         await asyncio.gather(*self._releases, return_exceptions=True)
 

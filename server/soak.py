@@ -1,6 +1,7 @@
 """A bounded soak under faults: agents and a server as processes (mutual TLS, loopback),
-concurrent streaming clients, and every `--fault-every` seconds one agent killed (SIGKILL, started
-again `--down` seconds later) or stopped (SIGSTOP, resumed `--down` seconds later), in turn.
+concurrent streaming clients, and, `--fault-every` seconds after the last fault ended, one agent
+killed (SIGKILL, started again `--down` seconds later) or stopped (SIGSTOP, resumed `--down`
+seconds later), in turn.
 
 Every request's text is compared with an undisturbed run of the same prompt and sampling (greedy
 or seeded), made before the first fault. The report counts requests that completed identical,

@@ -34,13 +34,17 @@ class Cluster:
         inventory = work / "inventory.yaml"
         inventory.write_text(yaml.safe_dump({"nodes": [{"name": a.name, "address": a.address, "expert_memory": 0,
                                                         "link_latency": LATENCY} for a in self.agents]}))
+        self.inventory = inventory
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = work / "serve.log"
-        with self.log.open("wb") as out:
-            self.serve = subprocess.Popen([*potluck_command(), "serve", "--model", str(model), "--inventory",
-                                           str(inventory), "--port", str(self.port), "--certs", str(certs(work))],
-                                          stdout=out, stderr=subprocess.STDOUT, env=AGENT_ENV)
+        self.start_server()
+
+    def start_server(self) -> None:
+        with self.log.open("ab") as out:
+            self.serve = subprocess.Popen([*potluck_command(), "serve", "--model", str(self.model), "--inventory",
+                                           str(self.inventory), "--port", str(self.port), "--certs",
+                                           str(certs(self.work))], stdout=out, stderr=subprocess.STDOUT, env=AGENT_ENV)
         until("every agent up", lambda: len(self.up()) == 3, self.log)
 
     def status(self) -> dict[str, dict[str, object]]:
@@ -124,4 +128,22 @@ def test_a_stream_outlives_its_home(cluster: Cluster, fault: str, seed: int | No
         os.kill(cluster.agents[victim].proc.pid, signal.SIGCONT)
     until(f"{down[0]} back", lambda: len(cluster.up()) == 3, cluster.log)
     again, _ = stream(cluster, seed)
+    assert "".join(again) == "".join(want)
+
+
+def test_a_restarted_server_serves_the_same_agents(cluster: Cluster) -> None:
+    """The server killed mid-stream (the client sees the stream cut) and started again: the agents
+    take it back (the old run's state expires at its time to live) and a request gives the same
+    text as before."""
+    want, _ = stream(cluster, None)
+    with httpx.stream("POST", f"{cluster.url}/v1/completions", json=body(None), timeout=120) as reply:
+        lines = reply.iter_lines()
+        next(line for line in lines if line.startswith("data: "))
+        cluster.serve.send_signal(signal.SIGKILL)
+        with pytest.raises(httpx.HTTPError):
+            for _ in lines:
+                pass
+    cluster.serve.wait(30)
+    cluster.start_server()
+    again, _ = stream(cluster, None)
     assert "".join(again) == "".join(want)

@@ -19,7 +19,7 @@ from protos.messages import DecodeSpan, Peer
 from protos.potluck.v1 import agent_pb2 as pb
 from protos.potluck.v1 import agent_pb2_grpc as pb_grpc
 from scheduler.client import AgentClient
-from scheduler.errors import AgentFailed
+from scheduler.errors import AgentFailed, NoAgentsAvailable
 from scheduler.batching import Batcher, BatchSettings
 from scheduler.partition import contiguous_prefill
 from scheduler.runner import ClusterView, RequestRunner
@@ -152,3 +152,18 @@ async def test_a_bad_expert_batch_is_refused_with_invalid_argument(qwen_tiny: Pa
                     await stub.RunExperts(pb.ExpertBatch(request_id="r", layer=layer, hidden=x, expert_ids=ids, weights=w))
                 assert failed.value.code() == grpc.StatusCode.INVALID_ARGUMENT
                 assert message in (failed.value.details() or "")
+
+
+async def test_stopping_the_engine_ends_every_stream(qwen_tiny: Path) -> None:
+    """A running and a queued request when the engine stops: both streams end with an error that
+    says so, neither hangs."""
+    async with local_cluster(qwen_tiny, 1) as cluster:
+        async with cluster.engine(max_running=1) as engine:
+            params = SamplingParams(max_tokens=200, temperature=0)
+            running = await engine.submit(GenerationRequest(RequestId("run"), tuple(range(1, 30)), params))
+            queued = await engine.submit(GenerationRequest(RequestId("wait"), tuple(range(1, 20)), params))
+            await running.__anext__()
+        for stream in (running, queued):
+            with pytest.raises(NoAgentsAvailable, match="shutting down"):
+                async for _ in stream:
+                    pass
