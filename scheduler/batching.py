@@ -43,12 +43,13 @@ import asyncio
 import dataclasses
 import logging
 from collections import deque
-from collections.abc import AsyncGenerator, Awaitable, Callable, Coroutine, Sequence
-from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 
 from protos.messages import DecodeResult
 from protos.sampling import request_seed, sample, token_generator
+from scheduler.agent_calls import AgentCalls
+from scheduler.batch_state import BatchSettings as BatchSettings
+from scheduler.batch_state import Seq
 from scheduler.client import AgentClient
 from scheduler.decode_plan import choose_home, prefill_at_home
 from scheduler.errors import AgentFailed, NoAgentsAvailable
@@ -64,67 +65,6 @@ ClusterFn = Callable[[], tuple[Sequence[AgentClient], ClusterView | None]]  # th
 ReadFn = Callable[[NodeId], float]  # seconds an agent's disk would take to read every expert no agent holds
 FailedFn = Callable[[NodeId, str], None]  # an agent failed (name, why): take it out of the cluster now
 MAX_REPLAYS = 3  # failures one request survives; a fourth ends it with the error
-T = TypeVar("T")
-
-
-@dataclass(frozen=True)
-class BatchSettings:
-    max_running: int = 4  # requests prefilling or decoding at once
-    prefill_chunk: int = 512  # prompt tokens per prefill step while other requests decode
-    home_prefill_max: int = 1024  # longer prompts are prefilled sequence-parallel (see prefill_at_home)
-
-    def __post_init__(self) -> None:
-        if self.max_running < 1:
-            raise ValueError(f"max_running must be >= 1, got {self.max_running}")
-        if self.prefill_chunk < 1:
-            raise ValueError(f"prefill_chunk must be >= 1 token, got {self.prefill_chunk}")
-        if self.home_prefill_max < 0:
-            raise ValueError(f"home_prefill_max must be >= 0 tokens, got {self.home_prefill_max}")
-
-
-@dataclass(eq=False)
-class _Seq:
-    """One request in the loop: where its state lives and how far it has got."""
-
-    request: GenerationRequest  # its sampling seed is always set (request_seed)
-    out: asyncio.Queue[TokenEvent | BaseException | None] = field(default_factory=asyncio.Queue)
-    runner: RequestRunner | None = None  # the agents it was admitted on (its prefill members)
-    members: list[NodeId] = field(default_factory=list)  # agents holding its state, to release
-    prefilled: int = 0  # prompt tokens through prefill so far
-    steps: int = 0  # prefill steps run (StepPlan.step of the next one)
-    cached: dict[NodeId, int] = field(default_factory=dict)  # K/V rows each agent holds
-    at_home: bool = False  # its home prefills the prompt in decode steps (else sequence-parallel)
-    opened: bool = False  # at_home: the home has its cache (AdoptKV)
-    home: AgentClient | None = None  # set once it decodes (at_home: once admitted)
-    last_token: int = -1  # the last token sampled (the next span feeds it unless it is still coming)
-    position: int = 0  # where its next span starts
-    produced: int = 0  # tokens sampled and handed to the consumer
-    coming: int = 0  # tokens steps in flight will sample
-    in_flight: int = 0  # steps in flight that include it
-    sources_released: bool = False  # the other agents dropped its prompt K/V (the home has it)
-    cancelled: bool = False  # the consumer left
-    ended: bool = False  # out of the loop; released once no step with it is in flight
-    released: bool = False  # its release is under way
-    gone: asyncio.Event = field(default_factory=asyncio.Event)  # out of the loop and released
-    tokens: list[int] = field(default_factory=list)  # the token ids handed to the consumer
-    replayed: tuple[int, ...] = ()  # tokens produced before its last replay, now part of its prompt
-    epoch: int = 0  # replays so far: steps of an earlier run are ignored when they come back
-    admitted: bool = False  # on_admitted has been told
-
-    @property
-    def rid(self) -> str:
-        """Its id on the agents: a replay runs under a new one."""
-        return self.request.request_id if not self.epoch else f"{self.request.request_id}~replay{self.epoch}"
-
-    @property
-    def prompt(self) -> tuple[int, ...]:
-        """What its run prefills: the request's prompt, and after a replay the tokens produced."""
-        return self.request.prompt_token_ids + self.replayed
-
-    @property
-    def generating(self) -> bool:
-        """Its whole prompt is sent: its next steps decode tokens."""
-        return self.home is not None and self.prefilled == len(self.prompt)
 
 
 class Batcher:
@@ -137,16 +77,15 @@ class Batcher:
         self.policy = policy
         self.settings = settings
         self.on_prefilled = on_prefilled  # refreshes holdings and routing tables before decode
-        self.waiting: deque[_Seq] = deque()
-        self.running: list[_Seq] = []
+        self.waiting: deque[Seq] = deque()
+        self.running: list[Seq] = []
         self._wake = asyncio.Event()
-        self._outbox: list[tuple[_Seq, TokenEvent | BaseException | None]] = []  # to consumers, in order
+        self._outbox: list[tuple[Seq, TokenEvent | BaseException | None]] = []  # to consumers, in order
         self._task: asyncio.Task[None] | None = None
         self._releases: set[asyncio.Task[None]] = set()
         self._in_flight: list[asyncio.Future[bool]] = []  # the last turn's steps (True: a prompt got done)
         self._last_step: dict[NodeId, asyncio.Future[bool]] = {}  # each home's latest step (see _decode)
-        self._calls: dict[NodeId, set[asyncio.Future[Any]]] = {}  # calls waiting on each agent (agent_down)
-        self._abandoned: dict[NodeId, set[asyncio.Future[Any]]] = {}  # the calls agent_down cancelled, by agent
+        self.calls = AgentCalls()  # every call to agents, abandoned when one is down (agent_down)
 
     # The consumer's side -----------------------------------------------------------------------
 
@@ -154,7 +93,7 @@ class Batcher:
         """Queue the request now (so the queue's length is exact from this call on); its tokens
         come from the returned stream as they are sampled."""
         sampling = dataclasses.replace(request.sampling, seed=request_seed(request.sampling.seed))
-        seq = _Seq(dataclasses.replace(request, sampling=sampling))
+        seq = Seq(dataclasses.replace(request, sampling=sampling))
         self.waiting.append(seq)
         self._ensure_running()
         self._wake.set()
@@ -169,7 +108,7 @@ class Batcher:
         finally:
             await stream.aclose()
 
-    async def _leave(self, seq: _Seq) -> None:
+    async def _leave(self, seq: Seq) -> None:
         """The consumer is done with `seq` (finished, failed or gone): out of the queue if it
         never ran, else released on every agent; returns once that is done."""
         seq.cancelled = True
@@ -245,11 +184,11 @@ class Batcher:
         if prompts_done and self.on_prefilled is not None:  # as after a sequence-parallel prefill
             await self.on_prefilled()
 
-    def _spans(self, budget: int | None) -> dict[NodeId, list[tuple[_Seq, DecodeSpan, int]]]:
+    def _spans(self, budget: int | None) -> dict[NodeId, list[tuple[Seq, DecodeSpan, int]]]:
         """This turn's span of every request that has one, by home: its next token (the one its
         last step is sampling, if that step is still in flight), or its prompt's next chunk within
         `budget` prompt tokens (None: no limit)."""
-        homes: dict[NodeId, list[tuple[_Seq, DecodeSpan, int]]] = {}
+        homes: dict[NodeId, list[tuple[Seq, DecodeSpan, int]]] = {}
         for s in self.running:
             if s.home is None or s.cancelled or (s.at_home and not s.opened):
                 continue
@@ -302,12 +241,12 @@ class Batcher:
                 homes[s.home.name] = homes.get(s.home.name, 0) + 1
         return homes
 
-    async def _open(self, seq: _Seq) -> None:
+    async def _open(self, seq: Seq) -> None:
         """A cache on the home of a request it prefills itself."""
         assert seq.home is not None
         prompt, epoch, home = len(seq.prompt), seq.epoch, seq.home.name
         try:
-            await self._on([home], seq.home.adopt_kv(seq.rid, self._capacity(seq), prompt, [], prefill_here=True,
+            await self.calls.on([home], seq.home.adopt_kv(seq.rid, self._capacity(seq), prompt, [], prefill_here=True,
                                                      sampling=seq.request.sampling, sampled=seq.produced))
             if seq.epoch == epoch:
                 seq.opened = True
@@ -316,12 +255,12 @@ class Batcher:
             self._failed(seq, exc, epoch)
 
     @staticmethod
-    def _capacity(seq: _Seq) -> int:
+    def _capacity(seq: Seq) -> int:
         """K/V positions its home preallocates: its prompt and the tokens it may still sample
         (the last one sampled is never fed back)."""
         return len(seq.prompt) + seq.request.sampling.max_tokens - len(seq.replayed) - 1
 
-    async def _prefill(self, seq: _Seq, chunked: bool) -> int:
+    async def _prefill(self, seq: Seq, chunked: bool) -> int:
         """One sequence-parallel prefill step; returns the prompt tokens it ran."""
         assert seq.runner is not None
         prompt, epoch = seq.prompt, seq.epoch
@@ -330,7 +269,7 @@ class Batcher:
         part = self.policy.partition(prompt[start:end], seq.members)
         plan = chunk_step(part, start, seq.steps, seq.cached)
         try:
-            logits = await self._on(seq.members, seq.runner.run_step(seq.rid, plan))
+            logits = await self.calls.on(seq.members, seq.runner.run_step(seq.rid, plan))
             if seq.epoch != epoch:
                 return end - start  # replayed meanwhile (an agent went down): this run is over
             seq.cached, seq.steps, seq.prefilled = after_step(plan), seq.steps + 1, end
@@ -346,13 +285,13 @@ class Batcher:
             self._failed(seq, exc, epoch)
         return end - start
 
-    async def _adopt(self, seq: _Seq, token: int) -> None:
+    async def _adopt(self, seq: Seq, token: int) -> None:
         """Choose the request's home and have it gather the prompt's K/V."""
         assert seq.runner is not None
         prompt, epoch = len(seq.prompt), seq.epoch
         home = seq.runner.agents[choose_home(seq.members, self._homes(), seq.cached)]
         sources = [(n, seq.runner.agents[n].spec.address) for n in seq.members if n != home.name and seq.cached.get(n)]
-        await self._on([home.name, *(n for n, _ in sources)],
+        await self.calls.on([home.name, *(n for n, _ in sources)],
                        home.adopt_kv(seq.rid, self._capacity(seq), prompt, sources, sampling=seq.request.sampling,
                                      sampled=seq.produced))
         if seq.epoch != epoch:
@@ -361,7 +300,7 @@ class Batcher:
         if self.on_prefilled is not None:
             await self.on_prefilled()
 
-    def _send(self, home: NodeId, group: list[tuple[_Seq, DecodeSpan, int]]) -> asyncio.Future[bool]:
+    def _send(self, home: NodeId, group: list[tuple[Seq, DecodeSpan, int]]) -> asyncio.Future[bool]:
         """A home's step, sent now; its reply is handled after the reply of the home's step before
         (`_decode`)."""
         client = group[0][0].home  # now: by the time the call runs, a replay may have cleared it
@@ -370,14 +309,14 @@ class Batcher:
         self._last_step[home] = step
         return step
 
-    async def _decode(self, home: AgentClient, group: list[tuple[_Seq, DecodeSpan, int]],
+    async def _decode(self, home: AgentClient, group: list[tuple[Seq, DecodeSpan, int]],
                       after: asyncio.Future[bool] | None = None) -> bool:
         """One step of the requests homed on one agent (a token each, or a chunk of a prompt);
         returns whether a prompt prefilled there got done. Its reply is handled once the reply of
         `after` (the home's step before) is: two replies in flight may come back in either order,
         and a request's tokens must reach its consumer in the order they were sampled."""
         try:
-            result: DecodeResult | None = await self._on([home.name],
+            result: DecodeResult | None = await self.calls.on([home.name],
                                                          home.decode_step([span for _, span, _ in group]))
         except Exception as exc:
             log.error("decode step on %s failed: %s", home.name, exc)
@@ -418,7 +357,7 @@ class Batcher:
 
     # Ends ----------------------------------------------------------------------------------------
 
-    def _emit(self, seq: _Seq, event: TokenEvent) -> TokenEvent:
+    def _emit(self, seq: Seq, event: TokenEvent) -> TokenEvent:
         seq.produced += 1
         seq.tokens.append(event.token_id)
         self._outbox.append((seq, event))
@@ -430,46 +369,23 @@ class Batcher:
             seq.out.put_nowait(item)
         self._outbox.clear()
 
-    def _done(self, seq: _Seq, event: TokenEvent) -> bool:
+    def _done(self, seq: Seq, event: TokenEvent) -> bool:
         """End the request after a stop token or its last token; returns whether it ended."""
         if event.is_stop or seq.produced >= seq.request.sampling.max_tokens:
             self._finish(seq, None)
             return True
         return False
 
-    async def _on(self, agents: Sequence[NodeId], call: Coroutine[Any, Any, T]) -> T:
-        """`call`'s result; AgentFailed at once if one of `agents` is declared down meanwhile
-        (`agent_down`), rather than when the call fails on its own: a stopped agent keeps its
-        connections open, and a call to it hung for a minute before the transport gave up."""
-        future = asyncio.ensure_future(call)
-        for name in agents:
-            self._calls.setdefault(name, set()).add(future)
-        try:
-            return await future
-        except asyncio.CancelledError:
-            task = asyncio.current_task()
-            if not future.cancelled() or (task is not None and task.cancelling()):
-                raise  # this task was cancelled, not the call
-            down = next((n for n in agents if future in self._abandoned.get(n, ())), agents[0])
-            raise AgentFailed(f"agent {down} is down; the call waiting on it was abandoned", down) from None
-        finally:
-            for name in agents:
-                self._calls.get(name, set()).discard(future)
-                self._abandoned.get(name, set()).discard(future)
-
     def agent_down(self, name: NodeId, why: str) -> None:
         """`name` is down: every call waiting on it is abandoned, and every running request that
         uses it is replayed at once, without waiting for its calls to fail (a stopped agent's hung
         for a minute)."""
-        calls = self._calls.pop(name, set())
-        self._abandoned[name] = calls
-        for call in calls:
-            call.cancel()
+        self.calls.abandon(name)
         for seq in list(self.running):
             if name in seq.members or (seq.home is not None and seq.home.name == name):
                 self._failed(seq, AgentFailed(why, name), seq.epoch)
 
-    def _failed(self, seq: _Seq, error: BaseException, epoch: int) -> None:
+    def _failed(self, seq: Seq, error: BaseException, epoch: int) -> None:
         """A step of `seq`'s run `epoch` failed: if an agent failed, the engine hears of it and
         the request is replayed on the agents left (see the module's docstring); else it ends with
         the error. A failure of a run already replayed is old news."""
@@ -502,7 +418,7 @@ class Batcher:
         self.waiting.appendleft(seq)  # first in line, on the agents up now
         self._wake.set()
 
-    def _finish(self, seq: _Seq, error: BaseException | None) -> None:
+    def _finish(self, seq: Seq, error: BaseException | None) -> None:
         """Out of the loop; its consumer hears the end (or the error); every agent holding its
         state releases it in the background, once no step with it is in flight."""
         if seq in self.running:
@@ -511,7 +427,7 @@ class Batcher:
         seq.ended = True
         self._release_ended(seq)
 
-    def _release_ended(self, seq: _Seq) -> None:
+    def _release_ended(self, seq: Seq) -> None:
         if seq.in_flight or seq.released:
             return  # the home still runs a step with it (its reply comes back here), or done
         seq.released = True
@@ -521,7 +437,7 @@ class Batcher:
         task = self._release(seq, seq.members)
         task.add_done_callback(lambda _: seq.gone.set())
 
-    def _release(self, seq: _Seq, nodes: Sequence[NodeId]) -> asyncio.Task[None]:
+    def _release(self, seq: Seq, nodes: Sequence[NodeId]) -> asyncio.Task[None]:
         assert seq.runner is not None
         return self._track(asyncio.create_task(seq.runner.release(seq.rid, list(nodes))))
 
