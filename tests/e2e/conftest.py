@@ -105,12 +105,14 @@ class Agent:
     """One `potluck agent` process (as on a device of its own, enrolled in `work`'s CA), serving
     once its log says so."""
 
-    def __init__(self, work: Path, model: Path, name: str, port: int, *extra: str) -> None:
-        self.name, self.address = name, f"127.0.0.1:{port}"
+    def __init__(self, work: Path, model: Path, name: str, port: int, *extra: str, host: str = "127.0.0.1",
+                 wrap: tuple[str, ...] = ()) -> None:
+        """`wrap` goes before the command (e.g. `ip netns exec NS` to run it in a namespace)."""
+        self.name, self.address = name, f"{host}:{port}"
         self.log = work / f"agent-{name}-{port}.log"
         self.certs = certs(work, name)
         with self.log.open("wb") as log:
-            self.proc = subprocess.Popen([*potluck_command(), "agent", "--name", name, "--listen", self.address,
+            self.proc = subprocess.Popen([*wrap, *potluck_command(), "agent", "--name", name, "--listen", self.address,
                                           "--model", str(model), "--certs", str(self.certs), *extra],
                                          stdout=log, stderr=subprocess.STDOUT, env=AGENT_ENV)
         deadline = time.monotonic() + START_TIMEOUT_S
