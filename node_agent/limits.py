@@ -13,12 +13,15 @@ decode data plane checks each frame's length before reading it.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import time
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
 from node_agent.model.config import MoeConfig
+from node_agent.state import RequestState, UnknownRequest
 
 
 class Overloaded(RuntimeError):
@@ -72,6 +75,16 @@ def check_step(cfg: MoeConfig, limits: AgentLimits, me: str, token_ids: Sequence
         raise ValueError(f"the step's agents must include this one ({me!r})")
 
 
+def check_plan(cfg: MoeConfig, layer: int, mine: Mapping[int, Sequence[tuple[str, int]]], executes: Iterable[int],
+               step_agents: Sequence[str]) -> None:
+    """A layer's plan (LayerPlan: my experts' shares by executor, and the experts I execute)
+    names experts of the model and executors of the step, or is refused."""
+    check_in_range(f"experts of layer {layer}'s plan", [*mine, *executes], 0, cfg.num_experts)
+    unknown = sorted({x for shares in mine.values() for x, _ in shares} - set(step_agents))
+    if unknown:
+        raise ValueError(f"the plan of layer {layer} names executors outside the step: {', '.join(unknown)}")
+
+
 def check_kv_block(cfg: MoeConfig, layer: int, chunk: int, num_chunks: int, k: torch.Tensor, v: torch.Tensor,
                    pos: torch.Tensor) -> None:
     """A peer's K/V block (PushKV): a layer of the model, keys and values [rows, KVH, hd] of its
@@ -86,3 +99,59 @@ def check_kv_block(cfg: MoeConfig, layer: int, chunk: int, num_chunks: int, k: t
     check_in_range("K/V positions", pos.tolist(), 0, cfg.max_positions)
     if not 0 <= chunk < num_chunks:
         raise ValueError(f"chunk {chunk} is outside [0, {num_chunks})")
+
+
+class Touched(Protocol):
+    touched: float  # monotonic time a message last named it
+
+
+class RequestTable:
+    """The prefill state of the requests on one agent, within its limits: a request is admitted
+    while the agent holds fewer than max_requests (its decode caches, `decoding`, count too), K/V
+    from peers is taken while the inbox has room, and state no message touched for the time to
+    live is stale."""
+
+    def __init__(self, agent: str, limits: AgentLimits, decoding: Mapping[str, Touched]) -> None:
+        self.agent, self.limits, self.decoding = agent, limits, decoding
+        self.states: dict[str, RequestState] = {}
+
+    def get(self, request_id: str) -> RequestState:
+        """A request's state, touched now; UnknownRequest if there is none."""
+        state = self.states.get(request_id)
+        if state is None:
+            raise UnknownRequest(f"request {request_id!r} is unknown to agent {self.agent!r}")
+        state.touched = time.monotonic()
+        return state
+
+    def open(self, request_id: str) -> RequestState:
+        """A request's state, created if there is room (Overloaded if not), touched now."""
+        self.admit(request_id)
+        state = self.states.setdefault(request_id, RequestState(request_id))
+        state.touched = time.monotonic()
+        return state
+
+    def pop(self, request_id: str) -> RequestState | None:
+        return self.states.pop(request_id, None)
+
+    def live(self) -> set[str]:
+        """Every request with state here: prefill shards and decode caches."""
+        return self.states.keys() | self.decoding.keys()
+
+    def admit(self, request_id: str) -> None:
+        """Room for state of one more request, or Overloaded."""
+        if request_id not in self.live() and len(self.live()) >= self.limits.max_requests:
+            raise Overloaded(f"agent {self.agent!r} holds {self.limits.max_requests} requests, its limit")
+
+    def stale(self, now: float) -> list[str]:
+        """The requests no message touched for the time to live."""
+        held: list[tuple[str, Touched]] = [*self.states.items(), *self.decoding.items()]
+        return sorted({r for r, s in held if now - s.touched > self.limits.request_ttl_s})
+
+    def inbox_room(self, request_id: str, nbytes: int) -> None:
+        """Overloaded unless the inbox can take `nbytes` more of K/V (UnknownRequest for a
+        request with no state here)."""
+        self.get(request_id)
+        held = sum(s.inbox_bytes() for s in self.states.values())
+        if held + nbytes > self.limits.max_inbox_bytes:
+            raise Overloaded(f"agent {self.agent!r} holds {held} bytes of K/V not yet used; {nbytes} more would exceed "
+                             f"its limit of {self.limits.max_inbox_bytes}")

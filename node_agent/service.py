@@ -228,7 +228,7 @@ class Servicer(pb_grpc.NodeAgentServicer):
             decode_round_trips=core.decoder.round_trips, decode_remote_experts=core.decoder.remote_experts,
             home_prefill_tokens=core.decoder.prompt_tokens, decode_split_attention=core.decoder.split_attention,
             cpu_s=time.process_time(), paced_cpu_s=core.pacer.paced_cpu_s,
-            requests=len(core.requests.keys() | core.decoder.kv.caches.keys()))
+            requests=len(core.requests.live()))
 
     def _flat(self, experts: Iterable[ExpertId]) -> frozenset[int]:
         """Experts as the wire's flat ids (layer * num_experts + index)."""
@@ -269,7 +269,7 @@ class Servicer(pb_grpc.NodeAgentServicer):
 
     async def PushKV(self, request: pb.KVBlock, context: Any) -> pb.Ack:
         # Room in the inbox is checked before the tensors are copied out of the message.
-        self.core.inbox_room(request.request_id, tensor_nbytes(request.keys) + tensor_nbytes(request.values))
+        self.core.requests.inbox_room(request.request_id, tensor_nbytes(request.keys) + tensor_nbytes(request.values))
         await self.link.receive(request.keys, request.values)
         b = kv_block_from_proto(request)
         await self.core.receive_kv(b.request_id, b.step, b.layer, b.sender, b.chunk, b.num_chunks,

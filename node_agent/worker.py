@@ -23,12 +23,12 @@ from node_agent.dispatch import LayerPlan, only, rows_with, split_by_executor
 from node_agent.executor import ExpertExecutor
 from node_agent.expert_buffer import ExpertBuffer
 from node_agent.grouped import GroupedPasses, QueuedJobs
-from node_agent.limits import AgentLimits, Overloaded, check_in_range, check_kv_block, check_step
+from node_agent.limits import AgentLimits, RequestTable, check_in_range, check_kv_block, check_plan, check_step
 from node_agent.model import moe, slots
 from node_agent.model.config import MoeConfig
 from node_agent.peers import row_chunks
 from node_agent.recall import PredictionRecall
-from node_agent.state import DirectSends, EarlyExperts, KVShard, Peer, RequestState, StepState, UnknownRequest
+from node_agent.state import DirectSends, EarlyExperts, KVShard, Peer, StepState, UnknownRequest
 from node_agent.throttle import ComputePacer
 from protos.ids import ExpertId, NodeId
 from protos.messages import DecodeResult, DecodeSpan, LayerReport, SamplingParams
@@ -60,13 +60,13 @@ class AgentCore:
         self.limits = limits
         self.pacer = pacer or ComputePacer(0)
         self._compute = ThreadPoolExecutor(1, thread_name_prefix="compute")
-        self.requests: dict[str, RequestState] = {}
         self._unpinning: set[asyncio.Future[None]] = set()  # early runs' releases of their experts
         self._queued = QueuedJobs()
         self.passes = GroupedPasses(self.pacer, self._compute, self._queued.any)
         self.attention = PeerAttention(name, cfg, dense, peers, self.compute, peer_timeout_s)
         self.decoder = Decoder(name, cfg, dense, buffer, peers, self.compute, peer_timeout_s, decode_threads, data,
                                inline=self.pacer.share == 0)
+        self.requests = RequestTable(name, limits, self.decoder.kv.caches)
         self.executor = ExpertExecutor(cfg, buffer, self.passes, self.compute, self.decoder.mix,
                                       inline=self.pacer.share == 0)
         self.early_used = 0  # experts run early on my own tokens whose share the plan confirmed
@@ -92,37 +92,19 @@ class AgentCore:
             if job.cancelled():  # never began
                 self._queued.add(-1)
 
-    def _state(self, request_id: str) -> RequestState:
-        state = self.requests.get(request_id)
-        if state is None:
-            raise UnknownRequest(f"request {request_id!r} is unknown to agent {self.name!r}")
-        state.touched = time.monotonic()
-        return state
-
-    def live_requests(self) -> set[str]:
-        return self.requests.keys() | self.decoder.kv.caches.keys()
-
-    def _admit(self, request_id: str) -> None:
-        """Room for state of one more request, or Overloaded."""
-        if request_id not in self.requests and request_id not in self.decoder.kv.caches and \
-                len(self.live_requests()) >= self.limits.max_requests:
-            raise Overloaded(f"agent {self.name!r} holds {self.limits.max_requests} requests, its limit")
-
     async def expire(self, now: float | None = None) -> list[str]:
         """Release every request no message touched for the limits' time to live (its server
         died, or forgot it); returns their ids."""
-        now = time.monotonic() if now is None else now
-        stale = [r for r, s in self.requests.items() if now - s.touched > self.limits.request_ttl_s]
-        stale += [r for r, c in self.decoder.kv.caches.items() if now - c.touched > self.limits.request_ttl_s]
-        for request_id in sorted(set(stale)):
+        stale = self.requests.stale(time.monotonic() if now is None else now)
+        for request_id in stale:
             log.warning("agent %s: released request %s, untouched for %.0f s", self.name, request_id,
                         self.limits.request_ttl_s)
             await self.release(request_id)
-        return sorted(set(stale))
+        return stale
 
 
     def _step(self, request_id: str) -> StepState:
-        step = self._state(request_id).step
+        step = self.requests.get(request_id).step
         if step is None:
             raise UnknownRequest(f"request {request_id!r} has no step in progress on agent {self.name!r}")
         return step
@@ -134,9 +116,7 @@ class AgentCore:
         """Embed this agent's new tokens; with predict, guess layer 0's routing from them (the
         report is empty without)."""
         check_step(self.cfg, self.limits, self.name, token_ids, positions, [p.name for p in peers])
-        self._admit(request_id)
-        state = self.requests.setdefault(request_id, RequestState(request_id))
-        state.touched = time.monotonic()
+        state = self.requests.open(request_id)
         state.commit_step()
         ids = torch.tensor(list(token_ids), dtype=torch.long)
         if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.cfg.vocab_size):
@@ -164,7 +144,7 @@ class AgentCore:
         check_in_range("directly routed experts", list(direct or {}), 0, self.cfg.num_experts)
         st = self._step(request_id)
         if layer > 0:
-            self._check_plan(st, layer - 1, plan)
+            check_plan(self.cfg, layer - 1, plan.mine, plan.executes, [p.name for p in st.peers])
         direct = direct or {}
         mine = [ExpertId(layer, e) for e, x in direct.items() if x == self.name]
         self.buffer.protect([ExpertId(layer - 1, e) for e in plan.executes] + [ExpertId(layer, e) for e in prefetch] + mine)
@@ -174,7 +154,7 @@ class AgentCore:
             await self._apply_mlp(request_id, st, layer - 1, plan)
         t0 = time.perf_counter()
         if st.positions.numel():
-            await self.attention.layer(request_id, self._state(request_id), st, layer)
+            await self.attention.layer(request_id, self.requests.get(request_id), st, layer)
         attention_s = time.perf_counter() - t0
         self.attention_s += attention_s
         nxt = layer + 1
@@ -205,14 +185,6 @@ class AgentCore:
             attention_s=attention_s, predicted=tuple(predicted or ()), resident_total=buf.slots_taken,
             next_resident=frozenset(buf.resident(nxt) if predicting else ()),
             next_loading=frozenset(buf.loading(nxt) if predicting else ()))
-
-    def _check_plan(self, st: StepState, layer: int, plan: LayerPlan) -> None:
-        """A plan names experts of the model and executors of the step, or is refused."""
-        check_in_range(f"experts of layer {layer}'s plan", [*plan.mine, *plan.executes], 0, self.cfg.num_experts)
-        names = {p.name for p in st.peers}
-        unknown = sorted({x for shares in plan.mine.values() for x, _ in shares} - names)
-        if unknown:
-            raise ValueError(f"the plan of layer {layer} names executors outside the step: {', '.join(unknown)}")
 
     def _send_direct(self, request_id: str, st: StepState, layer: int, routes: Mapping[int, str]) -> DirectSends | None:
         """Send my tokens of the experts in `routes` to their executors now, one batch each."""
@@ -301,7 +273,7 @@ class AgentCore:
         """MoE of the last layer; logits if this agent owns the step's last position (with
         all_logits: of every new token it owns)."""
         st = self._step(request_id)
-        self._check_plan(st, self.cfg.num_layers - 1, plan)
+        check_plan(self.cfg, self.cfg.num_layers - 1, plan.mine, plan.executes, [p.name for p in st.peers])
         self.buffer.protect([ExpertId(self.cfg.num_layers - 1, e) for e in plan.executes])
         await self._apply_mlp(request_id, st, self.cfg.num_layers - 1, plan)
         last = st.last_position
@@ -317,7 +289,7 @@ class AgentCore:
     async def release(self, request_id: str) -> None:
         self.decoder.kv.release(request_id)
         self.decoder.moved()  # a later step of it, waiting for its turn, goes on (to be refused)
-        state = self.requests.pop(request_id, None)
+        state = self.requests.pop(request_id)
         if state is not None:
             await state.release()
 
@@ -329,8 +301,8 @@ class AgentCore:
         the sources' (name, address) K/V is pulled in the background; returns my rows. With
         `here`, no prefill ran: decode steps bring the prompt in spans. Its tokens are sampled here
         with `sampling` (parameters, and how many of its tokens were sampled before)."""
-        self._admit(request_id)
-        state = None if here else self.requests.pop(request_id, None)
+        self.requests.admit(request_id)
+        state = None if here else self.requests.pop(request_id)
         own: dict[int, KVShard] = {}
         if state is not None:
             state.commit_step()
@@ -340,7 +312,7 @@ class AgentCore:
 
     def fetch_kv(self, request_id: str, layer: int, chunk: int) -> tuple[KVShard, int]:
         """Chunk `chunk` of my K/V rows of `layer` for the request's home, and the number of chunks."""
-        state = self._state(request_id)
+        state = self.requests.get(request_id)
         state.commit_step()  # the prefill's last step is over: its K/V is final
         if not 0 <= layer < self.cfg.num_layers:
             raise ValueError(f"layer {layer} is outside [0, {self.cfg.num_layers})")
@@ -372,28 +344,19 @@ class AgentCore:
 
     async def attend(self, request_id: str, layer: int, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """A peer's queries over my K/V from earlier steps (all of it precedes them)."""
-        return await self.attention.over_cache(request_id, self._state(request_id), layer, q)
+        return await self.attention.over_cache(request_id, self.requests.get(request_id), layer, q)
 
     async def receive_kv(self, request_id: str, step: int, layer: int, sender: str, chunk: int, num_chunks: int,
                          shard: KVShard) -> None:
         """A peer's K/V block (one chunk of it) for a step of a request, checked against the model
         and the step, and held in the inbox only while the inbox has room."""
-        state = self._state(request_id)
+        state = self.requests.get(request_id)
         check_kv_block(self.cfg, layer, chunk, num_chunks, shard.k, shard.v, shard.pos)
         current = state.step.step if state.step is not None else None
         if current is not None and step != current:
             raise ValueError(f"K/V for step {step} of request {request_id!r}, whose step is {current}")
-        self.inbox_room(request_id, 2 * shard.k.nbytes + shard.pos.nbytes)
+        self.requests.inbox_room(request_id, 2 * shard.k.nbytes + shard.pos.nbytes)
         await state.deliver(step, layer, sender, chunk, num_chunks, shard)
-
-    def inbox_room(self, request_id: str, nbytes: int) -> None:
-        """Overloaded unless the inbox can take `nbytes` more of K/V (UnknownRequest for a
-        request with no state here)."""
-        self._state(request_id)
-        held = sum(s.inbox_bytes() for s in self.requests.values())
-        if held + nbytes > self.limits.max_inbox_bytes:
-            raise Overloaded(f"agent {self.name!r} holds {held} bytes of K/V not yet used; {nbytes} more would exceed "
-                             f"its limit of {self.limits.max_inbox_bytes}")
 
     # Experts ---------------------------------------------------------------------------------
 

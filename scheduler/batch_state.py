@@ -42,7 +42,6 @@ class Seq:
     home: AgentClient | None = None  # set once it decodes (at_home: once admitted)
     last_token: int = -1  # the last token sampled (the next span feeds it unless it is still coming)
     position: int = 0  # where its next span starts
-    produced: int = 0  # tokens sampled and handed to the consumer
     coming: int = 0  # tokens steps in flight will sample
     in_flight: int = 0  # steps in flight that include it
     sources_released: bool = False  # the other agents dropped its prompt K/V (the home has it)
@@ -61,6 +60,11 @@ class Seq:
         return self.request.request_id if not self.epoch else f"{self.request.request_id}~replay{self.epoch}"
 
     @property
+    def produced(self) -> int:
+        """Tokens sampled and handed to the consumer."""
+        return len(self.tokens)
+
+    @property
     def prompt(self) -> tuple[int, ...]:
         """What its run prefills: the request's prompt, and after a replay the tokens produced."""
         return self.request.prompt_token_ids + self.replayed
@@ -69,3 +73,12 @@ class Seq:
     def generating(self) -> bool:
         """Its whole prompt is sent: its next steps decode tokens."""
         return self.home is not None and self.prefilled == len(self.prompt)
+
+    def begin_replay(self) -> None:
+        """A new run of the request (a new id on the agents): the tokens it produced join its
+        prompt, and every trace of where the old run's state lives is dropped."""
+        self.epoch += 1
+        self.replayed = tuple(self.tokens)
+        self.runner, self.members, self.cached, self.home = None, [], {}, None
+        self.prefilled = self.steps = self.position = self.coming = 0
+        self.at_home = self.opened = self.sources_released = False

@@ -358,7 +358,6 @@ class Batcher:
     # Ends ----------------------------------------------------------------------------------------
 
     def _emit(self, seq: Seq, event: TokenEvent) -> TokenEvent:
-        seq.produced += 1
         seq.tokens.append(event.token_id)
         self._outbox.append((seq, event))
         return event
@@ -408,11 +407,7 @@ class Batcher:
         old_rid, old_runner, old_members = seq.rid, seq.runner, [n for n in seq.members if n != dead]
         if old_runner is not None and old_members:
             self._track(asyncio.create_task(_forget(old_runner, old_rid, old_members)))
-        seq.epoch += 1
-        seq.replayed = tuple(seq.tokens)
-        seq.runner, seq.members, seq.cached, seq.home = None, [], {}, None
-        seq.prefilled = seq.steps = seq.position = seq.coming = 0
-        seq.at_home = seq.opened = seq.sources_released = False
+        seq.begin_replay()
         if seq in self.running:
             self.running.remove(seq)
         self.waiting.appendleft(seq)  # first in line, on the agents up now

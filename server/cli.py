@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
-from server.cli_args import HelpFormatter, duration, non_negative, positive, rate, share, size
+from server.cli_args import HelpFormatter, add_profile_flags, duration, non_negative, positive, size
 from server.cli_bench import add_bench
 from server.cli_certs import add_certs, add_trust_flags, server_credentials
 from server.setup_checks import SetupError, listen_address, port, port_or_any
@@ -86,7 +86,7 @@ def _add_agent(commands: argparse._SubParsersAction) -> None:  # type: ignore[ty
                    help="address of the gRPC server (port 1-65535)")  # fmt: skip
     p.add_argument("--model", required=True, type=Path, metavar="DIR", help="checkpoint folder on this device")
     p.add_argument("--name", help="node name as in the inventory; default: the --listen address")
-    _add_profile_flags(p)
+    add_profile_flags(p)
     p.add_argument("--torch-threads", type=positive, default=1, metavar="N", help="torch intra-op threads")
     p.add_argument("--data-port", type=port_or_any, default=0, metavar="PORT",
                    help="TCP port of the decode data plane (agent-to-agent expert calls), on the --listen host; "
@@ -111,22 +111,6 @@ def _add_agent(commands: argparse._SubParsersAction) -> None:  # type: ignore[ty
 
 
 
-
-
-def _add_profile_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--expert-memory", type=size, default=0, metavar="SIZE",
-                   help="expert buffer budget in bytes per agent, e.g. 512MiB, 2GiB, 1.5GB; 0 = unlimited")  # fmt: skip
-    p.add_argument("--disk-bandwidth", type=rate, default=0.0, metavar="RATE",
-                   help="emulated expert-store read rate, e.g. 200MB/s, 800KiB/s (bytes/s); 0 = unlimited")  # fmt: skip
-    p.add_argument("--link-bandwidth", type=rate, default=0.0, metavar="RATE",
-                   help="emulated link rate, e.g. 1Gbit/s or 1Gb/s (bits), 50MB/s (bytes), for sending and (separately) "
-                        "receiving; 0 = unlimited")  # fmt: skip
-    p.add_argument("--link-latency", type=duration, default=0.0, metavar="DURATION",
-                   help="emulated one-way delay of every message an agent sends, e.g. 2ms, 500us, 0.01s (a unit "
-                        "is required); 0 = none (default)")  # fmt: skip
-    p.add_argument("--compute-share", type=share, default=0.0, metavar="F",
-                   help="emulated compute speed, a fraction of one host core in [0, 1], for benchmarks of "
-                        "several local agents; 0 = not paced (default)")  # fmt: skip
 
 
 def _add_server_flags(p: argparse.ArgumentParser) -> None:
@@ -183,7 +167,7 @@ def _add_up(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-
     agents.add_argument("--agents", type=positive, metavar="N", help="local agents to start (default: 2)")
     agents.add_argument("--inventory", type=Path, metavar="FILE",
                         help="start the loopback agents this inventory lists, each with its own profile")  # fmt: skip
-    _add_profile_flags(p)
+    add_profile_flags(p)
     p.add_argument("--agent-start-timeout", type=float, default=180.0, metavar="SECONDS",
                    help="how long to wait for the agents to load and report SERVING")  # fmt: skip
     _add_server_flags(p)

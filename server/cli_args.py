@@ -1,5 +1,6 @@
-"""Argument types and help formatting shared by the `potluck` subcommands (server/cli.py,
-server/cli_bench.py): each type turns a flag's text into a value or an error quoting it."""
+"""Argument types, help formatting and the device-profile flags shared by the `potluck`
+subcommands (server/cli.py, server/cli_bench.py): each type turns a flag's text into a value or
+an error quoting it."""
 
 from __future__ import annotations
 
@@ -63,3 +64,19 @@ def share(text: str) -> float:
     if not 0 <= value <= 1:
         raise argparse.ArgumentTypeError(f"expected a fraction of one core in [0, 1], got {text!r}")
     return value
+
+
+def add_profile_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--expert-memory", type=size, default=0, metavar="SIZE",
+                   help="expert buffer budget in bytes per agent, e.g. 512MiB, 2GiB, 1.5GB; 0 = unlimited")  # fmt: skip
+    p.add_argument("--disk-bandwidth", type=rate, default=0.0, metavar="RATE",
+                   help="emulated expert-store read rate, e.g. 200MB/s, 800KiB/s (bytes/s); 0 = unlimited")  # fmt: skip
+    p.add_argument("--link-bandwidth", type=rate, default=0.0, metavar="RATE",
+                   help="emulated link rate, e.g. 1Gbit/s or 1Gb/s (bits), 50MB/s (bytes), for sending and (separately) "
+                        "receiving; 0 = unlimited")  # fmt: skip
+    p.add_argument("--link-latency", type=duration, default=0.0, metavar="DURATION",
+                   help="emulated one-way delay of every message an agent sends, e.g. 2ms, 500us, 0.01s (a unit "
+                        "is required); 0 = none (default)")  # fmt: skip
+    p.add_argument("--compute-share", type=share, default=0.0, metavar="F",
+                   help="emulated compute speed, a fraction of one host core in [0, 1], for benchmarks of "
+                        "several local agents; 0 = not paced (default)")  # fmt: skip
