@@ -45,6 +45,11 @@ def agent_identity(name: str) -> str:
     return f"{name}{AGENT_SUFFIX}"
 
 
+def ours(identity: str) -> bool:
+    """Whether a certificate name is a potluck identity (the server's or an agent's)."""
+    return identity == SERVER_IDENTITY or identity.endswith(AGENT_SUFFIX)
+
+
 def agent_name(identity: str) -> str | None:
     """The agent a certificate identity names, or None if it names no agent."""
     return identity[: -len(AGENT_SUFFIX)] if identity.endswith(AGENT_SUFFIX) else None
@@ -106,8 +111,7 @@ def certificate_identity(cert: bytes, where: Path | str = "certificate") -> str:
         names = parsed.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     except (ValueError, x509.ExtensionNotFound) as exc:
         raise CredentialsError(f"{where} is not a potluck certificate: {exc}") from None
-    identities = [n for n in names.get_values_for_type(x509.DNSName)
-                  if n == SERVER_IDENTITY or n.endswith(AGENT_SUFFIX)]
+    identities = [n for n in names.get_values_for_type(x509.DNSName) if ours(n)]
     if not identities:
         raise CredentialsError(f"{where} names no potluck identity (expected {SERVER_IDENTITY} or "
                                f"<node>{AGENT_SUFFIX})")
@@ -133,14 +137,13 @@ def open_blocking_channel(address: str, identity: str, creds: Credentials | None
 def caller(context: Any) -> str | None:
     """The identity of a gRPC call's peer, from its verified certificate (None: no certificate)."""
     names = context.auth_context().get("x509_subject_alternative_name", [])
-    ours = [n.decode() for n in names if n.decode() == SERVER_IDENTITY or n.decode().endswith(AGENT_SUFFIX)]
-    return ours[0] if ours else None
+    return next((n.decode() for n in names if ours(n.decode())), None)
 
 
 def ssl_identity(peercert: dict[str, Any] | None) -> str | None:
     """The identity of a TLS socket's peer (`SSLObject.getpeercert()`), or None."""
     for kind, value in (peercert or {}).get("subjectAltName", ()):
-        if kind == "DNS" and (value == SERVER_IDENTITY or value.endswith(AGENT_SUFFIX)):
+        if kind == "DNS" and ours(value):
             return str(value)
     return None
 
