@@ -6,7 +6,9 @@ plan) unpins its experts however it ends."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -33,6 +35,24 @@ def _agent(model: Path, pacer: ComputePacer | None = None, slots: int = 0
     buffer = ExpertBuffer(slots * store.expert_nbytes, store.expert_nbytes, store.load, ThreadPoolExecutor(1))
     core = AgentCore("a", cfg, moe.load_dense(ckpt, cfg, torch.float32), buffer, GrpcPeers("a", Link(0)), pacer=pacer)
     return cfg, store, buffer, core
+
+
+class HeldAfterFirstWork(ComputePacer):
+    """A paced agent's pacer (so that expert batches run as grouped passes on the compute thread)
+    that holds the thread after the first work it paces (a pass's first expert) until `resume`.
+    Holding in the pacer's sleep instead was flaky on a busy host: work that overran its budget
+    sleeps not at all, so the hold came after a later expert."""
+
+    def __init__(self) -> None:
+        super().__init__(0.1)
+        self.first_step, self.resume = threading.Event(), threading.Event()
+
+    @contextlib.contextmanager
+    def pace(self) -> Iterator[None]:
+        yield
+        if not self.first_step.is_set():
+            self.first_step.set()
+            self.resume.wait(10)
 
 
 async def test_batches_arriving_together_share_one_pass(qwen_tiny: Path) -> None:
@@ -71,14 +91,9 @@ async def test_batches_arriving_together_share_one_pass(qwen_tiny: Path) -> None
 
 
 async def test_a_batch_arriving_while_a_pass_runs_joins_it(qwen_tiny: Path) -> None:
-    first_step, resume = threading.Event(), threading.Event()
-
-    def held_after_first_step(seconds: float) -> None:  # the pacer's sleep, on the compute thread
-        if not first_step.is_set():
-            first_step.set()
-            resume.wait(10)
-
-    cfg, _, buffer, core = _agent(qwen_tiny, ComputePacer(0.1, sleep=held_after_first_step))
+    pacer = HeldAfterFirstWork()
+    first_step, resume = pacer.first_step, pacer.resume
+    cfg, _, buffer, core = _agent(qwen_tiny, pacer)
     layer = 0
     weights = {e: await buffer.acquire(ExpertId(layer, e)) for e in range(4)}  # resident
     g = torch.Generator().manual_seed(5)
@@ -110,14 +125,9 @@ async def test_a_batch_arriving_while_a_pass_runs_joins_it(qwen_tiny: Path) -> N
 async def test_a_pass_gives_the_thread_up_to_other_work_between_experts(qwen_tiny: Path) -> None:
     """Attention or a router queued behind a pass (the agent's own chain, which its peers wait
     for) runs after the pass's current expert, not after all of them; the pass then goes on."""
-    first_step, resume = threading.Event(), threading.Event()
-
-    def held_after_first_step(seconds: float) -> None:
-        if not first_step.is_set():
-            first_step.set()
-            resume.wait(10)
-
-    cfg, _, buffer, core = _agent(qwen_tiny, ComputePacer(0.1, sleep=held_after_first_step))
+    pacer = HeldAfterFirstWork()
+    first_step, resume = pacer.first_step, pacer.resume
+    cfg, _, buffer, core = _agent(qwen_tiny, pacer)
     layer = 0
     weights = {e: await buffer.acquire(ExpertId(layer, e)) for e in range(4)}
     ids = torch.tensor([[0, 1], [0, 2], [0, 3], [1, 2], [3, 2]])
@@ -126,8 +136,8 @@ async def test_a_pass_gives_the_thread_up_to_other_work_between_experts(qwen_tin
 
     running = asyncio.ensure_future(core.executor.execute(layer, *batch))
     assert await asyncio.to_thread(first_step.wait, 10)  # one of the four experts has run
-    other = asyncio.ensure_future(core.compute(lambda: core.passes.steps))  # queued meanwhile
-    await asyncio.sleep(0.05)
+    other = asyncio.ensure_future(core.compute(lambda: core.passes.steps))
+    await asyncio.sleep(0)  # one turn of the loop: the task submits its job, queued behind the pass
     resume.set()
     out, steps_before = await asyncio.gather(running, other)
 
