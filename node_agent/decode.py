@@ -66,6 +66,7 @@ class _Run:
     split: frozenset[int] = frozenset()  # spans attending at `layer` over prompt K/V still at its sources
     paused: tuple[torch.Tensor, torch.Tensor] | None = None  # (h, attn) of `layer`, waiting on split partials
     partials: dict[int, list[Partial]] = field(default_factory=dict)  # span -> its partials at `layer`
+    chosen: list[torch.Tensor] = field(default_factory=list)  # [T, k] experts each token chose, per MoE layer run
 
 
 # How long a step whose span starts past its request's K/V waits for the step before it to
@@ -145,7 +146,7 @@ class Decoder:
             await self._in_order(spans)
             async with self._one_step:
                 batch = self.batch(spans)
-                out, trips, tokens = await self.step(batch)
+                out, trips, tokens, chosen = await self.step(batch)
         finally:
             for span in spans:
                 if (left := self._arrived[span.request_id] - 1) > 0:
@@ -154,7 +155,8 @@ class Decoder:
                     del self._arrived[span.request_id]
             self.moved()
         gathered = self.kv.newly_gathered([s.request_id for s in batch.spans])
-        return DecodeResult(tokens=tokens, round_trips=trips, gathered=tuple(gathered), logits=out if logits else None)
+        return DecodeResult(tokens=tokens, round_trips=trips, gathered=tuple(gathered), logits=out if logits else None,
+                            selections=chosen)
 
     async def _in_order(self, spans: Sequence[DecodeSpan]) -> None:
         """Until every span's request has its K/V up to where the span starts. Steps are ordered by
@@ -187,9 +189,11 @@ class Decoder:
             if not turn.done():
                 turn.set_result(None)
 
-    async def step(self, batch: DecodeBatch) -> tuple[torch.Tensor, int, tuple[TokenEvent | None, ...]]:
-        """Logits [B, V] (float32) after each span's last token, the round trips it made, and the
-        token sampled after each span that reaches past its prompt."""
+    async def step(self, batch: DecodeBatch
+                   ) -> tuple[torch.Tensor, int, tuple[TokenEvent | None, ...], torch.Tensor | None]:
+        """Logits [B, V] (float32) after each span's last token, the round trips it made, the
+        token sampled after each span that reaches past its prompt, and the experts every token
+        chose at each MoE layer ([MoE layers, T, k] int16; None for a model without them)."""
         loop = asyncio.get_running_loop()
         cos, sin = self.rope.at(batch.positions)
         run = _Run(batch, cos, sin)
@@ -241,7 +245,8 @@ class Decoder:
             self.tokens += decoded
             self.round_trips += trips
         assert run.logits is not None
-        return run.logits, trips, run.tokens
+        chosen = torch.stack(run.chosen).to(torch.int16) if run.chosen else None
+        return run.logits, trips, run.tokens, chosen
 
     def _run_layers(self, loop: asyncio.AbstractEventLoop, dispatch: Dispatch, run: _Run) -> None:
         """On the compute thread: layers from `run.layer` on, until one hands experts to the event
@@ -308,6 +313,7 @@ class Decoder:
         if w.dense_mlp is not None:
             return h + moe.swiglu(w.dense_mlp, x), []
         ids, weights = moe.route(w, cfg, x)  # [T, k]
+        run.chosen.append(ids)
         held = run.pins[layer].weights
         needed = set(ids.flatten().tolist())
         elsewhere = sorted(needed - held.keys())

@@ -247,6 +247,9 @@ class DecodeResult:
     round_trips: int  # synchronous waits on peers the step made
     gathered: tuple[str, ...] = ()  # requests whose prompt K/V is now all on the home
     logits: torch.Tensor | None = None  # [n, V] float32 after each span, when asked for
+    # [MoE layers, T, k] int16: the experts each of the step's T tokens (every span's, in order)
+    # chose at each MoE layer; the scheduler's activation statistics. None: the model has none
+    selections: torch.Tensor | None = None
 
 
 @dataclass(frozen=True, eq=False)  # tensors: compare field by field

@@ -9,7 +9,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
 from scheduler.types import EngineSnapshot, GenerationRequest, NodeSpec, TokenEvent
 
@@ -26,6 +26,10 @@ class Engine(Protocol):
 
     def snapshot(self) -> EngineSnapshot:
         """Queue depths and the last state heard from every agent (cheap; no I/O)."""
+        ...
+
+    def activation_stats(self) -> dict[str, Any]:
+        """The activation window per home agent, layer and expert, as JSON (`GET /admin/stats`)."""
         ...
 
     def set_nodes(self, nodes: Sequence[NodeSpec]) -> str:

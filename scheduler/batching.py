@@ -45,6 +45,8 @@ import logging
 from collections import deque
 from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 
+import torch
+
 from protos.messages import DecodeResult
 from protos.sampling import request_seed, sample, token_generator
 from scheduler.agent_calls import AgentCalls
@@ -64,15 +66,17 @@ log = logging.getLogger("potluck.scheduler")
 ClusterFn = Callable[[], tuple[Sequence[AgentClient], ClusterView | None]]  # the agents up now, and their view
 ReadFn = Callable[[NodeId], float]  # seconds an agent's disk would take to read every expert no agent holds
 FailedFn = Callable[[NodeId, str], None]  # an agent failed (name, why): take it out of the cluster now
+SelectionsFn = Callable[[NodeId, torch.Tensor], None]  # a home's step: [MoE layers, T, k] experts its tokens chose
 MAX_REPLAYS = 3  # failures one request survives; a fourth ends it with the error
 
 
 class Batcher:
     def __init__(self, cluster: ClusterFn, policy: Policy = Policy(), settings: BatchSettings = BatchSettings(),
                  on_prefilled: Callable[[], Awaitable[None]] | None = None, unheld_read_s: ReadFn | None = None,
-                 on_agent_failed: FailedFn | None = None) -> None:
+                 on_agent_failed: FailedFn | None = None, on_selections: SelectionsFn | None = None) -> None:
         self.cluster = cluster
         self.on_agent_failed = on_agent_failed
+        self.on_selections = on_selections  # each decode step's expert choices, for the statistics
         self.unheld_read_s = unheld_read_s or (lambda node: 0.0)
         self.policy = policy
         self.settings = settings
@@ -323,6 +327,8 @@ class Batcher:
             result, error = None, exc
         if after is not None and not after.done():
             await asyncio.wait([after])
+        if result is not None and result.selections is not None and self.on_selections is not None:
+            self.on_selections(home.name, result.selections)
         prompts_done = False
         for i, (s, span, epoch) in enumerate(group):
             s.in_flight -= 1

@@ -14,6 +14,9 @@ import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+import torch
 
 from protos.convert import expert_from_wire, expert_to_wire
 from protos.ids import ExpertId, model_fingerprint
@@ -23,12 +26,15 @@ from scheduler.fill import AgentHoldings
 from scheduler.policy import Policy
 from protos.routing import RoutingTable
 from protos.security import Credentials, probe_peer
+from scheduler.activations import ActivationWindow
 from scheduler.batching import BatchSettings, Batcher
 from scheduler.decode_plan import data_address, routing_table, same_holders
 from scheduler.runner import ClusterView, ModelShape
 from scheduler.types import AgentSnapshot, EngineSnapshot, GenerationRequest, NodeId, NodeSpec, TokenEvent
 
 log = logging.getLogger("potluck.scheduler")
+
+STATS_BUCKETS = 5  # the activation window moves in steps of a fifth of its length
 
 JoinHook = Callable[[NodeId, AgentInfo], None]  # an agent joined, and what it reported about itself
 
@@ -42,10 +48,13 @@ class EngineSettings:
     poll_interval_s: float = 2.0  # how often agents' health and counters are refreshed
     call_timeout_s: float = 300.0  # deadline of one control call to an agent
     credentials: Credentials | None = None  # the server's TLS identity; None: plaintext (--insecure)
+    stats_window_s: float = 300.0  # the activation statistics' window (scheduler/activations.py)
 
     def __post_init__(self) -> None:
         if self.max_waiting < 0:
             raise ValueError(f"max_waiting must be >= 0, got {self.max_waiting}")
+        if self.stats_window_s <= 0:
+            raise ValueError(f"stats_window_s must be > 0, got {self.stats_window_s}")
         self.batch  # checks its bounds
 
     @property
@@ -67,7 +76,9 @@ class EngineService:
         self._snapshots: dict[str, AgentSnapshot] = {n.name: AgentSnapshot(n.name, n.address, False, problem="not polled yet")
                                                      for n in nodes}
         self.batcher = Batcher(self._cluster, policy, settings.batch, on_prefilled=self.refresh,
-                               unheld_read_s=self._unheld_read_s, on_agent_failed=self._agent_failed)
+                               unheld_read_s=self._unheld_read_s, on_agent_failed=self._agent_failed,
+                               on_selections=self._selections)
+        self.activations: ActivationWindow | None = None  # once the model's shape is known
         self.table = RoutingTable()  # the routing table last published to the agents
         self._durations: list[float] = []  # recent request durations, for Retry-After
         self._tasks: list[asyncio.Task[None]] = []
@@ -155,6 +166,9 @@ class EngineService:
             self.infos[client.name] = info
             if self.shape is None:
                 self.shape = ModelShape(info.num_layers, info.num_experts, info.vocab_size, info.dense_layers, info.max_positions)
+                moe_layers = [layer for layer in range(info.num_layers) if layer not in info.dense_layers]
+                window = self.settings.stats_window_s
+                self.activations = ActivationWindow(moe_layers, info.num_experts, window, window / STATS_BUCKETS)
         return await client.snapshot()
 
     async def _refusal(self, client: AgentClient) -> JoinRefused | None:
@@ -220,6 +234,20 @@ class EngineService:
 
     def snapshot(self) -> EngineSnapshot:
         return EngineSnapshot(len(self.batcher.running), len(self.batcher.waiting), tuple(self._snapshots.values()))
+
+    def _selections(self, home: NodeId, selections: torch.Tensor) -> None:
+        """A decode step's expert choices, into the activation window."""
+        if self.activations is None:
+            return
+        try:
+            self.activations.add(home, selections, time.monotonic())
+        except ValueError as exc:  # a malformed reply costs the statistics, not the request
+            log.warning("agent %s reported selections the statistics cannot use: %s", home, exc)
+
+    def activation_stats(self) -> dict[str, Any]:
+        if self.activations is None:
+            return {"window_s": self.settings.stats_window_s, "homes": {}}
+        return self.activations.to_json(time.monotonic())
 
     def _unheld_read_s(self, node: NodeId) -> float:
         """Seconds `node`'s disk would take to read every routed expert no agent holds (as the

@@ -87,6 +87,13 @@ async def cluster_status(state: State) -> JSONResponse:
     return JSONResponse(status.cluster_status(state.snapshot(), state.settings.served_model_name, potluck_version()))
 
 
+@admin.get("/stats")
+async def activation_stats(state: State) -> JSONResponse:
+    """Which experts each home agent's requests chose over the statistics window: per MoE layer,
+    every expert's selections, the histogram's entropy and the most frequent pairs."""
+    return JSONResponse(state.engine.activation_stats())
+
+
 @router.get("/metrics")
 async def metrics(state: State) -> Response:
     return Response(state.metrics.render(), media_type=state.metrics.content_type)

@@ -298,10 +298,12 @@ def _token_from_proto(msg: pb.SampledToken) -> TokenEvent | None:
 def decode_step_reply_to_proto(result: DecodeResult) -> pb.DecodeStepReply:
     return pb.DecodeStepReply(tokens=[_token_to_proto(t) for t in result.tokens], round_trips=result.round_trips,
                               gathered=result.gathered,
-                              logits=None if result.logits is None else tensor_to_proto(result.logits))
+                              logits=None if result.logits is None else tensor_to_proto(result.logits),
+                              selections=None if result.selections is None else tensor_to_proto(result.selections))
 
 
 def decode_step_reply_from_proto(msg: pb.DecodeStepReply) -> DecodeResult:
     return DecodeResult(tokens=tuple(_token_from_proto(t) for t in msg.tokens), round_trips=msg.round_trips,
                         gathered=tuple(RequestId(r) for r in msg.gathered),
-                        logits=tensor_from_proto(msg.logits) if msg.HasField("logits") else None)
+                        logits=tensor_from_proto(msg.logits) if msg.HasField("logits") else None,
+                        selections=tensor_from_proto(msg.selections) if msg.HasField("selections") else None)

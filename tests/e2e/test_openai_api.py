@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 from pathlib import Path
 
@@ -244,6 +245,24 @@ def test_admin_status(client: OpenAI, model_id: str, base_url: str) -> None:
     assert lines[0].startswith(f"model {model_id} (potluck ") and lines[0].endswith("2 of 2 agents up"), lines[0]
     assert lines[1].split()[:3] == ["agent", "address", "state"]
     assert [line.split()[0] for line in lines[2:4]] == ["agent0", "agent1"] and all(" up " in x for x in lines[2:4])
+
+
+def test_admin_stats_count_what_the_homes_routed(client: OpenAI, model_id: str, base_url: str) -> None:
+    """`GET /admin/stats`: each home's decode steps report the experts their tokens chose; per MoE
+    layer every token selects top_k experts, so a layer's counts add up to tokens x top_k."""
+    def tokens() -> int:
+        return sum(h["tokens"] for h in httpx.get(f"{base_url}/admin/stats").json()["homes"].values())
+
+    before = tokens()
+    client.completions.create(model=model_id, prompt="Once upon", max_tokens=6, extra_body={"ignore_eos": True})
+    body = httpx.get(f"{base_url}/admin/stats").json()
+    assert tokens() >= before + 5  # at least the 5 tokens decoded after the first
+    assert body["window_s"] > 0 and body["homes"]
+    for home in body["homes"].values():
+        assert home["layers"] and all(len(layer["counts"]) == body["num_experts"] for layer in home["layers"])
+        per_layer = {sum(layer["counts"]) for layer in home["layers"]}
+        assert len(per_layer) == 1 and per_layer.pop() % home["tokens"] == 0  # tokens x top_k in every layer
+        assert all(0 <= layer["entropy_bits"] <= math.log2(body["num_experts"]) for layer in home["layers"])
 
 
 def test_one_log_line_per_request_in_human_units(client: OpenAI, model_id: str, potluck: PotluckUp) -> None:

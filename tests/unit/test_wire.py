@@ -32,7 +32,7 @@ def same(x: torch.Tensor, y: torch.Tensor) -> bool:
 @pytest.mark.parametrize(
     "t",
     [torch.randn(3, 4), torch.randn(2, 3, 5).bfloat16(), torch.randn(4).half(), torch.tensor(5), torch.zeros(0, 4),
-     torch.arange(6).view(2, 3).int(), torch.arange(6)],
+     torch.arange(6).view(2, 3).int(), torch.arange(6), torch.tensor([[-1, 7], [300, 2]], dtype=torch.int16)],
 )
 def test_tensor_round_trip(t: torch.Tensor) -> None:
     assert same(c.tensor_from_proto(wire(c.tensor_to_proto(t))), t)
@@ -185,12 +185,14 @@ def test_decode_step_round_trip() -> None:
     assert c.decode_step_from_proto(wire(c.decode_step_to_proto(spans, logits=True))) == (spans, True)
     tokens = (TokenEvent(token_id=4, logprob=-0.5, top_logprobs=((4, -0.5), (1, -2.25)), is_stop=True), None,
               TokenEvent(token_id=0))
-    result = DecodeResult(tokens=tokens, round_trips=3, gathered=("r2",), logits=torch.randn(3, 11))
+    chosen = torch.tensor([[[3, 1], [0, 2], [3, 0], [1, 2], [2, 3]]] * 2, dtype=torch.int16)  # [layers, T, k]
+    result = DecodeResult(tokens=tokens, round_trips=3, gathered=("r2",), logits=torch.randn(3, 11), selections=chosen)
     back = c.decode_step_reply_from_proto(wire(c.decode_step_reply_to_proto(result)))
     assert back.logits is not None and result.logits is not None and same(back.logits, result.logits)
+    assert back.selections is not None and same(back.selections, chosen)
     assert (back.tokens, back.round_trips, back.gathered) == (tokens, 3, ("r2",))
     bare = c.decode_step_reply_from_proto(wire(c.decode_step_reply_to_proto(DecodeResult(tokens=(), round_trips=0))))
-    assert bare.logits is None and bare.tokens == ()
+    assert bare.logits is None and bare.selections is None and bare.tokens == ()
 
 
 # Peer plane ------------------------------------------------------------------------------------

@@ -473,16 +473,18 @@ class SampledToken(_message.Message):
     def __init__(self, sampled: _Optional[bool] = ..., token_id: _Optional[int] = ..., logprob: _Optional[float] = ..., top_ids: _Optional[_Iterable[int]] = ..., top_logprobs: _Optional[_Iterable[float]] = ..., is_stop: _Optional[bool] = ...) -> None: ...
 
 class DecodeStepReply(_message.Message):
-    __slots__ = ("logits", "round_trips", "gathered", "tokens")
+    __slots__ = ("logits", "round_trips", "gathered", "tokens", "selections")
     LOGITS_FIELD_NUMBER: _ClassVar[int]
     ROUND_TRIPS_FIELD_NUMBER: _ClassVar[int]
     GATHERED_FIELD_NUMBER: _ClassVar[int]
     TOKENS_FIELD_NUMBER: _ClassVar[int]
+    SELECTIONS_FIELD_NUMBER: _ClassVar[int]
     logits: Tensor
     round_trips: int
     gathered: _containers.RepeatedScalarFieldContainer[str]
     tokens: _containers.RepeatedCompositeFieldContainer[SampledToken]
-    def __init__(self, logits: _Optional[_Union[Tensor, _Mapping]] = ..., round_trips: _Optional[int] = ..., gathered: _Optional[_Iterable[str]] = ..., tokens: _Optional[_Iterable[_Union[SampledToken, _Mapping]]] = ...) -> None: ...
+    selections: Tensor
+    def __init__(self, logits: _Optional[_Union[Tensor, _Mapping]] = ..., round_trips: _Optional[int] = ..., gathered: _Optional[_Iterable[str]] = ..., tokens: _Optional[_Iterable[_Union[SampledToken, _Mapping]]] = ..., selections: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class PeerFrame(_message.Message):
     __slots__ = ("call", "batch", "result", "error", "ping", "pong")
