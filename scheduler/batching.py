@@ -53,7 +53,7 @@ from scheduler.agent_calls import AgentCalls
 from scheduler.batch_state import BatchSettings as BatchSettings
 from scheduler.batch_state import Seq
 from scheduler.client import AgentClient
-from scheduler.decode_plan import choose_home, prefill_at_home
+from scheduler.decode_plan import choose_home, prefill_at_home, user_home
 from scheduler.errors import AgentFailed, NoAgentsAvailable
 from scheduler.partition import after_step, chunk_step
 from scheduler.policy import Policy
@@ -227,7 +227,7 @@ class Batcher:
             seq.runner = RequestRunner(agents, view, self.policy)
             seq.members = [a.name for a in agents]
             seq.cached = {n: 0 for n in seq.members}
-            home = choose_home(seq.members, self._homes(), {})
+            home = choose_home(seq.members, self._homes(), {}, self._user_home(seq))
             if prefill_at_home(len(seq.prompt), self.settings.home_prefill_max, len(agents),
                                self.unheld_read_s(home)):
                 seq.at_home, seq.home = True, seq.runner.agents[home]
@@ -289,11 +289,16 @@ class Batcher:
             self._failed(seq, exc, epoch)
         return end - start
 
+    def _user_home(self, seq: Seq) -> NodeId | None:
+        assert seq.runner is not None
+        agents = seq.runner.agents
+        return user_home(seq.request.user, seq.members, {n: agents[n].spec.users for n in seq.members})
+
     async def _adopt(self, seq: Seq, token: int) -> None:
         """Choose the request's home and have it gather the prompt's K/V."""
         assert seq.runner is not None
         prompt, epoch = len(seq.prompt), seq.epoch
-        home = seq.runner.agents[choose_home(seq.members, self._homes(), seq.cached)]
+        home = seq.runner.agents[choose_home(seq.members, self._homes(), seq.cached, self._user_home(seq))]
         sources = [(n, seq.runner.agents[n].spec.address) for n in seq.members if n != home.name and seq.cached.get(n)]
         await self.calls.on([home.name, *(n for n, _ in sources)],
                        home.adopt_kv(seq.rid, self._capacity(seq), prompt, sources, sampling=seq.request.sampling,

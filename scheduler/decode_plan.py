@@ -3,12 +3,14 @@ request's home, and the routing table the home agents follow to reach the holder
 they lack.
 
     prefill_at_home(prompt tokens, longest prompt a home prefills, agents, unheld experts' read time) -> bool
-    choose_home(agents, decoding per agent, K/V rows per agent) -> NodeId
+    user_home(OpenAI `user`, agents, users each agent lists) -> NodeId | None
+    choose_home(agents, decoding per agent, K/V rows per agent, the user's home) -> NodeId
     routing_table(version, addresses, experts held per agent) -> RoutingTable (protos/routing.py)
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping, Sequence
 
 from protos.ids import ExpertId, NodeId
@@ -44,9 +46,24 @@ def prefill_at_home(prompt_tokens: int, home_max: int, agents: int, unheld_read_
     return unheld_read_s * (1 - 1 / max(agents, 1)) <= SEQUENCE_PARALLEL_OVERHEAD_S
 
 
+def user_home(user: str | None, nodes: Sequence[NodeId], listed: Mapping[NodeId, Sequence[str]]) -> NodeId | None:
+    """The home of a request from `user` (the OpenAI field), among the agents up: the one whose
+    inventory entry lists the user; else the agent that ranks first for the user by rendezvous
+    hashing (sha256 of user and agent name), so that a user keeps its home across requests and
+    restarts, and only the users of an agent that leaves move. None without a user: the home is
+    chosen by load (`choose_home`)."""
+    if not user or not nodes:
+        return None
+    for node in nodes:
+        if user in listed.get(node, ()):
+            return node
+    return max(nodes, key=lambda n: hashlib.sha256(f"{user}\0{n}".encode()).digest())
+
+
 def choose_home(nodes: Sequence[NodeId], decoding: Mapping[NodeId, int], kv_rows: Mapping[NodeId, int],
-                batch: int = HOME_BATCH) -> NodeId:
-    """Where a request decodes: with the other requests decoding (on the agent with the most of
+                preferred: NodeId | None = None, batch: int = HOME_BATCH) -> NodeId:
+    """Where a request decodes: its user's home (`preferred`, from `user_home`) when there is one
+    among `nodes`; else with the other requests decoding (on the agent with the most of
     them that has fewer than `batch`), then on the one holding most of the prompt's K/V (the
     least to move to it), then the first in order; when every agent has a full batch, on the one
     with the fewest. A batched step streams the dense weights once for all its requests and sends
@@ -55,6 +72,8 @@ def choose_home(nodes: Sequence[NodeId], decoding: Mapping[NodeId, int], kv_rows
     agent (4 streams: 25.6 against 24.9)."""
     if not nodes:
         raise ValueError("a request needs at least one agent to decode on")
+    if preferred is not None and preferred in nodes:
+        return preferred
     open_ = [n for n in nodes if decoding.get(n, 0) < batch]
     if not open_:
         return min(nodes, key=lambda n: (decoding.get(n, 0), nodes.index(n)))

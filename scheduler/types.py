@@ -42,6 +42,7 @@ class NodeSpec:
     name: NodeId
     address: str  # host:port of the agent's gRPC server
     labels: tuple[str, ...] = ()
+    users: tuple[str, ...] = ()  # OpenAI `user` values whose requests decode on this agent (their home)
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,7 @@ class GenerationRequest:
     request_id: RequestId
     prompt_token_ids: tuple[int, ...]
     sampling: SamplingParams
+    user: str | None = None  # the OpenAI `user` field: requests of one user share a home agent
     # Called once when the request leaves the queue and starts running (the server's queue-time
     # metric); None: nobody asks.
     on_admitted: Callable[[], None] | None = field(default=None, compare=False, repr=False)

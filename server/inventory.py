@@ -20,6 +20,8 @@ The YAML shape (see deploy/home-lan.example.yaml):
         torch_threads: 2                 # optional: torch threads of an agent `potluck up` starts
                                          # (default: a fair share of the host's cores)
         labels: [gpu, laptop]            # optional, free-form
+        users: [alice]                   # optional: requests whose OpenAI `user` is listed decode
+                                         # on this node (a user on at most one node)
 
 Every error names the field and the node, e.g. `nodes[1].address (node 'pi'): ...`.
 """
@@ -153,6 +155,7 @@ class NodeEntry(BaseModel):
     # agent the thread count of a baseline.
     torch_threads: int | None = Field(None, ge=1)
     labels: tuple[str, ...] = ()
+    users: tuple[str, ...] = ()
 
     @field_validator("name")
     @classmethod
@@ -199,10 +202,17 @@ class Inventory(BaseModel):
                 if value in seen:
                     raise _DuplicateError(index, key, f"{value!r} is already used by nodes[{seen[value]}]")
                 seen[value] = index
+        homes: dict[str, int] = {}
+        for index, node in enumerate(self.nodes):
+            for user in node.users:
+                if user in homes and homes[user] != index:
+                    raise _DuplicateError(index, "users", f"user {user!r} is already listed by nodes[{homes[user]}]; "
+                                                          f"a user has one home")
+                homes[user] = index
         return self
 
     def node_specs(self) -> tuple[NodeSpec, ...]:
-        return tuple(NodeSpec(NodeId(n.name), n.address, n.labels) for n in self.nodes)
+        return tuple(NodeSpec(NodeId(n.name), n.address, n.labels, n.users) for n in self.nodes)
 
     def profiles(self) -> dict[NodeId, NodeProfile]:
         return {NodeId(n.name): n.profile for n in self.nodes}

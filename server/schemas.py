@@ -116,7 +116,7 @@ class SamplingFields(BaseModel):
     seed: StrictInt | None = Field(None, ge=_SEED_MIN, le=_SEED_MAX)
     stream: StrictBool | None = False
     stream_options: StreamOptions | None = None
-    user: Text | None = None  # accepted and ignored
+    user: Text | None = None  # picks the request's home agent (scheduler/decode_plan.user_home)
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     logit_bias: dict[str, float] | None = None

@@ -120,7 +120,7 @@ def _generation(
     state: ServerState, prefix: str, prompt: list[int], body: SamplingFields, max_tokens: int, logprobs: bool, top: int
 ) -> Generation:
     sampling = sampling_params(body, max_tokens, logprobs, top, state.text.stop_token_ids)
-    request = GenerationRequest(RequestId(f"{prefix}-{uuid.uuid4().hex}"), tuple(prompt), sampling)
+    request = GenerationRequest(RequestId(f"{prefix}-{uuid.uuid4().hex}"), tuple(prompt), sampling, body.user)
     assembler = OutputAssembler(Detokenizer(state.text.decode, prompt), StopBuffer(body.stop), max_tokens, logprobs)
     return Generation(state.engine, request, assembler, state.metrics)
 

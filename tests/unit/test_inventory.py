@@ -62,6 +62,11 @@ def test_link_latency_reaches_the_launched_agents_command_line() -> None:
     assert args.link_latency == pytest.approx(0.002)
 
 
+def test_users_reach_the_node_specs() -> None:
+    inventory = parse_inventory({"nodes": [node(users=["alice", "bob"]), node("b", "127.0.0.1:2")]})
+    assert [spec.users for spec in inventory.node_specs()] == [("alice", "bob"), ()]
+
+
 def test_relative_model_path_is_from_the_file(tmp_path: Path) -> None:
     path = tmp_path / "inv.yaml"
     path.write_text(yaml.safe_dump({"model": "models/m", "nodes": [node()]}))
@@ -75,6 +80,8 @@ def test_relative_model_path_is_from_the_file(tmp_path: Path) -> None:
         ({"nodes": [node(), node("b", "127.0.0.1:70000")]}, "nodes[1].address (node 'b')"),
         ({"nodes": [node(), node("a", "127.0.0.1:2")]}, "nodes[1].name: 'a' is already used by nodes[0]"),
         ({"nodes": [node(), node("b")]}, "nodes[1].address (node 'b'): '127.0.0.1:50051' is already used by nodes[0]"),
+        ({"nodes": [node(users=["al"]), node("b", "127.0.0.1:2", users=["bo", "al"])]},
+         "nodes[1].users (node 'b'): user 'al' is already listed by nodes[0]; a user has one home"),
         ({"nodes": [node(expert_memory="1GiX")]}, "nodes[0].expert_memory (node 'a'): invalid size '1GiX'"),
         ({"nodes": [node(disk_bandwidth="5MB")]}, "nodes[0].disk_bandwidth (node 'a'): invalid rate '5MB'"),
         ({"nodes": [node(link_bandwidth="fast")]}, "nodes[0].link_bandwidth (node 'a'): invalid rate 'fast'"),

@@ -6,7 +6,7 @@ import pytest
 
 from protos.ids import ExpertId
 from scheduler.decode_plan import (SEQUENCE_PARALLEL_OVERHEAD_S, choose_home, prefill_at_home, routing_table,
-                                   same_holders)
+                                   same_holders, user_home)
 from scheduler.partition import after_step, chunk_step, contiguous_prefill, zigzag_prefill
 from scheduler.routing import resident_first
 from scheduler.types import LayerReport, NodeId
@@ -56,6 +56,25 @@ def test_home_joins_the_largest_open_batch_then_holds_most_kv() -> None:
     assert choose_home([A, B], {A: 3, B: 3}, {}, batch=3) == A  # all full: the fewest, then order
     with pytest.raises(ValueError):
         choose_home([], {}, {})
+
+
+def test_a_users_home_comes_before_load() -> None:
+    assert choose_home([A, B, C], {A: 1}, {A: 5}, preferred=C) == C
+    assert choose_home([A, B], {A: 1}, {A: 5}, preferred=C) == A  # C is not up: by load
+
+
+def test_user_homes_are_listed_or_sticky_and_move_only_off_a_leaving_agent() -> None:
+    nodes = [NodeId(n) for n in "abcd"]
+    assert user_home(None, nodes, {}) is None and user_home("", nodes, {}) is None
+    assert user_home("alice", nodes, {NodeId("c"): ("alice",)}) == NodeId("c")
+    users = [f"user{i}" for i in range(400)]
+    homes = {u: user_home(u, nodes, {}) for u in users}
+    assert homes == {u: user_home(u, list(reversed(nodes)), {}) for u in users}  # not by order
+    counts = {n: sum(h == n for h in homes.values()) for n in nodes}
+    assert min(counts.values()) > 60, counts  # spread over the agents (100 each on average)
+    without_c = {u: user_home(u, [n for n in nodes if n != "c"], {}) for u in users}
+    assert all(without_c[u] == homes[u] for u in users if homes[u] != "c")
+    assert all(without_c[u] != "c" for u in users)
 
 
 def test_routing_table_lists_every_holder_and_rotates_the_preferred_one() -> None:

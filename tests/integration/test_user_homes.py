@@ -1,0 +1,48 @@
+"""Requests carry the OpenAI `user`: a user listed by a node of the inventory decodes there, any
+other user on its rendezvous-hashed agent, with the same tokens as anywhere else; the homes'
+decode steps report the experts their tokens chose, which the activation window counts per
+home (real agents over real gRPC, a real generated checkpoint)."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from protos.ids import NodeId, RequestId
+from scheduler.decode_plan import user_home
+from scheduler.service import EngineService
+from scheduler.types import GenerationRequest, SamplingParams
+from tests.integration.cluster import local_cluster
+
+PROMPT = tuple(range(3, 40))
+
+
+def request(rid: str, user: str | None) -> GenerationRequest:
+    sampling = SamplingParams(max_tokens=6, temperature=0.0, stop_token_ids=frozenset())
+    return GenerationRequest(RequestId(rid), PROMPT, sampling, user)
+
+
+async def tokens_by_home(engine: EngineService, req: GenerationRequest) -> tuple[list[int], dict[str, int]]:
+    """The request's tokens, and how many tokens each home reported meanwhile."""
+    before = {h: v["tokens"] for h, v in engine.activation_stats()["homes"].items()}
+    out = [e.token_id async for e in await engine.submit(req)]
+    after = {h: v["tokens"] for h, v in engine.activation_stats()["homes"].items()}
+    return out, {h: n - before.get(h, 0) for h, n in after.items() if n != before.get(h, 0)}
+
+
+async def test_a_users_requests_decode_on_its_home_with_the_same_tokens(qwen_tiny: Path) -> None:
+    async with local_cluster(qwen_tiny, 3) as cluster:
+        cluster.specs = [dataclasses.replace(s, users=("alice",)) if s.name == "agent2" else s for s in cluster.specs]
+        async with cluster.engine() as engine:
+            anywhere, homes = await tokens_by_home(engine, request("r0", None))
+            assert homes  # some home reported its steps
+            alice, homes = await tokens_by_home(engine, request("r1", "alice"))
+            assert alice == anywhere and set(homes) == {"agent2"}
+            assert homes["agent2"] >= len(PROMPT) + 5  # the prompt, prefilled on the home, and 5 decoded tokens
+            bob_home = user_home("bob", [s.name for s in cluster.specs], {})
+            for i in range(2):  # sticky
+                bob, homes = await tokens_by_home(engine, request(f"r{2 + i}", "bob"))
+                assert bob == anywhere and set(homes) == {bob_home}
+            stats = engine.activation_stats()["homes"][NodeId("agent2")]
+            for layer in stats["layers"]:  # top-2 routing: two selections a token in every layer
+                assert sum(layer["counts"]) == 2 * stats["tokens"]
