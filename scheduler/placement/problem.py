@@ -12,8 +12,8 @@ costs below are the objectives the policies minimise and the figures `/admin/pla
   their home agent: the sum over homes and experts of the activation count where the home does
   not hold the expert.
 - `expected_s(P)`: the same accesses weighed by what each costs under the device profiles: a
-  local expert its compute, a held one a round trip to its cheapest holder plus that holder's
-  compute, one nobody holds a read from the home's own disk plus its compute.
+  local expert its compute; else the faster of a round trip to its cheapest holder (with that
+  holder's compute) and a read from the home's own disk (with its compute).
 - `migration_s(old, new)`: the seconds spent moving to `new`: every expert an agent gains comes
   from its own disk or from a holder in `old` over the link, whichever is faster.
 """
@@ -97,6 +97,9 @@ class PlacementProblem:
             raise ValueError("device names must be unique")
         if self.expert_bytes <= 0 or self.num_experts <= 0 or not 0 < self.top_k <= self.num_experts:
             raise ValueError("expert_bytes and num_experts must be > 0, top_k in [1, num_experts]")
+        strangers = set(self.activations.counts) - {d.node for d in self.devices}
+        if strangers:  # the caller keeps the statistics of agents still in the cluster
+            raise ValueError(f"activations of homes that are not devices: {sorted(strangers)}")
 
     def experts(self) -> list[ExpertId]:
         return [ExpertId(layer, e) for layer in self.layers for e in range(self.num_experts)]
@@ -123,13 +126,14 @@ class PlacementProblem:
         return h.link_latency_s + o.link_latency_s + 2 * wire + self.compute_s(holder)
 
     def access_s(self, placement: Placement, home: NodeId, expert: ExpertId) -> float:
-        """What one (token, expert) selection of a request homed on `home` costs under the placement."""
+        """What one (token, expert) selection of a request homed on `home` costs under the placement:
+        its compute where the home holds the expert, else the faster of a call to a holder and a
+        read from the home's own disk."""
         if expert in placement.get(home, frozenset()):
             return self.compute_s(home)
         holders = [n for n, held in placement.items() if expert in held and n != home]
-        if holders:
-            return min(self.call_s(home, n) for n in holders)
-        return self.device(home).read_s(self.expert_bytes) + self.compute_s(home)
+        read = self.device(home).read_s(self.expert_bytes) + self.compute_s(home)
+        return min([read, *(self.call_s(home, n) for n in holders)])  # whichever is faster
 
 
 def remote_calls(problem: PlacementProblem, placement: Placement) -> float:
