@@ -7,9 +7,11 @@ expert goes is the policy's choice (`cache_policy.py`), except that experts the 
 (`protect`) go last, and a prefetch never evicts them. A fill (an expert no agent holds, read into
 free memory while the disk is idle) never evicts anything, gives its reservation back to any load
 that needs the room before its read starts, and yields the disk between chunks to any demand or
-prefetch read (it goes back in the queue and starts over). The disk reads one expert at a time,
-demand loads before prefetches before fills. Runs on the agent's event loop; only reads happen in
-the disk thread.
+prefetch read (it goes back in the queue and starts over). The placement's experts (`place`, the
+scheduler's choice of what this agent keeps) are never evicted; those not resident are read after
+demand and prefetch reads, each taking the room of an unplaced expert nobody uses (the rest of
+the memory stays a cache). The disk reads one expert at a time: demand loads, prefetches,
+placement reads, fills. Runs on the agent's event loop; only reads happen in the disk thread.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from node_agent.cache_policy import EvictionPolicy, LRUPolicy
 from node_agent.model.moe import ExpertWeights
 from protos.ids import ExpertId
 
-DEMAND, PREFETCH, FILL = 0, 1, 2  # disk queue priorities (lower first)
+DEMAND, PREFETCH, PLACE, FILL = 0, 1, 2, 3  # disk queue priorities (lower first)
 
 
 class BufferTooSmall(ValueError):
@@ -70,6 +72,7 @@ class BufferCounters:
     prefetches: int = 0  # loads started by a prefetch
     fills: int = 0  # loads started by a fill
     fill_preemptions: int = 0  # fill reads stopped part-way for a more urgent read
+    placements: int = 0  # loads started for the placement
 
 
 class ExpertBuffer:
@@ -97,6 +100,8 @@ class ExpertBuffer:
         self._reader: asyncio.Task[None] | None = None
         self._urgent = threading.Event()  # a demand or prefetch read is queued (read by the disk thread)
         self.protected: frozenset[ExpertId] = frozenset()
+        self.placed: frozenset[ExpertId] = frozenset()  # never evicted (`place`)
+        self._placing: asyncio.Task[None] | None = None  # reads the placement's missing experts
         self.counters = BufferCounters()
 
     @property
@@ -129,6 +134,41 @@ class ExpertBuffer:
     def protect(self, experts: Iterable[ExpertId]) -> None:
         """Experts the current plan needs here: evicted last, never for a prefetch."""
         self.protected = frozenset(experts)
+
+    @property
+    def slots(self) -> int | None:
+        """Experts the memory holds (None: unlimited)."""
+        return self.capacity // self.expert_nbytes if self.capacity else None
+
+    def place(self, experts: Iterable[ExpertId]) -> None:
+        """Keep these experts resident from now on, instead of the previous placement (whose
+        experts stay as cache until their room is needed). At least one slot stays out of the
+        placement, so that a demand read of an unplaced expert always finds room once its
+        users let go. ValueError if the placement does not fit."""
+        placed = frozenset(experts)
+        if self.slots is not None and len(placed) > self.slots - 1:
+            raise ValueError(f"a placement of {len(placed)} experts does not fit: the expert memory holds "
+                             f"{self.slots}, and one slot stays a cache for demand reads")
+        self.placed = placed
+        if self._placing is not None:
+            self._placing.cancel()  # begun over: experts whose read failed get another one
+        self._placing = asyncio.get_running_loop().create_task(self._read_placement())
+
+    async def _read_placement(self) -> None:
+        """Read the placement's experts that are not in memory yet, one reservation at a time (so
+        demand reads, queued ahead, keep the disk), until every one is resident or its read
+        failed (a later `place` starts this over)."""
+        failed: set[ExpertId] = set()  # reads that failed: not retried until the next placement
+        while missing := sorted(e for e in self.placed if e not in self._entries and e not in failed):
+            reserved = await self._reserve(missing[0], allow_protected=True, priority=PLACE)
+            assert reserved is not None
+            entry, queued = reserved
+            if queued:
+                self.counters.placements += 1
+            try:
+                await asyncio.shield(entry.loaded)
+            except Exception:  # the read's own waiters hear why; the placement goes on without it
+                failed.add(missing[0])
 
     @contextlib.asynccontextmanager
     async def pinned(self, eid: ExpertId) -> AsyncIterator[ExpertWeights]:
@@ -247,14 +287,15 @@ class ExpertBuffer:
         return True
 
     def _victim(self, allow_protected: bool) -> ExpertId | None:
-        free = {k for k, v in self._entries.items() if v.pins == 0 and v.weights is not None}
+        free = {k for k, v in self._entries.items() if v.pins == 0 and v.weights is not None and k not in self.placed}
         unprotected = free - self.protected
         victim = next(iter(self.policy.victims(unprotected)), None)
         if victim is None and allow_protected:
             victim = next(iter(self.policy.victims(free)), None)
         return victim
 
-    async def _reserve(self, eid: ExpertId, allow_protected: bool) -> tuple[_Entry, bool] | None:
+    async def _reserve(self, eid: ExpertId, allow_protected: bool, priority: int | None = None
+                       ) -> tuple[_Entry, bool] | None:
         """Room for a read of eid, evicting or (a demand read) waiting for it; returns its entry
         and whether this call queued the read (False: another task's read of eid, resident or in
         flight, which began while this one waited), or None (a prefetch finds no room)."""
@@ -282,7 +323,7 @@ class ExpertBuffer:
                 self._resident.get(victim.layer, {}).pop(victim.index, None)
                 self.policy.on_remove(victim)
                 self.counters.evictions += 1
-            entry = _Entry(priority=DEMAND if allow_protected else PREFETCH)
+            entry = _Entry(priority=priority if priority is not None else DEMAND if allow_protected else PREFETCH)
             self._entries[eid] = entry
         self._enqueue(entry.priority, eid, entry)
         return entry, True

@@ -38,8 +38,8 @@ from protos.convert import (adopt_kv_from_proto, adopt_kv_reply_to_proto, attend
                             expert_result_to_proto, expert_to_wire, fetch_kv_from_proto,
                             fill_from_proto, fill_reply_to_proto, finish_from_proto, finish_reply_to_proto,
                             forward_from_proto, info_to_proto, kv_block_from_proto, kv_block_to_proto,
-                            layer_report_to_proto, release_from_proto, routing_table_from_proto, step_begun_to_proto,
-                            tensor_nbytes)
+                            layer_report_to_proto, placement_from_proto, placement_reply_to_proto, release_from_proto,
+                            routing_table_from_proto, step_begun_to_proto, tensor_nbytes)
 from protos.human import format_rate, format_size
 from protos.limits import SERVER_OPTIONS
 from protos.messages import AgentInfo, CacheCounters, CacheState, KVBlock, StepBegun
@@ -212,7 +212,7 @@ class Servicer(pb_grpc.NodeAgentServicer):
     async def CacheState(self, request: pb.CacheStateRequest, context: Any) -> pb.CacheStateReply:
         buf = self.core.buffer
         return cache_state_to_proto(CacheState(self._counters(), self._flat(buf.all_resident()),
-                                               self._flat(buf.all_loading())))
+                                               self._flat(buf.all_loading()), self._flat(buf.placed)))
 
     def _counters(self) -> CacheCounters:
         core, buf, c = self.core, self.core.buffer, self.core.buffer.counters
@@ -238,6 +238,11 @@ class Servicer(pb_grpc.NodeAgentServicer):
         n = self.core.cfg.num_experts
         accepted = self.core.fill([expert_from_wire(e, n) for e in fill_from_proto(request)])
         return fill_reply_to_proto([expert_to_wire(e, n) for e in accepted])
+
+    async def SetPlacement(self, request: pb.PlacementRequest, context: Any) -> pb.PlacementReply:
+        n = self.core.cfg.num_experts
+        placed, resident = self.core.place([expert_from_wire(e, n) for e in placement_from_proto(request)])
+        return placement_reply_to_proto(placed, resident)
 
     async def SetRoutingTable(self, request: pb.RoutingTable, context: Any) -> pb.Ack:
         self.core.set_routing_table(routing_table_from_proto(request, self.core.cfg.num_experts))

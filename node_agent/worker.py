@@ -335,10 +335,20 @@ class AgentCore:
     def fill(self, experts: Sequence[ExpertId]) -> list[ExpertId]:
         """Queue reads of experts no agent holds into free expert memory (lowest disk priority,
         never evicting); returns those now resident or on their way."""
+        self._check_routed(experts)
+        return [eid for eid in experts if self.buffer.fill(eid)]
+
+    def place(self, experts: Sequence[ExpertId]) -> tuple[int, int]:
+        """Keep these experts resident (the scheduler's placement; see ExpertBuffer.place);
+        returns (experts placed, of them resident now)."""
+        self._check_routed(experts)
+        self.buffer.place(experts)
+        return len(self.buffer.placed), len(self.buffer.placed & set(self.buffer.all_resident()))
+
+    def _check_routed(self, experts: Sequence[ExpertId]) -> None:
         for eid in experts:
             if not (self.cfg.has_experts(eid.layer) and 0 <= eid.index < self.cfg.num_experts):
                 raise ValueError(f"expert {eid.layer}/{eid.index} is not a routed expert of this model")
-        return [eid for eid in experts if self.buffer.fill(eid)]
 
     # Attention (node_agent/attention.py) ------------------------------------------------------
 

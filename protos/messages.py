@@ -181,6 +181,7 @@ class CacheState:
     counters: CacheCounters
     resident: frozenset[int]  # every resident expert
     loading: frozenset[int]  # every expert whose read is queued or under way
+    placed: frozenset[int] = frozenset()  # every expert of the placement (never evicted)
 
 
 @dataclass(frozen=True)

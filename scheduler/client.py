@@ -17,7 +17,8 @@ from protos.convert import (adopt_kv_reply_from_proto, adopt_kv_to_proto, begin_
                             cache_state_from_proto, decode_step_reply_from_proto, decode_step_to_proto,
                             failed_agent_from_metadata, fill_reply_from_proto, fill_to_proto, finish_reply_from_proto,
                             finish_to_proto, forward_to_proto, info_from_proto, layer_report_from_proto,
-                            release_to_proto, routing_table_to_proto, step_begun_from_proto)
+                            placement_reply_from_proto, placement_to_proto, release_to_proto, routing_table_to_proto,
+                            step_begun_from_proto)
 from protos.limits import CHANNEL_OPTIONS
 from protos.messages import AdoptKV, BeginStep, CacheState, DecodeResult, DecodeSpan, Forward, Peer, SamplingParams
 from protos.messages import AgentInfo as AgentInfo
@@ -147,6 +148,13 @@ class AgentClient:
     def snapshot_of(self, state: CacheState) -> AgentSnapshot:
         return AgentSnapshot(self.spec.name, self.spec.address, True, state.resident | state.loading,
                              labels=self.spec.labels, **asdict(state.counters))
+
+    async def set_placement(self, experts: Sequence[int]) -> tuple[int, int]:
+        """Have the agent keep these experts (layer * num_experts + index) resident from now on,
+        in place of its previous placement; returns (experts placed, of them resident now)."""
+        r = await self._call("SetPlacement", placement_to_proto(experts), 10.0)
+        assert isinstance(r, pb.PlacementReply)
+        return placement_reply_from_proto(r)
 
     async def fill(self, experts: Sequence[int]) -> list[int]:
         """Ask the agent to read these experts (layer * num_experts + index) into free memory at

@@ -184,12 +184,12 @@ def cache_counters_from_proto(msg: pb.CacheCounters) -> CacheCounters:
 
 def cache_state_to_proto(state: CacheState) -> pb.CacheStateReply:
     return pb.CacheStateReply(counters=cache_counters_to_proto(state.counters), resident=sorted(state.resident),
-                              loading=sorted(state.loading))
+                              loading=sorted(state.loading), placed=sorted(state.placed))
 
 
 def cache_state_from_proto(msg: pb.CacheStateReply) -> CacheState:
     return CacheState(counters=cache_counters_from_proto(msg.counters), resident=frozenset(msg.resident),
-                      loading=frozenset(msg.loading))
+                      loading=frozenset(msg.loading), placed=frozenset(msg.placed))
 
 
 def fill_to_proto(experts: Sequence[int]) -> pb.FillRequest:
@@ -207,6 +207,24 @@ def fill_reply_to_proto(accepted: Sequence[int]) -> pb.FillReply:
 
 def fill_reply_from_proto(msg: pb.FillReply) -> list[int]:
     return list(msg.accepted)
+
+
+def placement_to_proto(experts: Sequence[int]) -> pb.PlacementRequest:
+    """Experts as layer * num_experts + index."""
+    return pb.PlacementRequest(experts=sorted(experts))
+
+
+def placement_from_proto(msg: pb.PlacementRequest) -> list[int]:
+    return list(msg.experts)
+
+
+def placement_reply_to_proto(placed: int, resident: int) -> pb.PlacementReply:
+    return pb.PlacementReply(placed=placed, resident=resident)
+
+
+def placement_reply_from_proto(msg: pb.PlacementReply) -> tuple[int, int]:
+    """(experts placed, of them resident now)."""
+    return msg.placed, msg.resident
 
 
 # Decode (scheduler -> home agent) -------------------------------------------------------------

@@ -47,7 +47,8 @@ async def test_an_enrolled_agent_cannot_make_control_calls(qwen_tiny: Path) -> N
         peer = cluster.enrolment.ca.issue(agent_identity("agent1"), days=1)
         target = cluster.specs[0]
         calls = [("Info", pb.InfoRequest()), ("BeginStep", pb.BeginStepRequest(request_id="x", token_ids=[1] * 1000)),
-                 ("Fill", pb.FillRequest()), ("Release", pb.ReleaseRequest(request_id="x"))]
+                 ("Fill", pb.FillRequest()), ("SetPlacement", pb.PlacementRequest(experts=[0, 1])),
+                 ("Release", pb.ReleaseRequest(request_id="x"))]
         async with cluster.enrolment.channel(target, peer) as channel:
             stub = pb_grpc.NodeAgentStub(channel)
             for method, request in calls:

@@ -289,3 +289,51 @@ async def test_layer_cyclic_keeps_a_share_of_every_pass_where_lru_keeps_none(qwe
         hits[name] = buffer.counters.hits
     assert hits["lru"] == 0
     assert hits["cyclic"] >= 2 * (cfg.num_layers * cfg.num_experts // 3) - cfg.num_experts
+
+
+async def test_placed_experts_are_read_and_never_evicted(qwen_tiny: Path) -> None:
+    buffer, store, cfg = make(qwen_tiny, 4)
+    placed = {ExpertId(0, 0), ExpertId(0, 1), ExpertId(1, 2)}
+    buffer.place(placed)
+    await until(lambda: placed <= set(buffer.all_resident()))
+    assert buffer.counters.placements == 3
+    others = [ExpertId(layer, e) for layer in range(cfg.num_layers) for e in range(cfg.num_experts)
+              if ExpertId(layer, e) not in placed]
+    for eid in others[:10]:  # demand reads take turns in the one slot left to the cache
+        async with buffer.pinned(eid) as weights:
+            assert torch.equal(weights.gate, store.load(eid, lambda: None).gate)
+        assert placed <= set(buffer.all_resident()) and buffer.bytes_used <= buffer.capacity
+
+
+async def test_a_new_placement_replaces_the_old_whose_experts_stay_as_cache(qwen_tiny: Path) -> None:
+    buffer, _, _ = make(qwen_tiny, 5)
+    first, second = {ExpertId(0, e) for e in range(4)}, {ExpertId(1, e) for e in range(2)}
+    buffer.place(first)
+    await until(lambda: first <= set(buffer.all_resident()))
+    buffer.place(second)
+    await until(lambda: second <= set(buffer.all_resident()))
+    resident = set(buffer.all_resident())
+    assert len(resident) == 5 and len(resident & first) == 3  # the free slot and one old expert made room
+    assert buffer.counters.placements == 6 and buffer.counters.evictions == 1
+
+
+async def test_a_placement_that_leaves_no_slot_to_the_cache_is_refused(qwen_tiny: Path) -> None:
+    buffer, _, _ = make(qwen_tiny, 3)
+    with pytest.raises(ValueError, match="does not fit"):
+        buffer.place({ExpertId(0, e) for e in range(3)})
+    buffer.place({ExpertId(0, e) for e in range(2)})  # one slot stays a cache
+
+
+async def test_a_placed_expert_whose_read_fails_does_not_stop_the_others(qwen_tiny: Path) -> None:
+    _, store, _ = make(qwen_tiny, 4)
+    broken = ExpertId(0, 1)
+
+    def load(eid: ExpertId, check: Callable[[], None]) -> ExpertWeights:
+        if eid == broken:
+            raise OSError("bad sector")
+        return store.load(eid, check)
+
+    buffer = ExpertBuffer(4 * store.expert_nbytes, store.expert_nbytes, load, ThreadPoolExecutor(1))
+    buffer.place({ExpertId(0, 0), broken, ExpertId(0, 2)})
+    await until(lambda: {ExpertId(0, 0), ExpertId(0, 2)} <= set(buffer.all_resident()))
+    assert broken not in buffer.all_resident() and buffer.counters.placements == 3

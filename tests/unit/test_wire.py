@@ -137,7 +137,7 @@ def test_cache_state_round_trip() -> None:
     # Distinct values, so that a counter that lands in another's field is caught.
     counters = CacheCounters(**{name: i + 1 for i, name in enumerate(CacheCounters.__dataclass_fields__)})
     assert counters.attention_s == 9 and counters.requests == 29
-    state = CacheState(counters, frozenset({1, 4, 8}), frozenset({2}))
+    state = CacheState(counters, frozenset({1, 4, 8}), frozenset({2}), placed=frozenset({4, 8}))
     assert c.cache_state_from_proto(wire(c.cache_state_to_proto(state))) == state
     assert c.cache_counters_from_proto(wire(c.cache_counters_to_proto(counters))) == counters
     assert wire(c.cache_counters_to_proto(counters)).decode_remote_experts == counters.decode_remote_experts
@@ -146,6 +146,11 @@ def test_cache_state_round_trip() -> None:
 def test_fill_round_trip() -> None:
     assert c.fill_from_proto(wire(c.fill_to_proto([9, 3, 4]))) == [9, 3, 4]  # the order to read them
     assert c.fill_reply_from_proto(wire(c.fill_reply_to_proto([3, 9]))) == [3, 9]
+
+
+def test_placement_round_trip() -> None:
+    assert c.placement_from_proto(wire(c.placement_to_proto([9, 3, 4]))) == [3, 4, 9]
+    assert c.placement_reply_from_proto(wire(c.placement_reply_to_proto(3, 1))) == (3, 1)
 
 
 # Decode ----------------------------------------------------------------------------------------

@@ -271,14 +271,16 @@ class CacheStateRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class CacheStateReply(_message.Message):
-    __slots__ = ("counters", "resident", "loading")
+    __slots__ = ("counters", "resident", "loading", "placed")
     COUNTERS_FIELD_NUMBER: _ClassVar[int]
     RESIDENT_FIELD_NUMBER: _ClassVar[int]
     LOADING_FIELD_NUMBER: _ClassVar[int]
+    PLACED_FIELD_NUMBER: _ClassVar[int]
     counters: CacheCounters
     resident: _containers.RepeatedScalarFieldContainer[int]
     loading: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, counters: _Optional[_Union[CacheCounters, _Mapping]] = ..., resident: _Optional[_Iterable[int]] = ..., loading: _Optional[_Iterable[int]] = ...) -> None: ...
+    placed: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, counters: _Optional[_Union[CacheCounters, _Mapping]] = ..., resident: _Optional[_Iterable[int]] = ..., loading: _Optional[_Iterable[int]] = ..., placed: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class FillRequest(_message.Message):
     __slots__ = ("experts",)
@@ -291,6 +293,20 @@ class FillReply(_message.Message):
     ACCEPTED_FIELD_NUMBER: _ClassVar[int]
     accepted: _containers.RepeatedScalarFieldContainer[int]
     def __init__(self, accepted: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class PlacementRequest(_message.Message):
+    __slots__ = ("experts",)
+    EXPERTS_FIELD_NUMBER: _ClassVar[int]
+    experts: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, experts: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class PlacementReply(_message.Message):
+    __slots__ = ("placed", "resident")
+    PLACED_FIELD_NUMBER: _ClassVar[int]
+    RESIDENT_FIELD_NUMBER: _ClassVar[int]
+    placed: int
+    resident: int
+    def __init__(self, placed: _Optional[int] = ..., resident: _Optional[int] = ...) -> None: ...
 
 class KVBlock(_message.Message):
     __slots__ = ("request_id", "step", "layer", "sender", "keys", "values", "positions", "chunk", "num_chunks")

@@ -69,6 +69,11 @@ class NodeAgentStub:
                 request_serializer=protos_dot_potluck_dot_v1_dot_agent__pb2.FillRequest.SerializeToString,
                 response_deserializer=protos_dot_potluck_dot_v1_dot_agent__pb2.FillReply.FromString,
                 _registered_method=True)
+        self.SetPlacement = channel.unary_unary(
+                '/potluck.v1.NodeAgent/SetPlacement',
+                request_serializer=protos_dot_potluck_dot_v1_dot_agent__pb2.PlacementRequest.SerializeToString,
+                response_deserializer=protos_dot_potluck_dot_v1_dot_agent__pb2.PlacementReply.FromString,
+                _registered_method=True)
         self.SetRoutingTable = channel.unary_unary(
                 '/potluck.v1.NodeAgent/SetRoutingTable',
                 request_serializer=protos_dot_potluck_dot_v1_dot_agent__pb2.RoutingTable.SerializeToString,
@@ -147,6 +152,12 @@ class NodeAgentServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Fill(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetPlacement(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -232,6 +243,11 @@ def add_NodeAgentServicer_to_server(servicer, server):
                     servicer.Fill,
                     request_deserializer=protos_dot_potluck_dot_v1_dot_agent__pb2.FillRequest.FromString,
                     response_serializer=protos_dot_potluck_dot_v1_dot_agent__pb2.FillReply.SerializeToString,
+            ),
+            'SetPlacement': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetPlacement,
+                    request_deserializer=protos_dot_potluck_dot_v1_dot_agent__pb2.PlacementRequest.FromString,
+                    response_serializer=protos_dot_potluck_dot_v1_dot_agent__pb2.PlacementReply.SerializeToString,
             ),
             'SetRoutingTable': grpc.unary_unary_rpc_method_handler(
                     servicer.SetRoutingTable,
@@ -458,6 +474,33 @@ class NodeAgent:
             '/potluck.v1.NodeAgent/Fill',
             protos_dot_potluck_dot_v1_dot_agent__pb2.FillRequest.SerializeToString,
             protos_dot_potluck_dot_v1_dot_agent__pb2.FillReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetPlacement(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/potluck.v1.NodeAgent/SetPlacement',
+            protos_dot_potluck_dot_v1_dot_agent__pb2.PlacementRequest.SerializeToString,
+            protos_dot_potluck_dot_v1_dot_agent__pb2.PlacementReply.FromString,
             options,
             channel_credentials,
             insecure,
