@@ -50,6 +50,7 @@ class ActivationWindow:
         self.num_experts = num_experts
         self.window_s, self.bucket_s = window_s, bucket_s
         self._homes: dict[NodeId, list[_Bucket]] = {}  # oldest bucket first
+        self.top_k: int | None = None  # experts a token chooses per layer, from the first selections
         E = num_experts
         a, b = torch.triu_indices(E, E, offset=1)  # the pair of each compact column
         self._pair_experts = (a.tolist(), b.tolist())
@@ -66,6 +67,7 @@ class ActivationWindow:
         ids = selections.long()
         if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= E):
             raise ValueError(f"selections name experts outside [0, {E})")
+        self.top_k = ids.shape[2]
         bucket = self._bucket(home, now)
         rows = torch.arange(L).view(L, 1, 1)
         bucket.counts.view(-1).index_add_(0, (rows * E + ids).flatten(), torch.ones(ids.numel(), dtype=torch.long))

@@ -32,6 +32,14 @@ class Engine(Protocol):
         """The activation window per home agent, layer and expert, as JSON (`GET /admin/stats`)."""
         ...
 
+    async def replan(self) -> dict[str, Any]:
+        """Re-plan the expert placement now; the placement report (`POST /admin/replan`)."""
+        ...
+
+    def placement_report(self) -> dict[str, Any]:
+        """Per agent and MoE layer its pinned and cached experts; the last replan (`GET /admin/placement`)."""
+        ...
+
     def set_nodes(self, nodes: Sequence[NodeSpec]) -> str:
         """A new inventory's nodes: joins, drains and label changes, without a restart; what changed."""
         ...

@@ -28,6 +28,7 @@ from protos.routing import RoutingTable
 from protos.security import Credentials, probe_peer
 from scheduler.activations import ActivationWindow
 from scheduler.batching import BatchSettings, Batcher
+from scheduler.placer import PlacementSettings, Placer
 from scheduler.decode_plan import data_address, routing_table, same_holders
 from scheduler.runner import ClusterView, ModelShape
 from scheduler.types import AgentSnapshot, EngineSnapshot, GenerationRequest, NodeId, NodeSpec, TokenEvent
@@ -49,6 +50,7 @@ class EngineSettings:
     call_timeout_s: float = 300.0  # deadline of one control call to an agent
     credentials: Credentials | None = None  # the server's TLS identity; None: plaintext (--insecure)
     stats_window_s: float = 300.0  # the activation statistics' window (scheduler/activations.py)
+    placement: PlacementSettings = PlacementSettings()  # which experts each agent pins, and when re-planned
 
     def __post_init__(self) -> None:
         if self.max_waiting < 0:
@@ -79,6 +81,7 @@ class EngineService:
                                unheld_read_s=self._unheld_read_s, on_agent_failed=self._agent_failed,
                                on_selections=self._selections)
         self.activations: ActivationWindow | None = None  # once the model's shape is known
+        self.placer = Placer(settings.placement)
         self.table = RoutingTable()  # the routing table last published to the agents
         self._durations: list[float] = []  # recent request durations, for Retry-After
         self._tasks: list[asyncio.Task[None]] = []
@@ -99,6 +102,7 @@ class EngineService:
             raise NoAgentsAvailable(f"no agent of the inventory can serve ({why})")
         await self.publish_routing()
         self._tasks.append(asyncio.create_task(self._poll_forever()))
+        self._tasks.append(asyncio.create_task(self._replan_forever()))
 
     async def stop(self) -> None:
         await self.batcher.aclose()
@@ -151,6 +155,7 @@ class EngineService:
 
     async def _check(self, client: AgentClient) -> AgentSnapshot:
         if client.name not in self.infos:
+            self.placer.forget(client.name)  # new or back: whatever it was told is gone with its memory
             try:
                 info = await client.info()
             except AgentFailed as exc:
@@ -224,6 +229,35 @@ class EngineService:
         self.infos.pop(name, None)  # checked again (Info) when it comes back
         self.batcher.agent_down(name, why)
         self._refresh_soon()  # routing tables without it
+
+    async def _replan_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.placement.replan_every_s)
+            await self.replan()
+
+    async def replan(self) -> dict[str, Any]:
+        """Re-plan the placement from the activation window now (every --replan-every, or
+        POST /admin/replan); returns the placement report."""
+        if self.activations is not None:
+            up = [c for c in self.up_clients() if c.name in self.infos]
+            replan = await self.placer.replan([self.infos[c.name] for c in up], {c.name: c for c in up},
+                                              self.activations, self._resident())
+            if replan is not None and replan.migrate:
+                self._refresh_soon()  # the routing tables follow as the new copies come in
+        return self.placement_report()
+
+    def placement_report(self) -> dict[str, Any]:
+        """`GET /admin/placement`."""
+        layers = self.activations.moe_layers if self.activations is not None else ()
+        return self.placer.report(self._resident(), layers)
+
+    def _resident(self) -> dict[NodeId, frozenset[ExpertId]]:
+        """Each agent up's experts, resident or being read, as last polled."""
+        if self.shape is None:
+            return {}
+        E = self.shape.num_experts
+        return {c.name: frozenset(expert_from_wire(i, E) for i in self._snapshots[c.name].held)
+                for c in self.up_clients()}
 
     async def _poll_forever(self) -> None:
         while True:

@@ -61,7 +61,7 @@ from server.bench import default_bench_model
 from server.bench_decode_report import label, text_table, write_report
 from server.bench_decode_stats import (Arrival, DecodeCounters, StreamTiming, activity, counters_settled,
                                        decoded_tokens, round_trips_per_token, summarize, tokens_in_chunk)  # fmt: skip
-from server.bench_prefill import prompts_for, wait_healthy
+from server.bench_prefill import NO_REPLAN_S, prompts_for, wait_healthy
 from server.launcher import die_with_parent, free_ports, stop_process
 
 CASES = ("compute", "lan", "streams")
@@ -107,7 +107,8 @@ class DecodeCluster:
         inventory.write_text(yaml.safe_dump({"nodes": nodes}, sort_keys=False))
         self.cmd = [sys.executable, "-m", "server.cli", "up", "--inventory", str(inventory), "--model",
                     str(run.model_dir), "--port", str(self.port), "--served-model-name", "bench", "--max-running",
-                    str(max_running), "--log-level", "WARNING"]  # fmt: skip
+                    str(max_running), "--log-level", "WARNING",
+                    "--replan-every", str(NO_REPLAN_S)]  # placement is not what this measures  # fmt: skip
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen[bytes] | None = None
         self.http = httpx.AsyncClient(timeout=600)

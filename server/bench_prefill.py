@@ -52,6 +52,7 @@ from server.launcher import die_with_parent, free_ports, stop_process
 from server.bench_report import write_report
 
 LINK = "1Gbit/s"
+NO_REPLAN_S = 86400.0  # --replan-every of a benchmark cluster that does not measure placement: a day
 LINK_BYTES_PER_S = 125e6
 ABLATIONS = {
     "sirius": Policy.from_flags("sirius"),
@@ -170,7 +171,8 @@ class Cluster:
         self.cmd = [sys.executable, "-m", "server.cli", "up", "--inventory", str(inventory), "--model", str(model_dir),
                     "--port", str(self.port), "--served-model-name", "bench", "--policy", policy.name, *flags,
                     "--home-prefill-max", "0", "--log-level", "WARNING",  # the policies' sequence-parallel prefill
-                    "--certs", str(self.certs)]
+                    # Placement is not what this measures: no replan moves experts between rounds.
+                    "--replan-every", str(NO_REPLAN_S), "--certs", str(self.certs)]
         self.proc: subprocess.Popen[bytes] | None = None
         self.clients: list[AgentClient] = []
 

@@ -22,7 +22,8 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
-from server.cli_args import HelpFormatter, add_profile_flags, duration, non_negative, positive, size
+from scheduler.placement import POLICIES as PLACEMENTS
+from server.cli_args import HelpFormatter, add_profile_flags, duration, non_negative, positive, positive_seconds, size
 from server.cli_bench import add_bench
 from server.cli_certs import add_certs, add_trust_flags, server_credentials
 from server.setup_checks import SetupError, listen_address, port, port_or_any
@@ -141,6 +142,16 @@ def _add_server_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-token-scheduling", action="store_true",
                    help="sirius ablation: run an expert where it is resident, else on its largest owner")  # fmt: skip
     p.add_argument("--no-prefetch", action="store_true", help="sirius ablation: no speculative expert prefetch")
+    p.add_argument("--placement", default="prism", choices=tuple(PLACEMENTS),
+                   help="which experts each agent pins, from the requests' activation statistics per home agent: "
+                        "prism (entropy-sized slots per layer, each home's hottest experts, coverage repair), "
+                        "slimcaching (storage-constrained caching), eplb (DeepSeek's load balancer), uniform (every "
+                        "expert once), replicate-popular. Default: prism")  # fmt: skip
+    p.add_argument("--replan-every", type=positive_seconds, default=300.0, metavar="SECONDS",
+                   help="re-plan the placement from the last window of statistics this often, and migrate when "
+                        "the expected saving outweighs moving the experts (default 300)")  # fmt: skip
+    p.add_argument("--no-migration", action="store_true",
+                   help="keep the first placement: later re-plans are reported (GET /admin/placement), not applied")
     p.add_argument("--no-fill", action="store_true",
                    help="leave free expert memory empty between requests (by default the experts no agent holds "
                         "are read into it at the disks' lowest priority)")  # fmt: skip
@@ -327,6 +338,7 @@ def _run_up(args: argparse.Namespace) -> int:
 
 
 def _server_options(args: argparse.Namespace, model_dir: Path) -> ServerOptions:
+    from scheduler.placer import PlacementSettings
     from scheduler.policy import Policy
     from server.runner import ServerOptions
 
@@ -339,6 +351,7 @@ def _server_options(args: argparse.Namespace, model_dir: Path) -> ServerOptions:
         log_level=args.log_level,
         policy=Policy.from_flags(args.policy, args.no_interleave, args.no_token_scheduling, args.no_prefetch,
                                  args.no_fill),
+        placement=PlacementSettings(args.placement, args.replan_every, not args.no_migration),
     )  # fmt: skip
 
 

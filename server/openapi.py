@@ -35,7 +35,8 @@ GENERATION = (400, 401, 404, 413, 429, 500, 503)
 ERRORS: dict[str, tuple[int, ...]] = {  # path -> statuses besides 200
     "/v1/chat/completions": GENERATION, "/v1/completions": GENERATION,
     "/v1/models": (401, 500), "/v1/models/{model}": (401, 404, 500),
-    "/admin/status": (401, 500), "/admin/stats": (401, 500, 503), "/health": (503,), "/metrics": (500,),
+    "/admin/status": (401, 500), "/admin/stats": (401, 500, 503),
+    "/admin/placement": (401, 500, 503), "/admin/replan": (401, 500, 503), "/health": (503,), "/metrics": (500,),
 }  # fmt: skip
 
 

@@ -94,6 +94,19 @@ async def activation_stats(state: State) -> JSONResponse:
     return JSONResponse(state.engine.activation_stats())
 
 
+@admin.get("/placement")
+async def placement(state: State) -> JSONResponse:
+    """Which experts each agent pins (the placement) and holds as cache, per MoE layer; the last
+    replan's costs and whether it migrated."""
+    return JSONResponse(state.engine.placement_report())
+
+
+@admin.post("/replan")
+async def replan(state: State) -> JSONResponse:
+    """Re-plan the placement from the activation window now; migrates only if that pays."""
+    return JSONResponse(await state.engine.replan())
+
+
 @router.get("/metrics")
 async def metrics(state: State) -> Response:
     return Response(state.metrics.render(), media_type=state.metrics.content_type)

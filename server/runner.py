@@ -26,6 +26,7 @@ import uvicorn
 
 from protos.security import Credentials
 from scheduler.api import Engine
+from scheduler.placer import PlacementSettings
 from scheduler.policy import Policy
 from scheduler.service import JoinHook
 from scheduler.types import NodeSpec
@@ -54,6 +55,7 @@ class ServerOptions:
     home_prefill_max: int = 1024  # longer prompts are prefilled sequence-parallel, shorter ones on their home
     max_body_bytes: int = 4 * 2**20  # larger request bodies get 413; 0 = no bound
     credentials: Credentials | None = None  # the server's TLS identity toward the agents; None = plaintext
+    placement: PlacementSettings = PlacementSettings()  # which experts each agent pins; how often re-planned
 
 
 class Shutdown(BaseException):
@@ -67,7 +69,8 @@ def engine_opener(options: ServerOptions, nodes: Sequence[NodeSpec], on_join: Jo
 
         settings = EngineSettings(max_waiting=options.max_waiting, max_running=options.max_running,
                                   prefill_chunk=options.prefill_chunk, home_prefill_max=options.home_prefill_max,
-                                  credentials=options.credentials)
+                                  credentials=options.credentials, placement=options.placement,
+                                  stats_window_s=options.placement.replan_every_s)  # each replan, the last period
         service = await start_engine(options.model_dir, nodes, settings, options.policy, on_join)
         try:
             yield service

@@ -12,7 +12,7 @@ The published objective is C(P) (`problem.remote_calls`): activation counts whos
 their home. The pieces that look at the devices (memory, disk, link, compute):
 - memory: a device's slots are `problem.slots(node)`, never more.
 - fill ranks a home's candidates by the seconds a local copy saves, count x (miss_s - compute_s),
-  where miss_s is the cheaper of its cheapest remote call and its own disk read. Experts are all
+  where miss_s is its cheapest remote call (its own disk read without other devices). Experts are all
   one size and cost, so the factor is one per home and the ranking is by count; it is written out
   so that a home whose remote calls are cheaper than its own compute still ranks by count (the
   factor is clamped at 0) rather than backwards.
@@ -85,10 +85,10 @@ def layer_slots(problem: PlacementProblem, node: NodeId) -> dict[int, int]:
 
 def saved_per_access_s(problem: PlacementProblem, home: NodeId) -> float:
     """Seconds one of the home's accesses saves by being local rather than a miss (>= 0), a miss
-    priced as `access_s` prices it: the cheaper of a call to the nearest other device and a read
-    from the home's own disk."""
-    read = problem.device(home).read_s(problem.expert_bytes) + problem.compute_s(home)
-    miss = min([read, *(problem.call_s(home, d.node) for d in problem.devices if d.node != home)])
+    priced as `access_s` prices a held expert: a call to the nearest other device (a read from the
+    home's own disk when it is the only device)."""
+    calls = [problem.call_s(home, d.node) for d in problem.devices if d.node != home]
+    miss = min(calls) if calls else problem.device(home).read_s(problem.expert_bytes) + problem.compute_s(home)
     return max(0.0, miss - problem.compute_s(home))
 
 

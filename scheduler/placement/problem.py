@@ -11,9 +11,10 @@ costs below are the objectives the policies minimise and the figures `/admin/pla
 - `remote_calls(P)`: the published objective C(P), the expected number of expert calls that leave
   their home agent: the sum over homes and experts of the activation count where the home does
   not hold the expert.
-- `expected_s(P)`: the same accesses weighed by what each costs under the device profiles: a
-  local expert its compute; else the faster of a round trip to its cheapest holder (with that
-  holder's compute) and a read from the home's own disk (with its compute).
+- `expected_s(P)`: the same accesses weighed by what each costs under the device profiles, as
+  the runtime serves them: a local expert its compute, a held one a round trip to its cheapest
+  holder plus that holder's compute, one nobody holds a read from the home's own disk plus its
+  compute.
 - `migration_s(old, new)`: the seconds spent moving to `new`: every expert an agent gains comes
   from its own disk or from a holder in `old` over the link, whichever is faster.
 """
@@ -126,14 +127,17 @@ class PlacementProblem:
         return h.link_latency_s + o.link_latency_s + 2 * wire + self.compute_s(holder)
 
     def access_s(self, placement: Placement, home: NodeId, expert: ExpertId) -> float:
-        """What one (token, expert) selection of a request homed on `home` costs under the placement:
-        its compute where the home holds the expert, else the faster of a call to a holder and a
-        read from the home's own disk."""
+        """What one (token, expert) selection of a request homed on `home` costs under the placement,
+        as the runtime serves it: its compute where the home holds the expert, else a call to its
+        cheapest holder, else (no agent holds it) a read from the home's own disk and its compute.
+        An unlimited disk (rate 0, as agents without emulation report) makes that read free, so
+        only calls and compute weigh there."""
         if expert in placement.get(home, frozenset()):
             return self.compute_s(home)
         holders = [n for n, held in placement.items() if expert in held and n != home]
-        read = self.device(home).read_s(self.expert_bytes) + self.compute_s(home)
-        return min([read, *(self.call_s(home, n) for n in holders)])  # whichever is faster
+        if holders:
+            return min(self.call_s(home, n) for n in holders)
+        return self.device(home).read_s(self.expert_bytes) + self.compute_s(home)
 
 
 def remote_calls(problem: PlacementProblem, placement: Placement) -> float:

@@ -265,6 +265,16 @@ def test_admin_stats_count_what_the_homes_routed(client: OpenAI, model_id: str, 
         assert all(0 <= layer["entropy_bits"] <= math.log2(body["num_experts"]) for layer in home["layers"])
 
 
+def test_admin_placement_and_replan(client: OpenAI, model_id: str, base_url: str) -> None:
+    """`POST /admin/replan` re-plans from the statistics now; `GET /admin/placement` shows it."""
+    client.completions.create(model=model_id, prompt="Once upon", max_tokens=4, user="alice")
+    replanned = httpx.post(f"{base_url}/admin/replan", timeout=60).json()
+    assert replanned["policy"] == "prism" and replanned["replans"] >= 1 and replanned["last"] is not None
+    shown = httpx.get(f"{base_url}/admin/placement").json()
+    assert shown["replans"] == replanned["replans"] and set(shown["agents"]) == {"agent0", "agent1"}
+    assert all(layer.keys() == {"layer", "pinned", "cached"} for a in shown["agents"].values() for layer in a["layers"])
+
+
 def test_one_log_line_per_request_in_human_units(client: OpenAI, model_id: str, potluck: PotluckUp) -> None:
     """A finished request logs one line with its finish reason (not `cancelled`), streamed or not;
     the agents' start lines give sizes and rates for people."""

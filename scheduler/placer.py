@@ -1,0 +1,129 @@
+"""The placement loop: every `replan_every_s` (or when an admin asks), the activation window goes
+through the placement policy and the migration rule (`scheduler/placement/replan.py`, pure), and
+the agents whose experts change are sent their new placement (SetPlacement).
+
+    EngineService --infos, holdings, window--> Placer.replan --Replan--> SetPlacement per agent
+                                                                         --> holdings at the next
+                                                                         poll --> routing table
+
+Load before evict: an agent keeps its placed experts resident and reads the new ones in the
+background, and the routing table names an agent as a holder only once it reports the expert
+resident; until then calls go to the old holders, which keep their copies as cache until their
+room is needed (a holder asked for an expert it dropped reads it back: slower, never wrong).
+Moving an expert by sending it from a holder is not done yet: every agent reads what it gains
+from its own disk, while the rule prices the faster of the two.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from protos.convert import expert_to_wire
+from protos.ids import ExpertId, NodeId
+from protos.messages import AgentInfo
+from scheduler.activations import ActivationWindow
+from scheduler.client import AgentClient
+from scheduler.errors import AgentFailed
+from scheduler.placement import POLICIES
+from scheduler.placement.problem import Placement
+from scheduler.placement.replan import Replan, decide, problem_for
+
+log = logging.getLogger("potluck.scheduler")
+
+
+@dataclass(frozen=True)
+class PlacementSettings:
+    policy: str = "prism"  # a name of scheduler.placement.POLICIES (--placement)
+    replan_every_s: float = 300.0  # how often the window is re-planned (--replan-every)
+    migration: bool = True  # False (--no-migration): the first placement stays
+
+    def __post_init__(self) -> None:
+        if self.policy not in POLICIES:
+            raise ValueError(f"placement {self.policy!r} is not one of {', '.join(POLICIES)}")
+        if self.replan_every_s <= 0:
+            raise ValueError(f"replan_every_s must be > 0, got {self.replan_every_s}")
+
+
+class Placer:
+    def __init__(self, settings: PlacementSettings) -> None:
+        self.settings = settings
+        self.placed: dict[NodeId, frozenset[ExpertId]] = {}  # what each agent was told to keep
+        self.last: Replan | None = None
+        self.last_at: float | None = None  # time.time() of the last replan
+        self.replans = 0
+        self.migrations = 0  # replans that moved experts
+        self.migration_bytes = 0  # expert bytes the agents were asked to gain
+
+    async def replan(self, infos: Sequence[AgentInfo], clients: Mapping[NodeId, AgentClient], window: ActivationWindow,
+                     holdings: Mapping[NodeId, frozenset[ExpertId]]) -> Replan | None:
+        """Plan the agents `infos` for the window; migrate if the rule says so. None while the
+        window is empty (nothing to place by)."""
+        activations = window.activations(time.monotonic())
+        if window.top_k is None or not infos or activations.total() == 0:
+            return None
+        problem = problem_for(infos, activations, window.moe_layers, window.top_k)
+        current: Placement = {a.name: self.placed.get(a.name, holdings.get(a.name, frozenset())) for a in infos}
+        candidate = POLICIES[self.settings.policy](problem)
+        first = not self.placed
+        if not first and not self.settings.migration:
+            replan = decide(problem, current, current)  # reported, never moved
+        else:
+            replan = decide(problem, current, candidate, force=first and not self.settings.migration)
+        self.replans += 1
+        self.last, self.last_at = replan, time.time()
+        if replan.migrate and replan.moves:
+            await self._apply(replan, clients, window.num_experts)
+        log.info("placement %s: C(P) %.0f -> %.0f remote calls, %.3f -> %.3f s of expert accesses, migration "
+                 "%.3f s: %s", self.settings.policy, replan.remote_now, replan.remote_new, replan.cost_now_s,
+                 replan.cost_new_s, replan.migration_s,
+                 f"moved {replan.moved_experts} experts" if replan.migrate and replan.moves else "kept")
+        return replan
+
+    async def _apply(self, replan: Replan, clients: Mapping[NodeId, AgentClient], num_experts: int) -> None:
+        changed = [n for n, experts in replan.candidate.items() if n in clients and experts != self.placed.get(n)]
+
+        async def send(node: NodeId) -> None:
+            experts = replan.candidate.get(node, frozenset())
+            try:
+                await clients[node].set_placement([expert_to_wire(e, num_experts) for e in experts])
+            except AgentFailed as exc:  # it keeps its old placement; the next replan tries again
+                log.warning("placement: agent %s did not take its placement: %s", node, exc)
+                return
+            self.placed[node] = experts
+
+        await asyncio.gather(*(send(n) for n in changed))
+        self.migrations += 1
+        self.migration_bytes += replan.migration_bytes
+
+    def forget(self, node: NodeId) -> None:
+        """An agent left or restarted: what it was told is gone with it."""
+        self.placed.pop(node, None)
+
+    def report(self, resident: Mapping[NodeId, frozenset[ExpertId]], moe_layers: Sequence[int]) -> dict[str, Any]:
+        """`GET /admin/placement`: per agent and MoE layer its pinned experts and the others it
+        holds as cache; the last replan's costs."""
+        agents = {}
+        for node in sorted(set(self.placed) | set(resident)):
+            pinned, held = self.placed.get(node, frozenset()), resident.get(node, frozenset())
+            agents[node] = {"layers": [{"layer": layer,
+                                        "pinned": sorted(e.index for e in pinned if e.layer == layer),
+                                        "cached": sorted(e.index for e in held - pinned if e.layer == layer)}
+                                       for layer in moe_layers]}  # fmt: skip
+        last = self.last
+        return {
+            "policy": self.settings.policy, "replan_every_s": self.settings.replan_every_s,
+            "migration": self.settings.migration, "replans": self.replans, "migrations": self.migrations,
+            "migration_bytes": self.migration_bytes,
+            "last": None if last is None else {
+                "at": self.last_at, "migrated": last.migrate and bool(last.moves), "remote_calls": last.remote_now,
+                "remote_calls_candidate": last.remote_new, "expected_s": last.cost_now_s,
+                "expected_s_candidate": last.cost_new_s, "migration_s": last.migration_s,
+                "moved_experts": last.moved_experts if last.migrate else 0,
+            },
+            "agents": agents,
+        }  # fmt: skip
