@@ -1,7 +1,8 @@
 """The placement loop on real agents: requests of two users on their homes fill the activation
 window, a replan places each home's hot experts there (SetPlacement), the agents read and pin
 them, the routing table follows, and the greedy tokens are the same after the migration as
-before; with migration off, the first placement stays through a workload shift."""
+before, and a request decoding while its experts move gives transformers' greedy tokens; with
+migration off, the first placement stays through a workload shift."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from scheduler.placer import PlacementSettings
 from scheduler.service import EngineService
 from scheduler.types import GenerationRequest, SamplingParams
 from tests.integration.cluster import Cluster, expert_bytes, local_cluster
+from tests.integration.test_equivalence import transformers_outputs
 
 HOMES = {"alice": NodeId("agent0"), "bob": NodeId("agent1")}
 
@@ -88,3 +90,22 @@ async def test_without_migration_the_first_placement_stays(qwen_tiny: Path) -> N
             pinned = {n: a["layers"] for n, a in first["agents"].items()}
             for name in pinned:
                 assert [x["pinned"] for x in second["agents"][name]["layers"]] == [x["pinned"] for x in pinned[name]]
+
+
+async def test_a_migration_mid_stream_keeps_transformers_greedy_tokens(qwen_tiny: Path) -> None:
+    ids, _, greedy = transformers_outputs(qwen_tiny)
+    memory = 6 * expert_bytes(qwen_tiny)
+    async with local_cluster(qwen_tiny, 3, expert_memory=memory, link_latency_s=0.002) as cluster:
+        with_users(cluster)
+        async with cluster.engine(placement=PlacementSettings("prism", replan_every_s=3600)) as engine:
+            for i, user in enumerate(HOMES):  # statistics to place by
+                await tokens(engine, request(f"warm{i}", user, 3 + 40 * i))
+            sampling = SamplingParams(max_tokens=len(greedy), temperature=0.0, stop_token_ids=frozenset())
+            stream = await engine.submit(GenerationRequest(RequestId("mid"), tuple(ids), sampling, "alice"))
+            got, report = [], None
+            async for event in stream:
+                got.append(event.token_id)
+                if len(got) == 3:  # the experts move while the request decodes
+                    report = await engine.replan()
+            assert report is not None and report["last"]["migrated"] and report["last"]["moved_experts"] > 0
+            assert got == greedy
