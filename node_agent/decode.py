@@ -114,6 +114,7 @@ class Decoder:
         self.prompt_tokens = 0  # prompt tokens prefilled here in spans (prefill_here)
         self.round_trips = 0  # synchronous waits on peers (see DecodeStepReply.round_trips)
         self.remote_experts = 0  # (layer, expert) runs sent to remote holders
+        self.local_experts = 0  # (layer, expert) runs on experts held here
         self.split_attention = 0  # (layer, request) attentions over prompt K/V still at its sources
         self.round_trip_s = round_trip_s  # a synchronous wait on peers, as last measured
         self._one_step = asyncio.Lock()  # steps run one at a time, in the order they became ready
@@ -223,6 +224,7 @@ class Decoder:
             finally:
                 for pins in run.pins.values():
                     await self.buffer.unpin_layer(pins, run.used.get(pins.layer, ()))
+                self.local_experts += sum(len(used) for used in run.used.values())
             if dispatch.remote or dispatch.attends:
                 trips, called = trips + 1, True
                 self.remote_experts += dispatch.remote

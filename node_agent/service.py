@@ -226,6 +226,7 @@ class Servicer(pb_grpc.NodeAgentServicer):
             fills=c.fills, fill_preemptions=c.fill_preemptions, direct_sent=core.direct_sent,
             decode_steps=core.decoder.steps, decode_tokens=core.decoder.tokens,
             decode_round_trips=core.decoder.round_trips, decode_remote_experts=core.decoder.remote_experts,
+            decode_local_experts=core.decoder.local_experts, placement_reads=c.placements,
             home_prefill_tokens=core.decoder.prompt_tokens, decode_split_attention=core.decoder.split_attention,
             cpu_s=time.process_time(), paced_cpu_s=core.pacer.paced_cpu_s,
             requests=len(core.requests.live()))

@@ -172,6 +172,8 @@ class CacheCounters:
     cpu_s: float = 0.0  # CPU seconds of its process, every thread
     paced_cpu_s: float = 0.0  # of which paced to its compute share (0 when unpaced)
     requests: int = 0  # requests it holds state for now (prefill K/V or a decode cache; a gauge)
+    decode_local_experts: int = 0  # (layer, expert) runs of its decode steps on experts it held
+    placement_reads: int = 0  # experts read because its placement named them
 
 
 @dataclass(frozen=True)

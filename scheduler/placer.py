@@ -100,6 +100,14 @@ class Placer:
         self.migrations += 1
         self.migration_bytes += replan.migration_bytes
 
+    def cost(self) -> float | None:
+        """C(P), the remote calls of the last window, of the placement the last re-plan left in
+        force (None before one)."""
+        last = self.last
+        if last is None:
+            return None
+        return last.remote_new if last.migrate and last.moves else last.remote_now
+
     def forget(self, node: NodeId) -> None:
         """An agent left or restarted: what it was told is gone with it."""
         self.placed.pop(node, None)

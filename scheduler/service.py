@@ -267,7 +267,9 @@ class EngineService:
             await self._close_drained()
 
     def snapshot(self) -> EngineSnapshot:
-        return EngineSnapshot(len(self.batcher.running), len(self.batcher.waiting), tuple(self._snapshots.values()))
+        p = self.placer
+        return EngineSnapshot(len(self.batcher.running), len(self.batcher.waiting), tuple(self._snapshots.values()),
+                              p.migrations, p.migration_bytes, p.cost())
 
     def _selections(self, home: NodeId, selections: torch.Tensor) -> None:
         """A decode step's expert choices, into the activation window."""

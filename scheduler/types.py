@@ -74,6 +74,9 @@ class EngineSnapshot:
     running: int  # requests being computed now
     waiting: int  # requests queued
     agents: tuple[AgentSnapshot, ...] = field(default_factory=tuple)
+    migrations: int = 0  # re-plans that moved experts
+    migration_bytes: int = 0  # expert bytes the agents were asked to gain by them
+    placement_cost: float | None = None  # C(P) of the placement in force at the last re-plan; None before one
 
 
 @dataclass(frozen=True)

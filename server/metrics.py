@@ -93,6 +93,18 @@ class EngineCollector(Collector):
         waiting.add_metric([], snap.waiting if snap else 0)
         yield running
         yield waiting
+        migrations = CounterMetricFamily("potluck_migrations", "Placement re-plans that moved experts between agents.")
+        moved = CounterMetricFamily("potluck_migration_bytes", "Expert bytes the agents were asked to gain by "
+                                    "migrations (each read from the gaining agent's disk).")
+        migrations.add_metric([], snap.migrations if snap else 0)
+        moved.add_metric([], snap.migration_bytes if snap else 0)
+        yield migrations
+        yield moved
+        if snap is not None and snap.placement_cost is not None:
+            cost = GaugeMetricFamily("potluck_placement_cost", "C(P) of the placement in force: the last window's "
+                                     "expert selections whose home agent did not hold the expert.")
+            cost.add_metric([], snap.placement_cost)
+            yield cost
         yield from _agent_families(snap.agents if snap else ())
 
 
@@ -132,6 +144,13 @@ _AGENT_COUNTERS = (
      "arriving from a peer.", "decode_round_trips"),
     ("potluck_agent_decode_remote_experts", "Expert runs of the agent's decode steps (prompts prefilled there "
      "included) sent to a remote holder (per layer and expert).", "decode_remote_experts"),
+    ("potluck_agent_local_expert_calls", "Expert runs (per layer and expert) of the agent's decode steps on "
+     "experts it held: the placement's hits.", "decode_local_experts"),
+    ("potluck_agent_remote_expert_calls", "Expert runs (per layer and expert) of the agent's decode steps sent "
+     "to the agent holding the expert: the placement's misses (same as potluck_agent_decode_remote_experts).",
+     "decode_remote_experts"),
+    ("potluck_agent_placement_reads", "Experts the agent read because its placement named them (migrations "
+     "and first placements).", "placement_reads"),
     ("potluck_agent_decode_split_attention", "Attentions (per layer and request) of the agent's decode steps over "
      "prompt K/V still on the agents it is moving from (split-KV), where waiting for it would cost more than a "
      "round trip.", "decode_split_attention"),

@@ -219,6 +219,8 @@ def test_metrics(client: OpenAI, model_id: str, base_url: str) -> None:
         "potluck_agent_compute_overrun_seconds_total", "potluck_agent_direct_expert_sends_total",
         'potluck_agent_early_expert_runs_total{agent="agent0",outcome="used"}',
         'potluck_agent_early_expert_runs_total{agent="agent0",outcome="dropped"}',
+        "potluck_agent_local_expert_calls_total", "potluck_agent_remote_expert_calls_total",
+        "potluck_agent_placement_reads_total", "potluck_migrations_total", "potluck_migration_bytes_total",
     ):  # fmt: skip
         assert name in text, name
     model = f'model_name="{model_id}"'
@@ -273,6 +275,7 @@ def test_admin_placement_and_replan(client: OpenAI, model_id: str, base_url: str
     shown = httpx.get(f"{base_url}/admin/placement").json()
     assert shown["replans"] == replanned["replans"] and set(shown["agents"]) == {"agent0", "agent1"}
     assert all(layer.keys() == {"layer", "pinned", "cached"} for a in shown["agents"].values() for layer in a["layers"])
+    assert "potluck_placement_cost " in httpx.get(f"{base_url}/metrics").text
 
 
 def test_one_log_line_per_request_in_human_units(client: OpenAI, model_id: str, potluck: PotluckUp) -> None:

@@ -72,6 +72,10 @@ async def test_a_replan_places_each_homes_hot_experts_and_keeps_the_tokens(qwen_
             assert all(engine.table.holders.get(e) for e in held)  # routed to their new holders
             after = {u: await tokens(engine, request(f"{u}1", u, 3 + 40 * i)) for i, u in enumerate(HOMES)}
             assert after == before
+            await engine.refresh()
+            homes = {a.name: a for a in engine.snapshot().agents if a.name in HOMES.values()}
+            assert all(a.decode_local_experts > 0 and a.placement_reads > 0 for a in homes.values())
+            assert engine.snapshot().migrations == 1 and engine.snapshot().placement_cost == last["remote_calls_candidate"]
 
 
 async def test_without_migration_the_first_placement_stays(qwen_tiny: Path) -> None:
