@@ -13,6 +13,8 @@ CHUNK_BYTES = 16 << 20  # tensors larger than this are split by rows into severa
 KEEPALIVE_TIME_MS = 2000
 KEEPALIVE_TIMEOUT_MS = 3000
 
+MAX_RECONNECT_BACKOFF_MS = 5000  # a returning agent is seen again within about this much plus a poll
+
 CHANNEL_OPTIONS = [
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
@@ -20,6 +22,10 @@ CHANNEL_OPTIONS = [
     ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.max_pings_without_data", 0),  # no cap on pings between data frames
+    # Reconnecting to an agent that went away: gRPC's default backoff grows to 120 s, so an agent
+    # restarted after a minute's outage could wait two more before the server saw it again.
+    ("grpc.initial_reconnect_backoff_ms", 500),
+    ("grpc.max_reconnect_backoff_ms", MAX_RECONNECT_BACKOFF_MS),
 ]
 # A server must accept pings that often, or it answers them with GOAWAY (too_many_pings).
 SERVER_OPTIONS = [

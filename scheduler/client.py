@@ -147,7 +147,7 @@ class AgentClient:
 
     def snapshot_of(self, state: CacheState) -> AgentSnapshot:
         return AgentSnapshot(self.spec.name, self.spec.address, True, state.resident | state.loading,
-                             labels=self.spec.labels, **asdict(state.counters))
+                             placed=state.placed, labels=self.spec.labels, **asdict(state.counters))
 
     async def set_placement(self, experts: Sequence[int]) -> tuple[int, int]:
         """Have the agent keep these experts (layer * num_experts + index) resident from now on,

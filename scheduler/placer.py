@@ -11,7 +11,8 @@ background, and the routing table names an agent as a holder only once it report
 resident; until then calls go to the old holders, which keep their copies as cache until their
 room is needed (a holder asked for an expert it dropped reads it back: slower, never wrong).
 Moving an expert by sending it from a holder is not done yet: every agent reads what it gains
-from its own disk, while the rule prices the faster of the two.
+from its own disk, while the rule prices the faster of the two. An agent that rejoins (after a
+restart) is sent its placement again when a poll finds it reporting another one.
 """
 
 from __future__ import annotations
@@ -58,6 +59,7 @@ class Placer:
         self.replans = 0
         self.migrations = 0  # replans that moved experts
         self.migration_bytes = 0  # expert bytes the agents were asked to gain
+        self._resending: set[NodeId] = set()
 
     async def replan(self, infos: Sequence[AgentInfo], clients: Mapping[NodeId, AgentClient], window: ActivationWindow,
                      holdings: Mapping[NodeId, frozenset[ExpertId]]) -> Replan | None:
@@ -88,13 +90,16 @@ class Placer:
         changed = [n for n, experts in replan.candidate.items() if n in clients and experts != self.placed.get(n)]
 
         async def send(node: NodeId) -> None:
-            experts = replan.candidate.get(node, frozenset())
+            # What the agent should keep from now on; a poll that finds it keeping something else
+            # (this call failed, or the agent restarted since) sends it again (`differs`).
+            experts = self.placed[node] = replan.candidate.get(node, frozenset())
+            self._resending.add(node)
             try:
                 await clients[node].set_placement([expert_to_wire(e, num_experts) for e in experts])
-            except AgentFailed as exc:  # it keeps its old placement; the next replan tries again
-                log.warning("placement: agent %s did not take its placement: %s", node, exc)
-                return
-            self.placed[node] = experts
+            except AgentFailed as exc:
+                log.warning("placement: agent %s did not take its placement (sent again later): %s", node, exc)
+            finally:
+                self._resending.discard(node)
 
         await asyncio.gather(*(send(n) for n in changed))
         self.migrations += 1
@@ -108,9 +113,27 @@ class Placer:
             return None
         return last.remote_new if last.migrate and last.moves else last.remote_now
 
-    def forget(self, node: NodeId) -> None:
-        """An agent left or restarted: what it was told is gone with it."""
-        self.placed.pop(node, None)
+    def differs(self, node: NodeId, reported: frozenset[int], num_experts: int) -> bool:
+        """Whether an agent's reported placement is not the one it was told (it restarted, or a
+        call was lost), and no resend to it is under way."""
+        experts = self.placed.get(node)
+        if experts is None or node in self._resending:
+            return False
+        return reported != {expert_to_wire(e, num_experts) for e in experts}
+
+    async def resend(self, node: NodeId, client: AgentClient, num_experts: int) -> None:
+        """Tell an agent its placement again (`differs`)."""
+        experts = self.placed.get(node)
+        if experts is None:
+            return
+        self._resending.add(node)
+        try:
+            await client.set_placement([expert_to_wire(e, num_experts) for e in experts])
+            log.info("placement: agent %s had lost its placement; sent it again", node)
+        except AgentFailed as exc:
+            log.warning("placement: agent %s did not take its placement back: %s", node, exc)
+        finally:
+            self._resending.discard(node)
 
     def report(self, resident: Mapping[NodeId, frozenset[ExpertId]], moe_layers: Sequence[int]) -> dict[str, Any]:
         """`GET /admin/placement`: per agent and MoE layer its pinned experts and the others it

@@ -155,7 +155,6 @@ class EngineService:
 
     async def _check(self, client: AgentClient) -> AgentSnapshot:
         if client.name not in self.infos:
-            self.placer.forget(client.name)  # new or back: whatever it was told is gone with its memory
             try:
                 info = await client.info()
             except AgentFailed as exc:
@@ -202,6 +201,11 @@ class EngineService:
             before = self._snapshots[client.name]
             if isinstance(result, AgentSnapshot):
                 self._snapshots[client.name] = result
+                E = self.infos[client.name].num_experts
+                if self.placer.differs(client.name, result.placed, E):  # restarted: its memory is new
+                    resend = asyncio.create_task(self.placer.resend(client.name, client, E))
+                    self._background.add(resend)
+                    resend.add_done_callback(self._background.discard)
                 if not before.up:
                     log.info("agent %s joined (%s)", client.name, client.spec.address)
                     if self.on_join is not None:

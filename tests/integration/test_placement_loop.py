@@ -2,7 +2,8 @@
 window, a replan places each home's hot experts there (SetPlacement), the agents read and pin
 them, the routing table follows, and the greedy tokens are the same after the migration as
 before, and a request decoding while its experts move gives transformers' greedy tokens; with
-migration off, the first placement stays through a workload shift."""
+migration off, the first placement stays through a workload shift; a restarted agent is told its
+placement again."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
+from node_agent.service import serve
 from protos.convert import expert_to_wire
 from protos.ids import ExpertId, NodeId, RequestId
 from scheduler.placer import PlacementSettings
@@ -113,3 +115,23 @@ async def test_a_migration_mid_stream_keeps_transformers_greedy_tokens(qwen_tiny
                     report = await engine.replan()
             assert report is not None and report["last"]["migrated"] and report["last"]["moved_experts"] > 0
             assert got == greedy
+
+
+async def test_a_restarted_agent_gets_its_placement_back(qwen_tiny: Path) -> None:
+    memory = 6 * expert_bytes(qwen_tiny)
+    async with local_cluster(qwen_tiny, 2, expert_memory=memory, link_latency_s=0.002) as cluster:
+        with_users(cluster)
+        settings = PlacementSettings("prism", replan_every_s=3600)
+        async with cluster.engine(placement=settings, poll_interval_s=0.2) as engine:
+            await tokens(engine, request("a0", "alice", 3))
+            report = await engine.replan()
+            await until_pinned(cluster, report)
+            spec = cluster.specs[0]
+            await cluster.stop_agent(spec.name)  # its memory, placement included, goes with it
+            stop, ready = asyncio.Event(), asyncio.Event()
+            again = cluster.enrolment.agent(spec.name, spec.address, qwen_tiny, expert_memory_bytes=memory,
+                                            link_latency_s=0.002)
+            cluster.stops.append(stop)
+            cluster.serving.append(asyncio.create_task(serve(again, ready=ready, stop=stop)))
+            await asyncio.wait_for(ready.wait(), 30)
+            await until_pinned(cluster, report)  # the server told the new process its placement
