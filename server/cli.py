@@ -78,6 +78,10 @@ def _add_init_model(commands: argparse._SubParsersAction) -> None:  # type: igno
         p.add_argument(flag, type=positive, metavar="N", help=f"{what}; default: the preset's")
     p.add_argument("--seed", type=non_negative, default=0, metavar="S", help="random seed of the weights")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="dtype of stored weights")
+    p.add_argument("--topics", type=non_negative, default=0, metavar="N",
+                   help="routers biased by token range, for placement benchmarks: the vocabulary splits into N "
+                        "ranges and each layer's experts into N groups, and tokens of range r mostly choose group "
+                        "r (random weights have no topics otherwise); 0 = none")  # fmt: skip
     p.set_defaults(run=_run_init_model)
 
 
@@ -237,11 +241,14 @@ def _run_init_model(args: argparse.Namespace) -> int:
 
     check_new_folder(args.out)
 
-    init_model(
-        args.arch, args.out, args.preset, hidden_size=args.hidden_size, layers=args.layers, experts=args.experts,
-        experts_per_token=args.experts_per_token, intermediate_size=args.intermediate_size,
-        vocab_size=args.vocab_size, seed=args.seed, dtype=args.dtype, progress=_progress,
-    )  # fmt: skip
+    try:
+        init_model(
+            args.arch, args.out, args.preset, hidden_size=args.hidden_size, layers=args.layers, experts=args.experts,
+            experts_per_token=args.experts_per_token, intermediate_size=args.intermediate_size,
+            vocab_size=args.vocab_size, seed=args.seed, dtype=args.dtype, progress=_progress, topics=args.topics,
+        )  # fmt: skip
+    except ValueError as exc:  # a shape the flags ask for that cannot be built: the flag's value, no traceback
+        raise SetupError(str(exc)) from None
     return 0
 
 

@@ -54,6 +54,13 @@ _EMBED_STD = 1.0  # the residual stream starts at RMS 1, the same as each branch
 _ROUTER_GAIN = 4.0
 _LM_HEAD_GAIN = 2.0  # logits ~ N(0, 2^2): a clear greedy argmax without a one-hot softmax
 _NORM_NOISE = 0.1  # RMSNorm gains are 1 + N(0, 0.1^2): near 1, yet not trivially ones
+# Topics (init_model's `topics`): a token of vocabulary range r carries direction u_r with this
+# share of its embedding's norm, and the router rows of expert group r add u_r scaled so that it
+# raises their logits by about TOPIC_LOGIT over the other groups' where the residual stream still
+# carries it. Random weights have no topics of their own: this gives a benchmark users whose
+# prompts (drawn from their own range) keep choosing their own experts, as real workloads do.
+TOPIC_EMBED = 3.0
+TOPIC_LOGIT = 8.0
 
 
 @dataclass(frozen=True)
@@ -191,18 +198,46 @@ def _split_shards(plan: list[_TensorSpec], shards: int) -> list[list[_TensorSpec
     return groups
 
 
-def _draw(spec: _TensorSpec, seed: int, dtype: torch.dtype) -> torch.Tensor:
+def _draw(spec: _TensorSpec, seed: int, dtype: torch.dtype, topics: int = 0) -> torch.Tensor:
     # One generator per tensor, seeded from (seed, name): a tensor's values do not depend on the
     # shard count, the order of generation, or the shape of any other tensor.
     digest = hashlib.sha256(f"{seed}/{spec.name}".encode()).digest()
     gen = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
     t = torch.randn(spec.shape, generator=gen, dtype=torch.float32)
-    return t.mul_(spec.std).add_(spec.mean).to(dtype)
+    t.mul_(spec.std).add_(spec.mean)
+    if topics > 1 and (spec.name == "model.embed_tokens.weight" or spec.name.endswith(".gate.weight")):
+        _add_topics(t, spec.name == "model.embed_tokens.weight", topics, seed)
+    return t.to(dtype)
+
+
+def topic_ranges(vocab: int, topics: int) -> list[range]:
+    """The token ids of each topic: contiguous, nearly equal ranges of the vocabulary."""
+    return [range(vocab * r // topics, vocab * (r + 1) // topics) for r in range(topics)]
+
+
+def topic_groups(experts: int, topics: int) -> list[range]:
+    """The experts each topic's tokens prefer, in every MoE layer: contiguous, nearly equal groups."""
+    return [range(experts * r // topics, experts * (r + 1) // topics) for r in range(topics)]
+
+
+def _add_topics(t: torch.Tensor, embedding: bool, topics: int, seed: int) -> None:
+    """In place: each topic's direction on its tokens' embedding rows [V, D], or on its expert
+    group's router rows [E, D]."""
+    D = t.shape[1]
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + topics)
+    directions, _ = torch.linalg.qr(torch.randn(D, topics, generator=gen))  # [D, topics], orthonormal
+    parts = topic_ranges(t.shape[0], topics) if embedding else topic_groups(t.shape[0], topics)
+    # The RMSNormed residual stream has norm sqrt(D), of which a topic keeps about a share of
+    # TOPIC_EMBED / sqrt(1 + TOPIC_EMBED^2) along its direction.
+    share = TOPIC_EMBED / math.sqrt(1 + TOPIC_EMBED**2)
+    scale = TOPIC_EMBED * _EMBED_STD * math.sqrt(D) if embedding else TOPIC_LOGIT / (share * math.sqrt(D))
+    for r, rows in enumerate(parts):
+        t[rows.start:rows.stop] += scale * directions[:, r]
 
 
 def _write_weights(
     folder: Path, plan: list[_TensorSpec], shards: int, seed: int, dtype: torch.dtype,
-    progress: Callable[[str], None],
+    progress: Callable[[str], None], topics: int = 0,
 ) -> None:
     """Write the safetensors file(s), and the index when sharded. Holds one shard in memory."""
     groups = _split_shards(plan, shards)
@@ -216,7 +251,7 @@ def _write_weights(
             if spec.layer is not None and spec.layer > layers_seen:
                 layers_seen = spec.layer
                 progress(f"layer {spec.layer + 1}/{n_layers}: drawing into {fname}")
-            tensors[spec.name] = _draw(spec, seed, dtype)
+            tensors[spec.name] = _draw(spec, seed, dtype, topics)
             weight_map[spec.name] = fname
         shard_bytes = sum(t.numel() * t.element_size() for t in tensors.values())
         total_bytes += shard_bytes
@@ -288,6 +323,7 @@ def init_model(
     dtype: Literal["float32", "bfloat16"] = "float32",
     shards: int | None = None,  # number of safetensors shards; None = preset default
     progress: Callable[[str], None] | None = None,  # called with human-readable progress lines
+    topics: int = 0,  # > 1: routers biased by token range (topic_ranges -> topic_groups); 0: none
 ) -> Path:
     """Write a random-weight `arch` checkpoint of `preset` shape (with overrides) into `out`.
 
@@ -304,12 +340,16 @@ def init_model(
         raise ValueError(f"dtype={dtype!r} is not one of {get_args(DType)}")
     if not isinstance(seed, int) or seed < 0:
         raise ValueError(f"seed={seed!r} must be a non-negative integer")
+    if not isinstance(topics, int) or topics < 0 or topics == 1:
+        raise ValueError(f"topics={topics!r} must be 0 (none) or at least 2")
     overrides = dict(hidden_size=hidden_size, layers=layers, experts=experts, vocab_size=vocab_size,
                      experts_per_token=experts_per_token, intermediate_size=intermediate_size, shards=shards)
     shape = dataclasses.replace(PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None})
     plan = _tensor_plan(arch, shape)
     if shape.shards > len(plan):
         raise ValueError(f"shards={shape.shards} exceeds the {len(plan)} tensors of this model")
+    if topics > shape.experts:
+        raise ValueError(f"topics={topics} exceeds the {shape.experts} experts of a layer (a group each)")
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise FileExistsError(f"{out} already exists and is not an empty folder; pick a new path or delete it")
@@ -322,9 +362,12 @@ def init_model(
         ids = special_ids(arch, tok)
         report(f"trained tokenizer: {tok.get_vocab_size()} tokens for vocab_size={shape.vocab_size}")
         write_tokenizer(work, arch, tok, shape.max_position_embeddings)
-        write_json(work / "config.json", _model_config(arch, shape, dtype, ids))
+        config = _model_config(arch, shape, dtype, ids)
+        if topics:
+            config["potluck_topics"] = topics  # documents the bias (the loaders ignore it)
+        write_json(work / "config.json", config)
         _write_generation_config(work, arch, ids)
-        _write_weights(work, plan, shape.shards, seed, getattr(torch, dtype), report)
+        _write_weights(work, plan, shape.shards, seed, getattr(torch, dtype), report, topics)
         work.chmod(0o755)  # mkdtemp makes it owner-only
         os.rename(work, out)  # atomic; POSIX rename replaces `out` only if it is an empty folder
     except BaseException:

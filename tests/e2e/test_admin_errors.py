@@ -70,6 +70,15 @@ def test_init_model_into_an_existing_folder(qwen_tiny: Path) -> None:
             "already exists and is not an empty folder")  # fmt: skip
 
 
+@pytest.mark.parametrize(("flags", "message"), [
+    (("--experts", "2", "--experts-per-token", "5"), "experts_per_token=5 exceeds experts=2"),
+    (("--topics", "1"), "topics=1 must be 0 (none) or at least 2"),
+])
+def test_init_model_with_a_shape_it_cannot_build(work: Path, flags: tuple[str, ...], message: str) -> None:
+    refused(potluck("init-model", "--arch", "qwen3_moe", "--out", str(work / "never"), *flags), message)
+    assert not (work / "never").exists()
+
+
 @pytest.mark.parametrize("case", ["missing", "empty", "file", "no tokenizer"])
 def test_serve_and_agent_with_a_bad_model_folder(case: str, work: Path, qwen_tiny: Path) -> None:
     folder = work / f"model-{case.replace(' ', '-')}"

@@ -17,7 +17,7 @@ from safetensors import safe_open
 from tokenizers import Tokenizer
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-from node_agent.model.synth import MIN_VOCAB_SIZE, PRESETS, init_model
+from node_agent.model.synth import MIN_VOCAB_SIZE, PRESETS, init_model, topic_groups, topic_ranges
 
 ARCHS = ("qwen3_moe", "mixtral")
 TINY = PRESETS["tiny"]
@@ -280,3 +280,34 @@ def test_progress_reports_every_layer(tmp_path: Path) -> None:
         f"layer {i}/{TINY.layers}" for i in range(1, TINY.layers + 1)
     ]
     assert sum(line.startswith("wrote model-") for line in lines) == TINY.shards
+
+
+def _own_group_share(folder: Path, topics: int) -> list[list[float]]:
+    """Per topic and MoE layer, the share of its tokens' top-k choices in its own expert group
+    (transformers' own routers, on 64 tokens drawn from the topic's vocabulary range)."""
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    cfg = model.config
+    ranges, groups = topic_ranges(cfg.vocab_size, topics), topic_groups(cfg.num_experts, topics)
+    g, shares = torch.Generator().manual_seed(0), []
+    for tokens, group in zip(ranges, groups):
+        ids = torch.randint(tokens.start, tokens.stop, (1, 64), generator=g)
+        with torch.no_grad():
+            router_logits = model(ids, output_router_logits=True).router_logits
+        top = [logits.topk(cfg.num_experts_per_tok, -1).indices for logits in router_logits]
+        shares.append([((t >= group.start) & (t < group.stop)).float().mean().item() for t in top])
+    return shares
+
+
+@pytest.mark.parametrize("arch", ["qwen3_moe", "mixtral"])
+def test_topics_make_each_vocabulary_range_prefer_its_expert_group(tmp_path: Path, arch: str) -> None:
+    topical = init_model(arch, tmp_path / "topics", "tiny", topics=2)  # type: ignore[arg-type]
+    plain = init_model(arch, tmp_path / "plain", "tiny")  # type: ignore[arg-type]
+    assert json.loads((topical / "config.json").read_text())["potluck_topics"] == 2
+    with_topics, without = _own_group_share(topical, 2), _own_group_share(plain, 2)
+    mean = [sum(layers) / len(layers) for layers in with_topics]
+    assert min(mean) > 0.85, with_topics  # half the experts take most of each topic's choices
+    assert max(sum(layers) / len(layers) for layers in without) < 0.75, without  # no topics: about half
+    with pytest.raises(ValueError, match="topics"):
+        init_model(arch, tmp_path / "bad", "tiny", topics=1)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="topics"):
+        init_model(arch, tmp_path / "bad", "tiny", topics=9)  # type: ignore[arg-type]
