@@ -23,7 +23,7 @@ def cluster_status(snapshot: EngineSnapshot | None, model: str, version: str) ->
             "name": a.name, "address": a.address, "labels": list(a.labels), "up": a.up,
             "problem": "" if a.up else a.problem,
             "expert_memory_used_bytes": a.bytes_used, "expert_memory_budget_bytes": a.capacity_bytes,
-            "experts_held": len(a.held), "hit_rate": a.hits / asked if asked else None,
+            "experts_held": len(a.held), "experts_pinned": len(a.placed), "hit_rate": a.hits / asked if asked else None,
             "disk_read_bytes": a.bytes_read, "link_sent_bytes": a.bytes_sent, "requests": a.requests,
         })  # fmt: skip
     return {"model": model, "version": version, "running": snapshot.running if snapshot else 0,
@@ -41,7 +41,8 @@ def status_table(status: dict[str, Any]) -> str:
         memory = f"{format_size(a['expert_memory_used_bytes'])} / {format_size(budget)}" if budget else \
             f"{format_size(a['expert_memory_used_bytes'])} (no budget)"
         rate = a["hit_rate"]
-        rows.append((a["name"], a["address"], "up" if a["up"] else "DOWN", memory, str(a["experts_held"]),
+        held = f"{a['experts_held']} ({a['experts_pinned']} pinned)" if a.get("experts_pinned") else str(a["experts_held"])
+        rows.append((a["name"], a["address"], "up" if a["up"] else "DOWN", memory, held,
                      "-" if rate is None else f"{rate:.1%}", _bytes(a["disk_read_bytes"]),
                      _bytes(a["link_sent_bytes"]), str(a["requests"])))  # fmt: skip
     widths = [max(len(row[i]) for row in rows) for i in range(len(COLUMNS))]
