@@ -8,6 +8,7 @@ and per-agent expert-cache counters are read from `engine.snapshot()` at scrape 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, Info, generate_latest
@@ -100,11 +101,11 @@ class EngineCollector(Collector):
         moved.add_metric([], snap.migration_bytes if snap else 0)
         yield migrations
         yield moved
-        if snap is not None and snap.placement_cost is not None:
-            cost = GaugeMetricFamily("potluck_placement_cost", "C(P) of the placement in force: the last window's "
-                                     "expert selections whose home agent did not hold the expert.")
-            cost.add_metric([], snap.placement_cost)
-            yield cost
+        cost = GaugeMetricFamily("potluck_placement_cost", "C(P) of the placement in force: the last re-plan "
+                                 "period's expert selections whose home agent did not hold the expert (NaN before "
+                                 "the first re-plan).")
+        cost.add_metric([], math.nan if snap is None or snap.placement_cost is None else snap.placement_cost)
+        yield cost
         yield from _agent_families(snap.agents if snap else ())
 
 
