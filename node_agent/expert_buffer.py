@@ -20,8 +20,9 @@ import asyncio
 import contextlib
 import heapq
 import itertools
+import logging
 import threading
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 
@@ -29,11 +30,17 @@ from node_agent.cache_policy import EvictionPolicy, LRUPolicy
 from node_agent.model.moe import ExpertWeights
 from protos.ids import ExpertId
 
+log = logging.getLogger("potluck.agent")
+
 DEMAND, PREFETCH, PLACE, FILL = 0, 1, 2, 3  # disk queue priorities (lower first)
 
 
 class BufferTooSmall(ValueError):
     """The byte budget cannot hold even one expert."""
+
+
+class NotResident(LookupError):
+    """A peer asked for an expert this agent does not hold in memory."""
 
 
 class ReadPreempted(Exception):
@@ -43,6 +50,8 @@ class ReadPreempted(Exception):
 # Reads an expert; calls the given check before every chunk (the check raises ReadPreempted to
 # stop a read that must give the disk up). Runs in the disk thread.
 LoadFn = Callable[[ExpertId, Callable[[], None]], ExpertWeights]
+# Gets a placed expert from a peer's memory instead (`place`); on the event loop.
+FetchFn = Callable[[ExpertId], Awaitable[ExpertWeights]]
 
 
 @dataclass
@@ -73,6 +82,8 @@ class BufferCounters:
     fills: int = 0  # loads started by a fill
     fill_preemptions: int = 0  # fill reads stopped part-way for a more urgent read
     placements: int = 0  # loads started for the placement
+    fetches: int = 0  # of them, got from a peer's memory instead of the disk
+    fetch_failures: int = 0  # fetches that failed (read from the disk instead)
 
 
 class ExpertBuffer:
@@ -140,11 +151,12 @@ class ExpertBuffer:
         """Experts the memory holds (None: unlimited)."""
         return self.capacity // self.expert_nbytes if self.capacity else None
 
-    def place(self, experts: Iterable[ExpertId]) -> None:
+    def place(self, experts: Iterable[ExpertId], fetch: Mapping[ExpertId, FetchFn] | None = None) -> None:
         """Keep these experts resident from now on, instead of the previous placement (whose
         experts stay as cache until their room is needed). At least one slot stays out of the
         placement, so that a demand read of an unplaced expert always finds room once its
-        users let go. ValueError if the placement does not fit."""
+        users let go. A missing expert in `fetch` is got that way (from a peer), else, or if that
+        fails, read from disk. ValueError if the placement does not fit."""
         placed = frozenset(experts)
         if self.slots is not None and len(placed) > self.slots - 1:
             raise ValueError(f"a placement of {len(placed)} experts does not fit: the expert memory holds "
@@ -152,19 +164,23 @@ class ExpertBuffer:
         self.placed = placed
         if self._placing is not None:
             self._placing.cancel()  # begun over: experts whose read failed get another one
-        self._placing = asyncio.get_running_loop().create_task(self._read_placement())
+        self._placing = asyncio.get_running_loop().create_task(self._read_placement(dict(fetch or {})))
 
-    async def _read_placement(self) -> None:
+    async def _read_placement(self, fetch: dict[ExpertId, FetchFn]) -> None:
         """Read the placement's experts that are not in memory yet, one reservation at a time (so
         demand reads, queued ahead, keep the disk), until every one is resident or its read
         failed (a later `place` starts this over)."""
         failed: set[ExpertId] = set()  # reads that failed: not retried until the next placement
         while missing := sorted(e for e in self.placed if e not in self._entries and e not in failed):
-            reserved = await self._reserve(missing[0], allow_protected=True, priority=PLACE)
+            eid = missing[0]
+            source = fetch.pop(eid, None)
+            reserved = await self._reserve(eid, allow_protected=True, priority=PLACE, read=source is None)
             assert reserved is not None
             entry, queued = reserved
             if queued:
                 self.counters.placements += 1
+            if queued and source is not None:
+                await self._fetch_into(eid, entry, source)
             try:
                 await asyncio.shield(entry.loaded)
             except Exception:  # the read's own waiters hear why; the placement goes on without it
@@ -294,7 +310,34 @@ class ExpertBuffer:
             victim = next(iter(self.policy.victims(free)), None)
         return victim
 
-    async def _reserve(self, eid: ExpertId, allow_protected: bool, priority: int | None = None
+    async def _fetch_into(self, eid: ExpertId, entry: _Entry, source: FetchFn) -> None:
+        """Fill a reserved entry from a peer; on failure, queue its disk read instead."""
+        entry.started = True  # the reader leaves it alone
+        try:
+            weights = await source(eid)
+        except BaseException as exc:  # the peer dropped it, went away or sent the wrong shape: the disk has it
+            entry.started = False  # (cancelled too: a new placement began, and others may wait on this entry)
+            self._enqueue(entry.priority, eid, entry)
+            if not isinstance(exc, Exception):
+                raise
+            self.counters.fetch_failures += 1
+            log.warning("expert %s/%s: fetching it from a peer failed (%s); reading it from disk", eid.layer,
+                        eid.index, exc)
+            return
+        self.counters.fetches += 1
+        await self._install(eid, entry, weights)
+
+    async def _install(self, eid: ExpertId, entry: _Entry, weights: ExpertWeights) -> None:
+        """A read or fetch of eid is done: resident, its waiters woken."""
+        entry.weights = weights
+        self._resident.setdefault(eid.layer, {})[eid.index] = entry
+        self.counters.loads += 1
+        self.policy.on_insert(eid, ahead=entry.pins == 0)  # nobody waits: a read-ahead
+        entry.loaded.set_result(weights)
+        async with self._space:
+            self._space.notify_all()
+
+    async def _reserve(self, eid: ExpertId, allow_protected: bool, priority: int | None = None, read: bool = True
                        ) -> tuple[_Entry, bool] | None:
         """Room for a read of eid, evicting or (a demand read) waiting for it; returns its entry
         and whether this call queued the read (False: another task's read of eid, resident or in
@@ -325,7 +368,8 @@ class ExpertBuffer:
                 self.counters.evictions += 1
             entry = _Entry(priority=priority if priority is not None else DEMAND if allow_protected else PREFETCH)
             self._entries[eid] = entry
-        self._enqueue(entry.priority, eid, entry)
+        if read:  # else the caller fills it (`_fetch_into`)
+            self._enqueue(entry.priority, eid, entry)
         return entry, True
 
     def _enqueue(self, priority: int, eid: ExpertId, entry: _Entry) -> None:
@@ -365,10 +409,7 @@ class ExpertBuffer:
                 entry.loaded.set_exception(exc)
                 entry.loaded.exception()  # retrieved: nobody may be waiting on a prefetch
             else:
-                entry.weights = weights
-                self._resident.setdefault(eid.layer, {})[eid.index] = entry
-                self.counters.loads += 1
-                self.policy.on_insert(eid, ahead=entry.pins == 0)  # nobody waits: a read-ahead
-                entry.loaded.set_result(weights)
+                await self._install(eid, entry, weights)
+                continue
             async with self._space:
                 self._space.notify_all()

@@ -12,6 +12,7 @@ from typing import Any
 import grpc
 from google.protobuf.message import DecodeError
 
+from node_agent.expert_buffer import NotResident
 from node_agent.limits import Overloaded
 from node_agent.peers import Link, PeerFailed
 from node_agent.state import RequestReleased, UnknownRequest
@@ -37,6 +38,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
 
     CODES: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
         (UnknownRequest, grpc.StatusCode.NOT_FOUND),
+        (NotResident, grpc.StatusCode.NOT_FOUND),
         (RequestReleased, grpc.StatusCode.CANCELLED),
         (TimeoutError, grpc.StatusCode.DEADLINE_EXCEEDED),
         (ValueError, grpc.StatusCode.INVALID_ARGUMENT),
@@ -120,7 +122,7 @@ class GateInterceptor(grpc.aio.ServerInterceptor):
     are open to any enrolled party."""
 
     SERVICE = "/potluck.v1.NodeAgent/"
-    PEER_METHODS = frozenset({"PushKV", "Attend", "RunExperts", "FetchKV"})
+    PEER_METHODS = frozenset({"PushKV", "Attend", "RunExperts", "FetchKV", "FetchExpert"})
 
     def __init__(self, secure: bool, max_control_bytes: int) -> None:
         self.secure = secure  # callers have certificates to check

@@ -21,9 +21,10 @@ import torch
 from node_agent.precise_timer import sleep_precisely
 from node_agent.state import KVShard
 from node_agent.throttle import Throttle
-from protos.convert import (attend_reply_from_proto, attend_to_proto, expert_batch_to_proto, expert_result_from_proto,
-                            failed_agent_from_metadata, fetch_kv_to_proto, kv_block_from_proto, kv_block_to_proto,
-                            tensor_nbytes)
+from protos.convert import (attend_reply_from_proto, attend_to_proto, expert_batch_to_proto, expert_part_from_proto,
+                            expert_result_from_proto, failed_agent_from_metadata, fetch_expert_to_proto,
+                            fetch_kv_to_proto, kv_block_from_proto, kv_block_to_proto, tensor_nbytes)
+from protos.ids import ExpertId
 from protos.limits import CHANNEL_OPTIONS, CHUNK_BYTES, peer_deadline_s
 from protos.messages import ExpertBatch, KVBlock
 from protos.potluck.v1 import agent_pb2 as pb
@@ -177,6 +178,25 @@ class GrpcPeers:
         if len(chunks) == 1:  # every decode call: no gather around one call
             return await run(chunks[0])
         return torch.cat(await asyncio.gather(*(run(rows) for rows in chunks)))
+
+    async def fetch_expert(self, name: str, address: str, eid: ExpertId
+                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """A peer's resident expert (gate [I, D], up [I, D], down [D, I]), for a placement: the
+        first chunk says how many there are, the rest come in parallel; background traffic."""
+        async def fetch(chunk: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int, int]:
+            await self.link.request()
+            part: pb.ExpertPart = await self._call(name, address, "FetchExpert",
+                                                   fetch_expert_to_proto(eid.layer, eid.index, chunk),
+                                                   peer_deadline_s(CHUNK_BYTES))
+            await self.link.receive(part.gate, part.up, part.down, background=True)
+            return expert_part_from_proto(part)
+
+        first = await fetch(0)
+        parts = [first, *await asyncio.gather(*(fetch(i) for i in range(1, first[4])))]
+        if len(parts) == 1:
+            return first[0], first[1], first[2]
+        return (torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]),
+                torch.cat([p[2] for p in parts], dim=1))
 
     async def fetch_kv(self, name: str, address: str, request_id: str, layer: int) -> KVShard:
         """A peer's K/V rows of one layer of a request (decode's home pulls the prompt's K/V):

@@ -35,7 +35,8 @@ from node_agent.worker import AgentCore
 from protos.convert import (adopt_kv_from_proto, adopt_kv_reply_to_proto, attend_from_proto, attend_reply_to_proto,
                             begin_step_from_proto, cache_state_to_proto, decode_step_from_proto,
                             decode_step_reply_to_proto, expert_batch_from_proto, expert_from_wire,
-                            expert_result_to_proto, expert_to_wire, fetch_kv_from_proto,
+                            expert_part_to_proto, expert_result_to_proto, expert_to_wire, fetch_expert_from_proto,
+                            fetch_kv_from_proto,
                             fill_from_proto, fill_reply_to_proto, finish_from_proto, finish_reply_to_proto,
                             forward_from_proto, info_to_proto, kv_block_from_proto, kv_block_to_proto,
                             layer_report_to_proto, placement_from_proto, placement_reply_to_proto, release_from_proto,
@@ -242,7 +243,9 @@ class Servicer(pb_grpc.NodeAgentServicer):
 
     async def SetPlacement(self, request: pb.PlacementRequest, context: Any) -> pb.PlacementReply:
         n = self.core.cfg.num_experts
-        placed, resident = self.core.place([expert_from_wire(e, n) for e in placement_from_proto(request)])
+        experts, sources = placement_from_proto(request)
+        placed, resident = self.core.place([expert_from_wire(e, n) for e in experts],
+                                           [(expert_from_wire(e, n), holder, address) for e, holder, address in sources])
         return placement_reply_to_proto(placed, resident)
 
     async def SetRoutingTable(self, request: pb.RoutingTable, context: Any) -> pb.Ack:
@@ -272,6 +275,13 @@ class Servicer(pb_grpc.NodeAgentServicer):
                                           num_chunks=chunks))
         await self.link.send(block.keys, block.values, background=True)  # the move yields to decode traffic
         return block
+
+    async def FetchExpert(self, request: pb.FetchExpertRequest, context: Any) -> pb.ExpertPart:
+        layer, index, chunk = fetch_expert_from_proto(request)
+        gate, up, down, chunks = await self.core.expert_part(ExpertId(layer, index), chunk)
+        part = expert_part_to_proto(gate, up, down, chunk, chunks)
+        await self.link.send(part.gate, part.up, part.down, background=True)  # a migration yields to decode traffic
+        return part
 
     async def PushKV(self, request: pb.KVBlock, context: Any) -> pb.Ack:
         # Room in the inbox is checked before the tensors are copied out of the message.

@@ -149,10 +149,12 @@ class AgentClient:
         return AgentSnapshot(self.spec.name, self.spec.address, True, state.resident | state.loading,
                              placed=state.placed, labels=self.spec.labels, **asdict(state.counters))
 
-    async def set_placement(self, experts: Sequence[int]) -> tuple[int, int]:
+    async def set_placement(self, experts: Sequence[int], sources: Sequence[tuple[int, str, str]] = ()
+                            ) -> tuple[int, int]:
         """Have the agent keep these experts (layer * num_experts + index) resident from now on,
-        in place of its previous placement; returns (experts placed, of them resident now)."""
-        r = await self._call("SetPlacement", placement_to_proto(experts), 10.0)
+        in place of its previous placement, fetching those in `sources` (expert, holder, address)
+        from that agent; returns (experts placed, of them resident now)."""
+        r = await self._call("SetPlacement", placement_to_proto(experts, sources), 10.0)
         assert isinstance(r, pb.PlacementReply)
         return placement_reply_from_proto(r)
 

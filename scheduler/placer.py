@@ -10,8 +10,9 @@ Load before evict: an agent keeps its placed experts resident and reads the new 
 background, and the routing table names an agent as a holder only once it reports the expert
 resident; until then calls go to the old holders, which keep their copies as cache until their
 room is needed (a holder asked for an expert it dropped reads it back: slower, never wrong).
-Moving an expert by sending it from a holder is not done yet: every agent reads what it gains
-from its own disk, while the rule prices the faster of the two. An agent that rejoins (after a
+An agent gains an expert from its own disk, or from an agent holding it where that is faster
+(`replan.sources`, as `migration_s` prices it); if the holder has dropped it meanwhile, from its
+disk. An agent that rejoins (after a
 restart) is sent its placement again when a poll finds it reporting another one.
 """
 
@@ -31,8 +32,8 @@ from scheduler.activations import ActivationWindow
 from scheduler.client import AgentClient
 from scheduler.errors import AgentFailed
 from scheduler.placement import POLICIES
-from scheduler.placement.problem import Placement
-from scheduler.placement.replan import Replan, decide, problem_for
+from scheduler.placement.problem import Placement, PlacementProblem
+from scheduler.placement.replan import Replan, decide, problem_for, sources
 
 log = logging.getLogger("potluck.scheduler")
 
@@ -79,23 +80,28 @@ class Placer:
         self.replans += 1
         self.last, self.last_at = replan, time.time()
         if replan.migrate and replan.moves:
-            await self._apply(replan, clients, window.num_experts)
+            await self._apply(replan, problem, holdings, clients, window.num_experts)
         log.info("placement %s: C(P) %.0f -> %.0f remote calls, %.3f -> %.3f s of expert accesses, migration "
                  "%.3f s: %s", self.settings.policy, replan.remote_now, replan.remote_new, replan.cost_now_s,
                  replan.cost_new_s, replan.migration_s,
                  f"moved {replan.moved_experts} experts" if replan.migrate and replan.moves else "kept")
         return replan
 
-    async def _apply(self, replan: Replan, clients: Mapping[NodeId, AgentClient], num_experts: int) -> None:
+    async def _apply(self, replan: Replan, problem: PlacementProblem, holdings: Mapping[NodeId, frozenset[ExpertId]],
+                     clients: Mapping[NodeId, AgentClient], num_experts: int) -> None:
         changed = [n for n, experts in replan.candidate.items() if n in clients and experts != self.placed.get(n)]
 
         async def send(node: NodeId) -> None:
             # What the agent should keep from now on; a poll that finds it keeping something else
             # (this call failed, or the agent restarted since) sends it again (`differs`).
             experts = self.placed[node] = replan.candidate.get(node, frozenset())
+            fetch = sources(problem, holdings, node, experts - holdings.get(node, frozenset()))
             self._resending.add(node)
             try:
-                await clients[node].set_placement([expert_to_wire(e, num_experts) for e in experts])
+                await clients[node].set_placement(
+                    [expert_to_wire(e, num_experts) for e in experts],
+                    [(expert_to_wire(e, num_experts), src, clients[src].spec.address) for e, src in fetch.items()
+                     if src in clients])
             except AgentFailed as exc:
                 log.warning("placement: agent %s did not take its placement (sent again later): %s", node, exc)
             finally:

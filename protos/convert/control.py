@@ -209,13 +209,15 @@ def fill_reply_from_proto(msg: pb.FillReply) -> list[int]:
     return list(msg.accepted)
 
 
-def placement_to_proto(experts: Sequence[int]) -> pb.PlacementRequest:
-    """Experts as layer * num_experts + index."""
-    return pb.PlacementRequest(experts=sorted(experts))
+def placement_to_proto(experts: Sequence[int], sources: Sequence[tuple[int, str, str]] = ()) -> pb.PlacementRequest:
+    """Experts as layer * num_experts + index; sources: (expert, holder, its address) of those to
+    fetch from a peer."""
+    return pb.PlacementRequest(experts=sorted(experts), sources=[pb.ExpertSource(expert=e, holder=h, address=a)
+                                                                 for e, h, a in sources])
 
 
-def placement_from_proto(msg: pb.PlacementRequest) -> list[int]:
-    return list(msg.experts)
+def placement_from_proto(msg: pb.PlacementRequest) -> tuple[list[int], list[tuple[int, str, str]]]:
+    return list(msg.experts), [(s.expert, s.holder, s.address) for s in msg.sources]
 
 
 def placement_reply_to_proto(placed: int, resident: int) -> pb.PlacementReply:

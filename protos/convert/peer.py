@@ -80,6 +80,27 @@ def fetch_kv_from_proto(msg: pb.FetchKVRequest) -> tuple[str, int, int]:
     return msg.request_id, msg.layer, msg.chunk
 
 
+def fetch_expert_to_proto(layer: int, expert: int, chunk: int) -> pb.FetchExpertRequest:
+    return pb.FetchExpertRequest(layer=layer, expert=expert, chunk=chunk)
+
+
+def fetch_expert_from_proto(msg: pb.FetchExpertRequest) -> tuple[int, int, int]:
+    """(layer, expert, chunk)."""
+    return msg.layer, msg.expert, msg.chunk
+
+
+def expert_part_to_proto(gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, chunk: int,
+                         num_chunks: int) -> pb.ExpertPart:
+    return pb.ExpertPart(gate=tensor_to_proto(gate), up=tensor_to_proto(up), down=tensor_to_proto(down), chunk=chunk,
+                         num_chunks=num_chunks)
+
+
+def expert_part_from_proto(msg: pb.ExpertPart) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int, int]:
+    """(gate [I_chunk, D], up [I_chunk, D], down [D, I_chunk], chunk, num_chunks)."""
+    return (tensor_from_proto(msg.gate), tensor_from_proto(msg.up), tensor_from_proto(msg.down), msg.chunk,
+            msg.num_chunks)
+
+
 FrameBody = pb.ExpertBatch | pb.ExpertResult | str  # a call, its result, or why it failed
 
 

@@ -45,6 +45,28 @@ def problem_for(infos: Sequence[AgentInfo], activations: Activations, moe_layers
     )  # fmt: skip
 
 
+def sources(problem: PlacementProblem, holdings: Mapping[NodeId, frozenset[ExpertId]], node: NodeId,
+            added: frozenset[ExpertId]) -> dict[ExpertId, NodeId]:
+    """For each expert `node` gains, the agent holding it now to fetch it from, where that is
+    faster than `node`'s own disk (the choice `migration_s` prices); the others are read."""
+    target, nbytes = problem.device(node), problem.expert_bytes
+    out = {}
+    for e in sorted(added):
+        # An unlimited disk (rate 0: not emulated, its real speed unknown) reads in no time here,
+        # so a peer never beats it: a device's own disk is no slower than its LAN as a rule.
+        best, best_s = None, target.read_s(nbytes)
+        for src, held in sorted(holdings.items()):
+            if src == node or e not in held or src not in {d.node for d in problem.devices}:
+                continue
+            s = problem.device(src)
+            wire_s = s.link_latency_s + target.link_latency_s + max(s.send_s(nbytes), target.send_s(nbytes))
+            if wire_s < best_s:
+                best, best_s = src, wire_s
+        if best is not None:
+            out[e] = best
+    return out
+
+
 @dataclass(frozen=True)
 class Replan:
     """One re-planning: the candidate, what each placement costs, and whether to move to it."""

@@ -1,11 +1,13 @@
 """A placement sent to a real agent (SetPlacement over mutual-TLS gRPC): the agent reads the
-placed experts, keeps them through demand traffic that cycles its cache, reports them in its
-cache state, and the scheduler's routing table names it as their holder; a placement that names
+placed experts (or fetches them from a peer's memory, falling back to its disk where the peer
+lacks one), keeps them through demand traffic that cycles its cache, reports them in its cache
+state, and the scheduler's routing table names it as their holder; a placement that names
 experts the model lacks or leaves no slot to the cache is refused with INVALID_ARGUMENT."""
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -53,6 +55,11 @@ async def test_placed_experts_are_read_kept_and_routed_to(qwen_tiny: Path) -> No
         assert evictions > 0  # the cache did cycle around the placement
 
 
+def _request(rid: str, first: int, user: str | None = None) -> GenerationRequest:
+    sampling = SamplingParams(max_tokens=6, temperature=0.0, stop_token_ids=frozenset())
+    return GenerationRequest(RequestId(rid), tuple(range(first + 3, first + 30)), sampling, user)
+
+
 async def test_a_placement_the_agent_cannot_take_is_refused(qwen_tiny: Path) -> None:
     async with local_cluster(qwen_tiny, 1, expert_memory=3 * expert_bytes(qwen_tiny)) as cluster:
         agent, n = cluster.clients[0], cluster.shape.num_experts
@@ -62,3 +69,29 @@ async def test_a_placement_the_agent_cannot_take_is_refused(qwen_tiny: Path) -> 
         with pytest.raises(AgentFailed, match="not a routed expert") as unknown:
             await agent.set_placement([cluster.shape.num_layers * n + 5])
         assert unknown.value.code == "INVALID_ARGUMENT"
+
+
+async def test_a_placed_expert_comes_from_a_peers_memory_or_else_from_disk(qwen_tiny: Path) -> None:
+    async with local_cluster(qwen_tiny, 2, expert_memory=6 * expert_bytes(qwen_tiny)) as cluster:
+        n = cluster.shape.num_experts
+        holder, target = cluster.clients
+        held = [ExpertId(0, 2), ExpertId(1, 5)]
+        await holder.set_placement([expert_to_wire(e, n) for e in held])
+        await until_placed(holder, {expert_to_wire(e, n) for e in held})
+        before = (await target.cache_state()).counters.bytes_read
+        # Fetched from the holder: the target's disk reads nothing for them.
+        wire = {expert_to_wire(e, n) for e in held}
+        await target.set_placement(sorted(wire), [(w, holder.name, holder.spec.address) for w in sorted(wire)])
+        await until_placed(target, wire)
+        assert (await target.cache_state()).counters.bytes_read == before
+        # A source that does not hold the expert: read from the target's disk instead.
+        missing = expert_to_wire(ExpertId(2, 1), n)
+        await target.set_placement(sorted(wire | {missing}), [(missing, holder.name, holder.spec.address)])
+        await until_placed(target, wire | {missing})
+        assert (await target.cache_state()).counters.bytes_read > before
+        async with cluster.engine() as engine:  # the fetched copies compute what the files give
+            want = [e.token_id async for e in await engine.submit(_request("ref", 0))]
+        cluster.specs = [dataclasses.replace(s, users=("u",)) if s.name == target.name else s for s in cluster.specs]
+        async with cluster.engine() as engine:
+            got = [e.token_id async for e in await engine.submit(_request("fetched", 0, user="u"))]
+        assert got == want

@@ -7,7 +7,7 @@ import dataclasses
 from protos.ids import ExpertId, NodeId
 from protos.messages import AgentInfo
 from scheduler.placement.problem import Activations
-from scheduler.placement.replan import CACHE_SLOTS, decide, problem_for
+from scheduler.placement.replan import CACHE_SLOTS, decide, problem_for, sources
 from tests.unit.placement_support import EXPERT_BYTES, device, problem
 
 A, B = NodeId("a"), NodeId("b")
@@ -46,3 +46,15 @@ def test_migrate_only_when_the_saving_outweighs_the_move() -> None:
     assert not stay.migrate and stay.cost_new_s < stay.cost_now_s
     assert decide(slow, current, better, force=True).migrate
     assert decide(p, better, better).moves == {}
+
+
+def test_an_expert_comes_from_a_holder_only_where_that_beats_the_disk() -> None:
+    C = NodeId("c")
+    fast_disk = problem([device("a", 2, disk=1e9), device("b", 2), device("c", 2)], num_experts=4)
+    slow_disk = problem([device("a", 2, disk=1e6), device("b", 2), device("c", 2, link=1e6)], num_experts=4)
+    e, f = ExpertId(0, 1), ExpertId(0, 2)
+    holdings = {B: frozenset({e}), C: frozenset({e, f}), A: frozenset()}
+    assert sources(fast_disk, holdings, A, frozenset({e, f})) == {}  # 1 ms from disk beats 16 ms over the link
+    assert sources(slow_disk, holdings, A, frozenset({e, f, ExpertId(0, 3)})) == {e: B}  # c's link is slow too
+    unlimited = problem([device("a", 2, disk=0.0), device("b", 2)], num_experts=4)
+    assert sources(unlimited, {B: frozenset({e})}, A, frozenset({e})) == {}  # an unemulated disk: read it

@@ -149,7 +149,9 @@ def test_fill_round_trip() -> None:
 
 
 def test_placement_round_trip() -> None:
-    assert c.placement_from_proto(wire(c.placement_to_proto([9, 3, 4]))) == [3, 4, 9]
+    assert c.placement_from_proto(wire(c.placement_to_proto([9, 3, 4]))) == ([3, 4, 9], [])
+    sources = [(3, "laptop", "192.168.1.20:50051"), (9, "pi", "[::1]:7")]
+    assert c.placement_from_proto(wire(c.placement_to_proto([9, 3, 4], sources))) == ([3, 4, 9], sources)
     assert c.placement_reply_from_proto(wire(c.placement_reply_to_proto(3, 1))) == (3, 1)
 
 
@@ -216,6 +218,13 @@ def test_kv_block_with_rows_that_disagree_is_refused() -> None:
                                       values=torch.zeros(3, 2, 4), positions=torch.arange(2)))
     with pytest.raises(ValueError, match="shapes disagree"):
         c.kv_block_from_proto(msg)
+
+
+def test_fetch_expert_round_trip() -> None:
+    assert c.fetch_expert_from_proto(wire(c.fetch_expert_to_proto(3, 7, 2))) == (3, 7, 2)
+    gate, up, down = torch.randn(4, 6), torch.randn(4, 6), torch.randn(6, 4).bfloat16()
+    g, u, d, chunk, chunks = c.expert_part_from_proto(wire(c.expert_part_to_proto(gate, up, down, 1, 3)))
+    assert same(g, gate) and same(u, up) and same(d, down) and (chunk, chunks) == (1, 3)
 
 
 def test_attend_round_trip() -> None:

@@ -299,10 +299,22 @@ class FillReply(_message.Message):
     def __init__(self, accepted: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class PlacementRequest(_message.Message):
-    __slots__ = ("experts",)
+    __slots__ = ("experts", "sources")
     EXPERTS_FIELD_NUMBER: _ClassVar[int]
+    SOURCES_FIELD_NUMBER: _ClassVar[int]
     experts: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, experts: _Optional[_Iterable[int]] = ...) -> None: ...
+    sources: _containers.RepeatedCompositeFieldContainer[ExpertSource]
+    def __init__(self, experts: _Optional[_Iterable[int]] = ..., sources: _Optional[_Iterable[_Union[ExpertSource, _Mapping]]] = ...) -> None: ...
+
+class ExpertSource(_message.Message):
+    __slots__ = ("expert", "holder", "address")
+    EXPERT_FIELD_NUMBER: _ClassVar[int]
+    HOLDER_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    expert: int
+    holder: str
+    address: str
+    def __init__(self, expert: _Optional[int] = ..., holder: _Optional[str] = ..., address: _Optional[str] = ...) -> None: ...
 
 class PlacementReply(_message.Message):
     __slots__ = ("placed", "resident")
@@ -311,6 +323,30 @@ class PlacementReply(_message.Message):
     placed: int
     resident: int
     def __init__(self, placed: _Optional[int] = ..., resident: _Optional[int] = ...) -> None: ...
+
+class FetchExpertRequest(_message.Message):
+    __slots__ = ("layer", "expert", "chunk")
+    LAYER_FIELD_NUMBER: _ClassVar[int]
+    EXPERT_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    layer: int
+    expert: int
+    chunk: int
+    def __init__(self, layer: _Optional[int] = ..., expert: _Optional[int] = ..., chunk: _Optional[int] = ...) -> None: ...
+
+class ExpertPart(_message.Message):
+    __slots__ = ("gate", "up", "down", "chunk", "num_chunks")
+    GATE_FIELD_NUMBER: _ClassVar[int]
+    UP_FIELD_NUMBER: _ClassVar[int]
+    DOWN_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    NUM_CHUNKS_FIELD_NUMBER: _ClassVar[int]
+    gate: Tensor
+    up: Tensor
+    down: Tensor
+    chunk: int
+    num_chunks: int
+    def __init__(self, gate: _Optional[_Union[Tensor, _Mapping]] = ..., up: _Optional[_Union[Tensor, _Mapping]] = ..., down: _Optional[_Union[Tensor, _Mapping]] = ..., chunk: _Optional[int] = ..., num_chunks: _Optional[int] = ...) -> None: ...
 
 class KVBlock(_message.Message):
     __slots__ = ("request_id", "step", "layer", "sender", "keys", "values", "positions", "chunk", "num_chunks")

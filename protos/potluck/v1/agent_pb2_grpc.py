@@ -109,6 +109,11 @@ class NodeAgentStub:
                 request_serializer=protos_dot_potluck_dot_v1_dot_agent__pb2.FetchKVRequest.SerializeToString,
                 response_deserializer=protos_dot_potluck_dot_v1_dot_agent__pb2.KVBlock.FromString,
                 _registered_method=True)
+        self.FetchExpert = channel.unary_unary(
+                '/potluck.v1.NodeAgent/FetchExpert',
+                request_serializer=protos_dot_potluck_dot_v1_dot_agent__pb2.FetchExpertRequest.SerializeToString,
+                response_deserializer=protos_dot_potluck_dot_v1_dot_agent__pb2.ExpertPart.FromString,
+                _registered_method=True)
 
 
 class NodeAgentServicer:
@@ -206,6 +211,12 @@ class NodeAgentServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def FetchExpert(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_NodeAgentServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -283,6 +294,11 @@ def add_NodeAgentServicer_to_server(servicer, server):
                     servicer.FetchKV,
                     request_deserializer=protos_dot_potluck_dot_v1_dot_agent__pb2.FetchKVRequest.FromString,
                     response_serializer=protos_dot_potluck_dot_v1_dot_agent__pb2.KVBlock.SerializeToString,
+            ),
+            'FetchExpert': grpc.unary_unary_rpc_method_handler(
+                    servicer.FetchExpert,
+                    request_deserializer=protos_dot_potluck_dot_v1_dot_agent__pb2.FetchExpertRequest.FromString,
+                    response_serializer=protos_dot_potluck_dot_v1_dot_agent__pb2.ExpertPart.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -690,6 +706,33 @@ class NodeAgent:
             '/potluck.v1.NodeAgent/FetchKV',
             protos_dot_potluck_dot_v1_dot_agent__pb2.FetchKVRequest.SerializeToString,
             protos_dot_potluck_dot_v1_dot_agent__pb2.KVBlock.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FetchExpert(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/potluck.v1.NodeAgent/FetchExpert',
+            protos_dot_potluck_dot_v1_dot_agent__pb2.FetchExpertRequest.SerializeToString,
+            protos_dot_potluck_dot_v1_dot_agent__pb2.ExpertPart.FromString,
             options,
             channel_credentials,
             insecure,
