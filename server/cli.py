@@ -341,7 +341,8 @@ def _run_up(args: argparse.Namespace) -> int:
         launches = plan_local_agents(args.agents or 2, profile, avoid={args.port})
     model_dir = _model_dir(args, inventory.model if inventory else None, args.inventory) or _demo_model()
     agents = LocalAgents(model_dir, launches, args.log_level, insecure=args.insecure, enrolment=args.certs)
-    return run_up(_server_options(args, model_dir), agents, specs_of(launches), args.agent_start_timeout)
+    specs = inventory.node_specs() if inventory is not None else specs_of(launches)  # with their labels and users
+    return run_up(_server_options(args, model_dir), agents, specs, args.agent_start_timeout)
 
 
 def _server_options(args: argparse.Namespace, model_dir: Path) -> ServerOptions:

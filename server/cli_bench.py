@@ -12,7 +12,8 @@ from typing import Any, Final
 from server.cli_args import HelpFormatter, RawDescriptionFormatter, duration, positive, rate, share
 
 # `potluck bench SUITE` -> the module that runs it, whose docstring says what the suite measures.
-BENCH_SUITES: Final = {"compare": "bench", "prefill": "bench_prefill", "decode": "bench_decode"}
+BENCH_SUITES: Final = {"compare": "bench", "prefill": "bench_prefill", "decode": "bench_decode",
+                       "placement": "bench_placement"}
 
 
 def suite_description(suite: str) -> str:
@@ -53,7 +54,9 @@ def add_bench(commands: argparse._SubParsersAction) -> None:  # type: ignore[typ
                         "median inter-token time of streamed requests on compute-bound clusters of 1..N agents "
                         "(against transformers' own KV-cache decode), on an emulated LAN (against its bound, with "
                         "round trips per token) and with concurrent streams (aggregate tokens/s), with JSON, "
-                        "Markdown, a plot and targets met or missed")  # fmt: skip
+                        "Markdown, a plot and targets met or missed; placement: three users on three unlike agents, "
+                        "each placement policy's inter-token time and remote expert calls, and a workload shift "
+                        "with and without migration")  # fmt: skip
     p.add_argument("--model", type=Path, metavar="DIR", help="checkpoint folder; default: the bench preset model")
     p.add_argument("--out", type=Path, default=Path("bench-out"), metavar="DIR", help="folder for results and plots")
     p.add_argument("--tokens", type=positive, default=2048, metavar="N", help="compare: prompt tokens (default 2048)")
@@ -91,10 +94,24 @@ def add_bench(commands: argparse._SubParsersAction) -> None:  # type: ignore[typ
                         "cluster), or all (default)")  # fmt: skip
     p.add_argument("--decode-agents", default="1,2,4", metavar="N,N", help="decode: agent counts of the compute case")
     p.add_argument("--streams", default="1,2,4,8", metavar="N,N", help="decode: concurrent streams of the streams case")
-    p.add_argument("--prompt-tokens", type=positive, default=128, metavar="N", help="decode: prompt tokens per request")
+    p.add_argument("--prompt-tokens", type=positive, default=128, metavar="N",
+                   help="decode, placement: prompt tokens per request")
     p.add_argument("--gen-tokens", type=positive, default=64, metavar="N",
-                   help="decode: tokens generated per request (max_tokens, with ignore_eos: every request "
+                   help="decode, placement: tokens generated per request (max_tokens, with ignore_eos: every request "
                         "decodes them all; default 64)")  # fmt: skip
+    p.add_argument("--shapes", default="all", metavar="S,S",
+                   help="placement: bench (16 experts top-2), many (64 experts top-6), or all (default)")
+    p.add_argument("--placements", default="all", metavar="P,P",
+                   help="placement: prism, eplb, slimcaching, uniform, replicate-popular, or all (default)")
+    p.add_argument("--phase-seconds", type=float, default=60.0, metavar="S",
+                   help="placement: length of each phase (warm-up, measured, each period of the shift; default 60)")
+    p.add_argument("--rate", type=float, default=0.5, metavar="R",
+                   help="placement: requests a second per user, Poisson (default 0.5)")
+    p.add_argument("--pooled-fraction", type=float, default=0.6, metavar="F",
+                   help="placement: the three agents' expert memory together, as a fraction of the model's experts "
+                        "(default 0.6: placement decides what is left out)")  # fmt: skip
+    p.add_argument("--placement-disk", default="50MB/s", metavar="RATE", help="placement: each agent's disk rate")
+    p.add_argument("--no-shift", action="store_true", help="placement: skip the workload shift")
     p.add_argument("--lan-latency", type=duration, default="1ms", metavar="DURATION",
                    help="decode: one-way link latency of the LAN agents, e.g. 1ms; 0 = none (default 1ms)")  # fmt: skip
     p.set_defaults(run=run_bench, log_level="WARNING")  # its own progress lines, not every HTTP request
@@ -108,6 +125,10 @@ def run_bench(args: argparse.Namespace) -> int:
         import server.bench_decode
 
         return server.bench_decode.main(args)
+    if args.suite == "placement":
+        import server.bench_placement
+
+        return server.bench_placement.main(args)
     if args.suite == "prefill":
         import server.bench_prefill
 

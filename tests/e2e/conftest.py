@@ -133,7 +133,8 @@ def start_up(model: Path, workdir: Path, *extra: str) -> PotluckUp:
     port = free_port()
     log_path = workdir / f"potluck-up-{port}.log"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "XDG_CACHE_HOME": str(workdir / "cache"), "POTLUCK_API_KEY": ""}
-    command = [*potluck_command(), "up", "--model", str(model), "--agents", "2", "--port", str(port), *extra]
+    agents = [] if "--inventory" in extra else ["--agents", "2"]  # an inventory names its own (two, here)
+    command = [*potluck_command(), "up", "--model", str(model), *agents, "--port", str(port), *extra]
     with log_path.open("wb") as log:
         proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
     server = PotluckUp(proc, f"http://127.0.0.1:{port}", log_path, [])

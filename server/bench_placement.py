@@ -1,0 +1,316 @@
+"""Expert placement under per-user workloads: `potluck bench placement`.
+
+Three unlike agents (expert memory in the ratio 1:1:2, pooled memory below the model's experts,
+so placement matters), link 500 Mbit/s with 1 ms latency, disks throttled. Three users, each
+homed on its own agent (inventory `users:`), send streamed completions with Poisson arrivals.
+Random weights have no topics, so the model is generated with `init-model --topics 3`: the
+vocabulary splits into three ranges whose tokens mostly choose their own third of each layer's
+experts, and each user draws its prompts from its own range. The report gives each user's
+per-layer activation entropy and the overlap of the users' top experts, so the locality is shown,
+not assumed.
+
+Per placement policy, on a fresh cluster: a warm-up phase fills the activation window, a replan
+applies the policy (POST /admin/replan), then a measured phase gives the mean inter-token time,
+TTFT and the share of expert calls that left their home. Then the shift: the users swap
+workloads (each takes the next user's range); with migration a replan follows after one phase,
+without (`--no-migration`) the placement stays; the latency is reported phase by phase.
+
+Two shapes: `bench` (16 experts top-2) and `many` (64 experts top-6, as DeepSeek-V2-Lite).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import os
+import random
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import yaml
+
+from node_agent.model.checkpoint import Checkpoint
+from node_agent.model.config import MoeConfig
+from node_agent.model.synth import init_model, topic_ranges
+from server.bench_prefill import NO_REPLAN_S, wait_healthy
+from server.launcher import die_with_parent, free_ports, stop_process
+
+SHAPES: dict[str, dict[str, int]] = {  # init_model overrides of the bench preset
+    "bench": {"layers": 8},
+    "many": {"layers": 8, "experts": 64, "experts_per_token": 6, "intermediate_size": 128},
+}
+USERS = ("alice", "bob", "carol")
+MEMORY_RATIO = (1, 1, 2)
+LINK, LATENCY = "500Mbit/s", "1ms"
+PLACEMENTS = ("prism", "eplb", "slimcaching", "uniform", "replicate-popular")
+
+
+def placement_model(shape: str) -> Path:
+    """The shape's checkpoint with three topics, generated once into the cache."""
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "potluck" / f"bench-placement-{shape}"
+    if not (cache / "config.json").exists():
+        print(f"generating the {shape} placement model in {cache} (once)", flush=True)
+        init_model("qwen3_moe", cache, "bench", topics=len(USERS), progress=lambda m: print("  " + m, flush=True),
+                   **SHAPES[shape])  # type: ignore[arg-type]
+    return cache
+
+
+@dataclass
+class Request:
+    user: str
+    topic: int
+    sent: float  # perf_counter
+    arrivals: list[float] = field(default_factory=list)  # perf_counter of each token
+
+    @property
+    def ttft_s(self) -> float | None:
+        return self.arrivals[0] - self.sent if self.arrivals else None
+
+    @property
+    def itls_s(self) -> list[float]:
+        return [b - a for a, b in zip(self.arrivals, self.arrivals[1:])]
+
+
+class PlacementCluster:
+    """`potluck up --inventory` with the three users' homes, in a child process, driven over HTTP."""
+
+    def __init__(self, model_dir: Path, workdir: Path, placement: str, memory: list[int], disk: str,
+                 migration: bool = True, max_running: int = 8) -> None:
+        self.port, *ports = free_ports(len(USERS) + 1)
+        nodes = [{"name": f"agent{i}", "address": f"127.0.0.1:{port}", "expert_memory": memory[i],
+                  "disk_bandwidth": disk, "link_bandwidth": LINK, "link_latency": LATENCY, "torch_threads": 1,
+                  "users": [user]} for i, (port, user) in enumerate(zip(ports, USERS))]  # fmt: skip
+        inventory = workdir / f"inventory-{self.port}.yaml"
+        inventory.write_text(yaml.safe_dump({"nodes": nodes}, sort_keys=False))
+        # The benchmark triggers each replan itself (POST /admin/replan), at the phase boundaries.
+        self.cmd = [sys.executable, "-m", "server.cli", "up", "--inventory", str(inventory), "--model", str(model_dir),
+                    "--port", str(self.port), "--served-model-name", "bench", "--max-running", str(max_running),
+                    "--placement", placement, "--replan-every", str(NO_REPLAN_S), "--log-level", "WARNING",
+                    *([] if migration else ["--no-migration"])]  # fmt: skip
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.http = httpx.AsyncClient(timeout=600)
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    async def __aenter__(self) -> PlacementCluster:
+        self.proc = subprocess.Popen(self.cmd, env={**os.environ, "HF_HUB_OFFLINE": "1"}, preexec_fn=die_with_parent)
+        await wait_healthy(self.proc, self.cmd, self.url)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.http.aclose()
+        if self.proc is not None:
+            stop_process(self.proc)
+
+    async def stream(self, req: Request, prompt: list[int], max_tokens: int) -> Request:
+        body = {"model": "bench", "prompt": prompt, "max_tokens": max_tokens, "stream": True, "temperature": 0,
+                "ignore_eos": True, "user": req.user}
+        async with self.http.stream("POST", f"{self.url}/v1/completions", json=body) as response:
+            if response.status_code != 200:
+                raise RuntimeError(f"bench request failed: {response.status_code} {(await response.aread())[:300]!r}")
+            async for line in response.aiter_lines():
+                if line.startswith("data: ") and line != "data: [DONE]":
+                    chunk = json.loads(line.removeprefix("data: "))
+                    if "error" in chunk:
+                        raise RuntimeError(f"the stream failed: {chunk['error']}")
+                    if any(c.get("text") for c in chunk.get("choices", [])):
+                        req.arrivals.append(time.perf_counter())
+        return req
+
+    async def get(self, path: str) -> Any:
+        response = await self.http.get(f"{self.url}{path}")
+        response.raise_for_status()
+        return response.json() if path.startswith("/admin") else response.text
+
+    async def replan(self) -> dict[str, Any]:
+        response = await self.http.post(f"{self.url}/admin/replan")
+        response.raise_for_status()
+        report: dict[str, Any] = response.json()
+        return report
+
+    async def expert_calls(self) -> tuple[float, float]:
+        """(local, remote) decode expert runs summed over the agents, from /metrics."""
+        text: str = await self.get("/metrics")
+        sums = {"potluck_agent_local_expert_calls_total": 0.0, "potluck_agent_remote_expert_calls_total": 0.0}
+        for line in text.splitlines():
+            name = line.split("{", 1)[0].split(" ", 1)[0]
+            if name in sums:
+                sums[name] += float(line.rsplit(" ", 1)[1])
+        return sums["potluck_agent_local_expert_calls_total"], sums["potluck_agent_remote_expert_calls_total"]
+
+
+async def workload(cluster: PlacementCluster, topics: dict[str, int], vocab: int, seconds: float, rate: float,
+                   prompt_tokens: int, gen_tokens: int, seed: int) -> list[Request]:
+    """Each user's Poisson arrivals (`rate` a second) for `seconds`, prompts from its topic's range."""
+    ranges = topic_ranges(vocab, len(USERS))
+    rng, start, tasks = random.Random(seed), time.perf_counter(), []
+    plans = []
+    for user in USERS:
+        t = rng.expovariate(rate)
+        while t < seconds:
+            span = ranges[topics[user]]
+            plans.append((t, user, [rng.randrange(span.start, span.stop) for _ in range(prompt_tokens)]))
+            t += rng.expovariate(rate)
+    for at, user, prompt in sorted(plans, key=lambda p: p[0]):
+        await asyncio.sleep(max(0.0, start + at - time.perf_counter()))
+        req = Request(user, topics[user], time.perf_counter())
+        tasks.append(asyncio.ensure_future(cluster.stream(req, prompt, gen_tokens)))
+    return list(await asyncio.gather(*tasks))
+
+
+def summary(requests: list[Request], calls: tuple[float, float]) -> dict[str, Any]:
+    itls = [x for r in requests for x in r.itls_s]
+    ttfts = [t for r in requests if (t := r.ttft_s) is not None]
+    local, remote = calls
+    return {"requests": len(requests), "mean_itl_s": sum(itls) / len(itls) if itls else None,
+            "mean_ttft_s": sum(ttfts) / len(ttfts) if ttfts else None,
+            "remote_share": remote / (local + remote) if local + remote else None}  # fmt: skip
+
+
+async def phase(cluster: PlacementCluster, topics: dict[str, int], vocab: int, args: argparse.Namespace,
+                seed: int) -> dict[str, Any]:
+    before = await cluster.expert_calls()
+    requests = await workload(cluster, topics, vocab, args.phase_seconds, args.rate, args.prompt_tokens,
+                              args.gen_tokens, seed)
+    after = await cluster.expert_calls()
+    return summary(requests, (after[0] - before[0], after[1] - before[1]))
+
+
+def locality(stats: dict[str, Any], homes: dict[str, str], top: int) -> dict[str, Any]:
+    """Per user: mean per-layer entropy of its home's histogram; the overlap (Jaccard) of the
+    users' top experts, averaged over layers."""
+    out: dict[str, Any] = {"entropy_bits": {}, "top_overlap": {}}
+    layers = {u: stats["homes"].get(homes[u], {}).get("layers", []) for u in USERS}
+    for u in USERS:
+        if layers[u]:
+            out["entropy_bits"][u] = sum(x["entropy_bits"] for x in layers[u]) / len(layers[u])
+    for i, a in enumerate(USERS):
+        for b in USERS[i + 1:]:
+            if layers[a] and layers[b]:
+                overlaps = []
+                for la, lb in zip(layers[a], layers[b]):
+                    ta = set(sorted(range(len(la["counts"])), key=lambda e: -la["counts"][e])[:top])
+                    tb = set(sorted(range(len(lb["counts"])), key=lambda e: -lb["counts"][e])[:top])
+                    overlaps.append(len(ta & tb) / len(ta | tb))
+                out["top_overlap"][f"{a}-{b}"] = sum(overlaps) / len(overlaps)
+    return out
+
+
+async def run_placement(model_dir: Path, workdir: Path, placement: str, memory: list[int], disk: str,
+                        vocab: int, args: argparse.Namespace, top: int) -> dict[str, Any]:
+    topics = {u: i for i, u in enumerate(USERS)}
+    async with PlacementCluster(model_dir, workdir, placement, memory, disk) as cluster:
+        await phase(cluster, topics, vocab, args, seed=1)  # warm-up: the window fills
+        report = await cluster.replan()
+        stats = await cluster.get("/admin/stats")
+        measured = await phase(cluster, topics, vocab, args, seed=2)
+    homes = {u: f"agent{i}" for i, u in enumerate(USERS)}
+    return {"placement": placement, **measured, "placement_cost": report["last"] and report["last"]["remote_calls"],
+            "migrated": bool(report["last"] and report["last"]["migrated"]),
+            "locality": locality(stats, homes, top)}  # fmt: skip
+
+
+async def run_shift(model_dir: Path, workdir: Path, memory: list[int], disk: str, vocab: int,
+                    args: argparse.Namespace, migration: bool) -> dict[str, Any]:
+    """prism through a workload shift: before, just after (no replan yet), after one replan."""
+    before = {u: i for i, u in enumerate(USERS)}
+    after = {u: (i + 1) % len(USERS) for i, u in enumerate(USERS)}
+    out: dict[str, Any] = {"migration": migration, "phases": []}
+    async with PlacementCluster(model_dir, workdir, "prism", memory, disk, migration=migration) as cluster:
+        await phase(cluster, before, vocab, args, seed=1)
+        await cluster.replan()
+        out["phases"].append({"phase": "before the shift", **await phase(cluster, before, vocab, args, seed=2)})
+        out["phases"].append({"phase": "shifted, first period", **await phase(cluster, after, vocab, args, seed=3)})
+        report = await cluster.replan()
+        out["replan_migrated"] = bool(report["last"] and report["last"]["migrated"])
+        out["phases"].append({"phase": "shifted, after a replan", **await phase(cluster, after, vocab, args, seed=4)})
+    return out
+
+
+def _ms(s: float | None) -> str:
+    return "n/a" if s is None else f"{s * 1e3:.1f}"
+
+
+def markdown(data: dict[str, Any]) -> str:
+    lines = [f"# `{data['command']}`", ""]
+    for shape in data["shapes"]:
+        s = shape["settings"]
+        lines += [f"## {shape['shape']}: {s['experts']} experts top-{s['top_k']}, {s['moe_layers']} MoE layers", "",
+                  f"3 agents, expert memory {', '.join(f'{m / 1e6:.0f} MB' for m in s['memory'])} "
+                  f"({s['pooled_fraction']:.0%} of {s['expert_bytes_total'] / 1e6:.0f} MB of experts), disk "
+                  f"{s['disk']}, link {LINK}, latency {LATENCY}; each user {data['rate']} requests/s (Poisson), "
+                  f"{data['prompt_tokens']}-token prompts from its own third of the vocabulary, {data['gen_tokens']} "
+                  f"tokens each; phases of {data['phase_seconds']} s.", "",
+                  "| placement | mean inter-token ms | mean TTFT ms | expert calls off their home | C(P) |",
+                  "|---|---|---|---|---|"]  # fmt: skip
+        for c in shape["placements"]:
+            share = "n/a" if c["remote_share"] is None else f"{c['remote_share']:.1%}"
+            lines.append(f"| {c['placement']} | {_ms(c['mean_itl_s'])} | {_ms(c['mean_ttft_s'])} | {share} | "
+                         f"{c['placement_cost']} |")
+        if shape["placements"]:
+            loc = shape["placements"][0]["locality"]
+            lines += ["", "Per-layer entropy of each user's home (bits): " + ", ".join(
+                f"{u} {v:.2f}" for u, v in loc["entropy_bits"].items()) + f" (uniform: {s['uniform_entropy']:.2f}). "
+                "Overlap of the users' top experts: " + ", ".join(
+                f"{k} {v:.2f}" for k, v in loc["top_overlap"].items()) + "."]  # fmt: skip
+        for run in shape["shift"]:
+            lines += ["", f"Shift, prism, migration {'on' if run['migration'] else 'off'} (the replan after the "
+                      f"shift {'moved experts' if run.get('replan_migrated') else 'moved nothing'}):", "",
+                      "| phase | mean inter-token ms | expert calls off their home |", "|---|---|---|"]
+            for p in run["phases"]:
+                share = "n/a" if p["remote_share"] is None else f"{p['remote_share']:.1%}"
+                lines.append(f"| {p['phase']} | {_ms(p['mean_itl_s'])} | {share} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main(args: argparse.Namespace) -> int:
+    placements = list(PLACEMENTS) if args.placements == "all" else args.placements.split(",")
+    if unknown := [p for p in placements if p not in PLACEMENTS]:
+        raise SystemExit(f"potluck bench placement: unknown --placements {unknown}; choose from {', '.join(PLACEMENTS)}")
+    shapes = list(SHAPES) if args.shapes == "all" else args.shapes.split(",")
+    if unknown := [s for s in shapes if s not in SHAPES]:
+        raise SystemExit(f"potluck bench placement: unknown --shapes {unknown}; choose from {', '.join(SHAPES)}")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    data: dict[str, Any] = {"command": shlex.join(["potluck", *sys.argv[1:]]), "rate": args.rate,
+                            "phase_seconds": args.phase_seconds, "prompt_tokens": args.prompt_tokens,
+                            "gen_tokens": args.gen_tokens, "shapes": []}  # fmt: skip
+    for shape in shapes:
+        model_dir = args.model if args.model and len(shapes) == 1 else placement_model(shape)
+        cfg, ckpt = MoeConfig.load(model_dir), Checkpoint(model_dir)
+        moe = [layer for layer in range(cfg.num_layers) if cfg.is_moe(layer)]
+        one = ckpt.nbytes(cfg.expert_tensor_names(moe[0], 0))
+        total = one * len(moe) * cfg.num_experts
+        unit = int(total * args.pooled_fraction / sum(MEMORY_RATIO))
+        memory = [max(2 * one, unit * r) for r in MEMORY_RATIO]
+        entry: dict[str, Any] = {"shape": shape, "placements": [], "shift": [], "settings": {
+            "experts": cfg.num_experts, "top_k": cfg.top_k, "moe_layers": len(moe), "memory": memory,
+            "pooled_fraction": sum(memory) / total, "expert_bytes_total": total, "disk": args.placement_disk,
+            "uniform_entropy": math.log2(cfg.num_experts)}}  # fmt: skip
+        print(f"placement, {shape}: {cfg.num_experts} experts top-{cfg.top_k}, memory {memory}", flush=True)
+        with tempfile.TemporaryDirectory(prefix="potluck-bench-placement-") as work:
+            for p in placements:
+                case = asyncio.run(run_placement(model_dir, Path(work), p, memory, args.placement_disk,
+                                                 cfg.vocab_size, args, top=cfg.top_k * 2))
+                print(f"  {p}: mean inter-token {_ms(case['mean_itl_s'])} ms, TTFT {_ms(case['mean_ttft_s'])} ms, "
+                      f"remote share {case['remote_share']}", flush=True)
+                entry["placements"].append(case)
+            if not args.no_shift:
+                for migration in (True, False):
+                    entry["shift"].append(asyncio.run(run_shift(model_dir, Path(work), memory, args.placement_disk,
+                                                                cfg.vocab_size, args, migration)))
+        data["shapes"].append(entry)
+    (out / "placement.json").write_text(json.dumps(data, indent=2))
+    (out / "placement.md").write_text(markdown(data))
+    print(markdown(data))
+    print(f"wrote {out / 'placement.json'}, {out / 'placement.md'}")
+    return 0
