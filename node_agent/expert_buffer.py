@@ -321,8 +321,11 @@ class ExpertBuffer:
             if not isinstance(exc, Exception):
                 raise
             self.counters.fetch_failures += 1
-            log.warning("expert %s/%s: fetching it from a peer failed (%s); reading it from disk", eid.layer,
-                        eid.index, exc)
+            # A holder that made room for its own new experts meanwhile is the expected case in a
+            # migration (NOT_FOUND); anything else an admin may want to see.
+            level = logging.INFO if getattr(exc, "code", None) == "NOT_FOUND" else logging.WARNING
+            log.log(level, "expert %s/%s: fetching it from a peer failed (%s); reading it from disk", eid.layer,
+                    eid.index, exc)
             return
         self.counters.fetches += 1
         await self._install(eid, entry, weights)
