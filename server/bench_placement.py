@@ -272,6 +272,46 @@ def markdown(data: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def plot(data: dict[str, Any], path: Path) -> None:
+    """Per shape: each placement's mean inter-token time (bars from 0), and prism through the
+    shift, phase by phase, with and without migration."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shapes = data["shapes"]
+    fig, axes = plt.subplots(len(shapes), 2, figsize=(11, 3.8 * len(shapes)), squeeze=False)
+    for row, shape in zip(axes, shapes):
+        s, cases = shape["settings"], [c for c in shape["placements"] if c["mean_itl_s"] is not None]
+        ax = row[0]
+        ax.bar(range(len(cases)), [c["mean_itl_s"] * 1e3 for c in cases], color="tab:blue")
+        ax.set_xticks(range(len(cases)), [c["placement"] for c in cases], fontsize=8)
+        ax.set_ylim(bottom=0)
+        ax.set_ylabel("mean inter-token time (ms)")
+        ax.set_title(f"{shape['shape']}: {s['experts']} experts top-{s['top_k']}, 3 agents (memory 1:1:2, "
+                     f"{s['pooled_fraction']:.0%} of the experts), {LINK}, {LATENCY}, disk {s['disk']}", fontsize=8)
+        ax.grid(axis="y", alpha=0.3)
+        ax = row[1]
+        for run in shape["shift"]:
+            phases = [p for p in run["phases"] if p["mean_itl_s"] is not None]
+            ax.plot(range(len(phases)), [p["mean_itl_s"] * 1e3 for p in phases], marker="o",
+                    label=f"prism, migration {'on' if run['migration'] else 'off'}")
+            ax.set_xticks(range(len(phases)), [p["phase"].replace(", ", "\n") for p in phases], fontsize=7)
+        ax.set_ylim(bottom=0)
+        ax.set_ylabel("mean inter-token time (ms)")
+        ax.set_title(f"the users swap workloads; phases of {data['phase_seconds']:g} s, a replan between the last "
+                     f"two", fontsize=8)
+        if shape["shift"]:
+            ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"potluck placement: {data['rate']} requests/s per user, {data['prompt_tokens']}-token prompts, "
+                 f"{data['gen_tokens']} tokens", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main(args: argparse.Namespace) -> int:
     placements = list(PLACEMENTS) if args.placements == "all" else args.placements.split(",")
     if unknown := [p for p in placements if p not in PLACEMENTS]:
@@ -310,7 +350,8 @@ def main(args: argparse.Namespace) -> int:
                                                                 cfg.vocab_size, args, migration)))
         data["shapes"].append(entry)
     (out / "placement.json").write_text(json.dumps(data, indent=2))
-    (out / "placement.md").write_text(markdown(data))
+    (out / "placement.md").write_text(markdown(data) + "\n![placement](placement.png)\n")
+    plot(data, out / "placement.png")
     print(markdown(data))
-    print(f"wrote {out / 'placement.json'}, {out / 'placement.md'}")
+    print(f"wrote {out / 'placement.json'}, {out / 'placement.md'}, {out / 'placement.png'}")
     return 0

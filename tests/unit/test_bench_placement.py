@@ -1,0 +1,47 @@
+"""The placement benchmark's figures from its measurements: per-request latencies, the share of
+expert calls off their home, the users' locality, and the report (Markdown and PNG)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from server.bench_placement import Request, locality, markdown, plot, summary
+
+
+def test_summary_gives_mean_latencies_and_the_remote_share() -> None:
+    a = Request("alice", 0, sent=0.0, arrivals=[1.0, 1.1, 1.3])
+    b = Request("bob", 1, sent=0.5, arrivals=[0.7, 0.8])
+    s = summary([a, b], (30.0, 10.0))
+    assert s["requests"] == 2 and abs(s["mean_itl_s"] - 0.4 / 3) < 1e-12
+    assert abs(s["mean_ttft_s"] - 0.6) < 1e-12 and s["remote_share"] == 0.25
+    assert summary([], (0.0, 0.0))["remote_share"] is None
+
+
+def test_locality_gives_each_users_entropy_and_the_overlap_of_their_top_experts() -> None:
+    def home(counts: list[list[int]], entropy: float) -> dict[str, object]:
+        return {"layers": [{"counts": c, "entropy_bits": entropy} for c in counts]}
+
+    stats = {"homes": {"agent0": home([[9, 1, 0, 0]], 0.5), "agent1": home([[0, 1, 9, 0]], 0.5),
+                       "agent2": home([[0, 0, 1, 9]], 1.0)}}  # fmt: skip
+    loc = locality(stats, {"alice": "agent0", "bob": "agent1", "carol": "agent2"}, top=2)
+    assert loc["entropy_bits"] == {"alice": 0.5, "bob": 0.5, "carol": 1.0}
+    assert loc["top_overlap"] == {"alice-bob": 1 / 3, "alice-carol": 0.0, "bob-carol": 1 / 3}
+
+
+def test_the_report_names_its_settings_and_the_plot_is_written(tmp_path: Path) -> None:
+    case = {"placement": "prism", "requests": 3, "mean_itl_s": 0.02, "mean_ttft_s": 0.3, "remote_share": 0.4,
+            "placement_cost": 12.0, "migrated": True,
+            "locality": {"entropy_bits": {"alice": 1.5}, "top_overlap": {"alice-bob": 0.2}}}
+    phases = [{"phase": p, "mean_itl_s": 0.02, "remote_share": 0.4} for p in ("before the shift", "shifted")]
+    data = {"command": "potluck bench placement", "rate": 0.5, "phase_seconds": 60.0, "prompt_tokens": 128,
+            "gen_tokens": 64, "shapes": [{"shape": "bench", "placements": [case],
+                                          "shift": [{"migration": True, "replan_migrated": True, "phases": phases}],
+                                          "settings": {"experts": 16, "top_k": 2, "moe_layers": 8,
+                                                       "memory": [1e8, 1e8, 2e8], "pooled_fraction": 0.6,
+                                                       "expert_bytes_total": 6.7e8, "disk": "50MB/s",
+                                                       "uniform_entropy": 4.0}}]}  # fmt: skip
+    text = markdown(data)
+    assert "| prism | 20.0 | 300.0 | 40.0% | 12.0 |" in text and "500Mbit/s" in text and "alice 1.50" in text
+    assert "migration on" in text and "| before the shift | 20.0 | 40.0% |" in text
+    plot(data, tmp_path / "placement.png")
+    assert (tmp_path / "placement.png").stat().st_size > 10_000
