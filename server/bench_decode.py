@@ -49,7 +49,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import httpx
 import torch
@@ -88,8 +88,29 @@ class DecodeRun:
     lan_latency_s: float  # one-way link latency of the LAN agents, seconds; 0: none
 
 
-class DecodeCluster:
-    """`potluck up --inventory` in a child process, driven over HTTP only."""
+class UpCluster:
+    """`potluck up` (its command `cmd`, serving at `url`) in a child process, driven over HTTP
+    only; subclasses build the command."""
+
+    cmd: list[str]
+    url: str
+    http: httpx.AsyncClient
+    proc: subprocess.Popen[bytes] | None
+
+    async def __aenter__(self) -> Self:
+        # Killed outright, the bench takes its cluster with it (`potluck up` in turn takes its agents).
+        self.proc = subprocess.Popen(self.cmd, env={**os.environ, "HF_HUB_OFFLINE": "1"}, preexec_fn=die_with_parent)
+        await wait_healthy(self.proc, self.cmd, self.url)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.http.aclose()
+        if self.proc is not None:
+            stop_process(self.proc)
+
+
+class DecodeCluster(UpCluster):
+    """`potluck up --inventory` for the decode cases."""
 
     def __init__(self, run: DecodeRun, agents: int, memory: int = 0, link: str | None = None,
                  latency_s: float = 0.0, max_running: int = 1) -> None:
@@ -112,17 +133,6 @@ class DecodeCluster:
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen[bytes] | None = None
         self.http = httpx.AsyncClient(timeout=600)
-
-    async def __aenter__(self) -> DecodeCluster:
-        # Killed outright, the bench takes its cluster with it (`potluck up` in turn takes its agents).
-        self.proc = subprocess.Popen(self.cmd, env={**os.environ, "HF_HUB_OFFLINE": "1"}, preexec_fn=die_with_parent)
-        await wait_healthy(self.proc, self.cmd, self.url)
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.http.aclose()
-        if self.proc is not None:
-            stop_process(self.proc)
 
     async def stream(self, prompt: list[int], max_tokens: int) -> StreamTiming:
         body = {"model": "bench", "prompt": prompt, "max_tokens": max_tokens, "stream": True, "temperature": 0,

@@ -27,7 +27,6 @@ import math
 import os
 import random
 import shlex
-import subprocess
 import sys
 import tempfile
 import time
@@ -41,8 +40,9 @@ import yaml
 from node_agent.model.checkpoint import Checkpoint
 from node_agent.model.config import MoeConfig
 from node_agent.model.synth import init_model, topic_ranges
-from server.bench_prefill import NO_REPLAN_S, wait_healthy
-from server.launcher import die_with_parent, free_ports, stop_process
+from server.bench_decode import UpCluster
+from server.bench_prefill import NO_REPLAN_S
+from server.launcher import free_ports
 
 SHAPES: dict[str, dict[str, int]] = {  # init_model overrides of the bench preset
     "bench": {"layers": 8},
@@ -80,7 +80,7 @@ class Request:
         return [b - a for a, b in zip(self.arrivals, self.arrivals[1:])]
 
 
-class PlacementCluster:
+class PlacementCluster(UpCluster):
     """`potluck up --inventory` with the three users' homes, in a child process, driven over HTTP."""
 
     def __init__(self, model_dir: Path, workdir: Path, placement: str, memory: list[int], disk: str,
@@ -98,17 +98,7 @@ class PlacementCluster:
                     *([] if migration else ["--no-migration"])]  # fmt: skip
         self.url = f"http://127.0.0.1:{self.port}"
         self.http = httpx.AsyncClient(timeout=600)
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    async def __aenter__(self) -> PlacementCluster:
-        self.proc = subprocess.Popen(self.cmd, env={**os.environ, "HF_HUB_OFFLINE": "1"}, preexec_fn=die_with_parent)
-        await wait_healthy(self.proc, self.cmd, self.url)
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.http.aclose()
-        if self.proc is not None:
-            stop_process(self.proc)
+        self.proc = None
 
     async def stream(self, req: Request, prompt: list[int], max_tokens: int) -> Request:
         body = {"model": "bench", "prompt": prompt, "max_tokens": max_tokens, "stream": True, "temperature": 0,
