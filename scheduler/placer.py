@@ -69,7 +69,7 @@ class Placer:
         activations = window.activations(time.monotonic())
         if window.top_k is None or not infos or activations.total() == 0:
             return None
-        problem = problem_for(infos, activations, window.moe_layers, window.top_k)
+        problem = problem_for(infos, activations, window.moe_layers, window.top_k, holdings)
         current: Placement = {a.name: self.placed.get(a.name, holdings.get(a.name, frozenset())) for a in infos}
         # Seconds of pure Python on a large model (prism's local search: about 3 s for 26 layers of 64
         # experts on 4 agents): off the event loop, which streams every request's tokens.

@@ -24,14 +24,17 @@ CACHE_SLOTS = 1  # expert memory each agent keeps out of the placement (ExpertBu
 
 
 def problem_for(infos: Sequence[AgentInfo], activations: Activations, moe_layers: Sequence[int],
-                top_k: int) -> PlacementProblem:
-    """The placement problem of these agents: each may place its expert memory less CACHE_SLOTS
-    (an unlimited one every expert); statistics of homes not among them are left out."""
+                top_k: int, holdings: Mapping[NodeId, frozenset[ExpertId]] | None = None) -> PlacementProblem:
+    """The placement problem of these agents: each may place its expert memory less CACHE_SLOTS;
+    one without a budget as many experts as it holds now (`holdings`), not the whole model, which
+    would have every such agent read every expert. Statistics of homes not among them are left out."""
     first = infos[0]
-    total = len(moe_layers) * first.num_experts
     devices = []
     for a in infos:
-        slots = a.memory_bytes // a.expert_bytes - CACHE_SLOTS if a.memory_bytes else total
+        if a.memory_bytes:
+            slots = a.memory_bytes // a.expert_bytes - CACHE_SLOTS
+        else:
+            slots = len((holdings or {}).get(a.name, frozenset()))
         devices.append(Device(a.name, max(slots, 0) * a.expert_bytes, a.disk_bytes_per_s, a.link_bytes_per_s,
                               a.link_latency_s, a.flops_per_s))
     names = {a.name for a in infos}

@@ -22,9 +22,10 @@ def info(name: str, memory_experts: int) -> AgentInfo:
 
 def test_the_live_problem_keeps_a_cache_slot_and_drops_strangers_statistics() -> None:
     counts = {A: {ExpertId(0, 1): 5.0}, NodeId("gone"): {ExpertId(0, 2): 9.0}}
-    p = problem_for([info("a", 3), info("b", 0)], Activations(counts), [0, 1], top_k=2)
+    held = {B: frozenset({ExpertId(0, 0), ExpertId(1, 3), ExpertId(1, 2)})}
+    p = problem_for([info("a", 3), info("b", 0)], Activations(counts), [0, 1], top_k=2, holdings=held)
     assert p.slots(A) == 3 - CACHE_SLOTS
-    assert p.slots(B) == 2 * 4  # unlimited memory: every expert
+    assert p.slots(B) == 3  # no budget: as many as it holds now, not all 8
     assert set(p.activations.counts) == {A} and p.top_k == 2 and p.token_bytes == 512 * 4
 
 
