@@ -238,13 +238,13 @@ class Servicer(pb_grpc.NodeAgentServicer):
 
     async def Fill(self, request: pb.FillRequest, context: Any) -> pb.FillReply:
         n = self.core.cfg.num_experts
-        accepted = self.core.fill([expert_from_wire(e, n) for e in fill_from_proto(request)])
+        accepted = self.core.holdings.fill([expert_from_wire(e, n) for e in fill_from_proto(request)])
         return fill_reply_to_proto([expert_to_wire(e, n) for e in accepted])
 
     async def SetPlacement(self, request: pb.PlacementRequest, context: Any) -> pb.PlacementReply:
         n = self.core.cfg.num_experts
         experts, sources = placement_from_proto(request)
-        placed, resident = self.core.place([expert_from_wire(e, n) for e in experts],
+        placed, resident = self.core.holdings.place([expert_from_wire(e, n) for e in experts],
                                            [(expert_from_wire(e, n), holder, address) for e, holder, address in sources])
         return placement_reply_to_proto(placed, resident)
 
@@ -278,7 +278,7 @@ class Servicer(pb_grpc.NodeAgentServicer):
 
     async def FetchExpert(self, request: pb.FetchExpertRequest, context: Any) -> pb.ExpertPart:
         layer, index, chunk = fetch_expert_from_proto(request)
-        gate, up, down, chunks = await self.core.expert_part(ExpertId(layer, index), chunk)
+        gate, up, down, chunks = await self.core.holdings.expert_part(ExpertId(layer, index), chunk)
         part = expert_part_to_proto(gate, up, down, chunk, chunks)
         await self.link.send(part.gate, part.up, part.down, background=True)  # a migration yields to decode traffic
         return part

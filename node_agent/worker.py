@@ -21,7 +21,8 @@ from node_agent.dataplane import DataClient
 from node_agent.decode import DecodePeers, Decoder
 from node_agent.dispatch import LayerPlan, only, rows_with, split_by_executor
 from node_agent.executor import ExpertExecutor
-from node_agent.expert_buffer import ExpertBuffer, FetchFn, NotResident
+from node_agent.expert_buffer import ExpertBuffer
+from node_agent.holdings import ExpertPeers, Holdings
 from node_agent.grouped import GroupedPasses, QueuedJobs
 from node_agent.limits import AgentLimits, RequestTable, check_in_range, check_kv_block, check_plan, check_step
 from node_agent.model import moe, slots
@@ -38,11 +39,8 @@ log = logging.getLogger(__name__)
 R = TypeVar("R")
 
 
-class PeerTransport(KVPeers, DecodePeers, Protocol):
+class PeerTransport(KVPeers, DecodePeers, ExpertPeers, Protocol):
     """Calls to other agents, each named (name, address): a failed call names the peer."""
-
-    async def fetch_expert(self, name: str, address: str, eid: ExpertId
-                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]: ...
 
 
 class AgentCore:
@@ -72,6 +70,7 @@ class AgentCore:
         self.requests = RequestTable(name, limits, self.decoder.kv.caches)
         self.executor = ExpertExecutor(cfg, buffer, self.passes, self.compute, self.decoder.mix,
                                       inline=self.pacer.share == 0)
+        self.holdings = Holdings(name, cfg, dense.embed.dtype, buffer, peers)  # fills, placement, peers' fetches
         self.early_used = 0  # experts run early on my own tokens whose share the plan confirmed
         self.early_dropped = 0  # experts run early that the plan overruled (it sent those slots elsewhere)
         self.direct_sent = 0  # experts whose tokens went to their executor by a direct route
@@ -334,57 +333,6 @@ class AgentCore:
 
     def set_routing_table(self, table: RoutingTable) -> None:
         self.decoder.set_table(table)
-
-    def fill(self, experts: Sequence[ExpertId]) -> list[ExpertId]:
-        """Queue reads of experts no agent holds into free expert memory (lowest disk priority,
-        never evicting); returns those now resident or on their way."""
-        self._check_routed(experts)
-        return [eid for eid in experts if self.buffer.fill(eid)]
-
-    def place(self, experts: Sequence[ExpertId], sources: Sequence[tuple[ExpertId, str, str]] = ()
-              ) -> tuple[int, int]:
-        """Keep these experts resident (the scheduler's placement; see ExpertBuffer.place), those
-        in `sources` (expert, holder, address) fetched from that peer's memory rather than read;
-        returns (experts placed, of them resident now)."""
-        self._check_routed([*experts, *(e for e, _, _ in sources)])
-
-        def from_peer(holder: str, address: str) -> FetchFn:
-            return lambda eid: self._fetch_expert(holder, address, eid)
-
-        self.buffer.place(experts, {eid: from_peer(h, a) for eid, h, a in sources if h != self.name})
-        return len(self.buffer.placed), len(self.buffer.placed & set(self.buffer.all_resident()))
-
-    async def _fetch_expert(self, holder: str, address: str, eid: ExpertId) -> moe.ExpertWeights:
-        gate, up, down = await self.peers.fetch_expert(holder, address, eid)
-        D, I = self.cfg.hidden_size, self.cfg.expert_size
-        if gate.shape != (I, D) or up.shape != (I, D) or down.shape != (D, I):
-            raise ValueError(f"agent {holder} sent expert {eid.layer}/{eid.index} of shapes {list(gate.shape)}, "
-                             f"{list(up.shape)}, {list(down.shape)}; this model's are [{I}, {D}] and [{D}, {I}]")
-        dtype = self.dense.embed.dtype
-        return moe.ExpertWeights(gate.to(dtype), up.to(dtype), down.to(dtype))
-
-    async def expert_part(self, eid: ExpertId, chunk: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
-        """Chunk `chunk` of a resident expert for a peer that places it: (gate rows, up rows, down
-        columns, number of chunks), cut along the hidden units. NotResident if it is not in memory."""
-        self._check_routed([eid])
-        try:
-            w = self.buffer.acquire_resident(eid)
-        except KeyError:
-            raise NotResident(f"expert {eid.layer}/{eid.index} is not in agent {self.name}'s memory") from None
-        try:
-            row_bytes = 3 * w.gate.shape[1] * w.gate.element_size()  # a hidden unit: a gate, up and down row
-            chunks = row_chunks(w.gate.shape[0], row_bytes)
-            if not 0 <= chunk < len(chunks):
-                raise ValueError(f"chunk {chunk} of {len(chunks)}")
-            rows = chunks[chunk]
-            return w.gate[rows].clone(), w.up[rows].clone(), w.down[:, rows].contiguous(), len(chunks)
-        finally:
-            await self.buffer.release(eid)
-
-    def _check_routed(self, experts: Sequence[ExpertId]) -> None:
-        for eid in experts:
-            if not (self.cfg.has_experts(eid.layer) and 0 <= eid.index < self.cfg.num_experts):
-                raise ValueError(f"expert {eid.layer}/{eid.index} is not a routed expert of this model")
 
     # Attention (node_agent/attention.py) ------------------------------------------------------
 
