@@ -147,7 +147,7 @@ class AgentClient:
 
     def snapshot_of(self, state: CacheState) -> AgentSnapshot:
         return AgentSnapshot(self.spec.name, self.spec.address, True, state.resident | state.loading,
-                             placed=state.placed, labels=self.spec.labels, **asdict(state.counters))
+                             loading=state.loading, placed=state.placed, labels=self.spec.labels, **asdict(state.counters))
 
     async def set_placement(self, experts: Sequence[int], sources: Sequence[tuple[int, str, str]] = ()
                             ) -> tuple[int, int]:

@@ -43,12 +43,21 @@ class PlacementSettings:
     policy: str = "prism"  # a name of scheduler.placement.POLICIES (--placement)
     replan_every_s: float = 300.0  # how often the window is re-planned (--replan-every)
     migration: bool = True  # False (--no-migration): the first placement stays
+    stats_window_s: float | None = None  # the statistics a re-plan sees (--stats-window); None: one period
 
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
             raise ValueError(f"placement {self.policy!r} is not one of {', '.join(POLICIES)}")
         if self.replan_every_s <= 0:
             raise ValueError(f"replan_every_s must be > 0, got {self.replan_every_s}")
+        if self.stats_window_s is not None and self.stats_window_s <= 0:
+            raise ValueError(f"stats_window_s must be > 0, got {self.stats_window_s}")
+
+    @property
+    def window_s(self) -> float:
+        """How far back the activation statistics reach: each re-plan sees the last period, or
+        the window given."""
+        return self.replan_every_s if self.stats_window_s is None else self.stats_window_s
 
 
 class Placer:
@@ -143,15 +152,20 @@ class Placer:
         finally:
             self._resending.discard(node)
 
-    def report(self, resident: Mapping[NodeId, frozenset[ExpertId]], moe_layers: Sequence[int]) -> dict[str, Any]:
-        """`GET /admin/placement`: per agent and MoE layer its pinned experts and the others it
-        holds as cache; the last replan's costs."""
+    def report(self, resident: Mapping[NodeId, frozenset[ExpertId]], moe_layers: Sequence[int],
+               loading: Mapping[NodeId, frozenset[ExpertId]] | None = None) -> dict[str, Any]:
+        """`GET /admin/placement`: per agent and MoE layer its pinned experts, the others it holds
+        as cache, and the pinned ones not resident yet (`loading`: being read or fetched, or
+        queued behind demand reads; `resident` holds experts resident or being read, and
+        `loading` those being read); the last replan's costs."""
         agents = {}
         for node in sorted(set(self.placed) | set(resident)):
             pinned, held = self.placed.get(node, frozenset()), resident.get(node, frozenset())
+            pending = pinned - (held - (loading or {}).get(node, frozenset()))
             agents[node] = {"layers": [{"layer": layer,
                                         "pinned": sorted(e.index for e in pinned if e.layer == layer),
-                                        "cached": sorted(e.index for e in held - pinned if e.layer == layer)}
+                                        "cached": sorted(e.index for e in held - pinned if e.layer == layer),
+                                        "loading": sorted(e.index for e in pending if e.layer == layer)}
                                        for layer in moe_layers]}  # fmt: skip
         last = self.last
         return {

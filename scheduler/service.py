@@ -253,15 +253,16 @@ class EngineService:
     def placement_report(self) -> dict[str, Any]:
         """`GET /admin/placement`."""
         layers = self.activations.moe_layers if self.activations is not None else ()
-        return self.placer.report(self._resident(), layers)
+        return self.placer.report(self._resident(), layers, self._resident(loading=True))
 
-    def _resident(self) -> dict[NodeId, frozenset[ExpertId]]:
-        """Each agent up's experts, resident or being read, as last polled."""
+    def _resident(self, loading: bool = False) -> dict[NodeId, frozenset[ExpertId]]:
+        """Each agent up's experts, resident or being read (`loading`: only those being read), as
+        last polled."""
         if self.shape is None:
             return {}
         E = self.shape.num_experts
-        return {c.name: frozenset(expert_from_wire(i, E) for i in self._snapshots[c.name].held)
-                for c in self.up_clients()}
+        return {c.name: frozenset(expert_from_wire(i, E) for i in (s.loading if loading else s.held))
+                for c in self.up_clients() if (s := self._snapshots[c.name])}
 
     async def _poll_forever(self) -> None:
         while True:

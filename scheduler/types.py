@@ -65,6 +65,7 @@ class AgentSnapshot(CacheCounters):
     address: str
     up: bool
     held: frozenset[int] = frozenset()  # experts resident or being read, as layer * num_experts + index
+    loading: frozenset[int] = frozenset()  # of those, the ones still being read
     placed: frozenset[int] = frozenset()  # the placement it keeps (SetPlacement), the same way
     problem: str = ""  # why it is not up: unreachable (the transport's reason) or refused at join
     labels: tuple[str, ...] = ()  # the inventory's labels of the node (for people: status, /health)

@@ -9,11 +9,14 @@ experts, and each user draws its prompts from its own range. The report gives ea
 per-layer activation entropy and the overlap of the users' top experts, so the locality is shown,
 not assumed.
 
-Per placement policy, on a fresh cluster: a warm-up phase fills the activation window, a replan
-applies the policy (POST /admin/replan), then a measured phase gives the mean inter-token time,
-TTFT and the share of expert calls that left their home. Then the shift: the users swap
-workloads (each takes the next user's range); with migration a replan follows after one phase,
-without (`--no-migration`) the placement stays; the latency is reported phase by phase.
+Per placement policy, on a fresh cluster: a warm-up phase fills the activation window (each
+replan sees the last phase, `--stats-window`), a replan applies the policy (POST /admin/replan),
+and once every agent has its placement resident (GET /admin/placement) a measured phase gives
+the mean inter-token time, TTFT and the share of expert calls that left their home. Then the
+shift: the users swap workloads (each takes the next user's range); with migration a replan
+follows after one phase, without (`--no-migration`) the placement stays; the latency is reported
+phase by phase, and the phase after the replan includes the move. A request that fails is
+counted, not raised; the targets table says how many did.
 
 Two shapes: `bench` (16 experts top-2) and `many` (64 experts top-6, as DeepSeek-V2-Lite).
 """
@@ -41,6 +44,7 @@ from node_agent.model.checkpoint import Checkpoint
 from node_agent.model.config import MoeConfig
 from node_agent.model.synth import init_model, topic_ranges
 from server.bench_decode import UpCluster
+from server.bench_decode_stats import tokens_in_chunk
 from server.bench_prefill import NO_REPLAN_S
 from server.launcher import free_ports
 
@@ -52,6 +56,7 @@ USERS = ("alice", "bob", "carol")
 MEMORY_RATIO = (1, 1, 2)
 LINK, LATENCY = "500Mbit/s", "1ms"
 PLACEMENTS = ("prism", "eplb", "slimcaching", "uniform", "replicate-popular")
+LOAD_POLL_S, LOAD_TIMEOUT_S = 0.5, 300.0  # waiting for a placement to be resident before a measured phase
 
 
 def placement_model(shape: str) -> Path:
@@ -69,7 +74,9 @@ class Request:
     user: str
     topic: int
     sent: float  # perf_counter
-    arrivals: list[float] = field(default_factory=list)  # perf_counter of each token
+    arrivals: list[float] = field(default_factory=list)  # perf_counter of each chunk with tokens
+    tokens: int = 0  # tokens received
+    error: str | None = None  # why the request failed (counted in the report, not raised)
 
     @property
     def ttft_s(self) -> float | None:
@@ -84,25 +91,39 @@ class PlacementCluster(UpCluster):
     """`potluck up --inventory` with the three users' homes, in a child process, driven over HTTP."""
 
     def __init__(self, model_dir: Path, workdir: Path, placement: str, memory: list[int], disk: str,
-                 migration: bool = True, max_running: int = 8) -> None:
+                 window_s: float, migration: bool = True, max_running: int = 8) -> None:
         self.port, *ports = free_ports(len(USERS) + 1)
         nodes = [{"name": f"agent{i}", "address": f"127.0.0.1:{port}", "expert_memory": memory[i],
                   "disk_bandwidth": disk, "link_bandwidth": LINK, "link_latency": LATENCY, "torch_threads": 1,
                   "users": [user]} for i, (port, user) in enumerate(zip(ports, USERS))]  # fmt: skip
         inventory = workdir / f"inventory-{self.port}.yaml"
         inventory.write_text(yaml.safe_dump({"nodes": nodes}, sort_keys=False))
-        # The benchmark triggers each replan itself (POST /admin/replan), at the phase boundaries.
+        # The benchmark triggers each replan itself (POST /admin/replan), at the phase boundaries,
+        # and each sees the statistics of the phase before it (a period), as a periodic replan would.
         self.cmd = [sys.executable, "-m", "server.cli", "up", "--inventory", str(inventory), "--model", str(model_dir),
                     "--port", str(self.port), "--served-model-name", "bench", "--max-running", str(max_running),
-                    "--placement", placement, "--replan-every", str(NO_REPLAN_S), "--log-level", "WARNING",
+                    "--placement", placement, "--replan-every", str(NO_REPLAN_S), "--stats-window", str(window_s),
+                    "--log-level", "WARNING",
                     *([] if migration else ["--no-migration"])]  # fmt: skip
         self.url = f"http://127.0.0.1:{self.port}"
         self.http = httpx.AsyncClient(timeout=600)
         self.proc = None
 
     async def stream(self, req: Request, prompt: list[int], max_tokens: int) -> Request:
+        """One streamed completion; a failure (an HTTP error, an error chunk, fewer tokens than
+        asked) is kept in `req.error`."""
+        try:
+            await self._stream(req, prompt, max_tokens)
+        except (RuntimeError, httpx.HTTPError) as exc:
+            req.error = str(exc) or type(exc).__name__
+        else:
+            if req.tokens < max_tokens:
+                req.error = f"{req.tokens} of {max_tokens} tokens"
+        return req
+
+    async def _stream(self, req: Request, prompt: list[int], max_tokens: int) -> None:
         body = {"model": "bench", "prompt": prompt, "max_tokens": max_tokens, "stream": True, "temperature": 0,
-                "ignore_eos": True, "user": req.user}
+                "ignore_eos": True, "logprobs": 0, "user": req.user}
         async with self.http.stream("POST", f"{self.url}/v1/completions", json=body) as response:
             if response.status_code != 200:
                 raise RuntimeError(f"bench request failed: {response.status_code} {(await response.aread())[:300]!r}")
@@ -111,9 +132,9 @@ class PlacementCluster(UpCluster):
                     chunk = json.loads(line.removeprefix("data: "))
                     if "error" in chunk:
                         raise RuntimeError(f"the stream failed: {chunk['error']}")
-                    if any(c.get("text") for c in chunk.get("choices", [])):
+                    if tokens := tokens_in_chunk(chunk):
                         req.arrivals.append(time.perf_counter())
-        return req
+                        req.tokens += tokens
 
     async def get(self, path: str) -> Any:
         response = await self.http.get(f"{self.url}{path}")
@@ -126,6 +147,17 @@ class PlacementCluster(UpCluster):
         report: dict[str, Any] = response.json()
         return report
 
+    async def until_placed(self, timeout_s: float = LOAD_TIMEOUT_S) -> float | None:
+        """Until every agent has its pinned experts resident (`GET /admin/placement` shows none
+        loading); the seconds that took, or None if it did not within `timeout_s`."""
+        start = time.monotonic()
+        while time.monotonic() - start < timeout_s:
+            report = await self.get("/admin/placement")
+            if not any(x["loading"] for a in report["agents"].values() for x in a["layers"]):
+                return time.monotonic() - start
+            await asyncio.sleep(LOAD_POLL_S)
+        return None
+
     async def expert_calls(self) -> tuple[float, float]:
         """(local, remote) decode expert runs summed over the agents, from /metrics."""
         text: str = await self.get("/metrics")
@@ -135,6 +167,14 @@ class PlacementCluster(UpCluster):
             if name in sums:
                 sums[name] += float(line.rsplit(" ", 1)[1])
         return sums["potluck_agent_local_expert_calls_total"], sums["potluck_agent_remote_expert_calls_total"]
+
+
+WARM_UP_SEED = 1
+# Every measured phase, of every placement and of the shift, has the same arrival times (and the
+# same draws of prompt tokens within each user's current range): how many requests overlap moves
+# the inter-token time on a shared host more than the placement does, so phases are compared
+# under the same load.
+MEASURED_SEED = 2
 
 
 async def workload(cluster: PlacementCluster, topics: dict[str, int], vocab: int, seconds: float, rate: float,
@@ -160,7 +200,8 @@ def summary(requests: list[Request], calls: tuple[float, float]) -> dict[str, An
     itls = [x for r in requests for x in r.itls_s]
     ttfts = [t for r in requests if (t := r.ttft_s) is not None]
     local, remote = calls
-    return {"requests": len(requests), "mean_itl_s": sum(itls) / len(itls) if itls else None,
+    return {"requests": len(requests), "failed": sum(r.error is not None for r in requests),
+            "errors": sorted({r.error for r in requests if r.error is not None})[:5], "mean_itl_s": sum(itls) / len(itls) if itls else None,
             "mean_ttft_s": sum(ttfts) / len(ttfts) if ttfts else None,
             "remote_share": remote / (local + remote) if local + remote else None}  # fmt: skip
 
@@ -197,14 +238,15 @@ def locality(stats: dict[str, Any], homes: dict[str, str], top: int) -> dict[str
 async def run_placement(model_dir: Path, workdir: Path, placement: str, memory: list[int], disk: str,
                         vocab: int, args: argparse.Namespace, top: int) -> dict[str, Any]:
     topics = {u: i for i, u in enumerate(USERS)}
-    async with PlacementCluster(model_dir, workdir, placement, memory, disk) as cluster:
-        await phase(cluster, topics, vocab, args, seed=1)  # warm-up: the window fills
+    async with PlacementCluster(model_dir, workdir, placement, memory, disk, args.phase_seconds) as cluster:
+        await phase(cluster, topics, vocab, args, seed=WARM_UP_SEED)  # warm-up: the window fills
         report = await cluster.replan()
         stats = await cluster.get("/admin/stats")
-        measured = await phase(cluster, topics, vocab, args, seed=2)
+        loaded_s = await cluster.until_placed()  # the placement measured, not the move to it
+        measured = await phase(cluster, topics, vocab, args, seed=MEASURED_SEED)
     homes = {u: f"agent{i}" for i, u in enumerate(USERS)}
     return {"placement": placement, **measured, "placement_cost": report["last"] and report["last"]["remote_calls"],
-            "migrated": bool(report["last"] and report["last"]["migrated"]),
+            "migrated": bool(report["last"] and report["last"]["migrated"]), "loaded_s": loaded_s,
             "locality": locality(stats, homes, top)}  # fmt: skip
 
 
@@ -214,14 +256,59 @@ async def run_shift(model_dir: Path, workdir: Path, memory: list[int], disk: str
     before = {u: i for i, u in enumerate(USERS)}
     after = {u: (i + 1) % len(USERS) for i, u in enumerate(USERS)}
     out: dict[str, Any] = {"migration": migration, "phases": []}
-    async with PlacementCluster(model_dir, workdir, "prism", memory, disk, migration=migration) as cluster:
-        await phase(cluster, before, vocab, args, seed=1)
+    async with PlacementCluster(model_dir, workdir, "prism", memory, disk, args.phase_seconds,
+                                migration=migration) as cluster:
+        async def measured(name: str, topics: dict[str, int]) -> None:
+            out["phases"].append({"phase": name, **await phase(cluster, topics, vocab, args, seed=MEASURED_SEED)})
+
+        await phase(cluster, before, vocab, args, seed=WARM_UP_SEED)
         await cluster.replan()
-        out["phases"].append({"phase": "before the shift", **await phase(cluster, before, vocab, args, seed=2)})
-        out["phases"].append({"phase": "shifted, first period", **await phase(cluster, after, vocab, args, seed=3)})
+        await cluster.until_placed()
+        await measured("before the shift", before)
+        await measured("shifted, first period", after)
         report = await cluster.replan()
         out["replan_migrated"] = bool(report["last"] and report["last"]["migrated"])
-        out["phases"].append({"phase": "shifted, after a replan", **await phase(cluster, after, vocab, args, seed=4)})
+        await measured("shifted, after a replan", after)  # the move to the new placement counts here
+    return out
+
+
+PRISM_BELOW_EPLB = {"many": 0.306, "bench": 0.0}  # the targets: prism's mean inter-token time this far below eplb's
+RECOVERY = 0.8  # of the pre-shift gain over eplb, after the shift and one replan
+
+
+def recovery(run: dict[str, Any], eplb_s: float | None) -> float | None:
+    """How much of prism's gain over eplb before the shift is back after it (one replan later):
+    (eplb - after) / (eplb - before), eplb's time measured on its own cluster (it places by load,
+    not by home, so the shift leaves it as it was). None without a gain to recover."""
+    phases = {p["phase"]: p["mean_itl_s"] for p in run["phases"]}
+    before, after = phases.get("before the shift"), phases.get("shifted, after a replan")
+    if eplb_s is None or before is None or after is None or eplb_s <= before:
+        return None
+    return (eplb_s - after) / (eplb_s - before)
+
+
+def targets(shape: dict[str, Any]) -> list[tuple[str, str, bool | None]]:
+    """(target, measured, met) of one shape; met None where it could not be measured."""
+    by = {c["placement"]: c["mean_itl_s"] for c in shape["placements"]}
+    out: list[tuple[str, str, bool | None]] = []
+    prism, eplb = by.get("prism"), by.get("eplb")
+    want = PRISM_BELOW_EPLB.get(shape["shape"], 0.0)
+    if prism is not None and eplb is not None:
+        below = 1 - prism / eplb
+        out.append((f"prism at least {want:.1%} below eplb" if want else "prism below eplb", f"{below:.1%} below",
+                    below >= want if want else below > 0))
+    for run in shape["shift"]:
+        got = recovery(run, eplb)
+        measured = "n/a" if got is None else f"{got:.0%}"
+        if run["migration"]:
+            out.append((f"migration recovers at least {RECOVERY:.0%} of the gain", measured,
+                        None if got is None else got >= RECOVERY))
+        else:
+            out.append((f"--no-migration recovers less than {RECOVERY:.0%}", measured,
+                        None if got is None else got < RECOVERY))
+    runs = [*shape["placements"], *(p for run in shape["shift"] for p in run["phases"])]
+    failed, total = sum(r.get("failed", 0) for r in runs), sum(r["requests"] for r in runs)
+    out.append(("no failed requests", f"{failed} of {total}", failed == 0))
     return out
 
 
@@ -239,12 +326,13 @@ def markdown(data: dict[str, Any]) -> str:
                   f"{s['disk']}, link {LINK}, latency {LATENCY}; each user {data['rate']} requests/s (Poisson), "
                   f"{data['prompt_tokens']}-token prompts from its own third of the vocabulary, {data['gen_tokens']} "
                   f"tokens each; phases of {data['phase_seconds']} s.", "",
-                  "| placement | mean inter-token ms | mean TTFT ms | expert calls off their home | C(P) |",
-                  "|---|---|---|---|---|"]  # fmt: skip
+                  "| placement | mean inter-token ms | mean TTFT ms | expert calls off their home | C(P) | "
+                  "resident after |", "|---|---|---|---|---|---|"]  # fmt: skip
         for c in shape["placements"]:
             share = "n/a" if c["remote_share"] is None else f"{c['remote_share']:.1%}"
+            loaded = c.get("loaded_s")
             lines.append(f"| {c['placement']} | {_ms(c['mean_itl_s'])} | {_ms(c['mean_ttft_s'])} | {share} | "
-                         f"{c['placement_cost']} |")
+                         f"{c['placement_cost']} | {'timed out' if loaded is None else f'{loaded:.1f} s'} |")
         if shape["placements"]:
             loc = shape["placements"][0]["locality"]
             lines += ["", "Per-layer entropy of each user's home (bits): " + ", ".join(
@@ -258,6 +346,8 @@ def markdown(data: dict[str, Any]) -> str:
             for p in run["phases"]:
                 share = "n/a" if p["remote_share"] is None else f"{p['remote_share']:.1%}"
                 lines.append(f"| {p['phase']} | {_ms(p['mean_itl_s'])} | {share} |")
+        lines += ["", "| target | measured | met |", "|---|---|---|"]
+        lines += [f"| {t} | {m} | {'n/a' if ok is None else 'met' if ok else 'missed'} |" for t, m, ok in targets(shape)]
         lines.append("")
     return "\n".join(lines)
 

@@ -154,6 +154,9 @@ def _add_server_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--replan-every", type=positive_seconds, default=300.0, metavar="SECONDS",
                    help="re-plan the placement from the last window of statistics this often, and migrate when "
                         "the expected saving outweighs moving the experts (default 300)")  # fmt: skip
+    p.add_argument("--stats-window", type=positive_seconds, default=None, metavar="SECONDS",
+                   help="how far back the activation statistics reach (GET /admin/stats, each re-plan); "
+                        "default: the re-plan period")  # fmt: skip
     p.add_argument("--no-migration", action="store_true",
                    help="keep the first placement: later re-plans are reported (GET /admin/placement), not applied")
     p.add_argument("--no-fill", action="store_true",
@@ -359,7 +362,7 @@ def _server_options(args: argparse.Namespace, model_dir: Path) -> ServerOptions:
         log_level=args.log_level,
         policy=Policy.from_flags(args.policy, args.no_interleave, args.no_token_scheduling, args.no_prefetch,
                                  args.no_fill),
-        placement=PlacementSettings(args.placement, args.replan_every, not args.no_migration),
+        placement=PlacementSettings(args.placement, args.replan_every, not args.no_migration, args.stats_window),
     )  # fmt: skip
 
 

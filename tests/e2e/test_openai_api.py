@@ -274,7 +274,7 @@ def test_admin_placement_and_replan(client: OpenAI, model_id: str, base_url: str
     assert replanned["policy"] == "prism" and replanned["replans"] >= 1 and replanned["last"] is not None
     shown = httpx.get(f"{base_url}/admin/placement").json()
     assert shown["replans"] == replanned["replans"] and set(shown["agents"]) == {"agent0", "agent1"}
-    assert all(layer.keys() == {"layer", "pinned", "cached"} for a in shown["agents"].values() for layer in a["layers"])
+    assert all(layer.keys() == {"layer", "pinned", "cached", "loading"} for a in shown["agents"].values() for layer in a["layers"])
     cost = next(line for line in httpx.get(f"{base_url}/metrics").text.splitlines()
                 if line.startswith("potluck_placement_cost "))
     assert float(cost.split()[1]) >= 0, cost  # NaN until a re-plan set it

@@ -66,10 +66,15 @@ async def test_a_replan_places_each_homes_hot_experts_and_keeps_the_tokens(qwen_
             assert report["replans"] == 1 and report["last"]["migrated"] and report["migrations"] == 1, report["last"]
             last = report["last"]  # (C(P) may rise: the candidate leaves each agent a cache slot)
             assert last["expected_s_candidate"] + last["migration_s"] < last["expected_s"]
+            def loading(report: dict[str, Any]) -> int:
+                return sum(len(x["loading"]) for a in report["agents"].values() for x in a["layers"])
+
+            assert loading(report) > 0  # the gained experts, not resident when the replan answers
             await until_pinned(cluster, report)
             for u, home in HOMES.items():
                 assert _experts(report["agents"][home]["layers"]), f"{home} pins nothing for {u}"
             await engine.refresh()
+            assert loading(engine.placement_report()) == 0
             held = {e for h in HOMES.values() for e in _experts(report["agents"][h]["layers"])}
             assert all(engine.table.holders.get(e) for e in held)  # routed to their new holders
             after = {u: await tokens(engine, request(f"{u}1", u, 3 + 40 * i)) for i, u in enumerate(HOMES)}

@@ -5,16 +5,46 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from server.bench_placement import Request, locality, markdown, plot, summary
+from server.bench_placement import Request, locality, markdown, plot, recovery, summary, targets
 
 
 def test_summary_gives_mean_latencies_and_the_remote_share() -> None:
     a = Request("alice", 0, sent=0.0, arrivals=[1.0, 1.1, 1.3])
     b = Request("bob", 1, sent=0.5, arrivals=[0.7, 0.8])
+    failed = Request("carol", 2, sent=0.0, error="3 of 8 tokens")
     s = summary([a, b], (30.0, 10.0))
-    assert s["requests"] == 2 and abs(s["mean_itl_s"] - 0.4 / 3) < 1e-12
+    assert s["requests"] == 2 and s["failed"] == 0 and abs(s["mean_itl_s"] - 0.4 / 3) < 1e-12
     assert abs(s["mean_ttft_s"] - 0.6) < 1e-12 and s["remote_share"] == 0.25
     assert summary([], (0.0, 0.0))["remote_share"] is None
+    assert summary([a, failed], (1.0, 0.0))["failed"] == 1
+
+
+def _shift(migration: bool, before: float, after: float, failed: int = 0) -> dict[str, object]:
+    phases = [("before the shift", before), ("shifted, first period", 0.09), ("shifted, after a replan", after)]
+    return {"migration": migration, "phases": [{"phase": p, "requests": 5, "failed": failed, "mean_itl_s": s}
+                                               for p, s in phases]}  # fmt: skip
+
+
+def test_recovery_is_the_share_of_the_gain_over_eplb_that_is_back_after_a_replan() -> None:
+    assert recovery(_shift(True, 0.06, 0.065), 0.08) == (0.08 - 0.065) / (0.08 - 0.06)
+    assert recovery(_shift(True, 0.09, 0.06), 0.08) is None  # no gain before the shift: nothing to recover
+    assert recovery(_shift(True, 0.06, 0.06), None) is None
+
+
+def test_targets_can_be_met_and_missed() -> None:
+    def shape(name: str, prism: float, eplb: float, after_on: float, after_off: float, failed: int = 0
+              ) -> dict[str, object]:
+        cases = [{"placement": p, "requests": 4, "failed": 0, "mean_itl_s": s} for p, s in (("prism", prism),
+                                                                                          ("eplb", eplb))]
+        return {"shape": name, "placements": cases,
+                "shift": [_shift(True, prism, after_on, failed), _shift(False, prism, after_off)]}  # fmt: skip
+
+    met = targets(shape("many", 0.06, 0.1, 0.065, 0.095))
+    assert [ok for _, _, ok in met] == [True, True, True, True]
+    assert met[0][1] == "40.0% below" and met[3][1] == "0 of 38"
+    missed = targets(shape("many", 0.08, 0.1, 0.097, 0.081, failed=1))
+    assert [ok for _, _, ok in missed] == [False, False, False, False]
+    assert targets(shape("bench", 0.099, 0.1, 0.099, 0.1))[0][2] is True  # bench: below eplb at all
 
 
 def test_locality_gives_each_users_entropy_and_the_overlap_of_their_top_experts() -> None:
@@ -30,9 +60,10 @@ def test_locality_gives_each_users_entropy_and_the_overlap_of_their_top_experts(
 
 def test_the_report_names_its_settings_and_the_plot_is_written(tmp_path: Path) -> None:
     case = {"placement": "prism", "requests": 3, "mean_itl_s": 0.02, "mean_ttft_s": 0.3, "remote_share": 0.4,
-            "placement_cost": 12.0, "migrated": True,
+            "placement_cost": 12.0, "migrated": True, "loaded_s": 2.5,
             "locality": {"entropy_bits": {"alice": 1.5}, "top_overlap": {"alice-bob": 0.2}}}
-    phases = [{"phase": p, "mean_itl_s": 0.02, "remote_share": 0.4} for p in ("before the shift", "shifted")]
+    phases = [{"phase": p, "requests": 3, "failed": 0, "mean_itl_s": 0.02, "remote_share": 0.4}
+              for p in ("before the shift", "shifted")]
     data = {"command": "potluck bench placement", "rate": 0.5, "phase_seconds": 60.0, "prompt_tokens": 128,
             "gen_tokens": 64, "shapes": [{"shape": "bench", "placements": [case],
                                           "shift": [{"migration": True, "replan_migrated": True, "phases": phases}],
@@ -41,7 +72,7 @@ def test_the_report_names_its_settings_and_the_plot_is_written(tmp_path: Path) -
                                                        "expert_bytes_total": 6.7e8, "disk": "50MB/s",
                                                        "uniform_entropy": 4.0}}]}  # fmt: skip
     text = markdown(data)
-    assert "| prism | 20.0 | 300.0 | 40.0% | 12.0 |" in text and "500Mbit/s" in text and "alice 1.50" in text
+    assert "| prism | 20.0 | 300.0 | 40.0% | 12.0 | 2.5 s |" in text and "500Mbit/s" in text and "alice 1.50" in text
     assert "migration on" in text and "| before the shift | 20.0 | 40.0% |" in text
     plot(data, tmp_path / "placement.png")
     assert (tmp_path / "placement.png").stat().st_size > 10_000

@@ -118,3 +118,17 @@ def test_launch_is_typed_and_frozen() -> None:
     launch = AgentLaunch("a", "127.0.0.1:1", NodeProfile(0, 0, 0), 1)
     with pytest.raises(AttributeError):
         launch.name = "b"  # type: ignore[misc]
+
+
+def test_the_statistics_window_is_the_replan_period_unless_given() -> None:
+    from scheduler.placer import PlacementSettings
+    from server.cli import _server_options
+
+    def placement(*flags: str) -> PlacementSettings:
+        return _server_options(build_parser().parse_args(["up", *flags]), Path("/m")).placement
+
+    assert placement().window_s == 300.0 and placement("--replan-every", "60").window_s == 60.0
+    given = placement("--replan-every", "86400", "--stats-window", "45")
+    assert (given.replan_every_s, given.window_s) == (86400.0, 45.0)
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["up", "--stats-window", "0"])
