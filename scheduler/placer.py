@@ -1,6 +1,7 @@
 """The placement loop: every `replan_every_s` (or when an admin asks), the activation window goes
 through the placement policy and the migration rule (`scheduler/placement/replan.py`, pure), and
-the agents whose experts change are sent their new placement (SetPlacement).
+the agents whose experts change are sent their new placement (SetPlacement). The first re-plan
+applies the policy's placement; later ones migrate only when the rule says it pays.
 
     EngineService --infos, holdings, window--> Placer.replan --Replan--> SetPlacement per agent
                                                                          --> holdings at the next
@@ -83,14 +84,18 @@ class Placer:
         # Seconds of pure Python on a large model (prism's local search: about 3 s for 26 layers of 64
         # experts on 4 agents): off the event loop, which streams every request's tokens.
         candidate = await asyncio.to_thread(POLICIES[self.settings.policy], problem)
+        # The first placement is applied whatever the rule says: until then no placement is in
+        # force, only what demand reads left in memory, and the rule guards moves between
+        # placements. (Judged by the rule, eplb's and uniform's first placements on the
+        # many-expert bench lost to the warm-up's cache, and the bench measured no placement.)
         first = not self.placed
         if not first and not self.settings.migration:
             replan = decide(problem, current, current)  # reported, never moved
         else:
-            replan = decide(problem, current, candidate, force=first and not self.settings.migration)
+            replan = decide(problem, current, candidate, force=first)
         self.replans += 1
         self.last, self.last_at = replan, time.time()
-        if replan.migrate and replan.moves:
+        if replan.migrate and (replan.moves or first):  # a first placement pins even what is resident
             await self._apply(replan, problem, holdings, clients, window.num_experts)
         log.info("placement %s: C(P) %.0f -> %.0f remote calls, %.3f -> %.3f s of expert accesses, migration "
                  "%.3f s: %s", self.settings.policy, replan.remote_now, replan.remote_new, replan.cost_now_s,

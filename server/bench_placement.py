@@ -158,15 +158,19 @@ class PlacementCluster(UpCluster):
             await asyncio.sleep(LOAD_POLL_S)
         return None
 
-    async def expert_calls(self) -> tuple[float, float]:
-        """(local, remote) decode expert runs summed over the agents, from /metrics."""
+    async def counters(self) -> tuple[float, float, float]:
+        """(local, remote) decode expert runs and bytes read from disk, summed over the agents,
+        from /metrics."""
         text: str = await self.get("/metrics")
-        sums = {"potluck_agent_local_expert_calls_total": 0.0, "potluck_agent_remote_expert_calls_total": 0.0}
+        names = ("potluck_agent_local_expert_calls_total", "potluck_agent_remote_expert_calls_total",
+                 "potluck_agent_disk_read_bytes_total")
+        sums = dict.fromkeys(names, 0.0)
         for line in text.splitlines():
             name = line.split("{", 1)[0].split(" ", 1)[0]
             if name in sums:
                 sums[name] += float(line.rsplit(" ", 1)[1])
-        return sums["potluck_agent_local_expert_calls_total"], sums["potluck_agent_remote_expert_calls_total"]
+        local, remote, read = (sums[n] for n in names)
+        return local, remote, read
 
 
 WARM_UP_SEED = 1
@@ -196,23 +200,31 @@ async def workload(cluster: PlacementCluster, topics: dict[str, int], vocab: int
     return list(await asyncio.gather(*tasks))
 
 
-def summary(requests: list[Request], calls: tuple[float, float]) -> dict[str, Any]:
+def summary(requests: list[Request], counted: tuple[float, float, float]) -> dict[str, Any]:
+    """A phase's figures from its requests and the change of `PlacementCluster.counters`."""
     itls = [x for r in requests for x in r.itls_s]
     ttfts = [t for r in requests if (t := r.ttft_s) is not None]
-    local, remote = calls
+    local, remote, read = counted
     return {"requests": len(requests), "failed": sum(r.error is not None for r in requests),
-            "errors": sorted({r.error for r in requests if r.error is not None})[:5], "mean_itl_s": sum(itls) / len(itls) if itls else None,
+            "errors": sorted({r.error for r in requests if r.error is not None})[:5],
+            "mean_itl_s": sum(itls) / len(itls) if itls else None,
             "mean_ttft_s": sum(ttfts) / len(ttfts) if ttfts else None,
-            "remote_share": remote / (local + remote) if local + remote else None}  # fmt: skip
+            "remote_share": remote / (local + remote) if local + remote else None, "disk_read_bytes": read}  # fmt: skip
+
+
+# The server refreshes the agents' counters on /metrics this often (and after a request ends):
+# a phase's last scrape waits this long after its last request, so that it counts all of them.
+COUNTERS_REFRESH_S = 2.5
 
 
 async def phase(cluster: PlacementCluster, topics: dict[str, int], vocab: int, args: argparse.Namespace,
                 seed: int) -> dict[str, Any]:
-    before = await cluster.expert_calls()
+    before = await cluster.counters()
     requests = await workload(cluster, topics, vocab, args.phase_seconds, args.rate, args.prompt_tokens,
                               args.gen_tokens, seed)
-    after = await cluster.expert_calls()
-    return summary(requests, (after[0] - before[0], after[1] - before[1]))
+    await asyncio.sleep(COUNTERS_REFRESH_S)
+    after = await cluster.counters()
+    return summary(requests, (after[0] - before[0], after[1] - before[1], after[2] - before[2]))
 
 
 def locality(stats: dict[str, Any], homes: dict[str, str], top: int) -> dict[str, Any]:
@@ -312,6 +324,10 @@ def targets(shape: dict[str, Any]) -> list[tuple[str, str, bool | None]]:
     return out
 
 
+def _mb(n: float | None) -> str:
+    return "n/a" if n is None else f"{n / 1e6:.0f} MB"
+
+
 def _ms(s: float | None) -> str:
     return "n/a" if s is None else f"{s * 1e3:.1f}"
 
@@ -326,13 +342,14 @@ def markdown(data: dict[str, Any]) -> str:
                   f"{s['disk']}, link {LINK}, latency {LATENCY}; each user {data['rate']} requests/s (Poisson), "
                   f"{data['prompt_tokens']}-token prompts from its own third of the vocabulary, {data['gen_tokens']} "
                   f"tokens each; phases of {data['phase_seconds']} s.", "",
-                  "| placement | mean inter-token ms | mean TTFT ms | expert calls off their home | C(P) | "
-                  "resident after |", "|---|---|---|---|---|---|"]  # fmt: skip
+                  "| placement | mean inter-token ms | mean TTFT ms | expert calls off their home | read from disk | "
+                  "C(P) | resident after |", "|---|---|---|---|---|---|---|"]  # fmt: skip
         for c in shape["placements"]:
             share = "n/a" if c["remote_share"] is None else f"{c['remote_share']:.1%}"
             loaded = c.get("loaded_s")
             lines.append(f"| {c['placement']} | {_ms(c['mean_itl_s'])} | {_ms(c['mean_ttft_s'])} | {share} | "
-                         f"{c['placement_cost']} | {'timed out' if loaded is None else f'{loaded:.1f} s'} |")
+                         f"{_mb(c.get('disk_read_bytes'))} | {c['placement_cost']} | "
+                         f"{'timed out' if loaded is None else f'{loaded:.1f} s'} |")
         if shape["placements"]:
             loc = shape["placements"][0]["locality"]
             lines += ["", "Per-layer entropy of each user's home (bits): " + ", ".join(
@@ -342,10 +359,11 @@ def markdown(data: dict[str, Any]) -> str:
         for run in shape["shift"]:
             lines += ["", f"Shift, prism, migration {'on' if run['migration'] else 'off'} (the replan after the "
                       f"shift {'moved experts' if run.get('replan_migrated') else 'moved nothing'}):", "",
-                      "| phase | mean inter-token ms | expert calls off their home |", "|---|---|---|"]
+                      "| phase | mean inter-token ms | expert calls off their home | read from disk |",
+                      "|---|---|---|---|"]
             for p in run["phases"]:
                 share = "n/a" if p["remote_share"] is None else f"{p['remote_share']:.1%}"
-                lines.append(f"| {p['phase']} | {_ms(p['mean_itl_s'])} | {share} |")
+                lines.append(f"| {p['phase']} | {_ms(p['mean_itl_s'])} | {share} | {_mb(p.get('disk_read_bytes'))} |")
         lines += ["", "| target | measured | met |", "|---|---|---|"]
         lines += [f"| {t} | {m} | {'n/a' if ok is None else 'met' if ok else 'missed'} |" for t, m, ok in targets(shape)]
         lines.append("")

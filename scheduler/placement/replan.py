@@ -96,8 +96,7 @@ class Replan:
 
 def decide(problem: PlacementProblem, current: Placement, candidate: Placement, force: bool = False) -> Replan:
     """Migrate to `candidate` iff its cost plus the migration's is below the current cost (the
-    published rule); `force` migrates anyway (the first placement of a cluster with migration
-    off, or an admin's request)."""
+    published rule); `force` migrates anyway (a cluster's first placement)."""
     now, new = expected_s(problem, current), expected_s(problem, candidate)
     move = migration_s(problem, current, candidate)
     nodes = set(current) | set(candidate)

@@ -2,8 +2,9 @@
 window, a replan places each home's hot experts there (SetPlacement), the agents read and pin
 them, the routing table follows, and the greedy tokens are the same after the migration as
 before, and a request decoding while its experts move gives transformers' greedy tokens; with
-migration off, the first placement stays through a workload shift; a restarted agent is told its
-placement again."""
+migration off, the first placement stays through a workload shift; the first placement is applied
+even where the rule prefers what demand reads left; a restarted agent is told its placement
+again."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
+from node_agent.model.config import MoeConfig
 from node_agent.service import serve
 from protos.convert import expert_to_wire
 from protos.ids import ExpertId, NodeId, RequestId
@@ -50,6 +52,18 @@ async def until_pinned(cluster: Cluster, report: dict[str, Any], timeout_s: floa
                 if state.placed == wanted and wanted <= state.resident:
                     break
                 await asyncio.sleep(0.05)
+
+
+async def until_reads_done(cluster: Cluster, engine: EngineService, timeout_s: float = 30.0) -> None:
+    """Until no agent is reading an expert (demand reads and fills are through) and the engine has
+    polled the holdings since."""
+    async with asyncio.timeout(timeout_s):
+        while True:
+            if not any([(await c.cache_state()).loading for c in cluster.clients]):
+                await engine.refresh()  # may start fills: look again
+                if not any([(await c.cache_state()).loading for c in cluster.clients]):
+                    return
+            await asyncio.sleep(0.05)
 
 
 def _experts(layers: list[dict[str, Any]]) -> set[ExpertId]:
@@ -140,3 +154,22 @@ async def test_a_restarted_agent_gets_its_placement_back(qwen_tiny: Path) -> Non
             cluster.serving.append(asyncio.create_task(serve(again, ready=ready, stop=stop)))
             await asyncio.wait_for(ready.wait(), 30)
             await until_pinned(cluster, report)  # the server told the new process its placement
+
+
+async def test_the_first_replan_pins_its_placement_even_where_the_cache_looks_cheaper(qwen_tiny: Path) -> None:
+    # Memory for every expert: once alice's request and the fills are through, both agents hold
+    # all of them, which the rule prices below uniform's one copy of each (half of alice's calls
+    # would leave her home). No placement is in force before the first, so it is applied anyway.
+    cfg = MoeConfig.load(qwen_tiny)
+    memory = (cfg.num_layers * cfg.num_experts + 1) * expert_bytes(qwen_tiny)
+    async with local_cluster(qwen_tiny, 2, expert_memory=memory, link_latency_s=0.002) as cluster:
+        with_users(cluster)
+        async with cluster.engine(placement=PlacementSettings("uniform", replan_every_s=3600)) as engine:
+            await tokens(engine, request("a0", "alice", 3))
+            await until_reads_done(cluster, engine)
+            report = await engine.replan()
+            last = report["last"]
+            assert last["expected_s_candidate"] + last["migration_s"] >= last["expected_s"]  # the rule says no
+            assert last["migrated"] and report["migrations"] == 1
+            assert all(_experts(a["layers"]) for a in report["agents"].values())  # both agents pin
+            await until_pinned(cluster, report)

@@ -12,11 +12,11 @@ def test_summary_gives_mean_latencies_and_the_remote_share() -> None:
     a = Request("alice", 0, sent=0.0, arrivals=[1.0, 1.1, 1.3])
     b = Request("bob", 1, sent=0.5, arrivals=[0.7, 0.8])
     failed = Request("carol", 2, sent=0.0, error="3 of 8 tokens")
-    s = summary([a, b], (30.0, 10.0))
+    s = summary([a, b], (30.0, 10.0, 9.4e6))
     assert s["requests"] == 2 and s["failed"] == 0 and abs(s["mean_itl_s"] - 0.4 / 3) < 1e-12
     assert abs(s["mean_ttft_s"] - 0.6) < 1e-12 and s["remote_share"] == 0.25
-    assert summary([], (0.0, 0.0))["remote_share"] is None
-    assert summary([a, failed], (1.0, 0.0))["failed"] == 1
+    assert summary([], (0.0, 0.0, 0.0))["remote_share"] is None and s["disk_read_bytes"] == 9.4e6
+    assert summary([a, failed], (1.0, 0.0, 0.0))["failed"] == 1
 
 
 def _shift(migration: bool, before: float, after: float, failed: int = 0) -> dict[str, object]:
@@ -60,7 +60,7 @@ def test_locality_gives_each_users_entropy_and_the_overlap_of_their_top_experts(
 
 def test_the_report_names_its_settings_and_the_plot_is_written(tmp_path: Path) -> None:
     case = {"placement": "prism", "requests": 3, "mean_itl_s": 0.02, "mean_ttft_s": 0.3, "remote_share": 0.4,
-            "placement_cost": 12.0, "migrated": True, "loaded_s": 2.5,
+            "placement_cost": 12.0, "migrated": True, "loaded_s": 2.5, "disk_read_bytes": 47e6,
             "locality": {"entropy_bits": {"alice": 1.5}, "top_overlap": {"alice-bob": 0.2}}}
     phases = [{"phase": p, "requests": 3, "failed": 0, "mean_itl_s": 0.02, "remote_share": 0.4}
               for p in ("before the shift", "shifted")]
@@ -72,7 +72,7 @@ def test_the_report_names_its_settings_and_the_plot_is_written(tmp_path: Path) -
                                                        "expert_bytes_total": 6.7e8, "disk": "50MB/s",
                                                        "uniform_entropy": 4.0}}]}  # fmt: skip
     text = markdown(data)
-    assert "| prism | 20.0 | 300.0 | 40.0% | 12.0 | 2.5 s |" in text and "500Mbit/s" in text and "alice 1.50" in text
-    assert "migration on" in text and "| before the shift | 20.0 | 40.0% |" in text
+    assert "| prism | 20.0 | 300.0 | 40.0% | 47 MB | 12.0 | 2.5 s |" in text and "500Mbit/s" in text and "alice 1.50" in text
+    assert "migration on" in text and "| before the shift | 20.0 | 40.0% | n/a |" in text
     plot(data, tmp_path / "placement.png")
     assert (tmp_path / "placement.png").stat().st_size > 10_000
