@@ -19,7 +19,7 @@
       3. the replies of the previous turn's steps: tokens to their consumers, ended requests out.
 
 An agent that fails (AgentFailed names it) is reported (`on_agent_failed`: the engine takes it
-out of the cluster at once) and every request it broke is replayed on the agents left: its
+out of the cluster at once) and every request it broke is replayed (batch_ends.py): its
 prompt and the tokens it already produced become a new prompt, prefilled under a new request id
 on the agents up now (so nothing left of the old run can collide with it), and sampling goes on
 from the next token's index (token i draws from (seed, i), protos/sampling.py). The consumer sees
@@ -43,34 +43,32 @@ import asyncio
 import dataclasses
 import logging
 from collections import deque
-from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable
 
 import torch
 
 from protos.messages import DecodeResult
 from protos.sampling import request_seed, sample, token_generator
 from scheduler.agent_calls import AgentCalls
+from scheduler.batch_ends import BatchEnds, ClusterFn, FailedFn
 from scheduler.batch_state import BatchSettings as BatchSettings
 from scheduler.batch_state import Seq
 from scheduler.client import AgentClient
 from scheduler.decode_plan import choose_home, prefill_at_home, user_home
-from scheduler.errors import AgentFailed, NoAgentsAvailable
+from scheduler.errors import NoAgentsAvailable
 from scheduler.partition import after_step, chunk_step
 from scheduler.policy import Policy
-from scheduler.runner import ClusterView, RequestRunner
+from scheduler.runner import RequestRunner
 from scheduler.token_stream import TokenStream
 from scheduler.types import DecodeSpan, GenerationRequest, NodeId, TokenEvent
 
 log = logging.getLogger("potluck.scheduler")
 
-ClusterFn = Callable[[], tuple[Sequence[AgentClient], ClusterView | None]]  # the agents up now, and their view
 ReadFn = Callable[[NodeId], float]  # seconds an agent's disk would take to read every expert no agent holds
-FailedFn = Callable[[NodeId, str], None]  # an agent failed (name, why): take it out of the cluster now
 SelectionsFn = Callable[[NodeId, torch.Tensor], None]  # a home's step: [MoE layers, T, k] experts its tokens chose
-MAX_REPLAYS = 3  # failures one request survives; a fourth ends it with the error
 
 
-class Batcher:
+class Batcher(BatchEnds):
     def __init__(self, cluster: ClusterFn, policy: Policy = Policy(), settings: BatchSettings = BatchSettings(),
                  on_prefilled: Callable[[], Awaitable[None]] | None = None, unheld_read_s: ReadFn | None = None,
                  on_agent_failed: FailedFn | None = None, on_selections: SelectionsFn | None = None) -> None:
@@ -365,98 +363,3 @@ class Batcher:
             s.last_token = token.token_id
             self._done(s, token)
         return prompts_done
-
-    # Ends ----------------------------------------------------------------------------------------
-
-    def _emit(self, seq: Seq, event: TokenEvent) -> TokenEvent:
-        seq.tokens.append(event.token_id)
-        self._outbox.append((seq, event))
-        return event
-
-    def _flush(self) -> None:
-        """Hand the consumers what was sampled (or ended) since the last flush, in order."""
-        for seq, item in self._outbox:
-            seq.out.put_nowait(item)
-        self._outbox.clear()
-
-    def _done(self, seq: Seq, event: TokenEvent) -> bool:
-        """End the request after a stop token or its last token; returns whether it ended."""
-        if event.is_stop or seq.produced >= seq.request.sampling.max_tokens:
-            self._finish(seq, None)
-            return True
-        return False
-
-    def agent_down(self, name: NodeId, why: str) -> None:
-        """`name` is down: every call waiting on it is abandoned, and every running request that
-        uses it is replayed at once, without waiting for its calls to fail (a stopped agent's hung
-        for a minute)."""
-        self.calls.abandon(name)
-        for seq in list(self.running):
-            if name in seq.members or (seq.home is not None and seq.home.name == name):
-                self._failed(seq, AgentFailed(why, name), seq.epoch)
-
-    def _failed(self, seq: Seq, error: BaseException, epoch: int) -> None:
-        """A step of `seq`'s run `epoch` failed: if an agent failed, the engine hears of it and
-        the request is replayed on the agents left (see the module's docstring); else it ends with
-        the error. A failure of a run already replayed is old news."""
-        if seq.ended or seq.epoch != epoch:
-            return
-        dead = error.agent if isinstance(error, AgentFailed) and error.down else None
-        if dead is not None and self.on_agent_failed is not None:
-            self.on_agent_failed(NodeId(dead), str(error))  # may replay it already (agent_down)
-        if seq.ended or seq.epoch != epoch:
-            return
-        if dead is None or seq.cancelled or seq.epoch >= MAX_REPLAYS:
-            self._finish(seq, error)
-            return
-        agents, _ = self.cluster()
-        if not [a for a in agents if a.name != dead]:
-            self._finish(seq, NoAgentsAvailable(f"no agent left to serve the request: {error}"))
-            return
-        log.warning("request %s: replaying it on the agents left (%d tokens produced) after: %s", seq.request.request_id,
-                    seq.produced, error)
-        old_rid, old_runner, old_members = seq.rid, seq.runner, [n for n in seq.members if n != dead]
-        if old_runner is not None and old_members:
-            self._track(asyncio.create_task(_forget(old_runner, old_rid, old_members)))
-        seq.begin_replay()
-        if seq in self.running:
-            self.running.remove(seq)
-        self.waiting.appendleft(seq)  # first in line, on the agents up now
-        self._wake.set()
-
-    def _finish(self, seq: Seq, error: BaseException | None) -> None:
-        """Out of the loop; its consumer hears the end (or the error); every agent holding its
-        state releases it in the background, once no step with it is in flight."""
-        if seq in self.running:
-            self.running.remove(seq)
-        self._outbox.append((seq, error))
-        seq.ended = True
-        self._release_ended(seq)
-
-    def _release_ended(self, seq: Seq) -> None:
-        if seq.in_flight or seq.released:
-            return  # the home still runs a step with it (its reply comes back here), or done
-        seq.released = True
-        if seq.runner is None:
-            seq.gone.set()
-            return
-        task = self._release(seq, seq.members)
-        task.add_done_callback(lambda _: seq.gone.set())
-
-    def _release(self, seq: Seq, nodes: Sequence[NodeId]) -> asyncio.Task[None]:
-        assert seq.runner is not None
-        return self._track(asyncio.create_task(seq.runner.release(seq.rid, list(nodes))))
-
-    def _track(self, task: asyncio.Task[None]) -> asyncio.Task[None]:
-        self._releases.add(task)
-        task.add_done_callback(self._releases.discard)
-        return task
-
-
-async def _forget(runner: RequestRunner, rid: str, nodes: Sequence[NodeId]) -> None:
-    """Release the state of a run replaced by a replay on the agents that may hold it; an agent
-    that does not answer drops it at its time to live."""
-    try:
-        await runner.release(rid, list(nodes))
-    except Exception as exc:  # the replay goes on regardless
-        log.info("releasing %s after a failure: %s", rid, exc)

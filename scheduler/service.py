@@ -49,14 +49,11 @@ class EngineSettings:
     poll_interval_s: float = 2.0  # how often agents' health and counters are refreshed
     call_timeout_s: float = 300.0  # deadline of one control call to an agent
     credentials: Credentials | None = None  # the server's TLS identity; None: plaintext (--insecure)
-    stats_window_s: float = 300.0  # the activation statistics' window (scheduler/activations.py)
     placement: PlacementSettings = PlacementSettings()  # which experts each agent pins, and when re-planned
 
     def __post_init__(self) -> None:
         if self.max_waiting < 0:
             raise ValueError(f"max_waiting must be >= 0, got {self.max_waiting}")
-        if self.stats_window_s <= 0:
-            raise ValueError(f"stats_window_s must be > 0, got {self.stats_window_s}")
         self.batch  # checks its bounds
 
     @property
@@ -171,7 +168,7 @@ class EngineService:
             if self.shape is None:
                 self.shape = ModelShape(info.num_layers, info.num_experts, info.vocab_size, info.dense_layers, info.max_positions)
                 moe_layers = [layer for layer in range(info.num_layers) if layer not in info.dense_layers]
-                window = self.settings.stats_window_s
+                window = self.settings.placement.window_s
                 self.activations = ActivationWindow(moe_layers, info.num_experts, window, window / STATS_BUCKETS)
         return await client.snapshot()
 
@@ -260,9 +257,11 @@ class EngineService:
         last polled."""
         if self.shape is None:
             return {}
-        E = self.shape.num_experts
-        return {c.name: frozenset(expert_from_wire(i, E) for i in (s.loading if loading else s.held))
-                for c in self.up_clients() if (s := self._snapshots[c.name])}
+        E, out = self.shape.num_experts, {}
+        for client in self.up_clients():
+            snapshot = self._snapshots[client.name]
+            out[client.name] = frozenset(expert_from_wire(i, E) for i in (snapshot.loading if loading else snapshot.held))
+        return out
 
     async def _poll_forever(self) -> None:
         while True:
@@ -287,7 +286,7 @@ class EngineService:
 
     def activation_stats(self) -> dict[str, Any]:
         if self.activations is None:
-            return {"window_s": self.settings.stats_window_s, "homes": {}}
+            return {"window_s": self.settings.placement.window_s, "homes": {}}
         return self.activations.to_json(time.monotonic())
 
     def _unheld_read_s(self, node: NodeId) -> float:

@@ -18,7 +18,8 @@ follows after one phase, without (`--no-migration`) the placement stays; the lat
 phase by phase, and the phase after the replan includes the move. A request that fails is
 counted, not raised; the targets table says how many did.
 
-Two shapes: `bench` (16 experts top-2) and `many` (64 experts top-6, as DeepSeek-V2-Lite).
+Two shapes: `bench` (16 experts top-2) and `many` (64 experts top-6, as DeepSeek-V2-Lite). The
+report (targets, Markdown, PNG) is `bench_placement_report.py`.
 """
 
 from __future__ import annotations
@@ -44,7 +45,8 @@ from node_agent.model.checkpoint import Checkpoint
 from node_agent.model.config import MoeConfig
 from node_agent.model.synth import init_model, topic_ranges
 from server.bench_decode import UpCluster
-from server.bench_decode_stats import tokens_in_chunk
+from server.bench_decode_stats import metric_samples, summed, tokens_in_chunk
+from server.bench_placement_report import markdown, ms, plot
 from server.bench_prefill import NO_REPLAN_S
 from server.launcher import free_ports
 
@@ -161,15 +163,10 @@ class PlacementCluster(UpCluster):
     async def counters(self) -> tuple[float, float, float]:
         """(local, remote) decode expert runs and bytes read from disk, summed over the agents,
         from /metrics."""
-        text: str = await self.get("/metrics")
+        samples = metric_samples(await self.get("/metrics"))
         names = ("potluck_agent_local_expert_calls_total", "potluck_agent_remote_expert_calls_total",
                  "potluck_agent_disk_read_bytes_total")
-        sums = dict.fromkeys(names, 0.0)
-        for line in text.splitlines():
-            name = line.split("{", 1)[0].split(" ", 1)[0]
-            if name in sums:
-                sums[name] += float(line.rsplit(" ", 1)[1])
-        local, remote, read = (sums[n] for n in names)
+        local, remote, read = (summed(samples, n) or 0.0 for n in names)
         return local, remote, read
 
 
@@ -284,132 +281,6 @@ async def run_shift(model_dir: Path, workdir: Path, memory: list[int], disk: str
     return out
 
 
-PRISM_BELOW_EPLB = {"many": 0.306, "bench": 0.0}  # the targets: prism's mean inter-token time this far below eplb's
-RECOVERY = 0.8  # of the pre-shift gain over eplb, after the shift and one replan
-
-
-def recovery(run: dict[str, Any], eplb_s: float | None) -> float | None:
-    """How much of prism's gain over eplb before the shift is back after it (one replan later):
-    (eplb - after) / (eplb - before), eplb's time measured on its own cluster (it places by load,
-    not by home, so the shift leaves it as it was). None without a gain to recover."""
-    phases = {p["phase"]: p["mean_itl_s"] for p in run["phases"]}
-    before, after = phases.get("before the shift"), phases.get("shifted, after a replan")
-    if eplb_s is None or before is None or after is None or eplb_s <= before:
-        return None
-    return (eplb_s - after) / (eplb_s - before)
-
-
-def targets(shape: dict[str, Any]) -> list[tuple[str, str, bool | None]]:
-    """(target, measured, met) of one shape; met None where it could not be measured."""
-    by = {c["placement"]: c["mean_itl_s"] for c in shape["placements"]}
-    out: list[tuple[str, str, bool | None]] = []
-    prism, eplb = by.get("prism"), by.get("eplb")
-    want = PRISM_BELOW_EPLB.get(shape["shape"], 0.0)
-    if prism is not None and eplb is not None:
-        below = 1 - prism / eplb
-        out.append((f"prism at least {want:.1%} below eplb" if want else "prism below eplb", f"{below:.1%} below",
-                    below >= want if want else below > 0))
-    for run in shape["shift"]:
-        got = recovery(run, eplb)
-        measured = "n/a" if got is None else f"{got:.0%}"
-        if run["migration"]:
-            out.append((f"migration recovers at least {RECOVERY:.0%} of the gain", measured,
-                        None if got is None else got >= RECOVERY))
-        else:
-            out.append((f"--no-migration recovers less than {RECOVERY:.0%}", measured,
-                        None if got is None else got < RECOVERY))
-    runs = [*shape["placements"], *(p for run in shape["shift"] for p in run["phases"])]
-    failed, total = sum(r.get("failed", 0) for r in runs), sum(r["requests"] for r in runs)
-    out.append(("no failed requests", f"{failed} of {total}", failed == 0))
-    return out
-
-
-def _mb(n: float | None) -> str:
-    return "n/a" if n is None else f"{n / 1e6:.0f} MB"
-
-
-def _ms(s: float | None) -> str:
-    return "n/a" if s is None else f"{s * 1e3:.1f}"
-
-
-def markdown(data: dict[str, Any]) -> str:
-    lines = [f"# `{data['command']}`", ""]
-    for shape in data["shapes"]:
-        s = shape["settings"]
-        lines += [f"## {shape['shape']}: {s['experts']} experts top-{s['top_k']}, {s['moe_layers']} MoE layers", "",
-                  f"3 agents, expert memory {', '.join(f'{m / 1e6:.0f} MB' for m in s['memory'])} "
-                  f"({s['pooled_fraction']:.0%} of {s['expert_bytes_total'] / 1e6:.0f} MB of experts), disk "
-                  f"{s['disk']}, link {LINK}, latency {LATENCY}; each user {data['rate']} requests/s (Poisson), "
-                  f"{data['prompt_tokens']}-token prompts from its own third of the vocabulary, {data['gen_tokens']} "
-                  f"tokens each; phases of {data['phase_seconds']} s.", "",
-                  "| placement | mean inter-token ms | mean TTFT ms | expert calls off their home | read from disk | "
-                  "C(P) | resident after |", "|---|---|---|---|---|---|---|"]  # fmt: skip
-        for c in shape["placements"]:
-            share = "n/a" if c["remote_share"] is None else f"{c['remote_share']:.1%}"
-            loaded = c.get("loaded_s")
-            lines.append(f"| {c['placement']} | {_ms(c['mean_itl_s'])} | {_ms(c['mean_ttft_s'])} | {share} | "
-                         f"{_mb(c.get('disk_read_bytes'))} | {c['placement_cost']} | "
-                         f"{'timed out' if loaded is None else f'{loaded:.1f} s'} |")
-        if shape["placements"]:
-            loc = shape["placements"][0]["locality"]
-            lines += ["", "Per-layer entropy of each user's home (bits): " + ", ".join(
-                f"{u} {v:.2f}" for u, v in loc["entropy_bits"].items()) + f" (uniform: {s['uniform_entropy']:.2f}). "
-                "Overlap of the users' top experts: " + ", ".join(
-                f"{k} {v:.2f}" for k, v in loc["top_overlap"].items()) + "."]  # fmt: skip
-        for run in shape["shift"]:
-            lines += ["", f"Shift, prism, migration {'on' if run['migration'] else 'off'} (the replan after the "
-                      f"shift {'moved experts' if run.get('replan_migrated') else 'moved nothing'}):", "",
-                      "| phase | mean inter-token ms | expert calls off their home | read from disk |",
-                      "|---|---|---|---|"]
-            for p in run["phases"]:
-                share = "n/a" if p["remote_share"] is None else f"{p['remote_share']:.1%}"
-                lines.append(f"| {p['phase']} | {_ms(p['mean_itl_s'])} | {share} | {_mb(p.get('disk_read_bytes'))} |")
-        lines += ["", "| target | measured | met |", "|---|---|---|"]
-        lines += [f"| {t} | {m} | {'n/a' if ok is None else 'met' if ok else 'missed'} |" for t, m, ok in targets(shape)]
-        lines.append("")
-    return "\n".join(lines)
-
-
-def plot(data: dict[str, Any], path: Path) -> None:
-    """Per shape: each placement's mean inter-token time (bars from 0), and prism through the
-    shift, phase by phase, with and without migration."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    shapes = data["shapes"]
-    fig, axes = plt.subplots(len(shapes), 2, figsize=(11, 3.8 * len(shapes)), squeeze=False)
-    for row, shape in zip(axes, shapes):
-        s, cases = shape["settings"], [c for c in shape["placements"] if c["mean_itl_s"] is not None]
-        ax = row[0]
-        ax.bar(range(len(cases)), [c["mean_itl_s"] * 1e3 for c in cases], color="tab:blue")
-        ax.set_xticks(range(len(cases)), [c["placement"] for c in cases], fontsize=8)
-        ax.set_ylim(bottom=0)
-        ax.set_ylabel("mean inter-token time (ms)")
-        ax.set_title(f"{shape['shape']}: {s['experts']} experts top-{s['top_k']}, 3 agents (memory 1:1:2, "
-                     f"{s['pooled_fraction']:.0%} of the experts), {LINK}, {LATENCY}, disk {s['disk']}", fontsize=8)
-        ax.grid(axis="y", alpha=0.3)
-        ax = row[1]
-        for run in shape["shift"]:
-            phases = [p for p in run["phases"] if p["mean_itl_s"] is not None]
-            ax.plot(range(len(phases)), [p["mean_itl_s"] * 1e3 for p in phases], marker="o",
-                    label=f"prism, migration {'on' if run['migration'] else 'off'}")
-            ax.set_xticks(range(len(phases)), [p["phase"].replace(", ", "\n") for p in phases], fontsize=7)
-        ax.set_ylim(bottom=0)
-        ax.set_ylabel("mean inter-token time (ms)")
-        ax.set_title(f"the users swap workloads; phases of {data['phase_seconds']:g} s, a replan between the last "
-                     f"two", fontsize=8)
-        if shape["shift"]:
-            ax.legend(fontsize=7)
-        ax.grid(alpha=0.3)
-    fig.suptitle(f"potluck placement: {data['rate']} requests/s per user, {data['prompt_tokens']}-token prompts, "
-                 f"{data['gen_tokens']} tokens", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
 def main(args: argparse.Namespace) -> int:
     placements = list(PLACEMENTS) if args.placements == "all" else args.placements.split(",")
     if unknown := [p for p in placements if p not in PLACEMENTS]:
@@ -433,13 +304,13 @@ def main(args: argparse.Namespace) -> int:
         entry: dict[str, Any] = {"shape": shape, "placements": [], "shift": [], "settings": {
             "experts": cfg.num_experts, "top_k": cfg.top_k, "moe_layers": len(moe), "memory": memory,
             "pooled_fraction": sum(memory) / total, "expert_bytes_total": total, "disk": args.placement_disk,
-            "uniform_entropy": math.log2(cfg.num_experts)}}  # fmt: skip
+            "uniform_entropy": math.log2(cfg.num_experts), "link": LINK, "latency": LATENCY}}  # fmt: skip
         print(f"placement, {shape}: {cfg.num_experts} experts top-{cfg.top_k}, memory {memory}", flush=True)
         with tempfile.TemporaryDirectory(prefix="potluck-bench-placement-") as work:
             for p in placements:
                 case = asyncio.run(run_placement(model_dir, Path(work), p, memory, args.placement_disk,
                                                  cfg.vocab_size, args, top=cfg.top_k * 2))
-                print(f"  {p}: mean inter-token {_ms(case['mean_itl_s'])} ms, TTFT {_ms(case['mean_ttft_s'])} ms, "
+                print(f"  {p}: mean inter-token {ms(case['mean_itl_s'])} ms, TTFT {ms(case['mean_ttft_s'])} ms, "
                       f"remote share {case['remote_share']}", flush=True)
                 entry["placements"].append(case)
             if not args.no_shift:

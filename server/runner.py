@@ -69,8 +69,7 @@ def engine_opener(options: ServerOptions, nodes: Sequence[NodeSpec], on_join: Jo
 
         settings = EngineSettings(max_waiting=options.max_waiting, max_running=options.max_running,
                                   prefill_chunk=options.prefill_chunk, home_prefill_max=options.home_prefill_max,
-                                  credentials=options.credentials, placement=options.placement,
-                                  stats_window_s=options.placement.window_s)
+                                  credentials=options.credentials, placement=options.placement)
         service = await start_engine(options.model_dir, nodes, settings, options.policy, on_join)
         try:
             yield service

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from server.bench_placement import Request, locality, markdown, plot, recovery, summary, targets
+from server.bench_placement import Request, locality, summary
+from server.bench_placement_report import markdown, plot, recovery, targets
 
 
 def test_summary_gives_mean_latencies_and_the_remote_share() -> None:
@@ -70,7 +71,8 @@ def test_the_report_names_its_settings_and_the_plot_is_written(tmp_path: Path) -
                                           "settings": {"experts": 16, "top_k": 2, "moe_layers": 8,
                                                        "memory": [1e8, 1e8, 2e8], "pooled_fraction": 0.6,
                                                        "expert_bytes_total": 6.7e8, "disk": "50MB/s",
-                                                       "uniform_entropy": 4.0}}]}  # fmt: skip
+                                                       "uniform_entropy": 4.0, "link": "500Mbit/s",
+                                                       "latency": "1ms"}}]}  # fmt: skip
     text = markdown(data)
     assert "| prism | 20.0 | 300.0 | 40.0% | 47 MB | 12.0 | 2.5 s |" in text and "500Mbit/s" in text and "alice 1.50" in text
     assert "migration on" in text and "| before the shift | 20.0 | 40.0% | n/a |" in text
