@@ -16,7 +16,10 @@ the mean inter-token time, TTFT and the share of expert calls that left their ho
 shift: the users swap workloads (each takes the next user's range); with migration a replan
 follows after one phase, without (`--no-migration`) the placement stays; the latency is reported
 phase by phase, and the phase after the replan includes the move. A request that fails is
-counted, not raised; the targets table says how many did.
+counted, not raised; the targets table says how many did. `--rounds N` repeats every case on N
+fresh clusters, the rounds interleaved (each policy once, then again); the report gives each
+figure's median and every round's inter-token time: the same arrivals on two fresh clusters have
+differed by a quarter, more than some policies differ.
 
 Two shapes: `bench` (16 experts top-2) and `many` (64 experts top-6, as DeepSeek-V2-Lite). The
 report (targets, Markdown, PNG) is `bench_placement_report.py`.
@@ -160,14 +163,17 @@ class PlacementCluster(UpCluster):
             await asyncio.sleep(LOAD_POLL_S)
         return None
 
-    async def counters(self) -> tuple[float, float, float]:
-        """(local, remote) decode expert runs and bytes read from disk, summed over the agents,
-        from /metrics."""
+    async def counters(self) -> dict[str, float]:
+        """The agents' COUNTERS, each summed over the agents, from /metrics (0 where not exported)."""
         samples = metric_samples(await self.get("/metrics"))
-        names = ("potluck_agent_local_expert_calls_total", "potluck_agent_remote_expert_calls_total",
-                 "potluck_agent_disk_read_bytes_total")
-        local, remote, read = (summed(samples, n) or 0.0 for n in names)
-        return local, remote, read
+        return {key: summed(samples, name) or 0.0 for key, name in COUNTERS.items()}
+
+
+# What a phase counts on the agents (their /metrics counters, summed over the agents).
+COUNTERS = {"local": "potluck_agent_local_expert_calls_total", "remote": "potluck_agent_remote_expert_calls_total",
+            "disk_read_bytes": "potluck_agent_disk_read_bytes_total", "steps": "potluck_agent_decode_steps_total",
+            "tokens": "potluck_agent_decode_tokens_total", "round_trips": "potluck_agent_decode_round_trips_total",
+            "cpu_s": "potluck_agent_cpu_seconds_total"}  # fmt: skip
 
 
 WARM_UP_SEED = 1
@@ -197,16 +203,48 @@ async def workload(cluster: PlacementCluster, topics: dict[str, int], vocab: int
     return list(await asyncio.gather(*tasks))
 
 
-def summary(requests: list[Request], counted: tuple[float, float, float]) -> dict[str, Any]:
-    """A phase's figures from its requests and the change of `PlacementCluster.counters`."""
+def summary(requests: list[Request], counted: dict[str, float]) -> dict[str, Any]:
+    """A phase's figures from its requests and the change of `PlacementCluster.counters`: besides
+    the latencies and the share of expert calls off their home, what a decode step was on average
+    (its tokens, its synchronous waits on peers, the bytes the agents read from disk meanwhile),
+    which says where the inter-token time went."""
     itls = [x for r in requests for x in r.itls_s]
     ttfts = [t for r in requests if (t := r.ttft_s) is not None]
-    local, remote, read = counted
+    local, remote, steps = counted["local"], counted["remote"], counted["steps"]
+
+    def per_step(x: float) -> float | None:
+        return x / steps if steps else None
+
     return {"requests": len(requests), "failed": sum(r.error is not None for r in requests),
             "errors": sorted({r.error for r in requests if r.error is not None})[:5],
             "mean_itl_s": sum(itls) / len(itls) if itls else None,
             "mean_ttft_s": sum(ttfts) / len(ttfts) if ttfts else None,
-            "remote_share": remote / (local + remote) if local + remote else None, "disk_read_bytes": read}  # fmt: skip
+            "remote_share": remote / (local + remote) if local + remote else None,
+            "disk_read_bytes": counted["disk_read_bytes"], "tokens_per_step": per_step(counted["tokens"]),
+            "round_trips_per_step": per_step(counted["round_trips"]),
+            "disk_bytes_per_step": per_step(counted["disk_read_bytes"]), "agent_cpu_s": counted["cpu_s"]}  # fmt: skip
+
+
+MEDIAN_KEYS = ("mean_itl_s", "mean_ttft_s", "remote_share", "disk_read_bytes", "tokens_per_step",
+               "round_trips_per_step", "disk_bytes_per_step", "agent_cpu_s")
+
+
+def median(values: list[float]) -> float | None:
+    """The median of the values (the mean of the middle two for an even count); None if none."""
+    xs = sorted(values)
+    if not xs:
+        return None
+    mid = len(xs) // 2
+    return xs[mid] if len(xs) % 2 else (xs[mid - 1] + xs[mid]) / 2
+
+
+def combined(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """Several rounds of one case (each a fresh cluster, the same arrivals) as one: the median of
+    each figure, the requests and failures summed, each round's inter-token time kept."""
+    out = {k: median([r[k] for r in rounds if r.get(k) is not None]) for k in MEDIAN_KEYS}
+    return {**out, "requests": sum(r["requests"] for r in rounds), "failed": sum(r.get("failed", 0) for r in rounds),
+            "errors": sorted({e for r in rounds for e in r.get("errors", [])})[:5],
+            "round_itls_s": [r["mean_itl_s"] for r in rounds]}  # fmt: skip
 
 
 # The server refreshes the agents' counters on /metrics this often (and after a request ends):
@@ -221,7 +259,7 @@ async def phase(cluster: PlacementCluster, topics: dict[str, int], vocab: int, a
                               args.gen_tokens, seed)
     await asyncio.sleep(COUNTERS_REFRESH_S)
     after = await cluster.counters()
-    return summary(requests, (after[0] - before[0], after[1] - before[1], after[2] - before[2]))
+    return summary(requests, {k: after[k] - before[k] for k in COUNTERS})
 
 
 def locality(stats: dict[str, Any], homes: dict[str, str], top: int) -> dict[str, Any]:
@@ -281,6 +319,26 @@ async def run_shift(model_dir: Path, workdir: Path, memory: list[int], disk: str
     return out
 
 
+def combined_placement(placement: str, rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """A policy's rounds as one case (`combined`); its C(P) the median, `loaded_s` the slowest
+    round's (None if one timed out), the locality the first round's (the same arrivals each round)."""
+    loaded = [r["loaded_s"] for r in rounds]
+    return {"placement": placement, **combined(rounds),
+            "placement_cost": median([r["placement_cost"] for r in rounds if r["placement_cost"] is not None]),
+            "migrated": all(r["migrated"] for r in rounds),
+            "loaded_s": None if None in loaded else max(loaded), "locality": rounds[0]["locality"],
+            "rounds": [{k: v for k, v in r.items() if k != "locality"} for r in rounds]}  # fmt: skip
+
+
+def combined_shift(migration: bool, rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """The shift's rounds as one run: each phase `combined` over the rounds."""
+    names = [p["phase"] for p in rounds[0]["phases"]]
+    phases = [{"phase": name, **combined([p for r in rounds for p in r["phases"] if p["phase"] == name])}
+              for name in names]  # fmt: skip
+    return {"migration": migration, "phases": phases, "replan_migrated": all(r["replan_migrated"] for r in rounds),
+            "rounds": rounds}  # fmt: skip
+
+
 def main(args: argparse.Namespace) -> int:
     placements = list(PLACEMENTS) if args.placements == "all" else args.placements.split(",")
     if unknown := [p for p in placements if p not in PLACEMENTS]:
@@ -290,7 +348,7 @@ def main(args: argparse.Namespace) -> int:
         raise SystemExit(f"potluck bench placement: unknown --shapes {unknown}; choose from {', '.join(SHAPES)}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    data: dict[str, Any] = {"command": shlex.join(["potluck", *sys.argv[1:]]), "rate": args.rate,
+    data: dict[str, Any] = {"command": shlex.join(["potluck", *sys.argv[1:]]), "rate": args.rate, "rounds": args.rounds,
                             "phase_seconds": args.phase_seconds, "prompt_tokens": args.prompt_tokens,
                             "gen_tokens": args.gen_tokens, "shapes": []}  # fmt: skip
     for shape in shapes:
@@ -307,16 +365,23 @@ def main(args: argparse.Namespace) -> int:
             "uniform_entropy": math.log2(cfg.num_experts), "link": LINK, "latency": LATENCY}}  # fmt: skip
         print(f"placement, {shape}: {cfg.num_experts} experts top-{cfg.top_k}, memory {memory}", flush=True)
         with tempfile.TemporaryDirectory(prefix="potluck-bench-placement-") as work:
-            for p in placements:
-                case = asyncio.run(run_placement(model_dir, Path(work), p, memory, args.placement_disk,
-                                                 cfg.vocab_size, args, top=cfg.top_k * 2))
-                print(f"  {p}: mean inter-token {ms(case['mean_itl_s'])} ms, TTFT {ms(case['mean_ttft_s'])} ms, "
-                      f"remote share {case['remote_share']}", flush=True)
-                entry["placements"].append(case)
-            if not args.no_shift:
-                for migration in (True, False):
-                    entry["shift"].append(asyncio.run(run_shift(model_dir, Path(work), memory, args.placement_disk,
-                                                                cfg.vocab_size, args, migration)))
+            # Rounds interleave the cases (every policy once, then again), so that the host's drift
+            # over the run falls on all of them alike.
+            cases: dict[str, list[dict[str, Any]]] = {p: [] for p in placements}
+            shifts: dict[bool, list[dict[str, Any]]] = {True: [], False: []}
+            for r in range(args.rounds):
+                for p in placements:
+                    case = asyncio.run(run_placement(model_dir, Path(work), p, memory, args.placement_disk,
+                                                     cfg.vocab_size, args, top=cfg.top_k * 2))
+                    print(f"  round {r + 1}, {p}: mean inter-token {ms(case['mean_itl_s'])} ms, TTFT "
+                          f"{ms(case['mean_ttft_s'])} ms, remote share {case['remote_share']}", flush=True)
+                    cases[p].append(case)
+                for migration in () if args.no_shift else (True, False):
+                    shifts[migration].append(asyncio.run(run_shift(model_dir, Path(work), memory,
+                                                                   args.placement_disk, cfg.vocab_size, args,
+                                                                   migration)))
+            entry["placements"] = [combined_placement(p, runs) for p, runs in cases.items()]
+            entry["shift"] = [combined_shift(m, runs) for m, runs in shifts.items() if runs]
         data["shapes"].append(entry)
     (out / "placement.json").write_text(json.dumps(data, indent=2))
     (out / "placement.md").write_text(markdown(data) + "\n![placement](placement.png)\n")

@@ -46,12 +46,21 @@ def targets(shape: dict[str, Any]) -> list[tuple[str, str, bool | None]]:
     return out
 
 
-def mb(n: float | None) -> str:
-    return "n/a" if n is None else f"{n / 1e6:.0f} MB"
+def mb(n: float | None, digits: int = 0) -> str:
+    return "n/a" if n is None else f"{n / 1e6:.{digits}f} MB"
+
+
+def num(x: float | None, digits: int = 1) -> str:
+    return "n/a" if x is None else f"{x:.{digits}f}"
 
 
 def ms(s: float | None) -> str:
     return "n/a" if s is None else f"{s * 1e3:.1f}"
+
+
+def each_round(case: dict[str, Any]) -> str:
+    """Every round's mean inter-token time (ms), in the order they ran."""
+    return ", ".join(ms(x) for x in case.get("round_itls_s", [case["mean_itl_s"]]))
 
 
 def markdown(data: dict[str, Any]) -> str:
@@ -63,15 +72,24 @@ def markdown(data: dict[str, Any]) -> str:
                   f"({s['pooled_fraction']:.0%} of {s['expert_bytes_total'] / 1e6:.0f} MB of experts), disk "
                   f"{s['disk']}, link {s['link']}, latency {s['latency']}; each user {data['rate']} requests/s (Poisson), "
                   f"{data['prompt_tokens']}-token prompts from its own third of the vocabulary, {data['gen_tokens']} "
-                  f"tokens each; phases of {data['phase_seconds']} s.", "",
-                  "| placement | mean inter-token ms | mean TTFT ms | expert calls off their home | read from disk | "
-                  "C(P) | resident after |", "|---|---|---|---|---|---|---|"]  # fmt: skip
+                  f"tokens each; phases of {data['phase_seconds']} s; {data.get('rounds', 1)} round(s), each case "
+                  "on a fresh cluster per round, figures the median over the rounds.", "",
+                  "| placement | mean inter-token ms | each round | mean TTFT ms | expert calls off their home | "
+                  "read from disk | C(P) | resident after |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
         for c in shape["placements"]:
             share = "n/a" if c["remote_share"] is None else f"{c['remote_share']:.1%}"
             loaded = c.get("loaded_s")
-            lines.append(f"| {c['placement']} | {ms(c['mean_itl_s'])} | {ms(c['mean_ttft_s'])} | {share} | "
-                         f"{mb(c.get('disk_read_bytes'))} | {c['placement_cost']} | "
+            lines.append(f"| {c['placement']} | {ms(c['mean_itl_s'])} | {each_round(c)} | {ms(c['mean_ttft_s'])} | "
+                         f"{share} | {mb(c.get('disk_read_bytes'))} | {c['placement_cost']} | "
                          f"{'timed out' if loaded is None else f'{loaded:.1f} s'} |")
+        lines += ["", "A decode step on average (the agents' counters over the measured phase): its tokens, its "
+                  "synchronous waits on peers, what the agents read from disk meanwhile; and the agents' CPU.", "",
+                  "| placement | tokens a step | round trips a step | read from disk a step | agents' CPU |",
+                  "|---|---|---|---|---|"]
+        for c in shape["placements"]:
+            lines.append(f"| {c['placement']} | {num(c.get('tokens_per_step'))} | "
+                         f"{num(c.get('round_trips_per_step'))} | {mb(c.get('disk_bytes_per_step'), 2)} | "
+                         f"{num(c.get('agent_cpu_s'), 0)} s |")
         if shape["placements"]:
             loc = shape["placements"][0]["locality"]
             lines += ["", "Per-layer entropy of each user's home (bits): " + ", ".join(
@@ -81,11 +99,12 @@ def markdown(data: dict[str, Any]) -> str:
         for run in shape["shift"]:
             lines += ["", f"Shift, prism, migration {'on' if run['migration'] else 'off'} (the replan after the "
                       f"shift {'moved experts' if run.get('replan_migrated') else 'moved nothing'}):", "",
-                      "| phase | mean inter-token ms | expert calls off their home | read from disk |",
-                      "|---|---|---|---|"]
+                      "| phase | mean inter-token ms | each round | expert calls off their home | read from disk |",
+                      "|---|---|---|---|---|"]
             for p in run["phases"]:
                 share = "n/a" if p["remote_share"] is None else f"{p['remote_share']:.1%}"
-                lines.append(f"| {p['phase']} | {ms(p['mean_itl_s'])} | {share} | {mb(p.get('disk_read_bytes'))} |")
+                lines.append(f"| {p['phase']} | {ms(p['mean_itl_s'])} | {each_round(p)} | {share} | "
+                             f"{mb(p.get('disk_read_bytes'))} |")
         lines += ["", "| target | measured | met |", "|---|---|---|"]
         lines += [f"| {t} | {m} | {'n/a' if ok is None else 'met' if ok else 'missed'} |" for t, m, ok in targets(shape)]
         lines.append("")
@@ -106,9 +125,12 @@ def plot(data: dict[str, Any], path: Path) -> None:
         s, cases = shape["settings"], [c for c in shape["placements"] if c["mean_itl_s"] is not None]
         ax = row[0]
         ax.bar(range(len(cases)), [c["mean_itl_s"] * 1e3 for c in cases], color="tab:blue")
+        for i, c in enumerate(cases):  # each round's figure over the median's bar
+            rounds = [x * 1e3 for x in c.get("round_itls_s", []) if x is not None]
+            ax.plot([i] * len(rounds), rounds, "k.", markersize=4)
         ax.set_xticks(range(len(cases)), [c["placement"] for c in cases], fontsize=8)
         ax.set_ylim(bottom=0)
-        ax.set_ylabel("mean inter-token time (ms)")
+        ax.set_ylabel(f"mean inter-token time (ms), median of {data.get('rounds', 1)} (dots: rounds)")
         ax.set_title(f"{shape['shape']}: {s['experts']} experts top-{s['top_k']}, 3 agents (memory 1:1:2, "
                      f"{s['pooled_fraction']:.0%} of the experts), {s['link']}, {s['latency']}, disk {s['disk']}", fontsize=8)
         ax.grid(axis="y", alpha=0.3)

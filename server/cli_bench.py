@@ -87,7 +87,8 @@ def add_bench(commands: argparse._SubParsersAction) -> None:  # type: ignore[typ
     p.add_argument("--rounds", type=positive, metavar="N",
                    help="prefill: run every case (the one-agent baseline too) N times, each a fresh cluster with its own "
                         "calibration (with --calibrate each), and report the medians and every round (default 1); "
-                        "decode: timed requests per case, one prompt each, after one warm-up request (default 3)")  # fmt: skip
+                        "decode: timed requests per case, one prompt each, after one warm-up request (default 3); placement: "
+                        "fresh clusters per policy and per shift run, interleaved, reported as medians (default 3)")  # fmt: skip
     p.add_argument("--cases", default="all", metavar="C,C",
                    help="decode: compute (1..N agents, every expert resident, and transformers), lan (4 agents, "
                         "1Gbit/s, --lan-latency, 25%% of the experts each), streams (concurrent streams on the LAN "
@@ -120,7 +121,7 @@ def add_bench(commands: argparse._SubParsersAction) -> None:  # type: ignore[typ
 def run_bench(args: argparse.Namespace) -> int:
     args.suite = args.suite or "compare"
     if args.rounds is None:  # the flag is shared; each suite has its own default
-        args.rounds = 3 if args.suite == "decode" else 1
+        args.rounds = 3 if args.suite in ("decode", "placement") else 1
     if args.suite == "decode":
         import server.bench_decode
 
