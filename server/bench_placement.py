@@ -46,7 +46,7 @@ import yaml
 
 from node_agent.model.checkpoint import Checkpoint
 from node_agent.model.config import MoeConfig
-from node_agent.model.synth import init_model, topic_ranges
+from node_agent.model.synth import TOPIC_VERSION, init_model, topic_ranges
 from server.bench_decode import UpCluster
 from server.bench_decode_stats import metric_samples, summed, tokens_in_chunk
 from server.bench_placement_report import markdown, ms, plot
@@ -66,7 +66,8 @@ LOAD_POLL_S, LOAD_TIMEOUT_S = 0.5, 300.0  # waiting for a placement to be reside
 
 def placement_model(shape: str) -> Path:
     """The shape's checkpoint with three topics, generated once into the cache."""
-    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "potluck" / f"bench-placement-{shape}"
+    name = f"bench-placement-{shape}-topics{TOPIC_VERSION}"
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "potluck" / name
     if not (cache / "config.json").exists():
         print(f"generating the {shape} placement model in {cache} (once)", flush=True)
         init_model("qwen3_moe", cache, "bench", topics=len(USERS), progress=lambda m: print("  " + m, flush=True),
@@ -114,11 +115,13 @@ class PlacementCluster(UpCluster):
         self.http = httpx.AsyncClient(timeout=600)
         self.proc = None
 
-    async def stream(self, req: Request, prompt: list[int], max_tokens: int) -> Request:
-        """One streamed completion; a failure (an HTTP error, an error chunk, fewer tokens than
-        asked) is kept in `req.error`."""
+    async def stream(self, req: Request, prompt: list[int], max_tokens: int, seed: int) -> Request:
+        """One streamed completion, sampled at temperature 1 with its own seed (greedy decoding of
+        random weights repeats one to three tokens, so decode would touch a handful of experts;
+        sampled, the answer spreads over the topic's range as the prompt does); a failure (an HTTP
+        error, an error chunk, fewer tokens than asked) is kept in `req.error`."""
         try:
-            await self._stream(req, prompt, max_tokens)
+            await self._stream(req, prompt, max_tokens, seed)
         except (RuntimeError, httpx.HTTPError) as exc:
             req.error = str(exc) or type(exc).__name__
         else:
@@ -126,9 +129,9 @@ class PlacementCluster(UpCluster):
                 req.error = f"{req.tokens} of {max_tokens} tokens"
         return req
 
-    async def _stream(self, req: Request, prompt: list[int], max_tokens: int) -> None:
-        body = {"model": "bench", "prompt": prompt, "max_tokens": max_tokens, "stream": True, "temperature": 0,
-                "ignore_eos": True, "logprobs": 0, "user": req.user}
+    async def _stream(self, req: Request, prompt: list[int], max_tokens: int, seed: int) -> None:
+        body = {"model": "bench", "prompt": prompt, "max_tokens": max_tokens, "stream": True, "temperature": 1.0,
+                "seed": seed, "ignore_eos": True, "logprobs": 0, "user": req.user}
         async with self.http.stream("POST", f"{self.url}/v1/completions", json=body) as response:
             if response.status_code != 200:
                 raise RuntimeError(f"bench request failed: {response.status_code} {(await response.aread())[:300]!r}")
@@ -186,7 +189,8 @@ MEASURED_SEED = 2
 
 async def workload(cluster: PlacementCluster, topics: dict[str, int], vocab: int, seconds: float, rate: float,
                    prompt_tokens: int, gen_tokens: int, seed: int) -> list[Request]:
-    """Each user's Poisson arrivals (`rate` a second) for `seconds`, prompts from its topic's range."""
+    """Each user's Poisson arrivals (`rate` a second) for `seconds`, prompts from its topic's range,
+    each request with its own sampling seed (all drawn from `seed`)."""
     ranges = topic_ranges(vocab, len(USERS))
     rng, start, tasks = random.Random(seed), time.perf_counter(), []
     plans = []
@@ -194,12 +198,13 @@ async def workload(cluster: PlacementCluster, topics: dict[str, int], vocab: int
         t = rng.expovariate(rate)
         while t < seconds:
             span = ranges[topics[user]]
-            plans.append((t, user, [rng.randrange(span.start, span.stop) for _ in range(prompt_tokens)]))
+            prompt = [rng.randrange(span.start, span.stop) for _ in range(prompt_tokens)]
+            plans.append((t, user, prompt, rng.randrange(2**31)))
             t += rng.expovariate(rate)
-    for at, user, prompt in sorted(plans, key=lambda p: p[0]):
+    for at, user, prompt, sampling_seed in sorted(plans, key=lambda p: p[0]):
         await asyncio.sleep(max(0.0, start + at - time.perf_counter()))
         req = Request(user, topics[user], time.perf_counter())
-        tasks.append(asyncio.ensure_future(cluster.stream(req, prompt, gen_tokens)))
+        tasks.append(asyncio.ensure_future(cluster.stream(req, prompt, gen_tokens, sampling_seed)))
     return list(await asyncio.gather(*tasks))
 
 

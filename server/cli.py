@@ -81,7 +81,8 @@ def _add_init_model(commands: argparse._SubParsersAction) -> None:  # type: igno
     p.add_argument("--topics", type=non_negative, default=0, metavar="N",
                    help="routers biased by token range, for placement benchmarks: the vocabulary splits into N "
                         "ranges and each layer's experts into N groups, and tokens of range r mostly choose group "
-                        "r (random weights have no topics otherwise); 0 = none")  # fmt: skip
+                        "r, and the output layer keeps a sampled answer in its prompt's range (random weights have "
+                        "no topics otherwise); 0 = none")  # fmt: skip
     p.set_defaults(run=_run_init_model)
 
 

@@ -57,10 +57,18 @@ _NORM_NOISE = 0.1  # RMSNorm gains are 1 + N(0, 0.1^2): near 1, yet not triviall
 # Topics (init_model's `topics`): a token of vocabulary range r carries direction u_r with this
 # share of its embedding's norm, and the router rows of expert group r add u_r scaled so that it
 # raises their logits by about TOPIC_LOGIT over the other groups' where the residual stream still
-# carries it. Random weights have no topics of their own: this gives a benchmark users whose
-# prompts (drawn from their own range) keep choosing their own experts, as real workloads do.
+# carries it. The lm_head rows of range r add u_r the same way (by TOPIC_LOGIT too), so that the
+# tokens a request generates stay in its prompt's range and keep choosing its experts: without
+# it, random logits sent the generated text anywhere in the vocabulary (0-50% of it in the
+# prompt's range on the many-expert placement model), and decode, the traffic placement is for,
+# had no topic. Random weights have no topics of their own: this gives a benchmark users whose
+# prompts and answers (drawn from and staying in their own range) keep choosing their own experts,
+# as real workloads do.
 TOPIC_EMBED = 3.0
 TOPIC_LOGIT = 8.0
+# Bumped whenever the topics change the weights (2: the lm_head rows); the placement benchmark
+# keys its cached model on it.
+TOPIC_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -205,8 +213,9 @@ def _draw(spec: _TensorSpec, seed: int, dtype: torch.dtype, topics: int = 0) -> 
     gen = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
     t = torch.randn(spec.shape, generator=gen, dtype=torch.float32)
     t.mul_(spec.std).add_(spec.mean)
-    if topics > 1 and (spec.name == "model.embed_tokens.weight" or spec.name.endswith(".gate.weight")):
-        _add_topics(t, spec.name == "model.embed_tokens.weight", topics, seed)
+    topical = spec.name in ("model.embed_tokens.weight", "lm_head.weight") or spec.name.endswith(".gate.weight")
+    if topics > 1 and topical:
+        _add_topics(t, spec.name, topics, seed)
     return t.to(dtype)
 
 
@@ -220,13 +229,15 @@ def topic_groups(experts: int, topics: int) -> list[range]:
     return [range(experts * r // topics, experts * (r + 1) // topics) for r in range(topics)]
 
 
-def _add_topics(t: torch.Tensor, embedding: bool, topics: int, seed: int) -> None:
-    """In place: each topic's direction on its tokens' embedding rows [V, D], or on its expert
-    group's router rows [E, D]."""
+def _add_topics(t: torch.Tensor, name: str, topics: int, seed: int) -> None:
+    """In place: each topic's direction on its tokens' embedding rows [V, D] or lm_head rows
+    [V, D], or on its expert group's router rows [E, D]."""
     D = t.shape[1]
     gen = torch.Generator().manual_seed(seed * 1_000_003 + topics)
     directions, _ = torch.linalg.qr(torch.randn(D, topics, generator=gen))  # [D, topics], orthonormal
-    parts = topic_ranges(t.shape[0], topics) if embedding else topic_groups(t.shape[0], topics)
+    embedding = name == "model.embed_tokens.weight"
+    by_token = embedding or name == "lm_head.weight"
+    parts = topic_ranges(t.shape[0], topics) if by_token else topic_groups(t.shape[0], topics)
     # The RMSNormed residual stream has norm sqrt(D), of which a topic keeps about a share of
     # TOPIC_EMBED / sqrt(1 + TOPIC_EMBED^2) along its direction.
     share = TOPIC_EMBED / math.sqrt(1 + TOPIC_EMBED**2)
@@ -365,6 +376,7 @@ def init_model(
         config = _model_config(arch, shape, dtype, ids)
         if topics:
             config["potluck_topics"] = topics  # documents the bias (the loaders ignore it)
+            config["potluck_topics_version"] = TOPIC_VERSION
         write_json(work / "config.json", config)
         _write_generation_config(work, arch, ids)
         _write_weights(work, plan, shape.shards, seed, getattr(torch, dtype), report, topics)

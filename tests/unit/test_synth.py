@@ -298,6 +298,22 @@ def _own_group_share(folder: Path, topics: int) -> list[list[float]]:
     return shares
 
 
+def _answers_in_range(folder: Path, topics: int) -> list[float]:
+    """Per topic, the share of 32 tokens sampled (temperature 1, seeded) after a prompt from the
+    topic's range that stay in that range."""
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    g, shares = torch.Generator().manual_seed(1), []
+    for r, tokens in enumerate(topic_ranges(model.config.vocab_size, topics)):
+        ids = torch.randint(tokens.start, tokens.stop, (1, 16), generator=g)
+        torch.manual_seed(r)
+        with torch.no_grad():
+            out = model.generate(ids, max_new_tokens=32, do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
+                                 attention_mask=torch.ones_like(ids))  # fmt: skip
+        answer = out[0, ids.shape[1]:]
+        shares.append(((answer >= tokens.start) & (answer < tokens.stop)).float().mean().item())
+    return shares
+
+
 @pytest.mark.parametrize("arch", ["qwen3_moe", "mixtral"])
 def test_topics_make_each_vocabulary_range_prefer_its_expert_group(tmp_path: Path, arch: str) -> None:
     topical = init_model(arch, tmp_path / "topics", "tiny", topics=2)  # type: ignore[arg-type]
@@ -307,6 +323,9 @@ def test_topics_make_each_vocabulary_range_prefer_its_expert_group(tmp_path: Pat
     mean = [sum(layers) / len(layers) for layers in with_topics]
     assert min(mean) > 0.85, with_topics  # half the experts take most of each topic's choices
     assert max(sum(layers) / len(layers) for layers in without) < 0.75, without  # no topics: about half
+    # The answers stay on their prompt's topic (the lm_head's topic rows), and so choose its experts too.
+    assert min(_answers_in_range(topical, 2)) > 0.9
+    assert sum(plain_shares := _answers_in_range(plain, 2)) / 2 < 0.75, plain_shares  # no topics: about half
     with pytest.raises(ValueError, match="topics"):
         init_model(arch, tmp_path / "bad", "tiny", topics=1)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="topics"):
