@@ -34,6 +34,7 @@ import math
 import os
 import random
 import shlex
+import statistics
 import sys
 import tempfile
 import time
@@ -235,12 +236,8 @@ MEDIAN_KEYS = ("mean_itl_s", "mean_ttft_s", "remote_share", "disk_read_bytes", "
 
 
 def median(values: list[float]) -> float | None:
-    """The median of the values (the mean of the middle two for an even count); None if none."""
-    xs = sorted(values)
-    if not xs:
-        return None
-    mid = len(xs) // 2
-    return xs[mid] if len(xs) % 2 else (xs[mid - 1] + xs[mid]) / 2
+    """statistics.median, None for no values."""
+    return statistics.median(values) if values else None
 
 
 def combined(rounds: list[dict[str, Any]]) -> dict[str, Any]:
