@@ -49,6 +49,14 @@ from protos.sampling import sample, token_generator
 
 
 @dataclass
+class Waits:
+    """Seconds of decode steps spent waiting rather than computing (metrics; see CacheCounters)."""
+
+    peers_s: float = 0.0  # on peers only: remote experts, split attention, K/V still arriving
+    reads_s: float = 0.0  # on experts read here on demand (no agent held them), peers' runs beside
+
+
+@dataclass
 class _Run:
     """Where one decode step has got to, handed between the event loop and the compute thread
     (only one of them touches it at a time)."""
@@ -116,6 +124,8 @@ class Decoder:
         self.remote_experts = 0  # (layer, expert) runs sent to remote holders
         self.local_experts = 0  # (layer, expert) runs on experts held here
         self.split_attention = 0  # (layer, request) attentions over prompt K/V still at its sources
+        self.step_s = 0.0  # wall time of the decode steps (those counted in `steps`)
+        self.waits_s = Waits()  # of which waiting: on peers only, or on reads here (peers beside)
         self.round_trip_s = round_trip_s  # a synchronous wait on peers, as last measured
         self._one_step = asyncio.Lock()  # steps run one at a time, in the order they became ready
         self._waiting: list[asyncio.Future[None]] = []  # steps waiting for their turn (see _in_order)
@@ -195,10 +205,10 @@ class Decoder:
         """Logits [B, V] (float32) after each span's last token, the round trips it made, the
         token sampled after each span that reaches past its prompt, and the experts every token
         chose at each MoE layer ([MoE layers, T, k] int16; None for a model without them)."""
-        loop = asyncio.get_running_loop()
+        loop, began_step = asyncio.get_running_loop(), time.monotonic()
         cos, sin = self.rope.at(batch.positions)
         run = _Run(batch, cos, sin)
-        trips, called = 0, False
+        trips, called, waits = 0, False, Waits()
         while run.logits is None:
             inline = self.inline and self._went_remote and len(batch.token_ids) <= HOME_INLINE_ROWS
             if run.layer == self.cfg.num_layers:  # the last layer's remote outputs are in
@@ -206,9 +216,11 @@ class Decoder:
                 break
             if run.paused is None:
                 run.split = self._split(run)
+                began = time.monotonic()
                 waited = [await c.wait(run.layer, self.peer_timeout_s)
                           for i, c in enumerate(batch.caches) if i not in run.split]
                 trips += any(waited)
+                waits.peers_s += time.monotonic() - began if any(waited) else 0.0
             # The resident experts of the layers ahead, pinned for one job, so that it can run
             # layer after layer; unpinned before waiting on anything, so that reads the job asked
             # for (or peers' batches) can find room.
@@ -235,8 +247,12 @@ class Decoder:
             run.done = await gather(dispatch.runs)
             for i, part in await gather(dispatch.attends):
                 run.partials[i].append(part)
-            if dispatch.remote or dispatch.attends:  # the pace a split-KV choice weighs
-                self.round_trip_s = time.monotonic() - began
+            waited_s = time.monotonic() - began
+            if dispatch.reads:
+                waits.reads_s += waited_s
+            elif dispatch.remote or dispatch.attends:
+                waits.peers_s += waited_s
+                self.round_trip_s = waited_s  # the pace a split-KV choice weighs
         self._went_remote = called
         for span, cache in zip(batch.spans, batch.caches):
             cache.next = span.end
@@ -246,6 +262,9 @@ class Decoder:
             self.steps += 1
             self.tokens += decoded
             self.round_trips += trips
+            self.step_s += time.monotonic() - began_step
+            self.waits_s.peers_s += waits.peers_s
+            self.waits_s.reads_s += waits.reads_s
         assert run.logits is not None
         chosen = torch.stack(run.chosen).to(torch.int16) if run.chosen else None
         return run.logits, trips, run.tokens, chosen

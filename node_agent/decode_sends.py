@@ -49,6 +49,7 @@ class Dispatch:
     runs: list[asyncio.Future[Rows]] = field(default_factory=list)
     runs_pending: bool = False  # set on the compute thread when it hands work out (runs fill in later)
     remote: int = 0  # (expert, holder) runs sent to peers
+    reads: int = 0  # experts no other agent holds, read here on demand
     attends: list[asyncio.Future[tuple[int, Partial]]] = field(default_factory=list)  # split-KV: (span, partial)
 
 
@@ -85,6 +86,7 @@ class LayerSends:
             sub = only(ids, es)
             rows = (sub >= 0).any(dim=1).nonzero().flatten()
             if holder == self.name:
+                dispatch.reads += len(es)
                 run: Awaitable[torch.Tensor] = self._load_and_run(layer, x[rows], sub[rows], weights[rows], es)
             else:
                 dispatch.remote += len(es)

@@ -228,6 +228,8 @@ class Servicer(pb_grpc.NodeAgentServicer):
             decode_steps=core.decoder.steps, decode_tokens=core.decoder.tokens,
             decode_round_trips=core.decoder.round_trips, decode_remote_experts=core.decoder.remote_experts,
             decode_local_experts=core.decoder.local_experts, placement_reads=c.placements,
+            decode_step_s=core.decoder.step_s, decode_peer_wait_s=core.decoder.waits_s.peers_s,
+            decode_read_wait_s=core.decoder.waits_s.reads_s,
             home_prefill_tokens=core.decoder.prompt_tokens, decode_split_attention=core.decoder.split_attention,
             cpu_s=time.process_time(), paced_cpu_s=core.pacer.paced_cpu_s,
             requests=len(core.requests.live()))

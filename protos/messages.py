@@ -174,6 +174,9 @@ class CacheCounters:
     requests: int = 0  # requests it holds state for now (prefill K/V or a decode cache; a gauge)
     decode_local_experts: int = 0  # (layer, expert) runs of its decode steps on experts it held
     placement_reads: int = 0  # experts read because its placement named them
+    decode_step_s: float = 0.0  # wall time of its decode steps (those counted in decode_steps)
+    decode_peer_wait_s: float = 0.0  # of which waiting on peers only (remote experts, split attention, K/V)
+    decode_read_wait_s: float = 0.0  # of which waiting on its own on-demand disk reads (peers' runs beside)
 
 
 @dataclass(frozen=True)

@@ -34,11 +34,9 @@ import math
 import os
 import random
 import shlex
-import statistics
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -50,7 +48,9 @@ from node_agent.model.config import MoeConfig
 from node_agent.model.synth import TOPIC_VERSION, init_model, topic_ranges
 from server.bench_decode import UpCluster
 from server.bench_decode_stats import metric_samples, summed, tokens_in_chunk
-from server.bench_placement_report import markdown, ms, plot
+from server.bench_placement_report import markdown, plot
+from server.bench_placement_stats import (Request, combined_placement, combined_shift, keep, locality, progress,
+                                          summary)
 from server.bench_prefill import NO_REPLAN_S
 from server.launcher import free_ports
 
@@ -74,24 +74,6 @@ def placement_model(shape: str) -> Path:
         init_model("qwen3_moe", cache, "bench", topics=len(USERS), progress=lambda m: print("  " + m, flush=True),
                    **SHAPES[shape])  # type: ignore[arg-type]
     return cache
-
-
-@dataclass
-class Request:
-    user: str
-    topic: int
-    sent: float  # perf_counter
-    arrivals: list[float] = field(default_factory=list)  # perf_counter of each chunk with tokens
-    tokens: int = 0  # tokens received
-    error: str | None = None  # why the request failed (counted in the report, not raised)
-
-    @property
-    def ttft_s(self) -> float | None:
-        return self.arrivals[0] - self.sent if self.arrivals else None
-
-    @property
-    def itls_s(self) -> list[float]:
-        return [b - a for a, b in zip(self.arrivals, self.arrivals[1:])]
 
 
 class PlacementCluster(UpCluster):
@@ -177,7 +159,9 @@ class PlacementCluster(UpCluster):
 COUNTERS = {"local": "potluck_agent_local_expert_calls_total", "remote": "potluck_agent_remote_expert_calls_total",
             "disk_read_bytes": "potluck_agent_disk_read_bytes_total", "steps": "potluck_agent_decode_steps_total",
             "tokens": "potluck_agent_decode_tokens_total", "round_trips": "potluck_agent_decode_round_trips_total",
-            "cpu_s": "potluck_agent_cpu_seconds_total"}  # fmt: skip
+            "cpu_s": "potluck_agent_cpu_seconds_total", "step_s": "potluck_agent_decode_step_seconds_total",
+            "peer_wait_s": "potluck_agent_decode_peer_wait_seconds_total",
+            "read_wait_s": "potluck_agent_decode_read_wait_seconds_total"}  # fmt: skip
 
 
 WARM_UP_SEED = 1
@@ -209,46 +193,6 @@ async def workload(cluster: PlacementCluster, topics: dict[str, int], vocab: int
     return list(await asyncio.gather(*tasks))
 
 
-def summary(requests: list[Request], counted: dict[str, float]) -> dict[str, Any]:
-    """A phase's figures from its requests and the change of `PlacementCluster.counters`: besides
-    the latencies and the share of expert calls off their home, what a decode step was on average
-    (its tokens, its synchronous waits on peers, the bytes the agents read from disk meanwhile),
-    which says where the inter-token time went."""
-    itls = [x for r in requests for x in r.itls_s]
-    ttfts = [t for r in requests if (t := r.ttft_s) is not None]
-    local, remote, steps = counted["local"], counted["remote"], counted["steps"]
-
-    def per_step(x: float) -> float | None:
-        return x / steps if steps else None
-
-    return {"requests": len(requests), "failed": sum(r.error is not None for r in requests),
-            "errors": sorted({r.error for r in requests if r.error is not None})[:5],
-            "mean_itl_s": sum(itls) / len(itls) if itls else None,
-            "mean_ttft_s": sum(ttfts) / len(ttfts) if ttfts else None,
-            "remote_share": remote / (local + remote) if local + remote else None,
-            "disk_read_bytes": counted["disk_read_bytes"], "tokens_per_step": per_step(counted["tokens"]),
-            "round_trips_per_step": per_step(counted["round_trips"]),
-            "disk_bytes_per_step": per_step(counted["disk_read_bytes"]), "agent_cpu_s": counted["cpu_s"]}  # fmt: skip
-
-
-MEDIAN_KEYS = ("mean_itl_s", "mean_ttft_s", "remote_share", "disk_read_bytes", "tokens_per_step",
-               "round_trips_per_step", "disk_bytes_per_step", "agent_cpu_s")
-
-
-def median(values: list[float]) -> float | None:
-    """statistics.median, None for no values."""
-    return statistics.median(values) if values else None
-
-
-def combined(rounds: list[dict[str, Any]]) -> dict[str, Any]:
-    """Several rounds of one case (each a fresh cluster, the same arrivals) as one: the median of
-    each figure, the requests and failures summed, each round's inter-token time kept."""
-    out = {k: median([r[k] for r in rounds if r.get(k) is not None]) for k in MEDIAN_KEYS}
-    return {**out, "requests": sum(r["requests"] for r in rounds), "failed": sum(r.get("failed", 0) for r in rounds),
-            "errors": sorted({e for r in rounds for e in r.get("errors", [])})[:5],
-            "round_itls_s": [r["mean_itl_s"] for r in rounds]}  # fmt: skip
-
-
 # The server refreshes the agents' counters on /metrics this often (and after a request ends):
 # a phase's last scrape waits this long after its last request, so that it counts all of them.
 COUNTERS_REFRESH_S = 2.5
@@ -262,26 +206,6 @@ async def phase(cluster: PlacementCluster, topics: dict[str, int], vocab: int, a
     await asyncio.sleep(COUNTERS_REFRESH_S)
     after = await cluster.counters()
     return summary(requests, {k: after[k] - before[k] for k in COUNTERS})
-
-
-def locality(stats: dict[str, Any], homes: dict[str, str], top: int) -> dict[str, Any]:
-    """Per user: mean per-layer entropy of its home's histogram; the overlap (Jaccard) of the
-    users' top experts, averaged over layers."""
-    out: dict[str, Any] = {"entropy_bits": {}, "top_overlap": {}}
-    layers = {u: stats["homes"].get(homes[u], {}).get("layers", []) for u in USERS}
-    for u in USERS:
-        if layers[u]:
-            out["entropy_bits"][u] = sum(x["entropy_bits"] for x in layers[u]) / len(layers[u])
-    for i, a in enumerate(USERS):
-        for b in USERS[i + 1:]:
-            if layers[a] and layers[b]:
-                overlaps = []
-                for la, lb in zip(layers[a], layers[b]):
-                    ta = set(sorted(range(len(la["counts"])), key=lambda e: -la["counts"][e])[:top])
-                    tb = set(sorted(range(len(lb["counts"])), key=lambda e: -lb["counts"][e])[:top])
-                    overlaps.append(len(ta & tb) / len(ta | tb))
-                out["top_overlap"][f"{a}-{b}"] = sum(overlaps) / len(overlaps)
-    return out
 
 
 async def run_placement(model_dir: Path, workdir: Path, placement: str, memory: list[int], disk: str,
@@ -321,26 +245,6 @@ async def run_shift(model_dir: Path, workdir: Path, memory: list[int], disk: str
     return out
 
 
-def combined_placement(placement: str, rounds: list[dict[str, Any]]) -> dict[str, Any]:
-    """A policy's rounds as one case (`combined`); its C(P) the median, `loaded_s` the slowest
-    round's (None if one timed out), the locality the first round's (the same arrivals each round)."""
-    loaded = [r["loaded_s"] for r in rounds]
-    return {"placement": placement, **combined(rounds),
-            "placement_cost": median([r["placement_cost"] for r in rounds if r["placement_cost"] is not None]),
-            "migrated": all(r["migrated"] for r in rounds),
-            "loaded_s": None if None in loaded else max(loaded), "locality": rounds[0]["locality"],
-            "rounds": [{k: v for k, v in r.items() if k != "locality"} for r in rounds]}  # fmt: skip
-
-
-def combined_shift(migration: bool, rounds: list[dict[str, Any]]) -> dict[str, Any]:
-    """The shift's rounds as one run: each phase `combined` over the rounds."""
-    names = [p["phase"] for p in rounds[0]["phases"]]
-    phases = [{"phase": name, **combined([p for r in rounds for p in r["phases"] if p["phase"] == name])}
-              for name in names]  # fmt: skip
-    return {"migration": migration, "phases": phases, "replan_migrated": all(r["replan_migrated"] for r in rounds),
-            "rounds": rounds}  # fmt: skip
-
-
 def main(args: argparse.Namespace) -> int:
     placements = list(PLACEMENTS) if args.placements == "all" else args.placements.split(",")
     if unknown := [p for p in placements if p not in PLACEMENTS]:
@@ -350,6 +254,7 @@ def main(args: argparse.Namespace) -> int:
         raise SystemExit(f"potluck bench placement: unknown --shapes {unknown}; choose from {', '.join(SHAPES)}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    (out / "cases.jsonl").write_text("")  # this run's cases only
     data: dict[str, Any] = {"command": shlex.join(["potluck", *sys.argv[1:]]), "rate": args.rate, "rounds": args.rounds,
                             "phase_seconds": args.phase_seconds, "prompt_tokens": args.prompt_tokens,
                             "gen_tokens": args.gen_tokens, "shapes": []}  # fmt: skip
@@ -375,13 +280,17 @@ def main(args: argparse.Namespace) -> int:
                 for p in placements:
                     case = asyncio.run(run_placement(model_dir, Path(work), p, memory, args.placement_disk,
                                                      cfg.vocab_size, args, top=cfg.top_k * 2))
-                    print(f"  round {r + 1}, {p}: mean inter-token {ms(case['mean_itl_s'])} ms, TTFT "
-                          f"{ms(case['mean_ttft_s'])} ms, remote share {case['remote_share']}", flush=True)
+                    print(f"  round {r + 1}, {p}: {progress(case)}", flush=True)
                     cases[p].append(case)
+                    keep(out, {"shape": shape, "round": r + 1, **case})
                 for migration in () if args.no_shift else (True, False):
-                    shifts[migration].append(asyncio.run(run_shift(model_dir, Path(work), memory,
-                                                                   args.placement_disk, cfg.vocab_size, args,
-                                                                   migration)))
+                    shift = asyncio.run(run_shift(model_dir, Path(work), memory, args.placement_disk,
+                                                  cfg.vocab_size, args, migration))
+                    for ph in shift["phases"]:
+                        print(f"  round {r + 1}, shift ({'migration' if migration else 'no migration'}), "
+                              f"{ph['phase']}: {progress(ph)}", flush=True)
+                    shifts[migration].append(shift)
+                    keep(out, {"shape": shape, "round": r + 1, "shift": True, **shift})
             entry["placements"] = [combined_placement(p, runs) for p, runs in cases.items()]
             entry["shift"] = [combined_shift(m, runs) for m, runs in shifts.items() if runs]
         data["shapes"].append(entry)

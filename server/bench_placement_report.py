@@ -83,13 +83,16 @@ def markdown(data: dict[str, Any]) -> str:
                          f"{share} | {mb(c.get('disk_read_bytes'))} | {c['placement_cost']} | "
                          f"{'timed out' if loaded is None else f'{loaded:.1f} s'} |")
         lines += ["", "A decode step on average (the agents' counters over the measured phase): its tokens, its "
-                  "synchronous waits on peers, what the agents read from disk meanwhile; and the agents' CPU.", "",
-                  "| placement | tokens a step | round trips a step | read from disk a step | agents' CPU |",
-                  "|---|---|---|---|---|"]
+                  "synchronous waits on peers, what the agents read from disk meanwhile, its wall time and of that "
+                  "the waits on peers only and on the home's own reads (the rest computes or waits for the CPU); "
+                  "and the agents' CPU.", "",
+                  "| placement | tokens a step | round trips a step | read from disk a step | ms a step | "
+                  "waiting on peers | waiting on reads | agents' CPU |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
         for c in shape["placements"]:
             lines.append(f"| {c['placement']} | {num(c.get('tokens_per_step'))} | "
                          f"{num(c.get('round_trips_per_step'))} | {mb(c.get('disk_bytes_per_step'), 2)} | "
-                         f"{num(c.get('agent_cpu_s'), 0)} s |")
+                         f"{ms(c.get('step_s'))} | {ms(c.get('peer_wait_s_per_step'))} | "
+                         f"{ms(c.get('read_wait_s_per_step'))} | {num(c.get('agent_cpu_s'), 0)} s |")
         if shape["placements"]:
             loc = shape["placements"][0]["locality"]
             lines += ["", "Per-layer entropy of each user's home (bits): " + ", ".join(

@@ -152,6 +152,13 @@ _AGENT_COUNTERS = (
      "decode_remote_experts"),
     ("potluck_agent_placement_reads", "Experts the agent read because its placement named them (migrations "
      "and first placements).", "placement_reads"),
+    ("potluck_agent_decode_step_seconds", "Wall time of the agent's decode steps (those counted in "
+     "potluck_agent_decode_steps_total).", "decode_step_s"),
+    ("potluck_agent_decode_peer_wait_seconds", "Of the decode steps' time, seconds waiting on peers only: remote "
+     "experts, split attention, K/V still arriving.", "decode_peer_wait_s"),
+    ("potluck_agent_decode_read_wait_seconds", "Of the decode steps' time, seconds waiting on experts read on "
+     "demand from the agent's own disk because no agent held them (remote runs of the same layer beside).",
+     "decode_read_wait_s"),
     ("potluck_agent_decode_split_attention", "Attentions (per layer and request) of the agent's decode steps over "
      "prompt K/V still on the agents it is moving from (split-KV), where waiting for it would cost more than a "
      "round trip.", "decode_split_attention"),

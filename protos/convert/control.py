@@ -170,6 +170,8 @@ _COUNTER_NAMES = {  # CacheCounters field -> its name on the wire, where they di
     "attention_s": "attention_seconds", "compute_overrun_s": "compute_overrun_seconds",
     "early_used": "early_experts_used", "early_dropped": "early_experts_dropped",
     "direct_sent": "direct_experts_sent", "cpu_s": "cpu_seconds", "paced_cpu_s": "paced_cpu_seconds",
+    "decode_step_s": "decode_step_seconds", "decode_peer_wait_s": "decode_peer_wait_seconds",
+    "decode_read_wait_s": "decode_read_wait_seconds",
 }
 
 

@@ -90,6 +90,19 @@ async def test_decode_with_every_expert_local_makes_no_round_trip(qwen_tiny: Pat
         await cluster.generate(req)
         snap = await cluster.clients[0].snapshot()
     assert snap.decode_tokens == req.sampling.max_tokens - 1 and snap.decode_round_trips == 0
+    assert snap.decode_step_s > 0 and snap.decode_peer_wait_s == 0 and snap.decode_read_wait_s == 0
+
+
+async def test_decode_reading_experts_no_agent_holds_counts_its_waits_on_the_disk(qwen_tiny: Path) -> None:
+    """One agent with room for a third of the experts: the rest are read on demand, and the step
+    time says how much of it waited on those reads; the tokens are unchanged."""
+    req = requests(1000)[2]
+    size = expert_bytes(qwen_tiny)
+    async with local_cluster(qwen_tiny, 1, expert_memory=8 * size, disk_rate=200 * size) as cluster:
+        tokens = [e.token_id for e in await cluster.generate(req)]
+        snap = await cluster.clients[0].snapshot()
+    assert tokens == greedy_reference(qwen_tiny, list(req.prompt_token_ids), req.sampling.max_tokens)
+    assert snap.decode_peer_wait_s == 0 and 0 < snap.decode_read_wait_s < snap.decode_step_s
 
 
 async def test_pooled_memory_decode_calls_holders_at_most_once_per_layer(qwen_tiny: Path) -> None:
@@ -105,3 +118,5 @@ async def test_pooled_memory_decode_calls_holders_at_most_once_per_layer(qwen_ti
     assert steps == req.sampling.max_tokens - 1
     assert sum(s.decode_remote_experts for s in snaps) > 0  # some experts really ran on a holder
     assert sum(s.decode_round_trips for s in snaps) <= 3 * steps  # one per layer at most
+    waits = sum(s.decode_peer_wait_s + s.decode_read_wait_s for s in snaps)
+    assert sum(s.decode_peer_wait_s for s in snaps) > 0 and waits < sum(s.decode_step_s for s in snaps)

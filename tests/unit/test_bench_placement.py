@@ -3,9 +3,11 @@ expert calls off their home, the users' locality, and the report (Markdown and P
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
-from server.bench_placement import Request, combined_placement, combined_shift, locality, median, summary
+from server.bench_placement_stats import (Request, combined_placement, combined_shift, keep, locality, median, progress,
+                                          summary)
 from server.bench_placement_report import markdown, plot, recovery, targets
 
 
@@ -14,11 +16,13 @@ def test_summary_gives_mean_latencies_and_the_remote_share() -> None:
     b = Request("bob", 1, sent=0.5, arrivals=[0.7, 0.8])
     failed = Request("carol", 2, sent=0.0, error="3 of 8 tokens")
     counted = {"local": 30.0, "remote": 10.0, "disk_read_bytes": 9.4e6, "steps": 4.0, "tokens": 10.0,
-               "round_trips": 6.0, "cpu_s": 3.5}  # fmt: skip
+               "round_trips": 6.0, "cpu_s": 3.5, "step_s": 0.4, "peer_wait_s": 0.1, "read_wait_s": 0.06}  # fmt: skip
     s = summary([a, b], counted)
     assert s["requests"] == 2 and s["failed"] == 0 and abs(s["mean_itl_s"] - 0.4 / 3) < 1e-12
     assert abs(s["mean_ttft_s"] - 0.6) < 1e-12 and s["remote_share"] == 0.25 and s["disk_read_bytes"] == 9.4e6
     assert s["tokens_per_step"] == 2.5 and s["round_trips_per_step"] == 1.5 and s["disk_bytes_per_step"] == 2.35e6
+    assert s["step_s"] == 0.1 and s["peer_wait_s_per_step"] == 0.025 and s["read_wait_s_per_step"] == 0.015
+    assert "a step: 2.5 tokens, 1.5 round trips, 100.0 ms of which 25.0 on peers, 15.0 on reads" in progress(s)
     none = summary([], dict.fromkeys(counted, 0.0))
     assert none["remote_share"] is None and none["tokens_per_step"] is None and none["mean_itl_s"] is None
     assert summary([a, failed], counted)["failed"] == 1
@@ -89,6 +93,7 @@ def test_the_report_names_its_settings_and_the_plot_is_written(tmp_path: Path) -
     case = {"placement": "prism", "requests": 3, "mean_itl_s": 0.02, "mean_ttft_s": 0.3, "remote_share": 0.4,
             "placement_cost": 12.0, "migrated": True, "loaded_s": 2.5, "disk_read_bytes": 47e6,
             "tokens_per_step": 2.25, "round_trips_per_step": 7.5, "disk_bytes_per_step": 1.5e6, "agent_cpu_s": 61.2,
+            "step_s": 0.05, "peer_wait_s_per_step": 0.02, "read_wait_s_per_step": None,
             "locality": {"entropy_bits": {"alice": 1.5}, "top_overlap": {"alice-bob": 0.2}}}
     phases = [{"phase": p, "requests": 3, "failed": 0, "mean_itl_s": 0.02, "remote_share": 0.4}
               for p in ("before the shift", "shifted")]
@@ -102,7 +107,15 @@ def test_the_report_names_its_settings_and_the_plot_is_written(tmp_path: Path) -
                                                        "latency": "1ms"}}]}  # fmt: skip
     text = markdown(data)
     assert "| prism | 20.0 | 20.0 | 300.0 | 40.0% | 47 MB | 12.0 | 2.5 s |" in text and "500Mbit/s" in text
-    assert "alice 1.50" in text and "1 round(s)" in text and "| prism | 2.2 | 7.5 | 1.50 MB | 61 s |" in text
+    assert "alice 1.50" in text and "1 round(s)" in text and "| prism | 2.2 | 7.5 | 1.50 MB | 50.0 | 20.0 | n/a | 61 s |" in text
     assert "migration on" in text and "| before the shift | 20.0 | 20.0 | 40.0% | n/a |" in text
     plot(data, tmp_path / "placement.png")
     assert (tmp_path / "placement.png").stat().st_size > 10_000
+
+
+def test_each_case_is_kept_as_it_ends(tmp_path: Path) -> None:
+    keep(tmp_path, {"shape": "many", "round": 1, "placement": "prism", "mean_itl_s": 0.1})
+    keep(tmp_path, {"shape": "many", "round": 1, "placement": "eplb", "mean_itl_s": None})
+    lines = (tmp_path / "cases.jsonl").read_text().splitlines()
+    assert [json.loads(x)["placement"] for x in lines] == ["prism", "eplb"]
+    assert json.loads(lines[1])["mean_itl_s"] is None

@@ -31,7 +31,7 @@ class DeviceProfile(_message.Message):
     def __init__(self, expert_memory_bytes: _Optional[int] = ..., disk_bytes_per_s: _Optional[float] = ..., link_bytes_per_s: _Optional[float] = ..., compute_share: _Optional[float] = ..., link_latency_s: _Optional[float] = ...) -> None: ...
 
 class CacheCounters(_message.Message):
-    __slots__ = ("hits", "misses", "loads", "evictions", "bytes_read", "bytes_sent", "bytes_used", "capacity_bytes", "attention_seconds", "prefetches", "predicted_used", "used", "compute_overrun_seconds", "early_experts_used", "early_experts_dropped", "fills", "fill_preemptions", "direct_experts_sent", "decode_steps", "decode_tokens", "decode_round_trips", "decode_remote_experts", "requests", "predicted_pairs_used", "pairs_used", "home_prefill_tokens", "decode_split_attention", "cpu_seconds", "paced_cpu_seconds", "decode_local_experts", "placement_reads")
+    __slots__ = ("hits", "misses", "loads", "evictions", "bytes_read", "bytes_sent", "bytes_used", "capacity_bytes", "attention_seconds", "prefetches", "predicted_used", "used", "compute_overrun_seconds", "early_experts_used", "early_experts_dropped", "fills", "fill_preemptions", "direct_experts_sent", "decode_steps", "decode_tokens", "decode_round_trips", "decode_remote_experts", "requests", "predicted_pairs_used", "pairs_used", "home_prefill_tokens", "decode_split_attention", "cpu_seconds", "paced_cpu_seconds", "decode_local_experts", "placement_reads", "decode_step_seconds", "decode_peer_wait_seconds", "decode_read_wait_seconds")
     HITS_FIELD_NUMBER: _ClassVar[int]
     MISSES_FIELD_NUMBER: _ClassVar[int]
     LOADS_FIELD_NUMBER: _ClassVar[int]
@@ -63,6 +63,9 @@ class CacheCounters(_message.Message):
     PACED_CPU_SECONDS_FIELD_NUMBER: _ClassVar[int]
     DECODE_LOCAL_EXPERTS_FIELD_NUMBER: _ClassVar[int]
     PLACEMENT_READS_FIELD_NUMBER: _ClassVar[int]
+    DECODE_STEP_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    DECODE_PEER_WAIT_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    DECODE_READ_WAIT_SECONDS_FIELD_NUMBER: _ClassVar[int]
     hits: int
     misses: int
     loads: int
@@ -94,7 +97,10 @@ class CacheCounters(_message.Message):
     paced_cpu_seconds: float
     decode_local_experts: int
     placement_reads: int
-    def __init__(self, hits: _Optional[int] = ..., misses: _Optional[int] = ..., loads: _Optional[int] = ..., evictions: _Optional[int] = ..., bytes_read: _Optional[int] = ..., bytes_sent: _Optional[int] = ..., bytes_used: _Optional[int] = ..., capacity_bytes: _Optional[int] = ..., attention_seconds: _Optional[float] = ..., prefetches: _Optional[int] = ..., predicted_used: _Optional[int] = ..., used: _Optional[int] = ..., compute_overrun_seconds: _Optional[float] = ..., early_experts_used: _Optional[int] = ..., early_experts_dropped: _Optional[int] = ..., fills: _Optional[int] = ..., fill_preemptions: _Optional[int] = ..., direct_experts_sent: _Optional[int] = ..., decode_steps: _Optional[int] = ..., decode_tokens: _Optional[int] = ..., decode_round_trips: _Optional[int] = ..., decode_remote_experts: _Optional[int] = ..., requests: _Optional[int] = ..., predicted_pairs_used: _Optional[int] = ..., pairs_used: _Optional[int] = ..., home_prefill_tokens: _Optional[int] = ..., decode_split_attention: _Optional[int] = ..., cpu_seconds: _Optional[float] = ..., paced_cpu_seconds: _Optional[float] = ..., decode_local_experts: _Optional[int] = ..., placement_reads: _Optional[int] = ...) -> None: ...
+    decode_step_seconds: float
+    decode_peer_wait_seconds: float
+    decode_read_wait_seconds: float
+    def __init__(self, hits: _Optional[int] = ..., misses: _Optional[int] = ..., loads: _Optional[int] = ..., evictions: _Optional[int] = ..., bytes_read: _Optional[int] = ..., bytes_sent: _Optional[int] = ..., bytes_used: _Optional[int] = ..., capacity_bytes: _Optional[int] = ..., attention_seconds: _Optional[float] = ..., prefetches: _Optional[int] = ..., predicted_used: _Optional[int] = ..., used: _Optional[int] = ..., compute_overrun_seconds: _Optional[float] = ..., early_experts_used: _Optional[int] = ..., early_experts_dropped: _Optional[int] = ..., fills: _Optional[int] = ..., fill_preemptions: _Optional[int] = ..., direct_experts_sent: _Optional[int] = ..., decode_steps: _Optional[int] = ..., decode_tokens: _Optional[int] = ..., decode_round_trips: _Optional[int] = ..., decode_remote_experts: _Optional[int] = ..., requests: _Optional[int] = ..., predicted_pairs_used: _Optional[int] = ..., pairs_used: _Optional[int] = ..., home_prefill_tokens: _Optional[int] = ..., decode_split_attention: _Optional[int] = ..., cpu_seconds: _Optional[float] = ..., paced_cpu_seconds: _Optional[float] = ..., decode_local_experts: _Optional[int] = ..., placement_reads: _Optional[int] = ..., decode_step_seconds: _Optional[float] = ..., decode_peer_wait_seconds: _Optional[float] = ..., decode_read_wait_seconds: _Optional[float] = ...) -> None: ...
 
 class InfoRequest(_message.Message):
     __slots__ = ()
