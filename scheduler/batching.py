@@ -9,14 +9,16 @@
          at most `prefill_chunk` tokens, so running streams wait at most one chunk. After its
          last chunk its first token is sampled, a home agent is chosen (`choose_home`), the home
          adopts the prompt's K/V (AdoptKV), and the routing tables are refreshed
-      2. one DecodeStep per home agent, in parallel, with a span of every request homed there:
-         a decoding request's next token, or the next chunk of a prompt prefilled there (whole
-         prompts while nothing decodes, else at most `prefill_chunk` prompt tokens in the turn,
-         step 1's included). The home samples each request's tokens (after its last prompt
-         chunk, its first) with the request's parameters and generator, handed over in AdoptKV,
-         so a request draws what it would draw alone. After a request's first decode step the
-         home holds all of its K/V and the other agents release it.
-      3. the replies of the previous turn's steps: tokens to their consumers, ended requests out.
+      2. one DecodeStep to every home agent ready for one (fewer than HOME_DEPTH of its steps in
+         flight), with a span of every request homed there: a decoding request's next token, or
+         the next chunk of a prompt prefilled there (whole prompts while nothing decodes, else at
+         most `prefill_chunk` prompt tokens in the turn, step 1's included). The home samples
+         each request's tokens (after its last prompt chunk, its first) with the request's
+         parameters and generator, handed over in AdoptKV, so a request draws what it would draw
+         alone. After a request's first decode step the home holds all of its K/V and the other
+         agents release it.
+      3. if no step could be sent, the reply of the first step in flight to come back: tokens to
+         their consumers, ended requests out.
 
 An agent that fails (AgentFailed names it) is reported (`on_agent_failed`: the engine takes it
 out of the cluster at once) and every request it broke is replayed (batch_ends.py): its
@@ -25,12 +27,15 @@ on the agents up now (so nothing left of the old run can collide with it), and s
 from the next token's index (token i draws from (seed, i), protos/sampling.py). The consumer sees
 a pause, then the tokens an undisturbed run gives. With no agent left it gets the error.
 
-Steps are pipelined: a turn sends its steps before it waits for the previous turn's, and a
+Steps are pipelined: a home gets its next step while the one before is still running, and a
 request whose last token is still being sampled takes part with a span that follows it (the home
 feeds the token it sampled, once the step before is over). The home thus goes from one step to
 the next without waiting for the scheduler; the price is at most one token computed in vain
 after a stop token (never past max_tokens), and a request that ends is released once no step
-with it is in flight.
+with it is in flight. Each home keeps its own pace: the loop waits for any step, not for every
+home's, so a home that reads an expert from disk (or waits on a slow peer) holds back only its
+own requests. (Turns once waited for every home's step: with three users on three homes the
+inter-token time was the slowest home's step, about twice the mean step.)
 
 The scheduler is not in the layer loop of decode: a step is one call per home agent. Agents are
 reached through the `AgentClient`s the cluster callback hands out, so tests and the engine
@@ -42,7 +47,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-from collections import deque
+from collections import Counter, deque
 from collections.abc import AsyncGenerator, Awaitable, Callable
 
 import torch
@@ -67,6 +72,10 @@ log = logging.getLogger("potluck.scheduler")
 ReadFn = Callable[[NodeId], float]  # seconds an agent's disk would take to read every expert no agent holds
 SelectionsFn = Callable[[NodeId, torch.Tensor], None]  # a home's step: [MoE layers, T, k] experts its tokens chose
 
+# Steps in flight per home: the one it computes and the next, sent behind it so that the home
+# goes on without waiting for the scheduler (a deeper pipeline would only queue on the agent).
+HOME_DEPTH = 2
+
 
 class Batcher(BatchEnds):
     def __init__(self, cluster: ClusterFn, policy: Policy = Policy(), settings: BatchSettings = BatchSettings(),
@@ -85,7 +94,7 @@ class Batcher(BatchEnds):
         self._outbox: list[tuple[Seq, TokenEvent | BaseException | None]] = []  # to consumers, in order
         self._task: asyncio.Task[None] | None = None
         self._releases: set[asyncio.Task[None]] = set()
-        self._in_flight: list[asyncio.Future[bool]] = []  # the last turn's steps (True: a prompt got done)
+        self._in_flight: dict[asyncio.Future[bool], NodeId] = {}  # steps sent, not yet handled -> their home
         self._last_step: dict[NodeId, asyncio.Future[bool]] = {}  # each home's latest step (see _decode)
         self.calls = AgentCalls()  # every call to agents, abandoned when one is down (agent_down)
 
@@ -153,12 +162,13 @@ class Batcher(BatchEnds):
                 for seq in [*self.running, *self.waiting]:
                     self._finish(seq, exc)
                 self.waiting.clear()
-                self._in_flight = []
+                self._in_flight = {}
 
     async def step(self) -> None:
         """One turn: drop what was cancelled, admit (opening the caches of prompts prefilled on
-        their home), one sequence-parallel prefill step, one decode step per home (with its
-        requests' next tokens and prompt chunks), then the previous turn's decode replies."""
+        their home), one sequence-parallel prefill step, one decode step per home ready for one
+        (with its requests' next tokens and prompt chunks); if none was, the first decode reply
+        to come back."""
         for seq in [s for s in self.running if s.cancelled]:
             self._finish(seq, None)
         self._admit()
@@ -172,27 +182,33 @@ class Batcher(BatchEnds):
             self._flush()
             ran = await self._prefill(prefilling, chunked=any(s.home is not None for s in self.running))
             budget = None if budget is None else max(0, budget - ran)
-        homes = self._spans(budget)
-        previous, self._in_flight = self._in_flight, [self._send(name, g) for name, g in homes.items()]
-        # The last turn's tokens go to their consumers (who format and stream them) once this
+        busy = Counter(home for call, home in self._in_flight.items() if not call.done())
+        homes = self._spans(budget, frozenset(h for h, n in busy.items() if n >= HOME_DEPTH))
+        for name, group in homes.items():
+            self._in_flight[self._send(name, group)] = name
+        # Tokens already sampled go to their consumers (who format and stream them) once this
         # turn's calls are on their way: one turn of the event loop lets each call schedule its
         # send, and the consumers, woken after, run behind it, while the agents compute.
         await asyncio.sleep(0)
         self._flush()
-        if not previous and self._in_flight:  # the first turn: its replies are awaited by the next
-            return
-        prompts_done = any(await asyncio.gather(*previous))
+        if not homes and self._in_flight and not any(call.done() for call in self._in_flight):
+            await asyncio.wait(self._in_flight, return_when=asyncio.FIRST_COMPLETED)
+        done = [call for call in self._in_flight if call.done()]
+        for call in done:
+            del self._in_flight[call]
+        prompts_done = any([call.result() for call in done])  # a failed step's requests were handled in it
         self._flush()
         if prompts_done and self.on_prefilled is not None:  # as after a sequence-parallel prefill
             await self.on_prefilled()
 
-    def _spans(self, budget: int | None) -> dict[NodeId, list[tuple[Seq, DecodeSpan, int]]]:
-        """This turn's span of every request that has one, by home: its next token (the one its
-        last step is sampling, if that step is still in flight), or its prompt's next chunk within
-        `budget` prompt tokens (None: no limit)."""
+    def _spans(self, budget: int | None, busy: frozenset[NodeId] = frozenset()
+               ) -> dict[NodeId, list[tuple[Seq, DecodeSpan, int]]]:
+        """This turn's span of every request that has one, by home (none on the `busy` homes):
+        its next token (the one its last step is sampling, if that step is still in flight), or
+        its prompt's next chunk within `budget` prompt tokens (None: no limit)."""
         homes: dict[NodeId, list[tuple[Seq, DecodeSpan, int]]] = {}
         for s in self.running:
-            if s.home is None or s.cancelled or (s.at_home and not s.opened):
+            if s.home is None or s.cancelled or (s.at_home and not s.opened) or s.home.name in busy:
                 continue
             if s.generating:
                 if s.produced + s.coming >= s.request.sampling.max_tokens:

@@ -55,3 +55,16 @@ class AgentFailed(PotluckError):
 class JoinRefused(PotluckError):
     """An agent answers but is not the one the inventory names, or serves another checkpoint than
     the scheduler's: refused at join, the message giving both values and the fix."""
+
+
+def why_unable(exc: BaseException) -> str:
+    """One short line on why an agent cannot serve: its refusal, or what the transport said."""
+    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    if not isinstance(exc, AgentFailed):
+        return text
+    why = text.partition(": ")[2] or text  # "agent X (addr) failed during Info: UNAVAILABLE: ..." -> the reason
+    if why.startswith("UNAVAILABLE") and "Failed to connect to remote host: " in why:
+        return f"unreachable ({why.rpartition('Failed to connect to remote host: ')[2].strip().lower()})"
+    if why.startswith("DEADLINE_EXCEEDED"):
+        return "no answer in time (stopped, overloaded, or not a potluck agent)"
+    return why

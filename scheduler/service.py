@@ -21,7 +21,7 @@ import torch
 from protos.convert import expert_from_wire, expert_to_wire
 from protos.ids import ExpertId, model_fingerprint
 from scheduler.client import AgentClient, AgentInfo
-from scheduler.errors import AgentFailed, JoinRefused, NoAgentsAvailable, PromptTooLong, QueueFull
+from scheduler.errors import AgentFailed, JoinRefused, NoAgentsAvailable, PromptTooLong, QueueFull, why_unable
 from scheduler.fill import AgentHoldings
 from scheduler.policy import Policy
 from protos.routing import RoutingTable
@@ -208,7 +208,7 @@ class EngineService:
                     if self.on_join is not None:
                         self.on_join(client.name, self.infos[client.name])
             else:
-                problem = _problem(result)
+                problem = why_unable(result)
                 self._snapshots[client.name] = AgentSnapshot(client.name, client.spec.address, False, problem=problem,
                                                              labels=client.spec.labels)
                 self.infos.pop(client.name, None)
@@ -402,15 +402,3 @@ async def start_engine(model_dir: Path, nodes: Sequence[NodeSpec], settings: Eng
     await service.start()
     return service
 
-
-def _problem(exc: BaseException) -> str:
-    """One short line on why an agent cannot serve: its refusal, or what the transport said."""
-    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-    if not isinstance(exc, AgentFailed):
-        return text
-    why = text.partition(": ")[2] or text  # "agent X (addr) failed during Info: UNAVAILABLE: ..." -> the reason
-    if why.startswith("UNAVAILABLE") and "Failed to connect to remote host: " in why:
-        return f"unreachable ({why.rpartition('Failed to connect to remote host: ')[2].strip().lower()})"
-    if why.startswith("DEADLINE_EXCEEDED"):
-        return "no answer in time (stopped, overloaded, or not a potluck agent)"
-    return why

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import tempfile
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -100,7 +100,10 @@ class Cluster:
 
 @contextlib.asynccontextmanager
 async def local_cluster(model_dir: Path, agents: int, expert_memory: int = 0, disk_rate: float = 0,
-                        link_rate: float = 0, link_latency_s: float = 0) -> AsyncIterator[Cluster]:
+                        link_rate: float = 0, link_latency_s: float = 0,
+                        per_agent: Mapping[int, Mapping[str, Any]] | None = None) -> AsyncIterator[Cluster]:
+    """`agents` agents with these settings; `per_agent` overrides AgentSettings fields of some
+    (agent index -> fields)."""
     stops: list[asyncio.Event] = []
     tasks, specs = [], []
     certs = tempfile.TemporaryDirectory(prefix="potluck-test-certs-")
@@ -109,9 +112,10 @@ async def local_cluster(model_dir: Path, agents: int, expert_memory: int = 0, di
         for i in range(agents):
             address = f"127.0.0.1:{free_port()}"
             ready = asyncio.Event()
-            settings = enrolment.agent(f"agent{i}", address, model_dir, expert_memory_bytes=expert_memory,
-                                       disk_bytes_per_s=disk_rate, link_bytes_per_s=link_rate,
-                                       link_latency_s=link_latency_s)
+            fields = {"expert_memory_bytes": expert_memory, "disk_bytes_per_s": disk_rate,
+                      "link_bytes_per_s": link_rate, "link_latency_s": link_latency_s,
+                      **(per_agent or {}).get(i, {})}  # fmt: skip
+            settings = enrolment.agent(f"agent{i}", address, model_dir, **fields)
             stops.append(asyncio.Event())
             tasks.append(asyncio.create_task(serve(settings, ready=ready, stop=stops[-1])))
             await asyncio.wait([tasks[-1], asyncio.create_task(ready.wait())], return_when=asyncio.FIRST_COMPLETED)

@@ -5,6 +5,7 @@ home (real agents over real gRPC, a real generated checkpoint)."""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from scheduler.decode_plan import user_home
 from scheduler.service import EngineService
 from scheduler.types import GenerationRequest, SamplingParams
 from tests.integration.cluster import local_cluster
+from tests.integration.test_decode import greedy_reference
 
 PROMPT = tuple(range(3, 40))
 
@@ -46,3 +48,31 @@ async def test_a_users_requests_decode_on_its_home_with_the_same_tokens(qwen_tin
             stats = engine.activation_stats()["homes"][NodeId("agent2")]
             for layer in stats["layers"]:  # top-2 routing: two selections a token in every layer
                 assert sum(layer["counts"]) == 2 * stats["tokens"]
+
+
+async def test_each_home_decodes_at_its_own_pace(qwen_tiny: Path) -> None:
+    """Two users on two homes, one of which answers 100 ms late (its link latency): the other
+    user's request goes at its own home's pace, not the slow home's, and both get the tokens
+    they would get alone."""
+    async with local_cluster(qwen_tiny, 2, per_agent={1: {"link_latency_s": 0.1}}) as cluster:
+        cluster.specs = [dataclasses.replace(s, users=("fast",) if s.name == "agent0" else ("slow",))
+                         for s in cluster.specs]  # fmt: skip
+        sampling = SamplingParams(max_tokens=32, temperature=0.0, stop_token_ids=frozenset())
+        fast = GenerationRequest(RequestId("fast"), PROMPT, sampling, "fast")
+        slow = GenerationRequest(RequestId("slow"), PROMPT[::-1], sampling, "slow")
+        async with cluster.engine(max_running=4) as engine:
+            slow_tokens: list[int] = []
+
+            async def drain_slow() -> None:
+                async for e in await engine.submit(slow):
+                    slow_tokens.append(e.token_id)
+
+            slow_task = asyncio.ensure_future(drain_slow())
+            fast_tokens = [e.token_id async for e in await engine.submit(fast)]
+            slow_when_fast_ended = len(slow_tokens)
+            await slow_task
+    assert fast_tokens == greedy_reference(qwen_tiny, list(PROMPT), 32)
+    assert slow_tokens == greedy_reference(qwen_tiny, list(PROMPT[::-1]), 32)
+    # Held to the slow home's steps, the slow request would be within a token or two of the
+    # fast one; at its own pace (about 50 ms a token there) it is far behind.
+    assert slow_when_fast_ended <= 16, slow_when_fast_ended
