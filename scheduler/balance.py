@@ -1,0 +1,202 @@
+"""Which experts of a step run whole and which split across agents (expert tensor parallelism).
+
+An expert split m ways runs as m slices on m agents: the gate and up projections by columns and
+the down projection by rows, each slice a 1/m share of the intermediate units. Every agent reads
+only its slice's bytes, computes 1/m of the expert on the same tokens, and sends the home a
+partial output as wide as the hidden state; the home sums them. Whole experts on separate agents
+leave one agent with most of a skewed step's work (or one disk with every read); split, each
+does 1/m of it. Splitting costs a round trip and the tokens' hidden states to and from every
+agent it uses, so it pays where reads or compute outweigh the link.
+
+    the step's needs (expert, tokens, who holds what) + each agent's profile
+      -> balance(...): longest first, each expert whole on one agent or split over the m agents
+         that finish it soonest, whichever ends the step soonest (ties: fewer agents)
+      = [Run(expert, nodes)]: nodes[i] runs slice i of len(nodes) (one node: whole)
+
+The timing model is `cost_model`'s: per agent, its disk, compute and link each add up and
+overlap, plus one latency each way for an agent other than the home. Decode passes one token per
+request; prefill passes a chunk's token counts, with the same function.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+from protos.ids import ExpertId, NodeId
+from scheduler.cost_model import AgentProfile, AgentTime, CostModel
+
+SplitMode = Literal["auto", "never", "always"]
+
+
+@dataclass(frozen=True)
+class Slice:
+    """Slice `index` of an expert cut `of` ways; Slice(0, 1) is the whole expert."""
+
+    index: int
+    of: int
+
+
+WHOLE = Slice(0, 1)
+
+
+@dataclass(frozen=True)
+class Need:
+    """An expert the step needs, the tokens routed to it, and what each agent holds of it."""
+
+    expert: ExpertId
+    tokens: int
+    held: Mapping[NodeId, frozenset[Slice]] = field(default_factory=dict)
+
+    def has(self, node: NodeId, part: Slice) -> bool:
+        got = self.held.get(node, frozenset())
+        return WHOLE in got or part in got
+
+
+@dataclass(frozen=True)
+class Run:
+    """Where an expert runs: whole on nodes[0], or slice i of len(nodes) on nodes[i]."""
+
+    expert: ExpertId
+    nodes: tuple[NodeId, ...]
+
+    @property
+    def split(self) -> bool:
+        return len(self.nodes) > 1
+
+
+@dataclass(frozen=True)
+class Agent:
+    """An agent as the balance sees it: its profile, its one-way link latency, and how long its
+    disk is already busy (reads queued before this step)."""
+
+    profile: AgentProfile
+    latency_s: float = 0.0
+    disk_busy_s: float = 0.0
+
+    @property
+    def node(self) -> NodeId:
+        return self.profile.node
+
+
+class Timeline:
+    """Each agent's seconds of disk, compute and link so far in the step."""
+
+    def __init__(self, agents: Sequence[Agent], home: NodeId, model: CostModel) -> None:
+        self.agents = {a.node: a for a in agents}
+        self.home, self.model = home, model
+        self.time = {a.node: AgentTime(disk_s=a.disk_busy_s) for a in agents}
+        self.called: set[NodeId] = set()  # agents other than the home given work: a round trip each
+
+    def added(self, node: NodeId, need: Need, part: Slice) -> AgentTime:
+        """The seconds `part` of `need` adds on `node`: its read unless held, its compute, and
+        the tokens' hidden states there and back unless `node` is the home."""
+        p, m = self.agents[node].profile, self.model
+        read = 0.0 if need.has(node, part) else m.load_s(p) / part.of
+        link = 0.0 if node == self.home else 2 * m.send_s(p, need.tokens)
+        return AgentTime(read, m.compute_s(p, need.tokens) / part.of, link)
+
+    def finish_s(self, node: NodeId, extra: AgentTime | None = None) -> float:
+        t = self.time[node] if extra is None else _plus(self.time[node], extra)
+        called = node != self.home and (extra is not None or node in self.called)
+        return t.finish_s + (2 * self.agents[node].latency_s if called else 0.0)
+
+    def step_s(self) -> float:
+        return max((self.finish_s(n) for n in self.time), default=0.0)
+
+    def add(self, node: NodeId, extra: AgentTime) -> None:
+        self.time[node] = _plus(self.time[node], extra)
+        if node != self.home:
+            self.called.add(node)
+
+    def place(self, run: Run, need: Need) -> None:
+        m = len(run.nodes)
+        for i, node in enumerate(run.nodes):
+            self.add(node, self.added(node, need, Slice(i, m) if m > 1 else WHOLE))
+
+
+def _plus(a: AgentTime, b: AgentTime) -> AgentTime:
+    return AgentTime(a.disk_s + b.disk_s, a.compute_s + b.compute_s, a.link_s + b.link_s)
+
+
+def finish_s(agents: Sequence[Agent], home: NodeId, model: CostModel, needs: Sequence[Need],
+             runs: Sequence[Run]) -> float:
+    """The step's finish time under the model if the needs run as `runs` (one per need)."""
+    line = Timeline(agents, home, model)
+    by_expert = {n.expert: n for n in needs}
+    for run in runs:
+        line.place(run, by_expert[run.expert])
+    return line.step_s()
+
+
+def _options(line: Timeline, need: Need, mode: SplitMode, max_split: int) -> list[Run]:
+    """Whole on each agent; and for each m, split over the m agents whose latest-ending slice
+    ends soonest (`_slices`)."""
+    nodes = sorted(line.time)
+    out: list[Run] = []
+    if mode != "always" or len(nodes) < 2:
+        out += [Run(need.expert, (n,)) for n in nodes]
+    if mode == "never":
+        return out
+    out += [Run(need.expert, _slices(line, need, nodes, m)) for m in range(2, min(max_split, len(nodes)) + 1)]
+    return out
+
+
+def _slices(line: Timeline, need: Need, nodes: list[NodeId], m: int) -> tuple[NodeId, ...]:
+    """Slice i of m to a distinct agent each, so that the slice ending last ends soonest (a
+    bottleneck assignment: the least bound under which every slice finds its own agent, by
+    augmenting paths). An agent holding a slice ends it sooner, having nothing to read."""
+    ends = {(i, n): line.finish_s(n, line.added(n, need, Slice(i, m))) for i in range(m) for n in nodes}
+    for bound in sorted(set(ends.values())):
+        owner: dict[NodeId, int] = {}
+
+        def seat(i: int, seen: set[NodeId]) -> bool:
+            for n in sorted(nodes, key=lambda n: (ends[i, n], n)):
+                if ends[i, n] <= bound and n not in seen:
+                    seen.add(n)
+                    if n not in owner or seat(owner[n], seen):
+                        owner[n] = i
+                        return True
+            return False
+
+        if all(seat(i, set()) for i in range(m)):
+            by_slice = {i: n for n, i in owner.items()}
+            return tuple(by_slice[i] for i in range(m))
+    raise AssertionError("m <= len(nodes): the largest bound seats every slice")
+
+
+def _trial(line: Timeline, run: Run, need: Need) -> tuple[float, float, int]:
+    """(the step's finish with `run` added, the seconds it adds over its agents, its agents)."""
+    m = len(run.nodes)
+    extra = {n: line.added(n, need, Slice(i, m) if m > 1 else WHOLE) for i, n in enumerate(run.nodes)}
+    ends = [line.finish_s(n, extra.get(n)) for n in line.time]
+    spent = sum(line.finish_s(n, e) - line.finish_s(n) for n, e in extra.items())
+    return max(ends, default=0.0), spent, m
+
+
+def balance(agents: Sequence[Agent], home: NodeId, model: CostModel, needs: Sequence[Need],
+            mode: SplitMode = "auto", max_split: int | None = None) -> list[Run]:
+    """Each need's run, chosen to end the step soonest: the needs in order of their cheapest
+    whole run, longest first (as LPT scheduling), each given the option (whole on one agent, or
+    split over m agents, m up to `max_split`) that ends the step soonest so far; ties go to the
+    option that adds the fewest seconds, then to fewer agents. `never` only runs experts whole,
+    `always` only split (where there are two agents or more); `auto` weighs both, so a resident
+    expert is split only where that ends the step sooner."""
+    if not agents:
+        raise ValueError("balance needs at least one agent")
+    if mode not in ("auto", "never", "always"):
+        raise ValueError(f"split mode must be auto, never or always, got {mode!r}")
+    line = Timeline(agents, home, model)
+    widest = len(agents) if max_split is None else max(1, min(max_split, len(agents)))
+
+    def cheapest_whole(need: Need) -> float:
+        return min(line.added(a.node, need, WHOLE).finish_s for a in agents)
+
+    runs: dict[ExpertId, Run] = {}
+    for need in sorted(needs, key=lambda n: (-cheapest_whole(n), n.expert)):
+        best = min(_options(line, need, mode, widest), key=lambda r: (*_trial(line, r, need), r.nodes))
+        line.place(best, need)
+        runs[need.expert] = best
+    return [runs[n.expert] for n in needs]
+

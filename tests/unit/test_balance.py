@@ -1,0 +1,134 @@
+"""The load balance of a step (scheduler/balance.py): which experts run whole and which split
+across agents, from the timing model; held to the exact optimum on small instances."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from itertools import combinations, permutations
+
+import pytest
+
+from protos.ids import ExpertId, NodeId
+from scheduler.balance import WHOLE, Agent, Need, Run, Slice, SplitMode, balance, finish_s
+from scheduler.cost_model import AgentProfile, CostModel
+
+# The bench preset's expert (hidden 512, intermediate 768, float32): 4.7 MB, 2.4 MFLOP a token.
+MODEL = CostModel(expert_bytes=4_718_592, token_bytes=2048, flops_per_token=2.0 * 3 * 512 * 768)
+HOME = NodeId("a0")
+
+
+def agents(n: int, disk: float = 50e6, latency_s: float = 0.001, flops: float = 10e9) -> list[Agent]:
+    return [Agent(AgentProfile(NodeId(f"a{i}"), disk, 125e6, flops, None), latency_s) for i in range(n)]
+
+
+def e(i: int) -> ExpertId:
+    return ExpertId(1, i)
+
+
+def test_a_resident_expert_is_not_split_for_one_token() -> None:
+    four = agents(4)
+    assert balance(four, HOME, MODEL, [Need(e(0), 1, {HOME: frozenset({WHOLE})})]) == [Run(e(0), (HOME,))]
+    held_away = Need(e(1), 1, {NodeId("a2"): frozenset({WHOLE})})
+    assert balance(four, HOME, MODEL, [held_away]) == [Run(e(1), (NodeId("a2"),))]  # a round trip, no read
+
+
+def test_an_expert_nobody_holds_is_read_in_slices_over_every_disk() -> None:
+    four = agents(4)
+    [run] = balance(four, HOME, MODEL, [Need(e(0), 1)])
+    assert sorted(run.nodes) == [a.node for a in four]
+    whole = finish_s(four, HOME, MODEL, [Need(e(0), 1)], [Run(e(0), (HOME,))])
+    assert finish_s(four, HOME, MODEL, [Need(e(0), 1)], [run]) < whole / 3  # 94 ms read whole, a quarter split
+
+
+def test_without_a_disk_to_wait_for_one_token_stays_whole_on_the_home() -> None:
+    fast = agents(2, disk=0.0)
+    assert balance(fast, HOME, MODEL, [Need(e(0), 1)]) == [Run(e(0), (HOME,))]
+
+
+def test_a_prefill_chunk_splits_a_compute_heavy_expert() -> None:
+    """512 tokens on one agent: 120 ms of compute on the home; split four ways, a quarter each
+    beside the slices' reads and the hidden states over the link."""
+    four = agents(4)
+    need = Need(e(0), 512, {HOME: frozenset({WHOLE})})
+    [run] = balance(four, HOME, MODEL, [need])
+    assert run.split
+    assert finish_s(four, HOME, MODEL, [need], [run]) < finish_s(four, HOME, MODEL, [need], [Run(e(0), (HOME,))])
+
+
+def test_a_held_slice_is_used_where_it_is() -> None:
+    two = agents(2)
+    need = Need(e(0), 1, {HOME: frozenset({Slice(0, 2)}), NodeId("a1"): frozenset({Slice(1, 2)})})
+    assert balance(two, HOME, MODEL, [need]) == [Run(e(0), (HOME, NodeId("a1")))]
+
+
+@pytest.mark.parametrize("mode", ["never", "always"])
+def test_the_modes_force_whole_or_split(mode: SplitMode) -> None:
+    four = agents(4)
+    needs = [Need(e(i), 1, {NodeId(f"a{i}"): frozenset({WHOLE})}) for i in range(3)] + [Need(e(3), 1)]
+    runs = balance(four, HOME, MODEL, needs, mode)
+    assert [r.expert for r in runs] == [n.expert for n in needs]
+    assert all(r.split for r in runs) if mode == "always" else not any(r.split for r in runs)
+    assert not balance(agents(1), HOME, MODEL, needs, "always")[0].split  # one agent: nothing to split over
+
+
+def test_skewed_reads_spread_over_the_agents() -> None:
+    """Six experts nobody holds: whole, each on the home, the step waits for six reads one after
+    another; the balance ends it in little more than the pooled disks' time."""
+    four = agents(4)
+    needs = [Need(e(i), 1) for i in range(6)]
+    runs = balance(four, HOME, MODEL, needs)
+    pooled = 6 * MODEL.expert_bytes / (4 * 50e6)
+    assert finish_s(four, HOME, MODEL, needs, runs) < 1.15 * pooled + 0.003
+    assert finish_s(four, HOME, MODEL, needs, balance(four, HOME, MODEL, needs, "never")) > 1.3 * pooled
+
+
+def brute_force(ags: Sequence[Agent], needs: Sequence[Need], mode: SplitMode) -> float:
+    """The best finish over every assignment: each need whole on any agent, or split over any
+    two or more in any slice order, where the mode allows."""
+    nodes = [a.node for a in ags]
+    options = []
+    for need in needs:
+        opts = [] if mode == "always" and len(nodes) > 1 else [Run(need.expert, (n,)) for n in nodes]
+        if mode != "never":
+            opts += [Run(need.expert, order) for m in range(2, len(nodes) + 1)
+                     for group in combinations(nodes, m) for order in permutations(group)]  # fmt: skip
+        options.append(opts)
+    best = float("inf")
+
+    def walk(i: int, picked: list[Run]) -> None:
+        nonlocal best
+        if i == len(needs):
+            best = min(best, finish_s(ags, HOME, MODEL, needs, picked))
+            return
+        for run in options[i]:
+            walk(i + 1, [*picked, run])
+
+    walk(0, [])
+    return best
+
+
+def random_instance(rng: random.Random) -> tuple[list[Agent], list[Need]]:
+    n = rng.choice([2, 3])
+    ags = [Agent(AgentProfile(NodeId(f"a{i}"), rng.choice([0.0, 25e6, 50e6, 200e6]), rng.choice([12.5e6, 125e6]),
+                              rng.choice([2e9, 10e9]), None), rng.choice([0.0005, 0.001, 0.005]),
+                 rng.choice([0.0, 0.0, 0.02])) for i in range(n)]  # fmt: skip
+    needs = []
+    for i in range(rng.choice([1, 2, 3])):
+        held = {a.node: frozenset({rng.choice([WHOLE, Slice(0, 2), Slice(1, 2)])}) for a in ags if rng.random() < 0.4}
+        needs.append(Need(e(i), rng.choice([1, 1, 4, 128, 512]), held))
+    return ags, needs
+
+
+@pytest.mark.parametrize("mode", ["auto", "never", "always"])
+def test_balance_is_near_the_exact_optimum_on_small_instances(mode: SplitMode) -> None:
+    """Greedy against every assignment of 2-3 agents and 1-3 experts (unlike disks, links,
+    compute, latencies and backlogs; held wholes and halves; 1 to 512 tokens). Measured: 141
+    (auto), 149 (never) and 142 (always) of the 150 at the optimum, the worst 1.33x it (a
+    greedy step that reads a whole expert where splitting two would have shared the reads)."""
+    rng, ratios = random.Random(7), []
+    for _ in range(150):
+        ags, needs = random_instance(rng)
+        got = finish_s(ags, HOME, MODEL, needs, balance(ags, HOME, MODEL, needs, mode))
+        ratios.append(got / brute_force(ags, needs, mode))
+    assert sum(r < 1 + 1e-9 for r in ratios) >= 0.9 * len(ratios) and max(ratios) <= 1.35, sorted(ratios)[-5:]
