@@ -39,6 +39,7 @@ class Seq:
     cached: dict[NodeId, int] = field(default_factory=dict)  # K/V rows each agent holds
     at_home: bool = False  # its home prefills the prompt in decode steps (else sequence-parallel)
     opened: bool = False  # at_home: the home has its cache (AdoptKV)
+    opening: bool = False  # at_home: its AdoptKV is on its way
     home: AgentClient | None = None  # set once it decodes (at_home: once admitted)
     last_token: int = -1  # the last token sampled (the next span feeds it unless it is still coming)
     position: int = 0  # where its next span starts
@@ -81,4 +82,4 @@ class Seq:
         self.replayed = tuple(self.tokens)
         self.runner, self.members, self.cached, self.home = None, [], {}, None
         self.prefilled = self.steps = self.position = self.coming = 0
-        self.at_home = self.opened = self.sources_released = False
+        self.at_home = self.opened = self.opening = self.sources_released = False

@@ -49,6 +49,7 @@ import dataclasses
 import logging
 from collections import Counter, deque
 from collections.abc import AsyncGenerator, Awaitable, Callable
+from typing import Any
 
 import torch
 
@@ -96,6 +97,9 @@ class Batcher(BatchEnds):
         self._releases: set[asyncio.Task[None]] = set()
         self._in_flight: dict[asyncio.Future[bool], NodeId] = {}  # steps sent, not yet handled -> their home
         self._last_step: dict[NodeId, asyncio.Future[bool]] = {}  # each home's latest step (see _decode)
+        self._opening: set[asyncio.Future[None]] = set()  # AdoptKV of requests prefilled on their home
+        self._refreshing: asyncio.Task[None] | None = None  # on_prefilled, in the background
+        self._refresh_again = False  # a prompt got done while it ran: once more after it
         self.calls = AgentCalls()  # every call to agents, abandoned when one is down (agent_down)
 
     # The consumer's side -----------------------------------------------------------------------
@@ -137,9 +141,10 @@ class Batcher(BatchEnds):
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
-        for call in self._in_flight:
+        calls: list[asyncio.Future[Any]] = [*self._in_flight, *self._opening]
+        for call in calls:
             call.cancel()
-        await asyncio.gather(*self._in_flight, return_exceptions=True)
+        await asyncio.gather(*self._in_flight, *self._opening, return_exceptions=True)
         for seq in [*self.running, *self.waiting]:  # each stream hears the end, none hangs
             seq.in_flight = 0
             self._finish(seq, NoAgentsAvailable("the server is shutting down"))
@@ -165,16 +170,17 @@ class Batcher(BatchEnds):
                 self._in_flight = {}
 
     async def step(self) -> None:
-        """One turn: drop what was cancelled, admit (opening the caches of prompts prefilled on
-        their home), one sequence-parallel prefill step, one decode step per home ready for one
+        """One turn: drop what was cancelled, admit (and start opening the caches of prompts
+        prefilled on their home, in the background), one sequence-parallel prefill step, one decode step per home ready for one
         (with its requests' next tokens and prompt chunks); if none was, the first decode reply
         to come back."""
         for seq in [s for s in self.running if s.cancelled]:
             self._finish(seq, None)
         self._admit()
-        opening = [s for s in self.running if s.at_home and not s.opened]
-        if opening:
-            await asyncio.gather(*(self._open(s) for s in opening))
+        for s in self.running:  # in the background: no home waits for another's AdoptKV
+            if s.at_home and not s.opened and not s.opening:
+                s.opening = True
+                self._opening.add(asyncio.ensure_future(self._open(s)))
         prefilling = next((s for s in self.running if s.home is None), None)
         generating = any(s.generating for s in self.running)
         budget = self.settings.prefill_chunk if generating else None  # prompt tokens this turn
@@ -191,15 +197,19 @@ class Batcher(BatchEnds):
         # send, and the consumers, woken after, run behind it, while the agents compute.
         await asyncio.sleep(0)
         self._flush()
-        if not homes and self._in_flight and not any(call.done() for call in self._in_flight):
-            await asyncio.wait(self._in_flight, return_when=asyncio.FIRST_COMPLETED)
+        pending: list[asyncio.Future[Any]] = [*self._in_flight, *self._opening]
+        if not homes and pending and not any(call.done() for call in pending):
+            await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+        for opened in [call for call in self._opening if call.done()]:
+            self._opening.discard(opened)
+            opened.result()  # its failure was handled in _open
         done = [call for call in self._in_flight if call.done()]
         for call in done:
             del self._in_flight[call]
         prompts_done = any([call.result() for call in done])  # a failed step's requests were handled in it
         self._flush()
-        if prompts_done and self.on_prefilled is not None:  # as after a sequence-parallel prefill
-            await self.on_prefilled()
+        if prompts_done:  # as after a sequence-parallel prefill, but no home waits for it
+            self._refresh_soon()
 
     def _spans(self, budget: int | None, busy: frozenset[NodeId] = frozenset()
                ) -> dict[NodeId, list[tuple[Seq, DecodeSpan, int]]]:
@@ -271,6 +281,29 @@ class Batcher(BatchEnds):
         except Exception as exc:
             log.error("request %s failed opening its cache on %s: %s", seq.rid, home, exc)
             self._failed(seq, exc, epoch)
+        finally:
+            if seq.epoch == epoch:
+                seq.opening = False
+
+    def _refresh_soon(self) -> None:
+        """on_prefilled in the background (holdings and routing tables after a prompt prefilled
+        on its home: a stale table costs time, never tokens), once more if asked while it runs."""
+        if self.on_prefilled is None:
+            return
+        if self._refreshing is not None and not self._refreshing.done():
+            self._refresh_again = True
+            return
+        self._refreshing = self._track(asyncio.create_task(self._refresh()))
+
+    async def _refresh(self) -> None:
+        assert self.on_prefilled is not None
+        self._refresh_again = True
+        while self._refresh_again:
+            self._refresh_again = False
+            try:
+                await self.on_prefilled()
+            except Exception:  # fresher tables next time; no request depends on this one
+                log.exception("refreshing holdings and routing tables after a prefill failed")
 
     @staticmethod
     def _capacity(seq: Seq) -> int:

@@ -10,7 +10,9 @@ import dataclasses
 from pathlib import Path
 
 from protos.ids import NodeId, RequestId
+from scheduler.batching import Batcher
 from scheduler.decode_plan import user_home
+from scheduler.runner import ClusterView
 from scheduler.service import EngineService
 from scheduler.types import GenerationRequest, SamplingParams
 from tests.integration.cluster import local_cluster
@@ -76,3 +78,29 @@ async def test_each_home_decodes_at_its_own_pace(qwen_tiny: Path) -> None:
     # Held to the slow home's steps, the slow request would be within a token or two of the
     # fast one; at its own pace (about 50 ms a token there) it is far behind.
     assert slow_when_fast_ended <= 16, slow_when_fast_ended
+
+
+async def test_decode_goes_on_while_holdings_are_refreshed_after_a_prefill(qwen_tiny: Path) -> None:
+    """The refresh after a prompt prefilled on its home (holdings, fills, routing tables) runs
+    beside the loop: here it hangs until the request is done, and the request still gets every
+    token (the loop once awaited it, and with it every home's next step)."""
+    async with local_cluster(qwen_tiny, 2) as cluster:
+        view = ClusterView.from_infos([await c.info() for c in cluster.clients])
+        refreshes, release = 0, asyncio.Event()
+
+        async def hanging_refresh() -> None:
+            nonlocal refreshes
+            refreshes += 1
+            await release.wait()
+
+        batcher = Batcher(lambda: (cluster.clients, view), on_prefilled=hanging_refresh)
+        req = request("r", None)
+
+        async def collect() -> list[int]:
+            return [e.token_id async for e in batcher.generate(req)]
+
+        tokens = await asyncio.wait_for(collect(), 120)  # stalled, it would never end
+        assert refreshes == 1 and not release.is_set()
+        release.set()
+        await batcher.aclose()
+    assert tokens == greedy_reference(qwen_tiny, list(PROMPT), req.sampling.max_tokens)
