@@ -1,5 +1,6 @@
-"""The state of continuous batching: its settings, and one request in the loop (`Seq`: where its
-state lives, how far it has got, which run it is on). The loop itself is in batching.py."""
+"""The state of continuous batching: its settings, one request in the loop (`Seq`: where its
+state lives, how far it has got, which run it is on), and the span each request sends its home
+next (`next_spans`). The loop itself is in batching.py."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from dataclasses import dataclass, field
 
 from scheduler.client import AgentClient
 from scheduler.runner import RequestRunner
-from scheduler.types import GenerationRequest, NodeId, TokenEvent
+from scheduler.types import DecodeSpan, GenerationRequest, NodeId, TokenEvent
 
 
 @dataclass(frozen=True)
@@ -83,3 +84,33 @@ class Seq:
         self.runner, self.members, self.cached, self.home = None, [], {}, None
         self.prefilled = self.steps = self.position = self.coming = 0
         self.at_home = self.opened = self.opening = self.sources_released = False
+
+
+def next_spans(running: list[Seq], budget: int | None, busy: frozenset[NodeId] = frozenset()
+               ) -> dict[NodeId, list[tuple[Seq, DecodeSpan, int]]]:
+    """A turn's span of every running request that has one, by home (none on the `busy` homes):
+    its next token (the one its last step is sampling, if that step is still in flight), or
+    its prompt's next chunk within `budget` prompt tokens (None: no limit)."""
+    homes: dict[NodeId, list[tuple[Seq, DecodeSpan, int]]] = {}
+    for s in running:
+        if s.home is None or s.cancelled or (s.at_home and not s.opened) or s.home.name in busy:
+            continue
+        if s.generating:
+            if s.produced + s.coming >= s.request.sampling.max_tokens:
+                continue  # its last token is on its way
+            token_ids = () if s.coming else (s.last_token,)  # () follows the home's sample
+            span = DecodeSpan(request_id=s.rid, token_ids=token_ids, position=s.position)
+            s.coming += 1
+        else:
+            prompt = s.prompt
+            end = len(prompt) if budget is None else min(len(prompt), s.prefilled + budget)
+            if end == s.prefilled:
+                continue  # no prompt budget left this turn
+            budget = None if budget is None else budget - (end - s.prefilled)
+            span = DecodeSpan(request_id=s.rid, token_ids=prompt[s.prefilled:end], position=s.prefilled)
+            s.prefilled = end
+            s.coming += end == len(prompt)  # the home samples its first token
+        s.position = span.end
+        s.in_flight += 1
+        homes.setdefault(s.home.name, []).append((s, span, s.epoch))
+    return homes

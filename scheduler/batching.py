@@ -58,7 +58,7 @@ from protos.sampling import request_seed, sample, token_generator
 from scheduler.agent_calls import AgentCalls
 from scheduler.batch_ends import BatchEnds, ClusterFn, FailedFn
 from scheduler.batch_state import BatchSettings as BatchSettings
-from scheduler.batch_state import Seq
+from scheduler.batch_state import Seq, next_spans
 from scheduler.client import AgentClient
 from scheduler.decode_plan import choose_home, prefill_at_home, user_home
 from scheduler.errors import NoAgentsAvailable
@@ -189,7 +189,7 @@ class Batcher(BatchEnds):
             ran = await self._prefill(prefilling, chunked=any(s.home is not None for s in self.running))
             budget = None if budget is None else max(0, budget - ran)
         busy = Counter(home for call, home in self._in_flight.items() if not call.done())
-        homes = self._spans(budget, frozenset(h for h, n in busy.items() if n >= HOME_DEPTH))
+        homes = next_spans(self.running, budget, frozenset(h for h, n in busy.items() if n >= HOME_DEPTH))
         for name, group in homes.items():
             self._in_flight[self._send(name, group)] = name
         # Tokens already sampled go to their consumers (who format and stream them) once this
@@ -210,35 +210,6 @@ class Batcher(BatchEnds):
         self._flush()
         if prompts_done:  # as after a sequence-parallel prefill, but no home waits for it
             self._refresh_soon()
-
-    def _spans(self, budget: int | None, busy: frozenset[NodeId] = frozenset()
-               ) -> dict[NodeId, list[tuple[Seq, DecodeSpan, int]]]:
-        """This turn's span of every request that has one, by home (none on the `busy` homes):
-        its next token (the one its last step is sampling, if that step is still in flight), or
-        its prompt's next chunk within `budget` prompt tokens (None: no limit)."""
-        homes: dict[NodeId, list[tuple[Seq, DecodeSpan, int]]] = {}
-        for s in self.running:
-            if s.home is None or s.cancelled or (s.at_home and not s.opened) or s.home.name in busy:
-                continue
-            if s.generating:
-                if s.produced + s.coming >= s.request.sampling.max_tokens:
-                    continue  # its last token is on its way
-                token_ids = () if s.coming else (s.last_token,)  # () follows the home's sample
-                span = DecodeSpan(request_id=s.rid, token_ids=token_ids, position=s.position)
-                s.coming += 1
-            else:
-                prompt = s.prompt
-                end = len(prompt) if budget is None else min(len(prompt), s.prefilled + budget)
-                if end == s.prefilled:
-                    continue  # no prompt budget left this turn
-                budget = None if budget is None else budget - (end - s.prefilled)
-                span = DecodeSpan(request_id=s.rid, token_ids=prompt[s.prefilled:end], position=s.prefilled)
-                s.prefilled = end
-                s.coming += end == len(prompt)  # the home samples its first token
-            s.position = span.end
-            s.in_flight += 1
-            homes.setdefault(s.home.name, []).append((s, span, s.epoch))
-        return homes
 
     def _admit(self) -> None:
         while self.waiting and len(self.running) < self.settings.max_running:
