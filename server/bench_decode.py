@@ -266,6 +266,14 @@ def _progress(case: dict[str, Any]) -> dict[str, Any]:
     return case
 
 
+def versions() -> dict[str, str]:
+    """The baseline's and the compute's libraries: a report compares against transformers as
+    installed, and its decode got faster between versions."""
+    import transformers  # the baseline's own import, as TransformersDecode makes it
+
+    return {"transformers": transformers.__version__, "torch": torch.__version__}
+
+
 def _counts(text: str, flag: str) -> list[int]:
     try:
         counts = [int(x) for x in text.split(",")]
@@ -295,7 +303,7 @@ def main(args: argparse.Namespace) -> int:
     data: dict[str, Any] = {
         "command": shlex.join(["potluck", *sys.argv[1:]]), "model": str(model_dir), "moe_layers": len(moe_layers),
         "prompt_tokens": args.prompt_tokens, "gen_tokens": args.gen_tokens, "rounds": args.rounds,
-        "threads": threads, "cores": os.cpu_count(), "expert_bytes_total": expert_bytes, "lan_agents": LAN_AGENTS,
+        "threads": threads, "cores": os.cpu_count(), "versions": versions(), "expert_bytes_total": expert_bytes, "lan_agents": LAN_AGENTS,
         "lan_expert_memory": expert_bytes // LAN_AGENTS, "link": LINK, "link_latency_s": args.lan_latency,
         "max_running": most,
     }  # fmt: skip

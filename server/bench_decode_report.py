@@ -47,7 +47,9 @@ def settings(data: dict[str, Any]) -> list[str]:
         f"token ids, then {data['gen_tokens']} tokens streamed from /v1/completions (temperature 0, ignore_eos: "
         f"an end-of-sequence token does not end a stream); {rounds} "
         f"(one request each) per case after one warm-up request; {data['threads']} torch threads for transformers "
-        f"and for each agent; a {data['cores'] or 'n/a'}-core host.",
+        f"and for each agent; a {data['cores'] or 'n/a'}-core host"
+        + (f"; transformers {data['versions']['transformers']}, torch {data['versions']['torch']}."
+           if data.get("versions") else "."),
     ]
     if "compute" in cases:
         lines.append("Compute-bound: every expert resident (unlimited expert memory), no throttles; transformers "

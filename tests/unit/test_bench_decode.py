@@ -152,9 +152,10 @@ def test_report_names_its_command_and_settings_and_never_says_nan(tmp_path: Path
     cases = [case("transformers", 40.0), case("compute", 45.0), case("lan", 70.0, agents=4),
              case("streams", 70.0, 4, 1, rate=14.0), case("streams", 80.0, 4, 2, rate=25.0)]
     cases[-1]["min_tokens"], cases[-1]["stopped"] = 37, 1  # a stream that met an end-of-sequence token
-    data = {**run_data(cases), "stopped": 1}
+    data = {**run_data(cases), "stopped": 1, "versions": {"transformers": "5.25.0", "torch": "2.13.0+cpu"}}
     write_report(json.loads(json.dumps(data)), tmp_path)  # as read back from decode.json
     md = (tmp_path / "decode.md").read_text()
+    assert "a 2-core host; transformers 5.25.0, torch 2.13.0+cpu." in md
     assert md.startswith("`potluck bench decode --rounds 3`") and "nan" not in md.lower()
     assert "| LAN | 4 | 1 | 70.0 |" in md and "| n/a |" in md and "1 Gbit/s" not in md and "1Gbit/s" in md
     assert "the fewest tokens a stream received was 37 of 64 (1 ended with an end-of-sequence token" in md
