@@ -45,7 +45,7 @@ class Seq:
     last_token: int = -1  # the last token sampled (the next span feeds it unless it is still coming)
     position: int = 0  # where its next span starts
     coming: int = 0  # tokens steps in flight will sample
-    in_flight: int = 0  # steps in flight that include it
+    in_flight: int = 0  # calls in flight that include it: steps, and the AdoptKV opening its cache
     sources_released: bool = False  # the other agents dropped its prompt K/V (the home has it)
     cancelled: bool = False  # the consumer left
     ended: bool = False  # out of the loop; released once no step with it is in flight

@@ -179,7 +179,7 @@ class Batcher(BatchEnds):
         self._admit()
         for s in self.running:  # in the background: no home waits for another's AdoptKV
             if s.at_home and not s.opened and not s.opening:
-                s.opening = True
+                s.opening, s.in_flight = True, s.in_flight + 1  # released only once its cache is open
                 self._opening.add(asyncio.ensure_future(self._open(s)))
         prefilling = next((s for s in self.running if s.home is None), None)
         generating = any(s.generating for s in self.running)
@@ -253,8 +253,11 @@ class Batcher(BatchEnds):
             log.error("request %s failed opening its cache on %s: %s", seq.rid, home, exc)
             self._failed(seq, exc, epoch)
         finally:
+            seq.in_flight -= 1
             if seq.epoch == epoch:
                 seq.opening = False
+            if seq.ended:  # cancelled or failed meanwhile: its release waited for this call
+                self._release_ended(seq)
 
     def _refresh_soon(self) -> None:
         """on_prefilled in the background (holdings and routing tables after a prompt prefilled
