@@ -87,7 +87,7 @@ ARRIVAL_GRACE_S = 2.0
 DEFAULT_ROUND_TRIP_S = 0.002
 
 # A step or a peer's batch of more rows than this runs on all the agent's torch threads; fewer
-# run on the decode threads (see service.decode_threads). One bench-model expert (512 x 768) on
+# run on the decode threads (see compute_profile.decode_threads). One bench-model expert (512 x 768) on
 # this project's 2-core host: 8 rows 217 us on one thread and 198 us on two, 16 rows 342 / 271 us,
 # 64 rows 1272 / 703 us.
 FEW_ROWS = 8
@@ -110,7 +110,7 @@ class Decoder:
     def __init__(self, name: str, cfg: MoeConfig, dense: moe.DenseWeights, buffer: ExpertBuffer,
                  peers: DecodePeers, compute: Compute, peer_timeout_s: float = 120.0, threads: int | None = None,
                  data: DataClient | None = None, round_trip_s: float = DEFAULT_ROUND_TRIP_S, inline: bool = False) -> None:
-        self.threads = threads  # torch threads of a step's jobs (None: the agent's); see service.decode_threads
+        self.threads = threads  # torch threads of a step's jobs (None: the agent's); compute_profile.py
         self.name, self.cfg, self.dense, self.buffer, self.peers = name, cfg, dense, buffer, peers
         self.compute = compute
         self.peer_timeout_s = peer_timeout_s
@@ -219,8 +219,9 @@ class Decoder:
                 began = time.monotonic()
                 waited = [await c.wait(run.layer, self.peer_timeout_s)
                           for i, c in enumerate(batch.caches) if i not in run.split]
-                trips += any(waited)
-                waits.peers_s += time.monotonic() - began if any(waited) else 0.0
+                if any(waited):
+                    trips += 1
+                    waits.peers_s += time.monotonic() - began
             # The resident experts of the layers ahead, pinned for one job, so that it can run
             # layer after layer; unpinned before waiting on anything, so that reads the job asked
             # for (or peers' batches) can find room.

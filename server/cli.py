@@ -209,25 +209,12 @@ def _add_status(commands: argparse._SubParsersAction) -> None:  # type: ignore[t
 def _run_status(args: argparse.Namespace) -> int:
     import json
     import time
-    import urllib.error
-    import urllib.request
 
-    from server.status import status_table
+    from server.status import fetch_status, status_table
 
-    url = f"{args.url.rstrip('/')}/admin/status"
     key = args.api_key or os.environ.get("POTLUCK_API_KEY")
     while True:
-        request = urllib.request.Request(url, headers={"Authorization": f"Bearer {key}"} if key else {})
-        try:
-            with urllib.request.urlopen(request, timeout=10) as reply:
-                body = json.loads(reply.read())
-        except urllib.error.HTTPError as exc:
-            hint = "; give --api-key" if exc.code == 401 else ""
-            raise SetupError(f"{url} answered {exc.code} {exc.reason}{hint}") from None
-        except (urllib.error.URLError, OSError) as exc:
-            reason = getattr(exc, "reason", exc)
-            raise SetupError(f"cannot reach the server at {args.url} ({reason}); is `potluck serve` running "
-                             f"there? (--url)") from None
+        body = fetch_status(args.url, key)
         text = json.dumps(body, indent=2) if args.json else status_table(body)
         if args.watch is None:
             print(text)

@@ -1,18 +1,24 @@
 """The cluster at a glance, for admins: `GET /admin/status` (JSON) and `potluck status` (a table).
 
     cluster_status(snapshot, model, version)  -> {"model": ..., "agents": [...], "running": 2, ...}
+    fetch_status(url, api_key)                -> that JSON, as `potluck status` reads it from a server
     status_table(status)                      -> the text `potluck status` prints
 
-Both are pure: the route hands in the engine's snapshot (what the membership poller last heard
-from each agent, refreshed every couple of seconds), the command hands in the route's JSON.
+The first and the last are pure: the route hands in the engine's snapshot (what the membership
+poller last heard from each agent, refreshed every couple of seconds), the command hands in the
+route's JSON.
 """
 
 from __future__ import annotations
 
+import json
+import urllib.error
+import urllib.request
 from typing import Any
 
 from protos.human import format_size
 from scheduler.types import EngineSnapshot
+from server.setup_checks import SetupError
 
 
 def cluster_status(snapshot: EngineSnapshot | None, model: str, version: str) -> dict[str, Any]:
@@ -31,6 +37,24 @@ def cluster_status(snapshot: EngineSnapshot | None, model: str, version: str) ->
 
 
 COLUMNS = ("agent", "address", "state", "expert memory", "experts", "hit rate", "read", "sent", "requests")
+
+
+def fetch_status(server_url: str, api_key: str | None) -> dict[str, Any]:
+    """GET /admin/status of the server at `server_url`; a refusal or an unreachable server is a
+    SetupError that says what to do."""
+    url = f"{server_url.rstrip('/')}/admin/status"
+    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {api_key}"} if api_key else {})
+    try:
+        with urllib.request.urlopen(request, timeout=10) as reply:
+            body: dict[str, Any] = json.loads(reply.read())
+            return body
+    except urllib.error.HTTPError as exc:
+        hint = "; give --api-key" if exc.code == 401 else ""
+        raise SetupError(f"{url} answered {exc.code} {exc.reason}{hint}") from None
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise SetupError(f"cannot reach the server at {server_url} ({reason}); is `potluck serve` running "
+                         f"there? (--url)") from None
 
 
 def status_table(status: dict[str, Any]) -> str:
