@@ -1,5 +1,5 @@
-"""What one device's compute is like, measured or ruled at start: the FLOP/s of an expert's
-matmuls (for the scheduler's cost model) and the torch threads of a decode step."""
+"""What one device's compute is like, measured at start: the FLOP/s of an expert's matmuls (for
+the scheduler's cost model), on the thread and torch threads the agent computes with."""
 
 from __future__ import annotations
 
@@ -34,17 +34,10 @@ def measure_expert_flops(cfg: MoeConfig, dtype: torch.dtype, tokens: int = 256, 
     return 2.0 * tokens * cfg.expert_size * cfg.hidden_size / statistics.median(times) * (compute_share or 1.0)
 
 
-# A projection smaller than this runs a decode token on one thread (see decode_threads).
-SMALL_PROJECTION_BYTES = 16 << 20
-
-
-def decode_threads(cfg: MoeConfig, dtype: torch.dtype, threads: int) -> int:
-    """How many torch threads a decode step's jobs use. A decode token's matmuls are
-    matrix-vector products; with small experts, splitting each over threads costs more than it
-    gains: on this project's 2-core CPU with the bench model (1.5 MB projections), an in-process
-    decode step took 12.4 ms on one thread and 15.1 ms on two (4 requests batched: 17.7 against
-    28.1 ms). Qwen3-30B-A3B's projections are 3 MB in bfloat16; Mixtral's, 117 MB, need every
-    core. A micro-benchmark of one expert alone could not tell the two apart, so this is a rule
-    by size rather than a measurement at start."""
-    one = cfg.expert_size * cfg.hidden_size * torch.empty((), dtype=dtype).element_size()
-    return 1 if one < SMALL_PROJECTION_BYTES else threads
+def set_thread_torch_threads(n: int) -> None:
+    """Give the calling thread n torch threads, for good (a thread pool's initializer). torch
+    sets a thread's count on the thread's first parallel op, from whatever `set_num_threads`
+    any thread called last; that first op is done here, so a later call elsewhere (the disk
+    thread's 1) does not reset this thread's count."""
+    torch.get_num_threads()
+    torch.set_num_threads(n)

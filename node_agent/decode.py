@@ -25,9 +25,8 @@ through the agent's compute thread, as in prefill.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -86,12 +85,6 @@ ARRIVAL_GRACE_S = 2.0
 # sides' software (the split-KV choice weighs it against K/V still on its way).
 DEFAULT_ROUND_TRIP_S = 0.002
 
-# A step or a peer's batch of more rows than this runs on all the agent's torch threads; fewer
-# run on the decode threads (see compute_profile.decode_threads). One bench-model expert (512 x 768) on
-# this project's 2-core host: 8 rows 217 us on one thread and 198 us on two, 16 rows 342 / 271 us,
-# 64 rows 1272 / 703 us.
-FEW_ROWS = 8
-
 # An unpaced home whose last step called peers runs a step of this many tokens on its event loop,
 # a layer per turn of the loop, rather than as compute jobs: a job per remote layer cost two
 # thread hops (as on the holders, executor.INLINE_ROWS), 2-3 ms a token on the emulated LAN. Its
@@ -108,9 +101,8 @@ class Decoder:
     """Runs decode steps for the requests homed on this agent."""
 
     def __init__(self, name: str, cfg: MoeConfig, dense: moe.DenseWeights, buffer: ExpertBuffer,
-                 peers: DecodePeers, compute: Compute, peer_timeout_s: float = 120.0, threads: int | None = None,
+                 peers: DecodePeers, compute: Compute, peer_timeout_s: float = 120.0,
                  data: DataClient | None = None, round_trip_s: float = DEFAULT_ROUND_TRIP_S, inline: bool = False) -> None:
-        self.threads = threads  # torch threads of a step's jobs (None: the agent's); compute_profile.py
         self.name, self.cfg, self.dense, self.buffer, self.peers = name, cfg, dense, buffer, peers
         self.compute = compute
         self.peer_timeout_s = peer_timeout_s
@@ -275,8 +267,7 @@ class Decoder:
         loop (their outputs are needed before the next layer), or the next layer's prompt K/V is
         not in yet; and the logits if it gets through the last layer with nothing handed out.
         With every expert resident here, a whole step is one job."""
-        with _torch_threads(self._threads(len(run.batch.token_ids))):
-            self._layers_from(loop, dispatch, run)
+        self._layers_from(loop, dispatch, run)
 
     def _split(self, run: _Run) -> frozenset[int]:
         """The decode tokens that attend at `run.layer` over prompt K/V still at its sources:
@@ -348,16 +339,14 @@ class Decoder:
 
     def mix(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, experts: Mapping[int, moe.ExpertWeights]
             ) -> torch.Tensor | None:
-        """`slots.mix_experts` on a decode batch a peer sent, with a decode step's torch threads."""
-        with _torch_threads(self._threads(x.shape[0])):
-            return slots.mix_experts(x, ids, weights, experts)
+        """`slots.mix_experts` on a decode batch a peer sent."""
+        return slots.mix_experts(x, ids, weights, experts)
 
     def _logits(self, run: _Run) -> torch.Tensor:
         """Logits [B, V] of each span's last token."""
         assert run.h is not None
         h, run.done = slots.with_rows(run.h, run.done), []
-        with _torch_threads(self.threads):
-            logits = moe.final_logits(self.dense, self.cfg, h[run.batch.last_rows])
+        logits = moe.final_logits(self.dense, self.cfg, h[run.batch.last_rows])
         tokens: list[TokenEvent | None] = []
         for row, span, cache in zip(logits, run.batch.spans, run.batch.caches):
             token = None
@@ -373,24 +362,6 @@ class Decoder:
         """A job run on the event loop (see HOME_INLINE_ROWS), as the compute thread would run it."""
         with torch.inference_mode():
             return fn(*args)
-
-    def _threads(self, rows: int) -> int | None:
-        """Torch threads of a job over `rows` tokens (None: the agent's own)."""
-        return self.threads if rows <= FEW_ROWS else None
-
-
-@contextlib.contextmanager
-def _torch_threads(n: int | None) -> Iterator[None]:
-    """Run the block with n torch threads (on the calling thread), then go back."""
-    before = torch.get_num_threads()
-    if n is None or n == before:
-        yield
-        return
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 R = TypeVar("R")

@@ -17,7 +17,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from node_agent.compute_profile import decode_threads, measure_expert_flops
+from node_agent.compute_profile import measure_expert_flops, set_thread_torch_threads
 from node_agent.dataplane import DataClient, DataServer
 from node_agent.cache_policy import LayerCyclicPolicy, LRUPolicy
 from node_agent.dispatch import LayerPlan
@@ -279,14 +279,21 @@ class Servicer(pb_grpc.NodeAgentServicer):
 
 async def serve(settings: AgentSettings, ready: asyncio.Event | None = None, stop: asyncio.Event | None = None) -> None:
     """Load the dense weights, serve until `stop` is set (or forever)."""
-    torch.set_num_threads(settings.torch_threads)
+    # Only the compute thread (AgentCore) runs torch on several threads. OpenMP keeps a team of
+    # threads for each thread that enters a parallel region, and with more team threads than
+    # cores its idle threads sleep at once rather than spin: a second team (this event loop's
+    # thread, or the disk thread) made every matmul of the compute thread wake a sleeping
+    # thread. A 2-thread bench-model decode step took 11 ms with a 2-thread matmul on the loop's
+    # thread between steps, 4.3 ms alone, 5.2 ms with that matmul on 1 thread; an agent's step
+    # went from 23 ms (16 ms on 1 thread) to 10.4 ms.
+    set_thread_torch_threads(1)
     dtype = getattr(torch, settings.dtype)
     cfg = MoeConfig.load(settings.model_dir)
     ckpt = Checkpoint(settings.model_dir)
     log.info("agent %s: loading dense weights of %s from %s", settings.node_name, cfg.model_type, settings.model_dir)
     dense = load_dense(ckpt, cfg, dtype, progress=lambda m: log.info("agent %s: %s", settings.node_name, m))
     store = ExpertStore(ckpt, cfg, dtype, Throttle(settings.disk_bytes_per_s))
-    disk = ThreadPoolExecutor(1, thread_name_prefix="disk")
+    disk = ThreadPoolExecutor(1, thread_name_prefix="disk", initializer=set_thread_torch_threads, initargs=(1,))
     try:
         policy = LRUPolicy[ExpertId]() if settings.eviction == "lru" else LayerCyclicPolicy(cfg.num_layers)
         buffer = ExpertBuffer(settings.expert_memory_bytes, store.expert_nbytes, store.load, disk, policy)
@@ -298,12 +305,9 @@ async def serve(settings: AgentSettings, ready: asyncio.Event | None = None, sto
                     settings.listen)
     link = Link(settings.link_bytes_per_s, settings.link_latency_s)
     peers = GrpcPeers(settings.node_name, link, creds)
-    threads = decode_threads(cfg, dtype, settings.torch_threads)
-    log.info("agent %s: decode steps use %d of its %d torch threads", settings.node_name, threads,
-             settings.torch_threads)
     data = DataClient(link, creds=creds)
     core = AgentCore(settings.node_name, cfg, dense, buffer, peers, pacer=ComputePacer(settings.compute_share),
-                     decode_threads=threads, data=data, limits=settings.limits)
+                     data=data, limits=settings.limits, torch_threads=settings.torch_threads)
     # The gate comes first (a refused caller or message gets no work and no emulated latency); the
     # latency wraps the handlers inside the error mapping: a failed call is answered without it
     # (errors are not the traffic being emulated).
@@ -312,8 +316,8 @@ async def serve(settings: AgentSettings, ready: asyncio.Event | None = None, sto
     gate = GateInterceptor(secure=creds is not None, max_control_bytes=control_message_bytes(settings.limits))
     server = grpc.aio.server(interceptors=[gate, ErrorInterceptor(), LatencyInterceptor(link)],
                              options=[*SERVER_OPTIONS, ("grpc.so_reuseport", 0)])
-    servicer = Servicer(core, settings, link, store, model_fingerprint(settings.model_dir),
-                        measure_expert_flops(cfg, dtype, compute_share=settings.compute_share))
+    flops = await core.unpaced(measure_expert_flops, cfg, dtype, 256, settings.compute_share)
+    servicer = Servicer(core, settings, link, store, model_fingerprint(settings.model_dir), flops)
     data_server = DataServer(settings.node_name, servicer.run_batch, link, creds=creds)
     pb_grpc.add_NodeAgentServicer_to_server(servicer, server)
     health_servicer = health.aio.HealthServicer()

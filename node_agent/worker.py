@@ -17,6 +17,7 @@ from typing import Protocol, TypeVar
 import torch
 
 from node_agent.attention import KVPeers, PeerAttention
+from node_agent.compute_profile import set_thread_torch_threads
 from node_agent.dataplane import DataClient
 from node_agent.decode import DecodePeers, Decoder
 from node_agent.dispatch import LayerPlan, only, rows_with, split_by_executor
@@ -53,19 +54,21 @@ class AgentCore:
         peers: PeerTransport,
         peer_timeout_s: float = 120.0,
         pacer: ComputePacer | None = None,
-        decode_threads: int | None = None,
         data: DataClient | None = None,
         limits: AgentLimits = AgentLimits(),
+        torch_threads: int = 1,
     ) -> None:
         self.name, self.cfg, self.dense, self.buffer, self.peers = name, cfg, dense, buffer, peers
         self.limits = limits
         self.pacer = pacer or ComputePacer(0)
-        self._compute = ThreadPoolExecutor(1, thread_name_prefix="compute")
+        # The compute thread alone runs torch on `torch_threads` threads; see service.serve.
+        self._compute = ThreadPoolExecutor(1, thread_name_prefix="compute", initializer=set_thread_torch_threads,
+                                           initargs=(torch_threads,))
         self._unpinning: set[asyncio.Future[None]] = set()  # early runs' releases of their experts
         self._queued = QueuedJobs()
         self.passes = GroupedPasses(self.pacer, self._compute, self._queued.any)
         self.attention = PeerAttention(name, cfg, dense, peers, self.compute, peer_timeout_s)
-        self.decoder = Decoder(name, cfg, dense, buffer, peers, self.compute, peer_timeout_s, decode_threads, data,
+        self.decoder = Decoder(name, cfg, dense, buffer, peers, self.compute, peer_timeout_s, data,
                                inline=self.pacer.share == 0)
         self.requests = RequestTable(name, limits, self.decoder.kv.caches)
         self.executor = ExpertExecutor(cfg, buffer, self.passes, self.compute, self.decoder.mix,
@@ -93,6 +96,10 @@ class AgentCore:
         finally:
             if job.cancelled():  # never began
                 self._queued.add(-1)
+
+    async def unpaced(self, fn: Callable[..., R], *args: object) -> R:
+        """Run fn on the compute thread, outside the pacer (start-up measurements)."""
+        return await asyncio.wrap_future(self._compute.submit(fn, *args))
 
     async def expire(self, now: float | None = None) -> list[str]:
         """Release every request no message touched for the limits' time to live (its server
