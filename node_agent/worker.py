@@ -68,11 +68,12 @@ class AgentCore:
         self._queued = QueuedJobs()
         self.passes = GroupedPasses(self.pacer, self._compute, self._queued.any)
         self.attention = PeerAttention(name, cfg, dense, peers, self.compute, peer_timeout_s)
-        self.decoder = Decoder(name, cfg, dense, buffer, peers, self.compute, peer_timeout_s, data,
-                               inline=self.pacer.share == 0)
+        # A few decode rows may run on the event loop (saving two thread hops), whose torch has one
+        # thread (service.serve): only where the compute thread has no more, and is not paced.
+        inline = self.pacer.share == 0 and torch_threads == 1
+        self.decoder = Decoder(name, cfg, dense, buffer, peers, self.compute, peer_timeout_s, data, inline=inline)
         self.requests = RequestTable(name, limits, self.decoder.kv.caches)
-        self.executor = ExpertExecutor(cfg, buffer, self.passes, self.compute, self.decoder.mix,
-                                      inline=self.pacer.share == 0)
+        self.executor = ExpertExecutor(cfg, buffer, self.passes, self.compute, self.decoder.mix, inline=inline)
         self.holdings = Holdings(name, cfg, dense.embed.dtype, buffer, peers)  # fills, placement, peers' fetches
         self.early_used = 0  # experts run early on my own tokens whose share the plan confirmed
         self.early_dropped = 0  # experts run early that the plan overruled (it sent those slots elsewhere)

@@ -22,8 +22,10 @@ the same rounds (the same prompts). Cases:
   by round between the 1-agent cluster's requests, once that cluster has settled, so the two
   never compute at the same time.
 - lan: 4 agents, link `1Gbit/s` with `--lan-latency` one way, expert memory 25% of all expert
-  bytes each (the pool holds the model once). Its bound is the 1-agent compute-bound median plus
-  one round trip (twice the latency) per MoE layer. Round trips per token come from the agents'
+  bytes each (the pool holds the model once), each with `--lan-threads` torch threads (default:
+  its fair share of the host's cores, so that the four never oversubscribe it). Its bound is the
+  1-agent compute-bound median on as many threads (a case of its own where that is not
+  `--threads`) plus one round trip (twice the latency) per MoE layer. Round trips per token come from the agents'
   decode counters on /metrics, summed over agents, around the timed requests. The server
   refreshes those every 2 s and shortly after a request ends, so the bench scrapes until they
   have settled: before, until they stop changing; after, until they count the tokens the bench
@@ -62,7 +64,7 @@ from server.bench_decode_report import label, text_table, write_report
 from server.bench_decode_stats import (Arrival, DecodeCounters, StreamTiming, activity, counters_settled,
                                        decoded_tokens, round_trips_per_token, summarize, tokens_in_chunk)  # fmt: skip
 from server.bench_prefill import NO_REPLAN_S, prompts_for, wait_healthy
-from server.launcher import die_with_parent, free_ports, stop_process
+from server.launcher import die_with_parent, free_ports, stop_process, threads_per_agent
 
 CASES = ("compute", "lan", "streams")
 LAN_AGENTS = 4
@@ -79,7 +81,8 @@ class DecodeRun:
 
     model_dir: Path
     workdir: Path  # the clusters' inventories
-    threads: int  # torch intra-op threads of transformers and of each agent
+    threads: int  # torch intra-op threads of transformers and of each compute-bound agent
+    lan_threads: int  # torch threads of each LAN agent (a fair share of the host's cores)
     gen_tokens: int  # max_tokens of every request
     warmup: list[int]  # the warm-up prompt, token ids
     prompts: list[list[int]]  # one timed prompt per round
@@ -113,12 +116,13 @@ class DecodeCluster(UpCluster):
     """`potluck up --inventory` for the decode cases."""
 
     def __init__(self, run: DecodeRun, agents: int, memory: int = 0, link: str | None = None,
-                 latency_s: float = 0.0, max_running: int = 1) -> None:
+                 latency_s: float = 0.0, max_running: int = 1, threads: int | None = None) -> None:
         self.port, *ports = free_ports(agents + 1)
         nodes = []
         for i, port in enumerate(ports):
             node: dict[str, object] = {"name": f"agent{i}", "address": f"127.0.0.1:{port}",
-                                       "expert_memory": memory or "unlimited", "torch_threads": run.threads}
+                                       "expert_memory": memory or "unlimited",
+                                       "torch_threads": threads or run.threads}
             if link:
                 node["link_bandwidth"] = link
             if latency_s:
@@ -241,11 +245,23 @@ async def run_compute(run: DecodeRun, counts: list[int], reference: Transformers
     return [_progress(summarize("transformers", 1, 1, theirs)), *out]
 
 
+async def run_lan_reference(run: DecodeRun) -> dict[str, Any]:
+    """One agent as the compute-bound case, on a LAN agent's threads: the LAN bound's compute."""
+    async with DecodeCluster(run, 1, threads=run.lan_threads) as cluster:
+        await cluster.stream(run.warmup, run.gen_tokens)
+        before, rounds = await cluster.settled_counters(), []
+        for prompt in run.prompts:
+            await cluster.settle()
+            rounds.append([await cluster.stream(prompt, run.gen_tokens)])
+        trips = round_trips_per_token(before, await cluster.settled_counters(before, decoded_tokens(rounds)))
+    return _progress(summarize("lan-compute", 1, 1, rounds, trips))
+
+
 async def run_lan(run: DecodeRun, cases: list[str], stream_counts: list[int]) -> list[dict[str, Any]]:
     """The LAN cluster: one stream at a time, then each number of concurrent streams."""
     out = []
     async with DecodeCluster(run, LAN_AGENTS, run.lan_memory, LINK, run.lan_latency_s,
-                             max(stream_counts, default=1)) as cluster:  # fmt: skip
+                             max(stream_counts, default=1), run.lan_threads) as cluster:  # fmt: skip
         await cluster.stream(run.warmup, run.gen_tokens)
         plan = ([("lan", 1)] if "lan" in cases else []) + [("streams", k) for k in stream_counts if "streams" in cases]
         for case, k in plan:
@@ -297,13 +313,17 @@ def main(args: argparse.Namespace) -> int:
     expert_bytes = sum(ckpt.nbytes(cfg.expert_tensor_names(layer, e)) for layer in moe_layers
                        for e in range(cfg.num_experts))  # fmt: skip
     threads = args.threads or 2
+    # Four agents on this host share its cores: each gets its fair share, as `potluck up` gives
+    # it, so that the LAN case never measures oversubscription (ARCHITECTURE: one torch thread each
+    # on a 2-core host); its bound is one agent's compute on as many threads.
+    lan_threads = args.lan_threads or threads_per_agent(LAN_AGENTS, os.cpu_count() or 1)
     most = max(stream_counts) if "streams" in cases else 1
     # Seeded: every case (and a rerun) decodes the same prompts.
     prompts = prompts_for(args.prompt_tokens, cfg.vocab_size, 1 + args.rounds * (1 + most), seed=args.prompt_tokens)
     data: dict[str, Any] = {
         "command": shlex.join(["potluck", *sys.argv[1:]]), "model": str(model_dir), "moe_layers": len(moe_layers),
         "prompt_tokens": args.prompt_tokens, "gen_tokens": args.gen_tokens, "rounds": args.rounds,
-        "threads": threads, "cores": os.cpu_count(), "versions": versions(), "expert_bytes_total": expert_bytes, "lan_agents": LAN_AGENTS,
+        "threads": threads, "lan_threads": lan_threads, "cores": os.cpu_count(), "versions": versions(), "expert_bytes_total": expert_bytes, "lan_agents": LAN_AGENTS,
         "lan_expert_memory": expert_bytes // LAN_AGENTS, "link": LINK, "link_latency_s": args.lan_latency,
         "max_running": most,
     }  # fmt: skip
@@ -311,7 +331,7 @@ def main(args: argparse.Namespace) -> int:
           f"cases {', '.join(cases)}, model {model_dir}", flush=True)
     with tempfile.TemporaryDirectory(prefix="potluck-bench-decode-") as work:
         run = DecodeRun(
-            model_dir=model_dir, workdir=Path(work), threads=threads, gen_tokens=args.gen_tokens, warmup=prompts[0],
+            model_dir=model_dir, workdir=Path(work), threads=threads, lan_threads=lan_threads, gen_tokens=args.gen_tokens, warmup=prompts[0],
             prompts=prompts[1:1 + args.rounds],
             stream_prompts=[prompts[1 + args.rounds + r * most:1 + args.rounds + (r + 1) * most]
                             for r in range(args.rounds)],
@@ -332,6 +352,8 @@ async def _run_cases(run: DecodeRun, cases: list[str], agent_counts: list[int],
     results = []
     if "compute" in cases:
         results += await run_compute(run, agent_counts, TransformersDecode(run.model_dir, run.threads))
+    if "lan" in cases and not (run.lan_threads == run.threads and "compute" in cases and 1 in agent_counts):
+        results.append(await run_lan_reference(run))
     if "lan" in cases or "streams" in cases:
         results += await run_lan(run, cases, stream_counts)
     return results

@@ -19,9 +19,14 @@ def label(case: dict[str, Any]) -> str:
     return {
         "transformers": "transformers, KV cache (1 process)",
         "compute": f"compute-bound, {case['agents']} agent{'s' if case['agents'] > 1 else ''}",
+        "lan-compute": "compute-bound, 1 agent, a LAN agent's threads",
         "lan": "LAN",
         "streams": f"LAN, {case['streams']} stream{'s' if case['streams'] > 1 else ''}",
     }[case["case"]]
+
+
+def _threads(n: int) -> str:
+    return f"{n} torch thread{'s' if n > 1 else ''}"
 
 
 def _ms(seconds: float | None) -> str:
@@ -46,8 +51,8 @@ def settings(data: dict[str, Any]) -> list[str]:
         f"Model {data['model']} ({data['moe_layers']} MoE layers); a {data['prompt_tokens']}-token prompt of random "
         f"token ids, then {data['gen_tokens']} tokens streamed from /v1/completions (temperature 0, ignore_eos: "
         f"an end-of-sequence token does not end a stream); {rounds} "
-        f"(one request each) per case after one warm-up request; {data['threads']} torch threads for transformers "
-        f"and for each agent; a {data['cores'] or 'n/a'}-core host"
+        f"(one request each) per case after one warm-up request; {_threads(data['threads'])} for transformers "
+        f"and for each compute-bound agent; a {data['cores'] or 'n/a'}-core host"
         + (f"; transformers {data['versions']['transformers']}, torch {data['versions']['torch']}."
            if data.get("versions") else "."),
     ]
@@ -56,11 +61,13 @@ def settings(data: dict[str, Any]) -> list[str]:
                      "decodes in the bench's process between the 1-agent cluster's requests.")
     if cases & {"lan", "streams"}:
         lines.append(
-            f"LAN: {data['lan_agents']} agents, link {data['link']}, latency {latency * 1e3:g} ms one way, expert "
+            f"LAN: {data['lan_agents']} agents of {_threads(data.get('lan_threads', data['threads']))} each, link "
+            f"{data['link']}, latency {latency * 1e3:g} ms one way, expert "
             f"memory {data['lan_expert_memory'] / 1e6:.0f} MB each ({100 / data['lan_agents']:.0f}% of "
             f"{data['expert_bytes_total'] / 1e6:.0f} MB of experts), --max-running {data['max_running']}.")
     if "lan" in cases:
-        lines.append(f"LAN bound: 1-agent compute per token + {data['moe_layers']} MoE layers x one round trip "
+        lines.append(f"LAN bound: 1-agent compute per token on a LAN agent's threads + {data['moe_layers']} MoE "
+                     f"layers x one round trip "
                      f"({2 * latency * 1e3:g} ms) = {_ms(lan_bound_s(data))} ms.")
     lines.append("Round trips per token = (decode round trips + decode steps) / decode tokens of the agents' "
                  "counters (/metrics), scraped once settled before and after the timed requests; n/a where the "

@@ -207,9 +207,9 @@ def find(cases: Sequence[dict[str, Any]], case: str, agents: int | None = None,
 
 
 def lan_bound_s(data: dict[str, Any]) -> float | None:
-    """One agent's compute per token (the 1-agent compute-bound median) + one round trip (twice
-    the one-way latency) per MoE layer."""
-    one = find(data["cases"], "compute", 1)
+    """One agent's compute per token (the 1-agent compute-bound median, on a LAN agent's threads)
+    + one round trip (twice the one-way latency) per MoE layer."""
+    one = find(data["cases"], "lan-compute", 1) or find(data["cases"], "compute", 1)
     if one is None or one["median_itl_s"] is None:
         return None
     return float(one["median_itl_s"]) + data["moe_layers"] * 2 * data["link_latency_s"]

@@ -115,6 +115,9 @@ def add_bench(commands: argparse._SubParsersAction) -> None:  # type: ignore[typ
     p.add_argument("--no-shift", action="store_true", help="placement: skip the workload shift")
     p.add_argument("--lan-latency", type=duration, default="1ms", metavar="DURATION",
                    help="decode: one-way link latency of the LAN agents, e.g. 1ms; 0 = none (default 1ms)")  # fmt: skip
+    p.add_argument("--lan-threads", type=int, default=0, metavar="N",
+                   help="decode: torch threads of each LAN agent; default: its fair share of the host's cores, "
+                        "as potluck up gives (the LAN bound's 1-agent compute runs on as many)")  # fmt: skip
     p.set_defaults(run=run_bench, log_level="WARNING")  # its own progress lines, not every HTTP request
 
 

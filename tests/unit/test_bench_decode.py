@@ -149,7 +149,7 @@ def test_targets_can_be_met_missed_or_not_measurable() -> None:
 
 
 def test_report_names_its_command_and_settings_and_never_says_nan(tmp_path: Path) -> None:
-    cases = [case("transformers", 40.0), case("compute", 45.0), case("lan", 70.0, agents=4),
+    cases = [case("transformers", 40.0), case("compute", 45.0), case("lan-compute", 50.0), case("lan", 70.0, agents=4),
              case("streams", 70.0, 4, 1, rate=14.0), case("streams", 80.0, 4, 2, rate=25.0)]
     cases[-1]["min_tokens"], cases[-1]["stopped"] = 37, 1  # a stream that met an end-of-sequence token
     data = {**run_data(cases), "stopped": 1, "versions": {"transformers": "5.25.0", "torch": "2.13.0+cpu"}}
@@ -161,7 +161,10 @@ def test_report_names_its_command_and_settings_and_never_says_nan(tmp_path: Path
     assert "the fewest tokens a stream received was 37 of 64 (1 ended with an end-of-sequence token" in md
     assert "ignore_eos: an end-of-sequence token does not end a stream" in md
     assert "| 1 agent <= 1.0x transformers | 1.12x | missed |" in md
-    assert "LAN bound: 1-agent compute per token + 8 MoE layers x one round trip (2 ms) = 61.0 ms." in md
+    # The bound's compute is one agent on a LAN agent's threads, where the run measured it apart.
+    assert ("LAN bound: 1-agent compute per token on a LAN agent's threads + 8 MoE layers x one round trip "
+            "(2 ms) = 66.0 ms.") in md
+    assert "| compute-bound, 1 agent, a LAN agent's threads | 1 | 1 | 50.0 |" in md
     assert (tmp_path / "decode.png").stat().st_size > 0
     table = text_table(data)
     assert "compute-bound, 1 agent" in table and "missed" in table and "nan" not in table
