@@ -6,7 +6,9 @@ from collections import OrderedDict
 from collections.abc import Iterable, Set
 from typing import Generic, Protocol, TypeVar
 
-from protos.ids import ExpertId
+from protos.ids import ExpertId, SliceId
+
+Layered = ExpertId | SliceId  # what LayerCyclicPolicy orders: anything of a layer
 
 K = TypeVar("K")
 
@@ -61,24 +63,24 @@ class LayerCyclicPolicy:
             raise ValueError(f"num_layers must be >= 1, got {num_layers}")
         self.num_layers = num_layers
         self.current = 0  # the layer being worked on
-        self._lru: LRUPolicy[ExpertId] = LRUPolicy()
+        self._lru: LRUPolicy[Layered] = LRUPolicy()
 
-    def on_insert(self, key: ExpertId, ahead: bool = False) -> None:
+    def on_insert(self, key: Layered, ahead: bool = False) -> None:
         if not ahead:
             self.current = key.layer
         self._lru.on_insert(key)
 
-    def on_access(self, key: ExpertId) -> None:
+    def on_access(self, key: Layered) -> None:
         self.current = key.layer
         self._lru.on_access(key)
 
-    def on_remove(self, key: ExpertId) -> None:
+    def on_remove(self, key: Layered) -> None:
         self._lru.on_remove(key)
 
-    def next_use(self, key: ExpertId) -> int:
+    def next_use(self, key: Layered) -> int:
         """Layers until the key's layer is read again (0: the next layer)."""
         return (key.layer - self.current - 1) % self.num_layers
 
-    def victims(self, candidates: Set[ExpertId]) -> Iterable[ExpertId]:
+    def victims(self, candidates: Set[Layered]) -> Iterable[Layered]:
         order = list(self._lru.victims(candidates))  # LRU first within a layer
         return sorted(order, key=lambda k: -self.next_use(k))  # stable: keeps LRU order on ties

@@ -241,17 +241,18 @@ class DataClient:
             conn.pending.clear()
 
     def run_experts(self, holder: str, address: str, layer: int, x: torch.Tensor, ids: torch.Tensor,
-                    weights: torch.Tensor) -> Awaitable[torch.Tensor]:
+                    weights: torch.Tensor, part: int = 0, of: int = 1) -> Awaitable[torch.Tensor]:
         """The weighted experts [n, D] of `holder` (its data plane at `address`) on a decode step's
         rows x [n, D] (ids [n, k] with -1 in the slots it does not run); PeerFailed naming it. The
         call leaves now: its latency counts from here, though the awaitable runs later (a job on
-        the event loop hands its experts over, then runs the local ones before it yields)."""
-        return self._call(holder, address, layer, x, ids, weights, time.monotonic())
+        the event loop hands its experts over, then runs the local ones before it yields). With
+        `of` >= 2, slice `part` of `of` of each expert (a partial sum)."""
+        return self._call(holder, address, ExpertBatch(request_id="decode", layer=layer, hidden=x, expert_ids=ids,
+                                                       weights=weights, decode=True, part=part, of=of),
+                          time.monotonic())
 
-    async def _call(self, holder: str, address: str, layer: int, x: torch.Tensor, ids: torch.Tensor,
-                    weights: torch.Tensor, left: float) -> torch.Tensor:
-        batch = expert_batch_to_proto(ExpertBatch(request_id="decode", layer=layer, hidden=x, expert_ids=ids,
-                                                  weights=weights, decode=True))
+    async def _call(self, holder: str, address: str, message: ExpertBatch, left: float) -> torch.Tensor:
+        batch = expert_batch_to_proto(message)
         try:
             conn = await self._connection(holder, address)
             call = next(self._calls)

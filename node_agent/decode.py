@@ -36,6 +36,7 @@ from node_agent.attention import Compute
 from node_agent.dataplane import DataClient
 from node_agent.decode_attention import Partial, attend_spans, merge_split
 from node_agent.decode_batch import DecodeBatch, decode_batch
+from node_agent.decode_prefetch import HomePrefetch
 from node_agent.decode_sends import DecodePeers, Dispatch, LayerSends, Rows, gather, hand_over
 from node_agent.expert_buffer import ExpertBuffer, LayerPins
 from node_agent.kv_cache import HomeCaches, attend_where_it_is
@@ -116,6 +117,8 @@ class Decoder:
         self.remote_experts = 0  # (layer, expert) runs sent to remote holders
         self.local_experts = 0  # (layer, expert) runs on experts held here
         self.split_attention = 0  # (layer, request) attentions over prompt K/V still at its sources
+        self.split_experts = 0  # (layer, expert) runs split into slices over the agents (decode_sends)
+        self.prefetch = HomePrefetch(buffer, [i for i in range(cfg.num_layers) if cfg.is_moe(i)], cfg.num_experts)
         self.step_s = 0.0  # wall time of the decode steps (those counted in `steps`)
         self.waits_s = Waits()  # of which waiting: on peers only, or on reads here (peers beside)
         self.round_trip_s = round_trip_s  # a synchronous wait on peers, as last measured
@@ -128,6 +131,7 @@ class Decoder:
     def set_table(self, table: RoutingTable) -> None:
         if table.version >= self.sends.table.version:  # a late, older table never replaces a newer one
             self.sends.table = table
+            self.prefetch.enabled = table.decode_prefetch
 
     # One step -------------------------------------------------------------------------------
 
@@ -233,6 +237,7 @@ class Decoder:
             if dispatch.remote or dispatch.attends:
                 trips, called = trips + 1, True
                 self.remote_experts += dispatch.remote
+                self.split_experts += dispatch.split
                 self.split_attention += len(dispatch.attends)
             if inline and not dispatch.runs and not dispatch.attends:
                 await asyncio.sleep(0)  # let waiting messages in between two layers run on the loop
@@ -259,6 +264,8 @@ class Decoder:
             self.waits_s.peers_s += waits.peers_s
             self.waits_s.reads_s += waits.reads_s
         assert run.logits is not None
+        if run.chosen:
+            self._prefetch_counts(batch, run.chosen)
         chosen = torch.stack(run.chosen).to(torch.int16) if run.chosen else None
         return run.logits, trips, run.tokens, chosen
 
@@ -357,6 +364,18 @@ class Decoder:
             tokens.append(token)
         run.tokens = tuple(tokens)
         return logits
+
+    def _prefetch_counts(self, batch: DecodeBatch, chosen: list[torch.Tensor]) -> None:
+        """Each span's selections to the decode prefetch: a prompt's rows are counted, and its
+        plan read once its last span is in; a decode token's are hits or misses."""
+        for span, cache, start in zip(batch.spans, batch.caches, batch.starts):
+            prompt_rows = max(0, min(span.end, cache.prompt) - span.position)
+            if prompt_rows:
+                self.prefetch.prompt(span.request_id, [c[start:start + prompt_rows] for c in chosen])
+                if span.end >= cache.prompt:
+                    self.prefetch.prompt_done(span.request_id)
+            elif span.token_ids:
+                self.prefetch.decoded(span.request_id, [c[start:start + len(span.token_ids)] for c in chosen])
 
     def _inline(self, fn: Callable[..., R], *args: object) -> R:
         """A job run on the event loop (see HOME_INLINE_ROWS), as the compute thread would run it."""

@@ -15,8 +15,12 @@ holder); a prefetch only moves the read ahead.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Collection, Mapping, Sequence
 
+import torch
+
+from node_agent.expert_buffer import ExpertBuffer
 from protos.ids import ExpertId
 
 
@@ -53,3 +57,82 @@ def counts_of(selections: Sequence[Sequence[Sequence[int]]], layers: Sequence[in
                 if e >= 0:
                     by[e] = by.get(e, 0) + 1
     return out
+
+
+class HomePrefetch:
+    """The home's side of the plan: counts the selections of each prompt it prefills itself (in
+    its decode steps' spans), reads the plan's experts as the prompt's last span ends (PREFETCH
+    priority: after demand reads, before fills; never evicting what the placement keeps), and
+    counts, for the request's decode tokens, hits (a selection of an expert the prefetch read)
+    against misses (a selection of one the home did not hold when the plan was made, nor read).
+    A prompt prefilled sequence-parallel elsewhere has no counts here and no prefetch."""
+
+    def __init__(self, buffer: ExpertBuffer, moe_layers: Sequence[int], num_experts: int) -> None:
+        self.buffer, self.layers, self.num_experts = buffer, list(moe_layers), num_experts
+        self.enabled = True  # the routing table's `decode_prefetch` (--no-decode-prefetch)
+        self._counts: dict[str, dict[int, dict[int, int]]] = {}  # request -> layer -> expert -> selections
+        self._planned: dict[str, tuple[frozenset[ExpertId], frozenset[ExpertId]]] = {}  # request -> (read, held)
+        self._reads: set[asyncio.Task[bool]] = set()
+        self.read = 0  # experts the plans queued
+        self.hits = 0  # decode selections of an expert its request's prefetch read
+        self.misses = 0  # decode selections of one neither held when planned nor read
+
+    def prompt(self, request_id: str, chosen: Sequence[torch.Tensor]) -> None:
+        """Count a prompt span's selections (per MoE layer, [n, k] of its prompt rows)."""
+        if not self.enabled:
+            return
+        counts = self._counts.setdefault(request_id, {})
+        for layer, ids in zip(self.layers, chosen):
+            by = counts.setdefault(layer, {})
+            for e, c in enumerate(torch.bincount(ids[ids >= 0].flatten().long()).tolist()):
+                if c:
+                    by[e] = by.get(e, 0) + c
+
+    def counted(self, request_id: str, flat: Sequence[int]) -> None:
+        """A prompt prefilled elsewhere (sequence-parallel): its selections per (MoE layer,
+        expert), flat in layer order, as the scheduler summed them; the plan is read now.
+        ValueError for a list that is not MoE layers x experts, or has a negative count."""
+        if not self.enabled:
+            return
+        E = self.num_experts
+        if len(flat) != E * len(self.layers) or min(flat) < 0:
+            raise ValueError(f"prompt_counts: expected {len(self.layers)} MoE layers x {E} experts of non-negative "
+                             f"counts, got {len(flat)} values")
+        self._counts[request_id] = {layer: {e: c for e, c in enumerate(flat[i * E:(i + 1) * E]) if c}
+                                    for i, layer in enumerate(self.layers)}  # fmt: skip
+        self.prompt_done(request_id)
+
+    def prompt_done(self, request_id: str) -> None:
+        """The prompt is in: read the plan's experts into free memory (the part of the memory
+        the placement does not keep, less one slot for demand reads)."""
+        counts = self._counts.pop(request_id, None)
+        if not self.enabled or counts is None:
+            return
+        held = frozenset(self.buffer.all_resident()) | frozenset(self.buffer.all_loading())
+        slots = self.buffer.slots
+        free = sum(len(c) for c in counts.values()) if slots is None else slots - len(self.buffer.placed) - 1
+        chosen = plan(counts, held, free)
+        self._planned[request_id] = (frozenset(chosen), held)
+        self.read += len(chosen)
+        for eid in chosen:
+            task = asyncio.get_running_loop().create_task(self.buffer.prefetch(eid))
+            self._reads.add(task)
+            task.add_done_callback(self._reads.discard)
+
+    def decoded(self, request_id: str, chosen: Sequence[torch.Tensor]) -> None:
+        """Count a decode token's selections (per MoE layer, [1, k]) as hits or misses."""
+        planned = self._planned.get(request_id)
+        if planned is None:
+            return
+        read, held = planned
+        for layer, ids in zip(self.layers, chosen):
+            for e in ids.flatten().tolist():
+                eid = ExpertId(layer, e)
+                if eid in read:
+                    self.hits += 1
+                elif e >= 0 and eid not in held:
+                    self.misses += 1
+
+    def release(self, request_id: str) -> None:
+        self._counts.pop(request_id, None)
+        self._planned.pop(request_id, None)

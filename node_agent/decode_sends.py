@@ -1,7 +1,9 @@
 """Where a decode layer's work goes when its home lacks it: the experts it does not hold, to the
 holders the routing table names (on the data plane where they publish one, else gRPC), or read
-on the home when no other agent holds them; and a split-KV span's query, to the agents still
-holding its prompt's K/V.
+on the home when no other agent holds them, or split over every agent (`RoutingTable.expert_split`:
+slice i of m on the i-th agent by name, the home's own slice here; each reads only its slice's
+bytes, and the home adds up the partial outputs); and a split-KV span's query, to the agents
+still holding its prompt's K/V.
 
     Decoder job (compute thread or event loop) --hand_over--> LayerSends.experts / .attention
         -> Dispatch.runs / .attends (futures) -> the step gathers them before the next layer
@@ -26,6 +28,10 @@ from node_agent.state import KVShard
 from protos.ids import ExpertId, NodeId
 from protos.routing import RoutingTable
 
+# The home's own slices of a split layer: (layer, x, ids, weights, part, of) -> partial sum
+# (ExpertExecutor.execute_slices).
+RunSlices = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor, int, int], Awaitable[torch.Tensor]]
+
 Rows = tuple[torch.Tensor, torch.Tensor]  # (token rows [m], their expert output [m, D]) to add to h
 T = TypeVar("T")
 
@@ -34,7 +40,8 @@ class DecodePeers(Protocol):
     """Expert and K/V calls to the peer `name` at `address` (its name goes into any error)."""
 
     async def run_experts(self, name: str, address: str, request_id: str, layer: int, x: torch.Tensor,
-                          ids: torch.Tensor, weights: torch.Tensor, decode: bool = False) -> torch.Tensor: ...
+                          ids: torch.Tensor, weights: torch.Tensor, decode: bool = False, part: int = 0,
+                          of: int = 1) -> torch.Tensor: ...
     async def fetch_kv(self, name: str, address: str, request_id: str, layer: int) -> KVShard: ...  # see HomeCaches
     async def attend(self, name: str, address: str, request_id: str, layer: int, q: torch.Tensor
                      ) -> tuple[torch.Tensor, torch.Tensor]: ...
@@ -48,8 +55,9 @@ class Dispatch:
     inline: bool = False  # the job runs one layer on the event loop itself: hand work over by a direct call
     runs: list[asyncio.Future[Rows]] = field(default_factory=list)
     runs_pending: bool = False  # set on the compute thread when it hands work out (runs fill in later)
-    remote: int = 0  # (expert, holder) runs sent to peers
-    reads: int = 0  # experts no other agent holds, read here on demand
+    remote: int = 0  # (expert, holder) runs sent to peers, slices included
+    reads: int = 0  # experts no other agent holds, read here on demand (a split counts as remote)
+    split: int = 0  # experts run in slices over the agents
     attends: list[asyncio.Future[tuple[int, Partial]]] = field(default_factory=list)  # split-KV: (span, partial)
 
 
@@ -61,6 +69,7 @@ class LayerSends:
         self.name, self.buffer, self.peers, self.compute = name, buffer, peers, compute
         self.data = data  # the decode data plane to holders that publish one (else their gRPC RunExperts)
         self.table = RoutingTable()
+        self.run_slices: RunSlices | None = None  # set by the agent once its executor exists
 
     def attention(self, dispatch: Dispatch, span: int, layer: int, q: torch.Tensor, request_id: str,
                   sources: Sequence[tuple[str, str]]) -> None:
@@ -72,16 +81,23 @@ class LayerSends:
     def experts(self, dispatch: Dispatch, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
                 experts: Sequence[int]) -> None:
         """On the event loop: the layer's experts not resident here, each to a holder in the
-        routing table (one batch per holder), or read here if no other agent holds it. An expert
+        routing table (one batch per holder), or read here if no other agent holds it, or split
+        over every agent as the table's `expert_split` says (`_split`). An expert
         run remotely is also read into free memory here (never evicting), so a home with room
         ends up running its requests' experts itself."""
         by_holder: dict[str, list[int]] = {}
+        group, split = self._split_group(), []
         for e in experts:
             eid = ExpertId(layer, e)
             remote = self.table.remote_holder(eid, self.name)
+            if group and (remote is None or self.table.expert_split == "always"):
+                split.append(e)
+                continue
             if remote is not None:
                 self.buffer.fill(eid)
             by_holder.setdefault(remote or self.name, []).append(e)
+        if split:
+            self._split(dispatch, group, layer, x, ids, weights, split)
         for holder, es in by_holder.items():
             sub = only(ids, es)
             rows = (sub >= 0).any(dim=1).nonzero().flatten()
@@ -97,6 +113,37 @@ class LayerSends:
                     address = self.table.addresses[NodeId(holder)]
                     run = self.peers.run_experts(holder, address, "decode", layer, x[rows], sub[rows], weights[rows],
                                                  decode=True)
+            dispatch.runs.append(asyncio.ensure_future(rows_with(rows, run)))
+
+    def _split_group(self) -> list[NodeId]:
+        """The agents a split runs on, slice i on the i-th (by name); none where the table says
+        never, or no other agent is known."""
+        if self.table.expert_split == "never" or self.run_slices is None:
+            return []
+        group = sorted(self.table.addresses.keys() | {NodeId(self.name)})
+        return group if len(group) > 1 else []
+
+    def _split(self, dispatch: Dispatch, group: Sequence[NodeId], layer: int, x: torch.Tensor, ids: torch.Tensor,
+               weights: torch.Tensor, experts: Sequence[int]) -> None:
+        """Slice i of every expert in `experts` on group[i], one batch per agent (the home's own
+        here); each result is a partial sum over the tokens' rows, added to h like any other."""
+        assert self.run_slices is not None
+        sub = only(ids, experts)
+        rows = (sub >= 0).any(dim=1).nonzero().flatten()
+        xs, ids_, ws, of = x[rows], sub[rows], weights[rows], len(group)
+        dispatch.split += len(experts)
+        for part, node in enumerate(group):
+            run: Awaitable[torch.Tensor]
+            if node == self.name:
+                run = self.run_slices(layer, xs, ids_, ws, part, of)
+            else:
+                dispatch.remote += len(experts)
+                data_address = self.table.data_addresses.get(node)
+                if self.data is not None and data_address:
+                    run = self.data.run_experts(node, data_address, layer, xs, ids_, ws, part, of)
+                else:
+                    run = self.peers.run_experts(node, self.table.addresses[node], "decode", layer, xs, ids_, ws,
+                                                 decode=True, part=part, of=of)
             dispatch.runs.append(asyncio.ensure_future(rows_with(rows, run)))
 
     async def _load_and_run(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,

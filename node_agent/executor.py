@@ -15,7 +15,7 @@ from node_agent.grouped import GroupedPasses
 from node_agent.model import slots
 from node_agent.model.config import MoeConfig
 from node_agent.model.moe import ExpertWeights
-from protos.ids import ExpertId
+from protos.ids import ExpertId, SliceId
 
 # A decode batch's experts on the decode step's torch threads (Decoder.mix).
 Mix = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, Mapping[int, ExpertWeights]], torch.Tensor | None]
@@ -35,10 +35,14 @@ class ExpertExecutor:
                  inline: bool = False) -> None:
         self.cfg, self.buffer, self.passes, self.compute, self.mix = cfg, buffer, passes, compute, mix
         self.inline = inline  # decode batches of at most INLINE_ROWS rows run on the event loop
+        self.slice_runs = 0  # (layer, expert) slices run (execute_slices)
 
-    def check_batch(self, layer: int, ids: torch.Tensor) -> None:
-        """Refuse a peer's expert batch that names a layer without routed experts or an expert the
-        model lacks (my own router's batches need no check)."""
+    def check_batch(self, layer: int, ids: torch.Tensor, part: int = 0, of: int = 1) -> None:
+        """Refuse a peer's expert batch that names a layer without routed experts, an expert the
+        model lacks or a slice no expert has (my own router's batches need no check)."""
+        if of > 1 and not (of <= self.cfg.expert_size and 0 <= part < of):
+            raise ValueError(f"slice {part} of {of}: an expert of {self.cfg.expert_size} units has slices 0..of-1, "
+                             f"of at most {self.cfg.expert_size}")
         if not self.cfg.has_experts(layer):
             raise ValueError(f"layer {layer} has no routed experts")
         named = set(ids.flatten().tolist())  # a handful of distinct ints: cheaper than min/max ops
@@ -82,4 +86,30 @@ class ExpertExecutor:
             for e in now:
                 await self.buffer.release(e)
         await asyncio.gather(*tasks)
+        return out
+
+    async def execute_slices(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, part: int,
+                             of: int) -> torch.Tensor:
+        """Slice `part` of `of` of each expert named in ids, on x (a partial sum: the caller adds
+        the other slices' outputs). A whole expert in memory gives its slice as a view; else the
+        slice is taken from memory or read (only its bytes), each run as soon as it is in."""
+        out = torch.zeros_like(x)
+
+        async def one(e: int) -> None:
+            piece = SliceId(ExpertId(layer, e), part, of)
+            try:  # pinned without yielding, so it cannot go between the check and the pin
+                whole = self.buffer.acquire_resident(piece.expert)
+            except KeyError:
+                async with self.buffer.pinned(piece) as w:
+                    await self.compute(slots.add_experts, out, x, ids, weights, {e: w})
+                return
+            try:
+                await self.compute(slots.add_experts, out, x, ids, weights,
+                                   {e: whole.units(*piece.units(self.cfg.expert_size))})
+            finally:
+                await self.buffer.release(piece.expert)
+
+        named = [e for e in sorted(set(ids.flatten().tolist())) if e >= 0]
+        self.slice_runs += len(named)
+        await asyncio.gather(*(one(e) for e in named))
         return out

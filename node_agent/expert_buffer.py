@@ -12,6 +12,11 @@ scheduler's choice of what this agent keeps) are never evicted; those not reside
 demand and prefetch reads, each taking the room of an unplaced expert nobody uses (the rest of
 the memory stays a cache). The disk reads one expert at a time: demand loads, prefetches,
 placement reads, fills. Runs on the agent's event loop; only reads happen in the disk thread.
+
+Besides whole experts it holds slices (`SliceId`, an expert's share under expert tensor
+parallelism), each taking its own bytes of the same budget, read and evicted like a whole expert
+(a cache only: never placed, filled or prefetched). `resident`, `loading` and `pin_layer` name
+whole experts; `resident_slices` names the slices.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ from dataclasses import dataclass, field
 
 from node_agent.cache_policy import EvictionPolicy, LRUPolicy
 from node_agent.model.moe import ExpertWeights
-from protos.ids import ExpertId
+from protos.ids import ExpertId, SliceId
 
 log = logging.getLogger("potluck.agent")
 
@@ -47,15 +52,18 @@ class ReadPreempted(Exception):
     """A fill's read stopped between chunks because a more urgent read is waiting."""
 
 
-# Reads an expert; calls the given check before every chunk (the check raises ReadPreempted to
-# stop a read that must give the disk up). Runs in the disk thread.
-LoadFn = Callable[[ExpertId, Callable[[], None]], ExpertWeights]
+Key = ExpertId | SliceId  # what the buffer holds: a whole expert, or a slice of one
+
+# Reads an expert or a slice; calls the given check before every chunk (the check raises
+# ReadPreempted to stop a read that must give the disk up). Runs in the disk thread.
+LoadFn = Callable[[Key, Callable[[], None]], ExpertWeights]
 # Gets a placed expert from a peer's memory instead (`place`); on the event loop.
 FetchFn = Callable[[ExpertId], Awaitable[ExpertWeights]]
 
 
 @dataclass
 class _Entry:
+    nbytes: int  # what it takes of the budget
     pins: int = 0  # users computing with it (or waiting for its load)
     weights: ExpertWeights | None = None  # None while loading
     started: bool = False  # its read has begun
@@ -93,20 +101,23 @@ class ExpertBuffer:
         expert_nbytes: int,
         load: LoadFn,
         disk_executor: Executor,
-        policy: EvictionPolicy[ExpertId] | None = None,
+        policy: EvictionPolicy[Key] | None = None,
+        intermediate: int = 0,
     ) -> None:
         if capacity_bytes and capacity_bytes < expert_nbytes:
             raise BufferTooSmall(f"expert memory {capacity_bytes} bytes cannot hold one expert ({expert_nbytes} bytes)")
         self.capacity = capacity_bytes  # 0 = unlimited
         self.expert_nbytes = expert_nbytes
+        self.intermediate = intermediate  # an expert's intermediate units (sizes its slices)
         self._load = load
         self._disk = disk_executor
-        self.policy: EvictionPolicy[ExpertId] = policy or LRUPolicy()
-        self._entries: dict[ExpertId, _Entry] = {}
+        self.policy: EvictionPolicy[Key] = policy or LRUPolicy()
+        self._entries: dict[Key, _Entry] = {}
+        self._used = 0  # bytes of the entries
         self._resident: dict[int, dict[int, _Entry]] = {}  # layer -> index -> entry, resident only
         self._space = asyncio.Condition()
         self._room_waiters = 0  # demand reads waiting for a pin to be released
-        self._queue: list[tuple[int, int, ExpertId, _Entry]] = []  # heap of (priority, seq, expert, entry)
+        self._queue: list[tuple[int, int, Key, _Entry]] = []  # heap of (priority, seq, expert, entry)
         self._seq = itertools.count()
         self._reader: asyncio.Task[None] | None = None
         self._urgent = threading.Event()  # a demand or prefetch read is queued (read by the disk thread)
@@ -118,12 +129,34 @@ class ExpertBuffer:
     @property
     def bytes_used(self) -> int:
         """Resident plus reserved for loads in flight."""
-        return len(self._entries) * self.expert_nbytes
+        return self._used
 
     @property
     def slots_taken(self) -> int:
-        """Experts resident or reserved for a read in flight."""
-        return len(self._entries)
+        """Experts resident or reserved for a read in flight (slices count by their bytes)."""
+        return -(-self._used // self.expert_nbytes)
+
+    def nbytes(self, key: Key) -> int:
+        """What `key` takes of the budget."""
+        if isinstance(key, ExpertId):
+            return self.expert_nbytes
+        if not self.intermediate:
+            raise ValueError("this buffer holds whole experts only (it was not told their intermediate size)")
+        start, stop = key.units(self.intermediate)
+        return self.expert_nbytes * (stop - start) // self.intermediate
+
+    def _add(self, key: Key, entry: _Entry) -> None:
+        self._entries[key] = entry
+        self._used += entry.nbytes
+
+    def _drop(self, key: Key) -> None:
+        entry = self._entries.pop(key)
+        self._used -= entry.nbytes
+        if isinstance(key, ExpertId):
+            self._resident.get(key.layer, {}).pop(key.index, None)
+
+    def _fits(self, key: Key) -> bool:
+        return not self.capacity or self.bytes_used + self.nbytes(key) <= self.capacity
 
     @property
     def waiting_for_room(self) -> int:
@@ -134,13 +167,17 @@ class ExpertBuffer:
         return sorted(self._resident.get(layer, ()))
 
     def loading(self, layer: int) -> list[int]:
-        return sorted(e.index for e, v in self._entries.items() if e.layer == layer and v.weights is None)
+        return sorted(e.index for e, v in self._entries.items()
+                      if isinstance(e, ExpertId) and e.layer == layer and v.weights is None)  # fmt: skip
 
     def all_resident(self) -> list[ExpertId]:
-        return sorted(e for e, v in self._entries.items() if v.weights is not None)
+        return sorted(e for e, v in self._entries.items() if isinstance(e, ExpertId) and v.weights is not None)
 
     def all_loading(self) -> list[ExpertId]:
-        return sorted(e for e, v in self._entries.items() if v.weights is None)
+        return sorted(e for e, v in self._entries.items() if isinstance(e, ExpertId) and v.weights is None)
+
+    def resident_slices(self) -> list[SliceId]:
+        return sorted(e for e, v in self._entries.items() if isinstance(e, SliceId) and v.weights is not None)
 
     def protect(self, experts: Iterable[ExpertId]) -> None:
         """Experts the current plan needs here: evicted last, never for a prefetch."""
@@ -187,7 +224,7 @@ class ExpertBuffer:
                 failed.add(missing[0])
 
     @contextlib.asynccontextmanager
-    async def pinned(self, eid: ExpertId) -> AsyncIterator[ExpertWeights]:
+    async def pinned(self, eid: Key) -> AsyncIterator[ExpertWeights]:
         """Hold an expert in memory for the duration of the block, loading it if needed."""
         weights = await self.acquire(eid)
         try:
@@ -195,7 +232,7 @@ class ExpertBuffer:
         finally:
             await self.release(eid)
 
-    async def acquire(self, eid: ExpertId) -> ExpertWeights:
+    async def acquire(self, eid: Key) -> ExpertWeights:
         entry = self._entries.get(eid)
         queued = False  # whether this call queued the read (a miss)
         if entry is None:
@@ -251,7 +288,7 @@ class ExpertBuffer:
             async with self._space:
                 self._space.notify_all()
 
-    async def release(self, eid: ExpertId) -> None:
+    async def release(self, eid: Key) -> None:
         entry = self._entries.get(eid)
         if entry is not None:
             await self._unpin(entry)
@@ -285,10 +322,10 @@ class ExpertBuffer:
         Returns whether it is resident or on its way (False: no free room)."""
         if eid in self._entries:
             return True
-        if self.capacity and self.bytes_used + self.expert_nbytes > self.capacity:
+        if not self._fits(eid):
             return False
-        entry = _Entry(priority=FILL)
-        self._entries[eid] = entry
+        entry = _Entry(self.expert_nbytes, priority=FILL)
+        self._add(eid, entry)
         self.counters.fills += 1
         self._enqueue(FILL, eid, entry)
         return True
@@ -299,11 +336,16 @@ class ExpertBuffer:
         eid = next((k for k, v in self._entries.items() if v.priority == FILL and not v.started and not v.pins), None)
         if eid is None:
             return False
-        del self._entries[eid]  # the reader skips its queue item
+        self._drop(eid)  # the reader skips its queue item
         return True
 
-    def _victim(self, allow_protected: bool) -> ExpertId | None:
-        free = {k for k, v in self._entries.items() if v.pins == 0 and v.weights is not None and k not in self.placed}
+    def _victim(self, allow_protected: bool) -> Key | None:
+        free: set[Key] = {k for k, v in self._entries.items()
+                          if v.pins == 0 and v.weights is not None and k not in self.placed}  # fmt: skip
+        # Slices go before whole experts: a whole expert is in the routing table homes read (one
+        # gone sends them to a holder that must read all of it again), a slice is 1/N of a read.
+        slices: set[Key] = {k for k in free if isinstance(k, SliceId)}
+        free = slices or free
         unprotected = free - self.protected
         victim = next(iter(self.policy.victims(unprotected)), None)
         if victim is None and allow_protected:
@@ -330,17 +372,18 @@ class ExpertBuffer:
         self.counters.fetches += 1
         await self._install(eid, entry, weights)
 
-    async def _install(self, eid: ExpertId, entry: _Entry, weights: ExpertWeights) -> None:
+    async def _install(self, eid: Key, entry: _Entry, weights: ExpertWeights) -> None:
         """A read or fetch of eid is done: resident, its waiters woken."""
         entry.weights = weights
-        self._resident.setdefault(eid.layer, {})[eid.index] = entry
+        if isinstance(eid, ExpertId):
+            self._resident.setdefault(eid.layer, {})[eid.index] = entry
         self.counters.loads += 1
         self.policy.on_insert(eid, ahead=entry.pins == 0)  # nobody waits: a read-ahead
         entry.loaded.set_result(weights)
         async with self._space:
             self._space.notify_all()
 
-    async def _reserve(self, eid: ExpertId, allow_protected: bool, priority: int | None = None, read: bool = True
+    async def _reserve(self, eid: Key, allow_protected: bool, priority: int | None = None, read: bool = True
                        ) -> tuple[_Entry, bool] | None:
         """Room for a read of eid, evicting or (a demand read) waiting for it; returns its entry
         and whether this call queued the read (False: another task's read of eid, resident or in
@@ -351,7 +394,7 @@ class ExpertBuffer:
                 # that read; it must not wait for room, nor evict eid when its read is done.
                 if (existing := self._entries.get(eid)) is not None:
                     return existing, False
-                if not (self.capacity and self.bytes_used + self.expert_nbytes > self.capacity):
+                if self._fits(eid):
                     break
                 if self._cancel_fill():
                     continue
@@ -365,17 +408,17 @@ class ExpertBuffer:
                     finally:
                         self._room_waiters -= 1
                     continue
-                del self._entries[victim]
-                self._resident.get(victim.layer, {}).pop(victim.index, None)
+                self._drop(victim)
                 self.policy.on_remove(victim)
                 self.counters.evictions += 1
-            entry = _Entry(priority=priority if priority is not None else DEMAND if allow_protected else PREFETCH)
-            self._entries[eid] = entry
+            entry = _Entry(self.nbytes(eid),
+                           priority=priority if priority is not None else DEMAND if allow_protected else PREFETCH)
+            self._add(eid, entry)
         if read:  # else the caller fills it (`_fetch_into`)
             self._enqueue(entry.priority, eid, entry)
         return entry, True
 
-    def _enqueue(self, priority: int, eid: ExpertId, entry: _Entry) -> None:
+    def _enqueue(self, priority: int, eid: Key, entry: _Entry) -> None:
         entry.priority = min(entry.priority, priority)
         if priority < FILL:
             self._urgent.set()
@@ -408,7 +451,8 @@ class ExpertBuffer:
                 heapq.heappush(self._queue, (entry.priority, next(self._seq), eid, entry))
                 continue
             except Exception as exc:  # the waiters get the error; the reader goes on
-                self._entries.pop(eid, None)
+                if self._entries.get(eid) is entry:
+                    self._drop(eid)
                 entry.loaded.set_exception(exc)
                 entry.loaded.exception()  # retrieved: nobody may be waiting on a prefetch
             else:

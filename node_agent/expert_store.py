@@ -12,7 +12,7 @@ from node_agent.model.checkpoint import Checkpoint
 from node_agent.model.config import MoeConfig
 from node_agent.model.moe import ExpertWeights
 from node_agent.throttle import Throttle
-from protos.ids import ExpertId
+from protos.ids import ExpertId, SliceId
 
 log = logging.getLogger(__name__)
 
@@ -33,9 +33,12 @@ class ExpertStore:
         with self._lock:
             self.bytes_read += nbytes
 
-    def load(self, eid: ExpertId, check: Callable[[], None] | None = None) -> ExpertWeights:
-        """Blocking read of (gate, up, down); run it in the disk thread, never on the event loop.
-        `check` runs before every chunk and may raise to stop the read (nothing is kept)."""
+    def load(self, key: ExpertId | SliceId, check: Callable[[], None] | None = None) -> ExpertWeights:
+        """Blocking read of (gate, up, down), or of a slice's share of them (only its bytes are
+        read: rows of gate and up, columns of down); run it in the disk thread, never on the
+        event loop. `check` runs before every chunk and may raise to stop the read (nothing is
+        kept)."""
+        eid = key if isinstance(key, ExpertId) else key.expert
         names = self.cfg.expert_tensor_names(eid.layer, eid.index)
 
         def before_chunk(nbytes: int) -> None:
@@ -43,6 +46,12 @@ class ExpertStore:
                 check()
             self._count(nbytes)
 
-        tensors = [self.ckpt.read(n, before_chunk=before_chunk).to(self.dtype) for n in names]
-        log.debug("loaded expert %d/%d", eid.layer, eid.index)
+        if isinstance(key, SliceId):
+            units = key.units(self.cfg.expert_size)
+            gate, up = (self.ckpt.read_block(n, units, before_chunk=before_chunk) for n in names[:2])
+            down = self.ckpt.read_block(names[2], (0, self.cfg.hidden_size), units, before_chunk=before_chunk)
+            tensors = [t.to(self.dtype) for t in (gate, up, down)]
+        else:
+            tensors = [self.ckpt.read(n, before_chunk=before_chunk).to(self.dtype) for n in names]
+        log.debug("loaded %s", key)
         return ExpertWeights(*tensors)

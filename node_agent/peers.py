@@ -159,11 +159,12 @@ class GrpcPeers:
 
     async def run_experts(
         self, name: str, address: str, request_id: str, layer: int, x: torch.Tensor, ids: torch.Tensor,
-        weights: torch.Tensor, decode: bool = False,
+        weights: torch.Tensor, decode: bool = False, part: int = 0, of: int = 1,
     ) -> torch.Tensor:
         async def run(rows: slice) -> torch.Tensor:
             batch = expert_batch_to_proto(ExpertBatch(request_id=request_id, layer=layer, hidden=x[rows],
-                                                      expert_ids=ids[rows], weights=weights[rows], decode=decode))
+                                                      expert_ids=ids[rows], weights=weights[rows], decode=decode,
+                                                      part=part, of=of))
             await self.link.request(batch.hidden, batch.expert_ids, batch.weights)
             # The holder may have to read each expert from its disk first: 30 s an expert allows a
             # Mixtral expert (352 MB in bfloat16) from a slow USB disk.

@@ -21,7 +21,7 @@ from node_agent.compute_profile import measure_expert_flops, set_thread_torch_th
 from node_agent.dataplane import DataClient, DataServer
 from node_agent.cache_policy import LayerCyclicPolicy, LRUPolicy
 from node_agent.dispatch import LayerPlan
-from node_agent.expert_buffer import BufferTooSmall, ExpertBuffer
+from node_agent.expert_buffer import BufferTooSmall, ExpertBuffer, Key
 from node_agent.expert_store import ExpertStore
 from node_agent.interceptors import ErrorInterceptor, GateInterceptor, LatencyInterceptor
 from node_agent.limits import AgentLimits, check_at_most, control_message_bytes
@@ -190,7 +190,9 @@ class Servicer(pb_grpc.NodeAgentServicer):
             decode_round_trips=core.decoder.round_trips, decode_remote_experts=core.decoder.remote_experts,
             decode_local_experts=core.decoder.local_experts, placement_reads=c.placements,
             decode_step_s=core.decoder.step_s, decode_peer_wait_s=core.decoder.waits_s.peers_s,
-            decode_read_wait_s=core.decoder.waits_s.reads_s,
+            decode_read_wait_s=core.decoder.waits_s.reads_s, decode_split_experts=core.decoder.split_experts,
+            slice_runs=core.executor.slice_runs, decode_prefetch_reads=core.decoder.prefetch.read,
+            decode_prefetch_hits=core.decoder.prefetch.hits, decode_prefetch_misses=core.decoder.prefetch.misses,
             home_prefill_tokens=core.decoder.prompt_tokens, decode_split_attention=core.decoder.split_attention,
             cpu_s=time.process_time(), paced_cpu_s=core.pacer.paced_cpu_s,
             requests=len(core.requests.live()))
@@ -221,6 +223,8 @@ class Servicer(pb_grpc.NodeAgentServicer):
             raise ValueError(f"sampled must be >= 0, got {a.sampled}")
         rows = await self.core.adopt_kv(a.request_id, a.capacity, a.prompt_tokens, a.sources, a.prefill_here,
                                         (a.sampling, a.sampled))
+        if a.prompt_counts:  # a prefill elsewhere counted what the prompt chose: the home reads ahead
+            self.core.decoder.prefetch.counted(a.request_id, a.prompt_counts)
         return adopt_kv_reply_to_proto(rows)
 
     async def DecodeStep(self, request: pb.DecodeStepRequest, context: Any) -> pb.DecodeStepReply:
@@ -272,8 +276,13 @@ class Servicer(pb_grpc.NodeAgentServicer):
         """A peer's expert batch, from a RunExperts call or the decode data plane."""
         await self.link.receive(request.hidden, request.expert_ids, request.weights)
         b = expert_batch_from_proto(request)
-        self.core.executor.check_batch(b.layer, b.expert_ids)
-        out = await self.core.executor.execute(b.layer, b.hidden, b.expert_ids, b.weights.to(b.hidden.dtype), b.decode)
+        executor = self.core.executor
+        executor.check_batch(b.layer, b.expert_ids, b.part, b.of)
+        weights = b.weights.to(b.hidden.dtype)
+        if b.of > 1:
+            out = await executor.execute_slices(b.layer, b.hidden, b.expert_ids, weights, b.part, b.of)
+        else:
+            out = await executor.execute(b.layer, b.hidden, b.expert_ids, weights, b.decode)
         return expert_result_to_proto(out)
 
 
@@ -295,8 +304,9 @@ async def serve(settings: AgentSettings, ready: asyncio.Event | None = None, sto
     store = ExpertStore(ckpt, cfg, dtype, Throttle(settings.disk_bytes_per_s))
     disk = ThreadPoolExecutor(1, thread_name_prefix="disk", initializer=set_thread_torch_threads, initargs=(1,))
     try:
-        policy = LRUPolicy[ExpertId]() if settings.eviction == "lru" else LayerCyclicPolicy(cfg.num_layers)
-        buffer = ExpertBuffer(settings.expert_memory_bytes, store.expert_nbytes, store.load, disk, policy)
+        policy = LRUPolicy[Key]() if settings.eviction == "lru" else LayerCyclicPolicy(cfg.num_layers)
+        buffer = ExpertBuffer(settings.expert_memory_bytes, store.expert_nbytes, store.load, disk, policy,
+                              intermediate=cfg.expert_size)
     except BufferTooSmall as exc:
         raise SystemExit(f"--expert-memory: {exc}") from None
     creds = settings.credentials()

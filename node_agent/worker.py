@@ -74,6 +74,7 @@ class AgentCore:
         self.decoder = Decoder(name, cfg, dense, buffer, peers, self.compute, peer_timeout_s, data, inline=inline)
         self.requests = RequestTable(name, limits, self.decoder.kv.caches)
         self.executor = ExpertExecutor(cfg, buffer, self.passes, self.compute, self.decoder.mix, inline=inline)
+        self.decoder.sends.run_slices = self.executor.execute_slices  # a split layer's slices here
         self.holdings = Holdings(name, cfg, dense.embed.dtype, buffer, peers)  # fills, placement, peers' fetches
         self.early_used = 0  # experts run early on my own tokens whose share the plan confirmed
         self.early_dropped = 0  # experts run early that the plan overruled (it sent those slots elsewhere)
@@ -298,6 +299,7 @@ class AgentCore:
 
     async def release(self, request_id: str) -> None:
         self.decoder.kv.release(request_id)
+        self.decoder.prefetch.release(request_id)
         self.decoder.moved()  # a later step of it, waiting for its turn, goes on (to be refused)
         state = self.requests.pop(request_id)
         if state is not None:

@@ -20,6 +20,33 @@ class ExpertId:
     index: int  # expert index within the layer, 0-based
 
 
+@dataclass(frozen=True, order=True)
+class SliceId:
+    """Slice `part` of `of` of a routed expert (expert tensor parallelism): the intermediate units
+    `units(I)` of its gate and up projections (rows) and of its down projection (columns). A
+    slice's output is a partial sum: the expert's output is the sum over its `of` slices."""
+
+    expert: ExpertId
+    part: int  # 0 <= part < of
+    of: int  # >= 2 (a whole expert is its ExpertId)
+
+    def __post_init__(self) -> None:
+        if not (self.of >= 2 and 0 <= self.part < self.of):
+            raise ValueError(f"slice {self.part} of {self.of}: need of >= 2 and 0 <= part < of")
+
+    @property
+    def layer(self) -> int:
+        return self.expert.layer
+
+    @property
+    def index(self) -> int:
+        return self.expert.index
+
+    def units(self, intermediate: int) -> tuple[int, int]:
+        """[start, stop) of the expert's `intermediate` units this slice holds (as even as can be)."""
+        return self.part * intermediate // self.of, (self.part + 1) * intermediate // self.of
+
+
 FINGERPRINT_SAMPLE_BYTES = 64 * 1024  # read from both ends of each weights file's data
 
 

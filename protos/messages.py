@@ -177,6 +177,11 @@ class CacheCounters:
     decode_step_s: float = 0.0  # wall time of its decode steps (those counted in decode_steps)
     decode_peer_wait_s: float = 0.0  # of which waiting on peers only (remote experts, split attention, K/V)
     decode_read_wait_s: float = 0.0  # of which waiting on its own on-demand disk reads (peers' runs beside)
+    decode_split_experts: int = 0  # (layer, expert) runs of its decode steps split into slices over the agents
+    slice_runs: int = 0  # (layer, expert) slices it ran for homes' split experts (its own included)
+    decode_prefetch_reads: int = 0  # experts read ahead of decode from its prompts' own selections
+    decode_prefetch_hits: int = 0  # decode selections of an expert the request's prefetch read
+    decode_prefetch_misses: int = 0  # decode selections of one neither held at the plan nor read
 
 
 @dataclass(frozen=True)
@@ -223,6 +228,7 @@ class AdoptKV:
     prefill_here: bool = False  # no prefill ran: the home computes the prompt in decode steps' spans
     sampling: SamplingParams = SamplingParams(max_tokens=1)  # how the home samples its tokens
     sampled: int = 0  # tokens of the request sampled before the home's first (prefill's, or before a failure)
+    prompt_counts: tuple[int, ...] = ()  # the prefill's selections per (MoE layer, expert), flat; () if not counted
 
 
 @dataclass(frozen=True)
@@ -283,3 +289,5 @@ class ExpertBatch:
     expert_ids: torch.Tensor  # [n, k] int64; -1 where the slot runs elsewhere
     weights: torch.Tensor  # [n, k] float32 routing weights
     decode: bool = False  # a decode step's few rows: run at once, not in the layer's grouped pass
+    part: int = 0  # with of >= 2: run slice `part` of `of` of each expert (a partial sum; SliceId)
+    of: int = 1

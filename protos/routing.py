@@ -5,8 +5,15 @@ straight to a holder (protos/convert.py puts it on the wire)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 from protos.ids import ExpertId, NodeId
+
+# How a home runs an expert it does not hold (`potluck up --expert-split`): auto splits one that
+# no agent holds over the agents and runs a held one whole on its holder; never runs every
+# expert whole (on a holder, else read whole by the home); always splits every one.
+ExpertSplit = Literal["auto", "never", "always"]
+EXPERT_SPLITS: tuple[ExpertSplit, ...] = ("auto", "never", "always")
 
 
 @dataclass(frozen=True)
@@ -18,6 +25,8 @@ class RoutingTable:
     addresses: dict[NodeId, str] = field(default_factory=dict)  # every agent a holder list names -> host:port
     data_addresses: dict[NodeId, str] = field(default_factory=dict)  # -> host:port of its decode data plane
     holders: dict[ExpertId, tuple[NodeId, ...]] = field(default_factory=dict)  # in order of preference
+    expert_split: ExpertSplit = "auto"
+    decode_prefetch: bool = True  # a home reads what a prompt it prefilled chose most before its decode
 
     def remote_holder(self, eid: ExpertId, me: str) -> NodeId | None:
         """The first holder of `eid` other than `me` whose address is known (None: no other)."""

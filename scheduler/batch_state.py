@@ -38,6 +38,7 @@ class Seq:
     prefilled: int = 0  # prompt tokens through prefill so far
     steps: int = 0  # prefill steps run (StepPlan.step of the next one)
     cached: dict[NodeId, int] = field(default_factory=dict)  # K/V rows each agent holds
+    counts: list[int] = field(default_factory=list)  # its prefill's selections per (MoE layer, expert), flat
     at_home: bool = False  # its home prefills the prompt in decode steps (else sequence-parallel)
     opened: bool = False  # at_home: the home has its cache (AdoptKV)
     opening: bool = False  # at_home: its AdoptKV is on its way

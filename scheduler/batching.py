@@ -221,7 +221,7 @@ class Batcher(BatchEnds):
                 continue
             seq.runner = RequestRunner(agents, view, self.policy)
             seq.members = [a.name for a in agents]
-            seq.cached = {n: 0 for n in seq.members}
+            seq.cached, seq.counts = {n: 0 for n in seq.members}, []
             home = choose_home(seq.members, self._homes(), {}, self._user_home(seq))
             if prefill_at_home(len(seq.prompt), self.settings.home_prefill_max, len(agents),
                                self.unheld_read_s(home)):
@@ -294,7 +294,10 @@ class Batcher(BatchEnds):
         part = self.policy.partition(prompt[start:end], seq.members)
         plan = chunk_step(part, start, seq.steps, seq.cached)
         try:
-            logits = await self.calls.on(seq.members, seq.runner.run_step(seq.rid, plan))
+            shape = seq.runner.shape
+            if not seq.counts:
+                seq.counts = [0] * ((shape.num_layers - len(shape.dense_layers)) * shape.num_experts)
+            logits = await self.calls.on(seq.members, seq.runner.run_step(seq.rid, plan, counts=seq.counts))
             if seq.epoch != epoch:
                 return end - start  # replayed meanwhile (an agent went down): this run is over
             seq.cached, seq.steps, seq.prefilled = after_step(plan), seq.steps + 1, end
@@ -323,7 +326,7 @@ class Batcher(BatchEnds):
         sources = [(n, seq.runner.agents[n].spec.address) for n in seq.members if n != home.name and seq.cached.get(n)]
         await self.calls.on([home.name, *(n for n, _ in sources)],
                        home.adopt_kv(seq.rid, self._capacity(seq), prompt, sources, sampling=seq.request.sampling,
-                                     sampled=seq.produced))
+                                     sampled=seq.produced, prompt_counts=seq.counts))
         if seq.epoch != epoch:
             return
         seq.home, seq.last_token, seq.position = home, token, prompt

@@ -97,13 +97,16 @@ class AgentClient:
 
     async def adopt_kv(self, request_id: str, capacity: int, prompt_tokens: int,
                        sources: Sequence[tuple[NodeId, str]], prefill_here: bool = False,
-                       sampling: SamplingParams = SamplingParams(max_tokens=1), sampled: int = 0) -> int:
+                       sampling: SamplingParams = SamplingParams(max_tokens=1), sampled: int = 0,
+                       prompt_counts: Sequence[int] = ()) -> int:
         """Make this agent the request's home for decode (it pulls the prompt's K/V from the
         (name, address) sources in the background; with prefill_here, no prefill ran and decode
         steps bring the prompt); it samples the request's tokens with `sampling`, the first as the
-        request's token number `sampled`. Returns the K/V rows it held already."""
+        request's token number `sampled`; `prompt_counts`, the prefill's expert selections, feed its
+        decode prefetch. Returns the K/V rows it held already."""
         adopt = AdoptKV(request_id=request_id, capacity=capacity, prompt_tokens=prompt_tokens, sources=tuple(sources),
-                        prefill_here=prefill_here, sampling=sampling, sampled=sampled)
+                        prefill_here=prefill_here, sampling=sampling, sampled=sampled,
+                        prompt_counts=tuple(prompt_counts))
         r = await self._call("AdoptKV", adopt_kv_to_proto(adopt))
         assert isinstance(r, pb.AdoptKVReply)
         return adopt_kv_reply_from_proto(r)

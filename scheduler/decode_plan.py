@@ -14,7 +14,7 @@ import hashlib
 from collections.abc import Mapping, Sequence
 
 from protos.ids import ExpertId, NodeId
-from protos.routing import RoutingTable
+from protos.routing import ExpertSplit, RoutingTable
 
 
 HOME_BATCH = 8  # requests decoding on one home before the next one goes to another agent
@@ -86,7 +86,8 @@ def data_address(address: str, port: int) -> str | None:
 
 
 def routing_table(version: int, addresses: Mapping[NodeId, str], held: Mapping[NodeId, frozenset[ExpertId]],
-                  data_addresses: Mapping[NodeId, str] | None = None) -> RoutingTable:
+                  data_addresses: Mapping[NodeId, str] | None = None, expert_split: ExpertSplit = "auto",
+                  decode_prefetch: bool = True) -> RoutingTable:
     """Every held expert's holders. Where several agents hold one, the preferred holder rotates
     with the expert's index, so that homes lacking many experts spread their calls over the
     holders rather than all calling the first agent by name."""
@@ -100,9 +101,11 @@ def routing_table(version: int, addresses: Mapping[NodeId, str], held: Mapping[N
         holders[eid] = tuple(nodes[turn:] + nodes[:turn])
     data = {n: a for n, a in (data_addresses or {}).items() if n in held}
     return RoutingTable(version=version, addresses={n: a for n, a in addresses.items() if n in held},
-                        data_addresses=data, holders=holders)
+                        data_addresses=data, holders=holders, expert_split=expert_split,
+                        decode_prefetch=decode_prefetch)
 
 
 def same_holders(a: RoutingTable, b: RoutingTable) -> bool:
     """Whether two tables route alike (the version aside): no need to publish again."""
-    return a.addresses == b.addresses and a.data_addresses == b.data_addresses and a.holders == b.holders
+    return (a.addresses == b.addresses and a.data_addresses == b.data_addresses and a.holders == b.holders
+            and a.expert_split == b.expert_split and a.decode_prefetch == b.decode_prefetch)

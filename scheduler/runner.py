@@ -91,9 +91,12 @@ class RequestRunner:
         self.shape = view.shape
         self.policy = policy
 
-    async def run_step(self, request_id: str, plan: StepPlan, all_logits: bool = False) -> torch.Tensor:
+    async def run_step(self, request_id: str, plan: StepPlan, all_logits: bool = False,
+                       counts: list[int] | None = None) -> torch.Tensor:
         """Run one step on the agents; return logits [1, V] of its last position (or [T, V] of
-        every new position, in position order, with all_logits)."""
+        every new position, in position order, with all_logits). `counts` (MoE layers x experts,
+        flat, layer by layer) gains the step's selections of each expert (for the home's decode
+        prefetch)."""
         active = [s.node for s in plan.shards]
         members = [n for n in self.agents if n in plan.cached or n in active]
         spans = {s.node: (min(s.positions), max(s.positions)) for s in plan.shards}
@@ -125,6 +128,11 @@ class RequestRunner:
             reports = await asyncio.gather(*(
                 self.agents[n].forward(request_id, layer, routing, prefetch.get(n, ()), predict, direct) for n in active
             ))
+            if counts is not None and layer not in shape.dense_layers:
+                row = sum(1 for d in range(layer) if d not in shape.dense_layers) * E
+                for r in reports:
+                    for e, c in enumerate(r.counts):
+                        counts[row + e] += c
             reports += idle_reports.at(layer, predict)
             routing = None if layer in shape.dense_layers else policy.route(layer, reports, profiles, cost, E, direct)
             prefetch, direct = policy.lookahead(layer + 1, reports, profiles, cost, E) if predict else ({}, {})

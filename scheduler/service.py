@@ -24,7 +24,7 @@ from scheduler.client import AgentClient, AgentInfo
 from scheduler.errors import AgentFailed, JoinRefused, NoAgentsAvailable, PromptTooLong, QueueFull, why_unable
 from scheduler.fill import AgentHoldings
 from scheduler.policy import Policy
-from protos.routing import RoutingTable
+from protos.routing import ExpertSplit, RoutingTable
 from protos.security import Credentials, probe_peer
 from scheduler.activations import ActivationWindow
 from scheduler.batching import BatchSettings, Batcher
@@ -50,6 +50,8 @@ class EngineSettings:
     call_timeout_s: float = 300.0  # deadline of one control call to an agent
     credentials: Credentials | None = None  # the server's TLS identity; None: plaintext (--insecure)
     placement: PlacementSettings = PlacementSettings()  # which experts each agent pins, and when re-planned
+    expert_split: ExpertSplit = "auto"  # how a home runs experts it does not hold (published in the routing table)
+    decode_prefetch: bool = True  # homes read ahead what their prompts chose most (published in the routing table)
 
     def __post_init__(self) -> None:
         if self.max_waiting < 0:
@@ -78,7 +80,7 @@ class EngineService:
                                unheld_read_s=self._unheld_read_s, on_agent_failed=self._agent_failed,
                                on_selections=self._selections)
         self.activations: ActivationWindow | None = None  # once the model's shape is known
-        self.placer = Placer(settings.placement)
+        self.placer = Placer(settings.placement, split_unheld=settings.expert_split != "never")
         self.table = RoutingTable()  # the routing table last published to the agents
         self._durations: list[float] = []  # recent request durations, for Retry-After
         self._tasks: list[asyncio.Task[None]] = []
@@ -313,7 +315,8 @@ class EngineService:
         agents = [c for c in self.up_clients() if c.name in self.infos]
         held = {c.name: frozenset(expert_from_wire(i, E) for i in self._snapshots[c.name].held) for c in agents}
         data = {c.name: a for c in agents if (a := data_address(c.spec.address, self.infos[c.name].data_port))}
-        table = routing_table(self.table.version + 1, {c.name: c.spec.address for c in agents}, held, data)
+        table = routing_table(self.table.version + 1, {c.name: c.spec.address for c in agents}, held, data,
+                              self.settings.expert_split, self.settings.decode_prefetch)
         if same_holders(table, self.table):
             return
         self.table = table

@@ -34,6 +34,10 @@ the same rounds (the same prompts). Cases:
 - streams: 1, 2, 4 and 8 concurrent streams (`--streams`) on the LAN cluster (started with
   `--max-running` = the most streams): tokens all streams received over the wall time from the
   first request sent to the last token, and each stream's median inter-token time.
+- io: experts that must be read (`bench_decode_io.py`): 2 and 4 agents (`--io-agents`) holding
+  half the experts together, disk `--io-disk`, the LAN's link; whole experts on demand
+  (`--expert-split never --no-decode-prefetch`) against split experts, the decode prefetch, and
+  both, with each agent's bytes read and the prefetch's hit rate.
 
 Writes decode.json, decode.md and decode.png to `--out` and prints the table with its targets.
 """
@@ -63,10 +67,11 @@ from server.bench import default_bench_model
 from server.bench_decode_report import label, text_table, write_report
 from server.bench_decode_stats import (Arrival, DecodeCounters, StreamTiming, activity, counters_settled,
                                        decoded_tokens, round_trips_per_token, summarize, tokens_in_chunk)  # fmt: skip
+from server.bench_decode_io import expert_token_s, run_io
 from server.bench_prefill import NO_REPLAN_S, prompts_for, wait_healthy
 from server.launcher import die_with_parent, free_ports, stop_process, threads_per_agent
 
-CASES = ("compute", "lan", "streams")
+CASES = ("compute", "lan", "streams", "io")
 LAN_AGENTS = 4
 LINK = "1Gbit/s"
 SETTLE_POLL_S = 1.0  # /metrics scrapes this far apart must agree before a timed request
@@ -89,6 +94,8 @@ class DecodeRun:
     stream_prompts: list[list[list[int]]]  # per round, one prompt per stream (for the most streams)
     lan_memory: int  # expert memory of each LAN agent, bytes
     lan_latency_s: float  # one-way link latency of the LAN agents, seconds; 0: none
+    io_disk: float = 200e6  # disk rate of each I/O-bound agent, bytes/s
+    io_pool: int = 0  # expert memory of the I/O-bound agents together, bytes (half the experts)
 
 
 class UpCluster:
@@ -116,7 +123,8 @@ class DecodeCluster(UpCluster):
     """`potluck up --inventory` for the decode cases."""
 
     def __init__(self, run: DecodeRun, agents: int, memory: int = 0, link: str | None = None,
-                 latency_s: float = 0.0, max_running: int = 1, threads: int | None = None) -> None:
+                 latency_s: float = 0.0, max_running: int = 1, threads: int | None = None, disk: float = 0.0,
+                 expert_split: str = "auto", decode_prefetch: bool = True) -> None:
         self.port, *ports = free_ports(agents + 1)
         nodes = []
         for i, port in enumerate(ports):
@@ -125,6 +133,8 @@ class DecodeCluster(UpCluster):
                                        "torch_threads": threads or run.threads}
             if link:
                 node["link_bandwidth"] = link
+            if disk:
+                node["disk_bandwidth"] = disk
             if latency_s:
                 node["link_latency"] = f"{latency_s * 1e6:.0f}us"
             nodes.append(node)
@@ -132,7 +142,8 @@ class DecodeCluster(UpCluster):
         inventory.write_text(yaml.safe_dump({"nodes": nodes}, sort_keys=False))
         self.cmd = [sys.executable, "-m", "server.cli", "up", "--inventory", str(inventory), "--model",
                     str(run.model_dir), "--port", str(self.port), "--served-model-name", "bench", "--max-running",
-                    str(max_running), "--log-level", "WARNING",
+                    str(max_running), "--log-level", "WARNING", "--expert-split", expert_split,
+                    *([] if decode_prefetch else ["--no-decode-prefetch"]),
                     "--replan-every", str(NO_REPLAN_S)]  # placement is not what this measures  # fmt: skip
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen[bytes] | None = None
@@ -305,6 +316,7 @@ def main(args: argparse.Namespace) -> int:
     if unknown := [c for c in cases if c not in CASES]:
         raise SystemExit(f"potluck bench decode: unknown --cases {unknown}; choose from {', '.join(CASES)} or all")
     agent_counts, stream_counts = _counts(args.decode_agents, "--decode-agents"), _counts(args.streams, "--streams")
+    io_counts = _counts(args.io_agents, "--io-agents")
     model_dir = Path(args.model) if args.model else default_bench_model()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -327,6 +339,9 @@ def main(args: argparse.Namespace) -> int:
         "lan_expert_memory": expert_bytes // LAN_AGENTS, "link": LINK, "link_latency_s": args.lan_latency,
         "max_running": most,
     }  # fmt: skip
+    if "io" in cases:
+        data.update(io_disk=args.io_disk, io_pool=expert_bytes // 2, io_expert_token_s=expert_token_s(model_dir),
+                    io_expert_read_s=expert_bytes / (len(moe_layers) * cfg.num_experts) / args.io_disk)
     print(f"decode: {args.gen_tokens} tokens after {args.prompt_tokens}, {args.rounds} rounds, {threads} torch threads, "
           f"cases {', '.join(cases)}, model {model_dir}", flush=True)
     with tempfile.TemporaryDirectory(prefix="potluck-bench-decode-") as work:
@@ -335,9 +350,10 @@ def main(args: argparse.Namespace) -> int:
             prompts=prompts[1:1 + args.rounds],
             stream_prompts=[prompts[1 + args.rounds + r * most:1 + args.rounds + (r + 1) * most]
                             for r in range(args.rounds)],
-            lan_memory=expert_bytes // LAN_AGENTS, lan_latency_s=args.lan_latency,
+            lan_memory=expert_bytes // LAN_AGENTS, lan_latency_s=args.lan_latency, io_disk=args.io_disk,
+            io_pool=expert_bytes // 2,
         )  # fmt: skip
-        data["cases"] = asyncio.run(_run_cases(run, cases, agent_counts, stream_counts))
+        data["cases"] = asyncio.run(_run_cases(run, cases, agent_counts, stream_counts, io_counts))
     data["min_tokens"] = min(c["min_tokens"] for c in data["cases"])
     data["stopped"] = sum(c["stopped"] for c in data["cases"])
     (out / "decode.json").write_text(json.dumps(data, indent=2))
@@ -347,8 +363,8 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _run_cases(run: DecodeRun, cases: list[str], agent_counts: list[int],
-                     stream_counts: list[int]) -> list[dict[str, Any]]:
+async def _run_cases(run: DecodeRun, cases: list[str], agent_counts: list[int], stream_counts: list[int],
+                     io_counts: list[int]) -> list[dict[str, Any]]:
     results = []
     if "compute" in cases:
         results += await run_compute(run, agent_counts, TransformersDecode(run.model_dir, run.threads))
@@ -356,4 +372,6 @@ async def _run_cases(run: DecodeRun, cases: list[str], agent_counts: list[int],
         results.append(await run_lan_reference(run))
     if "lan" in cases or "streams" in cases:
         results += await run_lan(run, cases, stream_counts)
+    if "io" in cases:
+        results += await run_io(run, io_counts)
     return results

@@ -8,6 +8,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from protos.human import format_rate
+from server.bench_decode_io import io_label, io_settings
 from server.bench_decode_stats import find, lan_bound_s, targets
 from server.bench_report import target_lines
 
@@ -16,6 +18,8 @@ HEADER = ("case", "agents", "streams", "median inter-token ms", "each stream's m
 
 
 def label(case: dict[str, Any]) -> str:
+    if case["case"].startswith("io-"):
+        return io_label(case)
     return {
         "transformers": "transformers, KV cache (1 process)",
         "compute": f"compute-bound, {case['agents']} agent{'s' if case['agents'] > 1 else ''}",
@@ -69,6 +73,7 @@ def settings(data: dict[str, Any]) -> list[str]:
         lines.append(f"LAN bound: 1-agent compute per token on a LAN agent's threads + {data['moe_layers']} MoE "
                      f"layers x one round trip "
                      f"({2 * latency * 1e3:g} ms) = {_ms(lan_bound_s(data))} ms.")
+    lines += io_settings(data)
     lines.append("Round trips per token = (decode round trips + decode steps) / decode tokens of the agents' "
                  "counters (/metrics), scraped once settled before and after the timed requests; n/a where the "
                  "server does not count them or they did not settle.")
@@ -120,10 +125,12 @@ def _plot(data: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     cases = data["cases"]
-    single = [c for c in cases if c["case"] != "streams" and c["median_itl_s"] is not None]
+    single = [c for c in cases if c["case"] != "streams" and not c["case"].startswith("io-")
+              and c["median_itl_s"] is not None]  # fmt: skip
+    io = [c for c in cases if c["case"].startswith("io-") and c["median_itl_s"] is not None]
     multi = sorted((c for c in cases if c["case"] == "streams" and c["aggregate_tokens_per_s"]),
                    key=lambda c: c["streams"])
-    panels = [p for p in (single, multi) if p]
+    panels = [p for p in (single, multi, io) if p]
     fig, axes = plt.subplots(1, max(1, len(panels)), figsize=(6.2 * max(1, len(panels)), 4.4), squeeze=False)
     ax = axes[0][0]
     if single:
@@ -140,7 +147,7 @@ def _plot(data: dict[str, Any], path: Path) -> None:
                      f"threads, median of {data['rounds']} rounds", fontsize=8)
         ax.grid(axis="y", alpha=0.3)
     if multi:
-        ax = axes[0][len(panels) - 1]
+        ax = axes[0][panels.index(multi)]
         k = [c["streams"] for c in multi]
         ax.plot(k, [c["aggregate_tokens_per_s"] for c in multi], marker="o", label="measured")
         base = find(multi, "streams", streams=1)
@@ -155,6 +162,17 @@ def _plot(data: dict[str, Any], path: Path) -> None:
                      f"--max-running {data['max_running']}", fontsize=8)
         ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
+    if io:
+        ax = axes[0][panels.index(io)]
+        ax.bar(range(len(io)), [c["median_itl_s"] * 1e3 for c in io],
+               color=["tab:gray" if c["case"] == "io-whole" else "tab:green" for c in io])
+        ax.set_xticks(range(len(io)), [f"{c['agents']} agents\n{c['case'].removeprefix('io-')}" for c in io],
+                      fontsize=6, rotation=30)
+        ax.set_ylabel("median inter-token time (ms)")
+        ax.set_ylim(bottom=0)
+        ax.set_title(f"I/O-bound: half the experts in memory, disk {format_rate(data.get('io_disk', 0))}; "
+                     "whole experts on demand (gray) against split and prefetch", fontsize=8)
+        ax.grid(axis="y", alpha=0.3)
     fig.suptitle(f"potluck decode: {Path(data['model']).name}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

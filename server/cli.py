@@ -139,6 +139,14 @@ def _add_server_flags(p: argparse.ArgumentParser) -> None:
                    help="a prompt of at most this many tokens is prefilled on the agent it decodes on, in its decode "
                         "steps beside the running requests' tokens; a longer one sequence-parallel on every agent "
                         "(0: every prompt sequence-parallel)")  # fmt: skip
+    p.add_argument("--expert-split", default="auto", choices=("auto", "never", "always"),
+                   help="how a decoding agent runs an expert it does not hold: auto splits one that no agent holds "
+                        "over every agent (each reads and runs a slice of it, 1/N of its bytes) and runs a held one "
+                        "on its holder; never runs each expert whole (read whole where no agent holds it); always "
+                        "splits every one. Default: auto")  # fmt: skip
+    p.add_argument("--no-decode-prefetch", action="store_true",
+                   help="agents do not read ahead, before a request decodes, the experts its prompt chose most "
+                        "(dataset-free decode prefetch; only prompts prefilled on the decoding agent)")  # fmt: skip
     p.add_argument("--policy", default="sirius", choices=("sirius", "naive", "expert-parallel"),
                    help="prefill policy: sirius (interleaved partition, token scheduling, prefetch); naive (contiguous "
                         "split, each agent runs its own tokens' experts); expert-parallel (agent i owns a fixed 1/N of "
@@ -346,7 +354,8 @@ def _server_options(args: argparse.Namespace, model_dir: Path) -> ServerOptions:
         api_key=args.api_key or os.environ.get("POTLUCK_API_KEY") or None,
         served_model_name=args.served_model_name or Path(model_dir).resolve().name,
         max_waiting=args.max_waiting, max_running=args.max_running, prefill_chunk=args.prefill_chunk,
-        home_prefill_max=args.home_prefill_max, max_body_bytes=args.max_body,
+        home_prefill_max=args.home_prefill_max, max_body_bytes=args.max_body, expert_split=args.expert_split,
+        decode_prefetch=not args.no_decode_prefetch,
         log_level=args.log_level,
         policy=Policy.from_flags(args.policy, args.no_interleave, args.no_token_scheduling, args.no_prefetch,
                                  args.no_fill),

@@ -159,6 +159,17 @@ _AGENT_COUNTERS = (
     ("potluck_agent_decode_read_wait_seconds", "Of the decode steps' time, seconds waiting on experts read on "
      "demand from the agent's own disk because no agent held them (remote runs of the same layer beside).",
      "decode_read_wait_s"),
+    ("potluck_agent_decode_split_experts", "Expert runs (per layer and expert) of the agent's decode steps "
+     "split into slices over the agents (--expert-split): each agent reads and runs its share.",
+     "decode_split_experts"),
+    ("potluck_agent_slice_runs", "Expert slices (per layer and expert) the agent ran for decoding agents' split "
+     "experts, its own included.", "slice_runs"),
+    ("potluck_agent_decode_prefetch_reads", "Experts the agent read ahead of a request's decode, from what the "
+     "prompt it prefilled chose most (--no-decode-prefetch turns it off).", "decode_prefetch_reads"),
+    ("potluck_agent_decode_prefetch_hits", "Decode selections (per token and expert) of an expert the request's "
+     "prefetch read.", "decode_prefetch_hits"),
+    ("potluck_agent_decode_prefetch_misses", "Decode selections of an expert the home neither held when the "
+     "prefetch was planned nor read; hit rate = hits / (hits + misses).", "decode_prefetch_misses"),
     ("potluck_agent_decode_split_attention", "Attentions (per layer and request) of the agent's decode steps over "
      "prompt K/V still on the agents it is moving from (split-KV), where waiting for it would cost more than a "
      "round trip.", "decode_split_attention"),

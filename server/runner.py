@@ -24,6 +24,7 @@ from types import FrameType
 
 import uvicorn
 
+from protos.routing import ExpertSplit
 from protos.security import Credentials
 from scheduler.api import Engine
 from scheduler.placer import PlacementSettings
@@ -56,6 +57,8 @@ class ServerOptions:
     max_body_bytes: int = 4 * 2**20  # larger request bodies get 413; 0 = no bound
     credentials: Credentials | None = None  # the server's TLS identity toward the agents; None = plaintext
     placement: PlacementSettings = PlacementSettings()  # which experts each agent pins; how often re-planned
+    expert_split: ExpertSplit = "auto"  # how a home runs experts it does not hold (RoutingTable)
+    decode_prefetch: bool = True  # homes read ahead what their prompts chose most (RoutingTable)
 
 
 class Shutdown(BaseException):
@@ -69,7 +72,8 @@ def engine_opener(options: ServerOptions, nodes: Sequence[NodeSpec], on_join: Jo
 
         settings = EngineSettings(max_waiting=options.max_waiting, max_running=options.max_running,
                                   prefill_chunk=options.prefill_chunk, home_prefill_max=options.home_prefill_max,
-                                  credentials=options.credentials, placement=options.placement)
+                                  credentials=options.credentials, placement=options.placement,
+                                  expert_split=options.expert_split, decode_prefetch=options.decode_prefetch)
         service = await start_engine(options.model_dir, nodes, settings, options.policy, on_join)
         try:
             yield service

@@ -85,6 +85,44 @@ class Checkpoint:
         return buf.view(loc.dtype).reshape(loc.shape)
 
 
+    def read_block(self, name: str, rows: tuple[int, int], cols: tuple[int, int] | None = None,
+                   before_chunk: Callable[[int], None] | None = None) -> torch.Tensor:
+        """Rows [start, stop) of a 2-D tensor, and of those only the columns [start, stop) when
+        `cols` is given: only those bytes are read (row after row for a column block), in
+        chunks of at most READ_CHUNK, `before_chunk(nbytes)` before each."""
+        loc = self.locations.get(name)
+        if loc is None:
+            raise KeyError(f"tensor {name!r} is not in the checkpoint at {self.model_dir}")
+        if len(loc.shape) != 2:
+            raise ValueError(f"tensor {name!r} has shape {list(loc.shape)}; a block is read from a 2-D tensor")
+        (r0, r1), (c0, c1) = rows, cols or (0, loc.shape[1])
+        if not (0 <= r0 <= r1 <= loc.shape[0] and 0 <= c0 <= c1 <= loc.shape[1]):
+            raise ValueError(f"block rows {rows}, columns {cols} of {name!r} outside its shape {list(loc.shape)}")
+        item = torch.empty((), dtype=loc.dtype).element_size()
+        row_bytes, width = loc.shape[1] * item, (c1 - c0) * item
+        buf = torch.empty((r1 - r0) * width, dtype=torch.uint8)  # aligned, as in `read`
+        view = memoryview(buf.numpy())  # type: ignore[arg-type]
+        # (file offset, bytes) of each contiguous run: the whole block, or one per row
+        runs = ([(loc.start + r0 * row_bytes, (r1 - r0) * row_bytes)] if width == row_bytes
+                else [(loc.start + r * row_bytes + c0 * item, width) for r in range(r0, r1)])
+        fd = os.open(loc.file, os.O_RDONLY)
+        try:
+            done, pending = 0, 0  # bytes read; bytes read since the last before_chunk
+            for offset, size in runs:
+                at = 0
+                while at < size:
+                    n = min(READ_CHUNK - pending, size - at)
+                    if pending == 0 and before_chunk is not None:
+                        before_chunk(min(READ_CHUNK, len(view) - done))
+                    got = os.preadv(fd, [view[done : done + n]], offset + at)
+                    if got <= 0:
+                        raise OSError(f"short read of {name!r} in {loc.file}")
+                    at, done, pending = at + got, done + got, (pending + got) % READ_CHUNK
+        finally:
+            os.close(fd)
+        return buf.view(loc.dtype).reshape(r1 - r0, c1 - c0)
+
+
 def _read_header(path: Path) -> dict[str, TensorLocation]:
     with open(path, "rb") as f:
         (size,) = struct.unpack("<Q", f.read(8))

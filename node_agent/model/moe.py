@@ -34,6 +34,12 @@ class ExpertWeights:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.gate, self.up, self.down))
 
+    def units(self, start: int, stop: int) -> ExpertWeights:
+        """The slice of intermediate units [start, stop) (views): gate and up rows, down columns.
+        swiglu of the expert = the sum of swiglu of its slices (the down projection's columns
+        split its sum; silu and the product act unit by unit)."""
+        return ExpertWeights(self.gate[start:stop], self.up[start:stop], self.down[:, start:stop])
+
 
 @dataclass(frozen=True)
 class LayerWeights:

@@ -11,7 +11,7 @@ from protos.ids import NodeId, RequestId
 from protos.messages import (AdoptKV, AgentInfo, BeginStep, CacheCounters, CacheState, DecodeResult, DecodeSpan, Forward,
                              LayerReport, Peer, RoutingPlan, SamplingParams, StepBegun, TokenEvent)
 from protos.potluck.v1 import agent_pb2 as pb
-from protos.routing import RoutingTable
+from protos.routing import ExpertSplit, RoutingTable
 from protos.convert.tensors import expert_from_wire, expert_to_wire, tensor_from_proto, tensor_into, tensor_to_proto
 
 
@@ -241,6 +241,7 @@ def routing_table_to_proto(table: RoutingTable, num_experts: int) -> pb.RoutingT
                 for n, a in sorted(table.addresses.items())],
         experts=[pb.ExpertHolders(expert=expert_to_wire(e, num_experts), holders=list(h))
                  for e, h in sorted(table.holders.items()) if h],
+        expert_split=_SPLIT_TO_WIRE[table.expert_split], no_decode_prefetch=not table.decode_prefetch,
     )
 
 
@@ -250,7 +251,13 @@ def routing_table_from_proto(msg: pb.RoutingTable, num_experts: int) -> RoutingT
         addresses={NodeId(a.name): a.address for a in msg.agents},
         data_addresses={NodeId(a.name): a.data_address for a in msg.agents if a.data_address},
         holders={expert_from_wire(x.expert, num_experts): tuple(NodeId(h) for h in x.holders) for x in msg.experts},
+        expert_split=_SPLIT_FROM_WIRE.get(msg.expert_split, "auto"), decode_prefetch=not msg.no_decode_prefetch,
     )
+
+
+_SPLIT_TO_WIRE: dict[ExpertSplit, pb.ExpertSplit] = {
+    "auto": pb.EXPERT_SPLIT_AUTO, "never": pb.EXPERT_SPLIT_NEVER, "always": pb.EXPERT_SPLIT_ALWAYS}
+_SPLIT_FROM_WIRE = {v: k for k, v in _SPLIT_TO_WIRE.items()}  # UNSPECIFIED (an older scheduler): auto
 
 
 def sampling_to_proto(p: SamplingParams) -> pb.SamplingParams:
@@ -272,13 +279,14 @@ def adopt_kv_to_proto(adopt: AdoptKV) -> pb.AdoptKVRequest:
     return pb.AdoptKVRequest(request_id=adopt.request_id, capacity=adopt.capacity, prompt_tokens=adopt.prompt_tokens,
                              sources=[pb.AgentAddress(name=n, address=a) for n, a in adopt.sources],
                              prefill_here=adopt.prefill_here, sampling=sampling_to_proto(adopt.sampling),
-                             sampled=adopt.sampled)
+                             sampled=adopt.sampled, prompt_counts=adopt.prompt_counts)
 
 
 def adopt_kv_from_proto(msg: pb.AdoptKVRequest) -> AdoptKV:
     return AdoptKV(request_id=msg.request_id, capacity=msg.capacity, prompt_tokens=msg.prompt_tokens,
                    sources=tuple((NodeId(a.name), a.address) for a in msg.sources), prefill_here=msg.prefill_here,
-                   sampling=sampling_from_proto(msg.sampling), sampled=msg.sampled)
+                   sampling=sampling_from_proto(msg.sampling), sampled=msg.sampled,
+                   prompt_counts=tuple(msg.prompt_counts))
 
 
 def adopt_kv_reply_to_proto(local_tokens: int) -> pb.AdoptKVReply:

@@ -54,13 +54,14 @@ def expert_batch_to_proto(batch: ExpertBatch) -> pb.ExpertBatch:
     """Expert ids travel as int32 and weights as float32, whatever the compute dtypes."""
     return pb.ExpertBatch(request_id=batch.request_id, layer=batch.layer, hidden=tensor_to_proto(batch.hidden),
                           expert_ids=tensor_to_proto(batch.expert_ids.to(torch.int32)),
-                          weights=tensor_to_proto(batch.weights.float()), decode=batch.decode)
+                          weights=tensor_to_proto(batch.weights.float()), decode=batch.decode,
+                          slice_part=batch.part, slice_of=batch.of)
 
 
 def expert_batch_from_proto(msg: pb.ExpertBatch) -> ExpertBatch:
     return ExpertBatch(request_id=msg.request_id, layer=msg.layer, hidden=tensor_from_proto(msg.hidden),
                        expert_ids=tensor_from_proto(msg.expert_ids).long(), weights=tensor_from_proto(msg.weights),
-                       decode=msg.decode)
+                       decode=msg.decode, part=msg.slice_part, of=max(1, msg.slice_of))
 
 
 def expert_result_to_proto(output: torch.Tensor) -> pb.ExpertResult:

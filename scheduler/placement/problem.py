@@ -90,6 +90,7 @@ class PlacementProblem:
     token_bytes: int  # one token's hidden state on the wire, bytes (each way of a remote call)
     flops_per_token: float  # one expert on one token, FLOPs
     activations: Activations
+    split_unheld: bool = False  # an expert no agent holds runs split over every device (--expert-split)
 
     def __post_init__(self) -> None:
         if not self.devices:
@@ -129,14 +130,20 @@ class PlacementProblem:
     def access_s(self, placement: Placement, home: NodeId, expert: ExpertId) -> float:
         """What one (token, expert) selection of a request homed on `home` costs under the placement,
         as the runtime serves it: its compute where the home holds the expert, else a call to its
-        cheapest holder, else (no agent holds it) a read from the home's own disk and its compute.
-        An unlimited disk (rate 0, as agents without emulation report) makes that read free, so
-        only calls and compute weigh there."""
+        cheapest holder, else (no agent holds it) a read from the home's own disk and its compute,
+        or with `split_unheld` the slowest of every device's slice (1/N of the read and of the
+        compute, and a call for a device other than the home). An unlimited disk (rate 0, as
+        agents without emulation report) makes a read free, so only calls and compute weigh there."""
         if expert in placement.get(home, frozenset()):
             return self.compute_s(home)
         holders = [n for n, held in placement.items() if expert in held and n != home]
         if holders:
             return min(self.call_s(home, n) for n in holders)
+        if self.split_unheld and len(self.devices) > 1:
+            n = len(self.devices)
+            return max(d.read_s(self.expert_bytes // n) + self.compute_s(d.node) / n
+                       + (0.0 if d.node == home else self.call_s(home, d.node) - self.compute_s(d.node))
+                       for d in self.devices)  # fmt: skip
         return self.device(home).read_s(self.expert_bytes) + self.compute_s(home)
 
 

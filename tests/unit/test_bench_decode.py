@@ -184,3 +184,31 @@ def test_decode_suite_flags_and_the_shared_rounds_default() -> None:
                                       "--lan-latency", "2ms"])  # fmt: skip
     assert args.suite == "decode" and args.rounds is None  # 3 for decode, 1 for prefill, set when run
     assert (args.prompt_tokens, args.gen_tokens, args.streams, args.lan_latency) == (128, 64, "1,2,4,8", 0.002)
+    assert (args.io_agents, args.io_disk, args.lan_threads) == ("2,4", 200e6, 0)  # 0: the fair share
+    args = build_parser().parse_args(["bench", "decode", "--io-disk", "50MB/s", "--io-agents", "4"])
+    assert (args.io_agents, args.io_disk) == ("4", 50e6)
+
+
+def test_the_io_case_reports_each_mode_its_bytes_and_the_split_target(tmp_path: Path) -> None:
+    cases = [case(f"io-{name}", itl, agents=n) for n, itls in ((2, (400.0, 250.0, 390.0, 240.0)),
+                                                                (4, (390.0, 180.0, 380.0, 150.0)))
+             for name, itl in zip(("whole", "split", "prefetch", "split+prefetch"), itls)]
+    for c in cases:
+        c["bytes_read_per_agent"] = {f"agent{i}": 1e8 * (i + 1) for i in range(c["agents"])}
+        c["prefetch_hit_rate"] = 0.25 if "prefetch" in c["case"] else None
+    data = {**run_data(cases), "io_disk": 200e6, "io_pool": 3e8, "io_expert_token_s": 0.0002,
+            "io_expert_read_s": 0.0236}
+    write_report(json.loads(json.dumps(data)), tmp_path)
+    md = (tmp_path / "decode.md").read_text()
+    assert "| I/O-bound, 4 agents, split+prefetch (--expert-split auto) | 4 | 1 | 150.0 |" in md
+    assert "disk 200 MB/s each: reading one expert takes 23.6 ms, 118x its one-token compute (0.20 ms" in md
+    assert "I/O-bound, 2 agents, whole (--expert-split never --no-decode-prefetch): 100, 200 MB" in md
+    assert "I/O-bound, 4 agents, prefetch (--expert-split never): 25%" in md
+    assert ("| I/O-bound, 4 agents: split + prefetch >= 2.4x faster per token than whole experts | 2.60x | met |"
+            in md)
+    assert "| I/O-bound, 4 agents: without prefetch >= 1.05x slower | 1.20x | met |" in md
+    assert "| I/O-bound, 4 agents: without split >= 1.05x slower | 2.53x | met |" in md
+    assert "nan" not in md.lower() and (tmp_path / "decode.png").stat().st_size > 0
+    cases[-1] = case("io-split+prefetch", 175.0, agents=4)  # 2.23x and 1.03x: targets can be missed
+    table = text_table({**data, "cases": cases})
+    assert "2.23x     missed" in table and "1.03x     missed" in table

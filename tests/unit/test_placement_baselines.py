@@ -4,6 +4,7 @@ EPLB against the brute-force best balance."""
 
 from __future__ import annotations
 
+import dataclasses
 from fractions import Fraction
 from types import ModuleType
 
@@ -231,3 +232,14 @@ def test_every_policy_is_registered_and_gives_a_valid_placement() -> None:
         assert set(placement) == {"a", "b", "c"}, name
         if name != "slimcaching":  # it minimises latency; the others cover every expert the slots can hold
             assert not uncovered(p, placement), name
+
+
+def test_an_unheld_expert_is_priced_as_the_runtime_serves_it_whole_or_split() -> None:
+    p = problem([device("a", 2), device("b", 2), device("c", 2)])  # 50 MB/s disks, 1 ms links
+    e, home, nobody = ExpertId(0, 3), NodeId("a"), {NodeId(n): frozenset() for n in "abc"}
+    whole = p.access_s(nobody, home, e)
+    assert whole == pytest.approx(EXPERT_BYTES / 50e6 + p.compute_s(home))  # read whole by the home
+    split = dataclasses.replace(p, split_unheld=True).access_s(nobody, home, e)
+    # The slowest slice: a third of the read on another agent, and a call to it.
+    third = EXPERT_BYTES // 3 / 50e6 + p.compute_s(home) / 3 + p.call_s(home, NodeId("b")) - p.compute_s(home)
+    assert split == pytest.approx(third) and split < whole

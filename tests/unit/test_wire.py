@@ -3,6 +3,7 @@ protos/convert.py, through bytes (`FromString(SerializeToString())`), as the wir
 
 from __future__ import annotations
 
+import dataclasses
 from typing import TypeVar
 
 import pytest
@@ -14,7 +15,7 @@ from protos.ids import ExpertId, NodeId, RequestId
 from protos.messages import (AdoptKV, AgentInfo, BeginStep, CacheCounters, CacheState, DecodeResult, DecodeSpan, ExpertBatch,
                              Forward, KVBlock, LayerReport, Peer, RoutingPlan, SamplingParams, StepBegun, TokenEvent)
 from protos.potluck.v1 import agent_pb2 as pb
-from protos.routing import RoutingTable
+from protos.routing import EXPERT_SPLITS, RoutingTable
 
 M = TypeVar("M", bound=Message)
 A, B = NodeId("a"), NodeId("b")
@@ -162,10 +163,15 @@ def test_routing_table_round_trip() -> None:
     table = RoutingTable(version=3, addresses={A: "h:1", B: "h:2"}, data_addresses={B: "h:9"},
                          holders={ExpertId(1, 2): (B, A), ExpertId(0, 0): (A,)})
     assert c.routing_table_from_proto(wire(c.routing_table_to_proto(table, 8)), 8) == table
+    for split in EXPERT_SPLITS:
+        table = RoutingTable(version=4, expert_split=split, decode_prefetch=split != "auto")
+        assert c.routing_table_from_proto(wire(c.routing_table_to_proto(table, 8)), 8) == table
+    assert c.routing_table_from_proto(pb.RoutingTable(version=1), 8).expert_split == "auto"  # unset: the default
 
 
 def test_adopt_kv_round_trip() -> None:
-    adopt = AdoptKV(request_id="r", capacity=40, prompt_tokens=30, sources=((A, "h:1"), (B, "h:2")))
+    adopt = AdoptKV(request_id="r", capacity=40, prompt_tokens=30, sources=((A, "h:1"), (B, "h:2")),
+                    prompt_counts=(3, 0, 7, 1))
     assert c.adopt_kv_from_proto(wire(c.adopt_kv_to_proto(adopt))) == adopt
     sampling = SamplingParams(max_tokens=7, temperature=0.5, top_p=0.75, seed=0, stop_token_ids=frozenset({2, 9}),
                               logprobs=True, top_logprobs=3)
@@ -244,6 +250,9 @@ def test_expert_batch_round_trip() -> None:
     assert same(back.hidden, batch.hidden) and same(back.expert_ids, batch.expert_ids)
     assert same(back.weights, batch.weights)
     assert c.expert_batch_to_proto(batch).expert_ids.dtype == "int32"  # ids travel narrow
+    assert (back.part, back.of) == (0, 1)  # whole experts
+    sliced = c.expert_batch_from_proto(wire(c.expert_batch_to_proto(dataclasses.replace(batch, part=2, of=3))))
+    assert (sliced.part, sliced.of) == (2, 3)
     out = torch.randn(2, 8)
     assert same(c.expert_result_from_proto(wire(c.expert_result_to_proto(out))), out)
 

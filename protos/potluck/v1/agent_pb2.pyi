@@ -1,10 +1,22 @@
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from collections.abc import Iterable as _Iterable, Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class ExpertSplit(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    EXPERT_SPLIT_UNSPECIFIED: _ClassVar[ExpertSplit]
+    EXPERT_SPLIT_AUTO: _ClassVar[ExpertSplit]
+    EXPERT_SPLIT_NEVER: _ClassVar[ExpertSplit]
+    EXPERT_SPLIT_ALWAYS: _ClassVar[ExpertSplit]
+EXPERT_SPLIT_UNSPECIFIED: ExpertSplit
+EXPERT_SPLIT_AUTO: ExpertSplit
+EXPERT_SPLIT_NEVER: ExpertSplit
+EXPERT_SPLIT_ALWAYS: ExpertSplit
 
 class Tensor(_message.Message):
     __slots__ = ("data", "dtype", "shape")
@@ -31,7 +43,7 @@ class DeviceProfile(_message.Message):
     def __init__(self, expert_memory_bytes: _Optional[int] = ..., disk_bytes_per_s: _Optional[float] = ..., link_bytes_per_s: _Optional[float] = ..., compute_share: _Optional[float] = ..., link_latency_s: _Optional[float] = ...) -> None: ...
 
 class CacheCounters(_message.Message):
-    __slots__ = ("hits", "misses", "loads", "evictions", "bytes_read", "bytes_sent", "bytes_used", "capacity_bytes", "attention_seconds", "prefetches", "predicted_used", "used", "compute_overrun_seconds", "early_experts_used", "early_experts_dropped", "fills", "fill_preemptions", "direct_experts_sent", "decode_steps", "decode_tokens", "decode_round_trips", "decode_remote_experts", "requests", "predicted_pairs_used", "pairs_used", "home_prefill_tokens", "decode_split_attention", "cpu_seconds", "paced_cpu_seconds", "decode_local_experts", "placement_reads", "decode_step_seconds", "decode_peer_wait_seconds", "decode_read_wait_seconds")
+    __slots__ = ("hits", "misses", "loads", "evictions", "bytes_read", "bytes_sent", "bytes_used", "capacity_bytes", "attention_seconds", "prefetches", "predicted_used", "used", "compute_overrun_seconds", "early_experts_used", "early_experts_dropped", "fills", "fill_preemptions", "direct_experts_sent", "decode_steps", "decode_tokens", "decode_round_trips", "decode_remote_experts", "requests", "predicted_pairs_used", "pairs_used", "home_prefill_tokens", "decode_split_attention", "cpu_seconds", "paced_cpu_seconds", "decode_local_experts", "placement_reads", "decode_step_seconds", "decode_peer_wait_seconds", "decode_read_wait_seconds", "decode_split_experts", "slice_runs", "decode_prefetch_reads", "decode_prefetch_hits", "decode_prefetch_misses")
     HITS_FIELD_NUMBER: _ClassVar[int]
     MISSES_FIELD_NUMBER: _ClassVar[int]
     LOADS_FIELD_NUMBER: _ClassVar[int]
@@ -66,6 +78,11 @@ class CacheCounters(_message.Message):
     DECODE_STEP_SECONDS_FIELD_NUMBER: _ClassVar[int]
     DECODE_PEER_WAIT_SECONDS_FIELD_NUMBER: _ClassVar[int]
     DECODE_READ_WAIT_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    DECODE_SPLIT_EXPERTS_FIELD_NUMBER: _ClassVar[int]
+    SLICE_RUNS_FIELD_NUMBER: _ClassVar[int]
+    DECODE_PREFETCH_READS_FIELD_NUMBER: _ClassVar[int]
+    DECODE_PREFETCH_HITS_FIELD_NUMBER: _ClassVar[int]
+    DECODE_PREFETCH_MISSES_FIELD_NUMBER: _ClassVar[int]
     hits: int
     misses: int
     loads: int
@@ -100,7 +117,12 @@ class CacheCounters(_message.Message):
     decode_step_seconds: float
     decode_peer_wait_seconds: float
     decode_read_wait_seconds: float
-    def __init__(self, hits: _Optional[int] = ..., misses: _Optional[int] = ..., loads: _Optional[int] = ..., evictions: _Optional[int] = ..., bytes_read: _Optional[int] = ..., bytes_sent: _Optional[int] = ..., bytes_used: _Optional[int] = ..., capacity_bytes: _Optional[int] = ..., attention_seconds: _Optional[float] = ..., prefetches: _Optional[int] = ..., predicted_used: _Optional[int] = ..., used: _Optional[int] = ..., compute_overrun_seconds: _Optional[float] = ..., early_experts_used: _Optional[int] = ..., early_experts_dropped: _Optional[int] = ..., fills: _Optional[int] = ..., fill_preemptions: _Optional[int] = ..., direct_experts_sent: _Optional[int] = ..., decode_steps: _Optional[int] = ..., decode_tokens: _Optional[int] = ..., decode_round_trips: _Optional[int] = ..., decode_remote_experts: _Optional[int] = ..., requests: _Optional[int] = ..., predicted_pairs_used: _Optional[int] = ..., pairs_used: _Optional[int] = ..., home_prefill_tokens: _Optional[int] = ..., decode_split_attention: _Optional[int] = ..., cpu_seconds: _Optional[float] = ..., paced_cpu_seconds: _Optional[float] = ..., decode_local_experts: _Optional[int] = ..., placement_reads: _Optional[int] = ..., decode_step_seconds: _Optional[float] = ..., decode_peer_wait_seconds: _Optional[float] = ..., decode_read_wait_seconds: _Optional[float] = ...) -> None: ...
+    decode_split_experts: int
+    slice_runs: int
+    decode_prefetch_reads: int
+    decode_prefetch_hits: int
+    decode_prefetch_misses: int
+    def __init__(self, hits: _Optional[int] = ..., misses: _Optional[int] = ..., loads: _Optional[int] = ..., evictions: _Optional[int] = ..., bytes_read: _Optional[int] = ..., bytes_sent: _Optional[int] = ..., bytes_used: _Optional[int] = ..., capacity_bytes: _Optional[int] = ..., attention_seconds: _Optional[float] = ..., prefetches: _Optional[int] = ..., predicted_used: _Optional[int] = ..., used: _Optional[int] = ..., compute_overrun_seconds: _Optional[float] = ..., early_experts_used: _Optional[int] = ..., early_experts_dropped: _Optional[int] = ..., fills: _Optional[int] = ..., fill_preemptions: _Optional[int] = ..., direct_experts_sent: _Optional[int] = ..., decode_steps: _Optional[int] = ..., decode_tokens: _Optional[int] = ..., decode_round_trips: _Optional[int] = ..., decode_remote_experts: _Optional[int] = ..., requests: _Optional[int] = ..., predicted_pairs_used: _Optional[int] = ..., pairs_used: _Optional[int] = ..., home_prefill_tokens: _Optional[int] = ..., decode_split_attention: _Optional[int] = ..., cpu_seconds: _Optional[float] = ..., paced_cpu_seconds: _Optional[float] = ..., decode_local_experts: _Optional[int] = ..., placement_reads: _Optional[int] = ..., decode_step_seconds: _Optional[float] = ..., decode_peer_wait_seconds: _Optional[float] = ..., decode_read_wait_seconds: _Optional[float] = ..., decode_split_experts: _Optional[int] = ..., slice_runs: _Optional[int] = ..., decode_prefetch_reads: _Optional[int] = ..., decode_prefetch_hits: _Optional[int] = ..., decode_prefetch_misses: _Optional[int] = ...) -> None: ...
 
 class InfoRequest(_message.Message):
     __slots__ = ()
@@ -399,20 +421,24 @@ class AttendReply(_message.Message):
     def __init__(self, output: _Optional[_Union[Tensor, _Mapping]] = ..., lse: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class ExpertBatch(_message.Message):
-    __slots__ = ("request_id", "layer", "hidden", "expert_ids", "weights", "decode")
+    __slots__ = ("request_id", "layer", "hidden", "expert_ids", "weights", "decode", "slice_part", "slice_of")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     LAYER_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_FIELD_NUMBER: _ClassVar[int]
     EXPERT_IDS_FIELD_NUMBER: _ClassVar[int]
     WEIGHTS_FIELD_NUMBER: _ClassVar[int]
     DECODE_FIELD_NUMBER: _ClassVar[int]
+    SLICE_PART_FIELD_NUMBER: _ClassVar[int]
+    SLICE_OF_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     layer: int
     hidden: Tensor
     expert_ids: Tensor
     weights: Tensor
     decode: bool
-    def __init__(self, request_id: _Optional[str] = ..., layer: _Optional[int] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., expert_ids: _Optional[_Union[Tensor, _Mapping]] = ..., weights: _Optional[_Union[Tensor, _Mapping]] = ..., decode: _Optional[bool] = ...) -> None: ...
+    slice_part: int
+    slice_of: int
+    def __init__(self, request_id: _Optional[str] = ..., layer: _Optional[int] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., expert_ids: _Optional[_Union[Tensor, _Mapping]] = ..., weights: _Optional[_Union[Tensor, _Mapping]] = ..., decode: _Optional[bool] = ..., slice_part: _Optional[int] = ..., slice_of: _Optional[int] = ...) -> None: ...
 
 class ExpertResult(_message.Message):
     __slots__ = ("output",)
@@ -439,17 +465,21 @@ class ExpertHolders(_message.Message):
     def __init__(self, expert: _Optional[int] = ..., holders: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class RoutingTable(_message.Message):
-    __slots__ = ("version", "agents", "experts")
+    __slots__ = ("version", "agents", "experts", "expert_split", "no_decode_prefetch")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     AGENTS_FIELD_NUMBER: _ClassVar[int]
     EXPERTS_FIELD_NUMBER: _ClassVar[int]
+    EXPERT_SPLIT_FIELD_NUMBER: _ClassVar[int]
+    NO_DECODE_PREFETCH_FIELD_NUMBER: _ClassVar[int]
     version: int
     agents: _containers.RepeatedCompositeFieldContainer[AgentAddress]
     experts: _containers.RepeatedCompositeFieldContainer[ExpertHolders]
-    def __init__(self, version: _Optional[int] = ..., agents: _Optional[_Iterable[_Union[AgentAddress, _Mapping]]] = ..., experts: _Optional[_Iterable[_Union[ExpertHolders, _Mapping]]] = ...) -> None: ...
+    expert_split: ExpertSplit
+    no_decode_prefetch: bool
+    def __init__(self, version: _Optional[int] = ..., agents: _Optional[_Iterable[_Union[AgentAddress, _Mapping]]] = ..., experts: _Optional[_Iterable[_Union[ExpertHolders, _Mapping]]] = ..., expert_split: _Optional[_Union[ExpertSplit, str]] = ..., no_decode_prefetch: _Optional[bool] = ...) -> None: ...
 
 class AdoptKVRequest(_message.Message):
-    __slots__ = ("request_id", "capacity", "prompt_tokens", "sources", "prefill_here", "sampling", "sampled")
+    __slots__ = ("request_id", "capacity", "prompt_tokens", "sources", "prefill_here", "sampling", "sampled", "prompt_counts")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     CAPACITY_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -457,6 +487,7 @@ class AdoptKVRequest(_message.Message):
     PREFILL_HERE_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     SAMPLED_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_COUNTS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     capacity: int
     prompt_tokens: int
@@ -464,7 +495,8 @@ class AdoptKVRequest(_message.Message):
     prefill_here: bool
     sampling: SamplingParams
     sampled: int
-    def __init__(self, request_id: _Optional[str] = ..., capacity: _Optional[int] = ..., prompt_tokens: _Optional[int] = ..., sources: _Optional[_Iterable[_Union[AgentAddress, _Mapping]]] = ..., prefill_here: _Optional[bool] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., sampled: _Optional[int] = ...) -> None: ...
+    prompt_counts: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, request_id: _Optional[str] = ..., capacity: _Optional[int] = ..., prompt_tokens: _Optional[int] = ..., sources: _Optional[_Iterable[_Union[AgentAddress, _Mapping]]] = ..., prefill_here: _Optional[bool] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., sampled: _Optional[int] = ..., prompt_counts: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class SamplingParams(_message.Message):
     __slots__ = ("max_tokens", "temperature", "top_p", "seed", "stop_token_ids", "logprobs", "top_logprobs")

@@ -1,0 +1,94 @@
+"""Experts split into slices over the agents (expert tensor parallelism) give transformers' logits
+and greedy text for every split mode: real agents over real gRPC, real generated checkpoints,
+expert memory too small to hold the model, so that decode keeps needing experts no agent holds."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from protos.ids import RequestId
+from protos.messages import DecodeSpan
+from protos.routing import EXPERT_SPLITS, ExpertSplit
+from scheduler.errors import AgentFailed
+from scheduler.types import GenerationRequest, SamplingParams
+from tests.conftest import ARCHS
+from tests.integration.cluster import expert_bytes, local_cluster
+from tests.integration.test_equivalence import ATOL, PROMPT_LEN, transformers_outputs
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("split", EXPERT_SPLITS)
+async def test_home_prefill_logits_match_transformers_for_every_split_mode(tiny_models: dict[str, Path], arch: str,
+                                                                          split: ExpertSplit) -> None:
+    model_dir = tiny_models[arch]
+    ids, expected, _ = transformers_outputs(model_dir)
+    agents = 3
+    async with local_cluster(model_dir, agents, expert_memory=2 * expert_bytes(model_dir)) as cluster:
+        async with cluster.engine(expert_split=split) as engine:
+            await engine.refresh()  # fills the agents' memory and publishes the routing table (with the mode)
+            home = cluster.clients[0]
+            await home.adopt_kv("r", PROMPT_LEN + 1, PROMPT_LEN, [], prefill_here=True)
+            for start in range(0, PROMPT_LEN, 8):
+                end = min(PROMPT_LEN, start + 8)
+                result = await home.decode_step([DecodeSpan(request_id=RequestId("r"), token_ids=tuple(ids[start:end]),
+                                                            position=start)], logits=True)
+                assert result.logits is not None
+                assert (result.logits[0] - expected[end - 1]).abs().max().item() <= ATOL, (start, end)
+            await home.release("r")
+            snaps = [await c.snapshot() for c in cluster.clients]
+    split_runs = sum(s.decode_split_experts for s in snaps)
+    if split == "never":
+        assert split_runs == 0 and sum(s.slice_runs for s in snaps) == 0
+    else:  # every split expert ran as one slice on each agent
+        assert split_runs > 0 and sum(s.slice_runs for s in snaps) == split_runs * agents
+        assert all(s.slice_runs > 0 for s in snaps)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("split", EXPERT_SPLITS)
+@pytest.mark.parametrize("agents", [2, 3])
+async def test_greedy_text_matches_transformers_for_every_split_mode(tiny_models: dict[str, Path], arch: str,
+                                                                    split: ExpertSplit, agents: int) -> None:
+    model_dir = tiny_models[arch]
+    ids, _, greedy = transformers_outputs(model_dir)
+    async with local_cluster(model_dir, agents, expert_memory=2 * expert_bytes(model_dir)) as cluster:
+        request = GenerationRequest(RequestId("gen-1"), tuple(ids), SamplingParams(max_tokens=16, temperature=0))
+        tokens = [e.token_id for e in await cluster.generate(request, home_prefill_max=PROMPT_LEN, prefill_chunk=8,
+                                                             expert_split=split)]
+        snaps = [await c.snapshot() for c in cluster.clients]
+    assert tokens == greedy
+    assert (sum(s.decode_split_experts for s in snaps) > 0) == (split != "never")
+    assert all(s.requests == 0 for s in snaps)
+
+
+@pytest.mark.parametrize("prefetch", [True, False])
+async def test_decode_prefetch_reads_what_the_prompt_chose_and_keeps_the_text(qwen_tiny: Path, prefetch: bool) -> None:
+    ids, _, greedy = transformers_outputs(qwen_tiny)
+    async with local_cluster(qwen_tiny, 2, expert_memory=4 * expert_bytes(qwen_tiny)) as cluster:
+        request = GenerationRequest(RequestId("gen-1"), tuple(ids), SamplingParams(max_tokens=16, temperature=0))
+        tokens = [e.token_id for e in await cluster.generate(request, home_prefill_max=PROMPT_LEN, prefill_chunk=8,
+                                                             decode_prefetch=prefetch)]
+        snaps = [await c.snapshot() for c in cluster.clients]
+    assert tokens == greedy
+    reads = sum(s.decode_prefetch_reads for s in snaps)
+    judged = sum(s.decode_prefetch_hits + s.decode_prefetch_misses for s in snaps)
+    if prefetch:  # one home: at most its free slots (4 less one for demand reads), every decode token judged
+        assert 0 < reads <= 3 and judged > 0
+    else:
+        assert reads == 0 and judged == 0
+
+
+async def test_a_sequence_parallel_prompt_s_counts_reach_its_home_s_prefetch(qwen_tiny: Path) -> None:
+    ids, _, greedy = transformers_outputs(qwen_tiny)
+    async with local_cluster(qwen_tiny, 2, expert_memory=4 * expert_bytes(qwen_tiny)) as cluster:
+        request = GenerationRequest(RequestId("gen-1"), tuple(ids), SamplingParams(max_tokens=16, temperature=0))
+        tokens = [e.token_id for e in await cluster.generate(request, home_prefill_max=0)]  # prefilled on both
+        snaps = [await c.snapshot() for c in cluster.clients]
+        with pytest.raises(AgentFailed, match="prompt_counts"):  # not MoE layers x experts
+            await cluster.clients[0].adopt_kv("bad", 8, 4, [], prefill_here=True, prompt_counts=[1, 2, 3])
+    assert tokens == greedy
+    assert sum(s.home_prefill_tokens for s in snaps) == 0
+    assert 0 < sum(s.decode_prefetch_reads for s in snaps) <= 3
+    assert sum(s.decode_prefetch_hits + s.decode_prefetch_misses for s in snaps) > 0
