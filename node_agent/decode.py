@@ -118,6 +118,7 @@ class Decoder:
         self.local_experts = 0  # (layer, expert) runs on experts held here
         self.split_attention = 0  # (layer, request) attentions over prompt K/V still at its sources
         self.split_experts = 0  # (layer, expert) runs split into slices over the agents (decode_sends)
+        self.sends.round_trip_s = lambda: self.round_trip_s
         self.prefetch = HomePrefetch(buffer, [i for i in range(cfg.num_layers) if cfg.is_moe(i)], cfg.num_experts)
         self.step_s = 0.0  # wall time of the decode steps (those counted in `steps`)
         self.waits_s = Waits()  # of which waiting: on peers only, or on reads here (peers beside)
@@ -250,7 +251,8 @@ class Decoder:
                 waits.reads_s += waited_s
             elif dispatch.remote or dispatch.attends:
                 waits.peers_s += waited_s
-                self.round_trip_s = waited_s  # the pace a split-KV choice weighs
+                if not dispatch.split:  # (a split's slices may wait on reads: not a round trip)
+                    self.round_trip_s = waited_s  # the pace a split-KV or split-expert choice weighs
         self._went_remote = called
         for span, cache in zip(batch.spans, batch.caches):
             cache.next = span.end

@@ -62,7 +62,7 @@ def counts_of(selections: Sequence[Sequence[Sequence[int]]], layers: Sequence[in
 class HomePrefetch:
     """The home's side of the plan: counts the selections of each prompt it prefills itself (in
     its decode steps' spans), reads the plan's experts as the prompt's last span ends (PREFETCH
-    priority: after demand reads, before fills; never evicting what the placement keeps), and
+    priority: after demand reads, before fills) into free memory, and
     counts, for the request's decode tokens, hits (a selection of an expert the prefetch read)
     against misses (a selection of one the home did not hold when the plan was made, nor read).
     A prompt prefilled sequence-parallel elsewhere has no counts here and no prefetch."""
@@ -103,19 +103,23 @@ class HomePrefetch:
         self.prompt_done(request_id)
 
     def prompt_done(self, request_id: str) -> None:
-        """The prompt is in: read the plan's experts into free memory (the part of the memory
-        the placement does not keep, less one slot for demand reads)."""
+        """The prompt is in: read the plan's experts into free memory, that is memory no whole
+        expert takes (empty, or slices), less one slot for demand reads. Whole experts stay: in
+        a full pool each may be the one copy the routing table sends every home to, and evicting
+        it sends them to a holder that must read it again."""
         counts = self._counts.pop(request_id, None)
         if not self.enabled or counts is None:
             return
         held = frozenset(self.buffer.all_resident()) | frozenset(self.buffer.all_loading())
-        slots = self.buffer.slots
-        free = sum(len(c) for c in counts.values()) if slots is None else slots - len(self.buffer.placed) - 1
+        if self.buffer.capacity:
+            free = (self.buffer.capacity - len(held) * self.buffer.expert_nbytes) // self.buffer.expert_nbytes - 1
+        else:
+            free = sum(len(c) for c in counts.values())
         chosen = plan(counts, held, free)
         self._planned[request_id] = (frozenset(chosen), held)
         self.read += len(chosen)
         for eid in chosen:
-            task = asyncio.get_running_loop().create_task(self.buffer.prefetch(eid))
+            task = asyncio.get_running_loop().create_task(self.buffer.prefetch(eid, evict_whole=False))
             self._reads.add(task)
             task.add_done_callback(self._reads.discard)
 

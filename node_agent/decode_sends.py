@@ -70,6 +70,8 @@ class LayerSends:
         self.data = data  # the decode data plane to holders that publish one (else their gRPC RunExperts)
         self.table = RoutingTable()
         self.run_slices: RunSlices | None = None  # set by the agent once its executor exists
+        self.expert_read_s: Callable[[], float] = lambda: 0.0  # one expert's read on this agent's disk
+        self.round_trip_s: Callable[[], float] = lambda: 0.0  # a synchronous wait on peers, as measured
 
     def attention(self, dispatch: Dispatch, span: int, layer: int, q: torch.Tensor, request_id: str,
                   sources: Sequence[tuple[str, str]]) -> None:
@@ -87,10 +89,12 @@ class LayerSends:
         ends up running its requests' experts itself."""
         by_holder: dict[str, list[int]] = {}
         group, split = self._split_group(), []
+        always = self.table.expert_split == "always"
+        worth = bool(group) and (always or self._split_pays(len(group)))
         for e in experts:
             eid = ExpertId(layer, e)
             remote = self.table.remote_holder(eid, self.name)
-            if group and (remote is None or self.table.expert_split == "always"):
+            if worth and (remote is None or always):
                 split.append(e)
                 continue
             if remote is not None:
@@ -122,6 +126,13 @@ class LayerSends:
             return []
         group = sorted(self.table.addresses.keys() | {NodeId(self.name)})
         return group if len(group) > 1 else []
+
+    def _split_pays(self, n: int) -> bool:
+        """`auto`'s timing model for an expert no agent holds: read whole here, or a 1/n slice
+        on each of n agents like this one at once, plus a round trip. Splitting pays where the
+        read it saves is longer than the round trip: not for a page-cached file or an
+        unthrottled disk."""
+        return self.expert_read_s() * (1 - 1 / n) > self.round_trip_s()
 
     def _split(self, dispatch: Dispatch, group: Sequence[NodeId], layer: int, x: torch.Tensor, ids: torch.Tensor,
                weights: torch.Tensor, experts: Sequence[int]) -> None:

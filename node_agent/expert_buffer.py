@@ -299,12 +299,13 @@ class ExpertBuffer:
             async with self._space:
                 self._space.notify_all()
 
-    async def prefetch(self, eid: ExpertId) -> bool:
+    async def prefetch(self, eid: ExpertId, evict_whole: bool = True) -> bool:
         """Start reading an expert predicted to be needed, if that evicts nothing the current plan
-        needs; returns whether it is resident or on its way."""
+        needs (and, without `evict_whole`, no whole expert: only slices); returns whether it is
+        resident or on its way."""
         entry = self._entries.get(eid)
         if entry is None:
-            reserved = await self._reserve(eid, allow_protected=False)
+            reserved = await self._reserve(eid, allow_protected=False, evict_whole=evict_whole)
             if reserved is None:
                 return False
             entry, queued = reserved
@@ -339,13 +340,13 @@ class ExpertBuffer:
         self._drop(eid)  # the reader skips its queue item
         return True
 
-    def _victim(self, allow_protected: bool) -> Key | None:
+    def _victim(self, allow_protected: bool, evict_whole: bool = True) -> Key | None:
         free: set[Key] = {k for k, v in self._entries.items()
                           if v.pins == 0 and v.weights is not None and k not in self.placed}  # fmt: skip
         # Slices go before whole experts: a whole expert is in the routing table homes read (one
         # gone sends them to a holder that must read all of it again), a slice is 1/N of a read.
         slices: set[Key] = {k for k in free if isinstance(k, SliceId)}
-        free = slices or free
+        free = slices or (free if evict_whole else set())
         unprotected = free - self.protected
         victim = next(iter(self.policy.victims(unprotected)), None)
         if victim is None and allow_protected:
@@ -383,8 +384,8 @@ class ExpertBuffer:
         async with self._space:
             self._space.notify_all()
 
-    async def _reserve(self, eid: Key, allow_protected: bool, priority: int | None = None, read: bool = True
-                       ) -> tuple[_Entry, bool] | None:
+    async def _reserve(self, eid: Key, allow_protected: bool, priority: int | None = None, read: bool = True,
+                       evict_whole: bool = True) -> tuple[_Entry, bool] | None:
         """Room for a read of eid, evicting or (a demand read) waiting for it; returns its entry
         and whether this call queued the read (False: another task's read of eid, resident or in
         flight, which began while this one waited), or None (a prefetch finds no room)."""
@@ -398,7 +399,7 @@ class ExpertBuffer:
                     break
                 if self._cancel_fill():
                     continue
-                victim = self._victim(allow_protected)
+                victim = self._victim(allow_protected, evict_whole)
                 if victim is None:
                     if not allow_protected:
                         return None  # a prefetch never waits or evicts what is needed

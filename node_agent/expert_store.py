@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 
 import torch
@@ -22,11 +23,20 @@ class ExpertStore:
         self.ckpt, self.cfg, self.dtype, self.disk = ckpt, cfg, dtype, disk
         self._lock = threading.Lock()
         self.bytes_read = 0  # bytes read from disk since start (every chunk passed the throttle)
+        self.read_s = 0.0  # seconds those reads took (the throttle's pacing included)
         one = cfg.expert_tensor_names(next(i for i in range(cfg.num_layers) if cfg.is_moe(i)), 0)
         # Bytes one expert takes in memory, in the compute dtype (may differ from the file's).
         self.expert_nbytes = sum(
             torch.Size(ckpt.locations[n].shape).numel() for n in one
         ) * torch.empty((), dtype=dtype).element_size()
+
+    def expert_read_s(self) -> float:
+        """What reading one expert takes here: as measured so far (a page-cached file reads in no
+        time), else as the disk throttle paces it (0 where neither knows)."""
+        with self._lock:
+            if self.bytes_read:
+                return self.expert_nbytes * self.read_s / self.bytes_read
+        return self.expert_nbytes / self.disk.rate if self.disk.rate else 0.0
 
     def _count(self, nbytes: int) -> None:
         self.disk.pace(nbytes)
@@ -46,12 +56,17 @@ class ExpertStore:
                 check()
             self._count(nbytes)
 
-        if isinstance(key, SliceId):
-            units = key.units(self.cfg.expert_size)
-            gate, up = (self.ckpt.read_block(n, units, before_chunk=before_chunk) for n in names[:2])
-            down = self.ckpt.read_block(names[2], (0, self.cfg.hidden_size), units, before_chunk=before_chunk)
-            tensors = [t.to(self.dtype) for t in (gate, up, down)]
-        else:
-            tensors = [self.ckpt.read(n, before_chunk=before_chunk).to(self.dtype) for n in names]
+        start = time.perf_counter()
+        try:
+            if isinstance(key, SliceId):
+                units = key.units(self.cfg.expert_size)
+                gate, up = (self.ckpt.read_block(n, units, before_chunk=before_chunk) for n in names[:2])
+                down = self.ckpt.read_block(names[2], (0, self.cfg.hidden_size), units, before_chunk=before_chunk)
+                tensors = [t.to(self.dtype) for t in (gate, up, down)]
+            else:
+                tensors = [self.ckpt.read(n, before_chunk=before_chunk).to(self.dtype) for n in names]
+        finally:  # a read stopped part-way took its time for the bytes it counted
+            with self._lock:
+                self.read_s += time.perf_counter() - start
         log.debug("loaded %s", key)
         return ExpertWeights(*tensors)

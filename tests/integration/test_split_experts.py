@@ -1,6 +1,7 @@
 """Experts split into slices over the agents (expert tensor parallelism) give transformers' logits
 and greedy text for every split mode: real agents over real gRPC, real generated checkpoints,
-expert memory too small to hold the model, so that decode keeps needing experts no agent holds."""
+expert memory too small to hold the model, so that decode keeps needing experts no agent holds, and
+disks slow enough (an expert read takes READ_S) that `auto` finds splitting one worth a round trip."""
 
 from __future__ import annotations
 
@@ -17,6 +18,12 @@ from tests.conftest import ARCHS
 from tests.integration.cluster import expert_bytes, local_cluster
 from tests.integration.test_equivalence import ATOL, PROMPT_LEN, transformers_outputs
 
+READ_S = 0.02  # one expert's read on each agent's throttled disk
+
+
+def slow_disk(model_dir: Path) -> float:
+    return expert_bytes(model_dir) / READ_S
+
 
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("split", EXPERT_SPLITS)
@@ -25,7 +32,8 @@ async def test_home_prefill_logits_match_transformers_for_every_split_mode(tiny_
     model_dir = tiny_models[arch]
     ids, expected, _ = transformers_outputs(model_dir)
     agents = 3
-    async with local_cluster(model_dir, agents, expert_memory=2 * expert_bytes(model_dir)) as cluster:
+    async with local_cluster(model_dir, agents, expert_memory=2 * expert_bytes(model_dir),
+                             disk_rate=slow_disk(model_dir)) as cluster:
         async with cluster.engine(expert_split=split) as engine:
             await engine.refresh()  # fills the agents' memory and publishes the routing table (with the mode)
             home = cluster.clients[0]
@@ -53,7 +61,8 @@ async def test_greedy_text_matches_transformers_for_every_split_mode(tiny_models
                                                                     split: ExpertSplit, agents: int) -> None:
     model_dir = tiny_models[arch]
     ids, _, greedy = transformers_outputs(model_dir)
-    async with local_cluster(model_dir, agents, expert_memory=2 * expert_bytes(model_dir)) as cluster:
+    async with local_cluster(model_dir, agents, expert_memory=2 * expert_bytes(model_dir),
+                             disk_rate=slow_disk(model_dir)) as cluster:
         request = GenerationRequest(RequestId("gen-1"), tuple(ids), SamplingParams(max_tokens=16, temperature=0))
         tokens = [e.token_id for e in await cluster.generate(request, home_prefill_max=PROMPT_LEN, prefill_chunk=8,
                                                              expert_split=split)]
@@ -66,7 +75,7 @@ async def test_greedy_text_matches_transformers_for_every_split_mode(tiny_models
 @pytest.mark.parametrize("prefetch", [True, False])
 async def test_decode_prefetch_reads_what_the_prompt_chose_and_keeps_the_text(qwen_tiny: Path, prefetch: bool) -> None:
     ids, _, greedy = transformers_outputs(qwen_tiny)
-    async with local_cluster(qwen_tiny, 2, expert_memory=4 * expert_bytes(qwen_tiny)) as cluster:
+    async with local_cluster(qwen_tiny, 2, expert_memory=2 * expert_bytes(qwen_tiny)) as cluster:
         request = GenerationRequest(RequestId("gen-1"), tuple(ids), SamplingParams(max_tokens=16, temperature=0))
         tokens = [e.token_id for e in await cluster.generate(request, home_prefill_max=PROMPT_LEN, prefill_chunk=8,
                                                              decode_prefetch=prefetch)]
@@ -74,15 +83,14 @@ async def test_decode_prefetch_reads_what_the_prompt_chose_and_keeps_the_text(qw
     assert tokens == greedy
     reads = sum(s.decode_prefetch_reads for s in snaps)
     judged = sum(s.decode_prefetch_hits + s.decode_prefetch_misses for s in snaps)
-    if prefetch:  # one home: at most its free slots (4 less one for demand reads), every decode token judged
-        assert 0 < reads <= 3 and judged > 0
-    else:
-        assert reads == 0 and judged == 0
+    # The plan was made and the decode tokens judged against it (the home held at most 2 of the 24
+    # experts); what it reads depends on the free memory then (test_home_prefetch.py checks that).
+    assert (judged > 0) == prefetch and reads <= (1 if prefetch else 0)
 
 
 async def test_a_sequence_parallel_prompt_s_counts_reach_its_home_s_prefetch(qwen_tiny: Path) -> None:
     ids, _, greedy = transformers_outputs(qwen_tiny)
-    async with local_cluster(qwen_tiny, 2, expert_memory=4 * expert_bytes(qwen_tiny)) as cluster:
+    async with local_cluster(qwen_tiny, 2, expert_memory=2 * expert_bytes(qwen_tiny)) as cluster:
         request = GenerationRequest(RequestId("gen-1"), tuple(ids), SamplingParams(max_tokens=16, temperature=0))
         tokens = [e.token_id for e in await cluster.generate(request, home_prefill_max=0)]  # prefilled on both
         snaps = [await c.snapshot() for c in cluster.clients]
@@ -90,5 +98,18 @@ async def test_a_sequence_parallel_prompt_s_counts_reach_its_home_s_prefetch(qwe
             await cluster.clients[0].adopt_kv("bad", 8, 4, [], prefill_here=True, prompt_counts=[1, 2, 3])
     assert tokens == greedy
     assert sum(s.home_prefill_tokens for s in snaps) == 0
-    assert 0 < sum(s.decode_prefetch_reads for s in snaps) <= 3
-    assert sum(s.decode_prefetch_hits + s.decode_prefetch_misses for s in snaps) > 0
+    assert sum(s.decode_prefetch_hits + s.decode_prefetch_misses for s in snaps) > 0  # the counts made a plan
+
+
+async def test_auto_reads_a_cheap_expert_whole_rather_than_pay_a_round_trip(qwen_tiny: Path) -> None:
+    """An unthrottled disk (a page-cached file here) reads an expert faster than a round trip to
+    the other agents: `auto` splits nothing, `always` still does."""
+    ids, _, greedy = transformers_outputs(qwen_tiny)
+    for split, expect_splits in (("auto", False), ("always", True)):
+        async with local_cluster(qwen_tiny, 2, expert_memory=2 * expert_bytes(qwen_tiny)) as cluster:
+            request = GenerationRequest(RequestId("gen-1"), tuple(ids), SamplingParams(max_tokens=16, temperature=0))
+            tokens = [e.token_id for e in await cluster.generate(request, home_prefill_max=PROMPT_LEN,
+                                                                 expert_split=split)]
+            snaps = [await c.snapshot() for c in cluster.clients]
+        assert tokens == greedy
+        assert (sum(s.decode_split_experts for s in snaps) > 0) == expect_splits, split

@@ -27,7 +27,7 @@ def home(model_dir: Path, experts: int) -> HomePrefetch:
 
 
 async def test_the_prompt_s_most_chosen_experts_are_read_one_per_layer_first(qwen_tiny: Path) -> None:
-    prefetch = home(qwen_tiny, 4)  # 3 free slots: one stays for demand reads
+    prefetch = home(qwen_tiny, 4)  # 4 slots: one holds expert 5, one stays for demand reads, 2 are free
     layers = prefetch.layers
     async with prefetch.buffer.pinned(ExpertId(layers[0], 5)):  # held already: never planned
         pass
@@ -36,8 +36,8 @@ async def test_the_prompt_s_most_chosen_experts_are_read_one_per_layer_first(qwe
     prefetch.prompt("r", [c[:2] for c in chosen])  # the prompt in two spans
     prefetch.prompt("r", [c[2:] for c in chosen])
     prefetch.prompt_done("r")
-    planned = [ExpertId(layers[0], 1), ExpertId(layers[1], 3), ExpertId(layers[2], 7)]  # round 1 fills the 3 slots
-    assert prefetch.read == 3
+    planned = [ExpertId(layers[0], 1), ExpertId(layers[1], 3)]  # round 1, as far as the free slots go
+    assert prefetch.read == 2
     async with asyncio.timeout(10):
         while sorted(prefetch.buffer.all_resident()) != sorted([ExpertId(layers[0], 5), *planned]):
             await asyncio.sleep(0.001)
@@ -55,3 +55,16 @@ async def test_switched_off_it_counts_and_reads_nothing(qwen_tiny: Path) -> None
     prefetch.prompt_done("r")
     prefetch.decoded("r", [torch.tensor([[1, 2]])] * len(prefetch.layers))
     assert (prefetch.read, prefetch.hits, prefetch.misses) == (0, 0, 0) and prefetch.buffer.all_loading() == []
+
+
+async def test_it_never_evicts_a_whole_expert_only_slices(qwen_tiny: Path) -> None:
+    prefetch = home(qwen_tiny, 4)
+    layer = prefetch.layers[0]
+    for e in range(4):  # memory full of whole experts: each may be the pool's one copy
+        async with prefetch.buffer.pinned(ExpertId(layer, e)):
+            pass
+    prefetch.prompt("r", [torch.tensor([[6, 7]])] * len(prefetch.layers))
+    prefetch.prompt_done("r")
+    assert prefetch.read == 0 and prefetch.buffer.all_resident() == [ExpertId(layer, e) for e in range(4)]
+    evicted = await prefetch.buffer.prefetch(ExpertId(layer, 6), evict_whole=False)
+    assert not evicted and prefetch.buffer.counters.evictions == 0
