@@ -100,6 +100,10 @@ class ExpertExecutor:
             try:  # pinned without yielding, so it cannot go between the check and the pin
                 whole = self.buffer.acquire_resident(piece.expert)
             except KeyError:
+                if not self.buffer.room_for_slice(piece):  # only whole experts to evict: read it for this run
+                    w = await self.buffer.stream(piece)
+                    await self.compute(slots.add_experts, out, x, ids, weights, {e: w})
+                    return
                 async with self.buffer.pinned(piece) as w:
                     await self.compute(slots.add_experts, out, x, ids, weights, {e: w})
                 return

@@ -27,71 +27,19 @@ import heapq
 import itertools
 import logging
 import threading
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from concurrent.futures import Executor
-from dataclasses import dataclass, field
 
+from node_agent.buffer_entries import (DEMAND, FILL, PLACE, PREFETCH, BufferCounters, BufferTooSmall, Entry, FetchFn,
+                                       Key, LayerPins, LoadFn, NotResident, ReadPreempted)
 from node_agent.cache_policy import EvictionPolicy, LRUPolicy
 from node_agent.model.moe import ExpertWeights
 from protos.ids import ExpertId, SliceId
 
+__all__ = ["BufferCounters", "BufferTooSmall", "ExpertBuffer", "FetchFn", "Key", "LayerPins", "NotResident",
+           "ReadPreempted"]  # what callers import from here
+
 log = logging.getLogger("potluck.agent")
-
-DEMAND, PREFETCH, PLACE, FILL = 0, 1, 2, 3  # disk queue priorities (lower first)
-
-
-class BufferTooSmall(ValueError):
-    """The byte budget cannot hold even one expert."""
-
-
-class NotResident(LookupError):
-    """A peer asked for an expert this agent does not hold in memory."""
-
-
-class ReadPreempted(Exception):
-    """A fill's read stopped between chunks because a more urgent read is waiting."""
-
-
-Key = ExpertId | SliceId  # what the buffer holds: a whole expert, or a slice of one
-
-# Reads an expert or a slice; calls the given check before every chunk (the check raises
-# ReadPreempted to stop a read that must give the disk up). Runs in the disk thread.
-LoadFn = Callable[[Key, Callable[[], None]], ExpertWeights]
-# Gets a placed expert from a peer's memory instead (`place`); on the event loop.
-FetchFn = Callable[[ExpertId], Awaitable[ExpertWeights]]
-
-
-@dataclass
-class _Entry:
-    nbytes: int  # what it takes of the budget
-    pins: int = 0  # users computing with it (or waiting for its load)
-    weights: ExpertWeights | None = None  # None while loading
-    started: bool = False  # its read has begun
-    priority: int = DEMAND  # the most urgent disk priority it was asked at
-    loaded: asyncio.Future[ExpertWeights] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
-
-
-@dataclass(frozen=True)
-class LayerPins:
-    """The experts of one layer pinned at once (for a decode step's layer job)."""
-
-    layer: int
-    weights: dict[int, ExpertWeights]  # expert index -> weights
-    entries: dict[int, _Entry]  # what to unpin (an entry evicted meanwhile is not: pinned, it cannot be)
-
-
-@dataclass
-class BufferCounters:
-    hits: int = 0  # acquisitions served from memory (resident or already loading)
-    misses: int = 0  # acquisitions that started a load
-    loads: int = 0  # loads completed
-    evictions: int = 0  # experts dropped to make room
-    prefetches: int = 0  # loads started by a prefetch
-    fills: int = 0  # loads started by a fill
-    fill_preemptions: int = 0  # fill reads stopped part-way for a more urgent read
-    placements: int = 0  # loads started for the placement
-    fetches: int = 0  # of them, got from a peer's memory instead of the disk
-    fetch_failures: int = 0  # fetches that failed (read from the disk instead)
 
 
 class ExpertBuffer:
@@ -112,12 +60,12 @@ class ExpertBuffer:
         self._load = load
         self._disk = disk_executor
         self.policy: EvictionPolicy[Key] = policy or LRUPolicy()
-        self._entries: dict[Key, _Entry] = {}
+        self._entries: dict[Key, Entry] = {}
         self._used = 0  # bytes of the entries
-        self._resident: dict[int, dict[int, _Entry]] = {}  # layer -> index -> entry, resident only
+        self._resident: dict[int, dict[int, Entry]] = {}  # layer -> index -> entry, resident only
         self._space = asyncio.Condition()
         self._room_waiters = 0  # demand reads waiting for a pin to be released
-        self._queue: list[tuple[int, int, Key, _Entry]] = []  # heap of (priority, seq, expert, entry)
+        self._queue: list[tuple[int, int, Key, Entry]] = []  # heap of (priority, seq, expert, entry)
         self._seq = itertools.count()
         self._reader: asyncio.Task[None] | None = None
         self._urgent = threading.Event()  # a demand or prefetch read is queued (read by the disk thread)
@@ -145,7 +93,7 @@ class ExpertBuffer:
         start, stop = key.units(self.intermediate)
         return self.expert_nbytes * (stop - start) // self.intermediate
 
-    def _add(self, key: Key, entry: _Entry) -> None:
+    def _add(self, key: Key, entry: Entry) -> None:
         self._entries[key] = entry
         self._used += entry.nbytes
 
@@ -255,6 +203,22 @@ class ExpertBuffer:
             await self._unpin(entry)
             raise
 
+    def room_for_slice(self, key: SliceId) -> bool:
+        """Whether `key` is held or on its way, or fits without evicting a whole expert (free
+        room, or a slice to evict)."""
+        return key in self._entries or self._fits(key) or any(
+            isinstance(k, SliceId) and v.pins == 0 and v.weights is not None for k, v in self._entries.items())
+
+    async def stream(self, key: SliceId) -> ExpertWeights:
+        """Read a slice for one use without holding it: where the memory holds only whole
+        experts, which the routing table sends homes to, a slice must not take one's room (each
+        evicted one turned into a split for every agent, which evicted more). Its bytes exceed
+        the budget while its caller computes with it: 1/N of an expert per slice in use."""
+        entry = Entry(self.nbytes(key), streamed=True)
+        self.counters.streamed += 1
+        self._enqueue(DEMAND, key, entry)
+        return await entry.loaded
+
     def acquire_resident(self, eid: ExpertId) -> ExpertWeights:
         """Pin an expert that is in memory now, without yielding to the event loop (so nothing
         can evict it first); KeyError if it is not resident."""
@@ -293,7 +257,7 @@ class ExpertBuffer:
         if entry is not None:
             await self._unpin(entry)
 
-    async def _unpin(self, entry: _Entry) -> None:
+    async def _unpin(self, entry: Entry) -> None:
         entry.pins -= 1
         if entry.pins == 0 and self._room_waiters:
             async with self._space:
@@ -325,7 +289,7 @@ class ExpertBuffer:
             return True
         if not self._fits(eid):
             return False
-        entry = _Entry(self.expert_nbytes, priority=FILL)
+        entry = Entry(self.expert_nbytes, priority=FILL)
         self._add(eid, entry)
         self.counters.fills += 1
         self._enqueue(FILL, eid, entry)
@@ -353,7 +317,7 @@ class ExpertBuffer:
             victim = next(iter(self.policy.victims(free)), None)
         return victim
 
-    async def _fetch_into(self, eid: ExpertId, entry: _Entry, source: FetchFn) -> None:
+    async def _fetch_into(self, eid: ExpertId, entry: Entry, source: FetchFn) -> None:
         """Fill a reserved entry from a peer; on failure, queue its disk read instead."""
         entry.started = True  # the reader leaves it alone
         try:
@@ -373,7 +337,7 @@ class ExpertBuffer:
         self.counters.fetches += 1
         await self._install(eid, entry, weights)
 
-    async def _install(self, eid: Key, entry: _Entry, weights: ExpertWeights) -> None:
+    async def _install(self, eid: Key, entry: Entry, weights: ExpertWeights) -> None:
         """A read or fetch of eid is done: resident, its waiters woken."""
         entry.weights = weights
         if isinstance(eid, ExpertId):
@@ -385,7 +349,7 @@ class ExpertBuffer:
             self._space.notify_all()
 
     async def _reserve(self, eid: Key, allow_protected: bool, priority: int | None = None, read: bool = True,
-                       evict_whole: bool = True) -> tuple[_Entry, bool] | None:
+                       evict_whole: bool = True) -> tuple[Entry, bool] | None:
         """Room for a read of eid, evicting or (a demand read) waiting for it; returns its entry
         and whether this call queued the read (False: another task's read of eid, resident or in
         flight, which began while this one waited), or None (a prefetch finds no room)."""
@@ -412,14 +376,14 @@ class ExpertBuffer:
                 self._drop(victim)
                 self.policy.on_remove(victim)
                 self.counters.evictions += 1
-            entry = _Entry(self.nbytes(eid),
+            entry = Entry(self.nbytes(eid),
                            priority=priority if priority is not None else DEMAND if allow_protected else PREFETCH)
             self._add(eid, entry)
         if read:  # else the caller fills it (`_fetch_into`)
             self._enqueue(entry.priority, eid, entry)
         return entry, True
 
-    def _enqueue(self, priority: int, eid: Key, entry: _Entry) -> None:
+    def _enqueue(self, priority: int, eid: Key, entry: Entry) -> None:
         entry.priority = min(entry.priority, priority)
         if priority < FILL:
             self._urgent.set()
@@ -427,7 +391,7 @@ class ExpertBuffer:
         if self._reader is None or self._reader.done():
             self._reader = asyncio.get_running_loop().create_task(self._read_forever())
 
-    def _preempt_check(self, entry: _Entry) -> Callable[[], None]:
+    def _preempt_check(self, entry: Entry) -> Callable[[], None]:
         """Before each chunk of a read: a fill nobody waits for gives the disk to urgent reads."""
         def check() -> None:
             if entry.priority == FILL and not entry.pins and self._urgent.is_set():
@@ -441,7 +405,7 @@ class ExpertBuffer:
             _, _, eid, entry = heapq.heappop(self._queue)
             if not self._queue or self._queue[0][0] == FILL:
                 self._urgent.clear()  # nothing but fills left behind this read
-            if entry.started or self._entries.get(eid) is not entry:
+            if entry.started or (not entry.streamed and self._entries.get(eid) is not entry):
                 continue  # already read (queued twice), or dropped
             entry.started = True
             try:
@@ -457,7 +421,10 @@ class ExpertBuffer:
                 entry.loaded.set_exception(exc)
                 entry.loaded.exception()  # retrieved: nobody may be waiting on a prefetch
             else:
-                await self._install(eid, entry, weights)
+                if entry.streamed:
+                    entry.loaded.set_result(weights)
+                else:
+                    await self._install(eid, entry, weights)
                 continue
             async with self._space:
                 self._space.notify_all()

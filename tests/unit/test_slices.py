@@ -96,3 +96,20 @@ async def test_the_buffer_holds_slices_under_its_byte_budget(qwen_tiny: Path) ->
         pass
     assert buffer.resident_slices() == [] and buffer.all_resident() == [ExpertId(0, 4)]
     assert buffer.bytes_used == store.expert_nbytes
+
+
+async def test_a_slice_with_only_whole_experts_to_evict_is_streamed_not_held(qwen_tiny: Path) -> None:
+    cfg = MoeConfig.load(qwen_tiny)
+    store = ExpertStore(Checkpoint(qwen_tiny), cfg, torch.float32, Throttle(0))
+    buffer = ExpertBuffer(2 * store.expert_nbytes, store.expert_nbytes, store.load, ThreadPoolExecutor(1),
+                          intermediate=cfg.expert_size)
+    for e in (1, 2):  # full of whole experts
+        async with buffer.pinned(ExpertId(0, e)):
+            pass
+    piece = SliceId(ExpertId(0, 3), 1, 2)
+    assert not buffer.room_for_slice(piece)
+    got = await buffer.stream(piece)
+    want = store.load(piece)
+    assert torch.equal(got.gate, want.gate) and torch.equal(got.down, want.down)
+    assert buffer.all_resident() == [ExpertId(0, 1), ExpertId(0, 2)] and buffer.resident_slices() == []
+    assert (buffer.counters.evictions, buffer.counters.streamed) == (0, 1)

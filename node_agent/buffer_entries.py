@@ -1,0 +1,69 @@
+"""What the expert buffer (`expert_buffer.py`) holds and says: its keys, entries, counters,
+disk priorities and errors."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+from node_agent.model.moe import ExpertWeights
+from protos.ids import ExpertId, SliceId
+
+DEMAND, PREFETCH, PLACE, FILL = 0, 1, 2, 3  # disk queue priorities (lower first)
+
+
+class BufferTooSmall(ValueError):
+    """The byte budget cannot hold even one expert."""
+
+
+class NotResident(LookupError):
+    """A peer asked for an expert this agent does not hold in memory."""
+
+
+class ReadPreempted(Exception):
+    """A fill's read stopped between chunks because a more urgent read is waiting."""
+
+
+Key = ExpertId | SliceId  # what the buffer holds: a whole expert, or a slice of one
+
+# Reads an expert or a slice; calls the given check before every chunk (the check raises
+# ReadPreempted to stop a read that must give the disk up). Runs in the disk thread.
+LoadFn = Callable[[Key, Callable[[], None]], ExpertWeights]
+# Gets a placed expert from a peer's memory instead (`place`); on the event loop.
+FetchFn = Callable[[ExpertId], Awaitable[ExpertWeights]]
+
+
+@dataclass
+class Entry:
+    nbytes: int  # what it takes of the budget
+    pins: int = 0  # users computing with it (or waiting for its load)
+    weights: ExpertWeights | None = None  # None while loading
+    started: bool = False  # its read has begun
+    priority: int = DEMAND  # the most urgent disk priority it was asked at
+    streamed: bool = False  # read for one use, never held (`ExpertBuffer.stream`)
+    loaded: asyncio.Future[ExpertWeights] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+
+
+@dataclass(frozen=True)
+class LayerPins:
+    """The experts of one layer pinned at once (for a decode step's layer job)."""
+
+    layer: int
+    weights: dict[int, ExpertWeights]  # expert index -> weights
+    entries: dict[int, Entry]  # what to unpin (an entry evicted meanwhile is not: pinned, it cannot be)
+
+
+@dataclass
+class BufferCounters:
+    hits: int = 0  # acquisitions served from memory (resident or already loading)
+    misses: int = 0  # acquisitions that started a load
+    loads: int = 0  # loads completed
+    evictions: int = 0  # experts dropped to make room
+    prefetches: int = 0  # loads started by a prefetch
+    fills: int = 0  # loads started by a fill
+    fill_preemptions: int = 0  # fill reads stopped part-way for a more urgent read
+    placements: int = 0  # loads started for the placement
+    fetches: int = 0  # of them, got from a peer's memory instead of the disk
+    fetch_failures: int = 0  # fetches that failed (read from the disk instead)
+    streamed: int = 0  # slices read for one use, with no room to hold them but a whole expert's
