@@ -1,14 +1,23 @@
 """What one device's compute is like, measured at start: the FLOP/s of an expert's matmuls (for
-the scheduler's cost model), on the thread and torch threads the agent computes with."""
+the scheduler's cost model), on the thread and torch threads the agent computes with; and that
+thread (`ComputeThread`)."""
 
 from __future__ import annotations
 
+import asyncio
 import statistics
 import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
 
 import torch
 
+from node_agent.grouped import QueuedJobs
 from node_agent.model.config import MoeConfig
+from node_agent.throttle import ComputePacer
+
+R = TypeVar("R")
 
 
 def measure_expert_flops(cfg: MoeConfig, dtype: torch.dtype, tokens: int = 256, compute_share: float = 0) -> float:
@@ -41,3 +50,34 @@ def set_thread_torch_threads(n: int) -> None:
     thread's 1) does not reset this thread's count."""
     torch.get_num_threads()
     torch.set_num_threads(n)
+
+
+class ComputeThread:
+    """The agent's one compute thread: all its torch work runs there (torch releases the GIL
+    inside its kernels), the only thread with `torch_threads` torch threads (see service.serve)."""
+
+    def __init__(self, pacer: ComputePacer, torch_threads: int) -> None:
+        self.pacer = pacer
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="compute", initializer=set_thread_torch_threads,
+                                       initargs=(torch_threads,))
+        self.queued = QueuedJobs()  # jobs waiting for the thread (a grouped pass lets them in between experts)
+
+    async def run(self, fn: Callable[..., R], *args: object) -> R:
+        """fn(*args) on the thread, paced to the emulated device's speed where the profile sets
+        one; counted while queued."""
+        def run() -> R:
+            self.queued.add(-1)
+            with torch.inference_mode(), self.pacer.pace():
+                return fn(*args)
+
+        self.queued.add(1)
+        job = self.pool.submit(run)
+        try:
+            return await asyncio.wrap_future(job)
+        finally:
+            if job.cancelled():  # never began
+                self.queued.add(-1)
+
+    async def unpaced(self, fn: Callable[..., R], *args: object) -> R:
+        """fn(*args) on the thread, outside the pacer (start-up measurements)."""
+        return await asyncio.wrap_future(self.pool.submit(fn, *args))

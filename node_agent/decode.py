@@ -373,11 +373,11 @@ class Decoder:
         for span, cache, start in zip(batch.spans, batch.caches, batch.starts):
             prompt_rows = max(0, min(span.end, cache.prompt) - span.position)
             if prompt_rows:
-                self.prefetch.prompt(span.request_id, [c[start:start + prompt_rows] for c in chosen])
+                self.prefetch.prompt(span.request_id, chosen, slice(start, start + prompt_rows))
                 if span.end >= cache.prompt:
                     self.prefetch.prompt_done(span.request_id)
             elif span.token_ids:
-                self.prefetch.decoded(span.request_id, [c[start:start + len(span.token_ids)] for c in chosen])
+                self.prefetch.decoded(span.request_id, chosen, slice(start, start + len(span.token_ids)))
 
     def _inline(self, fn: Callable[..., R], *args: object) -> R:
         """A job run on the event loop (see HOME_INLINE_ROWS), as the compute thread would run it."""

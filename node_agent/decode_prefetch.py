@@ -77,13 +77,13 @@ class HomePrefetch:
         self.hits = 0  # decode selections of an expert its request's prefetch read
         self.misses = 0  # decode selections of one neither held when planned nor read
 
-    def prompt(self, request_id: str, chosen: Sequence[torch.Tensor]) -> None:
-        """Count a prompt span's selections (per MoE layer, [n, k] of its prompt rows)."""
+    def prompt(self, request_id: str, chosen: Sequence[torch.Tensor], rows: slice = slice(None)) -> None:
+        """Count a prompt span's selections: `rows` of each MoE layer's [T, k] (a step's tokens)."""
         if not self.enabled:
             return
         counts = self._counts.setdefault(request_id, {})
         for layer, ids in zip(self.layers, chosen):
-            by = counts.setdefault(layer, {})
+            by, ids = counts.setdefault(layer, {}), ids[rows]
             for e, c in enumerate(torch.bincount(ids[ids >= 0].flatten().long()).tolist()):
                 if c:
                     by[e] = by.get(e, 0) + c
@@ -123,14 +123,15 @@ class HomePrefetch:
             self._reads.add(task)
             task.add_done_callback(self._reads.discard)
 
-    def decoded(self, request_id: str, chosen: Sequence[torch.Tensor]) -> None:
-        """Count a decode token's selections (per MoE layer, [1, k]) as hits or misses."""
+    def decoded(self, request_id: str, chosen: Sequence[torch.Tensor], rows: slice = slice(None)) -> None:
+        """Count a decode token's selections (`rows` of each MoE layer's [T, k]) as hits or
+        misses. A request without a plan (prefetch off) costs one dict lookup a step."""
         planned = self._planned.get(request_id)
         if planned is None:
             return
         read, held = planned
         for layer, ids in zip(self.layers, chosen):
-            for e in ids.flatten().tolist():
+            for e in ids[rows].flatten().tolist():
                 eid = ExpertId(layer, e)
                 if eid in read:
                     self.hits += 1

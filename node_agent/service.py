@@ -327,7 +327,7 @@ async def serve(settings: AgentSettings, ready: asyncio.Event | None = None, sto
     server = grpc.aio.server(interceptors=[gate, ErrorInterceptor(), LatencyInterceptor(link)],
                              options=[*SERVER_OPTIONS, ("grpc.so_reuseport", 0)])
     core.decoder.sends.expert_read_s = store.expert_read_s  # auto splits an unheld expert where reading it costs
-    flops = await core.unpaced(measure_expert_flops, cfg, dtype, 256, settings.compute_share)
+    flops = await core.thread.unpaced(measure_expert_flops, cfg, dtype, 256, settings.compute_share)
     servicer = Servicer(core, settings, link, store, model_fingerprint(settings.model_dir), flops)
     data_server = DataServer(settings.node_name, servicer.run_batch, link, creds=creds)
     pb_grpc.add_NodeAgentServicer_to_server(servicer, server)

@@ -10,21 +10,20 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from typing import Protocol, TypeVar
+from collections.abc import Awaitable, Mapping, Sequence
+from typing import Protocol
 
 import torch
 
 from node_agent.attention import KVPeers, PeerAttention
-from node_agent.compute_profile import set_thread_torch_threads
+from node_agent.compute_profile import ComputeThread
 from node_agent.dataplane import DataClient
 from node_agent.decode import DecodePeers, Decoder
 from node_agent.dispatch import LayerPlan, only, rows_with, split_by_executor
 from node_agent.executor import ExpertExecutor
 from node_agent.expert_buffer import ExpertBuffer
 from node_agent.holdings import ExpertPeers, Holdings
-from node_agent.grouped import GroupedPasses, QueuedJobs
+from node_agent.grouped import GroupedPasses
 from node_agent.limits import AgentLimits, RequestTable, check_in_range, check_kv_block, check_plan, check_step
 from node_agent.model import moe, slots
 from node_agent.model.config import MoeConfig
@@ -37,7 +36,6 @@ from protos.messages import DecodeResult, DecodeSpan, LayerReport, SamplingParam
 from protos.routing import RoutingTable
 
 log = logging.getLogger(__name__)
-R = TypeVar("R")
 
 
 class PeerTransport(KVPeers, DecodePeers, ExpertPeers, Protocol):
@@ -61,12 +59,10 @@ class AgentCore:
         self.name, self.cfg, self.dense, self.buffer, self.peers = name, cfg, dense, buffer, peers
         self.limits = limits
         self.pacer = pacer or ComputePacer(0)
-        # The compute thread alone runs torch on `torch_threads` threads; see service.serve.
-        self._compute = ThreadPoolExecutor(1, thread_name_prefix="compute", initializer=set_thread_torch_threads,
-                                           initargs=(torch_threads,))
+        self.thread = ComputeThread(self.pacer, torch_threads)
+        self.compute = self.thread.run  # torch work, on the compute thread
         self._unpinning: set[asyncio.Future[None]] = set()  # early runs' releases of their experts
-        self._queued = QueuedJobs()
-        self.passes = GroupedPasses(self.pacer, self._compute, self._queued.any)
+        self.passes = GroupedPasses(self.pacer, self.thread.pool, self.thread.queued.any)
         self.attention = PeerAttention(name, cfg, dense, peers, self.compute, peer_timeout_s)
         # A few decode rows may run on the event loop (saving two thread hops), whose torch has one
         # thread (service.serve): only where the compute thread has no more, and is not paced.
@@ -81,27 +77,6 @@ class AgentCore:
         self.direct_sent = 0  # experts whose tokens went to their executor by a direct route
         self.attention_s = 0.0  # total seconds in attention, all requests
         self.recall = PredictionRecall()  # of the prefetch's predictions, on my own tokens
-
-    async def compute(self, fn: Callable[..., R], *args: object) -> R:
-        """Run torch work on the compute thread (torch releases the GIL inside its kernels), paced
-        to the emulated device's speed where the profile sets one. Counted while queued, so that
-        a grouped pass lets it in between two experts."""
-        def run() -> R:
-            self._queued.add(-1)
-            with torch.inference_mode(), self.pacer.pace():
-                return fn(*args)
-
-        self._queued.add(1)
-        job = self._compute.submit(run)
-        try:
-            return await asyncio.wrap_future(job)
-        finally:
-            if job.cancelled():  # never began
-                self._queued.add(-1)
-
-    async def unpaced(self, fn: Callable[..., R], *args: object) -> R:
-        """Run fn on the compute thread, outside the pacer (start-up measurements)."""
-        return await asyncio.wrap_future(self._compute.submit(fn, *args))
 
     async def expire(self, now: float | None = None) -> list[str]:
         """Release every request no message touched for the limits' time to live (its server

@@ -12,7 +12,6 @@ import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,11 +23,12 @@ from scheduler.client import AgentClient, AgentInfo
 from scheduler.errors import AgentFailed, JoinRefused, NoAgentsAvailable, PromptTooLong, QueueFull, why_unable
 from scheduler.fill import AgentHoldings
 from scheduler.policy import Policy
-from protos.routing import ExpertSplit, RoutingTable
-from protos.security import Credentials, probe_peer
+from protos.routing import RoutingTable
+from protos.security import probe_peer
 from scheduler.activations import ActivationWindow
-from scheduler.batching import BatchSettings, Batcher
-from scheduler.placer import PlacementSettings, Placer
+from scheduler.batching import Batcher
+from scheduler.engine_settings import EngineSettings
+from scheduler.placer import Placer
 from scheduler.decode_plan import data_address, routing_table, same_holders
 from scheduler.runner import ClusterView, ModelShape
 from scheduler.types import AgentSnapshot, EngineSnapshot, GenerationRequest, NodeId, NodeSpec, TokenEvent
@@ -38,29 +38,6 @@ log = logging.getLogger("potluck.scheduler")
 STATS_BUCKETS = 5  # the activation window moves in steps of a fifth of its length
 
 JoinHook = Callable[[NodeId, AgentInfo], None]  # an agent joined, and what it reported about itself
-
-
-@dataclass(frozen=True)
-class EngineSettings:
-    max_waiting: int = 64  # queued requests beyond which submit answers QueueFull (429)
-    max_running: int = 4  # requests prefilling or decoding at once (continuous batching)
-    prefill_chunk: int = 512  # prompt tokens per prefill step while other requests decode
-    home_prefill_max: int = BatchSettings.home_prefill_max  # longer prompts are prefilled sequence-parallel
-    poll_interval_s: float = 2.0  # how often agents' health and counters are refreshed
-    call_timeout_s: float = 300.0  # deadline of one control call to an agent
-    credentials: Credentials | None = None  # the server's TLS identity; None: plaintext (--insecure)
-    placement: PlacementSettings = PlacementSettings()  # which experts each agent pins, and when re-planned
-    expert_split: ExpertSplit = "auto"  # how a home runs experts it does not hold (published in the routing table)
-    decode_prefetch: bool = True  # homes read ahead what their prompts chose most (published in the routing table)
-
-    def __post_init__(self) -> None:
-        if self.max_waiting < 0:
-            raise ValueError(f"max_waiting must be >= 0, got {self.max_waiting}")
-        self.batch  # checks its bounds
-
-    @property
-    def batch(self) -> BatchSettings:
-        return BatchSettings(self.max_running, self.prefill_chunk, self.home_prefill_max)
 
 
 class EngineService:

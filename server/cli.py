@@ -20,19 +20,15 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Final
+from typing import Final
 
-from scheduler.placement import POLICIES as PLACEMENTS
-from server.cli_args import HelpFormatter, add_profile_flags, duration, non_negative, positive, positive_seconds, size
+from server.cli_args import LOG_LEVELS, HelpFormatter, add_profile_flags, duration, non_negative, positive, size
 from server.cli_bench import add_bench
 from server.cli_certs import add_certs, add_trust_flags, server_credentials
-from server.setup_checks import SetupError, listen_address, port, port_or_any
+from server.cli_serve import add_server_flags, server_options
+from server.setup_checks import SetupError, listen_address, port_or_any
 from server.version import potluck_version
 
-if TYPE_CHECKING:
-    from server.runner import ServerOptions
-
-LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 log = logging.getLogger("potluck.server")
 DEMO_ARCH: Final = "qwen3_moe"  # what `potluck up` serves when given no --model
 DEMO_PRESET: Final = "tiny"
@@ -119,67 +115,11 @@ def _add_agent(commands: argparse._SubParsersAction) -> None:  # type: ignore[ty
 
 
 
-def _add_server_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--host", default="127.0.0.1", help="address the HTTP server binds (0.0.0.0: every interface)")
-    p.add_argument("--port", type=port, default=8000, help="TCP port of the HTTP server (1-65535)")
-    p.add_argument("--api-key", default=None, metavar="KEY",
-                   help="require 'Authorization: Bearer KEY' on /v1/* (default: $POTLUCK_API_KEY; unset = open)")  # fmt: skip
-    p.add_argument("--served-model-name", metavar="NAME", help="model id clients use; default: the model folder's name")
-    p.add_argument("--max-body", type=size, default="4MiB", metavar="SIZE",
-                   help="largest request body; a larger one gets 413 before it is read (0 = no bound)")  # fmt: skip
-    p.add_argument("--max-waiting", type=non_negative, default=64, metavar="N",
-                   help="queued requests (beyond the running ones) before answering 429")  # fmt: skip
-    p.add_argument("--max-running", type=positive, default=4, metavar="N",
-                   help="requests prefilling or decoding at once: running requests decode together, one token "
-                        "each per step, each expert's matmul batched across them")  # fmt: skip
-    p.add_argument("--prefill-chunk", type=positive, default=512, metavar="TOKENS",
-                   help="prompt tokens per prefill step while other requests decode, so their streams wait at "
-                        "most one chunk (a prompt arriving when nothing decodes is prefilled whole)")  # fmt: skip
-    p.add_argument("--home-prefill-max", type=non_negative, default=1024, metavar="TOKENS",
-                   help="a prompt of at most this many tokens is prefilled on the agent it decodes on, in its decode "
-                        "steps beside the running requests' tokens; a longer one sequence-parallel on every agent "
-                        "(0: every prompt sequence-parallel)")  # fmt: skip
-    p.add_argument("--expert-split", default="auto", choices=("auto", "never", "always"),
-                   help="how a decoding agent runs an expert it does not hold: auto splits one that no agent holds "
-                        "over every agent (each reads and runs a slice of it, 1/N of its bytes) and runs a held one "
-                        "on its holder; never runs each expert whole (read whole where no agent holds it); always "
-                        "splits every one. Default: auto")  # fmt: skip
-    p.add_argument("--no-decode-prefetch", action="store_true",
-                   help="agents do not read ahead, before a request decodes, the experts its prompt chose most "
-                        "(dataset-free decode prefetch; only prompts prefilled on the decoding agent)")  # fmt: skip
-    p.add_argument("--policy", default="sirius", choices=("sirius", "naive", "expert-parallel"),
-                   help="prefill policy: sirius (interleaved partition, token scheduling, prefetch); naive (contiguous "
-                        "split, each agent runs its own tokens' experts); expert-parallel (agent i owns a fixed 1/N of "
-                        "every layer's experts). Default: sirius")  # fmt: skip
-    p.add_argument("--no-interleave", action="store_true", help="sirius ablation: contiguous prompt split")
-    p.add_argument("--no-token-scheduling", action="store_true",
-                   help="sirius ablation: run an expert where it is resident, else on its largest owner")  # fmt: skip
-    p.add_argument("--no-prefetch", action="store_true", help="sirius ablation: no speculative expert prefetch")
-    p.add_argument("--placement", default="prism", choices=tuple(PLACEMENTS),
-                   help="which experts each agent pins, from the requests' activation statistics per home agent: "
-                        "prism (entropy-sized slots per layer, each home's hottest experts, coverage repair), "
-                        "slimcaching (storage-constrained caching), eplb (DeepSeek's load balancer), uniform (every "
-                        "expert once), replicate-popular. Default: prism")  # fmt: skip
-    p.add_argument("--replan-every", type=positive_seconds, default=300.0, metavar="SECONDS",
-                   help="re-plan the placement from the last window of statistics this often, and migrate when "
-                        "the expected saving outweighs moving the experts (default 300)")  # fmt: skip
-    p.add_argument("--stats-window", type=positive_seconds, default=None, metavar="SECONDS",
-                   help="how far back the activation statistics reach (GET /admin/stats, each re-plan); "
-                        "default: the re-plan period")  # fmt: skip
-    p.add_argument("--no-migration", action="store_true",
-                   help="keep the first placement: later re-plans are reported (GET /admin/placement), not applied")
-    p.add_argument("--no-fill", action="store_true",
-                   help="leave free expert memory empty between requests (by default the experts no agent holds "
-                        "are read into it at the disks' lowest priority)")  # fmt: skip
-    p.add_argument("--log-level", default="INFO", choices=LOG_LEVELS, help="log verbosity")
-
-
-
 def _add_serve(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = _sub(commands, "serve", "Serve the OpenAI-compatible API, driving the agents listed in an inventory.")
     p.add_argument("--inventory", required=True, type=Path, metavar="FILE", help="YAML node inventory (see deploy/)")
     p.add_argument("--model", type=Path, metavar="DIR", help="checkpoint folder; default: the inventory's 'model'")
-    _add_server_flags(p)
+    add_server_flags(p)
     add_trust_flags(p, "the server's certificate folder from `potluck certs` (its server/ folder)")
     p.set_defaults(run=_run_serve)
 
@@ -197,7 +137,7 @@ def _add_up(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-
     add_profile_flags(p)
     p.add_argument("--agent-start-timeout", type=float, default=180.0, metavar="SECONDS",
                    help="how long to wait for the agents to load and report SERVING")  # fmt: skip
-    _add_server_flags(p)
+    add_server_flags(p)
     add_trust_flags(p, "use this `potluck certs` output for the agents and the server (default: a throwaway CA, "
                         "made at start and removed at exit)")
     p.set_defaults(run=_run_up)
@@ -306,7 +246,7 @@ def _run_serve(args: argparse.Namespace) -> int:
         profiles.update(again.profiles())
         return again.node_specs()
 
-    options = dataclasses.replace(_server_options(args, model_dir), credentials=server_credentials(args))
+    options = dataclasses.replace(server_options(args, model_dir), credentials=server_credentials(args))
     return serve_http(options, inventory.node_specs(), on_join=on_join,
                       reload=Reload(args.inventory, read))
 
@@ -341,26 +281,7 @@ def _run_up(args: argparse.Namespace) -> int:
     model_dir = _model_dir(args, inventory.model if inventory else None, args.inventory) or _demo_model()
     agents = LocalAgents(model_dir, launches, args.log_level, insecure=args.insecure, enrolment=args.certs)
     specs = inventory.node_specs() if inventory is not None else specs_of(launches)  # with their labels and users
-    return run_up(_server_options(args, model_dir), agents, specs, args.agent_start_timeout)
-
-
-def _server_options(args: argparse.Namespace, model_dir: Path) -> ServerOptions:
-    from scheduler.placer import PlacementSettings
-    from scheduler.policy import Policy
-    from server.runner import ServerOptions
-
-    return ServerOptions(
-        model_dir=Path(model_dir), host=args.host, port=args.port,
-        api_key=args.api_key or os.environ.get("POTLUCK_API_KEY") or None,
-        served_model_name=args.served_model_name or Path(model_dir).resolve().name,
-        max_waiting=args.max_waiting, max_running=args.max_running, prefill_chunk=args.prefill_chunk,
-        home_prefill_max=args.home_prefill_max, max_body_bytes=args.max_body, expert_split=args.expert_split,
-        decode_prefetch=not args.no_decode_prefetch,
-        log_level=args.log_level,
-        policy=Policy.from_flags(args.policy, args.no_interleave, args.no_token_scheduling, args.no_prefetch,
-                                 args.no_fill),
-        placement=PlacementSettings(args.placement, args.replan_every, not args.no_migration, args.stats_window),
-    )  # fmt: skip
+    return run_up(server_options(args, model_dir), agents, specs, args.agent_start_timeout)
 
 
 def _demo_model() -> Path:

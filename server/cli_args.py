@@ -40,6 +40,8 @@ def _argument(parse: Callable[[str], T]) -> Callable[[str], T]:
 
 
 size = _argument(parse_size)  # bytes
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")  # --log-level of every command
+
 rate = _argument(parse_rate)  # bytes/s
 duration = _argument(parse_duration)  # seconds
 

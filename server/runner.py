@@ -68,7 +68,8 @@ class Shutdown(BaseException):
 def engine_opener(options: ServerOptions, nodes: Sequence[NodeSpec], on_join: JoinHook | None = None) -> EngineOpener:
     @asynccontextmanager
     async def open_engine() -> AsyncIterator[Engine]:
-        from scheduler.service import EngineSettings, start_engine
+        from scheduler.engine_settings import EngineSettings
+        from scheduler.service import start_engine
 
         settings = EngineSettings(max_waiting=options.max_waiting, max_running=options.max_running,
                                   prefill_chunk=options.prefill_chunk, home_prefill_max=options.home_prefill_max,

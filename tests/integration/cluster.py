@@ -24,7 +24,8 @@ from protos.security import SERVER_IDENTITY, Credentials, agent_identity, open_c
 from scheduler.client import AgentClient
 from scheduler.policy import Policy
 from scheduler.runner import ClusterView, ModelShape, RequestRunner
-from scheduler.service import EngineService, EngineSettings
+from scheduler.engine_settings import EngineSettings
+from scheduler.service import EngineService
 from scheduler.types import GenerationRequest, NodeId, NodeSpec, TokenEvent
 from server.certs import ClusterCA, save_credentials
 from server.launcher import free_port

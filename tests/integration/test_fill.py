@@ -14,7 +14,8 @@ import torch
 from protos.convert import expert_from_wire
 from protos.ids import ExpertId
 from scheduler.policy import Policy
-from scheduler.service import EngineService, EngineSettings, start_engine
+from scheduler.engine_settings import EngineSettings
+from scheduler.service import EngineService, start_engine
 from scheduler.types import AgentSnapshot, GenerationRequest, RequestId, SamplingParams
 from tests.integration.cluster import Cluster, expert_bytes, local_cluster
 

@@ -122,10 +122,10 @@ def test_launch_is_typed_and_frozen() -> None:
 
 def test_the_statistics_window_is_the_replan_period_unless_given() -> None:
     from scheduler.placer import PlacementSettings
-    from server.cli import _server_options
+    from server.cli_serve import server_options
 
     def placement(*flags: str) -> PlacementSettings:
-        return _server_options(build_parser().parse_args(["up", *flags]), Path("/m")).placement
+        return server_options(build_parser().parse_args(["up", *flags]), Path("/m")).placement
 
     assert placement().window_s == 300.0 and placement("--replan-every", "60").window_s == 60.0
     given = placement("--replan-every", "86400", "--stats-window", "45")
