@@ -1,9 +1,10 @@
 """Where a decode layer's work goes when its home lacks it: the experts it does not hold, to the
 holders the routing table names (on the data plane where they publish one, else gRPC), or read
-on the home when no other agent holds them, or split over every agent (`RoutingTable.expert_split`:
-slice i of m on the i-th agent by name, the home's own slice here; each reads only its slice's
-bytes, and the home adds up the partial outputs); and a split-KV span's query, to the agents
-still holding its prompt's K/V.
+on the home when no other agent holds them, or split over several agents (slice i of m on the
+i-th, the home's own slice here; each reads only its slice's bytes, and the home adds up the
+partial outputs): those the scheduler's load balance chose for this home (`RoutingTable.splits`),
+or without it every unheld one over every agent, as `RoutingTable.expert_split` says; and a
+split-KV span's query, to the agents still holding its prompt's K/V.
 
     Decoder job (compute thread or event loop) --hand_over--> LayerSends.experts / .attention
         -> Dispatch.runs / .attends (futures) -> the step gathers them before the next layer
@@ -90,24 +91,26 @@ class LayerSends:
                 experts: Sequence[int]) -> None:
         """On the event loop: the layer's experts not resident here, each to a holder in the
         routing table (one batch per holder), or read here if no other agent holds it, or split
-        over every agent as the table's `expert_split` says (`_split`). An expert
+        over the agents `_split_over` names (`_split`, one batch per agent). An expert
         run remotely is also read into free memory here (never evicting), so a home with room
         ends up running its requests' experts itself."""
         by_holder: dict[str, list[int]] = {}
-        group, split = self._split_group(), []
+        splits: dict[tuple[NodeId, ...], list[int]] = {}  # the agents of a split -> its experts
+        group = self._split_group()
         always = self.table.expert_split == "always"
         worth = bool(group) and (always or self._split_pays(len(group)))
         for e in experts:
             eid = ExpertId(layer, e)
             remote = self.table.remote_holder(eid, self.name)
-            if worth and (remote is None or always):
-                split.append(e)
+            over = self._split_over(eid, group, worth, always, remote)
+            if over:
+                splits.setdefault(over, []).append(e)
                 continue
             if remote is not None:
                 self.buffer.fill(eid)
             by_holder.setdefault(remote or self.name, []).append(e)
-        if split:
-            self._split(dispatch, group, layer, x, ids, weights, split)
+        for over, es in splits.items():
+            self._split(dispatch, over, layer, x, ids, weights, es)
         for holder, es in by_holder.items():
             sub = only(ids, es)
             rows = (sub >= 0).any(dim=1).nonzero().flatten()
@@ -125,10 +128,23 @@ class LayerSends:
                                                  decode=True)
             dispatch.runs.append(asyncio.ensure_future(rows_with(rows, run)))
 
+    def _split_over(self, eid: ExpertId, group: Sequence[NodeId], worth: bool, always: bool,
+                    remote: NodeId | None) -> tuple[NodeId, ...]:
+        """The agents to split `eid` over, slice i on the i-th; () to run it whole. With the load
+        balance, the table's choice for this home (agents it no longer knows: whole); without,
+        every agent, where `expert_split` and `_split_pays` say so."""
+        if self.run_slices is None:
+            return ()
+        if self.table.load_balance:
+            over = self.table.splits.get(eid, ())
+            known = all(n == self.name or n in self.table.addresses for n in over)
+            return over if len(over) > 1 and known else ()
+        return tuple(group) if worth and (remote is None or always) else ()
+
     def _split_group(self) -> list[NodeId]:
-        """The agents a split runs on, slice i on the i-th (by name); none where the table says
-        never, or no other agent is known."""
-        if self.table.expert_split == "never" or self.run_slices is None:
+        """Without the load balance, the agents a split runs on, slice i on the i-th (by name);
+        none where the table says never, or no other agent is known."""
+        if self.table.load_balance or self.table.expert_split == "never" or self.run_slices is None:
             return []
         group = sorted(self.table.addresses.keys() | {NodeId(self.name)})
         return group if len(group) > 1 else []

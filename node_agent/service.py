@@ -173,8 +173,11 @@ class Servicer(pb_grpc.NodeAgentServicer):
 
     async def CacheState(self, request: pb.CacheStateRequest, context: Any) -> pb.CacheStateReply:
         buf = self.core.buffer
+        E = self.core.cfg.num_experts
+        slices = frozenset((expert_to_wire(s.expert, E), s.part, s.of) for s in buf.resident_slices())
         return cache_state_to_proto(CacheState(self._counters(), self._flat(buf.all_resident()),
-                                               self._flat(buf.all_loading()), self._flat(buf.placed)))
+                                               self._flat(buf.all_loading()), self._flat(buf.placed), slices,
+                                               self.store.expert_read_s(), self.core.decoder.round_trip_s))
 
     def _counters(self) -> CacheCounters:
         core, buf, c = self.core, self.core.buffer, self.core.buffer.counters

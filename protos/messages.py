@@ -192,6 +192,9 @@ class CacheState:
     resident: frozenset[int]  # every resident expert
     loading: frozenset[int]  # every expert whose read is queued or under way
     placed: frozenset[int] = frozenset()  # every expert of the placement (never evicted)
+    slices: frozenset[tuple[int, int, int]] = frozenset()  # every slice resident on its own: (expert, part, of)
+    expert_read_s: float = 0.0  # one expert's read on its disk, as measured, else as throttled (0: unknown)
+    round_trip_s: float = 0.0  # a synchronous wait on decode peers: its last, else its default guess
 
 
 @dataclass(frozen=True)

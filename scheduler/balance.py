@@ -20,11 +20,11 @@ request; prefill passes a chunk's token counts, with the same function.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
-from protos.ids import ExpertId, NodeId
+from protos.ids import ExpertId, NodeId, SliceId
 from scheduler.cost_model import AgentProfile, AgentTime, CostModel
 
 SplitMode = Literal["auto", "never", "always"]
@@ -161,28 +161,34 @@ def _slices(line: Timeline, need: Need, nodes: list[NodeId], m: int) -> tuple[No
             return False
 
         if all(seat(i, set()) for i in range(m)):
+            # The same agents in name order where that keeps the bound: every home then asks an
+            # agent for the same slice, which it may hold from the last time.
+            canonical = sorted(owner)
+            if all(ends[i, n] <= bound for i, n in enumerate(canonical)):
+                return tuple(canonical)
             by_slice = {i: n for n, i in owner.items()}
             return tuple(by_slice[i] for i in range(m))
     raise AssertionError("m <= len(nodes): the largest bound seats every slice")
 
 
-def _trial(line: Timeline, run: Run, need: Need) -> tuple[float, float, int]:
+def _trial(line: Timeline, run: Run, need: Need, split_overhead_s: float = 0.0) -> tuple[float, float, int]:
     """(the step's finish with `run` added, the seconds it adds over its agents, its agents)."""
     m = len(run.nodes)
     extra = {n: line.added(n, need, Slice(i, m) if m > 1 else WHOLE) for i, n in enumerate(run.nodes)}
     ends = [line.finish_s(n, extra.get(n)) for n in line.time]
     spent = sum(line.finish_s(n, e) - line.finish_s(n) for n, e in extra.items())
-    return max(ends, default=0.0), spent, m
+    return max(ends, default=0.0) + (split_overhead_s if m > 1 else 0.0), spent, m
 
 
 def balance(agents: Sequence[Agent], home: NodeId, model: CostModel, needs: Sequence[Need],
-            mode: SplitMode = "auto", max_split: int | None = None) -> list[Run]:
+            mode: SplitMode = "auto", max_split: int | None = None, split_overhead_s: float = 0.0) -> list[Run]:
     """Each need's run, chosen to end the step soonest: the needs in order of their cheapest
     whole run, longest first (as LPT scheduling), each given the option (whole on one agent, or
     split over m agents, m up to `max_split`) that ends the step soonest so far; ties go to the
     option that adds the fewest seconds, then to fewer agents. `never` only runs experts whole,
     `always` only split (where there are two agents or more); `auto` weighs both, so a resident
-    expert is split only where that ends the step sooner."""
+    expert is split only where that ends the step sooner, by more than `split_overhead_s` (what
+    the model leaves out of a split: the calls' and the partial sums' own cost)."""
     if not agents:
         raise ValueError("balance needs at least one agent")
     if mode not in ("auto", "never", "always"):
@@ -195,8 +201,49 @@ def balance(agents: Sequence[Agent], home: NodeId, model: CostModel, needs: Sequ
 
     runs: dict[ExpertId, Run] = {}
     for need in sorted(needs, key=lambda n: (-cheapest_whole(n), n.expert)):
-        best = min(_options(line, need, mode, widest), key=lambda r: (*_trial(line, r, need), r.nodes))
+        best = min(_options(line, need, mode, widest),
+                   key=lambda r: (*_trial(line, r, need, split_overhead_s), r.nodes))
         line.place(best, need)
         runs[need.expert] = best
     return [runs[n.expert] for n in needs]
 
+
+
+def decode_splits(agents: Sequence[Agent], home: NodeId, model: CostModel, experts: Iterable[ExpertId],
+                  held: Mapping[NodeId, frozenset[ExpertId]], slices: Mapping[NodeId, frozenset[SliceId]],
+                  mode: SplitMode = "auto", split_overhead_s: float = 0.0) -> dict[ExpertId, tuple[NodeId, ...]]:
+    """The experts `home` should run split in a decode step, and on whom (slice i on nodes[i]):
+    for each expert it does not hold, `balance` of a one-token step that needs that expert
+    alone, from what each agent holds of it (whole, or slices). Experts alike in what the
+    agents hold of them get one answer, computed once (most have the same: held by nobody).
+    The scheduler publishes the result in the home's routing table; an expert left out runs
+    whole (on its holder, else read by the home).
+
+    Per expert rather than per step, a departure from the balance of a whole step: the home
+    cannot import the scheduler, and a decode step needs few experts per layer (top-k for each
+    running request), which on idle disks a per-expert choice serves alike."""
+    alike: dict[tuple[frozenset[NodeId], frozenset[tuple[NodeId, Slice]]], tuple[NodeId, ...] | None] = {}
+    out: dict[ExpertId, tuple[NodeId, ...]] = {}
+    holders_of: dict[ExpertId, set[NodeId]] = {}
+    for node, experts_held in held.items():
+        for eid in experts_held:
+            holders_of.setdefault(eid, set()).add(node)
+    parts_of: dict[ExpertId, set[tuple[NodeId, Slice]]] = {}
+    for node, held_slices in slices.items():
+        for s in held_slices:
+            parts_of.setdefault(s.expert, set()).add((node, Slice(s.part, s.of)))
+    for eid in experts:
+        whole = frozenset(holders_of.get(eid, ()))
+        if home in whole:
+            continue
+        key = (whole, frozenset(parts_of.get(eid, ())))
+        if key not in alike:
+            got: dict[NodeId, set[Slice]] = {n: {WHOLE} for n in whole}
+            for node, part in key[1]:
+                got.setdefault(node, set()).add(part)
+            need = Need(eid, 1, {n: frozenset(p) for n, p in got.items()})
+            [run] = balance(agents, home, model, [need], mode, split_overhead_s=split_overhead_s)
+            alike[key] = run.nodes if run.split else None
+        if (nodes := alike[key]) is not None:
+            out[eid] = nodes
+    return out

@@ -150,7 +150,9 @@ class AgentClient:
 
     def snapshot_of(self, state: CacheState) -> AgentSnapshot:
         return AgentSnapshot(self.spec.name, self.spec.address, True, state.resident | state.loading,
-                             loading=state.loading, placed=state.placed, labels=self.spec.labels, **asdict(state.counters))
+                             loading=state.loading, placed=state.placed, labels=self.spec.labels, slices=state.slices,
+                             expert_read_s=state.expert_read_s, round_trip_s=state.round_trip_s,
+                             **asdict(state.counters))
 
     async def set_placement(self, experts: Sequence[int], sources: Sequence[tuple[int, str, str]] = ()
                             ) -> tuple[int, int]:

@@ -6,15 +6,19 @@ they lack.
     user_home(OpenAI `user`, agents, users each agent lists) -> NodeId | None
     choose_home(agents, decoding per agent, K/V rows per agent, the user's home) -> NodeId
     routing_table(version, addresses, experts held per agent) -> RoutingTable (protos/routing.py)
+    home_splits(profiles, latencies, measured paces, experts, holdings) -> per home, its split experts
 """
 
 from __future__ import annotations
 
 import hashlib
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
 
-from protos.ids import ExpertId, NodeId
+from protos.ids import ExpertId, NodeId, SliceId
 from protos.routing import ExpertSplit, RoutingTable
+from scheduler.balance import Agent, decode_splits
+from scheduler.cost_model import AgentProfile, CostModel
 
 
 HOME_BATCH = 8  # requests decoding on one home before the next one goes to another agent
@@ -87,7 +91,7 @@ def data_address(address: str, port: int) -> str | None:
 
 def routing_table(version: int, addresses: Mapping[NodeId, str], held: Mapping[NodeId, frozenset[ExpertId]],
                   data_addresses: Mapping[NodeId, str] | None = None, expert_split: ExpertSplit = "auto",
-                  decode_prefetch: bool = True) -> RoutingTable:
+                  decode_prefetch: bool = True, load_balance: bool = True) -> RoutingTable:
     """Every held expert's holders. Where several agents hold one, the preferred holder rotates
     with the expert's index, so that homes lacking many experts spread their calls over the
     holders rather than all calling the first agent by name."""
@@ -102,10 +106,51 @@ def routing_table(version: int, addresses: Mapping[NodeId, str], held: Mapping[N
     data = {n: a for n, a in (data_addresses or {}).items() if n in held}
     return RoutingTable(version=version, addresses={n: a for n, a in addresses.items() if n in held},
                         data_addresses=data, holders=holders, expert_split=expert_split,
-                        decode_prefetch=decode_prefetch)
+                        decode_prefetch=decode_prefetch, load_balance=load_balance)
+
+
+# What a split costs beyond the model's link latencies, in the home's round trips: each peer's
+# call and the home's sum of the partials, and a page-cached read's time varies (on the emulated
+# LAN's unthrottled disks a 4.7 MB read measured near one 1 ms-latency round trip, and splitting
+# on that took a token from 38 to 72 ms). The agents' own rule without the balance asks as much
+# (node_agent/decode_sends.SPLIT_MARGIN: the saving beats two round trips).
+SPLIT_OVERHEAD_ROUND_TRIPS = 1.0
+
+
+@dataclass(frozen=True)
+class Measured:
+    """What an agent last reported of its own pace (CacheState)."""
+
+    expert_read_s: float = 0.0  # one expert's read on its disk (0: unknown)
+    round_trip_s: float = 0.0  # a synchronous wait on its decode peers
+
+
+def home_splits(profiles: Mapping[NodeId, AgentProfile], latency_s: Mapping[NodeId, float],
+                measured: Mapping[NodeId, Measured], cost: CostModel, experts: Sequence[ExpertId],
+                held: Mapping[NodeId, frozenset[ExpertId]], slices: Mapping[NodeId, frozenset[SliceId]],
+                mode: ExpertSplit) -> dict[NodeId, dict[ExpertId, tuple[NodeId, ...]]]:
+    """For each agent as a home, the experts it should run split (`balance.decode_splits`), from
+    the agents' profiles: a disk the throttle does not pace reads at the rate the agent measured
+    (a page-cached file: about as fast as memory); a peer's one-way latency is the two ends'
+    emulated latencies, or half the home's measured round trip where that is longer."""
+    if mode == "never" or len(profiles) < 2:
+        return {}
+    disk = {n: p.disk_bytes_per_s or (cost.expert_bytes / m.expert_read_s
+                                       if (m := measured.get(n, Measured())).expert_read_s > 0 else 0.0)
+            for n, p in profiles.items()}
+    out = {}
+    for home in sorted(profiles):
+        rt = measured.get(home, Measured()).round_trip_s
+        agents = [Agent(replace(p, disk_bytes_per_s=disk[n]),
+                        max((latency_s.get(home, 0.0) + latency_s.get(n, 0.0)) / 2, rt / 2))
+                  for n, p in sorted(profiles.items())]
+        overhead = SPLIT_OVERHEAD_ROUND_TRIPS * max(rt, 2 * max(a.latency_s for a in agents))
+        out[home] = decode_splits(agents, home, cost, experts, held, slices, mode, overhead)
+    return out
 
 
 def same_holders(a: RoutingTable, b: RoutingTable) -> bool:
     """Whether two tables route alike (the version aside): no need to publish again."""
     return (a.addresses == b.addresses and a.data_addresses == b.data_addresses and a.holders == b.holders
-            and a.expert_split == b.expert_split and a.decode_prefetch == b.decode_prefetch)
+            and a.expert_split == b.expert_split and a.decode_prefetch == b.decode_prefetch
+            and a.load_balance == b.load_balance)

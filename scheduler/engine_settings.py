@@ -22,6 +22,7 @@ class EngineSettings:
     placement: PlacementSettings = PlacementSettings()  # which experts each agent pins, and when re-planned
     expert_split: ExpertSplit = "auto"  # how a home runs experts it does not hold (published in the routing table)
     decode_prefetch: bool = True  # homes read ahead what their prompts chose most (published in the routing table)
+    load_balance: bool = True  # homes split the experts scheduler/balance.py chooses (else as expert_split says)
 
     def __post_init__(self) -> None:
         if self.max_waiting < 0:

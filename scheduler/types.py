@@ -69,6 +69,9 @@ class AgentSnapshot(CacheCounters):
     placed: frozenset[int] = frozenset()  # the placement it keeps (SetPlacement), the same way
     problem: str = ""  # why it is not up: unreachable (the transport's reason) or refused at join
     labels: tuple[str, ...] = ()  # the inventory's labels of the node (for people: status, /health)
+    slices: frozenset[tuple[int, int, int]] = frozenset()  # slices resident on their own: (expert, part, of)
+    expert_read_s: float = 0.0  # one expert's read on its disk, as measured, else as throttled (0: unknown)
+    round_trip_s: float = 0.0  # a synchronous wait on its decode peers, as it last measured one
 
 
 @dataclass(frozen=True)

@@ -36,8 +36,9 @@ the same rounds (the same prompts). Cases:
   first request sent to the last token, and each stream's median inter-token time.
 - io: experts that must be read (`bench_decode_io.py`): 2 and 4 agents (`--io-agents`) holding
   half the experts together, disk `--io-disk`, the LAN's link; whole experts on demand
-  (`--expert-split never --no-decode-prefetch`) against split experts, the decode prefetch, and
-  both, with each agent's bytes read and the prefetch's hit rate.
+  (`--expert-split never --no-decode-prefetch`) against split experts, + the load balance, + the
+  decode prefetch, and each of the three switched off alone, with each agent's bytes read and the
+  prefetch's hit rate.
 
 Writes decode.json, decode.md and decode.png to `--out` and prints the table with its targets.
 """
@@ -124,7 +125,7 @@ class DecodeCluster(UpCluster):
 
     def __init__(self, run: DecodeRun, agents: int, memory: int = 0, link: str | None = None,
                  latency_s: float = 0.0, max_running: int = 1, threads: int | None = None, disk: float = 0.0,
-                 expert_split: str = "auto", decode_prefetch: bool = True) -> None:
+                 expert_split: str = "auto", decode_prefetch: bool = True, load_balance: bool = True) -> None:
         self.port, *ports = free_ports(agents + 1)
         nodes = []
         for i, port in enumerate(ports):
@@ -144,6 +145,7 @@ class DecodeCluster(UpCluster):
                     str(run.model_dir), "--port", str(self.port), "--served-model-name", "bench", "--max-running",
                     str(max_running), "--log-level", "WARNING", "--expert-split", expert_split,
                     *([] if decode_prefetch else ["--no-decode-prefetch"]),
+                    *([] if load_balance else ["--no-load-balance"]),
                     "--replan-every", str(NO_REPLAN_S)]  # placement is not what this measures  # fmt: skip
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen[bytes] | None = None

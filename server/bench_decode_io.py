@@ -5,8 +5,9 @@ with the disk rate `--io-disk` (the report gives how many times one expert's one
 reading it takes), link `1Gbit/s` with `--lan-latency`, each agent its fair share of the host's
 cores. Every agent count runs each of `IO_RUNS` on a fresh cluster, the baseline first: whole
 experts on demand (`--expert-split never --no-decode-prefetch`: an expert no agent holds is read
-whole by the home while the others wait), split (`auto`: it is split over every agent, each
-reading and running 1/N of it), the decode prefetch alone, and both. Inter-token time as in the
+whole by the home while the others wait), split (`auto --no-load-balance`: it is split over every
+agent, each reading and running 1/N of it), + the load balance (the scheduler chooses which experts
+split and over whom), + the decode prefetch; then each of the three switched off alone. Inter-token time as in the
 other cases, each agent's bytes read from disk over the timed rounds (the fills between rounds
 included), and the prefetch's hit rate (hits / (hits + misses), agents' counters).
 """
@@ -31,11 +32,15 @@ from protos.ids import ExpertId
 from server.bench_decode_stats import decoded_tokens, metric_samples, round_trips_per_token, summarize, summed
 from server.launcher import threads_per_agent
 
-# (name, --expert-split, decode prefetch) of each run, the baseline first
-IO_RUNS = (("whole", "never", False), ("split", "auto", False), ("prefetch", "never", True),
-           ("split+prefetch", "auto", True))
-IO_FLAGS = {name: f"--expert-split {split}" + ("" if prefetch else " --no-decode-prefetch")
-            for name, split, prefetch in IO_RUNS}
+# (name, --expert-split, load balance, decode prefetch) of each run: the baseline, each part
+# added in turn, then each switched off alone from all three.
+IO_RUNS = (("whole", "never", True, False), ("split", "auto", False, False), ("split+balance", "auto", True, False),
+           ("split+balance+prefetch", "auto", True, True), ("balance+prefetch", "never", True, True),
+           ("split+prefetch", "auto", False, True))
+IO_FULL = "split+balance+prefetch"
+IO_WITHOUT = {"split": "balance+prefetch", "load balance": "split+prefetch", "prefetch": "split+balance"}
+IO_FLAGS = {name: f"--expert-split {split}" + ("" if balance else " --no-load-balance")
+            + ("" if prefetch else " --no-decode-prefetch") for name, split, balance, prefetch in IO_RUNS}
 DISK_READ = "potluck_agent_disk_read_bytes_total"
 
 
@@ -80,9 +85,10 @@ async def run_io(run: Any, agent_counts: list[int]) -> list[dict[str, Any]]:
     out = []
     for agents in agent_counts:
         threads = threads_per_agent(agents, os.cpu_count() or 1)
-        for name, split, prefetch in IO_RUNS:
+        for name, split, balance, prefetch in IO_RUNS:
             async with DecodeCluster(run, agents, run.io_pool // agents, LINK, run.lan_latency_s, 1, threads,
-                                     disk=run.io_disk, expert_split=split, decode_prefetch=prefetch) as cluster:  # fmt: skip
+                                     disk=run.io_disk, expert_split=split, decode_prefetch=prefetch,
+                                     load_balance=balance) as cluster:  # fmt: skip
                 await cluster.stream(run.warmup, run.gen_tokens)
                 await cluster.settle()
                 before, start = await cluster.settled_counters(), read_bytes(await cluster.metrics())
@@ -113,8 +119,9 @@ def io_settings(data: dict[str, Any]) -> list[str]:
         f"{data['io_expert_read_s'] * 1e3:.1f} ms, {ratio:.0f}x its one-token compute "
         f"({data['io_expert_token_s'] * 1e3:.2f} ms on 1 thread); link {data['link']}, latency "
         f"{data['link_latency_s'] * 1e3:g} ms one way; each agent its fair share of the cores. --expert-split never: "
-        "an expert no agent holds is read whole by the home; auto: it is split over every agent (each reads and "
-        "runs 1/N of it). The decode prefetch reads, before a request decodes, what its prompt chose most; its hit "
+        "an expert no agent holds is read whole by the home; auto: it is split (each agent of the split reads and "
+        "runs 1/m of it), over every agent with --no-load-balance, else where and over whom the scheduler's load "
+        "balance chooses. The decode prefetch reads, before a request decodes, what its prompt chose most; its hit "
         "rate is hits / (hits + misses) of the decode tokens' selections.",
         "Bytes read per agent over the timed rounds (fills between rounds included): "
         + "; ".join(f"{io_label(c)}: " + ", ".join(f"{v / 1e6:.0f}" for v in c["bytes_read_per_agent"].values())

@@ -250,12 +250,14 @@ def targets(data: dict[str, Any]) -> list[Target]:
         if base and more:
             rows.append(_check(f"{k} streams >= {factor}x the tokens/s of 1", _ratio(more, base, "aggregate_tokens_per_s"),
                                factor, False))
-    full = find(cases, "io-split+prefetch", 4)  # 2 agents are reported, without a target
+    from server.bench_decode_io import IO_FULL, IO_WITHOUT  # (which imports this module)
+
+    full = find(cases, f"io-{IO_FULL}", 4)  # 2 agents are reported, without a target
     if full and (whole := find(cases, "io-whole", 4)):
-        rows.append(_check("I/O-bound, 4 agents: split + prefetch >= 2.4x faster per token than whole experts",
-                           _ratio(whole, full, "median_itl_s"), 2.4, False))
-    for name, off in (("split", "prefetch"), ("prefetch", "split")):
-        if full and (alone := find(cases, f"io-{name}", 4)):  # one of the two switched off: measurably slower
+        rows.append(_check("I/O-bound, 4 agents: split + load balance + prefetch >= 2.4x faster per token than "
+                           "whole experts", _ratio(whole, full, "median_itl_s"), 2.4, False))
+    for off, name in IO_WITHOUT.items():
+        if full and (alone := find(cases, f"io-{name}", 4)):  # one of the three switched off: measurably slower
             rows.append(_check(f"I/O-bound, 4 agents: without {off} >= 1.05x slower", _ratio(alone, full, "median_itl_s"),
                                1.05, False))
     return rows

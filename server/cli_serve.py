@@ -37,10 +37,14 @@ def add_server_flags(p: argparse.ArgumentParser) -> None:
                         "steps beside the running requests' tokens; a longer one sequence-parallel on every agent "
                         "(0: every prompt sequence-parallel)")  # fmt: skip
     p.add_argument("--expert-split", default="auto", choices=("auto", "never", "always"),
-                   help="how a decoding agent runs an expert it does not hold: auto splits one that no agent holds "
-                        "over every agent (each reads and runs a slice of it, 1/N of its bytes) and runs a held one "
-                        "on its holder; never runs each expert whole (read whole where no agent holds it); always "
-                        "splits every one. Default: auto")  # fmt: skip
+                   help="how a decoding agent runs an expert it does not hold: auto splits one where that ends the "
+                        "step sooner (each agent reads and runs a slice of it, 1/m of its bytes; usually one no "
+                        "agent holds, on slow disks) and runs a held one on its holder; never runs each expert "
+                        "whole (read whole where no agent holds it); always splits every one. Default: auto")  # fmt: skip
+    p.add_argument("--no-load-balance", action="store_true",
+                   help="the scheduler does not choose, from the agents' disks, compute, links and what each holds, "
+                        "which experts split and over whom: a split goes over every agent, and auto splits an "
+                        "unheld expert where the read it saves beats two round trips")  # fmt: skip
     p.add_argument("--no-decode-prefetch", action="store_true",
                    help="agents do not read ahead, before a request decodes, the experts its prompt chose most "
                         "(dataset-free decode prefetch; only prompts prefilled on the decoding agent)")  # fmt: skip
@@ -82,7 +86,7 @@ def server_options(args: argparse.Namespace, model_dir: Path) -> ServerOptions:
         served_model_name=args.served_model_name or Path(model_dir).resolve().name,
         max_waiting=args.max_waiting, max_running=args.max_running, prefill_chunk=args.prefill_chunk,
         home_prefill_max=args.home_prefill_max, max_body_bytes=args.max_body, expert_split=args.expert_split,
-        decode_prefetch=not args.no_decode_prefetch,
+        decode_prefetch=not args.no_decode_prefetch, load_balance=not args.no_load_balance,
         log_level=args.log_level,
         policy=Policy.from_flags(args.policy, args.no_interleave, args.no_token_scheduling, args.no_prefetch,
                                  args.no_fill),

@@ -59,6 +59,7 @@ class ServerOptions:
     placement: PlacementSettings = PlacementSettings()  # which experts each agent pins; how often re-planned
     expert_split: ExpertSplit = "auto"  # how a home runs experts it does not hold (RoutingTable)
     decode_prefetch: bool = True  # homes read ahead what their prompts chose most (RoutingTable)
+    load_balance: bool = True  # the scheduler chooses each home's split experts (RoutingTable.splits)
 
 
 class Shutdown(BaseException):
@@ -74,7 +75,8 @@ def engine_opener(options: ServerOptions, nodes: Sequence[NodeSpec], on_join: Jo
         settings = EngineSettings(max_waiting=options.max_waiting, max_running=options.max_running,
                                   prefill_chunk=options.prefill_chunk, home_prefill_max=options.home_prefill_max,
                                   credentials=options.credentials, placement=options.placement,
-                                  expert_split=options.expert_split, decode_prefetch=options.decode_prefetch)
+                                  expert_split=options.expert_split, decode_prefetch=options.decode_prefetch,
+                                  load_balance=options.load_balance)
         service = await start_engine(options.model_dir, nodes, settings, options.policy, on_join)
         try:
             yield service

@@ -186,12 +186,16 @@ def cache_counters_from_proto(msg: pb.CacheCounters) -> CacheCounters:
 
 def cache_state_to_proto(state: CacheState) -> pb.CacheStateReply:
     return pb.CacheStateReply(counters=cache_counters_to_proto(state.counters), resident=sorted(state.resident),
-                              loading=sorted(state.loading), placed=sorted(state.placed))
+                              loading=sorted(state.loading), placed=sorted(state.placed),
+                              slices=[pb.SliceRef(expert=e, part=p, of=o) for e, p, o in sorted(state.slices)],
+                              expert_read_s=state.expert_read_s, round_trip_s=state.round_trip_s)
 
 
 def cache_state_from_proto(msg: pb.CacheStateReply) -> CacheState:
     return CacheState(counters=cache_counters_from_proto(msg.counters), resident=frozenset(msg.resident),
-                      loading=frozenset(msg.loading), placed=frozenset(msg.placed))
+                      loading=frozenset(msg.loading), placed=frozenset(msg.placed),
+                      slices=frozenset((s.expert, s.part, s.of) for s in msg.slices),
+                      expert_read_s=msg.expert_read_s, round_trip_s=msg.round_trip_s)
 
 
 def fill_to_proto(experts: Sequence[int]) -> pb.FillRequest:
@@ -242,6 +246,9 @@ def routing_table_to_proto(table: RoutingTable, num_experts: int) -> pb.RoutingT
         experts=[pb.ExpertHolders(expert=expert_to_wire(e, num_experts), holders=list(h))
                  for e, h in sorted(table.holders.items()) if h],
         expert_split=_SPLIT_TO_WIRE[table.expert_split], no_decode_prefetch=not table.decode_prefetch,
+        splits=[pb.ExpertRun(expert=expert_to_wire(e, num_experts), nodes=list(n))
+                for e, n in sorted(table.splits.items())],
+        no_load_balance=not table.load_balance,
     )
 
 
@@ -252,6 +259,8 @@ def routing_table_from_proto(msg: pb.RoutingTable, num_experts: int) -> RoutingT
         data_addresses={NodeId(a.name): a.data_address for a in msg.agents if a.data_address},
         holders={expert_from_wire(x.expert, num_experts): tuple(NodeId(h) for h in x.holders) for x in msg.experts},
         expert_split=_SPLIT_FROM_WIRE.get(msg.expert_split, "auto"), decode_prefetch=not msg.no_decode_prefetch,
+        splits={expert_from_wire(x.expert, num_experts): tuple(NodeId(n) for n in x.nodes) for x in msg.splits},
+        load_balance=not msg.no_load_balance,
     )
 
 

@@ -138,7 +138,8 @@ def test_cache_state_round_trip() -> None:
     # Distinct values, so that a counter that lands in another's field is caught.
     counters = CacheCounters(**{name: i + 1 for i, name in enumerate(CacheCounters.__dataclass_fields__)})
     assert counters.attention_s == 9 and counters.requests == 29
-    state = CacheState(counters, frozenset({1, 4, 8}), frozenset({2}), placed=frozenset({4, 8}))
+    state = CacheState(counters, frozenset({1, 4, 8}), frozenset({2}), placed=frozenset({4, 8}),
+                       slices=frozenset({(3, 0, 2), (3, 1, 2), (5, 2, 4)}), expert_read_s=0.025, round_trip_s=0.003)
     assert c.cache_state_from_proto(wire(c.cache_state_to_proto(state))) == state
     assert c.cache_counters_from_proto(wire(c.cache_counters_to_proto(counters))) == counters
     assert wire(c.cache_counters_to_proto(counters)).decode_remote_experts == counters.decode_remote_experts
@@ -161,12 +162,16 @@ def test_placement_round_trip() -> None:
 
 def test_routing_table_round_trip() -> None:
     table = RoutingTable(version=3, addresses={A: "h:1", B: "h:2"}, data_addresses={B: "h:9"},
-                         holders={ExpertId(1, 2): (B, A), ExpertId(0, 0): (A,)})
+                         holders={ExpertId(1, 2): (B, A), ExpertId(0, 0): (A,)},
+                         splits={ExpertId(1, 3): (B, A), ExpertId(2, 7): (A, B)})
     assert c.routing_table_from_proto(wire(c.routing_table_to_proto(table, 8)), 8) == table
+    unbalanced = RoutingTable(version=5, load_balance=False)
+    assert c.routing_table_from_proto(wire(c.routing_table_to_proto(unbalanced, 8)), 8) == unbalanced
     for split in EXPERT_SPLITS:
         table = RoutingTable(version=4, expert_split=split, decode_prefetch=split != "auto")
         assert c.routing_table_from_proto(wire(c.routing_table_to_proto(table, 8)), 8) == table
-    assert c.routing_table_from_proto(pb.RoutingTable(version=1), 8).expert_split == "auto"  # unset: the default
+    unset = c.routing_table_from_proto(pb.RoutingTable(version=1), 8)
+    assert unset.expert_split == "auto" and unset.load_balance  # unset: the defaults
 
 
 def test_adopt_kv_round_trip() -> None:

@@ -303,16 +303,32 @@ class CacheStateRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class CacheStateReply(_message.Message):
-    __slots__ = ("counters", "resident", "loading", "placed")
+    __slots__ = ("counters", "resident", "loading", "placed", "slices", "expert_read_s", "round_trip_s")
     COUNTERS_FIELD_NUMBER: _ClassVar[int]
     RESIDENT_FIELD_NUMBER: _ClassVar[int]
     LOADING_FIELD_NUMBER: _ClassVar[int]
     PLACED_FIELD_NUMBER: _ClassVar[int]
+    SLICES_FIELD_NUMBER: _ClassVar[int]
+    EXPERT_READ_S_FIELD_NUMBER: _ClassVar[int]
+    ROUND_TRIP_S_FIELD_NUMBER: _ClassVar[int]
     counters: CacheCounters
     resident: _containers.RepeatedScalarFieldContainer[int]
     loading: _containers.RepeatedScalarFieldContainer[int]
     placed: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, counters: _Optional[_Union[CacheCounters, _Mapping]] = ..., resident: _Optional[_Iterable[int]] = ..., loading: _Optional[_Iterable[int]] = ..., placed: _Optional[_Iterable[int]] = ...) -> None: ...
+    slices: _containers.RepeatedCompositeFieldContainer[SliceRef]
+    expert_read_s: float
+    round_trip_s: float
+    def __init__(self, counters: _Optional[_Union[CacheCounters, _Mapping]] = ..., resident: _Optional[_Iterable[int]] = ..., loading: _Optional[_Iterable[int]] = ..., placed: _Optional[_Iterable[int]] = ..., slices: _Optional[_Iterable[_Union[SliceRef, _Mapping]]] = ..., expert_read_s: _Optional[float] = ..., round_trip_s: _Optional[float] = ...) -> None: ...
+
+class SliceRef(_message.Message):
+    __slots__ = ("expert", "part", "of")
+    EXPERT_FIELD_NUMBER: _ClassVar[int]
+    PART_FIELD_NUMBER: _ClassVar[int]
+    OF_FIELD_NUMBER: _ClassVar[int]
+    expert: int
+    part: int
+    of: int
+    def __init__(self, expert: _Optional[int] = ..., part: _Optional[int] = ..., of: _Optional[int] = ...) -> None: ...
 
 class FillRequest(_message.Message):
     __slots__ = ("experts",)
@@ -464,19 +480,31 @@ class ExpertHolders(_message.Message):
     holders: _containers.RepeatedScalarFieldContainer[str]
     def __init__(self, expert: _Optional[int] = ..., holders: _Optional[_Iterable[str]] = ...) -> None: ...
 
+class ExpertRun(_message.Message):
+    __slots__ = ("expert", "nodes")
+    EXPERT_FIELD_NUMBER: _ClassVar[int]
+    NODES_FIELD_NUMBER: _ClassVar[int]
+    expert: int
+    nodes: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, expert: _Optional[int] = ..., nodes: _Optional[_Iterable[str]] = ...) -> None: ...
+
 class RoutingTable(_message.Message):
-    __slots__ = ("version", "agents", "experts", "expert_split", "no_decode_prefetch")
+    __slots__ = ("version", "agents", "experts", "expert_split", "no_decode_prefetch", "splits", "no_load_balance")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     AGENTS_FIELD_NUMBER: _ClassVar[int]
     EXPERTS_FIELD_NUMBER: _ClassVar[int]
     EXPERT_SPLIT_FIELD_NUMBER: _ClassVar[int]
     NO_DECODE_PREFETCH_FIELD_NUMBER: _ClassVar[int]
+    SPLITS_FIELD_NUMBER: _ClassVar[int]
+    NO_LOAD_BALANCE_FIELD_NUMBER: _ClassVar[int]
     version: int
     agents: _containers.RepeatedCompositeFieldContainer[AgentAddress]
     experts: _containers.RepeatedCompositeFieldContainer[ExpertHolders]
     expert_split: ExpertSplit
     no_decode_prefetch: bool
-    def __init__(self, version: _Optional[int] = ..., agents: _Optional[_Iterable[_Union[AgentAddress, _Mapping]]] = ..., experts: _Optional[_Iterable[_Union[ExpertHolders, _Mapping]]] = ..., expert_split: _Optional[_Union[ExpertSplit, str]] = ..., no_decode_prefetch: _Optional[bool] = ...) -> None: ...
+    splits: _containers.RepeatedCompositeFieldContainer[ExpertRun]
+    no_load_balance: bool
+    def __init__(self, version: _Optional[int] = ..., agents: _Optional[_Iterable[_Union[AgentAddress, _Mapping]]] = ..., experts: _Optional[_Iterable[_Union[ExpertHolders, _Mapping]]] = ..., expert_split: _Optional[_Union[ExpertSplit, str]] = ..., no_decode_prefetch: _Optional[bool] = ..., splits: _Optional[_Iterable[_Union[ExpertRun, _Mapping]]] = ..., no_load_balance: _Optional[bool] = ...) -> None: ...
 
 class AdoptKVRequest(_message.Message):
     __slots__ = ("request_id", "capacity", "prompt_tokens", "sources", "prefill_here", "sampling", "sampled", "prompt_counts")
