@@ -2,7 +2,7 @@
 holders the routing table names (on the data plane where they publish one, else gRPC), or read
 on the home when no other agent holds them, or split over several agents (slice i of m on the
 i-th, the home's own slice here; each reads only its slice's bytes, and the home adds up the
-partial outputs): those the scheduler's load balance chose for this home (`RoutingTable.splits`),
+partial outputs): those the scheduler's load balance chose for this home (`RoutingTable.runs`),
 or without it every unheld one over every agent, as `RoutingTable.expert_split` says; and a
 split-KV span's query, to the agents still holding its prompt's K/V.
 
@@ -102,10 +102,12 @@ class LayerSends:
         for e in experts:
             eid = ExpertId(layer, e)
             remote = self.table.remote_holder(eid, self.name)
-            over = self._split_over(eid, group, worth, always, remote)
-            if over:
+            over = self._run_over(eid, group, worth, always, remote)
+            if len(over) > 1:
                 splits.setdefault(over, []).append(e)
                 continue
+            if over:  # whole on the agent the load balance chose (a faster disk): it reads it
+                remote = over[0] if over[0] != self.name else None
             if remote is not None:
                 self.buffer.fill(eid)
             by_holder.setdefault(remote or self.name, []).append(e)
@@ -128,17 +130,17 @@ class LayerSends:
                                                  decode=True)
             dispatch.runs.append(asyncio.ensure_future(rows_with(rows, run)))
 
-    def _split_over(self, eid: ExpertId, group: Sequence[NodeId], worth: bool, always: bool,
-                    remote: NodeId | None) -> tuple[NodeId, ...]:
-        """The agents to split `eid` over, slice i on the i-th; () to run it whole. With the load
-        balance, the table's choice for this home (agents it no longer knows: whole); without,
-        every agent, where `expert_split` and `_split_pays` say so."""
+    def _run_over(self, eid: ExpertId, group: Sequence[NodeId], worth: bool, always: bool,
+                  remote: NodeId | None) -> tuple[NodeId, ...]:
+        """Where `eid` runs other than by default: split over these agents, slice i on the i-th;
+        whole on the one agent named; () by default (its holder, else read here). With the load
+        balance, the table's choice for this home (naming an agent it does not know: the
+        default); without, a split over every agent where `expert_split` and `_split_pays` say so."""
         if self.run_slices is None:
             return ()
         if self.table.load_balance:
-            over = self.table.splits.get(eid, ())
-            known = all(n == self.name or n in self.table.addresses for n in over)
-            return over if len(over) > 1 and known else ()
+            over = self.table.runs.get(eid, ())
+            return over if all(n == self.name or n in self.table.addresses for n in over) else ()
         return tuple(group) if worth and (remote is None or always) else ()
 
     def _split_group(self) -> list[NodeId]:

@@ -28,10 +28,10 @@ class RoutingTable:
     expert_split: ExpertSplit = "auto"
     decode_prefetch: bool = True  # a home reads what a prompt it prefilled chose most before its decode
     # The load balance's choice for this home (scheduler/balance.py): an expert it does not hold
-    # runs as slice i of len(nodes) on nodes[i]; one not listed runs whole on its holder, else is
-    # read by the home. Without the balance (load_balance False) the home splits as
-    # expert_split says, over every agent.
-    splits: dict[ExpertId, tuple[NodeId, ...]] = field(default_factory=dict)
+    # runs as slice i of len(nodes) on nodes[i], or whole on nodes[0] (one node, which reads it);
+    # one not listed runs whole on its holder, else is read by the home. Without the balance
+    # (load_balance False) the home splits as expert_split says, over every agent.
+    runs: dict[ExpertId, tuple[NodeId, ...]] = field(default_factory=dict)
     load_balance: bool = True
 
     def remote_holder(self, eid: ExpertId, me: str) -> NodeId | None:

@@ -208,21 +208,27 @@ def balance(agents: Sequence[Agent], home: NodeId, model: CostModel, needs: Sequ
     return [runs[n.expert] for n in needs]
 
 
+# Experts of one decode layer that no agent holds, as the decode tables plan for: a one-token step
+# needs top-k experts a layer (2 in Mixtral, 8 in Qwen3-30B-A3B, most of them held).
+DECODE_STEP_UNHELD = 2
 
-def decode_splits(agents: Sequence[Agent], home: NodeId, model: CostModel, experts: Iterable[ExpertId],
-                  held: Mapping[NodeId, frozenset[ExpertId]], slices: Mapping[NodeId, frozenset[SliceId]],
-                  mode: SplitMode = "auto", split_overhead_s: float = 0.0) -> dict[ExpertId, tuple[NodeId, ...]]:
-    """The experts `home` should run split in a decode step, and on whom (slice i on nodes[i]):
-    for each expert it does not hold, `balance` of a one-token step that needs that expert
-    alone, from what each agent holds of it (whole, or slices). Experts alike in what the
-    agents hold of them get one answer, computed once (most have the same: held by nobody).
-    The scheduler publishes the result in the home's routing table; an expert left out runs
-    whole (on its holder, else read by the home).
 
-    Per expert rather than per step, a departure from the balance of a whole step: the home
-    cannot import the scheduler, and a decode step needs few experts per layer (top-k for each
-    running request), which on idle disks a per-expert choice serves alike."""
-    alike: dict[tuple[frozenset[NodeId], frozenset[tuple[NodeId, Slice]]], tuple[NodeId, ...] | None] = {}
+def decode_runs(agents: Sequence[Agent], home: NodeId, model: CostModel, experts: Iterable[ExpertId],
+                held: Mapping[NodeId, frozenset[ExpertId]], slices: Mapping[NodeId, frozenset[SliceId]],
+                mode: SplitMode = "auto", split_overhead_s: float = 0.0,
+                per_step: int = DECODE_STEP_UNHELD) -> dict[ExpertId, tuple[NodeId, ...]]:
+    """Where `home` runs each expert it does not hold in a decode step, where that is not the
+    default (whole on a holder, else read by the home): split, slice i on nodes[i], or whole on
+    another agent that reads it (nodes of one). From `balance` of a one-token step that needs
+    `per_step` experts alike in what each agent holds of them (whole, or slices); expert e takes
+    the run of the (e mod per_step)-th, so that two such experts of one step tend to go to
+    different disks. Experts alike get the same answer, computed once (most have the same:
+    held by nobody). The scheduler publishes the result in the home's routing table.
+
+    Per table rather than per step, a departure from the balance of a whole step: the home
+    cannot import the scheduler, and its step's experts are only known on it. What the table
+    cannot see is which experts one step really needs together, or reads already queued."""
+    alike: dict[tuple[frozenset[NodeId], frozenset[tuple[NodeId, Slice]]], list[Run]] = {}
     out: dict[ExpertId, tuple[NodeId, ...]] = {}
     holders_of: dict[ExpertId, set[NodeId]] = {}
     for node, experts_held in held.items():
@@ -241,9 +247,9 @@ def decode_splits(agents: Sequence[Agent], home: NodeId, model: CostModel, exper
             got: dict[NodeId, set[Slice]] = {n: {WHOLE} for n in whole}
             for node, part in key[1]:
                 got.setdefault(node, set()).add(part)
-            need = Need(eid, 1, {n: frozenset(p) for n, p in got.items()})
-            [run] = balance(agents, home, model, [need], mode, split_overhead_s=split_overhead_s)
-            alike[key] = run.nodes if run.split else None
-        if (nodes := alike[key]) is not None:
-            out[eid] = nodes
+            needs = [Need(ExpertId(-1, j), 1, {n: frozenset(p) for n, p in got.items()}) for j in range(per_step)]
+            alike[key] = balance(agents, home, model, needs, mode, split_overhead_s=split_overhead_s)
+        run = alike[key][eid.index % per_step]
+        if run.split or (not whole and run.nodes[0] != home):
+            out[eid] = run.nodes
     return out

@@ -6,7 +6,7 @@ they lack.
     user_home(OpenAI `user`, agents, users each agent lists) -> NodeId | None
     choose_home(agents, decoding per agent, K/V rows per agent, the user's home) -> NodeId
     routing_table(version, addresses, experts held per agent) -> RoutingTable (protos/routing.py)
-    home_splits(profiles, latencies, measured paces, experts, holdings) -> per home, its split experts
+    home_runs(profiles, latencies, measured paces, experts, holdings) -> per home, where its missing experts run
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from dataclasses import dataclass, replace
 
 from protos.ids import ExpertId, NodeId, SliceId
 from protos.routing import ExpertSplit, RoutingTable
-from scheduler.balance import Agent, decode_splits
+from scheduler.balance import Agent, decode_runs
 from scheduler.cost_model import AgentProfile, CostModel
 
 
@@ -125,11 +125,11 @@ class Measured:
     round_trip_s: float = 0.0  # a synchronous wait on its decode peers
 
 
-def home_splits(profiles: Mapping[NodeId, AgentProfile], latency_s: Mapping[NodeId, float],
+def home_runs(profiles: Mapping[NodeId, AgentProfile], latency_s: Mapping[NodeId, float],
                 measured: Mapping[NodeId, Measured], cost: CostModel, experts: Sequence[ExpertId],
                 held: Mapping[NodeId, frozenset[ExpertId]], slices: Mapping[NodeId, frozenset[SliceId]],
                 mode: ExpertSplit) -> dict[NodeId, dict[ExpertId, tuple[NodeId, ...]]]:
-    """For each agent as a home, the experts it should run split (`balance.decode_splits`), from
+    """For each agent as a home, where it runs the experts it lacks (`balance.decode_runs`), from
     the agents' profiles: a disk the throttle does not pace reads at the rate the agent measured
     (a page-cached file: about as fast as memory); a peer's one-way latency is the two ends'
     emulated latencies, or half the home's measured round trip where that is longer."""
@@ -145,7 +145,7 @@ def home_splits(profiles: Mapping[NodeId, AgentProfile], latency_s: Mapping[Node
                         max((latency_s.get(home, 0.0) + latency_s.get(n, 0.0)) / 2, rt / 2))
                   for n, p in sorted(profiles.items())]
         overhead = SPLIT_OVERHEAD_ROUND_TRIPS * max(rt, 2 * max(a.latency_s for a in agents))
-        out[home] = decode_splits(agents, home, cost, experts, held, slices, mode, overhead)
+        out[home] = decode_runs(agents, home, cost, experts, held, slices, mode, overhead)
     return out
 
 

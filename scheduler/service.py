@@ -29,7 +29,7 @@ from scheduler.activations import ActivationWindow
 from scheduler.batching import Batcher
 from scheduler.engine_settings import EngineSettings
 from scheduler.placer import Placer
-from scheduler.decode_plan import Measured, data_address, home_splits, routing_table, same_holders
+from scheduler.decode_plan import Measured, data_address, home_runs, routing_table, same_holders
 from scheduler.runner import ClusterView, ModelShape
 from scheduler.types import AgentSnapshot, EngineSnapshot, GenerationRequest, NodeId, NodeSpec, TokenEvent
 
@@ -58,8 +58,8 @@ class EngineService:
                                on_selections=self._selections)
         self.activations: ActivationWindow | None = None  # once the model's shape is known
         self.placer = Placer(settings.placement, split_unheld=settings.expert_split != "never")
-        self.table = RoutingTable()  # the routing table last published to the agents (each with its own splits)
-        self.splits: dict[NodeId, dict[ExpertId, tuple[NodeId, ...]]] = {}  # the splits each home was sent
+        self.table = RoutingTable()  # the routing table last published to the agents (each with its own runs)
+        self.runs: dict[NodeId, dict[ExpertId, tuple[NodeId, ...]]] = {}  # the load balance's runs each home was sent
         self._durations: list[float] = []  # recent request durations, for Retry-After
         self._tasks: list[asyncio.Task[None]] = []
         self._background: set[asyncio.Task[None]] = set()
@@ -284,9 +284,9 @@ class EngineService:
         agents = [c for c in self.up_clients() if c.name in self.infos]
         return agents, ClusterView.from_infos([self.infos[a.name] for a in agents]) if agents else None
 
-    def _home_splits(self, agents: Sequence[AgentClient], held: Mapping[NodeId, frozenset[ExpertId]]
+    def _home_runs(self, agents: Sequence[AgentClient], held: Mapping[NodeId, frozenset[ExpertId]]
                      ) -> dict[NodeId, dict[ExpertId, tuple[NodeId, ...]]]:
-        """Per home, the experts the load balance runs split (none without it)."""
+        """Per home, where the load balance runs the experts it lacks (nothing without it)."""
         if self.shape is None or not self.settings.load_balance or len(agents) < 2:
             return {}
         E, view = self.shape.num_experts, ClusterView.from_infos([self.infos[a.name] for a in agents])
@@ -294,7 +294,7 @@ class EngineService:
         slices = {n: frozenset(SliceId(expert_from_wire(e, E), p, o) for e, p, o in s.slices) for n, s in snaps.items()}
         experts = [ExpertId(layer, e) for layer in range(self.shape.num_layers) if layer not in self.shape.dense_layers
                    for e in range(E)]
-        return home_splits(view.profiles, {a.name: self.infos[a.name].link_latency_s for a in agents},
+        return home_runs(view.profiles, {a.name: self.infos[a.name].link_latency_s for a in agents},
                            {n: Measured(s.expert_read_s, s.round_trip_s) for n, s in snaps.items()}, view.cost,
                            experts, held, slices, self.settings.expert_split)
 
@@ -309,11 +309,11 @@ class EngineService:
         data = {c.name: a for c in agents if (a := data_address(c.spec.address, self.infos[c.name].data_port))}
         table = routing_table(self.table.version + 1, {c.name: c.spec.address for c in agents}, held, data,
                               self.settings.expert_split, self.settings.decode_prefetch, self.settings.load_balance)
-        splits = self._home_splits(agents, held)
-        if same_holders(table, self.table) and splits == self.splits:
+        runs = self._home_runs(agents, held)
+        if same_holders(table, self.table) and runs == self.runs:
             return
-        self.table, self.splits = table, splits
-        results = await asyncio.gather(*(c.set_routing_table(dataclasses.replace(table, splits=splits.get(c.name, {})), E)
+        self.table, self.runs = table, runs
+        results = await asyncio.gather(*(c.set_routing_table(dataclasses.replace(table, runs=runs.get(c.name, {})), E)
                                          for c in agents), return_exceptions=True)
         for client, result in zip(agents, results):
             if isinstance(result, BaseException):  # a stale table costs time, never correctness

@@ -54,6 +54,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Self
@@ -124,7 +125,8 @@ class DecodeCluster(UpCluster):
     """`potluck up --inventory` for the decode cases."""
 
     def __init__(self, run: DecodeRun, agents: int, memory: int = 0, link: str | None = None,
-                 latency_s: float = 0.0, max_running: int = 1, threads: int | None = None, disk: float = 0.0,
+                 latency_s: float = 0.0, max_running: int = 1, threads: int | None = None,
+                 disk: float | Sequence[float] = 0.0,
                  expert_split: str = "auto", decode_prefetch: bool = True, load_balance: bool = True) -> None:
         self.port, *ports = free_ports(agents + 1)
         nodes = []
@@ -134,8 +136,9 @@ class DecodeCluster(UpCluster):
                                        "torch_threads": threads or run.threads}
             if link:
                 node["link_bandwidth"] = link
-            if disk:
-                node["disk_bandwidth"] = disk
+            rate = disk if isinstance(disk, (int, float)) else disk[i]  # each agent's own, or one for all
+            if rate:
+                node["disk_bandwidth"] = rate
             if latency_s:
                 node["link_latency"] = f"{latency_s * 1e6:.0f}us"
             nodes.append(node)

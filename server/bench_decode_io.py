@@ -39,8 +39,14 @@ IO_RUNS = (("whole", "never", True, False), ("split", "auto", False, False), ("s
            ("split+prefetch", "auto", False, True))
 IO_FULL = "split+balance+prefetch"
 IO_WITHOUT = {"split": "balance+prefetch", "load balance": "split+prefetch", "prefetch": "split+balance"}
+# Unlike disks (a LAN's tablet beside its laptops): agent i reads at this many times --io-disk.
+# The first agent, the requests' home, has the slowest; these runs show what the load balance is
+# for, with no target of their own.
+MIXED_DISKS = (0.25, 2.0, 1.0, 0.5)
+MIXED_RUNS = (("mixed-whole", "never", True, False), ("mixed-split", "auto", False, False),
+              ("mixed-split+balance", "auto", True, False))
 IO_FLAGS = {name: f"--expert-split {split}" + ("" if balance else " --no-load-balance")
-            + ("" if prefetch else " --no-decode-prefetch") for name, split, balance, prefetch in IO_RUNS}
+            + ("" if prefetch else " --no-decode-prefetch") for name, split, balance, prefetch in IO_RUNS + MIXED_RUNS}
 DISK_READ = "potluck_agent_disk_read_bytes_total"
 
 
@@ -85,9 +91,11 @@ async def run_io(run: Any, agent_counts: list[int]) -> list[dict[str, Any]]:
     out = []
     for agents in agent_counts:
         threads = threads_per_agent(agents, os.cpu_count() or 1)
-        for name, split, balance, prefetch in IO_RUNS:
+        for name, split, balance, prefetch in IO_RUNS + MIXED_RUNS:
+            disk = ([run.io_disk * f for f in MIXED_DISKS[:agents]] if name.startswith("mixed-")
+                    else [run.io_disk] * agents)
             async with DecodeCluster(run, agents, run.io_pool // agents, LINK, run.lan_latency_s, 1, threads,
-                                     disk=run.io_disk, expert_split=split, decode_prefetch=prefetch,
+                                     disk=disk, expert_split=split, decode_prefetch=prefetch,
                                      load_balance=balance) as cluster:  # fmt: skip
                 await cluster.stream(run.warmup, run.gen_tokens)
                 await cluster.settle()
@@ -121,7 +129,8 @@ def io_settings(data: dict[str, Any]) -> list[str]:
         f"{data['link_latency_s'] * 1e3:g} ms one way; each agent its fair share of the cores. --expert-split never: "
         "an expert no agent holds is read whole by the home; auto: it is split (each agent of the split reads and "
         "runs 1/m of it), over every agent with --no-load-balance, else where and over whom the scheduler's load "
-        "balance chooses. The decode prefetch reads, before a request decodes, what its prompt chose most; its hit "
+        f"balance chooses. Mixed disks: agent i reads at {', '.join(f'{f:g}' for f in MIXED_DISKS)} times that "
+        "(the first, the requests' home, slowest). The decode prefetch reads, before a request decodes, what its prompt chose most; its hit "
         "rate is hits / (hits + misses) of the decode tokens' selections.",
         "Bytes read per agent over the timed rounds (fills between rounds included): "
         + "; ".join(f"{io_label(c)}: " + ", ".join(f"{v / 1e6:.0f}" for v in c["bytes_read_per_agent"].values())

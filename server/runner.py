@@ -59,7 +59,7 @@ class ServerOptions:
     placement: PlacementSettings = PlacementSettings()  # which experts each agent pins; how often re-planned
     expert_split: ExpertSplit = "auto"  # how a home runs experts it does not hold (RoutingTable)
     decode_prefetch: bool = True  # homes read ahead what their prompts chose most (RoutingTable)
-    load_balance: bool = True  # the scheduler chooses each home's split experts (RoutingTable.splits)
+    load_balance: bool = True  # the scheduler chooses where each home runs what it lacks (RoutingTable.runs)
 
 
 class Shutdown(BaseException):

@@ -246,8 +246,8 @@ def routing_table_to_proto(table: RoutingTable, num_experts: int) -> pb.RoutingT
         experts=[pb.ExpertHolders(expert=expert_to_wire(e, num_experts), holders=list(h))
                  for e, h in sorted(table.holders.items()) if h],
         expert_split=_SPLIT_TO_WIRE[table.expert_split], no_decode_prefetch=not table.decode_prefetch,
-        splits=[pb.ExpertRun(expert=expert_to_wire(e, num_experts), nodes=list(n))
-                for e, n in sorted(table.splits.items())],
+        runs=[pb.ExpertRun(expert=expert_to_wire(e, num_experts), nodes=list(n))
+              for e, n in sorted(table.runs.items())],
         no_load_balance=not table.load_balance,
     )
 
@@ -259,7 +259,7 @@ def routing_table_from_proto(msg: pb.RoutingTable, num_experts: int) -> RoutingT
         data_addresses={NodeId(a.name): a.data_address for a in msg.agents if a.data_address},
         holders={expert_from_wire(x.expert, num_experts): tuple(NodeId(h) for h in x.holders) for x in msg.experts},
         expert_split=_SPLIT_FROM_WIRE.get(msg.expert_split, "auto"), decode_prefetch=not msg.no_decode_prefetch,
-        splits={expert_from_wire(x.expert, num_experts): tuple(NodeId(n) for n in x.nodes) for x in msg.splits},
+        runs={expert_from_wire(x.expert, num_experts): tuple(NodeId(n) for n in x.nodes) for x in msg.runs},
         load_balance=not msg.no_load_balance,
     )
 

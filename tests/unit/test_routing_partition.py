@@ -6,7 +6,7 @@ import pytest
 
 from protos.ids import ExpertId
 from scheduler.cost_model import AgentProfile, CostModel
-from scheduler.decode_plan import (SEQUENCE_PARALLEL_OVERHEAD_S, Measured, choose_home, home_splits, prefill_at_home,
+from scheduler.decode_plan import (SEQUENCE_PARALLEL_OVERHEAD_S, Measured, choose_home, home_runs, prefill_at_home,
                                    routing_table, same_holders, user_home)
 from scheduler.partition import after_step, chunk_step, contiguous_prefill, zigzag_prefill
 from scheduler.routing import resident_first
@@ -97,29 +97,29 @@ def profiles(disk: float) -> dict[NodeId, AgentProfile]:
     return {n: AgentProfile(n, disk, 125e6, 10e9, None) for n in (A, B, C)}
 
 
-def test_home_splits_split_what_a_home_would_read_slowly_and_nothing_it_holds() -> None:
+def test_home_runs_split_what_a_home_would_read_slowly_and_nothing_it_holds() -> None:
     experts = [ExpertId(1, i) for i in range(3)]
     held = {A: frozenset({ExpertId(1, 0)}), B: frozenset({ExpertId(1, 1)})}
     lan = {n: 0.001 for n in (A, B, C)}
-    splits = home_splits(profiles(50e6), lan, {}, BENCH_EXPERT, experts, held, {}, "auto")  # 94 ms reads
+    splits = home_runs(profiles(50e6), lan, {}, BENCH_EXPERT, experts, held, {}, "auto")  # 94 ms reads
     assert splits == {n: {ExpertId(1, 2): (A, B, C)} for n in (A, B, C)}  # the held ones run whole on their holders
-    always = home_splits(profiles(50e6), lan, {}, BENCH_EXPERT, experts, held, {}, "always")
+    always = home_runs(profiles(50e6), lan, {}, BENCH_EXPERT, experts, held, {}, "always")
     assert set(always[A]) == {ExpertId(1, 1), ExpertId(1, 2)} and set(always[B]) == {ExpertId(1, 0), ExpertId(1, 2)}
-    assert home_splits(profiles(50e6), lan, {}, BENCH_EXPERT, experts, held, {}, "never") == {}
+    assert home_runs(profiles(50e6), lan, {}, BENCH_EXPERT, experts, held, {}, "never") == {}
     only = {A: AgentProfile(A, 50e6, 125e6, 10e9, None)}
-    assert home_splits(only, lan, {}, BENCH_EXPERT, experts, held, {}, "auto") == {}  # one agent: nothing to split
+    assert home_runs(only, lan, {}, BENCH_EXPERT, experts, held, {}, "auto") == {}  # one agent: nothing to split
 
 
-def test_home_splits_weigh_measured_reads_and_round_trips() -> None:
+def test_home_runs_weigh_measured_reads_and_round_trips() -> None:
     unheld = [ExpertId(1, 2)]
     # Unthrottled disks read at the measured pace: 94 ms a read splits, a page-cached 1 ms does not.
     slow = {n: Measured(expert_read_s=0.094, round_trip_s=0.002) for n in (A, B, C)}
-    assert home_splits(profiles(0.0), {}, slow, BENCH_EXPERT, unheld, {}, {}, "auto")[A] == {unheld[0]: (A, B, C)}
+    assert home_runs(profiles(0.0), {}, slow, BENCH_EXPERT, unheld, {}, {}, "auto")[A] == {unheld[0]: (A, B, C)}
     cached = {n: Measured(expert_read_s=0.001, round_trip_s=0.002) for n in (A, B, C)}
-    assert home_splits(profiles(0.0), {}, cached, BENCH_EXPERT, unheld, {}, {}, "auto") == {A: {}, B: {}, C: {}}
+    assert home_runs(profiles(0.0), {}, cached, BENCH_EXPERT, unheld, {}, {}, "auto") == {A: {}, B: {}, C: {}}
     # A home whose calls take 80 ms reads a 94 ms expert itself; the others still split it.
     busy = {**slow, A: Measured(expert_read_s=0.094, round_trip_s=0.08)}
-    splits = home_splits(profiles(0.0), {}, busy, BENCH_EXPERT, unheld, {}, {}, "auto")
+    splits = home_runs(profiles(0.0), {}, busy, BENCH_EXPERT, unheld, {}, {}, "auto")
     assert splits[A] == {} and splits[B] == {unheld[0]: (A, B, C)}
 
 

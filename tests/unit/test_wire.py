@@ -163,7 +163,7 @@ def test_placement_round_trip() -> None:
 def test_routing_table_round_trip() -> None:
     table = RoutingTable(version=3, addresses={A: "h:1", B: "h:2"}, data_addresses={B: "h:9"},
                          holders={ExpertId(1, 2): (B, A), ExpertId(0, 0): (A,)},
-                         splits={ExpertId(1, 3): (B, A), ExpertId(2, 7): (A, B)})
+                         runs={ExpertId(1, 3): (B, A), ExpertId(2, 7): (A,)})
     assert c.routing_table_from_proto(wire(c.routing_table_to_proto(table, 8)), 8) == table
     unbalanced = RoutingTable(version=5, load_balance=False)
     assert c.routing_table_from_proto(wire(c.routing_table_to_proto(unbalanced, 8)), 8) == unbalanced

@@ -489,22 +489,22 @@ class ExpertRun(_message.Message):
     def __init__(self, expert: _Optional[int] = ..., nodes: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class RoutingTable(_message.Message):
-    __slots__ = ("version", "agents", "experts", "expert_split", "no_decode_prefetch", "splits", "no_load_balance")
+    __slots__ = ("version", "agents", "experts", "expert_split", "no_decode_prefetch", "runs", "no_load_balance")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     AGENTS_FIELD_NUMBER: _ClassVar[int]
     EXPERTS_FIELD_NUMBER: _ClassVar[int]
     EXPERT_SPLIT_FIELD_NUMBER: _ClassVar[int]
     NO_DECODE_PREFETCH_FIELD_NUMBER: _ClassVar[int]
-    SPLITS_FIELD_NUMBER: _ClassVar[int]
+    RUNS_FIELD_NUMBER: _ClassVar[int]
     NO_LOAD_BALANCE_FIELD_NUMBER: _ClassVar[int]
     version: int
     agents: _containers.RepeatedCompositeFieldContainer[AgentAddress]
     experts: _containers.RepeatedCompositeFieldContainer[ExpertHolders]
     expert_split: ExpertSplit
     no_decode_prefetch: bool
-    splits: _containers.RepeatedCompositeFieldContainer[ExpertRun]
+    runs: _containers.RepeatedCompositeFieldContainer[ExpertRun]
     no_load_balance: bool
-    def __init__(self, version: _Optional[int] = ..., agents: _Optional[_Iterable[_Union[AgentAddress, _Mapping]]] = ..., experts: _Optional[_Iterable[_Union[ExpertHolders, _Mapping]]] = ..., expert_split: _Optional[_Union[ExpertSplit, str]] = ..., no_decode_prefetch: _Optional[bool] = ..., splits: _Optional[_Iterable[_Union[ExpertRun, _Mapping]]] = ..., no_load_balance: _Optional[bool] = ...) -> None: ...
+    def __init__(self, version: _Optional[int] = ..., agents: _Optional[_Iterable[_Union[AgentAddress, _Mapping]]] = ..., experts: _Optional[_Iterable[_Union[ExpertHolders, _Mapping]]] = ..., expert_split: _Optional[_Union[ExpertSplit, str]] = ..., no_decode_prefetch: _Optional[bool] = ..., runs: _Optional[_Iterable[_Union[ExpertRun, _Mapping]]] = ..., no_load_balance: _Optional[bool] = ...) -> None: ...
 
 class AdoptKVRequest(_message.Message):
     __slots__ = ("request_id", "capacity", "prompt_tokens", "sources", "prefill_here", "sampling", "sampled", "prompt_counts")
