@@ -5,7 +5,8 @@ one job), and missing ones are read and run as each comes in."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Mapping
+import contextlib
+from collections.abc import AsyncIterator, Callable, Mapping
 
 import torch
 
@@ -96,24 +97,29 @@ class ExpertExecutor:
         out = torch.zeros_like(x)
 
         async def one(e: int) -> None:
-            piece = SliceId(ExpertId(layer, e), part, of)
-            try:  # pinned without yielding, so it cannot go between the check and the pin
-                whole = self.buffer.acquire_resident(piece.expert)
-            except KeyError:
-                if not self.buffer.room_for_slice(piece):  # only whole experts to evict: read it for this run
-                    w = await self.buffer.stream(piece)
-                    await self.compute(slots.add_experts, out, x, ids, weights, {e: w})
-                    return
-                async with self.buffer.pinned(piece) as w:
-                    await self.compute(slots.add_experts, out, x, ids, weights, {e: w})
-                return
-            try:
-                await self.compute(slots.add_experts, out, x, ids, weights,
-                                   {e: whole.units(*piece.units(self.cfg.expert_size))})
-            finally:
-                await self.buffer.release(piece.expert)
+            async with self._slice_weights(SliceId(ExpertId(layer, e), part, of)) as w:
+                await self.compute(slots.add_experts, out, x, ids, weights, {e: w})
 
         named = [e for e in sorted(set(ids.flatten().tolist())) if e >= 0]
         self.slice_runs += len(named)
         await asyncio.gather(*(one(e) for e in named))
         return out
+
+    @contextlib.asynccontextmanager
+    async def _slice_weights(self, piece: SliceId) -> AsyncIterator[ExpertWeights]:
+        """A slice's weights while they are used: a view of its whole expert where that is in
+        memory, else the slice held (pinned), else read for this run alone where holding it
+        would evict a whole expert."""
+        try:  # pinned without yielding, so it cannot go between the check and the pin
+            whole = self.buffer.acquire_resident(piece.expert)
+        except KeyError:
+            if not self.buffer.room_for_slice(piece):
+                yield await self.buffer.stream(piece)
+                return
+            async with self.buffer.pinned(piece) as w:
+                yield w
+            return
+        try:
+            yield whole.units(*piece.units(self.cfg.expert_size))
+        finally:
+            await self.buffer.release(piece.expert)

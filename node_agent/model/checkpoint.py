@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 import struct
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,36 +63,15 @@ class Checkpoint:
 
     def read(self, name: str, before_chunk: Callable[[int], None] | None = None) -> torch.Tensor:
         """Read one tensor; `before_chunk(nbytes)` is called before every chunk is read."""
-        loc = self.locations.get(name)
-        if loc is None:
-            raise KeyError(f"tensor {name!r} is not in the checkpoint at {self.model_dir}")
-        # torch's allocator aligns for its kernels; a bytearray would not be (2-3x slower matmuls).
-        buf = torch.empty(loc.nbytes, dtype=torch.uint8)
-        view = memoryview(buf.numpy())  # type: ignore[arg-type]
-        fd = os.open(loc.file, os.O_RDONLY)
-        try:
-            done = 0
-            while done < loc.nbytes:
-                n = min(READ_CHUNK, loc.nbytes - done)
-                if before_chunk is not None:
-                    before_chunk(n)
-                got = os.preadv(fd, [view[done : done + n]], loc.start + done)
-                if got <= 0:
-                    raise OSError(f"short read of {name!r} in {loc.file}")
-                done += got
-        finally:
-            os.close(fd)
-        return buf.view(loc.dtype).reshape(loc.shape)
-
+        loc = self._location(name)
+        return self._read_runs(name, loc, [(loc.start, loc.nbytes)], before_chunk).view(loc.dtype).reshape(loc.shape)
 
     def read_block(self, name: str, rows: tuple[int, int], cols: tuple[int, int] | None = None,
                    before_chunk: Callable[[int], None] | None = None) -> torch.Tensor:
         """Rows [start, stop) of a 2-D tensor, and of those only the columns [start, stop) when
         `cols` is given: only those bytes are read (row after row for a column block), in
         chunks of at most READ_CHUNK, `before_chunk(nbytes)` before each."""
-        loc = self.locations.get(name)
-        if loc is None:
-            raise KeyError(f"tensor {name!r} is not in the checkpoint at {self.model_dir}")
+        loc = self._location(name)
         if len(loc.shape) != 2:
             raise ValueError(f"tensor {name!r} has shape {list(loc.shape)}; a block is read from a 2-D tensor")
         (r0, r1), (c0, c1) = rows, cols or (0, loc.shape[1])
@@ -100,11 +79,26 @@ class Checkpoint:
             raise ValueError(f"block rows {rows}, columns {cols} of {name!r} outside its shape {list(loc.shape)}")
         item = torch.empty((), dtype=loc.dtype).element_size()
         row_bytes, width = loc.shape[1] * item, (c1 - c0) * item
-        buf = torch.empty((r1 - r0) * width, dtype=torch.uint8)  # aligned, as in `read`
-        view = memoryview(buf.numpy())  # type: ignore[arg-type]
         # (file offset, bytes) of each contiguous run: the whole block, or one per row
         runs = ([(loc.start + r0 * row_bytes, (r1 - r0) * row_bytes)] if width == row_bytes
                 else [(loc.start + r * row_bytes + c0 * item, width) for r in range(r0, r1)])
+        return self._read_runs(name, loc, runs, before_chunk).view(loc.dtype).reshape(r1 - r0, c1 - c0)
+
+    def _location(self, name: str) -> TensorLocation:
+        loc = self.locations.get(name)
+        if loc is None:
+            raise KeyError(f"tensor {name!r} is not in the checkpoint at {self.model_dir}")
+        return loc
+
+    @staticmethod
+    def _read_runs(name: str, loc: TensorLocation, runs: Sequence[tuple[int, int]],
+                   before_chunk: Callable[[int], None] | None) -> torch.Tensor:
+        """The bytes of `runs` ((file offset, size) each) of `loc`'s file, one after the other,
+        into one buffer; `before_chunk(nbytes)` before every READ_CHUNK of them (runs shorter
+        than a chunk share one)."""
+        # torch's allocator aligns for its kernels; a bytearray would not be (2-3x slower matmuls).
+        buf = torch.empty(sum(size for _, size in runs), dtype=torch.uint8)
+        view = memoryview(buf.numpy())  # type: ignore[arg-type]
         fd = os.open(loc.file, os.O_RDONLY)
         try:
             done, pending = 0, 0  # bytes read; bytes read since the last before_chunk
@@ -120,7 +114,7 @@ class Checkpoint:
                     at, done, pending = at + got, done + got, (pending + got) % READ_CHUNK
         finally:
             os.close(fd)
-        return buf.view(loc.dtype).reshape(r1 - r0, c1 - c0)
+        return buf
 
 
 def _read_header(path: Path) -> dict[str, TensorLocation]:
