@@ -27,7 +27,7 @@ import itertools
 import logging
 import struct
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -36,6 +36,7 @@ from node_agent.peers import Link, PeerFailed
 from protos.convert import (PING, PONG, expert_batch_to_proto, expert_result_from_proto, peer_frame_from_proto,
                             peer_frame_to_proto)
 from protos.limits import KEEPALIVE_TIME_MS, MAX_MESSAGE_BYTES
+from protos.ids import SliceId
 from protos.messages import ExpertBatch
 from protos.potluck.v1 import agent_pb2 as pb
 from protos.security import Credentials, agent_identity, agent_name, ssl_identity
@@ -241,14 +242,17 @@ class DataClient:
             conn.pending.clear()
 
     def run_experts(self, holder: str, address: str, layer: int, x: torch.Tensor, ids: torch.Tensor,
-                    weights: torch.Tensor, part: int = 0, of: int = 1) -> Awaitable[torch.Tensor]:
+                    weights: torch.Tensor, part: int = 0, of: int = 1, read_ahead: Sequence[SliceId] = ()
+                    ) -> Awaitable[torch.Tensor]:
         """The weighted experts [n, D] of `holder` (its data plane at `address`) on a decode step's
         rows x [n, D] (ids [n, k] with -1 in the slots it does not run); PeerFailed naming it. The
         call leaves now: its latency counts from here, though the awaitable runs later (a job on
         the event loop hands its experts over, then runs the local ones before it yields). With
-        `of` >= 2, slice `part` of `of` of each expert (a partial sum)."""
+        `of` >= 2, slice `part` of `of` of each expert (a partial sum), and `read_ahead` to begin
+        reading after (`ExpertBatch.read_ahead`)."""
         return self._call(holder, address, ExpertBatch(request_id="decode", layer=layer, hidden=x, expert_ids=ids,
-                                                       weights=weights, decode=True, part=part, of=of),
+                                                       weights=weights, decode=True, part=part, of=of,
+                                                       read_ahead=tuple(read_ahead)),
                           time.monotonic())
 
     async def _call(self, holder: str, address: str, message: ExpertBatch, left: float) -> torch.Tensor:

@@ -25,8 +25,9 @@ from node_agent.decode_attention import Partial
 from node_agent.dispatch import only, rows_with
 from node_agent.expert_buffer import ExpertBuffer
 from node_agent.model import slots
+from node_agent.read_ahead import MAX_AHEAD
 from node_agent.state import KVShard
-from protos.ids import ExpertId, NodeId
+from protos.ids import ExpertId, NodeId, SliceId
 from protos.routing import RoutingTable
 
 # auto splits an unheld expert where the read it saves beats this many round trips: a split also
@@ -39,6 +40,7 @@ SPLIT_MARGIN = 2.0
 # (ExpertExecutor.execute_slices).
 RunSlices = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor, int, int], Awaitable[torch.Tensor]]
 
+ReadAheadFn = Callable[[SliceId], Awaitable[None]]  # begin reading a slice guessed to be asked for next
 Rows = tuple[torch.Tensor, torch.Tensor]  # (token rows [m], their expert output [m, D]) to add to h
 T = TypeVar("T")
 
@@ -48,7 +50,7 @@ class DecodePeers(Protocol):
 
     async def run_experts(self, name: str, address: str, request_id: str, layer: int, x: torch.Tensor,
                           ids: torch.Tensor, weights: torch.Tensor, decode: bool = False, part: int = 0,
-                          of: int = 1) -> torch.Tensor: ...
+                          of: int = 1, read_ahead: Sequence[SliceId] = ()) -> torch.Tensor: ...
     async def fetch_kv(self, name: str, address: str, request_id: str, layer: int) -> KVShard: ...  # see HomeCaches
     async def attend(self, name: str, address: str, request_id: str, layer: int, q: torch.Tensor
                      ) -> tuple[torch.Tensor, torch.Tensor]: ...
@@ -79,6 +81,9 @@ class LayerSends:
         self.run_slices: RunSlices | None = None  # set by the agent once its executor exists
         self.expert_read_s: Callable[[], float] = lambda: 0.0  # one expert's read on this agent's disk
         self.round_trip_s: Callable[[], float] = lambda: 0.0  # a synchronous wait on peers, as measured
+        self.read_ahead: ReadAheadFn | None = None  # begins reading one of my slices (the agent's executor)
+        self._ahead_tasks: set[asyncio.Future[None]] = set()
+        self._may_split: tuple[RoutingTable | None, bool] = (None, False)
 
     def attention(self, dispatch: Dispatch, span: int, layer: int, q: torch.Tensor, request_id: str,
                   sources: Sequence[tuple[str, str]]) -> None:
@@ -87,13 +92,28 @@ class LayerSends:
             attend = self.peers.attend(name, address, request_id, layer, q)
             dispatch.attends.append(asyncio.ensure_future(_part(span, attend)))
 
+    @property
+    def may_split(self) -> bool:
+        """Whether the table may split an expert (so that guessing the next layer can pay);
+        read by the compute thread, worked out once per table."""
+        table = self.table
+        if self._may_split[0] is not table:
+            if table.load_balance:
+                self._may_split = (table, any(len(nodes) > 1 for nodes in table.runs.values()))
+            else:
+                self._may_split = (table, table.expert_split != "never" and self.run_slices is not None
+                                   and len(table.addresses.keys() | {NodeId(self.name)}) > 1)
+        return self._may_split[1]
+
     def experts(self, dispatch: Dispatch, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
-                experts: Sequence[int]) -> None:
+                experts: Sequence[int], ahead: Sequence[int] = ()) -> None:
         """On the event loop: the layer's experts not resident here, each to a holder in the
         routing table (one batch per holder), or read here if no other agent holds it, or split
-        over the agents `_split_over` names (`_split`, one batch per agent). An expert
+        over the agents `_run_over` names (`_split`, one batch per agent). An expert
         run remotely is also read into free memory here (never evicting), so a home with room
-        ends up running its requests' experts itself."""
+        ends up running its requests' experts itself. `ahead`: the experts of the next layer the
+        rows will likely choose; the slices the home would split them into begin to be read now,
+        each agent told with this layer's first batch to it (`_ahead_of`)."""
         by_holder: dict[str, list[int]] = {}
         splits: dict[tuple[NodeId, ...], list[int]] = {}  # the agents of a split -> its experts
         group = self._split_group()
@@ -111,8 +131,13 @@ class LayerSends:
             if remote is not None:
                 self.buffer.fill(eid)
             by_holder.setdefault(remote or self.name, []).append(e)
+        hints = self._ahead_of(layer + 1, ahead, group, worth, always)
+        if (own := hints.pop(NodeId(self.name), [])) and self.read_ahead is not None:
+            task = asyncio.ensure_future(self._start_own(own))
+            self._ahead_tasks.add(task)
+            task.add_done_callback(self._ahead_tasks.discard)
         for over, es in splits.items():
-            self._split(dispatch, over, layer, x, ids, weights, es)
+            self._split(dispatch, over, layer, x, ids, weights, es, hints)
         for holder, es in by_holder.items():
             sub = only(ids, es)
             rows = (sub >= 0).any(dim=1).nonzero().flatten()
@@ -143,6 +168,27 @@ class LayerSends:
             return over if all(n == self.name or n in self.table.addresses for n in over) else ()
         return tuple(group) if worth and (remote is None or always) else ()
 
+    def _ahead_of(self, layer: int, ahead: Sequence[int], group: Sequence[NodeId], worth: bool,
+                  always: bool) -> dict[NodeId, list[SliceId]]:
+        """Per agent, its slices of the guessed experts of `layer` that would be split (those
+        this home holds, or a holder runs whole, have nothing to read ahead)."""
+        out: dict[NodeId, list[SliceId]] = {}
+        for e in ahead:
+            eid = ExpertId(layer, e)
+            if self.buffer.has(eid):
+                continue
+            over = self._run_over(eid, group, worth, always, self.table.remote_holder(eid, self.name))
+            if len(over) > 1:
+                for part, node in enumerate(over):
+                    if len(got := out.setdefault(node, [])) < MAX_AHEAD:
+                        got.append(SliceId(eid, part, len(over)))
+        return out
+
+    async def _start_own(self, pieces: Sequence[SliceId]) -> None:
+        assert self.read_ahead is not None
+        for piece in pieces:
+            await self.read_ahead(piece)
+
     def _split_group(self) -> list[NodeId]:
         """Without the load balance, the agents a split runs on, slice i on the i-th (by name);
         none where the table says never, or no other agent is known."""
@@ -159,7 +205,7 @@ class LayerSends:
         return self.expert_read_s() * (1 - 1 / n) > SPLIT_MARGIN * self.round_trip_s()
 
     def _split(self, dispatch: Dispatch, group: Sequence[NodeId], layer: int, x: torch.Tensor, ids: torch.Tensor,
-               weights: torch.Tensor, experts: Sequence[int]) -> None:
+               weights: torch.Tensor, experts: Sequence[int], hints: dict[NodeId, list[SliceId]]) -> None:
         """Slice i of every expert in `experts` on group[i], one batch per agent (the home's own
         here); each result is a partial sum over the tokens' rows, added to h like any other."""
         assert self.run_slices is not None
@@ -174,11 +220,12 @@ class LayerSends:
             else:
                 dispatch.remote += len(experts)
                 data_address = self.table.data_addresses.get(node)
+                ahead = hints.pop(node, [])  # told once, with its first batch of the layer
                 if self.data is not None and data_address:
-                    run = self.data.run_experts(node, data_address, layer, xs, ids_, ws, part, of)
+                    run = self.data.run_experts(node, data_address, layer, xs, ids_, ws, part, of, ahead)
                 else:
                     run = self.peers.run_experts(node, self.table.addresses[node], "decode", layer, xs, ids_, ws,
-                                                 decode=True, part=part, of=of)
+                                                 decode=True, part=part, of=of, read_ahead=ahead)
             dispatch.runs.append(asyncio.ensure_future(rows_with(rows, run)))
 
     async def _load_and_run(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 
 import torch
 
@@ -16,6 +16,7 @@ from node_agent.grouped import GroupedPasses
 from node_agent.model import slots
 from node_agent.model.config import MoeConfig
 from node_agent.model.moe import ExpertWeights
+from node_agent.read_ahead import MAX_AHEAD, ReadAhead
 from protos.ids import ExpertId, SliceId
 
 # A decode batch's experts on the decode step's torch threads (Decoder.mix).
@@ -37,6 +38,7 @@ class ExpertExecutor:
         self.cfg, self.buffer, self.passes, self.compute, self.mix = cfg, buffer, passes, compute, mix
         self.inline = inline  # decode batches of at most INLINE_ROWS rows run on the event loop
         self.slice_runs = 0  # (layer, expert) slices run (execute_slices)
+        self.read_ahead = ReadAhead(buffer)  # slices homes expect to ask for next
 
     def check_batch(self, layer: int, ids: torch.Tensor, part: int = 0, of: int = 1) -> None:
         """Refuse a peer's expert batch that names a layer without routed experts, an expert the
@@ -49,6 +51,16 @@ class ExpertExecutor:
         named = set(ids.flatten().tolist())  # a handful of distinct ints: cheaper than min/max ops
         if named and (min(named) < -1 or max(named) >= self.cfg.num_experts):
             raise ValueError(f"expert ids must be in [0, {self.cfg.num_experts}), or -1 for a skipped slot")
+
+    def check_ahead(self, ahead: Sequence[SliceId]) -> None:
+        """Refuse a peer's read-ahead that names more slices than are kept, or a slice the model
+        lacks."""
+        if len(ahead) > MAX_AHEAD:
+            raise ValueError(f"{len(ahead)} slices to read ahead; at most {MAX_AHEAD}")
+        for s in ahead:
+            if not (self.cfg.has_experts(s.layer) and 0 <= s.index < self.cfg.num_experts
+                    and s.of <= self.cfg.expert_size):
+                raise ValueError(f"no slice {s.part} of {s.of} of expert {s.index} of layer {s.layer} in this model")
 
     async def execute(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
                       decode: bool = False) -> torch.Tensor:
@@ -90,10 +102,11 @@ class ExpertExecutor:
         return out
 
     async def execute_slices(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, part: int,
-                             of: int) -> torch.Tensor:
+                             of: int, ahead: Sequence[SliceId] = ()) -> torch.Tensor:
         """Slice `part` of `of` of each expert named in ids, on x (a partial sum: the caller adds
         the other slices' outputs). A whole expert in memory gives its slice as a view; else the
-        slice is taken from memory or read (only its bytes), each run as soon as it is in."""
+        slice is taken from memory, or from its read begun ahead, or read (only its bytes), each
+        run as soon as it is in. Then the reads of `ahead` begin, behind those."""
         out = torch.zeros_like(x)
 
         async def one(e: int) -> None:
@@ -102,7 +115,12 @@ class ExpertExecutor:
 
         named = [e for e in sorted(set(ids.flatten().tolist())) if e >= 0]
         self.slice_runs += len(named)
-        await asyncio.gather(*(one(e) for e in named))
+        runs = [asyncio.ensure_future(one(e)) for e in named]
+        if ahead:
+            await asyncio.sleep(0)  # each run has queued its read (or found its slice) first
+            for piece in ahead:
+                await self.read_ahead.start(piece)
+        await asyncio.gather(*runs)
         return out
 
     @contextlib.asynccontextmanager
@@ -113,6 +131,10 @@ class ExpertExecutor:
         try:  # pinned without yielding, so it cannot go between the check and the pin
             whole = self.buffer.acquire_resident(piece.expert)
         except KeyError:
+            ahead = self.read_ahead.take(piece)
+            if ahead is not None:  # begun on the home's guess, not held
+                yield await self.buffer.stream(piece, ahead)
+                return
             if not self.buffer.room_for_slice(piece):
                 yield await self.buffer.stream(piece)
                 return

@@ -203,21 +203,34 @@ class ExpertBuffer:
             await self._unpin(entry)
             raise
 
+    def has(self, key: Key) -> bool:
+        """Whether `key` is resident or being read."""
+        return key in self._entries
+
     def room_for_slice(self, key: SliceId) -> bool:
         """Whether `key` is held or on its way, or fits without evicting a whole expert (free
         room, or a slice to evict)."""
         return key in self._entries or self._fits(key) or any(
             isinstance(k, SliceId) and v.pins == 0 and v.weights is not None for k, v in self._entries.items())
 
-    async def stream(self, key: SliceId) -> ExpertWeights:
+    async def stream(self, key: SliceId, started: Entry | None = None) -> ExpertWeights:
         """Read a slice for one use without holding it: where the memory holds only whole
         experts, which the routing table sends homes to, a slice must not take one's room (each
         evicted one turned into a split for every agent, which evicted more). Its bytes exceed
-        the budget while its caller computes with it: 1/N of an expert per slice in use."""
-        entry = Entry(self.nbytes(key), streamed=True)
-        self.counters.streamed += 1
-        self._enqueue(DEMAND, key, entry)
+        the budget while its caller computes with it: 1/N of an expert per slice in use.
+        `started`: its read, queued earlier by `queue_stream` (it moves up to a demand read)."""
+        entry = started or self.queue_stream(key)
+        if not entry.started and entry.priority != DEMAND:
+            self._enqueue(DEMAND, key, entry)
         return await entry.loaded
+
+    def queue_stream(self, key: SliceId, priority: int = DEMAND) -> Entry:
+        """Queue the read of a slice that will not be held (`stream`); cancelling the entry's
+        `loaded` before its read starts drops it."""
+        entry = Entry(self.nbytes(key), priority=priority, streamed=True)
+        self.counters.streamed += 1
+        self._enqueue(priority, key, entry)
+        return entry
 
     def acquire_resident(self, eid: ExpertId) -> ExpertWeights:
         """Pin an expert that is in memory now, without yielding to the event loop (so nothing
@@ -263,7 +276,7 @@ class ExpertBuffer:
             async with self._space:
                 self._space.notify_all()
 
-    async def prefetch(self, eid: ExpertId, evict_whole: bool = True) -> bool:
+    async def prefetch(self, eid: Key, evict_whole: bool = True) -> bool:
         """Start reading an expert predicted to be needed, if that evicts nothing the current plan
         needs (and, without `evict_whole`, no whole expert: only slices); returns whether it is
         resident or on its way."""
@@ -405,7 +418,7 @@ class ExpertBuffer:
             _, _, eid, entry = heapq.heappop(self._queue)
             if not self._queue or self._queue[0][0] == FILL:
                 self._urgent.clear()  # nothing but fills left behind this read
-            if entry.started or (not entry.streamed and self._entries.get(eid) is not entry):
+            if entry.started or entry.loaded.done() or (not entry.streamed and self._entries.get(eid) is not entry):
                 continue  # already read (queued twice), or dropped
             entry.started = True
             try:
@@ -418,11 +431,13 @@ class ExpertBuffer:
             except Exception as exc:  # the waiters get the error; the reader goes on
                 if self._entries.get(eid) is entry:
                     self._drop(eid)
-                entry.loaded.set_exception(exc)
-                entry.loaded.exception()  # retrieved: nobody may be waiting on a prefetch
+                if not entry.loaded.done():  # (a streamed read given up while it ran)
+                    entry.loaded.set_exception(exc)
+                    entry.loaded.exception()  # retrieved: nobody may be waiting on a prefetch
             else:
                 if entry.streamed:
-                    entry.loaded.set_result(weights)
+                    if not entry.loaded.done():
+                        entry.loaded.set_result(weights)
                 else:
                     await self._install(eid, entry, weights)
                 continue

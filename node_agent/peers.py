@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import grpc
@@ -24,7 +25,7 @@ from node_agent.throttle import Throttle
 from protos.convert import (attend_reply_from_proto, attend_to_proto, expert_batch_to_proto, expert_part_from_proto,
                             expert_result_from_proto, failed_agent_from_metadata, fetch_expert_to_proto,
                             fetch_kv_to_proto, kv_block_from_proto, kv_block_to_proto, tensor_nbytes)
-from protos.ids import ExpertId
+from protos.ids import ExpertId, SliceId
 from protos.limits import CHANNEL_OPTIONS, CHUNK_BYTES, peer_deadline_s
 from protos.messages import ExpertBatch, KVBlock
 from protos.potluck.v1 import agent_pb2 as pb
@@ -159,12 +160,12 @@ class GrpcPeers:
 
     async def run_experts(
         self, name: str, address: str, request_id: str, layer: int, x: torch.Tensor, ids: torch.Tensor,
-        weights: torch.Tensor, decode: bool = False, part: int = 0, of: int = 1,
+        weights: torch.Tensor, decode: bool = False, part: int = 0, of: int = 1, read_ahead: Sequence[SliceId] = (),
     ) -> torch.Tensor:
         async def run(rows: slice) -> torch.Tensor:
             batch = expert_batch_to_proto(ExpertBatch(request_id=request_id, layer=layer, hidden=x[rows],
                                                       expert_ids=ids[rows], weights=weights[rows], decode=decode,
-                                                      part=part, of=of))
+                                                      part=part, of=of, read_ahead=tuple(read_ahead)))
             await self.link.request(batch.hidden, batch.expert_ids, batch.weights)
             # The holder may have to read each expert from its disk first: 30 s an expert allows a
             # Mixtral expert (352 MB in bfloat16) from a slow USB disk.

@@ -196,6 +196,7 @@ class Servicer(pb_grpc.NodeAgentServicer):
             decode_read_wait_s=core.decoder.waits_s.reads_s, decode_split_experts=core.decoder.split_experts,
             slice_runs=core.executor.slice_runs, decode_prefetch_reads=core.decoder.prefetch.read,
             decode_prefetch_hits=core.decoder.prefetch.hits, decode_prefetch_misses=core.decoder.prefetch.misses,
+            read_ahead=core.executor.read_ahead.started, read_ahead_used=core.executor.read_ahead.used,
             home_prefill_tokens=core.decoder.prompt_tokens, decode_split_attention=core.decoder.split_attention,
             cpu_s=time.process_time(), paced_cpu_s=core.pacer.paced_cpu_s,
             requests=len(core.requests.live()))
@@ -282,11 +283,12 @@ class Servicer(pb_grpc.NodeAgentServicer):
         executor = self.core.executor
         executor.check_batch(b.layer, b.expert_ids, b.part, b.of)
         weights = b.weights.to(b.hidden.dtype)
+        executor.check_ahead(b.read_ahead)
         if b.of > 1:
-            out = await executor.execute_slices(b.layer, b.hidden, b.expert_ids, weights, b.part, b.of)
+            run = executor.execute_slices(b.layer, b.hidden, b.expert_ids, weights, b.part, b.of, b.read_ahead)
         else:
-            out = await executor.execute(b.layer, b.hidden, b.expert_ids, weights, b.decode)
-        return expert_result_to_proto(out)
+            run = executor.execute(b.layer, b.hidden, b.expert_ids, weights, b.decode)
+        return expert_result_to_proto(await run)
 
 
 async def serve(settings: AgentSettings, ready: asyncio.Event | None = None, stop: asyncio.Event | None = None) -> None:

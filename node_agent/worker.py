@@ -71,6 +71,7 @@ class AgentCore:
         self.requests = RequestTable(name, limits, self.decoder.kv.caches)
         self.executor = ExpertExecutor(cfg, buffer, self.passes, self.compute, self.decoder.mix, inline=inline)
         self.decoder.sends.run_slices = self.executor.execute_slices  # a split layer's slices here
+        self.decoder.sends.read_ahead = self.executor.read_ahead.start  # and my slices of its guessed next layer
         self.holdings = Holdings(name, cfg, dense.embed.dtype, buffer, peers)  # fills, placement, peers' fetches
         self.early_used = 0  # experts run early on my own tokens whose share the plan confirmed
         self.early_dropped = 0  # experts run early that the plan overruled (it sent those slots elsewhere)

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from protos.ids import NodeId
+from protos.ids import NodeId, SliceId
 
 
 @dataclass(frozen=True)
@@ -182,6 +182,8 @@ class CacheCounters:
     decode_prefetch_reads: int = 0  # experts read ahead of decode from its prompts' own selections
     decode_prefetch_hits: int = 0  # decode selections of an expert the request's prefetch read
     decode_prefetch_misses: int = 0  # decode selections of one neither held at the plan nor read
+    read_ahead: int = 0  # slices it began reading on a home's guess of its next layer (ExpertBatch.read_ahead)
+    read_ahead_used: int = 0  # of those, the ones a home then asked for
 
 
 @dataclass(frozen=True)
@@ -294,3 +296,4 @@ class ExpertBatch:
     decode: bool = False  # a decode step's few rows: run at once, not in the layer's grouped pass
     part: int = 0  # with of >= 2: run slice `part` of `of` of each expert (a partial sum; SliceId)
     of: int = 1
+    read_ahead: tuple[SliceId, ...] = ()  # slices to start reading after this batch's: the home's guess of its next layer

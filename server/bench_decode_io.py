@@ -78,10 +78,12 @@ def read_bytes(metrics: str) -> dict[str, float]:
     return {dict(labels).get("agent", "?"): value for labels, value in metric_samples(metrics).get(DISK_READ, {}).items()}
 
 
-def prefetch_counts(metrics: str) -> tuple[float, float]:
-    """(hits, misses) of the agents' decode prefetch, summed over agents (0 where not exported)."""
+def prefetch_counts(metrics: str) -> tuple[float, float, float, float]:
+    """(hits, misses) of the agents' decode prefetch and (begun, used) of their read-ahead slices,
+    summed over agents (0 where not exported)."""
     s = metric_samples(metrics)
-    return tuple(summed(s, f"potluck_agent_decode_prefetch_{k}_total") or 0.0 for k in ("hits", "misses"))  # type: ignore[return-value]
+    names = ("decode_prefetch_hits", "decode_prefetch_misses", "read_ahead", "read_ahead_used")
+    return tuple(summed(s, f"potluck_agent_{k}_total") or 0.0 for k in names)  # type: ignore[return-value]
 
 
 async def run_io(run: Any, agent_counts: list[int]) -> list[dict[str, Any]]:
@@ -107,9 +109,10 @@ async def run_io(run: Any, agent_counts: list[int]) -> list[dict[str, Any]]:
                     rounds.append([await cluster.stream(prompt, run.gen_tokens)])
                 after = await cluster.settled_counters(before, decoded_tokens(rounds))
                 end = read_bytes(await cluster.metrics())
-                hits, misses = (b - a for a, b in zip(judged, prefetch_counts(await cluster.metrics())))
+                hits, misses, begun, used = (b - a for a, b in zip(judged, prefetch_counts(await cluster.metrics())))
             case = summarize(f"io-{name}", agents, 1, rounds, round_trips_per_token(before, after))
             case["prefetch_hit_rate"] = hits / (hits + misses) if prefetch and hits + misses else None
+            case["read_ahead"], case["read_ahead_used"] = begun, used
             case["threads"] = threads
             case["bytes_read_per_agent"] = {a: end[a] - start.get(a, 0.0) for a in sorted(end)}
             out.append(_progress(case))
@@ -130,7 +133,8 @@ def io_settings(data: dict[str, Any]) -> list[str]:
         "an expert no agent holds is read whole by the home; auto: it is split (each agent of the split reads and "
         "runs 1/m of it), over every agent with --no-load-balance, else where and over whom the scheduler's load "
         f"balance chooses. Mixed disks: agent i reads at {', '.join(f'{f:g}' for f in MIXED_DISKS)} times that "
-        "(the first, the requests' home, slowest). The decode prefetch reads, before a request decodes, what its prompt chose most; its hit "
+        "(the first, the requests' home, slowest). The decode prefetch also reads ahead, while a request decodes, the "
+        "slices of the experts its next layer's router guesses from this layer. The decode prefetch reads, before a request decodes, what its prompt chose most; its hit "
         "rate is hits / (hits + misses) of the decode tokens' selections.",
         "Bytes read per agent over the timed rounds (fills between rounds included): "
         + "; ".join(f"{io_label(c)}: " + ", ".join(f"{v / 1e6:.0f}" for v in c["bytes_read_per_agent"].values())
@@ -138,6 +142,9 @@ def io_settings(data: dict[str, Any]) -> list[str]:
         "Prefetch hit rate: " + "; ".join(f"{io_label(c)}: {c['prefetch_hit_rate']:.0%}" for c in data["cases"]
                                          if c["case"].startswith("io-") and c.get("prefetch_hit_rate") is not None)
         + ".",
+        "Slices read ahead on the next layer's guess, used / begun: "
+        + "; ".join(f"{io_label(c)}: {c['read_ahead_used']:.0f} / {c['read_ahead']:.0f}" for c in data["cases"]
+                    if c["case"].startswith("io-") and c.get("read_ahead")) + ".",
     ]
 
 

@@ -46,8 +46,9 @@ def add_server_flags(p: argparse.ArgumentParser) -> None:
                         "which experts split and over whom: a split goes over every agent, and auto splits an "
                         "unheld expert where the read it saves beats two round trips")  # fmt: skip
     p.add_argument("--no-decode-prefetch", action="store_true",
-                   help="agents do not read ahead, before a request decodes, the experts its prompt chose most "
-                        "(dataset-free decode prefetch; only prompts prefilled on the decoding agent)")  # fmt: skip
+                   help="agents read nothing ahead for decode: neither, before a request decodes, the experts its "
+                        "prompt chose most (dataset-free decode prefetch), nor, while it decodes, the slices of the "
+                        "next layer's experts its router guesses from this layer (split experts only)")  # fmt: skip
     p.add_argument("--policy", default="sirius", choices=("sirius", "naive", "expert-parallel"),
                    help="prefill policy: sirius (interleaved partition, token scheduling, prefetch); naive (contiguous "
                         "split, each agent runs its own tokens' experts); expert-parallel (agent i owns a fixed 1/N of "

@@ -170,6 +170,10 @@ _AGENT_COUNTERS = (
      "prefetch read.", "decode_prefetch_hits"),
     ("potluck_agent_decode_prefetch_misses", "Decode selections of an expert the home neither held when the "
      "prefetch was planned nor read; hit rate = hits / (hits + misses).", "decode_prefetch_misses"),
+    ("potluck_agent_read_ahead", "Slices the agent began reading on a home's guess of its next decode layer "
+     "(the next layer's router on this layer's hidden state).", "read_ahead"),
+    ("potluck_agent_read_ahead_used", "Of the slices read ahead, those a home then asked for; used / read ahead "
+     "is the guess's precision.", "read_ahead_used"),
     ("potluck_agent_decode_split_attention", "Attentions (per layer and request) of the agent's decode steps over "
      "prompt K/V still on the agents it is moving from (split-KV), where waiting for it would cost more than a "
      "round trip.", "decode_split_attention"),

@@ -7,6 +7,7 @@ from collections.abc import Iterable
 
 import torch
 
+from protos.ids import ExpertId, SliceId
 from protos.messages import ExpertBatch, KVBlock
 from protos.potluck.v1 import agent_pb2 as pb
 from protos.convert.tensors import tensor_from_proto, tensor_to_proto
@@ -55,13 +56,16 @@ def expert_batch_to_proto(batch: ExpertBatch) -> pb.ExpertBatch:
     return pb.ExpertBatch(request_id=batch.request_id, layer=batch.layer, hidden=tensor_to_proto(batch.hidden),
                           expert_ids=tensor_to_proto(batch.expert_ids.to(torch.int32)),
                           weights=tensor_to_proto(batch.weights.float()), decode=batch.decode,
-                          slice_part=batch.part, slice_of=batch.of)
+                          slice_part=batch.part, slice_of=batch.of,
+                          read_ahead=[pb.SliceAhead(layer=a.layer, expert=a.index, part=a.part, of=a.of)
+                                      for a in batch.read_ahead])
 
 
 def expert_batch_from_proto(msg: pb.ExpertBatch) -> ExpertBatch:
     return ExpertBatch(request_id=msg.request_id, layer=msg.layer, hidden=tensor_from_proto(msg.hidden),
                        expert_ids=tensor_from_proto(msg.expert_ids).long(), weights=tensor_from_proto(msg.weights),
-                       decode=msg.decode, part=msg.slice_part, of=max(1, msg.slice_of))
+                       decode=msg.decode, part=msg.slice_part, of=max(1, msg.slice_of),
+                       read_ahead=tuple(SliceId(ExpertId(a.layer, a.expert), a.part, a.of) for a in msg.read_ahead))
 
 
 def expert_result_to_proto(output: torch.Tensor) -> pb.ExpertResult:

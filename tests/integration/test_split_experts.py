@@ -69,6 +69,9 @@ async def test_greedy_text_matches_transformers_for_every_split_mode(tiny_models
         snaps = [await c.snapshot() for c in cluster.clients]
     assert tokens == greedy
     assert (sum(s.decode_split_experts for s in snaps) > 0) == (split != "never")
+    # Splits read their next layer's guessed slices ahead; the text is the same either way.
+    ahead, used = sum(s.read_ahead for s in snaps), sum(s.read_ahead_used for s in snaps)
+    assert (ahead > 0) == (split != "never") and 0 <= used <= ahead
     assert all(s.requests == 0 for s in snaps)
 
 
@@ -136,3 +139,15 @@ async def test_the_load_balance_leaves_a_slow_disk_out_of_splits(qwen_tiny: Path
         assert snaps[2].slice_runs == 0 and snaps[0].slice_runs > 0 and snaps[1].slice_runs > 0
     else:
         assert tables == {"agent0": {}, "agent1": {}, "agent2": {}} and all(s.slice_runs > 0 for s in snaps)
+
+
+async def test_no_decode_prefetch_reads_no_slice_ahead(qwen_tiny: Path) -> None:
+    ids, _, greedy = transformers_outputs(qwen_tiny)
+    async with local_cluster(qwen_tiny, 2, expert_memory=2 * expert_bytes(qwen_tiny),
+                             disk_rate=slow_disk(qwen_tiny)) as cluster:
+        request = GenerationRequest(RequestId("gen-1"), tuple(ids), SamplingParams(max_tokens=16, temperature=0))
+        tokens = [e.token_id for e in await cluster.generate(request, home_prefill_max=PROMPT_LEN, prefill_chunk=8,
+                                                             expert_split="always", decode_prefetch=False)]
+        snaps = [await c.snapshot() for c in cluster.clients]
+    assert tokens == greedy
+    assert sum(s.decode_split_experts for s in snaps) > 0 and sum(s.read_ahead for s in snaps) == 0

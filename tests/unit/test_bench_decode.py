@@ -198,6 +198,7 @@ def test_the_io_case_reports_each_mode_its_bytes_and_the_split_target(tmp_path: 
     for c in cases:
         c["bytes_read_per_agent"] = {f"agent{i}": 1e8 * (i + 1) for i in range(c["agents"])}
         c["prefetch_hit_rate"] = 0.25 if "prefetch" in c["case"] else None
+        c["read_ahead"], c["read_ahead_used"] = (40.0, 30.0) if "prefetch" in c["case"] else (0.0, 0.0)
     data = {**run_data(cases), "io_disk": 200e6, "io_pool": 3e8, "io_expert_token_s": 0.0002,
             "io_expert_read_s": 0.0236}
     write_report(json.loads(json.dumps(data)), tmp_path)
@@ -207,6 +208,7 @@ def test_the_io_case_reports_each_mode_its_bytes_and_the_split_target(tmp_path: 
     assert "I/O-bound, 2 agents, whole (--expert-split never --no-decode-prefetch): 100, 200 MB" in md
     assert "I/O-bound, 4 agents, split (--expert-split auto --no-load-balance --no-decode-prefetch): 100" in md
     assert "I/O-bound, 4 agents, balance+prefetch (--expert-split never): 25%" in md
+    assert "used / begun: I/O-bound, 2 agents, split+balance+prefetch (--expert-split auto): 30 / 40;" in md
     assert ("| I/O-bound, 4 agents: split + load balance + prefetch >= 2.4x faster per token than whole experts "
             "| 2.60x | met |" in md)
     assert "| I/O-bound, 4 agents: without prefetch >= 1.05x slower | 1.13x | met |" in md

@@ -11,7 +11,7 @@ import torch
 from google.protobuf.message import Message
 
 from protos import convert as c
-from protos.ids import ExpertId, NodeId, RequestId
+from protos.ids import ExpertId, NodeId, RequestId, SliceId
 from protos.messages import (AdoptKV, AgentInfo, BeginStep, CacheCounters, CacheState, DecodeResult, DecodeSpan, ExpertBatch,
                              Forward, KVBlock, LayerReport, Peer, RoutingPlan, SamplingParams, StepBegun, TokenEvent)
 from protos.potluck.v1 import agent_pb2 as pb
@@ -257,7 +257,14 @@ def test_expert_batch_round_trip() -> None:
     assert c.expert_batch_to_proto(batch).expert_ids.dtype == "int32"  # ids travel narrow
     assert (back.part, back.of) == (0, 1)  # whole experts
     sliced = c.expert_batch_from_proto(wire(c.expert_batch_to_proto(dataclasses.replace(batch, part=2, of=3))))
-    assert (sliced.part, sliced.of) == (2, 3)
+    assert (sliced.part, sliced.of) == (2, 3) and back.read_ahead == ()
+    ahead = (SliceId(ExpertId(4, 1), 2, 3), SliceId(ExpertId(4, 7), 0, 2))
+    hinted = c.expert_batch_from_proto(wire(c.expert_batch_to_proto(dataclasses.replace(batch, read_ahead=ahead))))
+    assert hinted.read_ahead == ahead
+    bad = c.expert_batch_to_proto(batch)
+    bad.read_ahead.add(layer=4, expert=1, part=3, of=3)
+    with pytest.raises(ValueError, match="slice 3 of 3"):
+        c.expert_batch_from_proto(bad)
     out = torch.randn(2, 8)
     assert same(c.expert_result_from_proto(wire(c.expert_result_to_proto(out))), out)
 

@@ -43,7 +43,7 @@ class DeviceProfile(_message.Message):
     def __init__(self, expert_memory_bytes: _Optional[int] = ..., disk_bytes_per_s: _Optional[float] = ..., link_bytes_per_s: _Optional[float] = ..., compute_share: _Optional[float] = ..., link_latency_s: _Optional[float] = ...) -> None: ...
 
 class CacheCounters(_message.Message):
-    __slots__ = ("hits", "misses", "loads", "evictions", "bytes_read", "bytes_sent", "bytes_used", "capacity_bytes", "attention_seconds", "prefetches", "predicted_used", "used", "compute_overrun_seconds", "early_experts_used", "early_experts_dropped", "fills", "fill_preemptions", "direct_experts_sent", "decode_steps", "decode_tokens", "decode_round_trips", "decode_remote_experts", "requests", "predicted_pairs_used", "pairs_used", "home_prefill_tokens", "decode_split_attention", "cpu_seconds", "paced_cpu_seconds", "decode_local_experts", "placement_reads", "decode_step_seconds", "decode_peer_wait_seconds", "decode_read_wait_seconds", "decode_split_experts", "slice_runs", "decode_prefetch_reads", "decode_prefetch_hits", "decode_prefetch_misses")
+    __slots__ = ("hits", "misses", "loads", "evictions", "bytes_read", "bytes_sent", "bytes_used", "capacity_bytes", "attention_seconds", "prefetches", "predicted_used", "used", "compute_overrun_seconds", "early_experts_used", "early_experts_dropped", "fills", "fill_preemptions", "direct_experts_sent", "decode_steps", "decode_tokens", "decode_round_trips", "decode_remote_experts", "requests", "predicted_pairs_used", "pairs_used", "home_prefill_tokens", "decode_split_attention", "cpu_seconds", "paced_cpu_seconds", "decode_local_experts", "placement_reads", "decode_step_seconds", "decode_peer_wait_seconds", "decode_read_wait_seconds", "decode_split_experts", "slice_runs", "decode_prefetch_reads", "decode_prefetch_hits", "decode_prefetch_misses", "read_ahead", "read_ahead_used")
     HITS_FIELD_NUMBER: _ClassVar[int]
     MISSES_FIELD_NUMBER: _ClassVar[int]
     LOADS_FIELD_NUMBER: _ClassVar[int]
@@ -83,6 +83,8 @@ class CacheCounters(_message.Message):
     DECODE_PREFETCH_READS_FIELD_NUMBER: _ClassVar[int]
     DECODE_PREFETCH_HITS_FIELD_NUMBER: _ClassVar[int]
     DECODE_PREFETCH_MISSES_FIELD_NUMBER: _ClassVar[int]
+    READ_AHEAD_FIELD_NUMBER: _ClassVar[int]
+    READ_AHEAD_USED_FIELD_NUMBER: _ClassVar[int]
     hits: int
     misses: int
     loads: int
@@ -122,7 +124,9 @@ class CacheCounters(_message.Message):
     decode_prefetch_reads: int
     decode_prefetch_hits: int
     decode_prefetch_misses: int
-    def __init__(self, hits: _Optional[int] = ..., misses: _Optional[int] = ..., loads: _Optional[int] = ..., evictions: _Optional[int] = ..., bytes_read: _Optional[int] = ..., bytes_sent: _Optional[int] = ..., bytes_used: _Optional[int] = ..., capacity_bytes: _Optional[int] = ..., attention_seconds: _Optional[float] = ..., prefetches: _Optional[int] = ..., predicted_used: _Optional[int] = ..., used: _Optional[int] = ..., compute_overrun_seconds: _Optional[float] = ..., early_experts_used: _Optional[int] = ..., early_experts_dropped: _Optional[int] = ..., fills: _Optional[int] = ..., fill_preemptions: _Optional[int] = ..., direct_experts_sent: _Optional[int] = ..., decode_steps: _Optional[int] = ..., decode_tokens: _Optional[int] = ..., decode_round_trips: _Optional[int] = ..., decode_remote_experts: _Optional[int] = ..., requests: _Optional[int] = ..., predicted_pairs_used: _Optional[int] = ..., pairs_used: _Optional[int] = ..., home_prefill_tokens: _Optional[int] = ..., decode_split_attention: _Optional[int] = ..., cpu_seconds: _Optional[float] = ..., paced_cpu_seconds: _Optional[float] = ..., decode_local_experts: _Optional[int] = ..., placement_reads: _Optional[int] = ..., decode_step_seconds: _Optional[float] = ..., decode_peer_wait_seconds: _Optional[float] = ..., decode_read_wait_seconds: _Optional[float] = ..., decode_split_experts: _Optional[int] = ..., slice_runs: _Optional[int] = ..., decode_prefetch_reads: _Optional[int] = ..., decode_prefetch_hits: _Optional[int] = ..., decode_prefetch_misses: _Optional[int] = ...) -> None: ...
+    read_ahead: int
+    read_ahead_used: int
+    def __init__(self, hits: _Optional[int] = ..., misses: _Optional[int] = ..., loads: _Optional[int] = ..., evictions: _Optional[int] = ..., bytes_read: _Optional[int] = ..., bytes_sent: _Optional[int] = ..., bytes_used: _Optional[int] = ..., capacity_bytes: _Optional[int] = ..., attention_seconds: _Optional[float] = ..., prefetches: _Optional[int] = ..., predicted_used: _Optional[int] = ..., used: _Optional[int] = ..., compute_overrun_seconds: _Optional[float] = ..., early_experts_used: _Optional[int] = ..., early_experts_dropped: _Optional[int] = ..., fills: _Optional[int] = ..., fill_preemptions: _Optional[int] = ..., direct_experts_sent: _Optional[int] = ..., decode_steps: _Optional[int] = ..., decode_tokens: _Optional[int] = ..., decode_round_trips: _Optional[int] = ..., decode_remote_experts: _Optional[int] = ..., requests: _Optional[int] = ..., predicted_pairs_used: _Optional[int] = ..., pairs_used: _Optional[int] = ..., home_prefill_tokens: _Optional[int] = ..., decode_split_attention: _Optional[int] = ..., cpu_seconds: _Optional[float] = ..., paced_cpu_seconds: _Optional[float] = ..., decode_local_experts: _Optional[int] = ..., placement_reads: _Optional[int] = ..., decode_step_seconds: _Optional[float] = ..., decode_peer_wait_seconds: _Optional[float] = ..., decode_read_wait_seconds: _Optional[float] = ..., decode_split_experts: _Optional[int] = ..., slice_runs: _Optional[int] = ..., decode_prefetch_reads: _Optional[int] = ..., decode_prefetch_hits: _Optional[int] = ..., decode_prefetch_misses: _Optional[int] = ..., read_ahead: _Optional[int] = ..., read_ahead_used: _Optional[int] = ...) -> None: ...
 
 class InfoRequest(_message.Message):
     __slots__ = ()
@@ -437,7 +441,7 @@ class AttendReply(_message.Message):
     def __init__(self, output: _Optional[_Union[Tensor, _Mapping]] = ..., lse: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class ExpertBatch(_message.Message):
-    __slots__ = ("request_id", "layer", "hidden", "expert_ids", "weights", "decode", "slice_part", "slice_of")
+    __slots__ = ("request_id", "layer", "hidden", "expert_ids", "weights", "decode", "slice_part", "slice_of", "read_ahead")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     LAYER_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_FIELD_NUMBER: _ClassVar[int]
@@ -446,6 +450,7 @@ class ExpertBatch(_message.Message):
     DECODE_FIELD_NUMBER: _ClassVar[int]
     SLICE_PART_FIELD_NUMBER: _ClassVar[int]
     SLICE_OF_FIELD_NUMBER: _ClassVar[int]
+    READ_AHEAD_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     layer: int
     hidden: Tensor
@@ -454,7 +459,20 @@ class ExpertBatch(_message.Message):
     decode: bool
     slice_part: int
     slice_of: int
-    def __init__(self, request_id: _Optional[str] = ..., layer: _Optional[int] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., expert_ids: _Optional[_Union[Tensor, _Mapping]] = ..., weights: _Optional[_Union[Tensor, _Mapping]] = ..., decode: _Optional[bool] = ..., slice_part: _Optional[int] = ..., slice_of: _Optional[int] = ...) -> None: ...
+    read_ahead: _containers.RepeatedCompositeFieldContainer[SliceAhead]
+    def __init__(self, request_id: _Optional[str] = ..., layer: _Optional[int] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., expert_ids: _Optional[_Union[Tensor, _Mapping]] = ..., weights: _Optional[_Union[Tensor, _Mapping]] = ..., decode: _Optional[bool] = ..., slice_part: _Optional[int] = ..., slice_of: _Optional[int] = ..., read_ahead: _Optional[_Iterable[_Union[SliceAhead, _Mapping]]] = ...) -> None: ...
+
+class SliceAhead(_message.Message):
+    __slots__ = ("layer", "expert", "part", "of")
+    LAYER_FIELD_NUMBER: _ClassVar[int]
+    EXPERT_FIELD_NUMBER: _ClassVar[int]
+    PART_FIELD_NUMBER: _ClassVar[int]
+    OF_FIELD_NUMBER: _ClassVar[int]
+    layer: int
+    expert: int
+    part: int
+    of: int
+    def __init__(self, layer: _Optional[int] = ..., expert: _Optional[int] = ..., part: _Optional[int] = ..., of: _Optional[int] = ...) -> None: ...
 
 class ExpertResult(_message.Message):
     __slots__ = ("output",)
