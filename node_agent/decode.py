@@ -86,10 +86,6 @@ ARRIVAL_GRACE_S = 2.0
 # sides' software (the split-KV choice weighs it against K/V still on its way).
 DEFAULT_ROUND_TRIP_S = 0.002
 
-# A step of at most this many rows guesses its next layer's experts for the reads ahead (a
-# decode batch's tokens; a prompt's chunk needs most experts of every layer anyway).
-GUESS_ROWS = 16
-
 # An unpaced home whose last step called peers runs a step of this many tokens on its event loop,
 # a layer per turn of the loop, rather than as compute jobs: a job per remote layer cost two
 # thread hops (as on the holders, executor.INLINE_ROWS), 2-3 ms a token on the emulated LAN. Its
@@ -352,19 +348,12 @@ class Decoder:
         return (h if out is None else h + out), sorted(local)
 
     def _guess_next(self, layer: int, h: torch.Tensor) -> list[int]:
-        """The experts of the next layer these rows will likely choose: its router on this
-        layer's hidden state after attention (adjacent layers' hidden states are close; on the
-        bench model 70% of the next layer's (token, expert) choices). Their slices then begin to
-        be read while this layer runs (`LayerSends.experts`). None for a prompt's rows, which
-        need most experts anyway, where the table splits nothing, or without the decode
-        prefetch (`--no-decode-prefetch` turns off both ways of reading ahead for decode)."""
+        """The next layer's experts these rows will likely choose (`moe.predicted_counts`: its
+        router on this layer's hidden state after attention), for `LayerSends` to read ahead."""
         nxt = layer + 1
-        if h.shape[0] > GUESS_ROWS or nxt >= self.cfg.num_layers or not self.cfg.has_experts(nxt) \
-                or not self.sends.table.decode_prefetch or not self.sends.may_split:
+        if not (self.cfg.has_experts(nxt) and self.sends.reads_ahead(h.shape[0])):
             return []
-        w = self.dense.layers[nxt]
-        ids, _ = moe.route(w, self.cfg, moe.rms_norm(h, w.post_norm, self.cfg.rms_eps))
-        return sorted(set(ids.flatten().tolist()))
+        return [e for e, n in enumerate(moe.predicted_counts(self.dense.layers[nxt], self.cfg, h)) if n]
 
     def mix(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, experts: Mapping[int, moe.ExpertWeights]
             ) -> torch.Tensor | None:

@@ -40,6 +40,9 @@ SPLIT_MARGIN = 2.0
 # (ExpertExecutor.execute_slices).
 RunSlices = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor, int, int], Awaitable[torch.Tensor]]
 
+# A step of at most this many rows guesses its next layer's experts for the reads ahead.
+GUESS_ROWS = 16
+
 ReadAheadFn = Callable[[SliceId], Awaitable[None]]  # begin reading a slice guessed to be asked for next
 Rows = tuple[torch.Tensor, torch.Tensor]  # (token rows [m], their expert output [m, D]) to add to h
 T = TypeVar("T")
@@ -92,18 +95,16 @@ class LayerSends:
             attend = self.peers.attend(name, address, request_id, layer, q)
             dispatch.attends.append(asyncio.ensure_future(_part(span, attend)))
 
-    @property
-    def may_split(self) -> bool:
-        """Whether the table may split an expert (so that guessing the next layer can pay);
-        read by the compute thread, worked out once per table."""
+    def reads_ahead(self, rows: int) -> bool:
+        """Whether a step of `rows` rows should guess its next layer's experts for their slices
+        to be read ahead: a decode batch (not a prompt's chunk, which needs most experts anyway),
+        with the decode prefetch on and a table that may split (worked out once per table; read
+        by the compute thread)."""
         table = self.table
         if self._may_split[0] is not table:
-            if table.load_balance:
-                self._may_split = (table, any(len(nodes) > 1 for nodes in table.runs.values()))
-            else:
-                self._may_split = (table, table.expert_split != "never" and self.run_slices is not None
-                                   and len(table.addresses.keys() | {NodeId(self.name)}) > 1)
-        return self._may_split[1]
+            may = any(len(n) > 1 for n in table.runs.values()) if table.load_balance else bool(self._split_group())
+            self._may_split = (table, may)
+        return rows <= GUESS_ROWS and table.decode_prefetch and self._may_split[1]
 
     def experts(self, dispatch: Dispatch, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
                 experts: Sequence[int], ahead: Sequence[int] = ()) -> None:

@@ -126,9 +126,9 @@ class Measured:
 
 
 def home_runs(profiles: Mapping[NodeId, AgentProfile], latency_s: Mapping[NodeId, float],
-                measured: Mapping[NodeId, Measured], cost: CostModel, experts: Sequence[ExpertId],
-                held: Mapping[NodeId, frozenset[ExpertId]], slices: Mapping[NodeId, frozenset[SliceId]],
-                mode: ExpertSplit) -> dict[NodeId, dict[ExpertId, tuple[NodeId, ...]]]:
+              measured: Mapping[NodeId, Measured], cost: CostModel, experts: Sequence[ExpertId],
+              held: Mapping[NodeId, frozenset[ExpertId]], slices: Mapping[NodeId, frozenset[SliceId]],
+              mode: ExpertSplit) -> dict[NodeId, dict[ExpertId, tuple[NodeId, ...]]]:
     """For each agent as a home, where it runs the experts it lacks (`balance.decode_runs`), from
     the agents' profiles: a disk the throttle does not pace reads at the rate the agent measured
     (a page-cached file: about as fast as memory); a peer's one-way latency is the two ends'

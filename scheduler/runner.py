@@ -38,6 +38,11 @@ class ModelShape:
     dense_layers: frozenset[int] = frozenset()
     max_positions: int = 0  # context length
 
+    def routed_experts(self) -> list[ExpertId]:
+        """Every routed expert, layer by layer."""
+        return [ExpertId(layer, e) for layer in range(self.num_layers) if layer not in self.dense_layers
+                for e in range(self.num_experts)]
+
 
 @dataclass(frozen=True)
 class ClusterView:

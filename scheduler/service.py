@@ -285,18 +285,16 @@ class EngineService:
         return agents, ClusterView.from_infos([self.infos[a.name] for a in agents]) if agents else None
 
     def _home_runs(self, agents: Sequence[AgentClient], held: Mapping[NodeId, frozenset[ExpertId]]
-                     ) -> dict[NodeId, dict[ExpertId, tuple[NodeId, ...]]]:
+                   ) -> dict[NodeId, dict[ExpertId, tuple[NodeId, ...]]]:
         """Per home, where the load balance runs the experts it lacks (nothing without it)."""
         if self.shape is None or not self.settings.load_balance or len(agents) < 2:
             return {}
         E, view = self.shape.num_experts, ClusterView.from_infos([self.infos[a.name] for a in agents])
         snaps = {a.name: self._snapshots[a.name] for a in agents}
         slices = {n: frozenset(SliceId(expert_from_wire(e, E), p, o) for e, p, o in s.slices) for n, s in snaps.items()}
-        experts = [ExpertId(layer, e) for layer in range(self.shape.num_layers) if layer not in self.shape.dense_layers
-                   for e in range(E)]
         return home_runs(view.profiles, {a.name: self.infos[a.name].link_latency_s for a in agents},
-                           {n: Measured(s.expert_read_s, s.round_trip_s) for n, s in snaps.items()}, view.cost,
-                           experts, held, slices, self.settings.expert_split)
+                         {n: Measured(s.expert_read_s, s.round_trip_s) for n, s in snaps.items()}, view.cost,
+                         self.shape.routed_experts(), held, slices, self.settings.expert_split)
 
     async def publish_routing(self) -> None:
         """Send every agent the table of which agent holds which expert, if it changed since
@@ -375,8 +373,7 @@ class EngineService:
         if shape is None or not agents:
             return
         E = shape.num_experts
-        experts = [ExpertId(layer, e) for layer in range(shape.num_layers) if layer not in shape.dense_layers
-                   for e in range(E)]
+        experts = shape.routed_experts()
         plan = self.policy.fills([self._holdings(c.name, E) for c in agents], experts,
                                  self.infos[agents[0].name].expert_bytes, E)
         clients = {c.name: c for c in agents}
