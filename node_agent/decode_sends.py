@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import torch
 
@@ -85,7 +85,7 @@ class LayerSends:
         self.expert_read_s: Callable[[], float] = lambda: 0.0  # one expert's read on this agent's disk
         self.round_trip_s: Callable[[], float] = lambda: 0.0  # a synchronous wait on peers, as measured
         self.read_ahead: ReadAheadFn | None = None  # begins reading one of my slices (the agent's executor)
-        self._ahead_tasks: set[asyncio.Future[None]] = set()
+        self._ahead_tasks: set[asyncio.Future[Any]] = set()
         self._may_split: tuple[RoutingTable | None, bool] = (None, False)
 
     def attention(self, dispatch: Dispatch, span: int, layer: int, q: torch.Tensor, request_id: str,
@@ -147,14 +147,10 @@ class LayerSends:
                 run: Awaitable[torch.Tensor] = self._load_and_run(layer, x[rows], sub[rows], weights[rows], es)
             else:
                 dispatch.remote += len(es)
-                data_address = self.table.data_addresses.get(NodeId(holder))
-                if self.data is not None and data_address:
-                    run = self.data.run_experts(holder, data_address, layer, x[rows], sub[rows], weights[rows])
-                else:
-                    address = self.table.addresses[NodeId(holder)]
-                    run = self.peers.run_experts(holder, address, "decode", layer, x[rows], sub[rows], weights[rows],
-                                                 decode=True)
+                run = self._call(NodeId(holder), layer, x[rows], sub[rows], weights[rows], ahead=hints.pop(NodeId(holder), []))
             dispatch.runs.append(asyncio.ensure_future(rows_with(rows, run)))
+        for node, pieces in hints.items():  # agents given no work this layer: their slices alone
+            self._tell(node, layer, x, ids, weights, pieces)
 
     def _run_over(self, eid: ExpertId, group: Sequence[NodeId], worth: bool, always: bool,
                   remote: NodeId | None) -> tuple[NodeId, ...]:
@@ -220,14 +216,30 @@ class LayerSends:
                 run = self.run_slices(layer, xs, ids_, ws, part, of)
             else:
                 dispatch.remote += len(experts)
-                data_address = self.table.data_addresses.get(node)
-                ahead = hints.pop(node, [])  # told once, with its first batch of the layer
-                if self.data is not None and data_address:
-                    run = self.data.run_experts(node, data_address, layer, xs, ids_, ws, part, of, ahead)
-                else:
-                    run = self.peers.run_experts(node, self.table.addresses[node], "decode", layer, xs, ids_, ws,
-                                                 decode=True, part=part, of=of, read_ahead=ahead)
+                # Told once, with its first batch of the layer.
+                run = self._call(node, layer, xs, ids_, ws, part, of, hints.pop(node, []))
             dispatch.runs.append(asyncio.ensure_future(rows_with(rows, run)))
+
+    def _call(self, node: NodeId, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
+              part: int = 0, of: int = 1, ahead: Sequence[SliceId] = ()) -> Awaitable[torch.Tensor]:
+        """A batch to `node`: on its data plane where it publishes one, else its gRPC RunExperts."""
+        data_address = self.table.data_addresses.get(node)
+        if self.data is not None and data_address:
+            return self.data.run_experts(node, data_address, layer, x, ids, weights, part, of, ahead)
+        return self.peers.run_experts(node, self.table.addresses[node], "decode", layer, x, ids, weights,
+                                      decode=True, part=part, of=of, read_ahead=ahead)
+
+    def _tell(self, node: NodeId, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
+              pieces: Sequence[SliceId]) -> None:
+        """Slices to read ahead for an agent this layer gives no work: a batch of no rows that
+        carries only them, not waited for (the step does not need its empty answer). A failure
+        is left to the next call to that agent, which reports it."""
+        if node not in self.table.addresses:
+            return
+        task = asyncio.ensure_future(self._call(node, layer, x[:0], ids[:0], weights[:0], ahead=pieces))
+        self._ahead_tasks.add(task)
+        task.add_done_callback(self._ahead_tasks.discard)
+        task.add_done_callback(_forget)
 
     async def _load_and_run(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
                             experts: Sequence[int]) -> torch.Tensor:
@@ -238,6 +250,11 @@ class LayerSends:
                 if part is not None:
                     out += part
         return out
+
+
+def _forget(task: asyncio.Future[Any]) -> None:
+    if not task.cancelled():
+        task.exception()  # retrieved: a failed hint is not worth a log line of its own
 
 
 def hand_over(loop: asyncio.AbstractEventLoop, dispatch: Dispatch, fn: Callable[..., None], *args: object) -> None:

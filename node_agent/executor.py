@@ -63,18 +63,22 @@ class ExpertExecutor:
                 raise ValueError(f"no slice {s.part} of {s.of} of expert {s.index} of layer {s.layer} in this model")
 
     async def execute(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
-                      decode: bool = False) -> torch.Tensor:
+                      decode: bool = False, ahead: Sequence[SliceId] = ()) -> torch.Tensor:
         """Weighted sum of my experts on tokens sent to me. Resident experts run in one grouped
         pass, shared with the other owners' batches of the layer that arrive meanwhile; missing
         ones are loaded concurrently (the buffer bounds memory) and each runs as soon as it is in,
         so reads overlap compute. A decode step's tokens whose experts are all resident run in
-        one job: on a few rows a pass's bookkeeping costs more than sharing saves."""
+        one job: on a few rows a pass's bookkeeping costs more than sharing saves. The reads of
+        `ahead` (a home's guessed slices, sent with a whole batch too) begin behind the batch's
+        own reads, or at once where it has none."""
         out = torch.zeros_like(x)
         wanted = [ExpertId(layer, i) for i in sorted(set(ids.flatten().tolist())) if i >= 0]
         ready = set(self.buffer.resident(layer))
         now = [e for e in wanted if e.index in ready]
         later = [e for e in wanted if e.index not in ready]
         held = {e.index: await self.buffer.acquire(e) for e in now}  # resident: no await inside
+        if not later:
+            await self._begin_ahead(ahead)
         if decode and not later:  # a decode step's few tokens: one job, no pass
             try:
                 if self.inline and x.shape[0] <= INLINE_ROWS:
@@ -93,6 +97,9 @@ class ExpertExecutor:
 
         try:
             tasks = [asyncio.ensure_future(one(e)) for e in later]  # loads start before compute
+            if later and ahead:
+                await asyncio.sleep(0)  # each load has queued its read first
+                await self._begin_ahead(ahead)
             if held:
                 await self.passes.run(layer, x, ids, weights, out, held)
         finally:
@@ -118,10 +125,13 @@ class ExpertExecutor:
         runs = [asyncio.ensure_future(one(e)) for e in named]
         if ahead:
             await asyncio.sleep(0)  # each run has queued its read (or found its slice) first
-            for piece in ahead:
-                await self.read_ahead.start(piece)
+            await self._begin_ahead(ahead)
         await asyncio.gather(*runs)
         return out
+
+    async def _begin_ahead(self, ahead: Sequence[SliceId]) -> None:
+        for piece in ahead:
+            await self.read_ahead.start(piece)
 
     @contextlib.asynccontextmanager
     async def _slice_weights(self, piece: SliceId) -> AsyncIterator[ExpertWeights]:

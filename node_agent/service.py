@@ -287,7 +287,7 @@ class Servicer(pb_grpc.NodeAgentServicer):
         if b.of > 1:
             run = executor.execute_slices(b.layer, b.hidden, b.expert_ids, weights, b.part, b.of, b.read_ahead)
         else:
-            run = executor.execute(b.layer, b.hidden, b.expert_ids, weights, b.decode)
+            run = executor.execute(b.layer, b.hidden, b.expert_ids, weights, b.decode, b.read_ahead)
         return expert_result_to_proto(await run)
 
 

@@ -5,12 +5,16 @@ disks slow enough (an expert read takes READ_S) that `auto` finds splitting one 
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
+import torch
 
-from protos.ids import RequestId
-from protos.messages import DecodeSpan
+from protos.convert import expert_batch_to_proto, expert_result_from_proto
+from protos.ids import ExpertId, RequestId, SliceId
+from protos.messages import DecodeSpan, ExpertBatch
+from protos.potluck.v1 import agent_pb2_grpc as pb_grpc
 from protos.routing import EXPERT_SPLITS, ExpertSplit
 from scheduler.errors import AgentFailed
 from scheduler.types import GenerationRequest, SamplingParams
@@ -151,3 +155,35 @@ async def test_no_decode_prefetch_reads_no_slice_ahead(qwen_tiny: Path) -> None:
         snaps = [await c.snapshot() for c in cluster.clients]
     assert tokens == greedy
     assert sum(s.decode_split_experts for s in snaps) > 0 and sum(s.read_ahead for s in snaps) == 0
+
+
+async def test_an_agent_reads_ahead_the_slices_a_whole_or_an_empty_batch_names(qwen_tiny: Path) -> None:
+    """A home tells every agent its guessed slices: with a whole expert's batch where the layer
+    runs none split there, or alone in a batch of no rows. The agent answers at once and begins
+    the reads; the slice asked for next is the one read ahead, not a second read."""
+    cfg = json.loads((qwen_tiny / "config.json").read_text())
+    hidden, layer = cfg["hidden_size"], 1
+    x, w = torch.randn(1, hidden), torch.full((1, 2), 0.5)
+    guessed = (SliceId(ExpertId(layer + 1, 3), 1, 2), SliceId(ExpertId(layer + 1, 4), 0, 2))
+    async with local_cluster(qwen_tiny, 1, expert_memory=2 * expert_bytes(qwen_tiny),
+                             disk_rate=slow_disk(qwen_tiny)) as cluster:
+        async with cluster.enrolment.channel(cluster.specs[0]) as channel:
+            stub = pb_grpc.NodeAgentStub(channel)
+
+            async def run(x: torch.Tensor, ids: torch.Tensor, part: int = 0, of: int = 1,
+                          ahead: tuple[SliceId, ...] = ()) -> torch.Tensor:
+                batch = ExpertBatch(request_id="decode", layer=layer, hidden=x, expert_ids=ids, weights=w[:len(x)],
+                                    decode=True, part=part, of=of, read_ahead=ahead)
+                return expert_result_from_proto(await stub.RunExperts(expert_batch_to_proto(batch)))
+
+            empty = await run(x[:0], torch.zeros(0, 2, dtype=torch.int32), ahead=guessed[:1])
+            assert empty.shape == (0, hidden)
+            whole = await run(x, torch.tensor([[0, 1]], dtype=torch.int32), ahead=guessed[1:])
+            assert whole.shape == (1, hidden)
+            ids = torch.tensor([[3, 4]], dtype=torch.int32)
+            for piece in guessed:  # each asked for as the home's next layer would
+                batch = ExpertBatch(request_id="decode", layer=layer + 1, hidden=x, expert_ids=ids, weights=w,
+                                    decode=True, part=piece.part, of=piece.of)
+                await stub.RunExperts(expert_batch_to_proto(batch))
+        snap = await cluster.clients[0].snapshot()
+    assert (snap.read_ahead, snap.read_ahead_used) == (2, 2)
