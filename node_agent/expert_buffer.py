@@ -10,8 +10,9 @@ that needs the room before its read starts, and yields the disk between chunks t
 prefetch read (it goes back in the queue and starts over). The placement's experts (`place`, the
 scheduler's choice of what this agent keeps) are never evicted; those not resident are read after
 demand and prefetch reads, each taking the room of an unplaced expert nobody uses (the rest of
-the memory stays a cache). The disk reads one expert at a time: demand loads, prefetches,
-placement reads, fills. Runs on the agent's event loop; only reads happen in the disk thread.
+the memory stays a cache). The disk reads one expert at a time (`disk_queue.py`): demand loads,
+prefetches, placement reads, fills. Runs on the agent's event loop; only reads happen in the disk
+thread.
 
 Besides whole experts it holds slices (`SliceId`, an expert's share under expert tensor
 parallelism), each taking its own bytes of the same budget, read and evicted like a whole expert
@@ -23,16 +24,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import heapq
-import itertools
 import logging
-import threading
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Iterable, Mapping
 from concurrent.futures import Executor
 
 from node_agent.buffer_entries import (DEMAND, FILL, PLACE, PREFETCH, BufferCounters, BufferTooSmall, Entry, FetchFn,
                                        Key, LayerPins, LoadFn, NotResident, ReadPreempted)
 from node_agent.cache_policy import EvictionPolicy, LRUPolicy
+from node_agent.disk_queue import DiskQueue
 from node_agent.model.moe import ExpertWeights
 from protos.ids import ExpertId, SliceId
 
@@ -57,22 +56,18 @@ class ExpertBuffer:
         self.capacity = capacity_bytes  # 0 = unlimited
         self.expert_nbytes = expert_nbytes
         self.intermediate = intermediate  # an expert's intermediate units (sizes its slices)
-        self._load = load
-        self._disk = disk_executor
         self.policy: EvictionPolicy[Key] = policy or LRUPolicy()
         self._entries: dict[Key, Entry] = {}
         self._used = 0  # bytes of the entries
         self._resident: dict[int, dict[int, Entry]] = {}  # layer -> index -> entry, resident only
         self._space = asyncio.Condition()
         self._room_waiters = 0  # demand reads waiting for a pin to be released
-        self._queue: list[tuple[int, int, Key, Entry]] = []  # heap of (priority, seq, expert, entry)
-        self._seq = itertools.count()
-        self._reader: asyncio.Task[None] | None = None
-        self._urgent = threading.Event()  # a demand or prefetch read is queued (read by the disk thread)
+        self.counters = BufferCounters()
+        self._disk_queue = DiskQueue(load, disk_executor, self.counters,
+                                     lambda key, entry: self._entries.get(key) is entry, self._install, self._read_failed)
         self.protected: frozenset[ExpertId] = frozenset()
         self.placed: frozenset[ExpertId] = frozenset()  # never evicted (`place`)
         self._placing: asyncio.Task[None] | None = None  # reads the placement's missing experts
-        self.counters = BufferCounters()
 
     @property
     def bytes_used(self) -> int:
@@ -397,49 +392,14 @@ class ExpertBuffer:
         return entry, True
 
     def _enqueue(self, priority: int, eid: Key, entry: Entry) -> None:
-        entry.priority = min(entry.priority, priority)
-        if priority < FILL:
-            self._urgent.set()
-        heapq.heappush(self._queue, (priority, next(self._seq), eid, entry))
-        if self._reader is None or self._reader.done():
-            self._reader = asyncio.get_running_loop().create_task(self._read_forever())
+        self._disk_queue.push(priority, eid, entry)
 
-    def _preempt_check(self, entry: Entry) -> Callable[[], None]:
-        """Before each chunk of a read: a fill nobody waits for gives the disk to urgent reads."""
-        def check() -> None:
-            if entry.priority == FILL and not entry.pins and self._urgent.is_set():
-                raise ReadPreempted
-        return check
-
-    async def _read_forever(self) -> None:
-        """The one disk: read queued experts one at a time, most urgent first."""
-        loop = asyncio.get_running_loop()
-        while self._queue:
-            _, _, eid, entry = heapq.heappop(self._queue)
-            if not self._queue or self._queue[0][0] == FILL:
-                self._urgent.clear()  # nothing but fills left behind this read
-            if entry.started or entry.loaded.done() or (not entry.streamed and self._entries.get(eid) is not entry):
-                continue  # already read (queued twice), or dropped
-            entry.started = True
-            try:
-                weights = await loop.run_in_executor(self._disk, self._load, eid, self._preempt_check(entry))
-            except ReadPreempted:
-                entry.started = False  # read again from the start once the urgent reads are done
-                self.counters.fill_preemptions += 1
-                heapq.heappush(self._queue, (entry.priority, next(self._seq), eid, entry))
-                continue
-            except Exception as exc:  # the waiters get the error; the reader goes on
-                if self._entries.get(eid) is entry:
-                    self._drop(eid)
-                if not entry.loaded.done():  # (a streamed read given up while it ran)
-                    entry.loaded.set_exception(exc)
-                    entry.loaded.exception()  # retrieved: nobody may be waiting on a prefetch
-            else:
-                if entry.streamed:
-                    if not entry.loaded.done():
-                        entry.loaded.set_result(weights)
-                else:
-                    await self._install(eid, entry, weights)
-                continue
-            async with self._space:
-                self._space.notify_all()
+    async def _read_failed(self, eid: Key, entry: Entry, exc: Exception) -> None:
+        """A read failed: its entry goes, its waiters get the error, room waiters look again."""
+        if self._entries.get(eid) is entry:
+            self._drop(eid)
+        if not entry.loaded.done():  # (a streamed read given up while it ran)
+            entry.loaded.set_exception(exc)
+            entry.loaded.exception()  # retrieved: nobody may be waiting on a prefetch
+        async with self._space:
+            self._space.notify_all()
