@@ -16,7 +16,8 @@ class LayerPlan:
 
     mine: Mapping[int, Sequence[tuple[str, int]]] = field(default_factory=dict)
     # expert -> [(executor, tokens)] for this agent's own tokens; tokens 0 = all the rest.
-    executes: frozenset[int] = frozenset()  # experts this agent runs for any owner
+    executes: frozenset[int] = frozenset()  # experts this agent runs for any owner (a slice of them too)
+    splits: Mapping[int, Sequence[str]] = field(default_factory=dict)  # expert -> slice i's agent, for every owner
 
     @classmethod
     def of(cls, plan: RoutingPlan | None, me: str) -> LayerPlan:
@@ -24,7 +25,9 @@ class LayerPlan:
         if plan is None:
             return cls()
         mine = {e: list(shares) for (owner, e), shares in plan.shares.items() if owner == me}
-        return cls(mine, frozenset(e for (_, e), shares in plan.shares.items() for x, _ in shares if x == me))
+        executes = {e for (_, e), shares in plan.shares.items() for x, _ in shares if x == me}
+        executes |= {e for e, nodes in plan.splits.items() if me in nodes}
+        return cls(mine, frozenset(executes), dict(plan.splits))
 
 
 def split_by_executor(ids: torch.Tensor, plan: LayerPlan, me: str) -> dict[str, torch.Tensor]:

@@ -76,11 +76,18 @@ def check_step(cfg: MoeConfig, limits: AgentLimits, me: str, token_ids: Sequence
 
 
 def check_plan(cfg: MoeConfig, layer: int, mine: Mapping[int, Sequence[tuple[str, int]]], executes: Iterable[int],
-               step_agents: Sequence[str]) -> None:
-    """A layer's plan (LayerPlan: my experts' shares by executor, and the experts I execute)
-    names experts of the model and executors of the step, or is refused."""
-    check_in_range(f"experts of layer {layer}'s plan", [*mine, *executes], 0, cfg.num_experts)
-    unknown = sorted({x for shares in mine.values() for x, _ in shares} - set(step_agents))
+               step_agents: Sequence[str], splits: Mapping[int, Sequence[str]] | None = None) -> None:
+    """A layer's plan (LayerPlan: my experts' shares by executor, the experts I execute, and the
+    experts run in slices) names experts of the model, executors of the step and slices an
+    expert has, or is refused."""
+    splits = splits or {}
+    check_in_range(f"experts of layer {layer}'s plan", [*mine, *executes, *splits], 0, cfg.num_experts)
+    for e, nodes in splits.items():
+        if not 2 <= len(nodes) <= cfg.expert_size or len(set(nodes)) != len(nodes):
+            raise ValueError(f"expert {e} of layer {layer} is split over {len(nodes)} agents; a split takes 2 to "
+                             f"{cfg.expert_size} distinct agents")
+    named = {x for shares in mine.values() for x, _ in shares} | {n for nodes in splits.values() for n in nodes}
+    unknown = sorted(named - set(step_agents))
     if unknown:
         raise ValueError(f"the plan of layer {layer} names executors outside the step: {', '.join(unknown)}")
 

@@ -76,6 +76,7 @@ class AgentCore:
         self.early_used = 0  # experts run early on my own tokens whose share the plan confirmed
         self.early_dropped = 0  # experts run early that the plan overruled (it sent those slots elsewhere)
         self.direct_sent = 0  # experts whose tokens went to their executor by a direct route
+        self.split_runs = 0  # (layer, expert) runs of my tokens split into slices by the plan
         self.attention_s = 0.0  # total seconds in attention, all requests
         self.recall = PredictionRecall()  # of the prefetch's predictions, on my own tokens
 
@@ -131,7 +132,7 @@ class AgentCore:
         check_in_range("directly routed experts", list(direct or {}), 0, self.cfg.num_experts)
         st = self._step(request_id)
         if layer > 0:
-            check_plan(self.cfg, layer - 1, plan.mine, plan.executes, [p.name for p in st.peers])
+            check_plan(self.cfg, layer - 1, plan.mine, plan.executes, [p.name for p in st.peers], plan.splits)
         direct = direct or {}
         mine = [ExpertId(layer, e) for e, x in direct.items() if x == self.name]
         self.buffer.protect([ExpertId(layer - 1, e) for e in plan.executes] + [ExpertId(layer, e) for e in prefetch] + mine)
@@ -204,6 +205,32 @@ class AgentCore:
                 run = self.peers.run_experts(name, addresses[name], request_id, layer, x[rows], sub[rows],
                                              weights[rows])
             runs.append(rows_with(rows, run))
+        return runs
+
+    def _run_split(self, request_id: str, st: StepState, layer: int, ids: torch.Tensor,
+                   splits: Mapping[int, Sequence[str]]) -> list[Awaitable[tuple[torch.Tensor, torch.Tensor]]]:
+        """(rows, partial outputs) of my pairs of the experts the plan splits (ids [T,k] with -1
+        in every other slot): slice i of each on its i-th agent, one batch per agent of a split
+        (here or a peer's RunExperts); the partial outputs add up at their rows like any other."""
+        assert st.moe_in is not None and st.route is not None
+        x, weights = st.moe_in, st.route[1]
+        addresses = {p.name: p.address for p in st.peers}
+        groups: dict[tuple[str, ...], list[int]] = {}
+        for e in sorted(set(ids[ids >= 0].tolist())):
+            groups.setdefault(tuple(splits[e]), []).append(e)
+        runs: list[Awaitable[tuple[torch.Tensor, torch.Tensor]]] = []
+        for nodes, experts in groups.items():
+            sub = only(ids, experts)
+            rows = (sub >= 0).any(dim=1).nonzero().flatten()
+            xs, ids_, ws, of = x[rows], sub[rows], weights[rows], len(nodes)
+            for part, node in enumerate(nodes):
+                if node == self.name:
+                    run = self.executor.execute_slices(layer, xs, ids_, ws, part, of)
+                else:
+                    run = self.peers.run_experts(node, addresses[node], request_id, layer, xs, ids_, ws,
+                                                 part=part, of=of)
+                runs.append(rows_with(rows, run))
+        self.split_runs += sum(len(es) for es in groups.values())
         return runs
 
     def _start_early(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
@@ -360,13 +387,17 @@ class AgentCore:
         elif direct is not None:
             for result in direct.results:
                 result.cancel()
+        split = frozenset(plan.splits) & frozenset(ids[ids >= 0].unique().tolist())
+        if split:
+            jobs.extend(self._run_split(request_id, st, layer, only(ids, split), plan.splits))
+            ids = only(ids, split, keep=False)
         subs = split_by_executor(ids, plan, self.name)
         early, st.early = st.early, None
         if early is not None and early.layer != layer:
             early.out.cancel()
         elif early is not None:
             local = subs.get(self.name, torch.full_like(ids, -1))
-            agreed = sorted(e for e in early.experts if int((ids == e).sum()) == int((local == e).sum()))
+            agreed = sorted(e for e in early.experts - split if int((ids == e).sum()) == int((local == e).sum()))
             self.early_used += len(agreed)
             self.early_dropped += len(early.experts) - len(agreed)
             if agreed:

@@ -112,11 +112,14 @@ class RoutingPlan:
     """Who runs which expert for whose tokens, for one MoE layer of one step (the scheduler decides).
 
     An owner's (token, slot) pairs routed to an expert go to the shares' executors in row order;
-    several shares split them. A pair absent from the plan runs on its owner.
+    several shares split them. An expert in `splits` runs in slices instead (expert tensor
+    parallelism): every owner sends all its pairs of it to each of the nodes, slice i of m to the
+    i-th, and adds up the partial outputs. A pair absent from both runs on its owner.
     """
 
     layer: int
     shares: dict[tuple[NodeId, int], tuple[Share, ...]]  # (owner, expert index) -> shares
+    splits: dict[int, tuple[NodeId, ...]] = field(default_factory=dict)  # expert index -> slice i's node
 
     @classmethod
     def whole(cls, layer: int, executor: dict[tuple[NodeId, int], NodeId]) -> RoutingPlan:
@@ -124,7 +127,8 @@ class RoutingPlan:
         return cls(layer, {key: ((node, 0),) for key, node in executor.items()})
 
     def executors(self, expert: int) -> set[NodeId]:
-        return {x for (_, e), shares in self.shares.items() if e == expert for x, _ in shares}
+        whole = {x for (_, e), shares in self.shares.items() if e == expert for x, _ in shares}
+        return whole | set(self.splits.get(expert, ()))
 
 
 @dataclass(frozen=True)
@@ -184,6 +188,7 @@ class CacheCounters:
     decode_prefetch_misses: int = 0  # decode selections of one neither held at the plan nor read
     read_ahead: int = 0  # slices it began reading on a home's guess of its next layer (ExpertBatch.read_ahead)
     read_ahead_used: int = 0  # of those, the ones a home then asked for
+    prefill_split_experts: int = 0  # (layer, expert) runs of its prefill tokens split into slices (RoutingPlan.splits)
 
 
 @dataclass(frozen=True)

@@ -68,12 +68,13 @@ class Run:
 
 @dataclass(frozen=True)
 class Agent:
-    """An agent as the balance sees it: its profile, its one-way link latency, and how long its
-    disk is already busy (reads queued before this step)."""
+    """An agent as the balance sees it: its profile, its one-way link latency, and the seconds
+    of disk, compute and link it already has to spend (reads queued before this step; in a
+    prefill layer, the work the token scheduling gave it before this expert)."""
 
     profile: AgentProfile
     latency_s: float = 0.0
-    disk_busy_s: float = 0.0
+    busy: AgentTime = field(default_factory=AgentTime)
 
     @property
     def node(self) -> NodeId:
@@ -86,7 +87,7 @@ class Timeline:
     def __init__(self, agents: Sequence[Agent], home: NodeId, model: CostModel) -> None:
         self.agents = {a.node: a for a in agents}
         self.home, self.model = home, model
-        self.time = {a.node: AgentTime(disk_s=a.disk_busy_s) for a in agents}
+        self.time = {a.node: _plus(a.busy, AgentTime()) for a in agents}  # copies
         self.called: set[NodeId] = set()  # agents other than the home given work: a round trip each
 
     def added(self, node: NodeId, need: Need, part: Slice) -> AgentTime:

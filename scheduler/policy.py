@@ -9,11 +9,12 @@ and `expert-parallel` fill free pooled memory with the experts no agent holds (`
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 from protos.ids import ExpertId
 from scheduler.cost_model import AgentProfile, CostModel
+from scheduler.balance import SplitMode
 from scheduler.fill import AgentHoldings, plan_fill
 from scheduler.partition import contiguous_prefill, zigzag_prefill
 from scheduler.routing import resident_first
@@ -31,6 +32,9 @@ class Policy:
     token_scheduling: bool = True  # cost-model scheduling; off: run where resident, else largest owner
     prefetch: bool = True  # speculative next-layer expert prefetch (sirius only)
     fill: bool = True  # read experts no agent holds into free memory after a request (not naive)
+    # Whether token scheduling may run an expert no agent holds in slices over several agents
+    # (the engine's `expert_split`; `never` without its load balance).
+    split: SplitMode = "auto"
 
     def __post_init__(self) -> None:
         if self.name not in POLICIES:
@@ -53,8 +57,10 @@ class Policy:
         return zigzag_prefill(token_ids, nodes) if self.interleave else contiguous_prefill(token_ids, nodes)
 
     def route(self, layer: int, reports: Sequence[LayerReport], profiles: Mapping[NodeId, AgentProfile],
-              cost: CostModel, num_experts: int, direct: Mapping[int, NodeId] | None = None) -> RoutingPlan:
-        """direct: the layer's direct routes, which the agents have already followed."""
+              cost: CostModel, num_experts: int, direct: Mapping[int, NodeId] | None = None,
+              latency_s: Mapping[NodeId, float] | None = None) -> RoutingPlan:
+        """direct: the layer's direct routes, which the agents have already followed; latency_s:
+        each agent's one-way link latency (what a split's calls cost)."""
         if self.name == "naive":  # every agent runs the experts of its own tokens
             return RoutingPlan(layer, {})
         if self.name == "expert-parallel":  # agent i owns experts [i*E/N, (i+1)*E/N) of every layer
@@ -63,7 +69,7 @@ class Policy:
                 (r.node, e): _static_owner(order, e, num_experts) for r in reports for e, c in enumerate(r.counts) if c
             })
         if self.token_scheduling:
-            return schedule_layer(layer, reports, profiles, cost, direct)
+            return schedule_layer(layer, reports, profiles, cost, direct, self.split, latency_s)
         return resident_first(layer, reports)
 
     def lookahead(self, layer: int, reports: Sequence[LayerReport], profiles: Mapping[NodeId, AgentProfile],
@@ -137,7 +143,9 @@ class Policy:
             LayerReport(r.node, r.predicted, r.next_resident, r.next_loading, resident_total=r.resident_total)
             for r in reports
         ]
-        return self.route(layer, guessed, profiles, cost, num_experts)
+        # Guessed whole: the prefetch reads whole experts, and those it reads are then held,
+        # which the layer's plan does not split.
+        return replace(self, split="never").route(layer, guessed, profiles, cost, num_experts)
 
     def fills(self, agents: Sequence[AgentHoldings], experts: Sequence[ExpertId], expert_bytes: int,
               num_experts: int) -> dict[NodeId, tuple[ExpertId, ...]]:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -51,6 +51,7 @@ class ClusterView:
     shape: ModelShape
     profiles: dict[NodeId, AgentProfile]
     cost: CostModel
+    latency_s: dict[NodeId, float] = field(default_factory=dict)  # each agent's one-way link latency
 
     @classmethod
     def from_infos(cls, infos: Sequence[AgentInfo]) -> ClusterView:
@@ -63,7 +64,8 @@ class ClusterView:
         }
         # One SwiGLU expert on one token: 3 matmuls of D x I, 2 FLOPs per multiply-add.
         flops_per_token = 2.0 * i.expert_bytes / i.dtype_bytes
-        return cls(shape, profiles, CostModel(i.expert_bytes, i.hidden_size * i.dtype_bytes, flops_per_token))
+        return cls(shape, profiles, CostModel(i.expert_bytes, i.hidden_size * i.dtype_bytes, flops_per_token),
+                   {a.name: a.link_latency_s for a in infos})
 
 
 @dataclass(frozen=True)
@@ -139,7 +141,8 @@ class RequestRunner:
                     for e, c in enumerate(r.counts):
                         counts[row + e] += c
             reports += idle_reports.at(layer, predict)
-            routing = None if layer in shape.dense_layers else policy.route(layer, reports, profiles, cost, E, direct)
+            routing = None if layer in shape.dense_layers else policy.route(layer, reports, profiles, cost, E, direct,
+                                                                                 self.view.latency_s)
             prefetch, direct = policy.lookahead(layer + 1, reports, profiles, cost, E) if predict else ({}, {})
         finished = await asyncio.gather(*(self.agents[n].finish(request_id, routing) for n in active))
         parts = [(logits, positions) for logits, positions in finished if logits is not None]

@@ -43,6 +43,8 @@ JoinHook = Callable[[NodeId, AgentInfo], None]  # an agent joined, and what it r
 class EngineService:
     def __init__(self, model_dir: Path, nodes: Sequence[NodeSpec], settings: EngineSettings, policy: Policy = Policy(),
                  on_join: JoinHook | None = None) -> None:
+        # Prefill's token scheduling splits unheld experts as decode does, by the load balance.
+        policy = dataclasses.replace(policy, split=settings.expert_split if settings.load_balance else "never")
         self.policy = policy
         self.on_join = on_join  # told of each agent that joins, with what it reported (Info)
         self.model_dir = model_dir

@@ -86,6 +86,7 @@ def routing_plan_to_proto(plan: RoutingPlan) -> pb.RoutingPlan:
             for (o, e), shares in sorted(plan.shares.items())
             for x, n in shares
         ],
+        splits=[pb.SplitRun(expert=e, nodes=list(nodes)) for e, nodes in sorted(plan.splits.items())],
     )
 
 
@@ -94,7 +95,7 @@ def routing_plan_from_proto(msg: pb.RoutingPlan) -> RoutingPlan:
     for a in msg.assignments:
         key = (NodeId(a.owner), a.expert)
         shares[key] = (*shares.get(key, ()), (NodeId(a.executor), a.tokens))
-    return RoutingPlan(msg.layer, shares)
+    return RoutingPlan(msg.layer, shares, {s.expert: tuple(NodeId(n) for n in s.nodes) for s in msg.splits})
 
 
 def _plan_from_proto(holder: pb.ForwardRequest | pb.FinishRequest) -> RoutingPlan | None:

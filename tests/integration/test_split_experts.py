@@ -17,6 +17,7 @@ from protos.messages import DecodeSpan, ExpertBatch
 from protos.potluck.v1 import agent_pb2_grpc as pb_grpc
 from protos.routing import EXPERT_SPLITS, ExpertSplit
 from scheduler.errors import AgentFailed
+from scheduler.policy import Policy
 from scheduler.types import GenerationRequest, SamplingParams
 from tests.conftest import ARCHS
 from tests.integration.cluster import expert_bytes, local_cluster
@@ -56,6 +57,32 @@ async def test_home_prefill_logits_match_transformers_for_every_split_mode(tiny_
     else:  # every split expert ran as one slice on each agent
         assert split_runs > 0 and sum(s.slice_runs for s in snaps) == split_runs * agents
         assert all(s.slice_runs > 0 for s in snaps)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("split", EXPERT_SPLITS)
+async def test_sequence_parallel_prefill_logits_match_transformers_for_every_split_mode(
+        tiny_models: dict[str, Path], arch: str, split: ExpertSplit) -> None:
+    """Prefill's token scheduling splits experts no agent holds as its load balance says: each
+    owner sends its pairs of a split expert to every agent of the split and adds up the slices'
+    partial outputs. `always` splits each one, `never` none."""
+    model_dir = tiny_models[arch]
+    ids, expected, greedy = transformers_outputs(model_dir)
+    agents = 3
+    async with local_cluster(model_dir, agents, expert_memory=2 * expert_bytes(model_dir),
+                             disk_rate=slow_disk(model_dir)) as cluster:
+        logits = await cluster.runner(Policy(split=split)).prefill_logits("prefill-1", ids)
+        assert (logits - expected).abs().max().item() <= ATOL
+        request = GenerationRequest(RequestId("gen-1"), tuple(ids), SamplingParams(max_tokens=8, temperature=0))
+        tokens = [e.token_id for e in await cluster.generate(request, home_prefill_max=0, expert_split=split)]
+        snaps = [await c.snapshot() for c in cluster.clients]
+    assert tokens == greedy[:8]
+    split_runs = sum(s.prefill_split_experts for s in snaps)
+    if split == "never":
+        assert split_runs == 0
+    elif split == "always":  # every owner of a split expert sent a slice to each agent
+        assert split_runs > 0 and sum(s.slice_runs for s in snaps) >= split_runs
+    assert all(s.requests == 0 for s in snaps)
 
 
 @pytest.mark.parametrize("arch", ARCHS)

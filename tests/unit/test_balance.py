@@ -11,7 +11,7 @@ import pytest
 
 from protos.ids import ExpertId, NodeId, SliceId
 from scheduler.balance import WHOLE, Agent, Need, Run, Slice, SplitMode, balance, decode_runs, finish_s
-from scheduler.cost_model import AgentProfile, CostModel
+from scheduler.cost_model import AgentProfile, AgentTime, CostModel
 
 # The bench preset's expert (hidden 512, intermediate 768, float32): 4.7 MB, 2.4 MFLOP a token.
 MODEL = CostModel(expert_bytes=4_718_592, token_bytes=2048, flops_per_token=2.0 * 3 * 512 * 768)
@@ -112,7 +112,7 @@ def random_instance(rng: random.Random) -> tuple[list[Agent], list[Need]]:
     n = rng.choice([2, 3])
     ags = [Agent(AgentProfile(NodeId(f"a{i}"), rng.choice([0.0, 25e6, 50e6, 200e6]), rng.choice([12.5e6, 125e6]),
                               rng.choice([2e9, 10e9]), None), rng.choice([0.0005, 0.001, 0.005]),
-                 rng.choice([0.0, 0.0, 0.02])) for i in range(n)]  # fmt: skip
+                 AgentTime(disk_s=rng.choice([0.0, 0.0, 0.02]))) for i in range(n)]  # fmt: skip
     needs = []
     for i in range(rng.choice([1, 2, 3])):
         held = {a.node: frozenset({rng.choice([WHOLE, Slice(0, 2), Slice(1, 2)])}) for a in ags if rng.random() < 0.4}

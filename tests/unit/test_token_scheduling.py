@@ -213,3 +213,54 @@ def test_the_plan_keeps_direct_routes_and_schedules_the_other_experts_around_the
     fixed = schedule_layer(0, reports, profiles(3), COST, fixed={0: NODES[1]})
     assert executors(fixed) == {0: {NODES[1]}, 1: {NODES[2]}, 2: {NODES[2]}}
     assert fixed.shares[(NODES[0], 0)] == fixed.shares[(NODES[1], 0)] == ((NODES[1], 0),)
+
+
+def test_auto_splits_a_short_prompt_s_unheld_expert_over_the_idle_disks() -> None:
+    """One unheld expert, one token on each agent: read whole, one disk works while three idle;
+    split, each agent reads a quarter. Every owner's pairs then go to the split (no shares)."""
+    reports = [report(n, [1] + [0] * 15) for n in NODES]
+    plan = schedule_layer(0, reports, profiles(4), COST, split="auto")
+    assert plan.splits == {0: tuple(NODES)} and plan.shares == {}
+    assert plan.executors(0) == set(NODES)
+    whole = schedule_layer(0, reports, profiles(4), COST, split="never")
+    assert whole.splits == {} and len(executors(whole)[0]) == 1
+
+
+def test_auto_splits_two_agents_reads_when_two_others_idle() -> None:
+    """Two unheld experts on four agents: whole, two disks read one each while two idle. Neither
+    split alone shortens the layer (the other read still ends it), but both do."""
+    reports = [report(n, [1, 1] + [0] * 14) for n in NODES]
+    plan = schedule_layer(0, reports, profiles(4), COST, split="auto")
+    assert set(plan.splits) == {0, 1} and plan.shares == {}
+
+
+def test_auto_runs_a_cold_layer_s_many_experts_whole() -> None:
+    """As many unheld experts as agents or more: whole reads already keep every disk busy, and a
+    split would only add link traffic. `always` splits them all all the same."""
+    reports = [report(n, [32] * 16) for n in NODES]
+    assert schedule_layer(0, reports, profiles(4), COST, split="auto").splits == {}
+    always = schedule_layer(0, reports, profiles(4), COST, split="always")
+    assert set(always.splits) == set(range(16)) and always.shares == {}
+
+
+def test_a_held_expert_is_never_split() -> None:
+    """A holder runs it (its owners start their own tokens before the plan comes); only experts
+    no agent holds may run in slices."""
+    reports = [report(NODES[0], [4, 1] + [0] * 14), *(report(n, [1, 0] + [0] * 14, resident={0}) for n in NODES[1:])]
+    plan = schedule_layer(0, reports, profiles(4), COST, split="always")
+    assert set(plan.splits) == {1} and 0 not in plan.splits
+
+
+def test_auto_splits_nothing_whose_read_costs_nothing_and_compute_little() -> None:
+    """A page-cached store (no disk rate): one token's expert takes 0.2 ms to compute, below a
+    split's own cost."""
+    reports = [report(n, [1] + [0] * 15) for n in NODES]
+    assert schedule_layer(0, reports, profiles(4, disk=0), COST, split="auto").splits == {}
+
+
+def test_the_prefetch_guess_is_made_whole() -> None:
+    """The next layer's prefetch reads whole experts, so its guess does not split: a predicted
+    expert is then held (loading) and its layer's plan runs it whole."""
+    guessed = [LayerReport(n, (1,) * 16, frozenset(), frozenset(), predicted=(1,) + (0,) * 15) for n in NODES]
+    prefetch = Policy(split="always").prefetches(1, guessed, profiles(4), COST, 16)
+    assert sum(len(v) for v in prefetch.values()) == 1  # expert 0, whole on one agent

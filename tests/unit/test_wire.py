@@ -89,6 +89,9 @@ def test_step_begun_round_trip(begun: StepBegun) -> None:
 def test_routing_plan_round_trip() -> None:
     plan = RoutingPlan(4, {(A, 3): ((B, 0),), (B, 0): ((A, 5), (B, 0))})
     assert c.routing_plan_from_proto(wire(c.routing_plan_to_proto(plan))) == plan
+    split = RoutingPlan(4, {(A, 3): ((B, 0),)}, {6: (B, A), 2: (A, B)})  # slice i of expert 6 on (B, A)[i]
+    back = c.routing_plan_from_proto(wire(c.routing_plan_to_proto(split)))
+    assert back == split and back.splits[6] == (B, A) and back.executors(6) == {A, B}
 
 
 def test_direct_routes_round_trip() -> None:

@@ -43,7 +43,7 @@ class DeviceProfile(_message.Message):
     def __init__(self, expert_memory_bytes: _Optional[int] = ..., disk_bytes_per_s: _Optional[float] = ..., link_bytes_per_s: _Optional[float] = ..., compute_share: _Optional[float] = ..., link_latency_s: _Optional[float] = ...) -> None: ...
 
 class CacheCounters(_message.Message):
-    __slots__ = ("hits", "misses", "loads", "evictions", "bytes_read", "bytes_sent", "bytes_used", "capacity_bytes", "attention_seconds", "prefetches", "predicted_used", "used", "compute_overrun_seconds", "early_experts_used", "early_experts_dropped", "fills", "fill_preemptions", "direct_experts_sent", "decode_steps", "decode_tokens", "decode_round_trips", "decode_remote_experts", "requests", "predicted_pairs_used", "pairs_used", "home_prefill_tokens", "decode_split_attention", "cpu_seconds", "paced_cpu_seconds", "decode_local_experts", "placement_reads", "decode_step_seconds", "decode_peer_wait_seconds", "decode_read_wait_seconds", "decode_split_experts", "slice_runs", "decode_prefetch_reads", "decode_prefetch_hits", "decode_prefetch_misses", "read_ahead", "read_ahead_used")
+    __slots__ = ("hits", "misses", "loads", "evictions", "bytes_read", "bytes_sent", "bytes_used", "capacity_bytes", "attention_seconds", "prefetches", "predicted_used", "used", "compute_overrun_seconds", "early_experts_used", "early_experts_dropped", "fills", "fill_preemptions", "direct_experts_sent", "decode_steps", "decode_tokens", "decode_round_trips", "decode_remote_experts", "requests", "predicted_pairs_used", "pairs_used", "home_prefill_tokens", "decode_split_attention", "cpu_seconds", "paced_cpu_seconds", "decode_local_experts", "placement_reads", "decode_step_seconds", "decode_peer_wait_seconds", "decode_read_wait_seconds", "decode_split_experts", "slice_runs", "decode_prefetch_reads", "decode_prefetch_hits", "decode_prefetch_misses", "read_ahead", "read_ahead_used", "prefill_split_experts")
     HITS_FIELD_NUMBER: _ClassVar[int]
     MISSES_FIELD_NUMBER: _ClassVar[int]
     LOADS_FIELD_NUMBER: _ClassVar[int]
@@ -85,6 +85,7 @@ class CacheCounters(_message.Message):
     DECODE_PREFETCH_MISSES_FIELD_NUMBER: _ClassVar[int]
     READ_AHEAD_FIELD_NUMBER: _ClassVar[int]
     READ_AHEAD_USED_FIELD_NUMBER: _ClassVar[int]
+    PREFILL_SPLIT_EXPERTS_FIELD_NUMBER: _ClassVar[int]
     hits: int
     misses: int
     loads: int
@@ -126,7 +127,8 @@ class CacheCounters(_message.Message):
     decode_prefetch_misses: int
     read_ahead: int
     read_ahead_used: int
-    def __init__(self, hits: _Optional[int] = ..., misses: _Optional[int] = ..., loads: _Optional[int] = ..., evictions: _Optional[int] = ..., bytes_read: _Optional[int] = ..., bytes_sent: _Optional[int] = ..., bytes_used: _Optional[int] = ..., capacity_bytes: _Optional[int] = ..., attention_seconds: _Optional[float] = ..., prefetches: _Optional[int] = ..., predicted_used: _Optional[int] = ..., used: _Optional[int] = ..., compute_overrun_seconds: _Optional[float] = ..., early_experts_used: _Optional[int] = ..., early_experts_dropped: _Optional[int] = ..., fills: _Optional[int] = ..., fill_preemptions: _Optional[int] = ..., direct_experts_sent: _Optional[int] = ..., decode_steps: _Optional[int] = ..., decode_tokens: _Optional[int] = ..., decode_round_trips: _Optional[int] = ..., decode_remote_experts: _Optional[int] = ..., requests: _Optional[int] = ..., predicted_pairs_used: _Optional[int] = ..., pairs_used: _Optional[int] = ..., home_prefill_tokens: _Optional[int] = ..., decode_split_attention: _Optional[int] = ..., cpu_seconds: _Optional[float] = ..., paced_cpu_seconds: _Optional[float] = ..., decode_local_experts: _Optional[int] = ..., placement_reads: _Optional[int] = ..., decode_step_seconds: _Optional[float] = ..., decode_peer_wait_seconds: _Optional[float] = ..., decode_read_wait_seconds: _Optional[float] = ..., decode_split_experts: _Optional[int] = ..., slice_runs: _Optional[int] = ..., decode_prefetch_reads: _Optional[int] = ..., decode_prefetch_hits: _Optional[int] = ..., decode_prefetch_misses: _Optional[int] = ..., read_ahead: _Optional[int] = ..., read_ahead_used: _Optional[int] = ...) -> None: ...
+    prefill_split_experts: int
+    def __init__(self, hits: _Optional[int] = ..., misses: _Optional[int] = ..., loads: _Optional[int] = ..., evictions: _Optional[int] = ..., bytes_read: _Optional[int] = ..., bytes_sent: _Optional[int] = ..., bytes_used: _Optional[int] = ..., capacity_bytes: _Optional[int] = ..., attention_seconds: _Optional[float] = ..., prefetches: _Optional[int] = ..., predicted_used: _Optional[int] = ..., used: _Optional[int] = ..., compute_overrun_seconds: _Optional[float] = ..., early_experts_used: _Optional[int] = ..., early_experts_dropped: _Optional[int] = ..., fills: _Optional[int] = ..., fill_preemptions: _Optional[int] = ..., direct_experts_sent: _Optional[int] = ..., decode_steps: _Optional[int] = ..., decode_tokens: _Optional[int] = ..., decode_round_trips: _Optional[int] = ..., decode_remote_experts: _Optional[int] = ..., requests: _Optional[int] = ..., predicted_pairs_used: _Optional[int] = ..., pairs_used: _Optional[int] = ..., home_prefill_tokens: _Optional[int] = ..., decode_split_attention: _Optional[int] = ..., cpu_seconds: _Optional[float] = ..., paced_cpu_seconds: _Optional[float] = ..., decode_local_experts: _Optional[int] = ..., placement_reads: _Optional[int] = ..., decode_step_seconds: _Optional[float] = ..., decode_peer_wait_seconds: _Optional[float] = ..., decode_read_wait_seconds: _Optional[float] = ..., decode_split_experts: _Optional[int] = ..., slice_runs: _Optional[int] = ..., decode_prefetch_reads: _Optional[int] = ..., decode_prefetch_hits: _Optional[int] = ..., decode_prefetch_misses: _Optional[int] = ..., read_ahead: _Optional[int] = ..., read_ahead_used: _Optional[int] = ..., prefill_split_experts: _Optional[int] = ...) -> None: ...
 
 class InfoRequest(_message.Message):
     __slots__ = ()
@@ -233,12 +235,22 @@ class DirectRoute(_message.Message):
     def __init__(self, expert: _Optional[int] = ..., executor: _Optional[str] = ...) -> None: ...
 
 class RoutingPlan(_message.Message):
-    __slots__ = ("layer", "assignments")
+    __slots__ = ("layer", "assignments", "splits")
     LAYER_FIELD_NUMBER: _ClassVar[int]
     ASSIGNMENTS_FIELD_NUMBER: _ClassVar[int]
+    SPLITS_FIELD_NUMBER: _ClassVar[int]
     layer: int
     assignments: _containers.RepeatedCompositeFieldContainer[ExpertAssignment]
-    def __init__(self, layer: _Optional[int] = ..., assignments: _Optional[_Iterable[_Union[ExpertAssignment, _Mapping]]] = ...) -> None: ...
+    splits: _containers.RepeatedCompositeFieldContainer[SplitRun]
+    def __init__(self, layer: _Optional[int] = ..., assignments: _Optional[_Iterable[_Union[ExpertAssignment, _Mapping]]] = ..., splits: _Optional[_Iterable[_Union[SplitRun, _Mapping]]] = ...) -> None: ...
+
+class SplitRun(_message.Message):
+    __slots__ = ("expert", "nodes")
+    EXPERT_FIELD_NUMBER: _ClassVar[int]
+    NODES_FIELD_NUMBER: _ClassVar[int]
+    expert: int
+    nodes: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, expert: _Optional[int] = ..., nodes: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ForwardRequest(_message.Message):
     __slots__ = ("request_id", "layer", "plan", "prefetch", "predict", "direct")
