@@ -79,6 +79,7 @@ class Request:
     pairs_used: int = 0  # (token, slot) pairs in layers that had a prediction, all agents (0: not counted)
     cpu_s: float = 0.0  # CPU seconds of the agents' processes during the request, all agents
     paced_cpu_s: float = 0.0  # of which paced to their compute share
+    split_experts: int = 0  # (layer, expert) runs of the owners' tokens split into slices, all agents
 
     @property
     def efficiency(self) -> float:
@@ -127,6 +128,8 @@ class Case:
             "prefetch_pair_recall": pair_hits / pairs if pairs else None,
             "compute_overrun": max(r.overrun for r in [self.cold, *self.warm]),
             "unpaced_cpu_share": max((u for r in [self.cold, *self.warm] if (u := r.unpaced) is not None), default=None),
+            "cold_split_experts": self.cold.split_experts,
+            "warm_split_experts": statistics.median(r.split_experts for r in self.warm),
         }
 
 
@@ -241,6 +244,7 @@ async def measure(cluster: Cluster, prompt: list[int], activated: set[tuple[int,
         compute_overrun_s={a.name: a.compute_overrun_s - b.compute_overrun_s for a, b in zip(after, before)},
         cpu_s=sum(a.cpu_s - b.cpu_s for a, b in zip(after, before)),
         paced_cpu_s=sum(a.paced_cpu_s - b.paced_cpu_s for a, b in zip(after, before)),
+        split_experts=sum(a.prefill_split_experts - b.prefill_split_experts for a, b in zip(after, before)),
     )
 
 
@@ -368,7 +372,8 @@ def _run(args: argparse.Namespace, model_dir: Path, out: Path, work: Path, cfg: 
                           f"cold {s['cold_ttft_s']:.2f}s warm {s['warm_ttft_s']:.2f}s "
                           f"eff {s['cold_efficiency']:.2f}/{s['warm_efficiency']:.2f} "
                           f"balance {s['attention_max_over_mean']:.2f} recall {_fraction(s['prefetch_recall'])} "
-                          f"(pairs {_fraction(s['prefetch_pair_recall'])})", flush=True)
+                          f"(pairs {_fraction(s['prefetch_pair_recall'])}) split {s['cold_split_experts']}/"
+                          f"{s['warm_split_experts']:.0f}", flush=True)
                 cases.append(over_rounds(rounds))
     data["cases"] = cases
     (out / "prefill.json").write_text(json.dumps(data, indent=2))

@@ -139,11 +139,12 @@ def write_report(data: dict[str, Any], out: Path) -> None:
         f"prediction named; per pair: of the (token, expert) pairs routed, the share whose expert it named "
         f"(n/a where nothing was predicted or the agents do not count it). Unpaced CPU: of the agents' CPU "
         f"during a request, the share no compute pacing slowed (event loops, gRPC, gathers and combines run at "
-        f"the host's speed, not the emulated device's), in the case's worst request.",
+        f"the host's speed, not the emulated device's), in the case's worst request. Split: expert runs (per layer "
+        f"and expert, each owner's counted) the token scheduling split into slices over the agents, cold / warm.",
         "",
         "| policy | agents | tokens | 1-agent compute s | cold TTFT s | warm TTFT s | cold eff. | warm eff. | "
-        "read cold MB | attention max/mean | prefetch recall | prefetch pair recall | unpaced CPU |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "read cold MB | attention max/mean | prefetch recall | prefetch pair recall | unpaced CPU | split |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for c in cases:
         c1 = c.get("compute_s", _compute_at(data, c["tokens"]))
@@ -152,7 +153,8 @@ def write_report(data: dict[str, Any], out: Path) -> None:
             f"{_num(c['warm_ttft_s'], '.2f')} | {_num(c['cold_efficiency'], '.2f')} | "
             f"{_num(c['warm_efficiency'], '.2f')} | {_num(c['cold_read_mb'], '.0f')} | "
             f"{_num(c['attention_max_over_mean'], '.2f')} | {_num(c.get('prefetch_recall'), '.3f')} | "
-            f"{_num(c.get('prefetch_pair_recall'), '.3f')} | {_num(c.get('unpaced_cpu_share'), '.0%')} |"
+            f"{_num(c.get('prefetch_pair_recall'), '.3f')} | {_num(c.get('unpaced_cpu_share'), '.0%')} | "
+            f"{_num(c.get('cold_split_experts'), '.0f')} / {_num(c.get('warm_split_experts'), '.0f')} |"
         )
     repeated = [c for c in cases if c.get("rounds")]
     if repeated:

@@ -133,3 +133,19 @@ def test_pair_recall_flows_from_the_agents_counters_to_the_report() -> None:
     assert unscored["prefetch_recall"] is None and unscored["prefetch_pair_recall"] is None
     data["cases"][1] = {**data["cases"][1], "prefetch_recall": None, "prefetch_pair_recall": None}
     assert {t: (m, ok) for t, m, ok in targets(data)}["prefetch recall >= 0.9"] == ("n/a (pairs n/a)", None)
+
+
+def test_the_split_experts_flow_from_the_agents_counters_to_the_report(tmp_path: Path) -> None:
+    agents = (AgentSnapshot(NodeId("a"), "127.0.0.1:1", True, prefill_split_experts=3),
+              AgentSnapshot(NodeId("b"), "127.0.0.1:2", True, prefill_split_experts=4))
+    text = ServerMetrics(lambda: EngineSnapshot(0, 0, agents)).render().decode()
+    assert summed(metric_samples(text), "potluck_agent_prefill_split_experts_total") == 7.0
+    cold = Request(ttft_s=2.0, bytes_read=0, must_read_bytes=0, lower_bound_s=1.6, attention_s={"a": 1.0},
+                   predicted_used=0, used=0, split_experts=7)
+    warm = [Request(ttft_s=1.0, bytes_read=0, must_read_bytes=0, lower_bound_s=0.8, attention_s={"a": 1.0},
+                    predicted_used=0, used=0, split_experts=n) for n in (0, 2, 1)]
+    summary = Case("sirius", 4, 2048, cold, warm).summary()
+    assert (summary["cold_split_experts"], summary["warm_split_experts"]) == (7, 1)
+    one = {**case("sirius", 1, 27.0, 27.6, 4.94, 6.6), "cold_read_mb": 610.0}
+    write_report({"cases": [one, {**one, **summary, "compute_s": 4.94}], "compute_s": {2048: 4.94}}, tmp_path)
+    assert "| 7 / 1 |" in (tmp_path / "prefill.md").read_text()
