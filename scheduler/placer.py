@@ -62,9 +62,10 @@ class PlacementSettings:
 
 
 class Placer:
-    def __init__(self, settings: PlacementSettings, split_unheld: bool = False) -> None:
+    def __init__(self, settings: PlacementSettings, split_unheld: bool = False, load_balance: bool = False) -> None:
         self.settings = settings
         self.split_unheld = split_unheld  # experts no agent holds run split (--expert-split): their price
+        self.load_balance = load_balance  # ... as the load balance chooses (else over every agent)
         self.placed: dict[NodeId, frozenset[ExpertId]] = {}  # what each agent was told to keep
         self.last: Replan | None = None
         self.last_at: float | None = None  # time.time() of the last replan
@@ -80,7 +81,8 @@ class Placer:
         activations = window.activations(time.monotonic())
         if window.top_k is None or not infos or activations.total() == 0:
             return None
-        problem = problem_for(infos, activations, window.moe_layers, window.top_k, holdings, self.split_unheld)
+        problem = problem_for(infos, activations, window.moe_layers, window.top_k, holdings, self.split_unheld,
+                              self.load_balance)
         current: Placement = {a.name: self.placed.get(a.name, holdings.get(a.name, frozenset())) for a in infos}
         # Seconds of pure Python on a large model (prism's local search: about 3 s for 26 layers of 64
         # experts on 4 agents): off the event loop, which streams every request's tokens.

@@ -59,7 +59,8 @@ class EngineService:
                                unheld_read_s=self._unheld_read_s, on_agent_failed=self._agent_failed,
                                on_selections=self._selections)
         self.activations: ActivationWindow | None = None  # once the model's shape is known
-        self.placer = Placer(settings.placement, split_unheld=settings.expert_split != "never")
+        self.placer = Placer(settings.placement, split_unheld=settings.expert_split != "never",
+                             load_balance=settings.load_balance)
         self.table = RoutingTable()  # the routing table last published to the agents (each with its own runs)
         self.runs: dict[NodeId, dict[ExpertId, tuple[NodeId, ...]]] = {}  # the load balance's runs each home was sent
         self._durations: list[float] = []  # recent request durations, for Retry-After

@@ -26,6 +26,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from protos.ids import ExpertId, NodeId
+from scheduler.balance import Agent, Need, balance, finish_s
+from scheduler.cost_model import AgentProfile, CostModel
 
 # Per agent, the experts it keeps resident (pinned). An agent missing from the mapping holds none.
 Placement = Mapping[NodeId, frozenset[ExpertId]]
@@ -90,7 +92,9 @@ class PlacementProblem:
     token_bytes: int  # one token's hidden state on the wire, bytes (each way of a remote call)
     flops_per_token: float  # one expert on one token, FLOPs
     activations: Activations
-    split_unheld: bool = False  # an expert no agent holds runs split over every device (--expert-split)
+    split_unheld: bool = False  # an expert no agent holds may run split (--expert-split)
+    load_balance: bool = False  # with split_unheld, the load balance chooses how (else split over every device)
+    _unheld: dict[NodeId, float] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not self.devices:
@@ -131,20 +135,41 @@ class PlacementProblem:
         """What one (token, expert) selection of a request homed on `home` costs under the placement,
         as the runtime serves it: its compute where the home holds the expert, else a call to its
         cheapest holder, else (no agent holds it) a read from the home's own disk and its compute,
-        or with `split_unheld` the slowest of every device's slice (1/N of the read and of the
-        compute, and a call for a device other than the home). An unlimited disk (rate 0, as
-        agents without emulation report) makes a read free, so only calls and compute weigh there."""
+        or with `split_unheld` as it runs split (`unheld_s`). An unlimited disk (rate 0, as agents
+        without emulation report) makes a read free, so only calls and compute weigh there."""
         if expert in placement.get(home, frozenset()):
             return self.compute_s(home)
         holders = [n for n, held in placement.items() if expert in held and n != home]
         if holders:
             return min(self.call_s(home, n) for n in holders)
-        if self.split_unheld and len(self.devices) > 1:
+        return self.unheld_s(home)
+
+    def unheld_s(self, home: NodeId) -> float:
+        """One selection of an expert no agent holds, for a request homed on `home`: read whole
+        by the home; with `split_unheld`, the slowest of every device's slice (1/N of the read and
+        of the compute, and a call for a device other than the home); with `load_balance` too,
+        the run the load balance chooses for the decode tables (`balance.py`, one token, a split
+        beating the best whole run by a round trip), whole on a faster disk or split over the
+        devices that end it soonest. The same for every unheld expert: worked out once a home."""
+        if (got := self._unheld.get(home)) is not None:
+            return got
+        h = self.device(home)
+        if not self.split_unheld or len(self.devices) < 2:
+            got = h.read_s(self.expert_bytes) + self.compute_s(home)
+        elif not self.load_balance:
             n = len(self.devices)
-            return max(d.read_s(self.expert_bytes // n) + self.compute_s(d.node) / n
-                       + (0.0 if d.node == home else self.call_s(home, d.node) - self.compute_s(d.node))
-                       for d in self.devices)  # fmt: skip
-        return self.device(home).read_s(self.expert_bytes) + self.compute_s(home)
+            got = max(d.read_s(self.expert_bytes // n) + self.compute_s(d.node) / n
+                      + (0.0 if d.node == home else self.call_s(home, d.node) - self.compute_s(d.node))
+                      for d in self.devices)  # fmt: skip
+        else:
+            agents = [Agent(AgentProfile(d.node, d.disk_bytes_per_s, d.link_bytes_per_s, d.flops_per_s, None),
+                            (h.link_latency_s + d.link_latency_s) / 2) for d in self.devices]
+            cost = CostModel(self.expert_bytes, self.token_bytes, self.flops_per_token)
+            need = [Need(ExpertId(-1, 0), 1)]
+            run = balance(agents, home, cost, need, "auto", split_overhead_s=max(2 * a.latency_s for a in agents))
+            got = finish_s(agents, home, cost, need, run)
+        self._unheld[home] = got
+        return got
 
 
 def remote_calls(problem: PlacementProblem, placement: Placement) -> float:

@@ -25,7 +25,7 @@ CACHE_SLOTS = 1  # expert memory each agent keeps out of the placement (ExpertBu
 
 def problem_for(infos: Sequence[AgentInfo], activations: Activations, moe_layers: Sequence[int],
                 top_k: int, holdings: Mapping[NodeId, frozenset[ExpertId]] | None = None,
-                split_unheld: bool = False) -> PlacementProblem:
+                split_unheld: bool = False, load_balance: bool = False) -> PlacementProblem:
     """The placement problem of these agents: each may place its expert memory less CACHE_SLOTS;
     one without a budget as many experts as it holds now (`holdings`), not the whole model, which
     would have every such agent read every expert. Statistics of homes not among them are left out."""
@@ -45,7 +45,7 @@ def problem_for(infos: Sequence[AgentInfo], activations: Activations, moe_layers
         devices=tuple(devices), layers=tuple(moe_layers), num_experts=first.num_experts, top_k=top_k,
         expert_bytes=first.expert_bytes, token_bytes=first.hidden_size * first.dtype_bytes,
         flops_per_token=2.0 * first.expert_bytes / first.dtype_bytes,  # 3 matmuls of D x I (scheduler/runner.py)
-        activations=kept, split_unheld=split_unheld,
+        activations=kept, split_unheld=split_unheld, load_balance=load_balance,
     )  # fmt: skip
 
 

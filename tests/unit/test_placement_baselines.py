@@ -243,3 +243,22 @@ def test_an_unheld_expert_is_priced_as_the_runtime_serves_it_whole_or_split() ->
     # The slowest slice: a third of the read on another agent, and a call to it.
     third = EXPERT_BYTES // 3 / 50e6 + p.compute_s(home) / 3 + p.call_s(home, NodeId("b")) - p.compute_s(home)
     assert split == pytest.approx(third) and split < whole
+
+
+def test_with_the_load_balance_an_unheld_expert_is_priced_as_the_balance_runs_it() -> None:
+    """Without it, the runtime splits over every agent, and the price is the slowest slice: the
+    home's tenth-speed disk reading a third. With it, the balance leaves that disk out, as the
+    decode tables do, and the price is what its run takes: lower."""
+    p = problem([device("a", 2, disk=5e6), device("b", 2), device("c", 2)])
+    home, nobody, e = NodeId("a"), {NodeId(n): frozenset() for n in "abc"}, ExpertId(0, 3)
+    every = dataclasses.replace(p, split_unheld=True)
+    assert every.access_s(nobody, home, e) >= EXPERT_BYTES // 3 / 5e6  # its own third on its slow disk
+    balanced = dataclasses.replace(p, split_unheld=True, load_balance=True)
+    # Halves on the two fast disks, each a call away: a half's read and a round trip, about.
+    half = EXPERT_BYTES / 2 / 50e6 + 2 * 0.001
+    assert balanced.access_s(nobody, home, e) == pytest.approx(half, rel=0.05)
+    assert balanced.access_s(nobody, home, e) < every.access_s(nobody, home, e)
+    # On like disks its split is every device's, as without it.
+    alike = problem([device("a", 2), device("b", 2), device("c", 2)])
+    on, off = (dataclasses.replace(alike, split_unheld=True, load_balance=lb) for lb in (True, False))
+    assert on.access_s(nobody, home, e) == pytest.approx(off.access_s(nobody, home, e), rel=0.05)
