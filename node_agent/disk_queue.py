@@ -7,8 +7,9 @@ expert buffer's reader, `expert_buffer.py`).
 
 A fill (the lowest priority) yields the disk between chunks to any demand, prefetch or placement
 read queued meanwhile: its read stops (ReadPreempted) and goes back in the queue to start over.
-An entry queued twice, already read, or dropped from the buffer since (`current` says no) is
-skipped. Runs on the agent's event loop; only the reads happen in the disk thread.
+A streamed read whose `loaded` is cancelled (a read-ahead given up) stops there too, for good.
+An entry queued twice, already read, given up, or dropped from the buffer since (`current` says
+no) is skipped. Runs on the agent's event loop; only the reads happen in the disk thread.
 """
 
 from __future__ import annotations
@@ -49,9 +50,12 @@ class DiskQueue:
             self._reader = asyncio.get_running_loop().create_task(self._read_forever())
 
     def _preempt_check(self, entry: Entry) -> Callable[[], None]:
-        """Before each chunk of a read: a fill nobody waits for gives the disk to urgent reads."""
+        """Before each chunk of a read: a fill nobody waits for gives the disk to urgent reads,
+        and a streamed read given up (its `loaded` cancelled) stops."""
         def check() -> None:
             if entry.priority == FILL and not entry.pins and self._urgent.is_set():
+                raise ReadPreempted
+            if entry.streamed and entry.loaded.cancelled():  # (a flag read from the disk thread)
                 raise ReadPreempted
         return check
 
@@ -67,6 +71,8 @@ class DiskQueue:
             try:
                 weights = await loop.run_in_executor(self._disk, self._load, key, self._preempt_check(entry))
             except ReadPreempted:
+                if entry.loaded.done():  # a streamed read given up: gone
+                    continue
                 entry.started = False  # read again from the start once the urgent reads are done
                 self.counters.fill_preemptions += 1
                 heapq.heappush(self._heap, (entry.priority, next(self._order), key, entry))

@@ -122,6 +122,7 @@ class ExpertExecutor:
 
         named = [e for e in sorted(set(ids.flatten().tolist())) if e >= 0]
         self.slice_runs += len(named)
+        self.read_ahead.drop_unasked([SliceId(ExpertId(layer, e), part, of) for e in named])
         runs = [asyncio.ensure_future(one(e)) for e in named]
         if ahead:
             await asyncio.sleep(0)  # each run has queued its read (or found its slice) first

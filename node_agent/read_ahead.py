@@ -10,11 +10,14 @@ asked for is read as before.
     ExpertBatch.read_ahead --start--> held in the buffer (room without evicting a whole expert),
                                       else a streamed read kept here (at most MAX_AHEAD)
     execute_slices --take--> that read (moved up to a demand read), or None: read as before
+                   --drop_unasked--> the layer's other streamed guesses of that share, given up
+                                     (a read in progress stops at its next chunk)
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Collection
 
 from node_agent.buffer_entries import PREFETCH, Entry
 from node_agent.expert_buffer import ExpertBuffer
@@ -32,6 +35,7 @@ class ReadAhead:
         self._pending: OrderedDict[SliceId, Entry | None] = OrderedDict()  # None: held in the buffer
         self.started = 0  # reads begun on a guess
         self.used = 0  # of them, asked for
+        self.dropped = 0  # of them, given up when their layer was asked for without them
 
     async def start(self, key: SliceId) -> None:
         """Begin reading `key` unless it, or its whole expert, is held or on its way."""
@@ -44,8 +48,8 @@ class ReadAhead:
         self.started += 1
         while len(self._pending) > MAX_AHEAD:
             _, dropped = self._pending.popitem(last=False)
-            if dropped is not None and not dropped.started:
-                dropped.loaded.cancel()
+            if dropped is not None:
+                dropped.loaded.cancel()  # (begun: it stops at its next chunk)
 
     def take(self, key: SliceId) -> Entry | None:
         """The streamed read begun for `key`, if any (for `ExpertBuffer.stream`); a held one is
@@ -54,3 +58,19 @@ class ReadAhead:
             return None
         self.used += 1
         return self._pending.pop(key)
+
+    def drop_unasked(self, asked: Collection[SliceId]) -> None:
+        """A home asked for `asked` (slices of one layer, one share of its experts): the streamed
+        guesses of that layer and share it did not ask for were wrong, and their reads would only
+        delay the reads still needed. Given up (a held one stays: it is in the cache)."""
+        if not asked:
+            return
+        first = next(iter(asked))
+        layer, part, of = first.expert.layer, first.part, first.of
+        wrong = [k for k, v in self._pending.items()
+                 if v is not None and k.expert.layer == layer and (k.part, k.of) == (part, of) and k not in asked]
+        for key in wrong:
+            entry = self._pending.pop(key)
+            assert entry is not None
+            entry.loaded.cancel()
+        self.dropped += len(wrong)

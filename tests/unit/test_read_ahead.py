@@ -6,14 +6,16 @@ from __future__ import annotations
 import asyncio
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-from node_agent.expert_buffer import ExpertBuffer
+from node_agent.expert_buffer import ExpertBuffer, Key
 from node_agent.expert_store import ExpertStore
 from node_agent.model.checkpoint import Checkpoint
 from node_agent.model.config import MoeConfig
+from node_agent.model.moe import ExpertWeights
 from node_agent.read_ahead import MAX_AHEAD, ReadAhead
 from node_agent.throttle import Throttle
 from protos.ids import ExpertId, SliceId
@@ -75,3 +77,37 @@ async def test_at_most_max_ahead_are_kept_and_the_oldest_unread_one_is_dropped(q
     assert all(k is not None for k in kept)
     await asyncio.gather(*(buffer.stream(p, k) for p, k in zip(pieces[1:], kept)))
     assert store.bytes_read == store.expert_nbytes + MAX_AHEAD * (store.expert_nbytes // 2)  # not the dropped one
+
+
+async def test_a_layer_asked_without_a_guessed_slice_gives_its_read_up(qwen_tiny: Path) -> None:
+    """A home asks an agent for slice 0 of 2 of layer 1's experts 3 and 5; its guess had been 3
+    and 4 (and 6 of layer 0, and 4's other half): the read of 4's slice, begun, stops at its next
+    chunk, and the rest are kept and read."""
+    cfg = MoeConfig.load(qwen_tiny)
+    store = ExpertStore(Checkpoint(qwen_tiny), cfg, torch.float32, Throttle(0))
+    right, wrong = SliceId(ExpertId(1, 3), 0, 2), SliceId(ExpertId(1, 4), 0, 2)
+    other_layer, other_share = SliceId(ExpertId(0, 6), 0, 2), SliceId(ExpertId(1, 4), 1, 2)
+    begun, go_on = threading.Event(), threading.Event()
+
+    def load(key: Key, check: Callable[[], None]) -> ExpertWeights:
+        if key == wrong:  # its read has begun; the check comes before its next chunk
+            begun.set()
+            go_on.wait()
+            check()
+        return store.load(key, check)
+
+    buffer = ExpertBuffer(store.expert_nbytes, store.expert_nbytes, load, ThreadPoolExecutor(1),
+                          intermediate=cfg.expert_size)
+    async with buffer.pinned(ExpertId(0, 0)):  # full: the guesses are streamed
+        pass
+    ahead = ReadAhead(buffer)
+    for piece in (wrong, right, other_layer, other_share):
+        await ahead.start(piece)
+    await asyncio.to_thread(begun.wait)
+    ahead.drop_unasked([right, SliceId(ExpertId(1, 5), 0, 2)])
+    go_on.set()
+    assert ahead.dropped == 1 and ahead.take(wrong) is None
+    kept = {p: ahead.take(p) for p in (right, other_layer, other_share)}
+    got = await asyncio.gather(*(buffer.stream(p, k) for p, k in kept.items()))  # type: ignore[arg-type]
+    assert store.bytes_read == store.expert_nbytes + 3 * (store.expert_nbytes // 2)  # not the given-up slice
+    assert torch.equal(got[0].gate, store.load(right).gate)
