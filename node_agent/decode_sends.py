@@ -22,7 +22,7 @@ import torch
 from node_agent.attention import Compute
 from node_agent.dataplane import DataClient
 from node_agent.decode_attention import Partial
-from node_agent.dispatch import only, rows_with
+from node_agent.dispatch import ExpertCalls, Rows, only, rows_with
 from node_agent.expert_buffer import ExpertBuffer
 from node_agent.model import slots
 from node_agent.read_ahead import MAX_AHEAD
@@ -44,16 +44,12 @@ RunSlices = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor, int, int], 
 GUESS_ROWS = 16
 
 ReadAheadFn = Callable[[SliceId], Awaitable[None]]  # begin reading a slice guessed to be asked for next
-Rows = tuple[torch.Tensor, torch.Tensor]  # (token rows [m], their expert output [m, D]) to add to h
 T = TypeVar("T")
 
 
-class DecodePeers(Protocol):
+class DecodePeers(ExpertCalls, Protocol):
     """Expert and K/V calls to the peer `name` at `address` (its name goes into any error)."""
 
-    async def run_experts(self, name: str, address: str, request_id: str, layer: int, x: torch.Tensor,
-                          ids: torch.Tensor, weights: torch.Tensor, decode: bool = False, part: int = 0,
-                          of: int = 1, read_ahead: Sequence[SliceId] = ()) -> torch.Tensor: ...
     async def fetch_kv(self, name: str, address: str, request_id: str, layer: int) -> KVShard: ...  # see HomeCaches
     async def attend(self, name: str, address: str, request_id: str, layer: int, q: torch.Tensor
                      ) -> tuple[torch.Tensor, torch.Tensor]: ...

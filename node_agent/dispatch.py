@@ -1,13 +1,27 @@
-"""Split an owner's routed (token, slot) pairs among executing agents, as a routing plan says."""
+"""Split an owner's routed (token, slot) pairs among executing agents, as a routing plan says,
+and send each executor its share (`Executors`)."""
 
 from __future__ import annotations
 
 from collections.abc import Awaitable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 
+from node_agent.executor import ExpertExecutor
+from protos.ids import SliceId
 from protos.messages import RoutingPlan
+
+Rows = tuple[torch.Tensor, torch.Tensor]  # (token rows [m], their expert output [m, D]) to add to h
+
+
+class ExpertCalls(Protocol):
+    """A peer's RunExperts, as `name` at `address` (its name goes into any error)."""
+
+    async def run_experts(self, name: str, address: str, request_id: str, layer: int, x: torch.Tensor,
+                          ids: torch.Tensor, weights: torch.Tensor, decode: bool = False, part: int = 0,
+                          of: int = 1, read_ahead: Sequence[SliceId] = ()) -> torch.Tensor: ...
 
 
 @dataclass(frozen=True)
@@ -62,3 +76,52 @@ def only(ids: torch.Tensor, experts: Iterable[int], keep: bool = True) -> torch.
     """ids [T,k] with -1 in every slot whose expert is not in `experts` (keep=False: is in them)."""
     inside = torch.isin(ids, torch.tensor(sorted(experts), dtype=ids.dtype))
     return torch.where(inside if keep else ~inside, ids, torch.full_like(ids, -1))
+
+
+@dataclass(frozen=True)
+class Executors:
+    """Where an owner's pending MoE slots of one layer run: on this agent's executor, or sent to
+    a peer of the step (its RunExperts). Each run gives (rows, outputs) to add at those rows."""
+
+    me: str
+    executor: ExpertExecutor
+    peers: ExpertCalls
+    addresses: Mapping[str, str]  # the step's agents
+    request_id: str
+    layer: int
+    x: torch.Tensor  # the owner's MoE input [T, D]
+    weights: torch.Tensor  # its routing weights [T, k]
+
+    def whole(self, subs: Mapping[str, torch.Tensor]) -> list[Awaitable[Rows]]:
+        """Each executor's share (executor -> ids [T,k] with -1 in the slots it does not run)."""
+        runs: list[Awaitable[Rows]] = []
+        for name, sub in sorted(subs.items()):
+            rows = (sub >= 0).any(dim=1).nonzero().flatten()
+            if name == self.me:
+                run = self.executor.execute(self.layer, self.x[rows], sub[rows], self.weights[rows])
+            else:
+                run = self.peers.run_experts(name, self.addresses[name], self.request_id, self.layer, self.x[rows],
+                                             sub[rows], self.weights[rows])
+            runs.append(rows_with(rows, run))
+        return runs
+
+    def slices(self, ids: torch.Tensor, splits: Mapping[int, Sequence[str]]) -> list[Awaitable[Rows]]:
+        """The pairs of experts the plan splits (ids [T,k] with -1 in every other slot): slice i
+        of each on its i-th agent, one batch per agent of a split; the partial outputs add up at
+        their rows like any other."""
+        groups: dict[tuple[str, ...], list[int]] = {}
+        for e in sorted(set(ids[ids >= 0].tolist())):
+            groups.setdefault(tuple(splits[e]), []).append(e)
+        runs: list[Awaitable[Rows]] = []
+        for nodes, experts in groups.items():
+            sub = only(ids, experts)
+            rows = (sub >= 0).any(dim=1).nonzero().flatten()
+            xs, ids_, ws, of = self.x[rows], sub[rows], self.weights[rows], len(nodes)
+            for part, node in enumerate(nodes):
+                if node == self.me:
+                    run = self.executor.execute_slices(self.layer, xs, ids_, ws, part, of)
+                else:
+                    run = self.peers.run_experts(node, self.addresses[node], self.request_id, self.layer, xs, ids_,
+                                                 ws, part=part, of=of)
+                runs.append(rows_with(rows, run))
+        return runs

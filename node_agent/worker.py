@@ -19,7 +19,7 @@ from node_agent.attention import KVPeers, PeerAttention
 from node_agent.compute_profile import ComputeThread
 from node_agent.dataplane import DataClient
 from node_agent.decode import DecodePeers, Decoder
-from node_agent.dispatch import LayerPlan, only, rows_with, split_by_executor
+from node_agent.dispatch import Executors, LayerPlan, only, split_by_executor
 from node_agent.executor import ExpertExecutor
 from node_agent.expert_buffer import ExpertBuffer
 from node_agent.holdings import ExpertPeers, Holdings
@@ -185,53 +185,15 @@ class AgentCore:
         if unknown:
             raise ValueError(f"direct routes name executors outside the step: {', '.join(unknown)}")
         subs = split_by_executor(only(ids, experts), LayerPlan({e: [(routes[e], 0)] for e in experts}), self.name)
-        sends = self._run_on_executors(request_id, st, layer, subs)
+        sends = self._executors(request_id, st, layer).whole(subs)
         self.direct_sent += len(experts)
         return DirectSends(layer, frozenset(experts), tuple(asyncio.ensure_future(s) for s in sends))
 
-    def _run_on_executors(self, request_id: str, st: StepState, layer: int, subs: Mapping[str, torch.Tensor]
-                          ) -> list[Awaitable[tuple[torch.Tensor, torch.Tensor]]]:
-        """(rows, outputs) of each executor's share of my pending MoE slots (executor -> ids
-        [T,k] with -1 in the slots it does not run), run here or sent to the peer."""
+    def _executors(self, request_id: str, st: StepState, layer: int) -> Executors:
+        """Where my pending MoE slots of `layer` run: here or on the step's peers."""
         assert st.route is not None and st.moe_in is not None
-        x, weights = st.moe_in, st.route[1]
-        addresses = {p.name: p.address for p in st.peers}
-        runs: list[Awaitable[tuple[torch.Tensor, torch.Tensor]]] = []
-        for name, sub in sorted(subs.items()):
-            rows = (sub >= 0).any(dim=1).nonzero().flatten()
-            if name == self.name:
-                run = self.executor.execute(layer, x[rows], sub[rows], weights[rows])
-            else:
-                run = self.peers.run_experts(name, addresses[name], request_id, layer, x[rows], sub[rows],
-                                             weights[rows])
-            runs.append(rows_with(rows, run))
-        return runs
-
-    def _run_split(self, request_id: str, st: StepState, layer: int, ids: torch.Tensor,
-                   splits: Mapping[int, Sequence[str]]) -> list[Awaitable[tuple[torch.Tensor, torch.Tensor]]]:
-        """(rows, partial outputs) of my pairs of the experts the plan splits (ids [T,k] with -1
-        in every other slot): slice i of each on its i-th agent, one batch per agent of a split
-        (here or a peer's RunExperts); the partial outputs add up at their rows like any other."""
-        assert st.moe_in is not None and st.route is not None
-        x, weights = st.moe_in, st.route[1]
-        addresses = {p.name: p.address for p in st.peers}
-        groups: dict[tuple[str, ...], list[int]] = {}
-        for e in sorted(set(ids[ids >= 0].tolist())):
-            groups.setdefault(tuple(splits[e]), []).append(e)
-        runs: list[Awaitable[tuple[torch.Tensor, torch.Tensor]]] = []
-        for nodes, experts in groups.items():
-            sub = only(ids, experts)
-            rows = (sub >= 0).any(dim=1).nonzero().flatten()
-            xs, ids_, ws, of = x[rows], sub[rows], weights[rows], len(nodes)
-            for part, node in enumerate(nodes):
-                if node == self.name:
-                    run = self.executor.execute_slices(layer, xs, ids_, ws, part, of)
-                else:
-                    run = self.peers.run_experts(node, addresses[node], request_id, layer, xs, ids_, ws,
-                                                 part=part, of=of)
-                runs.append(rows_with(rows, run))
-        self.split_runs += sum(len(es) for es in groups.values())
-        return runs
+        return Executors(self.name, self.executor, self.peers, {p.name: p.address for p in st.peers}, request_id,
+                         layer, st.moe_in, st.route[1])
 
     def _start_early(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
                      skip: frozenset[int] = frozenset()) -> EarlyExperts | None:
@@ -389,7 +351,8 @@ class AgentCore:
                 result.cancel()
         split = frozenset(plan.splits) & frozenset(ids[ids >= 0].unique().tolist())
         if split:
-            jobs.extend(self._run_split(request_id, st, layer, only(ids, split), plan.splits))
+            jobs.extend(self._executors(request_id, st, layer).slices(only(ids, split), plan.splits))
+            self.split_runs += len(split)
             ids = only(ids, split, keep=False)
         subs = split_by_executor(ids, plan, self.name)
         early, st.early = st.early, None
@@ -408,7 +371,7 @@ class AgentCore:
                     subs[self.name] = rest
             else:
                 early.out.cancel()
-        outs = await asyncio.gather(*jobs, *self._run_on_executors(request_id, st, layer, subs))
+        outs = await asyncio.gather(*jobs, *self._executors(request_id, st, layer).whole(subs))
 
         st.hidden = await self.compute(slots.with_rows, st.hidden, outs)
         st.moe_in, st.route = None, None
