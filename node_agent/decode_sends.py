@@ -13,6 +13,7 @@ split-KV span's query, to the agents still holding its prompt's K/V.
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
@@ -138,13 +139,19 @@ class LayerSends:
         for holder, es in by_holder.items():
             sub = only(ids, es)
             rows = (sub >= 0).any(dim=1).nonzero().flatten()
+            read: asyncio.Future[torch.Tensor] | None = None
+            run: Awaitable[torch.Tensor]
             if holder == self.name:
                 dispatch.reads += len(es)
-                run: Awaitable[torch.Tensor] = self._load_and_run(layer, x[rows], sub[rows], weights[rows], es)
+                # A task of its own, cancelled with the run: should the step be cancelled before
+                # `rows_with` first runs (its agent stopping), no coroutine is left never awaited.
+                run = read = asyncio.ensure_future(self._load_and_run(layer, x[rows], sub[rows], weights[rows], es))
             else:
                 dispatch.remote += len(es)
                 run = self._call(NodeId(holder), layer, x[rows], sub[rows], weights[rows], ahead=hints.pop(NodeId(holder), []))
-            dispatch.runs.append(asyncio.ensure_future(rows_with(rows, run)))
+            dispatch.runs.append(outer := asyncio.ensure_future(rows_with(rows, run)))
+            if read is not None:
+                outer.add_done_callback(functools.partial(_cancel, read))
         for node, pieces in hints.items():  # agents given no work this layer: their slices alone
             self._tell(node, layer, x, ids, weights, pieces)
 
@@ -246,6 +253,10 @@ class LayerSends:
                 if part is not None:
                     out += part
         return out
+
+
+def _cancel(inner: asyncio.Future[Any], _: object) -> None:
+    inner.cancel()  # (done by then, as it is unless the run was cancelled first: a no-op)
 
 
 def _forget(task: asyncio.Future[Any]) -> None:
