@@ -10,9 +10,8 @@ that needs the room before its read starts, and yields the disk between chunks t
 prefetch read (it goes back in the queue and starts over). The placement's experts (`place`, the
 scheduler's choice of what this agent keeps) are never evicted; those not resident are read after
 demand and prefetch reads, each taking the room of an unplaced expert nobody uses (the rest of
-the memory stays a cache). The disk reads one expert at a time (`disk_queue.py`): demand loads,
-prefetches, placement reads, fills. Runs on the agent's event loop; only reads happen in the disk
-thread.
+the memory stays a cache). The disk reads one expert at a time, most urgent first (`disk_queue.py`).
+Runs on the agent's event loop; only reads happen in the disk thread.
 
 Besides whole experts it holds slices (`SliceId`, an expert's share under expert tensor
 parallelism), each taking its own bytes of the same budget, read and evicted like a whole expert
@@ -35,8 +34,7 @@ from node_agent.disk_queue import DiskQueue
 from node_agent.model.moe import ExpertWeights
 from protos.ids import ExpertId, SliceId
 
-__all__ = ["BufferCounters", "BufferTooSmall", "ExpertBuffer", "FetchFn", "Key", "LayerPins", "NotResident",
-           "ReadPreempted"]  # what callers import from here
+__all__ = ["BufferCounters", "BufferTooSmall", "ExpertBuffer", "FetchFn", "Key", "LayerPins", "NotResident", "ReadPreempted"]  # callers import these
 
 log = logging.getLogger("potluck.agent")
 
@@ -63,8 +61,8 @@ class ExpertBuffer:
         self._space = asyncio.Condition()
         self._room_waiters = 0  # demand reads waiting for a pin to be released
         self.counters = BufferCounters()
-        self._disk_queue = DiskQueue(load, disk_executor, self.counters,
-                                     lambda key, entry: self._entries.get(key) is entry, self._install, self._read_failed)
+        self._disk_queue = DiskQueue(load, disk_executor, self.counters, lambda k, e: self._entries.get(k) is e,
+                                     self._install, self._read_failed)
         self.protected: frozenset[ExpertId] = frozenset()
         self.placed: frozenset[ExpertId] = frozenset()  # never evicted (`place`)
         self._placing: asyncio.Task[None] | None = None  # reads the placement's missing experts
@@ -188,7 +186,7 @@ class ExpertBuffer:
             self.counters.hits += 1
             self.policy.on_access(eid)
             if not entry.started and entry.priority != DEMAND:
-                self._enqueue(DEMAND, eid, entry)  # a queued prefetch or fill is now needed: jump the queue
+                self._disk_queue.push(DEMAND, eid, entry)  # a queued prefetch or fill is now needed: jump the queue
         entry.pins += 1
         try:
             return await asyncio.shield(entry.loaded)
@@ -216,7 +214,7 @@ class ExpertBuffer:
         `started`: its read, queued earlier by `queue_stream` (it moves up to a demand read)."""
         entry = started or self.queue_stream(key)
         if not entry.started and entry.priority != DEMAND:
-            self._enqueue(DEMAND, key, entry)
+            self._disk_queue.push(DEMAND, key, entry)
         return await entry.loaded
 
     def queue_stream(self, key: SliceId, priority: int = DEMAND) -> Entry:
@@ -224,7 +222,7 @@ class ExpertBuffer:
         `loaded` before its read starts drops it."""
         entry = Entry(self.nbytes(key), priority=priority, streamed=True)
         self.counters.streamed += 1
-        self._enqueue(priority, key, entry)
+        self._disk_queue.push(priority, key, entry)
         return entry
 
     def acquire_resident(self, eid: ExpertId) -> ExpertWeights:
@@ -287,7 +285,7 @@ class ExpertBuffer:
         if entry.priority == FILL:  # a fill is now predicted: it no longer yields, and moves up
             entry.priority = PREFETCH
             if not entry.started:
-                self._enqueue(PREFETCH, eid, entry)
+                self._disk_queue.push(PREFETCH, eid, entry)
         return True
 
     def fill(self, eid: ExpertId) -> bool:
@@ -300,7 +298,7 @@ class ExpertBuffer:
         entry = Entry(self.expert_nbytes, priority=FILL)
         self._add(eid, entry)
         self.counters.fills += 1
-        self._enqueue(FILL, eid, entry)
+        self._disk_queue.push(FILL, eid, entry)
         return True
 
     def _cancel_fill(self) -> bool:
@@ -332,7 +330,7 @@ class ExpertBuffer:
             weights = await source(eid)
         except BaseException as exc:  # the peer dropped it, went away or sent the wrong shape: the disk has it
             entry.started = False  # (cancelled too: a new placement began, and others may wait on this entry)
-            self._enqueue(entry.priority, eid, entry)
+            self._disk_queue.push(entry.priority, eid, entry)
             if not isinstance(exc, Exception):
                 raise
             self.counters.fetch_failures += 1
@@ -388,11 +386,8 @@ class ExpertBuffer:
                            priority=priority if priority is not None else DEMAND if allow_protected else PREFETCH)
             self._add(eid, entry)
         if read:  # else the caller fills it (`_fetch_into`)
-            self._enqueue(entry.priority, eid, entry)
+            self._disk_queue.push(entry.priority, eid, entry)
         return entry, True
-
-    def _enqueue(self, priority: int, eid: Key, entry: Entry) -> None:
-        self._disk_queue.push(priority, eid, entry)
 
     async def _read_failed(self, eid: Key, entry: Entry, exc: Exception) -> None:
         """A read failed: its entry goes, its waiters get the error, room waiters look again."""

@@ -44,8 +44,7 @@ class EngineService:
     def __init__(self, model_dir: Path, nodes: Sequence[NodeSpec], settings: EngineSettings, policy: Policy = Policy(),
                  on_join: JoinHook | None = None) -> None:
         # Prefill's token scheduling splits unheld experts as decode does, by the load balance.
-        policy = dataclasses.replace(policy, split=settings.expert_split if settings.load_balance else "never")
-        self.policy = policy
+        self.policy = policy = dataclasses.replace(policy, split=settings.expert_split if settings.load_balance else "never")
         self.on_join = on_join  # told of each agent that joins, with what it reported (Info)
         self.model_dir = model_dir
         self.fingerprint = model_fingerprint(model_dir)
