@@ -148,28 +148,48 @@ def _slices(line: Timeline, need: Need, nodes: list[NodeId], m: int) -> tuple[No
     """Slice i of m to a distinct agent each, so that the slice ending last ends soonest (a
     bottleneck assignment: the least bound under which every slice finds its own agent, by
     augmenting paths). An agent holding a slice ends it sooner, having nothing to read."""
+    if not any(s.of == m for got in need.held.values() for s in got):
+        # No agent holds a slice of m: each agent ends any slice alike, and the assignment is
+        # the m that end soonest (ties by name), in name order. This is what the search below
+        # returns there, at a fraction of the cost (the prefill's token scheduling asks for
+        # every unheld expert of a layer, each time a split is weighed).
+        ends_at = {n: line.finish_s(n, line.added(n, need, Slice(0, m))) for n in nodes}
+        return tuple(sorted(sorted(nodes, key=lambda n: (ends_at[n], n))[:m]))
     ends = {(i, n): line.finish_s(n, line.added(n, need, Slice(i, m))) for i in range(m) for n in nodes}
-    for bound in sorted(set(ends.values())):
-        owner: dict[NodeId, int] = {}
+    bounds = sorted(set(ends.values()))
+    lo, hi = 0, len(bounds) - 1  # seating is monotone in the bound: find the least that seats all
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if _seat_all(ends, nodes, m, bounds[mid]) is None:
+            lo = mid + 1
+        else:
+            hi = mid
+    owner = _seat_all(ends, nodes, m, bounds[lo])
+    assert owner is not None, "m <= len(nodes): the largest bound seats every slice"
+    # The same agents in name order where that keeps the bound: every home then asks an agent
+    # for the same slice, which it may hold from the last time.
+    canonical = sorted(owner)
+    if all(ends[i, n] <= bounds[lo] for i, n in enumerate(canonical)):
+        return tuple(canonical)
+    by_slice = {i: n for n, i in owner.items()}
+    return tuple(by_slice[i] for i in range(m))
 
-        def seat(i: int, seen: set[NodeId]) -> bool:
-            for n in sorted(nodes, key=lambda n: (ends[i, n], n)):
-                if ends[i, n] <= bound and n not in seen:
-                    seen.add(n)
-                    if n not in owner or seat(owner[n], seen):
-                        owner[n] = i
-                        return True
-            return False
 
-        if all(seat(i, set()) for i in range(m)):
-            # The same agents in name order where that keeps the bound: every home then asks an
-            # agent for the same slice, which it may hold from the last time.
-            canonical = sorted(owner)
-            if all(ends[i, n] <= bound for i, n in enumerate(canonical)):
-                return tuple(canonical)
-            by_slice = {i: n for n, i in owner.items()}
-            return tuple(by_slice[i] for i in range(m))
-    raise AssertionError("m <= len(nodes): the largest bound seats every slice")
+def _seat_all(ends: Mapping[tuple[int, NodeId], float], nodes: list[NodeId], m: int, bound: float
+              ) -> dict[NodeId, int] | None:
+    """Agent -> its slice, every slice on an agent that ends it by `bound`; None if none fits."""
+    owner: dict[NodeId, int] = {}
+
+    def seat(i: int, seen: set[NodeId]) -> bool:
+        for n in sorted(nodes, key=lambda n: (ends[i, n], n)):
+            if ends[i, n] <= bound and n not in seen:
+                seen.add(n)
+                if n not in owner or seat(owner[n], seen):
+                    owner[n] = i
+                    return True
+        return False
+
+    return owner if all(seat(i, set()) for i in range(m)) else None
 
 
 def _trial(line: Timeline, run: Run, need: Need, split_overhead_s: float = 0.0) -> tuple[float, float, int]:

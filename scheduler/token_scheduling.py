@@ -62,7 +62,7 @@ def schedule_layer(
     time = {n: AgentTime() for n in nodes}
     shares: dict[tuple[NodeId, int], list[Share]] = {}
     splits: dict[int, tuple[NodeId, ...]] = {}
-    unheld: dict[int, tuple[dict[NodeId, int], Deltas]] = {}  # run whole, but no agent held it: may split
+    unheld: dict[int, Unheld] = {}  # run whole, but no agent held it: may split
     by_tokens = sorted(range(len(reports[0].counts)), key=lambda e: -sum(counts[n][e] for n in nodes))
     for e in (e for e in by_tokens if e in fixed):  # committed work first
         tokens = {o: counts[o][e] for o in nodes if counts[o][e] > 0}
@@ -93,7 +93,7 @@ def schedule_layer(
             continue
         executor = min(nodes, key=lambda x: _score(time, profiles, cost, x, tokens, e not in held[x], free))
         if not holders:
-            unheld[e] = (tokens, _deltas(profiles, cost, executor, tokens, True, _evicts(True, free[executor])))
+            unheld[e] = (tokens, executor, _deltas(profiles, cost, executor, tokens, True, _evicts(True, free[executor])))
         _place(time, profiles, cost, free, shares, executor, e, tokens, e not in held[executor])
     if split == "auto" and len(nodes) > 1:
         for e, over in _split_busiest(layer, time, profiles, cost, unheld, free, latency_s or {}):
@@ -104,10 +104,11 @@ def schedule_layer(
 
 
 Deltas = dict[NodeId, AgentTime]  # seconds a run adds to each agent's disk, compute and link
+Unheld = tuple[dict[NodeId, int], NodeId, Deltas]  # an unheld expert run whole: owners' tokens, executor, what it adds
 
 
 def _split_busiest(layer: int, time: dict[NodeId, AgentTime], profiles: Mapping[NodeId, AgentProfile],
-                   cost: CostModel, unheld: Mapping[int, tuple[dict[NodeId, int], Deltas]],
+                   cost: CostModel, unheld: Mapping[int, Unheld],
                    free: Mapping[NodeId, int | None], latency_s: Mapping[NodeId, float]) -> list[tuple[int, tuple[NodeId, ...]]]:
     """`auto`'s splits, after every expert was scheduled whole: while the busiest agent has an
     unheld expert whose split (over the agents the balance picks, given everything else) ends
@@ -126,22 +127,28 @@ def _split_busiest(layer: int, time: dict[NodeId, AgentTime], profiles: Mapping[
         busiest = max(sorted(time), key=lambda n: time[n].finish_s)
         now, was = ends(), time[busiest].finish_s
         best: tuple[tuple[float, ...], int, tuple[NodeId, ...], Deltas] | None = None
-        for e, (tokens, whole) in sorted(left.items()):
-            if busiest not in whole or not whole[busiest].finish_s:  # not on the busiest agent
+        # Each trial is undone by restoring these, not by subtracting: the float residue of adding
+        # and taking back decided near-ties between agents by accident.
+        saved = {n: (t.disk_s, t.compute_s, t.link_s) for n, t in time.items()}
+        for e, (tokens, executor, whole) in sorted(left.items()):
+            # Only an expert the busiest agent runs can spare it anything: one it only sends
+            # tokens to would send them to every agent of the split instead (and every unheld
+            # expert of a long prompt has tokens from every owner).
+            if executor != busiest:
                 continue
             _add(time, whole, -1)
             over = _split_over(ExpertId(layer, e), time, profiles, cost, tokens, latency_s)
             parts = _split_cost(profiles, cost, over, tokens, free)
             _add(time, parts)
             trial, spared = ends(), was - time[busiest].finish_s
-            _add(time, parts, -1)
-            _add(time, whole)
+            for n, (disk, compute, link) in saved.items():
+                time[n].disk_s, time[n].compute_s, time[n].link_s = disk, compute, link
             if trial < now and spared > overhead and (best is None or trial < best[0]):
                 best = (trial, e, over, parts)
         if best is None:
             return out
         _, e, over, parts = best
-        _add(time, left.pop(e)[1], -1)
+        _add(time, left.pop(e)[2], -1)
         _add(time, parts)
         out.append((e, over))
     return out

@@ -10,7 +10,7 @@ from itertools import combinations, permutations
 import pytest
 
 from protos.ids import ExpertId, NodeId, SliceId
-from scheduler.balance import WHOLE, Agent, Need, Run, Slice, SplitMode, balance, decode_runs, finish_s
+from scheduler.balance import WHOLE, Agent, Need, Run, Slice, SplitMode, Timeline, _slices, balance, decode_runs, finish_s
 from scheduler.cost_model import AgentProfile, AgentTime, CostModel
 
 # The bench preset's expert (hidden 512, intermediate 768, float32): 4.7 MB, 2.4 MFLOP a token.
@@ -132,6 +132,30 @@ def test_balance_is_near_the_exact_optimum_on_small_instances(mode: SplitMode) -
         got = finish_s(ags, HOME, MODEL, needs, balance(ags, HOME, MODEL, needs, mode))
         ratios.append(got / brute_force(ags, needs, mode))
     assert sum(r < 1 + 1e-9 for r in ratios) >= 0.9 * len(ratios) and max(ratios) <= 1.35, sorted(ratios)[-5:]
+
+
+def test_slices_go_where_the_last_one_ends_soonest() -> None:
+    """Slice i of m on nodes[i]: the latest-ending slice ends as soon as in any assignment of the
+    m slices to m distinct agents (every one tried), with no slice held (each agent ends any
+    slice alike) and with slices held here and there (an agent ends its own slice sooner)."""
+    rng = random.Random(11)
+    for _ in range(300):
+        n = rng.randint(2, 5)
+        ags = [Agent(AgentProfile(NodeId(f"a{i}"), rng.choice([0.0, 25e6, 200e6]), rng.choice([12.5e6, 125e6]), 10e9,
+                                  None), rng.choice([0.0, 0.001]), AgentTime(disk_s=rng.random() * 0.05))
+               for i in range(n)]  # fmt: skip
+        line, nodes = Timeline(ags, HOME, MODEL), sorted(a.node for a in ags)
+        m = rng.randint(2, n)
+        held = {} if rng.random() < 0.5 else {
+            a.node: frozenset({Slice(rng.randrange(m), m)}) for a in ags if rng.random() < 0.5}  # fmt: skip
+        need = Need(e(0), rng.choice([1, 64]), held)
+
+        def last_end(order: Sequence[NodeId]) -> float:
+            return max(line.finish_s(nd, line.added(nd, need, Slice(i, m))) for i, nd in enumerate(order))
+
+        got = _slices(line, need, nodes, m)
+        assert len(set(got)) == m
+        assert last_end(got) == min(last_end(order) for order in permutations(nodes, m))
 
 
 # Decode: the runs the scheduler publishes for each home (balance.decode_runs) ---------------
