@@ -155,7 +155,15 @@ def _slices(line: Timeline, need: Need, nodes: list[NodeId], m: int) -> tuple[No
         # every unheld expert of a layer, each time a split is weighed).
         ends_at = {n: line.finish_s(n, line.added(n, need, Slice(0, m))) for n in nodes}
         return tuple(sorted(sorted(nodes, key=lambda n: (ends_at[n], n))[:m]))
-    ends = {(i, n): line.finish_s(n, line.added(n, need, Slice(i, m))) for i in range(m) for n in nodes}
+    memo: dict[tuple[NodeId, bool], float] = {}  # slice i differs on an agent only in whether it holds it
+
+    def end(i: int, n: NodeId) -> float:
+        key = (n, need.has(n, Slice(i, m)))
+        if key not in memo:
+            memo[key] = line.finish_s(n, line.added(n, need, Slice(i, m)))
+        return memo[key]
+
+    ends = {(i, n): end(i, n) for i in range(m) for n in nodes}
     bounds = sorted(set(ends.values()))
     lo, hi = 0, len(bounds) - 1  # seating is monotone in the bound: find the least that seats all
     while lo < hi:
@@ -192,13 +200,15 @@ def _seat_all(ends: Mapping[tuple[int, NodeId], float], nodes: list[NodeId], m: 
     return owner if all(seat(i, set()) for i in range(m)) else None
 
 
-def _trial(line: Timeline, run: Run, need: Need, split_overhead_s: float = 0.0) -> tuple[float, float, int]:
-    """(the step's finish with `run` added, the seconds it adds over its agents, its agents)."""
+def _trial(line: Timeline, run: Run, need: Need, split_overhead_s: float, now: Mapping[NodeId, float]
+           ) -> tuple[float, float, int]:
+    """(the step's finish with `run` added, the seconds it adds over its agents, its agents);
+    `now`: each agent's finish before it."""
     m = len(run.nodes)
-    extra = {n: line.added(n, need, Slice(i, m) if m > 1 else WHOLE) for i, n in enumerate(run.nodes)}
-    ends = [line.finish_s(n, extra.get(n)) for n in line.time]
-    spent = sum(line.finish_s(n, e) - line.finish_s(n) for n, e in extra.items())
-    return max(ends, default=0.0) + (split_overhead_s if m > 1 else 0.0), spent, m
+    ends = {n: line.finish_s(n, line.added(n, need, Slice(i, m) if m > 1 else WHOLE)) for i, n in enumerate(run.nodes)}
+    last = max([*ends.values(), *(t for n, t in now.items() if n not in ends)], default=0.0)
+    spent = sum(t - now[n] for n, t in ends.items())
+    return last + (split_overhead_s if m > 1 else 0.0), spent, m
 
 
 def balance(agents: Sequence[Agent], home: NodeId, model: CostModel, needs: Sequence[Need],
@@ -222,8 +232,9 @@ def balance(agents: Sequence[Agent], home: NodeId, model: CostModel, needs: Sequ
 
     runs: dict[ExpertId, Run] = {}
     for need in sorted(needs, key=lambda n: (-cheapest_whole(n), n.expert)):
+        now = {n: line.finish_s(n) for n in line.time}
         best = min(_options(line, need, mode, widest),
-                   key=lambda r: (*_trial(line, r, need, split_overhead_s), r.nodes))
+                   key=lambda r: (*_trial(line, r, need, split_overhead_s, now), r.nodes))
         line.place(best, need)
         runs[need.expert] = best
     return [runs[n.expert] for n in needs]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
@@ -66,6 +67,7 @@ class EngineService:
         self._tasks: list[asyncio.Task[None]] = []
         self._background: set[asyncio.Task[None]] = set()
         self._refreshing: asyncio.Task[None] | None = None
+        self._publishing = asyncio.Lock()  # one table at a time, each numbered after the last
         self._draining: list[AgentClient] = []  # removed from the inventory, still used by running requests
 
     @property
@@ -235,8 +237,7 @@ class EngineService:
         return self.placer.report(self._resident(), layers, self._resident(loading=True))
 
     def _resident(self, loading: bool = False) -> dict[NodeId, frozenset[ExpertId]]:
-        """Each agent up's experts, resident or being read (`loading`: only those being read), as
-        last polled."""
+        """Each agent up's experts as last polled: resident or being read (`loading`: being read)."""
         if self.shape is None:
             return {}
         E, out = self.shape.num_experts, {}
@@ -287,34 +288,36 @@ class EngineService:
         return agents, ClusterView.from_infos([self.infos[a.name] for a in agents]) if agents else None
 
     def _home_runs(self, agents: Sequence[AgentClient], held: Mapping[NodeId, frozenset[ExpertId]]
-                   ) -> dict[NodeId, dict[ExpertId, tuple[NodeId, ...]]]:
-        """Per home, where the load balance runs the experts it lacks (nothing without it)."""
+                   ) -> Callable[[], dict[NodeId, dict[ExpertId, tuple[NodeId, ...]]]] | None:
+        """Per home, where the load balance runs the experts it lacks (None without it): the work, on the inputs of now."""
         if self.shape is None or not self.settings.load_balance or len(agents) < 2:
-            return {}
+            return None
         E, view = self.shape.num_experts, ClusterView.from_infos([self.infos[a.name] for a in agents])
         snaps = {a.name: self._snapshots[a.name] for a in agents}
         slices = {n: frozenset(SliceId(expert_from_wire(e, E), p, o) for e, p, o in s.slices) for n, s in snaps.items()}
-        return home_runs(view.profiles, {a.name: self.infos[a.name].link_latency_s for a in agents},
-                         {n: Measured(s.expert_read_s, s.round_trip_s) for n, s in snaps.items()}, view.cost,
-                         self.shape.routed_experts(), held, slices, self.settings.expert_split)
+        return functools.partial(home_runs, view.profiles, {a.name: self.infos[a.name].link_latency_s for a in agents},
+                                 {n: Measured(s.expert_read_s, s.round_trip_s) for n, s in snaps.items()}, view.cost,
+                                 self.shape.routed_experts(), held, slices, self.settings.expert_split)
 
     async def publish_routing(self) -> None:
         """Send every agent the table of which agent holds which expert, if it changed since
         the last one (from the holdings the last poll brought)."""
         if self.shape is None:
             return
-        E = self.shape.num_experts
-        agents = [c for c in self.up_clients() if c.name in self.infos]
-        held = {c.name: frozenset(expert_from_wire(i, E) for i in self._snapshots[c.name].held) for c in agents}
-        data = {c.name: a for c in agents if (a := data_address(c.spec.address, self.infos[c.name].data_port))}
-        table = routing_table(self.table.version + 1, {c.name: c.spec.address for c in agents}, held, data,
-                              self.settings.expert_split, self.settings.decode_prefetch, self.settings.load_balance)
-        runs = self._home_runs(agents, held)
-        if same_holders(table, self.table) and runs == self.runs:
-            return
-        self.table, self.runs = table, runs
-        results = await asyncio.gather(*(c.set_routing_table(dataclasses.replace(table, runs=runs.get(c.name, {})), E)
-                                         for c in agents), return_exceptions=True)
+        async with self._publishing:
+            E = self.shape.num_experts
+            agents = [c for c in self.up_clients() if c.name in self.infos]
+            held = {c.name: frozenset(expert_from_wire(i, E) for i in self._snapshots[c.name].held) for c in agents}
+            data = {c.name: a for c in agents if (a := data_address(c.spec.address, self.infos[c.name].data_port))}
+            table = routing_table(self.table.version + 1, {c.name: c.spec.address for c in agents}, held, data,
+                                  self.settings.expert_split, self.settings.decode_prefetch, self.settings.load_balance)
+            # Pure Python, up to 0.6 s with 8 agents on a 48-layer, 128-expert model: off the loop.
+            runs = {} if (job := self._home_runs(agents, held)) is None else await asyncio.to_thread(job)
+            if same_holders(table, self.table) and runs == self.runs:
+                return
+            self.table, self.runs = table, runs
+            results = await asyncio.gather(*(c.set_routing_table(dataclasses.replace(table, runs=runs.get(c.name, {})),
+                                                                 E) for c in agents), return_exceptions=True)
         for client, result in zip(agents, results):
             if isinstance(result, BaseException):  # a stale table costs time, never correctness
                 log.warning("routing table %d not delivered to %s: %s", table.version, client.name, result)
@@ -349,8 +352,7 @@ class EngineService:
         if not self.up_clients():
             raise NoAgentsAvailable("no agent is reachable; check that the agents in the inventory are running")
         waiting, running = len(self.batcher.waiting), len(self.batcher.running)
-        # Requests are queued as they are accepted, so this counts every one: at most max_running
-        # run and max_waiting wait.
+        # Queued as accepted, so this counts every one: at most max_running run, max_waiting wait.
         if waiting + running >= self.settings.max_waiting + self.settings.max_running:
             raise QueueFull(waiting, self._retry_after())
         start = time.monotonic()
@@ -374,11 +376,9 @@ class EngineService:
         agents = [c for c in self.up_clients() if c.name in self.infos]
         if shape is None or not agents:
             return
-        E = shape.num_experts
-        experts = shape.routed_experts()
-        plan = self.policy.fills([self._holdings(c.name, E) for c in agents], experts,
+        E, clients = shape.num_experts, {c.name: c for c in agents}
+        plan = self.policy.fills([self._holdings(c.name, E) for c in agents], shape.routed_experts(),
                                  self.infos[agents[0].name].expert_bytes, E)
-        clients = {c.name: c for c in agents}
         sent = list(plan.items())
         results = await asyncio.gather(*(clients[n].fill([expert_to_wire(e, E) for e in es]) for n, es in sent),
                                        return_exceptions=True)
