@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -141,9 +141,11 @@ class RequestRunner:
                     for e, c in enumerate(r.counts):
                         counts[row + e] += c
             reports += idle_reports.at(layer, predict)
-            routing = None if layer in shape.dense_layers else policy.route(layer, reports, profiles, cost, E, direct,
-                                                                                 self.view.latency_s)
-            prefetch, direct = policy.lookahead(layer + 1, reports, profiles, cost, E) if predict else ({}, {})
+            # Pure Python, and tens of ms a layer on a large model over many agents: worked out
+            # off the event loop, which serves the running requests' decode steps meanwhile.
+            routing, (prefetch, direct) = await asyncio.to_thread(
+                _plan_layer, policy, layer, reports, profiles, cost, E, direct, self.view.latency_s,
+                layer not in shape.dense_layers, predict)
         finished = await asyncio.gather(*(self.agents[n].finish(request_id, routing) for n in active))
         parts = [(logits, positions) for logits, positions in finished if logits is not None]
         if not parts:
@@ -164,3 +166,14 @@ class RequestRunner:
             return await self.run_step(request_id, self.policy.partition(token_ids, list(self.agents)), all_logits=True)
         finally:
             await asyncio.shield(self.release(request_id, list(self.agents)))
+
+
+def _plan_layer(policy: Policy, layer: int, reports: Sequence[LayerReport], profiles: Mapping[NodeId, AgentProfile],
+                cost: CostModel, num_experts: int, direct: Mapping[int, NodeId], latency_s: Mapping[NodeId, float],
+                moe: bool, predict: bool
+                ) -> tuple[RoutingPlan | None, tuple[dict[NodeId, tuple[int, ...]], dict[int, NodeId]]]:
+    """A layer's routing plan (None for a dense layer) and the next layer's prefetches and direct
+    routes (none without `predict`), from its reports."""
+    routing = policy.route(layer, reports, profiles, cost, num_experts, direct, latency_s) if moe else None
+    ahead = policy.lookahead(layer + 1, reports, profiles, cost, num_experts) if predict else ({}, {})
+    return routing, ahead
