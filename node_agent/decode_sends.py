@@ -23,7 +23,7 @@ import torch
 from node_agent.attention import Compute
 from node_agent.dataplane import DataClient
 from node_agent.decode_attention import Partial
-from node_agent.dispatch import ExpertCalls, Rows, only, rows_with
+from node_agent.dispatch import ExpertCalls, Rows, only, routed_rows, rows_with
 from node_agent.expert_buffer import ExpertBuffer
 from node_agent.model import slots
 from node_agent.read_ahead import MAX_AHEAD
@@ -138,7 +138,7 @@ class LayerSends:
             self._split(dispatch, over, layer, x, ids, weights, es, hints)
         for holder, es in by_holder.items():
             sub = only(ids, es)
-            rows = (sub >= 0).any(dim=1).nonzero().flatten()
+            rows = routed_rows(sub)
             read: asyncio.Future[torch.Tensor] | None = None
             run: Awaitable[torch.Tensor]
             if holder == self.name:
@@ -210,7 +210,7 @@ class LayerSends:
         here); each result is a partial sum over the tokens' rows, added to h like any other."""
         assert self.run_slices is not None
         sub = only(ids, experts)
-        rows = (sub >= 0).any(dim=1).nonzero().flatten()
+        rows = routed_rows(sub)
         xs, ids_, ws, of = x[rows], sub[rows], weights[rows], len(group)
         dispatch.split += len(experts)
         for part, node in enumerate(group):

@@ -72,6 +72,11 @@ async def rows_with(rows: torch.Tensor, out: Awaitable[torch.Tensor]) -> tuple[t
     return rows, await out
 
 
+def routed_rows(sub: torch.Tensor) -> torch.Tensor:
+    """The token rows [m] of ids [T,k] with at least one slot not -1."""
+    return (sub >= 0).any(dim=1).nonzero().flatten()
+
+
 def only(ids: torch.Tensor, experts: Iterable[int], keep: bool = True) -> torch.Tensor:
     """ids [T,k] with -1 in every slot whose expert is not in `experts` (keep=False: is in them)."""
     inside = torch.isin(ids, torch.tensor(sorted(experts), dtype=ids.dtype))
@@ -96,7 +101,7 @@ class Executors:
         """Each executor's share (executor -> ids [T,k] with -1 in the slots it does not run)."""
         runs: list[Awaitable[Rows]] = []
         for name, sub in sorted(subs.items()):
-            rows = (sub >= 0).any(dim=1).nonzero().flatten()
+            rows = routed_rows(sub)
             if name == self.me:
                 run = self.executor.execute(self.layer, self.x[rows], sub[rows], self.weights[rows])
             else:
@@ -115,7 +120,7 @@ class Executors:
         runs: list[Awaitable[Rows]] = []
         for nodes, experts in groups.items():
             sub = only(ids, experts)
-            rows = (sub >= 0).any(dim=1).nonzero().flatten()
+            rows = routed_rows(sub)
             xs, ids_, ws, of = self.x[rows], sub[rows], self.weights[rows], len(nodes)
             for part, node in enumerate(nodes):
                 if node == self.me:
