@@ -141,11 +141,12 @@ class RequestRunner:
                     for e, c in enumerate(r.counts):
                         counts[row + e] += c
             reports += idle_reports.at(layer, predict)
+            moe = layer not in shape.dense_layers
             # Pure Python, and tens of ms a layer on a large model over many agents: worked out
             # off the event loop, which serves the running requests' decode steps meanwhile.
-            routing, (prefetch, direct) = await asyncio.to_thread(
-                _plan_layer, policy, layer, reports, profiles, cost, E, direct, self.view.latency_s,
-                layer not in shape.dense_layers, predict)
+            routing, (prefetch, direct) = (await asyncio.to_thread(
+                _plan_layer, policy, layer, reports, profiles, cost, E, direct, self.view.latency_s, moe, predict)
+                if moe or predict else (None, ({}, {})))
         finished = await asyncio.gather(*(self.agents[n].finish(request_id, routing) for n in active))
         parts = [(logits, positions) for logits, positions in finished if logits is not None]
         if not parts:
