@@ -288,17 +288,38 @@ class ExpertBuffer:
                 self._disk_queue.push(PREFETCH, eid, entry)
         return True
 
-    def fill(self, eid: ExpertId) -> bool:
-        """Queue a read of an expert into free memory at the lowest disk priority; never evicts.
-        Returns whether it is resident or on its way (False: no free room)."""
+    def fill(self, eid: ExpertId, prefetch: bool = False) -> bool:
+        """Queue a read of an expert into free memory at the lowest disk priority, or with
+        `prefetch` at a prefetch's (after demand reads; a fill's room is given back to any load
+        that needs it, a prefetch's is not); never evicts. Returns whether it is resident or on
+        its way (False: no free room)."""
         if eid in self._entries:
             return True
         if not self._fits(eid):
             return False
-        entry = Entry(self.expert_nbytes, priority=FILL)
+        priority = PREFETCH if prefetch else FILL
+        entry = Entry(self.expert_nbytes, priority=priority)
         self._add(eid, entry)
-        self.counters.fills += 1
-        self._disk_queue.push(FILL, eid, entry)
+        if prefetch:
+            self.counters.prefetches += 1
+        else:
+            self.counters.fills += 1
+        self._disk_queue.push(priority, eid, entry)
+        return True
+
+    async def give_up(self, eid: ExpertId) -> bool:
+        """Evict a resident expert at the scheduler's word (it chose others for this memory):
+        never a placed one, one in use, or one the current prefill plan needs. Returns whether
+        it went."""
+        entry = self._entries.get(eid)
+        if entry is None or entry.pins or entry.weights is None or eid in self.placed or eid in self.protected:
+            return False
+        self._drop(eid)
+        self.policy.on_remove(eid)
+        self.counters.evictions += 1
+        if self._room_waiters:
+            async with self._space:
+                self._space.notify_all()
         return True
 
     def _cancel_fill(self) -> bool:

@@ -28,11 +28,15 @@ class Holdings:
     def __init__(self, name: str, cfg: MoeConfig, dtype: torch.dtype, buffer: ExpertBuffer, peers: ExpertPeers) -> None:
         self.name, self.cfg, self.dtype, self.buffer, self.peers = name, cfg, dtype, buffer, peers
 
-    def fill(self, experts: Sequence[ExpertId]) -> list[ExpertId]:
-        """Queue reads of experts no agent holds into free expert memory (lowest disk priority,
-        never evicting); returns those now resident or on their way."""
-        self._check_routed(experts)
-        return [eid for eid in experts if self.buffer.fill(eid)]
+    async def fill(self, experts: Sequence[ExpertId], evict: Sequence[ExpertId] = (), prefetch: bool = False
+                   ) -> tuple[list[ExpertId], list[ExpertId]]:
+        """Give up the cache entries in `evict` (`ExpertBuffer.give_up`), then queue reads of
+        `experts` into free expert memory, never evicting: at the lowest disk priority, or with
+        `prefetch` (the decode prefetch) at a prefetch's, their room kept from other loads.
+        Returns (those now resident or on their way, those given up)."""
+        self._check_routed([*experts, *evict])
+        evicted = [eid for eid in evict if await self.buffer.give_up(eid)]
+        return [eid for eid in experts if self.buffer.fill(eid, prefetch)], evicted
 
     def place(self, experts: Sequence[ExpertId], sources: Sequence[tuple[ExpertId, str, str]] = ()
               ) -> tuple[int, int]:

@@ -208,8 +208,10 @@ class Servicer(pb_grpc.NodeAgentServicer):
 
     async def Fill(self, request: pb.FillRequest, context: Any) -> pb.FillReply:
         n = self.core.cfg.num_experts
-        accepted = self.core.holdings.fill([expert_from_wire(e, n) for e in fill_from_proto(request)])
-        return fill_reply_to_proto([expert_to_wire(e, n) for e in accepted])
+        experts, evict, prefetch = fill_from_proto(request)
+        accepted, evicted = await self.core.holdings.fill([expert_from_wire(e, n) for e in experts],
+                                                          [expert_from_wire(e, n) for e in evict], prefetch)
+        return fill_reply_to_proto([expert_to_wire(e, n) for e in accepted], [expert_to_wire(e, n) for e in evicted])
 
     async def SetPlacement(self, request: pb.PlacementRequest, context: Any) -> pb.PlacementReply:
         n = self.core.cfg.num_experts

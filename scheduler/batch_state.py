@@ -7,6 +7,8 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass, field
 
+import torch
+
 from scheduler.client import AgentClient
 from scheduler.runner import RequestRunner
 from scheduler.types import DecodeSpan, GenerationRequest, NodeId, TokenEvent
@@ -115,3 +117,33 @@ def next_spans(running: list[Seq], budget: int | None, busy: frozenset[NodeId] =
         s.in_flight += 1
         homes.setdefault(s.home.name, []).append((s, span, s.epoch))
     return homes
+
+
+class PrefetchTally:
+    """Decode selections against the pool-wide decode prefetch's plans (experts as flat indices,
+    MoE layer * experts + index): a hit is a selection of an expert a plan had read, a miss one
+    of an expert that no agent held when planned and no plan read (a read on demand), as the
+    home's own prefetch counts them (node_agent/decode_prefetch.py)."""
+
+    def __init__(self) -> None:
+        self.experts = 0  # per MoE layer
+        self.read: frozenset[int] = frozenset()
+        self.unheld: frozenset[int] = frozenset()
+        self.hits = 0
+        self.misses = 0
+
+    @property
+    def planned(self) -> bool:
+        return self.experts > 0
+
+    def plan(self, experts: int, read: frozenset[int], unheld: frozenset[int]) -> None:
+        self.experts = experts
+        self.read |= read
+        self.unheld = (self.unheld | unheld) - self.read
+
+    def decoded(self, ids: torch.Tensor) -> None:
+        """A decode token's selections [MoE layers, 1, k] (expert ids, -1 for none)."""
+        flat = ids.long() + torch.arange(ids.shape[0])[:, None, None] * self.experts
+        for f in flat[ids >= 0].tolist():
+            self.hits += f in self.read
+            self.misses += f in self.unheld

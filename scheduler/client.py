@@ -163,9 +163,12 @@ class AgentClient:
         assert isinstance(r, pb.PlacementReply)
         return placement_reply_from_proto(r)
 
-    async def fill(self, experts: Sequence[int]) -> list[int]:
-        """Ask the agent to read these experts (layer * num_experts + index) into free memory at
-        its disk's lowest priority; returns those it took (the rest found no room)."""
-        r = await self._call("Fill", fill_to_proto(experts), 5.0)
+    async def fill(self, experts: Sequence[int], evict: Sequence[int] = (), prefetch: bool = False
+                   ) -> tuple[list[int], list[int]]:
+        """Ask the agent to give up the cache entries in `evict`, then read these experts
+        (layer * num_experts + index) into free memory at its disk's lowest priority (with
+        `prefetch`, a prefetch's); returns (those it took, the rest finding no room; those it
+        gave up)."""
+        r = await self._call("Fill", fill_to_proto(experts, evict, prefetch), 5.0)
         assert isinstance(r, pb.FillReply)
         return fill_reply_from_proto(r)

@@ -7,6 +7,7 @@ they lack.
     choose_home(agents, decoding per agent, K/V rows per agent, the user's home) -> NodeId
     routing_table(version, addresses, experts held per agent) -> RoutingTable (protos/routing.py)
     home_runs(profiles, latencies, measured paces, experts, holdings) -> per home, where its missing experts run
+    prompt_cache(prompts' expert counts, each agent's memory) -> per agent, experts to read and to give up
 """
 
 from __future__ import annotations
@@ -154,3 +155,59 @@ def same_holders(a: RoutingTable, b: RoutingTable) -> bool:
     return (a.addresses == b.addresses and a.data_addresses == b.data_addresses and a.holders == b.holders
             and a.expert_split == b.expert_split and a.decode_prefetch == b.decode_prefetch
             and a.load_balance == b.load_balance)
+
+
+@dataclass(frozen=True)
+class CacheRoom:
+    """One agent's expert memory, as `prompt_cache` sees it."""
+
+    held: frozenset[ExpertId]  # resident or being read
+    placed: frozenset[ExpertId] = frozenset()  # the scheduler's placement: kept, never given up
+    slots: int | None = None  # experts the memory holds (None: unlimited)
+
+
+def prompt_cache(counts: Mapping[ExpertId, float], rooms: Mapping[NodeId, CacheRoom]
+                 ) -> dict[NodeId, tuple[list[ExpertId], list[ExpertId]]]:
+    """The dataset-free decode prefetch, pool-wide: the expert memory no placement keeps follows
+    the prompts of the running requests. `counts`: how often their prefills chose each expert.
+    Ranked as the home's own prefetch ranks them (round r takes every layer's r-th most chosen),
+    the experts that fit in the pool's cache memory are the target: those no agent holds are
+    read, spread over the disks (each to the agent with free room, else with the least valuable
+    cache entry to give up, the fewest reads first), in place of cache entries outside the
+    target, least chosen first. Each agent keeps one slot free of the target, for demand reads,
+    as a placement does. Returns per agent (experts to read in order, entries to give up first);
+    nothing where the pool already holds the target or some memory is unlimited.
+
+    On the bench model (16 experts top-2, half the experts pooled) the half of each layer's
+    experts a request's own prompt chose most held 63% of its decode choices, against 50% for
+    an unrelated prompt's half (docs/split.md); the home's memory alone is a quarter of the pool."""
+    if not counts or any(r.slots is None for r in rooms.values()):
+        return {}
+    by_layer: dict[int, list[ExpertId]] = {}
+    for eid in sorted(counts, key=lambda e: (-counts[e], e.layer, e.index)):
+        if counts[eid] > 0:
+            by_layer.setdefault(eid.layer, []).append(eid)
+    ranked = [by_layer[layer][r] for r in range(max(map(len, by_layer.values()), default=0))
+              for layer in sorted(by_layer) if r < len(by_layer[layer])]
+    placed = frozenset().union(*(r.placed for r in rooms.values()))
+    cache = {n: r.held - r.placed for n, r in rooms.items()}
+    room = {n: max(0, (r.slots or 0) - 1 - len(r.placed)) for n, r in rooms.items()}
+    target = [e for e in ranked if e not in placed][:sum(room.values())]
+    wanted = set(target)
+    held = frozenset().union(*cache.values()) | placed
+    free = {n: room[n] - len(cache[n]) for n in rooms}
+    spare = {n: sorted(cache[n] - wanted, key=lambda e: (counts.get(e, 0), e.layer, e.index), reverse=True)
+             for n in rooms}  # popped from the end: the least chosen first
+    out: dict[NodeId, tuple[list[ExpertId], list[ExpertId]]] = {}
+    for eid in (e for e in target if e not in held):
+        open_ = [n for n in sorted(rooms) if free[n] > 0 or spare[n]]
+        if not open_:
+            break
+        node = min(open_, key=lambda n: (len(out.get(n, ((), ()))[0]), free[n] <= 0, n))
+        loads, gone = out.setdefault(node, ([], []))
+        if free[node] > 0:
+            free[node] -= 1
+        else:
+            gone.append(spare[node].pop())
+        loads.append(eid)
+    return out

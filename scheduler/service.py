@@ -30,7 +30,7 @@ from scheduler.activations import ActivationWindow
 from scheduler.batching import Batcher
 from scheduler.engine_settings import EngineSettings
 from scheduler.placer import Placer
-from scheduler.decode_plan import Measured, data_address, home_runs, routing_table, same_holders
+from scheduler.decode_plan import CacheRoom, Measured, data_address, home_runs, prompt_cache, routing_table, same_holders
 from scheduler.runner import ClusterView, ModelShape
 from scheduler.types import AgentSnapshot, EngineSnapshot, GenerationRequest, NodeId, NodeSpec, TokenEvent
 
@@ -69,6 +69,9 @@ class EngineService:
         self._refreshing: asyncio.Task[None] | None = None
         self._publishing = asyncio.Lock()  # one table at a time, each numbered after the last
         self._draining: list[AgentClient] = []  # removed from the inventory, still used by running requests
+        self.prefetched_experts = 0  # experts the pool-wide decode prefetch had agents read (`cache_prompts`)
+        self._caching = asyncio.Lock()
+        self._prefetching: dict[str, frozenset[int]] = {}  # per agent, the reads its plans began, not yet polled
 
     @property
     def context_length(self) -> int:
@@ -255,8 +258,10 @@ class EngineService:
 
     def snapshot(self) -> EngineSnapshot:
         p = self.placer
+        tally = self.batcher.prefetch
         return EngineSnapshot(len(self.batcher.running), len(self.batcher.waiting), tuple(self._snapshots.values()),
-                              p.migrations, p.migration_bytes, p.cost())
+                              p.migrations, p.migration_bytes, p.cost(), prefetch_experts=self.prefetched_experts,
+                              prefetch_hits=tally.hits, prefetch_misses=tally.misses)
 
     def _selections(self, home: NodeId, selections: torch.Tensor) -> None:
         """A decode step's expert choices, into the activation window."""
@@ -323,11 +328,83 @@ class EngineService:
                 log.warning("routing table %d not delivered to %s: %s", table.version, client.name, result)
 
     async def refresh(self) -> None:
-        """Fresh holdings, fills of what no agent holds, and the routing table: after a prefill
-        (before its decode starts) and after a request."""
+        """Fresh holdings, the running prompts' experts, fills of what no agent holds, and the
+        routing table: after a prefill (before its decode starts) and after a request."""
         await self.poll(up_only=True)
+        await self.cache_prompts()
         await self.fill()
         await self.publish_routing()
+
+    async def cache_prompts(self) -> None:
+        """The decode prefetch, pool-wide (`decode_plan.prompt_cache`): the agents' cache memory
+        takes the experts the running requests' prompts chose most (each request's counts
+        weighing one), in place of entries they chose less. The entries to give up leave the
+        routing table first, so that no home sends work to a holder about to drop them; the
+        experts read join it at the first poll after their reads should be done."""
+        if self.shape is None or not self.settings.decode_prefetch:
+            return
+        async with self._caching:  # one plan at a time, each seeing the reads the last one began
+            await self._cache_prompts(self.shape)
+
+    async def _cache_prompts(self, shape: ModelShape) -> None:
+        agents = [c for c in self.up_clients() if c.name in self.infos]
+        prompts = [c for c in self.batcher.prompt_counts() if len(c) == len(shape.routed_experts())]
+        if not agents or not prompts:
+            return
+        counts: dict[ExpertId, float] = {}
+        for flat in prompts:
+            total = sum(flat)
+            for eid, n in zip(shape.routed_experts(), flat):
+                if n:
+                    counts[eid] = counts.get(eid, 0.0) + n / total
+        E = shape.num_experts
+        rooms = {}
+        for c in agents:
+            snap, info = self._snapshots[c.name], self.infos[c.name]
+            held = snap.held | self._prefetching.get(c.name, frozenset())  # reads a plan began count
+            rooms[c.name] = CacheRoom(frozenset(expert_from_wire(i, E) for i in held),
+                                      frozenset(expert_from_wire(i, E) for i in snap.placed),
+                                      snap.capacity_bytes // info.expert_bytes if snap.capacity_bytes else None)
+        plan = prompt_cache(counts, rooms)
+        if not plan:
+            return
+        for node, (_, evict) in plan.items():  # unnamed before they go
+            snap = self._snapshots[node]
+            self._snapshots[node] = dataclasses.replace(snap, held=snap.held - {expert_to_wire(e, E) for e in evict})
+        await self.publish_routing()
+        clients = {c.name: c for c in agents}
+        sent = list(plan.items())
+        results = await asyncio.gather(*(clients[n].fill([expert_to_wire(e, E) for e in loads],
+                                                          [expert_to_wire(e, E) for e in evict], prefetch=True)
+                                         for n, (loads, evict) in sent), return_exceptions=True)
+        read_s, index = 0.0, {eid: i for i, eid in enumerate(shape.routed_experts())}
+        read: set[int] = set()
+        for (node, (loads, _)), result in zip(sent, results):
+            if isinstance(result, BaseException):  # a prefetch lost: its experts are read on demand
+                log.warning("decode prefetch of %d experts on %s failed: %s", len(loads), node, result)
+                continue
+            self.prefetched_experts += len(result[0])
+            self._prefetching[node] = self._prefetching.get(node, frozenset()) | frozenset(result[0])
+            read |= {index[expert_from_wire(i, E)] for i in result[0]}
+            rate, info = self.infos[node].disk_bytes_per_s, self.infos[node]
+            one = info.expert_bytes / rate if rate else self._snapshots[node].expert_read_s  # as throttled, else measured
+            read_s = max(read_s, len(result[0]) * one)
+        known = {index[e] for r in rooms.values() for e in r.held}
+        self.batcher.prefetch.plan(E, frozenset(read), frozenset(i for i in index.values() if i not in known) - read)
+        if read:
+            self._track(asyncio.create_task(self._republish_after(read_s)))
+
+    async def _republish_after(self, seconds: float) -> None:
+        """Holdings and the routing table once the decode prefetch's reads should be in."""
+        await asyncio.sleep(seconds)
+        await self.poll(up_only=True)
+        async with self._caching:  # the poll lists what they read, and what is still being read
+            self._prefetching.clear()
+        await self.publish_routing()
+
+    def _track(self, task: asyncio.Task[None]) -> None:
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     def _refresh_soon(self) -> None:
         if self._refreshing is None or self._refreshing.done():
@@ -385,9 +462,9 @@ class EngineService:
         for (node, es), result in zip(sent, results):
             if isinstance(result, BaseException):  # only a lost chance to read ahead: the next request reads on demand
                 log.warning("fill of %d experts on %s failed: %s", len(es), node, result)
-            elif result and node in self._snapshots:  # held from now on (being read): the next table names them
+            elif result[0] and node in self._snapshots:  # held from now on (being read): the next table names them
                 snap = self._snapshots[node]
-                self._snapshots[node] = dataclasses.replace(snap, held=snap.held | frozenset(result))
+                self._snapshots[node] = dataclasses.replace(snap, held=snap.held | frozenset(result[0]))
 
 
 async def start_engine(model_dir: Path, nodes: Sequence[NodeSpec], settings: EngineSettings,

@@ -82,6 +82,9 @@ class EngineSnapshot:
     migrations: int = 0  # re-plans that moved experts
     migration_bytes: int = 0  # expert bytes the agents were asked to gain by them
     placement_cost: float | None = None  # C(P) of the placement in force at the last re-plan; None before one
+    prefetch_experts: int = 0  # experts the pool-wide decode prefetch had agents read
+    prefetch_hits: int = 0  # decode selections of an expert it read
+    prefetch_misses: int = 0  # decode selections of one no agent held when it planned, nor read
 
 
 @dataclass(frozen=True)

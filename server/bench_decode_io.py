@@ -9,7 +9,8 @@ whole by the home while the others wait), split (`auto --no-load-balance`: it is
 agent, each reading and running 1/N of it), + the load balance (the scheduler chooses which experts
 split and over whom), + the decode prefetch; then each of the three switched off alone. Inter-token time as in the
 other cases, each agent's bytes read from disk over the timed rounds (the fills between rounds
-included), and the prefetch's hit rate (hits / (hits + misses), agents' counters).
+included), and the prefetch's hit rate (hits / (hits + misses): the server's counters of the
+pool-wide prefetch where it planned, else the agents' of the homes' own).
 """
 
 from __future__ import annotations
@@ -78,12 +79,14 @@ def read_bytes(metrics: str) -> dict[str, float]:
     return {dict(labels).get("agent", "?"): value for labels, value in metric_samples(metrics).get(DISK_READ, {}).items()}
 
 
-def prefetch_counts(metrics: str) -> tuple[float, float, float, float]:
-    """(hits, misses) of the agents' decode prefetch and (begun, used) of their read-ahead slices,
-    summed over agents (0 where not exported)."""
+def prefetch_counts(metrics: str) -> tuple[float, ...]:
+    """(hits, misses) of the pool-wide decode prefetch (the server's), (hits, misses) of the
+    homes' own (the agents', summed), and (begun, used) of the agents' read-ahead slices (0 where
+    not exported)."""
     s = metric_samples(metrics)
+    pool = [summed(s, f"potluck_decode_prefetch_{k}_total") or 0.0 for k in ("hits", "misses")]
     names = ("decode_prefetch_hits", "decode_prefetch_misses", "read_ahead", "read_ahead_used")
-    return tuple(summed(s, f"potluck_agent_{k}_total") or 0.0 for k in names)  # type: ignore[return-value]
+    return (*pool, *(summed(s, f"potluck_agent_{k}_total") or 0.0 for k in names))
 
 
 async def run_io(run: Any, agent_counts: list[int]) -> list[dict[str, Any]]:
@@ -109,7 +112,10 @@ async def run_io(run: Any, agent_counts: list[int]) -> list[dict[str, Any]]:
                     rounds.append([await cluster.stream(prompt, run.gen_tokens)])
                 after = await cluster.settled_counters(before, decoded_tokens(rounds))
                 end = read_bytes(await cluster.metrics())
-                hits, misses, begun, used = (b - a for a, b in zip(judged, prefetch_counts(await cluster.metrics())))
+                pool_hits, pool_misses, hits, misses, begun, used = (
+                    b - a for a, b in zip(judged, prefetch_counts(await cluster.metrics())))
+                if pool_hits + pool_misses:  # the pool-wide prefetch planned: its rate, not the homes' own
+                    hits, misses = pool_hits, pool_misses
             case = summarize(f"io-{name}", agents, 1, rounds, round_trips_per_token(before, after))
             case["prefetch_hit_rate"] = hits / (hits + misses) if prefetch and hits + misses else None
             case["read_ahead"], case["read_ahead_used"] = begun, used
@@ -134,8 +140,10 @@ def io_settings(data: dict[str, Any]) -> list[str]:
         "runs 1/m of it), over every agent with --no-load-balance, else where and over whom the scheduler's load "
         f"balance chooses. Mixed disks: agent i reads at {', '.join(f'{f:g}' for f in MIXED_DISKS)} times that "
         "(the first, the requests' home, slowest). The decode prefetch also reads ahead, while a request decodes, the "
-        "slices of the experts its next layer's router guesses from this layer. The decode prefetch reads, before a request decodes, what its prompt chose most; its hit "
-        "rate is hits / (hits + misses) of the decode tokens' selections.",
+        "slices of the experts its next layer's router guesses from this layer. The decode prefetch reads, before a "
+        "request decodes, what its prompt chose most, into every agent's cache memory in place of experts it chose "
+        "less; its hit rate is hits / (hits + misses) of the decode tokens' selections (a miss: an expert no agent "
+        "held when it planned, nor read).",
         "Bytes read per agent over the timed rounds (fills between rounds included): "
         + "; ".join(f"{io_label(c)}: " + ", ".join(f"{v / 1e6:.0f}" for v in c["bytes_read_per_agent"].values())
                     + " MB" for c in data["cases"] if c["case"].startswith("io-")) + ".",

@@ -101,6 +101,17 @@ class EngineCollector(Collector):
         moved.add_metric([], snap.migration_bytes if snap else 0)
         yield migrations
         yield moved
+        for name, doc, value in (
+                ("potluck_decode_prefetch_experts", "Experts the pool-wide decode prefetch had agents read: those "
+                 "the running requests' prompts chose most, in place of cache entries they chose less.",
+                 snap.prefetch_experts if snap else 0),
+                ("potluck_decode_prefetch_hits", "Decode selections (per token and expert) of an expert the "
+                 "pool-wide decode prefetch read.", snap.prefetch_hits if snap else 0),
+                ("potluck_decode_prefetch_misses", "Decode selections of an expert no agent held when the pool-wide "
+                 "decode prefetch planned, nor read (read on demand).", snap.prefetch_misses if snap else 0)):
+            family = CounterMetricFamily(name, doc)
+            family.add_metric([], value)
+            yield family
         cost = GaugeMetricFamily("potluck_placement_cost", "C(P) of the placement in force: the last re-plan "
                                  "period's expert selections whose home agent did not hold the expert (NaN before "
                                  "the first re-plan).")

@@ -199,21 +199,24 @@ def cache_state_from_proto(msg: pb.CacheStateReply) -> CacheState:
                       expert_read_s=msg.expert_read_s, round_trip_s=msg.round_trip_s)
 
 
-def fill_to_proto(experts: Sequence[int]) -> pb.FillRequest:
-    """Experts as layer * num_experts + index, in the order to read them."""
-    return pb.FillRequest(experts=experts)
+def fill_to_proto(experts: Sequence[int], evict: Sequence[int] = (), prefetch: bool = False) -> pb.FillRequest:
+    """Experts as layer * num_experts + index, in the order to read them; `evict`: cache entries
+    to give up first; `prefetch`: read at a prefetch's priority (the decode prefetch)."""
+    return pb.FillRequest(experts=experts, evict=evict, prefetch=prefetch)
 
 
-def fill_from_proto(msg: pb.FillRequest) -> list[int]:
-    return list(msg.experts)
+def fill_from_proto(msg: pb.FillRequest) -> tuple[list[int], list[int], bool]:
+    """(experts to read, in order; cache entries to give up first; at a prefetch's priority)."""
+    return list(msg.experts), list(msg.evict), msg.prefetch
 
 
-def fill_reply_to_proto(accepted: Sequence[int]) -> pb.FillReply:
-    return pb.FillReply(accepted=accepted)
+def fill_reply_to_proto(accepted: Sequence[int], evicted: Sequence[int] = ()) -> pb.FillReply:
+    return pb.FillReply(accepted=accepted, evicted=evicted)
 
 
-def fill_reply_from_proto(msg: pb.FillReply) -> list[int]:
-    return list(msg.accepted)
+def fill_reply_from_proto(msg: pb.FillReply) -> tuple[list[int], list[int]]:
+    """(experts accepted, cache entries given up)."""
+    return list(msg.accepted), list(msg.evicted)
 
 
 def placement_to_proto(experts: Sequence[int], sources: Sequence[tuple[int, str, str]] = ()) -> pb.PlacementRequest:

@@ -122,6 +122,32 @@ async def test_decode_prefetch_reads_what_the_prompt_chose_and_keeps_the_text(qw
     assert (judged > 0) == prefetch and reads <= (1 if prefetch else 0)
 
 
+@pytest.mark.parametrize("prefetch", [True, False])
+async def test_the_pool_s_memory_takes_what_the_running_prompt_chose_and_keeps_the_text(qwen_tiny: Path,
+                                                                                        prefetch: bool) -> None:
+    """The pool-wide decode prefetch: with the pool's memory full of a first request's experts,
+    a second prompt's most chosen ones are read in place of those it chose least, before its
+    decode (a sequence-parallel prefill's refresh runs before its first decode step), and its
+    decode selections are judged against that plan. The text is the same either way."""
+    ids, _, greedy = transformers_outputs(qwen_tiny)
+    size = expert_bytes(qwen_tiny)
+    async with local_cluster(qwen_tiny, 2, expert_memory=3 * size, disk_rate=200 * size) as cluster:
+        async with cluster.engine(home_prefill_max=0, decode_prefetch=prefetch, poll_interval_s=60) as engine:
+            other = torch.randint(0, 1000, (PROMPT_LEN,), generator=torch.Generator().manual_seed(5)).tolist()
+            for i, prompt in enumerate([other, ids]):
+                request = GenerationRequest(RequestId(f"gen-{i}"), tuple(prompt), SamplingParams(max_tokens=16,
+                                                                                                 temperature=0))
+                tokens = [e.token_id async for e in await engine.submit(request)]
+                if i == 0:
+                    await engine.refresh()  # the first request's fills: the pool's memory is full
+                    before = engine.prefetched_experts
+            snap = engine.snapshot()
+    assert tokens == greedy
+    read = snap.prefetch_experts - before  # at most the room of the plan: a slot of 3 stays for demand reads
+    assert (read > 0) == prefetch and read <= 2 * (3 - 1)
+    assert (snap.prefetch_hits + snap.prefetch_misses > 0) == prefetch
+
+
 async def test_a_sequence_parallel_prompt_s_counts_reach_its_home_s_prefetch(qwen_tiny: Path) -> None:
     ids, _, greedy = transformers_outputs(qwen_tiny)
     async with local_cluster(qwen_tiny, 2, expert_memory=2 * expert_bytes(qwen_tiny)) as cluster:

@@ -209,6 +209,44 @@ async def test_fill_takes_only_free_memory_and_gives_it_back_to_a_load(qwen_tiny
     assert buffer.bytes_used <= buffer.capacity
 
 
+async def test_a_prefetch_fill_keeps_its_room_and_give_up_spares_what_is_kept(qwen_tiny: Path) -> None:
+    """The decode prefetch's fill (`prefetch`): its reservation is not given back to a load that
+    needs room, as a plain fill's is. `give_up` drops a resident cache entry, never a placed one,
+    one in use, one the current plan needs, or one still being read."""
+    x, a, b, c, d = ExpertId(1, 0), ExpertId(0, 0), ExpertId(0, 1), ExpertId(0, 2), ExpertId(0, 3)
+    buffer, store, disk = make_held(qwen_tiny, 3, x, before_chunk=1)
+    reading = asyncio.ensure_future(buffer.acquire(x))  # a demand read, held: the disk is busy
+    await disk.wait_held()
+    assert buffer.fill(a) and buffer.fill(b, prefetch=True)  # both queued behind it
+    assert not await buffer.give_up(b)  # not read yet
+    loading = asyncio.ensure_future(buffer.acquire(c))  # needs room: the plain fill's is given back
+    await until(lambda: c in buffer.all_loading())
+    assert buffer.all_loading() == [b, c, x]
+    waiting = asyncio.ensure_future(buffer.acquire(d))  # no fill left to give back: the prefetch keeps its room
+    await until(lambda: buffer.waiting_for_room == 1)
+    assert buffer.all_loading() == [b, c, x]
+    disk.go_on.set()
+    await asyncio.wait_for(reading, timeout=10)
+    await buffer.release(x)  # d takes x's room
+    await asyncio.wait_for(asyncio.gather(loading, waiting), timeout=10)
+    await buffer.release(c)
+    await buffer.release(d)
+    await until(lambda: not buffer.loading(0))
+    assert buffer.all_resident() == [b, c, d]
+    assert buffer.counters.prefetches == 1 and buffer.counters.fills == 1  # (a's read never began)
+    buffer.protect([b])
+    assert not await buffer.give_up(b)  # the plan needs it
+    buffer.protect([])
+    buffer.place([c])
+    assert not await buffer.give_up(c)  # placed
+    async with buffer.pinned(b):
+        assert not await buffer.give_up(b)  # in use
+    evictions = buffer.counters.evictions
+    assert await buffer.give_up(b) and buffer.all_resident() == [c, d]
+    assert buffer.counters.evictions == evictions + 1 and not await buffer.give_up(a)  # not held
+    assert buffer.bytes_used <= buffer.capacity
+
+
 async def test_fill_read_yields_the_disk_to_a_demand_read(qwen_tiny: Path) -> None:
     """A fill being read stops at its next chunk when a demand read is queued, and is read again
     after it; a fill that someone then needs is no longer stopped."""

@@ -149,8 +149,10 @@ def test_cache_state_round_trip() -> None:
 
 
 def test_fill_round_trip() -> None:
-    assert c.fill_from_proto(wire(c.fill_to_proto([9, 3, 4]))) == [9, 3, 4]  # the order to read them
-    assert c.fill_reply_from_proto(wire(c.fill_reply_to_proto([3, 9]))) == [3, 9]
+    assert c.fill_from_proto(wire(c.fill_to_proto([9, 3, 4]))) == ([9, 3, 4], [], False)  # the order to read them
+    assert c.fill_from_proto(wire(c.fill_to_proto([9], evict=[5, 2], prefetch=True))) == ([9], [5, 2], True)
+    assert c.fill_reply_from_proto(wire(c.fill_reply_to_proto([3, 9]))) == ([3, 9], [])
+    assert c.fill_reply_from_proto(wire(c.fill_reply_to_proto([3], evicted=[5]))) == ([3], [5])
 
 
 def test_placement_round_trip() -> None:

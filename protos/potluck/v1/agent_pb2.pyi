@@ -347,16 +347,22 @@ class SliceRef(_message.Message):
     def __init__(self, expert: _Optional[int] = ..., part: _Optional[int] = ..., of: _Optional[int] = ...) -> None: ...
 
 class FillRequest(_message.Message):
-    __slots__ = ("experts",)
+    __slots__ = ("experts", "evict", "prefetch")
     EXPERTS_FIELD_NUMBER: _ClassVar[int]
+    EVICT_FIELD_NUMBER: _ClassVar[int]
+    PREFETCH_FIELD_NUMBER: _ClassVar[int]
     experts: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, experts: _Optional[_Iterable[int]] = ...) -> None: ...
+    evict: _containers.RepeatedScalarFieldContainer[int]
+    prefetch: bool
+    def __init__(self, experts: _Optional[_Iterable[int]] = ..., evict: _Optional[_Iterable[int]] = ..., prefetch: _Optional[bool] = ...) -> None: ...
 
 class FillReply(_message.Message):
-    __slots__ = ("accepted",)
+    __slots__ = ("accepted", "evicted")
     ACCEPTED_FIELD_NUMBER: _ClassVar[int]
+    EVICTED_FIELD_NUMBER: _ClassVar[int]
     accepted: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, accepted: _Optional[_Iterable[int]] = ...) -> None: ...
+    evicted: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, accepted: _Optional[_Iterable[int]] = ..., evicted: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class PlacementRequest(_message.Message):
     __slots__ = ("experts", "sources")
