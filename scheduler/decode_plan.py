@@ -166,7 +166,7 @@ class CacheRoom:
     slots: int | None = None  # experts the memory holds (None: unlimited)
 
 
-def prompt_cache(counts: Mapping[ExpertId, float], rooms: Mapping[NodeId, CacheRoom]
+def prompt_cache(counts: Mapping[ExpertId, float], rooms: Mapping[NodeId, CacheRoom], routed: int
                  ) -> dict[NodeId, tuple[list[ExpertId], list[ExpertId]]]:
     """The dataset-free decode prefetch, pool-wide: the expert memory no placement keeps follows
     the prompts of the running requests. `counts`: how often their prefills chose each expert.
@@ -176,12 +176,15 @@ def prompt_cache(counts: Mapping[ExpertId, float], rooms: Mapping[NodeId, CacheR
     cache entry to give up, the fewest reads first), in place of cache entries outside the
     target, least chosen first. Each agent keeps one slot free of the target, for demand reads,
     as a placement does. Returns per agent (experts to read in order, entries to give up first);
-    nothing where the pool already holds the target or some memory is unlimited.
+    nothing where the pool already holds the target, or its memory holds every one of the
+    model's `routed` experts (the fills put each in it, spread layer by layer, `scheduler/fill.py`:
+    on the 4-agent LAN case, whose pool holds the model once, moving them took a token from 7.1 to
+    7.7 round trips).
 
     On the bench model (16 experts top-2, half the experts pooled) the half of each layer's
     experts a request's own prompt chose most held 63% of its decode choices, against 50% for
     an unrelated prompt's half (docs/split.md); the home's memory alone is a quarter of the pool."""
-    if not counts or any(r.slots is None for r in rooms.values()):
+    if not counts or any(r.slots is None for r in rooms.values()) or sum(r.slots or 0 for r in rooms.values()) >= routed:
         return {}
     by_layer: dict[int, list[ExpertId]] = {}
     for eid in sorted(counts, key=lambda e: (-counts[e], e.layer, e.index)):

@@ -365,7 +365,7 @@ class EngineService:
             rooms[c.name] = CacheRoom(frozenset(expert_from_wire(i, E) for i in held),
                                       frozenset(expert_from_wire(i, E) for i in snap.placed),
                                       snap.capacity_bytes // info.expert_bytes if snap.capacity_bytes else None)
-        plan = prompt_cache(counts, rooms)
+        plan = prompt_cache(counts, rooms, len(shape.routed_experts()))
         if not plan:
             return
         for node, (_, evict) in plan.items():  # unnamed before they go

@@ -14,6 +14,7 @@ from scheduler.decode_plan import CacheRoom, prompt_cache
 from scheduler.types import DecodeSpan, GenerationRequest, NodeId, SamplingParams
 
 A, B = NodeId("a"), NodeId("b")
+ROUTED = 32  # the model's routed experts: more than these pools hold
 
 
 def e(layer: int, index: int) -> ExpertId:
@@ -23,7 +24,7 @@ def e(layer: int, index: int) -> ExpertId:
 def test_the_prompt_s_most_chosen_replace_the_least_chosen_spread_over_the_disks() -> None:
     counts = {e(0, 0): 5, e(0, 1): 3, e(0, 2): 1, e(1, 0): 4, e(1, 3): 2}
     rooms = {A: CacheRoom(frozenset({e(0, 5), e(1, 6)}), slots=3), B: CacheRoom(frozenset({e(0, 0), e(1, 7)}), slots=3)}
-    plan = prompt_cache(counts, rooms)
+    plan = prompt_cache(counts, rooms, ROUTED)
     # Room for 2 a agent (one slot of 3 stays for demand reads): the target is round 0 of every
     # layer (0/0, 1/0), then round 1 (0/1, 1/3); 0/0 is held already, 0/2 does not fit.
     loads = [x for n in sorted(plan) for x in plan[n][0]]
@@ -38,7 +39,7 @@ def test_the_prompt_s_most_chosen_replace_the_least_chosen_spread_over_the_disks
 def test_reads_spread_over_the_disks_free_room_first_at_equal_reads() -> None:
     counts = {e(0, 0): 3, e(0, 1): 2, e(0, 8): 1}
     rooms = {A: CacheRoom(frozenset({e(0, 5)}), slots=4), B: CacheRoom(frozenset({e(0, 6), e(0, 7), e(0, 8)}), slots=4)}
-    plan = prompt_cache(counts, rooms)
+    plan = prompt_cache(counts, rooms, ROUTED)
     # a has 2 free slots, b none: the first read goes to a; the second to b, the disk with fewer
     # reads, for the entry its prompt chose least (0/6 and 0/7 never; 0/8 is in the target).
     assert plan == {A: ([e(0, 0)], []), B: ([e(0, 1)], [e(0, 6)])}
@@ -48,21 +49,24 @@ def test_a_placed_expert_is_never_given_up_nor_counted_against_the_cache() -> No
     counts = {e(0, 0): 9, e(0, 1): 8, e(0, 2): 7}
     placed = frozenset({e(0, 3)})
     rooms = {A: CacheRoom(frozenset({e(0, 3), e(0, 4)}), placed=placed, slots=3)}
-    plan = prompt_cache(counts, rooms)
+    plan = prompt_cache(counts, rooms, ROUTED)
     assert plan == {A: ([e(0, 0)], [e(0, 4)])}  # room 3 - 1 - 1 placed = 1: the most chosen
-    assert prompt_cache(counts, {A: CacheRoom(frozenset({e(0, 3)}), placed=placed, slots=2)}) == {}  # no room
+    assert prompt_cache(counts, {A: CacheRoom(frozenset({e(0, 3)}), placed=placed, slots=2)}, ROUTED) == {}  # no room
 
 
 def test_nothing_moves_when_the_pool_holds_the_target_or_memory_is_unlimited() -> None:
     counts = {e(0, 0): 2, e(1, 1): 1}
-    assert prompt_cache(counts, {A: CacheRoom(frozenset({e(0, 0), e(1, 1), e(0, 9)}), slots=4)}) == {}
-    assert prompt_cache(counts, {A: CacheRoom(frozenset({e(0, 9)})), B: CacheRoom(frozenset(), slots=2)}) == {}
-    assert prompt_cache({}, {A: CacheRoom(frozenset({e(0, 9)}), slots=2)}) == {}
+    assert prompt_cache(counts, {A: CacheRoom(frozenset({e(0, 0), e(1, 1), e(0, 9)}), slots=4)}, ROUTED) == {}
+    assert prompt_cache(counts, {A: CacheRoom(frozenset({e(0, 9)})), B: CacheRoom(frozenset(), slots=2)}, ROUTED) == {}
+    assert prompt_cache({}, {A: CacheRoom(frozenset({e(0, 9)}), slots=2)}, ROUTED) == {}
+    # A pool whose memory holds every routed expert is the fills' to fill, layer by layer.
+    assert prompt_cache(counts, {A: CacheRoom(frozenset({e(0, 9)}), slots=3)}, routed=3) == {}
+    assert prompt_cache(counts, {A: CacheRoom(frozenset({e(0, 9)}), slots=3)}, routed=4) != {}
 
 
 def test_an_expert_no_prompt_chose_is_never_read() -> None:
     counts = {e(0, 0): 1, e(0, 1): 0}
-    plan = prompt_cache(counts, {A: CacheRoom(frozenset({e(0, 5), e(0, 6)}), slots=3)})
+    plan = prompt_cache(counts, {A: CacheRoom(frozenset({e(0, 5), e(0, 6)}), slots=3)}, ROUTED)
     assert plan == {A: ([e(0, 0)], [e(0, 5)])}  # ties among the unchosen: the lowest (layer, index) first
 
 
