@@ -96,6 +96,11 @@ class ExpertBuffer:
         if isinstance(key, ExpertId):
             self._resident.get(key.layer, {}).pop(key.index, None)
 
+    def _evict(self, key: Key) -> None:
+        self._drop(key)
+        self.policy.on_remove(key)
+        self.counters.evictions += 1
+
     def _fits(self, key: Key) -> bool:
         return not self.capacity or self.bytes_used + self.nbytes(key) <= self.capacity
 
@@ -254,9 +259,8 @@ class ExpertBuffer:
         for index in used:
             self.counters.hits += 1
             self.policy.on_access(ExpertId(pins.layer, index))
-        if freed and self._room_waiters:
-            async with self._space:
-                self._space.notify_all()
+        if freed:
+            await self._room_freed()
 
     async def release(self, eid: Key) -> None:
         entry = self._entries.get(eid)
@@ -265,7 +269,12 @@ class ExpertBuffer:
 
     async def _unpin(self, entry: Entry) -> None:
         entry.pins -= 1
-        if entry.pins == 0 and self._room_waiters:
+        if entry.pins == 0:
+            await self._room_freed()
+
+    async def _room_freed(self) -> None:
+        """Wake the demand reads waiting for room (a pin released, an entry given up)."""
+        if self._room_waiters:
             async with self._space:
                 self._space.notify_all()
 
@@ -314,12 +323,8 @@ class ExpertBuffer:
         entry = self._entries.get(eid)
         if entry is None or entry.pins or entry.weights is None or eid in self.placed or eid in self.protected:
             return False
-        self._drop(eid)
-        self.policy.on_remove(eid)
-        self.counters.evictions += 1
-        if self._room_waiters:
-            async with self._space:
-                self._space.notify_all()
+        self._evict(eid)
+        await self._room_freed()
         return True
 
     def _cancel_fill(self) -> bool:
@@ -400,9 +405,7 @@ class ExpertBuffer:
                     finally:
                         self._room_waiters -= 1
                     continue
-                self._drop(victim)
-                self.policy.on_remove(victim)
-                self.counters.evictions += 1
+                self._evict(victim)
             entry = Entry(self.nbytes(eid),
                            priority=priority if priority is not None else DEMAND if allow_protected else PREFETCH)
             self._add(eid, entry)

@@ -5,6 +5,7 @@ next (`next_spans`). The loop itself is in batching.py."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -147,3 +148,25 @@ class PrefetchTally:
         for f in flat[ids >= 0].tolist():
             self.hits += f in self.read
             self.misses += f in self.unheld
+
+
+def count_prompts(group: Sequence[tuple[Seq, DecodeSpan, int]], selections: torch.Tensor, tally: PrefetchTally) -> None:
+    """A home step's selections [MoE layers, rows, k], span by span: a prompt span's rows are added
+    to its request's counts (as a sequence-parallel prefill's are; the decode prefetch ranks
+    experts by them), a decode token's are judged against the prefetch's plans."""
+    if selections.dim() != 3:
+        return
+    row = 0
+    for s, span, epoch in group:
+        rows = span.end - span.position
+        prompt_rows = max(0, min(span.end, len(s.prompt)) - span.position)
+        if not prompt_rows and span.token_ids and tally.planned:
+            tally.decoded(selections[:, row:row + rows])
+        L = selections.shape[0]
+        E = len(s.counts) // L if L else 0
+        if prompt_rows and epoch == s.epoch and E and L * E == len(s.counts):
+            ids = selections[:, row:row + prompt_rows].long()
+            flat = ids + torch.arange(L)[:, None, None] * E
+            summed = torch.bincount(flat[(ids >= 0) & (ids < E)], minlength=L * E)
+            s.counts = [a + b for a, b in zip(s.counts, summed.tolist())]
+        row += rows

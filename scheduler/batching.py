@@ -58,7 +58,7 @@ from protos.sampling import request_seed, sample, token_generator
 from scheduler.agent_calls import AgentCalls
 from scheduler.batch_ends import BatchEnds, ClusterFn, FailedFn
 from scheduler.batch_state import BatchSettings as BatchSettings
-from scheduler.batch_state import PrefetchTally, Seq, next_spans
+from scheduler.batch_state import PrefetchTally, Seq, count_prompts, next_spans
 from scheduler.client import AgentClient
 from scheduler.decode_plan import choose_home, prefill_at_home, user_home
 from scheduler.errors import NoAgentsAvailable
@@ -212,25 +212,6 @@ class Batcher(BatchEnds):
         if prompts_done:  # as after a sequence-parallel prefill, but no home waits for it
             self._refresh_soon()
 
-    def _count_prompts(self, group: list[tuple[Seq, DecodeSpan, int]], selections: torch.Tensor) -> None:
-        """Add each prompt span's selections [MoE layers, rows, k] to its request's counts (as
-        a sequence-parallel prefill's are): the decode prefetch ranks experts by them."""
-        row = 0
-        for s, span, epoch in group:
-            rows = span.end - span.position
-            prompt_rows = max(0, min(span.end, len(s.prompt)) - span.position)
-            if not prompt_rows and span.token_ids and selections.dim() == 3 and self.prefetch.planned:
-                self.prefetch.decoded(selections[:, row:row + rows])
-            if prompt_rows and epoch == s.epoch and selections.dim() == 3:
-                ids = selections[:, row:row + prompt_rows].long()
-                L = ids.shape[0]
-                E = len(s.counts) // L if L else 0
-                if E and L * E == len(s.counts):
-                    flat = ids + torch.arange(L)[:, None, None] * E
-                    summed = torch.bincount(flat[(ids >= 0) & (ids < E)], minlength=L * E)
-                    s.counts = [a + b for a, b in zip(s.counts, summed.tolist())]
-            row += rows
-
     def prompt_counts(self) -> list[list[int]]:
         """The running requests' prefill selections per (MoE layer, expert), flat (those with any)."""
         return [s.counts for s in self.running if not s.ended and any(s.counts)]
@@ -251,7 +232,7 @@ class Batcher(BatchEnds):
                                self.unheld_read_s(home)):
                 seq.at_home, seq.home = True, seq.runner.agents[home]
                 seq.members, seq.sources_released = [home], True
-                shape = seq.runner.shape  # its steps' selections are counted here (`_count_prompts`)
+                shape = seq.runner.shape  # its steps' selections are counted (`count_prompts`)
                 seq.counts = [0] * ((shape.num_layers - len(shape.dense_layers)) * shape.num_experts)
             self.running.append(seq)
             if seq.request.on_admitted is not None and not seq.admitted:
@@ -383,7 +364,7 @@ class Batcher(BatchEnds):
         if after is not None and not after.done():
             await asyncio.wait([after])
         if result is not None and result.selections is not None:
-            self._count_prompts(group, result.selections)
+            count_prompts(group, result.selections, self.prefetch)
             if self.on_selections is not None:
                 self.on_selections(home.name, result.selections)
         prompts_done = False

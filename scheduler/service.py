@@ -18,11 +18,10 @@ from typing import Any
 
 import torch
 
-from protos.convert import expert_from_wire, expert_to_wire
+from protos.convert import expert_from_wire
 from protos.ids import ExpertId, SliceId, model_fingerprint
 from scheduler.client import AgentClient, AgentInfo
 from scheduler.errors import AgentFailed, JoinRefused, NoAgentsAvailable, PromptTooLong, QueueFull, why_unable
-from scheduler.fill import AgentHoldings
 from scheduler.policy import Policy
 from protos.routing import RoutingTable
 from protos.security import probe_peer
@@ -30,7 +29,8 @@ from scheduler.activations import ActivationWindow
 from scheduler.batching import Batcher
 from scheduler.engine_settings import EngineSettings
 from scheduler.placer import Placer
-from scheduler.decode_plan import CacheRoom, Measured, data_address, home_runs, prompt_cache, routing_table, same_holders
+from scheduler.decode_plan import Measured, data_address, home_runs, routing_table, same_holders
+from scheduler.pool_cache import PoolCache
 from scheduler.runner import ClusterView, ModelShape
 from scheduler.types import AgentSnapshot, EngineSnapshot, GenerationRequest, NodeId, NodeSpec, TokenEvent
 
@@ -69,9 +69,7 @@ class EngineService:
         self._refreshing: asyncio.Task[None] | None = None
         self._publishing = asyncio.Lock()  # one table at a time, each numbered after the last
         self._draining: list[AgentClient] = []  # removed from the inventory, still used by running requests
-        self.prefetched_experts = 0  # experts the pool-wide decode prefetch had agents read (`cache_prompts`)
-        self._caching = asyncio.Lock()
-        self._prefetching: dict[str, frozenset[int]] = {}  # per agent, the reads its plans began, not yet polled
+        self.pool = PoolCache(self)  # what the agents' free and cache memory reads: fills, the decode prefetch
 
     @property
     def context_length(self) -> int:
@@ -187,9 +185,7 @@ class EngineService:
                 self._snapshots[client.name] = result
                 E = self.infos[client.name].num_experts
                 if self.placer.differs(client.name, result.placed, E):  # restarted: its memory is new
-                    resend = asyncio.create_task(self.placer.resend(client.name, client, E))
-                    self._background.add(resend)
-                    resend.add_done_callback(self._background.discard)
+                    self.track(asyncio.create_task(self.placer.resend(client.name, client, E)))
                 if not before.up:
                     log.info("agent %s joined (%s)", client.name, client.spec.address)
                     if self.on_join is not None:
@@ -260,7 +256,7 @@ class EngineService:
         p = self.placer
         tally = self.batcher.prefetch
         return EngineSnapshot(len(self.batcher.running), len(self.batcher.waiting), tuple(self._snapshots.values()),
-                              p.migrations, p.migration_bytes, p.cost(), prefetch_experts=self.prefetched_experts,
+                              p.migrations, p.migration_bytes, p.cost(), prefetch_experts=self.pool.prefetched_experts,
                               prefetch_hits=tally.hits, prefetch_misses=tally.misses)
 
     def _selections(self, home: NodeId, selections: torch.Tensor) -> None:
@@ -335,88 +331,26 @@ class EngineService:
         await self.fill()
         await self.publish_routing()
 
+    async def fill(self) -> None:
+        await self.pool.fill()
+
     async def cache_prompts(self) -> None:
-        """The decode prefetch, pool-wide (`decode_plan.prompt_cache`): the agents' cache memory
-        takes the experts the running requests' prompts chose most (each request's counts
-        weighing one), in place of entries they chose less. The entries to give up leave the
-        routing table first, so that no home sends work to a holder about to drop them; the
-        experts read join it at the first poll after their reads should be done."""
-        if self.shape is None or not self.settings.decode_prefetch:
-            return
-        async with self._caching:  # one plan at a time, each seeing the reads the last one began
-            await self._cache_prompts(self.shape)
+        await self.pool.cache_prompts()
 
-    async def _cache_prompts(self, shape: ModelShape) -> None:
-        agents = [c for c in self.up_clients() if c.name in self.infos]
-        prompts = [c for c in self.batcher.prompt_counts() if len(c) == len(shape.routed_experts())]
-        if not agents or not prompts:
-            return
-        counts: dict[ExpertId, float] = {}
-        for flat in prompts:
-            total = sum(flat)
-            for eid, n in zip(shape.routed_experts(), flat):
-                if n:
-                    counts[eid] = counts.get(eid, 0.0) + n / total
-        E = shape.num_experts
-        rooms = {}
-        for c in agents:
-            snap, info = self._snapshots[c.name], self.infos[c.name]
-            held = snap.held | self._prefetching.get(c.name, frozenset())  # reads a plan began count
-            rooms[c.name] = CacheRoom(frozenset(expert_from_wire(i, E) for i in held),
-                                      frozenset(expert_from_wire(i, E) for i in snap.placed),
-                                      snap.capacity_bytes // info.expert_bytes if snap.capacity_bytes else None)
-        plan = prompt_cache(counts, rooms, len(shape.routed_experts()))
-        if not plan:
-            return
-        for node, (_, evict) in plan.items():  # unnamed before they go
-            snap = self._snapshots[node]
-            self._snapshots[node] = dataclasses.replace(snap, held=snap.held - {expert_to_wire(e, E) for e in evict})
-        await self.publish_routing()
-        clients = {c.name: c for c in agents}
-        sent = list(plan.items())
-        results = await asyncio.gather(*(clients[n].fill([expert_to_wire(e, E) for e in loads],
-                                                          [expert_to_wire(e, E) for e in evict], prefetch=True)
-                                         for n, (loads, evict) in sent), return_exceptions=True)
-        read_s, index = 0.0, {eid: i for i, eid in enumerate(shape.routed_experts())}
-        read: set[int] = set()
-        for (node, (loads, _)), result in zip(sent, results):
-            if isinstance(result, BaseException):  # a prefetch lost: its experts are read on demand
-                log.warning("decode prefetch of %d experts on %s failed: %s", len(loads), node, result)
-                continue
-            self.prefetched_experts += len(result[0])
-            self._prefetching[node] = self._prefetching.get(node, frozenset()) | frozenset(result[0])
-            read |= {index[expert_from_wire(i, E)] for i in result[0]}
-            rate, info = self.infos[node].disk_bytes_per_s, self.infos[node]
-            one = info.expert_bytes / rate if rate else self._snapshots[node].expert_read_s  # as throttled, else measured
-            read_s = max(read_s, len(result[0]) * one)
-        known = {index[e] for r in rooms.values() for e in r.held}
-        self.batcher.prefetch.plan(E, frozenset(read), frozenset(i for i in index.values() if i not in known) - read)
-        if read:
-            self._track(asyncio.create_task(self._republish_after(read_s)))
+    @property
+    def snapshots(self) -> dict[str, AgentSnapshot]:
+        """What each agent last reported (the pool's plans update it as they send)."""
+        return self._snapshots
 
-    async def _republish_after(self, seconds: float) -> None:
-        """Holdings and the routing table once the decode prefetch's reads should be in."""
-        await asyncio.sleep(seconds)
-        await self.poll(up_only=True)
-        async with self._caching:  # the poll lists what they read, and what is still being read
-            self._prefetching.clear()
-        await self.publish_routing()
-
-    def _track(self, task: asyncio.Task[None]) -> None:
+    def track(self, task: asyncio.Task[None]) -> None:
+        """A background task of the engine's, cancelled when it stops."""
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
     def _refresh_soon(self) -> None:
         if self._refreshing is None or self._refreshing.done():
             self._refreshing = asyncio.create_task(self.refresh())
-            self._background.add(self._refreshing)
-            self._refreshing.add_done_callback(self._background.discard)
-
-    def _holdings(self, name: str, num_experts: int) -> AgentHoldings:
-        snap, info = self._snapshots[name], self.infos[name]
-        free = (snap.capacity_bytes - snap.bytes_used) // info.expert_bytes if snap.capacity_bytes else None
-        held = frozenset(expert_from_wire(i, num_experts) for i in snap.held)
-        return AgentHoldings(snap.name, held, free, info.disk_bytes_per_s)
+            self.track(self._refreshing)
 
     # Requests ----------------------------------------------------------------------------
 
@@ -445,26 +379,6 @@ class EngineService:
         mean = sum(recent) / len(recent) if recent else 1.0
         return max(1.0, mean * (len(self.batcher.waiting) + 1) / self.settings.max_running)
 
-    async def fill(self) -> None:
-        """Ask the agents to read the experts none of them holds into their free memory (they
-        read them in the background, at their disks' lowest priority); after every request,
-        from the cache state the poll just brought."""
-        shape = self.shape
-        agents = [c for c in self.up_clients() if c.name in self.infos]
-        if shape is None or not agents:
-            return
-        E, clients = shape.num_experts, {c.name: c for c in agents}
-        plan = self.policy.fills([self._holdings(c.name, E) for c in agents], shape.routed_experts(),
-                                 self.infos[agents[0].name].expert_bytes, E)
-        sent = list(plan.items())
-        results = await asyncio.gather(*(clients[n].fill([expert_to_wire(e, E) for e in es]) for n, es in sent),
-                                       return_exceptions=True)
-        for (node, es), result in zip(sent, results):
-            if isinstance(result, BaseException):  # only a lost chance to read ahead: the next request reads on demand
-                log.warning("fill of %d experts on %s failed: %s", len(es), node, result)
-            elif result[0] and node in self._snapshots:  # held from now on (being read): the next table names them
-                snap = self._snapshots[node]
-                self._snapshots[node] = dataclasses.replace(snap, held=snap.held | frozenset(result[0]))
 
 
 async def start_engine(model_dir: Path, nodes: Sequence[NodeSpec], settings: EngineSettings,

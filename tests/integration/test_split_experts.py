@@ -142,7 +142,7 @@ async def test_the_pool_s_memory_takes_what_the_running_prompt_chose_and_keeps_t
                                                                                                  temperature=0))
                 tokens = [e.token_id async for e in await engine.submit(request)]
                 if i == 0:
-                    before = engine.prefetched_experts  # its own plan's (the first prompt's)
+                    before = engine.pool.prefetched_experts  # its own plan's (the first prompt's)
             snap = engine.snapshot()
     assert tokens == greedy
     assert (snap.prefetch_experts > before) == prefetch

@@ -1,6 +1,6 @@
 """The pool-wide decode prefetch: which experts the agents' cache memory takes for the running
 prompts (`decode_plan.prompt_cache`), how a home-prefilled prompt's selections are counted
-(`Batcher._count_prompts`), and how decode selections are judged against the plans
+(`batch_state.count_prompts`), and how decode selections are judged against the plans
 (`PrefetchTally`)."""
 
 from __future__ import annotations
@@ -8,8 +8,7 @@ from __future__ import annotations
 import torch
 
 from protos.ids import ExpertId, RequestId
-from scheduler.batch_state import PrefetchTally, Seq
-from scheduler.batching import Batcher
+from scheduler.batch_state import PrefetchTally, Seq, count_prompts
 from scheduler.decode_plan import CacheRoom, prompt_cache
 from scheduler.types import DecodeSpan, GenerationRequest, NodeId, SamplingParams
 
@@ -76,20 +75,19 @@ def _seq(prompt: int, experts: int, layers: int) -> Seq:
 
 
 def test_a_home_step_s_prompt_rows_are_counted_and_its_decode_rows_judged() -> None:
-    batcher = Batcher.__new__(Batcher)  # _count_prompts needs only its tally
-    batcher.prefetch = PrefetchTally()
+    tally = PrefetchTally()
     first, second = _seq(3, experts=4, layers=2), _seq(2, experts=4, layers=2)
     second.counts = [0] * 8
     # One step: the last 2 prompt tokens of `first` (positions 1, 2), then `second`'s decode token.
     group = [(first, DecodeSpan("r", (7, 8), 1), 0), (second, DecodeSpan("r", (9,), 2), 0)]
     selections = torch.tensor([[[0, 1], [1, 2], [3, -1]],  # MoE layer 0, rows x k
                                [[2, 3], [2, 0], [1, 1]]])  # MoE layer 1
-    batcher.prefetch.plan(4, read=frozenset({3, 5}), unheld=frozenset({1, 4}))
-    batcher._count_prompts(group, selections)
+    tally.plan(4, read=frozenset({3, 5}), unheld=frozenset({1, 4}))
+    count_prompts(group, selections, tally)
     assert first.counts == [1, 2, 1, 0, 1, 0, 2, 1]  # layer 0: 0,1,1,2; layer 1: 2,3,2,0
     assert second.counts == [0] * 8  # a decode token is not part of its prompt
     # second's row: layer 0 chose 3 (read: a hit), -1 (none); layer 1 chose 1 twice (flat 5: a hit)
-    assert (batcher.prefetch.hits, batcher.prefetch.misses) == (3, 0)
+    assert (tally.hits, tally.misses) == (3, 0)
 
 
 def test_the_tally_keeps_every_plan_s_reads_and_drops_them_from_the_unheld() -> None:
