@@ -75,6 +75,9 @@ class _Run:
     paused: tuple[torch.Tensor, torch.Tensor] | None = None  # (h, attn) of `layer`, waiting on split partials
     partials: dict[int, list[Partial]] = field(default_factory=dict)  # span -> its partials at `layer`
     chosen: list[torch.Tensor] = field(default_factory=list)  # [T, k] experts each token chose, per MoE layer run
+    # An inline layer's local experts left to the compute thread (x, ids, weights, experts): see
+    # INLINE_LOCAL_EXPERTS; their output still to add to h, the layer's remote outputs beside it.
+    local: tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[int, moe.ExpertWeights]] | None = None
 
 
 # How long a step whose span starts past its request's K/V waits for the step before it to
@@ -88,14 +91,17 @@ DEFAULT_ROUND_TRIP_S = 0.002
 
 # An unpaced home whose last step called peers runs a step of this many tokens on its event loop,
 # a layer per turn of the loop, rather than as compute jobs: a job per remote layer cost two
-# thread hops (as on the holders, executor.INLINE_ROWS), 2-3 ms a token on the emulated LAN. Its
-# expert calls leave when the layer hands them over (their latency counts from there) but are
-# sent once the layer's local experts are done: with one token, at most two local experts, well
-# within a link's latency. With more tokens the local experts took longer than that: 8 LAN
-# streams went from 82 to 100 ms a step. A home with every expert resident runs a step as one
-# job (two hops a token), and steps with more tokens stay on the compute thread, whose sends go
-# out while it runs the local experts.
-HOME_INLINE_ROWS = 1
+# thread hops (as on the holders, executor.INLINE_ROWS), 2-3 ms a token on the emulated LAN, and
+# on a batched step the compute thread's hand-over of the sends took 0.5 ms a layer to reach the
+# loop. Its expert calls leave when the layer hands them over (their latency counts from there)
+# but are written once the loop is free again. So a layer that sends experts runs at most
+# INLINE_LOCAL_EXPERTS of its local ones on the loop (one token has at most one then: well within
+# a link's latency); more go to the compute thread after the sends are on their way (8 rows
+# running all theirs on the loop first took 8 LAN streams from 82 to 100 ms a step). A home with
+# every expert resident runs a step as one job (two hops a token), and steps with more tokens
+# stay on the compute thread, whose sends go out while it runs the local experts.
+HOME_INLINE_ROWS = 8
+INLINE_LOCAL_EXPERTS = 1
 
 
 class Decoder:
@@ -229,6 +235,7 @@ class Decoder:
             try:
                 if inline:
                     self._inline(self._run_layers, loop, dispatch, run)
+                    await self._run_local(run)
                 else:
                     await self.compute(self._run_layers, loop, dispatch, run)
             finally:
@@ -277,6 +284,18 @@ class Decoder:
         not in yet; and the logits if it gets through the last layer with nothing handed out.
         With every expert resident here, a whole step is one job."""
         self._layers_from(loop, dispatch, run)
+
+    async def _run_local(self, run: _Run) -> None:
+        """The local experts an inline layer left (`run.local`), on the compute thread once the
+        layer's sends have had a turn of the loop to leave; their pins are still held."""
+        if run.local is None:
+            return
+        local, run.local = run.local, None
+        await asyncio.sleep(0)
+        out = await self.compute(slots.mix_experts, *local)
+        if out is not None:
+            assert run.h is not None
+            run.h = run.h + out
 
     def _split(self, run: _Run) -> frozenset[int]:
         """The decode tokens that attend at `run.layer` over prompt K/V still at its sources:
@@ -344,6 +363,9 @@ class Decoder:
             hand_over(loop, dispatch, self.sends.experts, dispatch, layer, x, ids, weights, elsewhere,
                       self._guess_next(layer, h))
         local = {e: held[e] for e in needed if e in held}
+        if elsewhere and dispatch.inline and len(local) > INLINE_LOCAL_EXPERTS:
+            run.local = (x, ids, weights, local)  # after the sends are on their way (`_run_local`)
+            return h, sorted(local)
         out = slots.mix_experts(x, ids, weights, local)
         return (h if out is None else h + out), sorted(local)
 

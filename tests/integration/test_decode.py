@@ -111,6 +111,24 @@ async def test_decode_reading_experts_no_agent_holds_counts_its_waits_on_the_dis
     assert snap.decode_peer_wait_s == 0 and 0 < snap.decode_read_wait_s < snap.decode_step_s
 
 
+async def test_batched_steps_on_a_pooled_memory_home_match_the_requests_alone(qwen_tiny: Path) -> None:
+    """Three agents with room for a third of the experts each, four requests on one home: its
+    batched steps run on its event loop, a layer's sends leaving before its local experts (on
+    the compute thread when there are more than one); the tokens are each request's alone."""
+    reqs = requests(1000)
+    total = 3 * 8  # tiny preset: 3 MoE layers of 8 experts
+    async with local_cluster(qwen_tiny, 3, expert_memory=(total // 3) * expert_bytes(qwen_tiny)) as cluster:
+        alone = [await cluster.generate(r, max_running=1) for r in reqs]
+        batched = await together(cluster, reqs, max_running=4, home_prefill_max=64)
+        snaps = [await c.snapshot() for c in cluster.clients]
+    for r, one, many in zip(reqs, alone, batched):
+        assert [e.token_id for e in many] == [e.token_id for e in one]
+        for a, b in zip(one, many):
+            assert a.logprob is not None and b.logprob is not None and abs(a.logprob - b.logprob) < 1e-4
+    assert sum(s.decode_remote_experts for s in snaps) > 0 and sum(s.decode_local_experts for s in snaps) > 0
+    assert sum(s.decode_steps for s in snaps) < sum(s.decode_tokens for s in snaps)  # several requests a step
+
+
 async def test_pooled_memory_decode_calls_holders_at_most_once_per_layer(qwen_tiny: Path) -> None:
     """Three agents with room for a third of the experts each: a home lacks most experts and
     sends their tokens to the holders the routing table names; the tokens are unchanged."""
