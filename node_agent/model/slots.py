@@ -38,11 +38,11 @@ def mix_experts(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, exper
     if not slots:
         return None
     out = torch.zeros_like(x)
-    flat_w = weights.flatten()
+    flat_w = weights.flatten().tolist()  # rows and weights picked in Python: a tensor op each cost more
     for e, pairs in slots.items():
-        idx = torch.tensor(pairs)
-        rows = idx // k
-        out.index_add_(0, rows, swiglu(experts[e], x[rows]) * flat_w[idx, None])
+        rows = torch.tensor([i // k for i in pairs])
+        w = torch.tensor([flat_w[i] for i in pairs], dtype=weights.dtype)
+        out.index_add_(0, rows, swiglu(experts[e], x[rows]) * w[:, None])
     return out
 
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from protos.ids import ExpertId, NodeId
-from scheduler.activations import ActivationWindow
+from scheduler.activations import FOLD_TOKENS, ActivationWindow
 
 A, B = NodeId("a"), NodeId("b")
 
@@ -78,3 +78,24 @@ def test_selections_of_the_wrong_shape_or_range_are_refused() -> None:
         window.add(A, torch.zeros(3, 1, 2, dtype=torch.int16), now=0.0)
     with pytest.raises(ValueError, match="outside"):
         window.add(A, torch.full((2, 1, 2), 4, dtype=torch.int16), now=0.0)
+
+
+def test_steps_counted_in_batches_across_homes_and_buckets_equal_plain_counting() -> None:
+    """Past FOLD_TOKENS the steps kept aside are counted together: homes interleaved and buckets
+    crossed on the way give what counting each step alone gives."""
+    window = ActivationWindow((0, 2), 6, window_s=1000.0, bucket_s=7.0)
+    plain = {A: Counter[ExpertId](), B: Counter[ExpertId]()}
+    tokens = {A: 0, B: 0}
+    sels = steps(9, 2, 6, 2, 300)
+    assert sum(s.shape[1] for s in sels) > 2 * FOLD_TOKENS  # counted in several batches, and at the read
+    for i, sel in enumerate(sels):
+        home = A if i % 3 else B
+        window.add(home, sel, now=i * 0.1)
+        tokens[home] += sel.shape[1]
+        for l, layer in enumerate((0, 2)):
+            for token in sel[l].tolist():
+                plain[home].update(ExpertId(layer, e) for e in token)
+    acts, now = window.activations(now=30.0), window.window(30.0)
+    for home in (A, B):
+        assert acts.counts[home] == {e: float(n) for e, n in plain[home].items()}
+        assert now[home].tokens == tokens[home]
