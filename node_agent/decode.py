@@ -11,7 +11,7 @@
                  hands their tokens to the event loop from inside the job (`decode_sends.py`), which
                  sends them to their holders (RoutingTable, on the data plane) while the job runs
                  the local ones, and ends the job -> logits of each span's last token -> the token
-                 sampled after each span past its prompt (`Decoder.run` orders a request's steps)
+                 sampled after each span past its prompt (`step_order.StepOrder` orders a request's steps)
 
 A step waits on peers at most once per layer (the remote holders, in parallel; or K/V still
 arriving), and not at all when every expert it needs is resident here: then it is one job. While
@@ -42,6 +42,7 @@ from node_agent.expert_buffer import ExpertBuffer, LayerPins
 from node_agent.kv_cache import HomeCaches, attend_where_it_is
 from node_agent.model import moe, slots
 from node_agent.model.config import MoeConfig
+from node_agent.step_order import StepOrder
 from protos.messages import DecodeResult, DecodeSpan, TokenEvent
 from protos.routing import RoutingTable
 from protos.sampling import sample, token_generator
@@ -79,11 +80,6 @@ class _Run:
     # INLINE_LOCAL_EXPERTS; their output still to add to h, the layer's remote outputs beside it.
     local: tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[int, moe.ExpertWeights]] | None = None
 
-
-# How long a step whose span starts past its request's K/V waits for the step before it to
-# arrive, when no other step of that request is here: pipelined steps leave the scheduler
-# together, so the one before comes within a round trip unless it was never sent.
-ARRIVAL_GRACE_S = 2.0
 
 # What a synchronous wait on peers costs until one is measured: a LAN round trip with both
 # sides' software (the split-KV choice weighs it against K/V still on its way).
@@ -129,9 +125,7 @@ class Decoder:
         self.step_s = 0.0  # wall time of the decode steps (those counted in `steps`)
         self.waits_s = Waits()  # of which waiting: on peers only, or on reads here (peers beside)
         self.round_trip_s = round_trip_s  # a synchronous wait on peers, as last measured
-        self._one_step = asyncio.Lock()  # steps run one at a time, in the order they became ready
-        self._waiting: list[asyncio.Future[None]] = []  # steps waiting for their turn (see _in_order)
-        self._arrived: dict[str, int] = {}  # request id -> its steps here, running or waiting
+        self.order = StepOrder(self.kv.caches, peer_timeout_s)  # one step at a time, each request's in order
         self.inline = inline  # see HOME_INLINE_ROWS (unpaced agents only)
         self._went_remote = False  # the last step called peers
 
@@ -153,55 +147,14 @@ class Decoder:
         `logits` each span's logits. Steps run one at a time."""
         now = time.monotonic()
         for span in spans:
-            self._arrived[span.request_id] = self._arrived.get(span.request_id, 0) + 1
             if (cache := self.kv.caches.get(span.request_id)) is not None:
                 cache.touched = now
-        try:
-            await self._in_order(spans)
-            async with self._one_step:
-                batch = self.batch(spans)
-                out, trips, tokens, chosen = await self.step(batch)
-        finally:
-            for span in spans:
-                if (left := self._arrived[span.request_id] - 1) > 0:
-                    self._arrived[span.request_id] = left
-                else:
-                    del self._arrived[span.request_id]
-            self.moved()
+        async with self.order.turn(spans):
+            batch = self.batch(spans)
+            out, trips, tokens, chosen = await self.step(batch)
         gathered = self.kv.newly_gathered([s.request_id for s in batch.spans])
         return DecodeResult(tokens=tokens, round_trips=trips, gathered=tuple(gathered), logits=out if logits else None,
                             selections=chosen)
-
-    async def _in_order(self, spans: Sequence[DecodeSpan]) -> None:
-        """Until every span's request has its K/V up to where the span starts. Steps are ordered by
-        position, not by arrival: two calls in flight on one channel may reach the handlers in
-        either order (fuzzing the API, a chat request failed with its span at position 589 and
-        its K/V at 588). It waits while another step of its requests is here (running or
-        waiting), else ARRIVAL_GRACE_S for one to arrive; a span that skips positions, or whose
-        request was released meanwhile, is then let through for `batch` to refuse."""
-        def behind() -> list[DecodeSpan]:
-            return [s for s in spans if (c := self.kv.caches.get(s.request_id)) is not None and s.position > c.next]
-
-        loop = asyncio.get_running_loop()
-        start = loop.time()
-        while waiting := behind():
-            coming = any(self._arrived.get(s.request_id, 0) > 1 for s in waiting)  # a step of it besides this one
-            left = start + (self.peer_timeout_s if coming else ARRIVAL_GRACE_S) - loop.time()
-            if left <= 0:
-                return
-            turn = loop.create_future()
-            self._waiting.append(turn)
-            try:
-                await asyncio.wait_for(turn, left)
-            except TimeoutError:
-                pass  # look again: a step may have come meanwhile
-
-    def moved(self) -> None:
-        """A step ended or a request was released: the steps waiting for their turn look again."""
-        waiting, self._waiting = self._waiting, []
-        for turn in waiting:
-            if not turn.done():
-                turn.set_result(None)
 
     async def step(self, batch: DecodeBatch
                    ) -> tuple[torch.Tensor, int, tuple[TokenEvent | None, ...], torch.Tensor | None]:

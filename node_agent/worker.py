@@ -265,7 +265,7 @@ class AgentCore:
     async def release(self, request_id: str) -> None:
         self.decoder.kv.release(request_id)
         self.decoder.prefetch.release(request_id)
-        self.decoder.moved()  # a later step of it, waiting for its turn, goes on (to be refused)
+        self.decoder.order.moved()  # a later step of it, waiting for its turn, goes on (to be refused)
         state = self.requests.pop(request_id)
         if state is not None:
             await state.release()
