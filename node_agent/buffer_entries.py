@@ -1,12 +1,14 @@
 """What the expert buffer (`expert_buffer.py`) holds and says: its keys, entries, counters,
-disk priorities and errors."""
+disk priorities and errors; and which of its entries may go to make room (pure choices over
+the entries, which the buffer then acts on)."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Set
 from dataclasses import dataclass, field
 
+from node_agent.cache_policy import EvictionPolicy
 from node_agent.model.moe import ExpertWeights
 from protos.ids import ExpertId, SliceId
 
@@ -67,3 +69,30 @@ class BufferCounters:
     fetches: int = 0  # of them, got from a peer's memory instead of the disk
     fetch_failures: int = 0  # fetches that failed (read from the disk instead)
     streamed: int = 0  # slices read for one use, with no room to hold them but a whole expert's
+
+
+def evictable(entries: Mapping[Key, Entry], placed: Set[ExpertId] = frozenset()) -> Iterator[Key]:
+    """The entries nobody uses, read in full and not placed: those eviction may take."""
+    return (k for k, v in entries.items() if v.pins == 0 and v.weights is not None and k not in placed)
+
+
+def choose_victim(entries: Mapping[Key, Entry], policy: EvictionPolicy[Key], placed: Set[ExpertId],
+                  protected: Set[ExpertId], allow_protected: bool, evict_whole: bool = True) -> Key | None:
+    """The entry to evict for a new read, or None: the policy's choice among the evictable ones,
+    slices first, then whole experts (unless not `evict_whole`), those the current plan needs
+    (`protected`) only if `allow_protected` and no other is left."""
+    free = set(evictable(entries, placed))
+    # Slices go before whole experts: a whole expert is in the routing table homes read (one
+    # gone sends them to a holder that must read all of it again), a slice is 1/N of a read.
+    slices: set[Key] = {k for k in free if isinstance(k, SliceId)}
+    free = slices or (free if evict_whole else set())
+    victim = next(iter(policy.victims(free - protected)), None)
+    if victim is None and allow_protected:
+        victim = next(iter(policy.victims(free)), None)
+    return victim
+
+
+def unstarted_fill(entries: Mapping[Key, Entry]) -> Key | None:
+    """A fill whose read has not begun and that nobody waits for: its reservation may go to a
+    load that needs the room."""
+    return next((k for k, v in entries.items() if v.priority == FILL and not v.started and not v.pins), None)

@@ -49,6 +49,11 @@ class DiskQueue:
         if self._reader is None or self._reader.done():
             self._reader = asyncio.get_running_loop().create_task(self._read_forever())
 
+    def hurry(self, key: Key, entry: Entry, priority: int) -> None:
+        """A queued read is now wanted at `priority`: it moves up, unless its read has begun."""
+        if not entry.started and entry.priority > priority:
+            self.push(priority, key, entry)
+
     def _preempt_check(self, entry: Entry) -> Callable[[], None]:
         """Before each chunk of a read: a fill nobody waits for gives the disk to urgent reads,
         and a streamed read given up (its `loaded` cancelled) stops."""

@@ -28,7 +28,8 @@ from collections.abc import AsyncIterator, Iterable, Mapping
 from concurrent.futures import Executor
 
 from node_agent.buffer_entries import (DEMAND, FILL, PLACE, PREFETCH, BufferCounters, BufferTooSmall, Entry, FetchFn,
-                                       Key, LayerPins, LoadFn, NotResident, ReadPreempted)
+                                       Key, LayerPins, LoadFn, NotResident, ReadPreempted, choose_victim, evictable,
+                                       unstarted_fill)
 from node_agent.cache_policy import EvictionPolicy, LRUPolicy
 from node_agent.disk_queue import DiskQueue
 from node_agent.model.moe import ExpertWeights
@@ -113,8 +114,7 @@ class ExpertBuffer:
         return sorted(self._resident.get(layer, ()))
 
     def loading(self, layer: int) -> list[int]:
-        return sorted(e.index for e, v in self._entries.items()
-                      if isinstance(e, ExpertId) and e.layer == layer and v.weights is None)  # fmt: skip
+        return [e.index for e in self.all_loading() if e.layer == layer]
 
     def all_resident(self) -> list[ExpertId]:
         return sorted(e for e, v in self._entries.items() if isinstance(e, ExpertId) and v.weights is not None)
@@ -190,8 +190,7 @@ class ExpertBuffer:
         else:  # resident, or a read in flight (perhaps begun while this one waited for room)
             self.counters.hits += 1
             self.policy.on_access(eid)
-            if not entry.started and entry.priority != DEMAND:
-                self._disk_queue.push(DEMAND, eid, entry)  # a queued prefetch or fill is now needed: jump the queue
+            self._disk_queue.hurry(eid, entry, DEMAND)  # a queued prefetch or fill is now needed: it moves up
         entry.pins += 1
         try:
             return await asyncio.shield(entry.loaded)
@@ -208,8 +207,7 @@ class ExpertBuffer:
     def room_for_slice(self, key: SliceId) -> bool:
         """Whether `key` is held or on its way, or fits without evicting a whole expert (free
         room, or a slice to evict)."""
-        return key in self._entries or self._fits(key) or any(
-            isinstance(k, SliceId) and v.pins == 0 and v.weights is not None for k, v in self._entries.items())
+        return key in self._entries or self._fits(key) or any(isinstance(k, SliceId) for k in evictable(self._entries))
 
     async def stream(self, key: SliceId, started: Entry | None = None) -> ExpertWeights:
         """Read a slice for one use without holding it: where the memory holds only whole
@@ -218,8 +216,7 @@ class ExpertBuffer:
         the budget while its caller computes with it: 1/N of an expert per slice in use.
         `started`: its read, queued earlier by `queue_stream` (it moves up to a demand read)."""
         entry = started or self.queue_stream(key)
-        if not entry.started and entry.priority != DEMAND:
-            self._disk_queue.push(DEMAND, key, entry)
+        self._disk_queue.hurry(key, entry, DEMAND)
         return await entry.loaded
 
     def queue_stream(self, key: SliceId, priority: int = DEMAND) -> Entry:
@@ -291,10 +288,9 @@ class ExpertBuffer:
             if queued:
                 self.counters.prefetches += 1
                 return True
-        if entry.priority == FILL:  # a fill is now predicted: it no longer yields, and moves up
+        if entry.priority == FILL:  # a fill is now predicted: it moves up, and (begun) no longer yields
+            self._disk_queue.hurry(eid, entry, PREFETCH)
             entry.priority = PREFETCH
-            if not entry.started:
-                self._disk_queue.push(PREFETCH, eid, entry)
         return True
 
     def fill(self, eid: ExpertId, prefetch: bool = False) -> bool:
@@ -326,28 +322,6 @@ class ExpertBuffer:
         self._evict(eid)
         await self._room_freed()
         return True
-
-    def _cancel_fill(self) -> bool:
-        """Give back the reservation of one fill whose read has not started (for a load that needs
-        the room); returns whether there was one."""
-        eid = next((k for k, v in self._entries.items() if v.priority == FILL and not v.started and not v.pins), None)
-        if eid is None:
-            return False
-        self._drop(eid)  # the reader skips its queue item
-        return True
-
-    def _victim(self, allow_protected: bool, evict_whole: bool = True) -> Key | None:
-        free: set[Key] = {k for k, v in self._entries.items()
-                          if v.pins == 0 and v.weights is not None and k not in self.placed}  # fmt: skip
-        # Slices go before whole experts: a whole expert is in the routing table homes read (one
-        # gone sends them to a holder that must read all of it again), a slice is 1/N of a read.
-        slices: set[Key] = {k for k in free if isinstance(k, SliceId)}
-        free = slices or (free if evict_whole else set())
-        unprotected = free - self.protected
-        victim = next(iter(self.policy.victims(unprotected)), None)
-        if victim is None and allow_protected:
-            victim = next(iter(self.policy.victims(free)), None)
-        return victim
 
     async def _fetch_into(self, eid: ExpertId, entry: Entry, source: FetchFn) -> None:
         """Fill a reserved entry from a peer; on failure, queue its disk read instead."""
@@ -393,9 +367,11 @@ class ExpertBuffer:
                     return existing, False
                 if self._fits(eid):
                     break
-                if self._cancel_fill():
+                if (fill := unstarted_fill(self._entries)) is not None:
+                    self._drop(fill)  # its reservation goes to this load; the reader skips its queue item
                     continue
-                victim = self._victim(allow_protected, evict_whole)
+                victim = choose_victim(self._entries, self.policy, self.placed, self.protected, allow_protected,
+                                       evict_whole)
                 if victim is None:
                     if not allow_protected:
                         return None  # a prefetch never waits or evicts what is needed
