@@ -164,13 +164,12 @@ def count_prompts(group: Sequence[tuple[Seq, DecodeSpan, int]], selections: torc
     experts by them), a decode token's are judged against the prefetch's plans."""
     if selections.dim() != 3:
         return
-    row = 0
+    row, L = 0, selections.shape[0]
     for s, span, epoch in group:
         rows = span.end - span.position
         prompt_rows = max(0, min(span.end, len(s.prompt)) - span.position)
         if not prompt_rows and span.token_ids and tally.planned:
             tally.decoded(selections[:, row:row + rows])
-        L = selections.shape[0]
         E = len(s.counts) // L if L else 0
         if prompt_rows and epoch == s.epoch and E and L * E == len(s.counts):
             ids = selections[:, row:row + prompt_rows].long()

@@ -12,7 +12,7 @@ import dataclasses
 import logging
 from typing import TYPE_CHECKING
 
-from protos.convert import expert_from_wire, expert_to_wire
+from protos.convert import expert_from_wire, expert_to_wire, experts_from_wire
 from protos.ids import ExpertId
 from scheduler.decode_plan import CacheRoom, prompt_cache
 from scheduler.fill import AgentHoldings
@@ -55,7 +55,7 @@ class PoolCache:
     def _holdings(self, name: str, num_experts: int) -> AgentHoldings:
         snap, info = self.engine.snapshots[name], self.engine.infos[name]
         free = (snap.capacity_bytes - snap.bytes_used) // info.expert_bytes if snap.capacity_bytes else None
-        held = frozenset(expert_from_wire(i, num_experts) for i in snap.held)
+        held = experts_from_wire(snap.held, num_experts)
         return AgentHoldings(snap.name, held, free, info.disk_bytes_per_s)
 
     async def cache_prompts(self) -> None:
@@ -86,8 +86,7 @@ class PoolCache:
         for c in agents:
             snap, info = self.engine.snapshots[c.name], self.engine.infos[c.name]
             held = snap.held | self._prefetching.get(c.name, frozenset())  # reads a plan began count
-            rooms[c.name] = CacheRoom(frozenset(expert_from_wire(i, E) for i in held),
-                                      frozenset(expert_from_wire(i, E) for i in snap.placed),
+            rooms[c.name] = CacheRoom(experts_from_wire(held, E), experts_from_wire(snap.placed, E),
                                       snap.capacity_bytes // info.expert_bytes if snap.capacity_bytes else None)
         plan = prompt_cache(counts, rooms, len(routed))
         if not plan:

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from protos.convert import expert_from_wire
+from protos.convert import experts_from_wire
 from protos.ids import ExpertId
 from protos.messages import Peer
 from scheduler.client import AgentClient, AgentInfo
@@ -124,7 +124,7 @@ class RequestRunner:
         ))
         E = shape.num_experts
         idle_reports = IdleHoldings(E, {
-            b.report.node: frozenset(expert_from_wire(i, E) for i in b.held) for b in begun if b.report.node in idle
+            b.report.node: experts_from_wire(b.held, E) for b in begun if b.report.node in idle
         })
         routing: RoutingPlan | None = None
         # Layer 0's experts, guessed from the embeddings, load while layer 0's attention runs.

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from protos.convert import expert_from_wire
+from protos.convert import expert_from_wire, experts_from_wire
 from protos.ids import ExpertId, SliceId, model_fingerprint
 from scheduler.client import AgentClient, AgentInfo
 from scheduler.errors import AgentFailed, JoinRefused, NoAgentsAvailable, PromptTooLong, QueueFull, why_unable
@@ -242,7 +242,7 @@ class EngineService:
         E, out = self.shape.num_experts, {}
         for client in self.up_clients():
             snapshot = self._snapshots[client.name]
-            out[client.name] = frozenset(expert_from_wire(i, E) for i in (snapshot.loading if loading else snapshot.held))
+            out[client.name] = experts_from_wire(snapshot.loading if loading else snapshot.held, E)
         return out
 
     async def _poll_forever(self) -> None:
@@ -308,7 +308,7 @@ class EngineService:
         async with self._publishing:
             E = self.shape.num_experts
             agents = [c for c in self.up_clients() if c.name in self.infos]
-            held = {c.name: frozenset(expert_from_wire(i, E) for i in self._snapshots[c.name].held) for c in agents}
+            held = {c.name: experts_from_wire(self._snapshots[c.name].held, E) for c in agents}
             data = {c.name: a for c in agents if (a := data_address(c.spec.address, self.infos[c.name].data_port))}
             table = routing_table(self.table.version + 1, {c.name: c.spec.address for c in agents}, held, data,
                                   self.settings.expert_split, self.settings.decode_prefetch, self.settings.load_balance)

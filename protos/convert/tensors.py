@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterable
 
 import torch
 
@@ -84,3 +85,8 @@ def expert_to_wire(eid: ExpertId, num_experts: int) -> int:
 def expert_from_wire(flat: int, num_experts: int) -> ExpertId:
     layer, index = divmod(flat, num_experts)
     return ExpertId(layer, index)
+
+
+def experts_from_wire(flats: Iterable[int], num_experts: int) -> frozenset[ExpertId]:
+    """`expert_from_wire` of each flat id (an agent's holdings as its snapshot lists them)."""
+    return frozenset(expert_from_wire(i, num_experts) for i in flats)
