@@ -245,23 +245,14 @@ def balance(agents: Sequence[Agent], home: NodeId, model: CostModel, needs: Sequ
 DECODE_STEP_UNHELD = 2
 
 
-def decode_runs(agents: Sequence[Agent], home: NodeId, model: CostModel, experts: Iterable[ExpertId],
-                held: Mapping[NodeId, frozenset[ExpertId]], slices: Mapping[NodeId, frozenset[SliceId]],
-                mode: SplitMode = "auto", split_overhead_s: float = 0.0,
-                per_step: int = DECODE_STEP_UNHELD) -> dict[ExpertId, tuple[NodeId, ...]]:
-    """Where `home` runs each expert it does not hold in a decode step, where that is not the
-    default (whole on a holder, else read by the home): split, slice i on nodes[i], or whole on
-    another agent that reads it (nodes of one). From `balance` of a one-token step that needs
-    `per_step` experts alike in what each agent holds of them (whole, or slices); expert e takes
-    the run of the (e mod per_step)-th, so that two such experts of one step tend to go to
-    different disks. Experts alike get the same answer, computed once (most have the same:
-    held by nobody). The scheduler publishes the result in the home's routing table.
+# A kind of expert, as a decode table sees it: the agents holding it whole, and the (agent, slice)
+# pairs held of it. Experts of one kind get the same run.
+Kind = tuple[frozenset[NodeId], frozenset[tuple[NodeId, Slice]]]
 
-    Per table rather than per step, a departure from the balance of a whole step: the home
-    cannot import the scheduler, and its step's experts are only known on it. What the table
-    cannot see is which experts one step really needs together, or reads already queued."""
-    alike: dict[tuple[frozenset[NodeId], frozenset[tuple[NodeId, Slice]]], list[Run]] = {}
-    out: dict[ExpertId, tuple[NodeId, ...]] = {}
+
+def expert_kinds(experts: Iterable[ExpertId], held: Mapping[NodeId, frozenset[ExpertId]],
+                 slices: Mapping[NodeId, frozenset[SliceId]]) -> dict[Kind, list[ExpertId]]:
+    """`experts` grouped by kind: who holds each whole, and which slices of it are held where."""
     holders_of: dict[ExpertId, set[NodeId]] = {}
     for node, experts_held in held.items():
         for eid in experts_held:
@@ -270,18 +261,48 @@ def decode_runs(agents: Sequence[Agent], home: NodeId, model: CostModel, experts
     for node, held_slices in slices.items():
         for s in held_slices:
             parts_of.setdefault(s.expert, set()).add((node, Slice(s.part, s.of)))
+    kinds: dict[Kind, list[ExpertId]] = {}
     for eid in experts:
-        whole = frozenset(holders_of.get(eid, ()))
+        kinds.setdefault((frozenset(holders_of.get(eid, ())), frozenset(parts_of.get(eid, ()))), []).append(eid)
+    return kinds
+
+
+def decode_runs(agents: Sequence[Agent], home: NodeId, model: CostModel, experts: Iterable[ExpertId],
+                held: Mapping[NodeId, frozenset[ExpertId]], slices: Mapping[NodeId, frozenset[SliceId]],
+                mode: SplitMode = "auto", split_overhead_s: float = 0.0,
+                per_step: int = DECODE_STEP_UNHELD, known: dict[Kind, list[Run]] | None = None,
+                kinds: Mapping[Kind, Sequence[ExpertId]] | None = None) -> dict[ExpertId, tuple[NodeId, ...]]:
+    """Where `home` runs each expert it does not hold in a decode step, where that is not the
+    default (whole on a holder, else read by the home): split, slice i on nodes[i], or whole on
+    another agent that reads it (nodes of one). From `balance` of a one-token step that needs
+    `per_step` experts alike in what each agent holds of them (whole, or slices); expert e takes
+    the run of the (e mod per_step)-th, so that two such experts of one step tend to go to
+    different disks. Experts of a kind get the same answer, computed once (most share one:
+    held by nobody, or by one agent). The scheduler publishes the result in the home's routing
+    table.
+
+    Per table rather than per step, a departure from the balance of a whole step: the home
+    cannot import the scheduler, and its step's experts are only known on it. What the table
+    cannot see is which experts one step really needs together, or reads already queued.
+
+    `known`: answers worked out before for the same agents, home, model and settings, by kind;
+    read and added to (`decode_plan.RunsMemo` keeps them from one table to the next). `kinds`:
+    `expert_kinds` of the arguments, where the caller has it (one grouping for every home)."""
+    alike: dict[Kind, list[Run]] = {} if known is None else known
+    out: dict[ExpertId, tuple[NodeId, ...]] = {}
+    for key, eids in (expert_kinds(experts, held, slices) if kinds is None else kinds).items():
+        whole, parts = key
         if home in whole:
             continue
-        key = (whole, frozenset(parts_of.get(eid, ())))
         if key not in alike:
             got: dict[NodeId, set[Slice]] = {n: {WHOLE} for n in whole}
-            for node, part in key[1]:
+            for node, part in parts:
                 got.setdefault(node, set()).add(part)
             needs = [Need(ExpertId(-1, j), 1, {n: frozenset(p) for n, p in got.items()}) for j in range(per_step)]
             alike[key] = balance(agents, home, model, needs, mode, split_overhead_s=split_overhead_s)
-        run = alike[key][eid.index % per_step]
-        if run.split or (not whole and run.nodes[0] != home):
-            out[eid] = run.nodes
+        runs = alike[key]
+        for eid in eids:
+            run = runs[eid.index % per_step]
+            if run.split or (not whole and run.nodes[0] != home):
+                out[eid] = run.nodes
     return out

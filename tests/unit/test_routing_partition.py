@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import random
+
 import pytest
 
-from protos.ids import ExpertId
+import scheduler.balance
+from protos.ids import ExpertId, SliceId
 from scheduler.cost_model import AgentProfile, CostModel
-from scheduler.decode_plan import (SEQUENCE_PARALLEL_OVERHEAD_S, Measured, choose_home, home_runs, prefill_at_home,
-                                   routing_table, same_holders, user_home)
+from scheduler.decode_plan import (SEQUENCE_PARALLEL_OVERHEAD_S, Measured, RunsMemo, choose_home, home_runs,
+                                   prefill_at_home, routing_table, same_holders, user_home)
 from scheduler.partition import after_step, chunk_step, contiguous_prefill, zigzag_prefill
 from scheduler.routing import resident_first
 from scheduler.types import LayerReport, NodeId
@@ -121,6 +124,39 @@ def test_home_runs_weigh_measured_reads_and_round_trips() -> None:
     busy = {**slow, A: Measured(expert_read_s=0.094, round_trip_s=0.08)}
     splits = home_runs(profiles(0.0), {}, busy, BENCH_EXPERT, unheld, {}, {}, "auto")
     assert splits[A] == {} and splits[B] == {unheld[0]: (A, B, C)}
+
+
+def test_home_runs_with_a_memo_answer_as_from_nothing_and_reuse_what_stands(monkeypatch: pytest.MonkeyPatch) -> None:
+    rnd = random.Random(7)
+    nodes = [NodeId(f"n{i}") for i in range(4)]
+    experts = [ExpertId(layer, e) for layer in range(4) for e in range(16)]
+    disks = {n: AgentProfile(n, d, 125e6, 10e9, None) for n, d in zip(nodes, (50e6, 200e6, 200e6, 400e6))}
+    lan = {n: 0.001 for n in nodes}
+    calls = []
+    real = scheduler.balance.balance
+    monkeypatch.setattr(scheduler.balance, "balance", lambda *a, **k: calls.append(1) or real(*a, **k))
+    memo = RunsMemo()
+    for poll in range(6):  # holdings and slices change between polls, the round trips jitter
+        held = {n: frozenset(rnd.sample(experts, 12)) for n in nodes}
+        slices = {n: frozenset(SliceId(e, rnd.randrange(2), 2) for e in rnd.sample(experts, 6)) for n in nodes}
+        measured = {n: Measured(0.0, 0.004 * rnd.uniform(0.9, 1.1)) for n in nodes}
+        got = home_runs(disks, lan, measured, BENCH_EXPERT, experts, held, slices, "auto", memo)
+        assert got == home_runs(disks, lan, memo.measured, BENCH_EXPERT, experts, held, slices, "auto")
+    calls.clear()
+    assert home_runs(disks, lan, measured, BENCH_EXPERT, experts, held, slices, "auto", memo) == got
+    assert not calls  # nothing new: every answer reused
+    moved = {n: Measured(0.0, 0.02) for n in nodes}  # the round trips moved past STEADY_SHARE: worked out anew
+    assert home_runs(disks, lan, moved, BENCH_EXPERT, experts, held, slices, "auto", memo) == home_runs(
+        disks, lan, moved, BENCH_EXPERT, experts, held, slices, "auto")
+    assert memo.measured == moved and calls
+
+
+def test_runs_memo_keeps_a_measured_pace_that_moved_little() -> None:
+    memo = RunsMemo()
+    assert memo.steady({A: Measured(0.1, 0.004)}) == {A: Measured(0.1, 0.004)}
+    assert memo.steady({A: Measured(0.11, 0.0049)}) == {A: Measured(0.1, 0.004)}  # within 25%: kept
+    assert memo.steady({A: Measured(0.2, 0.0049)}) == {A: Measured(0.2, 0.004)}  # the read moved: taken
+    assert memo.steady({A: Measured(0.2, 0.0), B: Measured(0.0, 0.003)}) == {A: Measured(0.2, 0.0), B: Measured(0.0, 0.003)}
 
 
 def report(node: NodeId, counts: list[int], resident: set[int] = set(), loading: set[int] = set()) -> LayerReport:
