@@ -33,7 +33,8 @@ the same rounds (the same prompts). Cases:
   settle (within a deadline) give n/a, not a figure from a stale scrape.
 - streams: 1, 2, 4 and 8 concurrent streams (`--streams`) on the LAN cluster (started with
   `--max-running` = the most streams): tokens all streams received over the wall time from the
-  first request sent to the last token, and each stream's median inter-token time.
+  first request sent to the last token, and each stream's median inter-token time. The lan and
+  streams cases take turns round by round, so that they share the host's drift.
 - io: experts that must be read (`bench_decode_io.py`): 2 and 4 agents (`--io-agents`) holding
   half the experts together, disk `--io-disk`, the LAN's link; whole experts on demand
   (`--expert-split never --no-decode-prefetch`) against split experts, + the load balance, + the
@@ -68,7 +69,8 @@ from node_agent.model.config import MoeConfig
 from server.bench import default_bench_model
 from server.bench_decode_report import label, text_table, write_report
 from server.bench_decode_stats import (Arrival, DecodeCounters, StreamTiming, activity, counters_settled,
-                                       decoded_tokens, round_trips_per_token, summarize, tokens_in_chunk)  # fmt: skip
+                                       decoded_tokens, round_trips_per_token, round_trips_per_token_over, summarize,
+                                       tokens_in_chunk)  # fmt: skip
 from server.bench_decode_io import expert_token_s, run_io
 from server.bench_prefill import NO_REPLAN_S, prompts_for, wait_healthy
 from server.launcher import die_with_parent, free_ports, stop_process, threads_per_agent
@@ -274,20 +276,27 @@ async def run_lan_reference(run: DecodeRun) -> dict[str, Any]:
 
 
 async def run_lan(run: DecodeRun, cases: list[str], stream_counts: list[int]) -> list[dict[str, Any]]:
-    """The LAN cluster: one stream at a time, then each number of concurrent streams."""
-    out = []
+    """The LAN cluster: one stream at a time, then each number of concurrent streams, their rounds
+    interleaved (round r of every case before round r + 1 of any), so that the host's drift over
+    the minutes of the run falls on the one-stream baseline as on the cases compared with it. The
+    agents' counters are scraped between rounds: each round's round trips go to its case."""
+    plan = ([("lan", 1)] if "lan" in cases else []) + [("streams", k) for k in stream_counts if "streams" in cases]
+    rounds: dict[tuple[str, int], list[list[StreamTiming]]] = {p: [] for p in plan}
+    scrapes: dict[tuple[str, int], list[tuple[DecodeCounters | None, DecodeCounters | None]]] = {p: [] for p in plan}
     async with DecodeCluster(run, LAN_AGENTS, run.lan_memory, LINK, run.lan_latency_s,
                              max(stream_counts, default=1), run.lan_threads) as cluster:  # fmt: skip
         await cluster.stream(run.warmup, run.gen_tokens)
-        plan = ([("lan", 1)] if "lan" in cases else []) + [("streams", k) for k in stream_counts if "streams" in cases]
-        for case, k in plan:
-            before, rounds = await cluster.settled_counters(), []
-            for r, prompt in enumerate(run.prompts):
-                await cluster.settle()
-                rounds.append(await cluster.streams([prompt] if k == 1 else run.stream_prompts[r][:k], run.gen_tokens))
-            trips = round_trips_per_token(before, await cluster.settled_counters(before, decoded_tokens(rounds)))
-            out.append(_progress(summarize(case, LAN_AGENTS, k, rounds, trips)))
-    return out
+        before = await cluster.settled_counters()
+        for r, prompt in enumerate(run.prompts):
+            for case, k in plan:
+                await cluster.settle()  # (no decode step runs while it waits: `before` still holds)
+                got = await cluster.streams([prompt] if k == 1 else run.stream_prompts[r][:k], run.gen_tokens)
+                after = await cluster.settled_counters(before, decoded_tokens([got]))
+                rounds[case, k].append(got)
+                scrapes[case, k].append((before, after))
+                before = after if after is not None else await cluster.settled_counters()
+    return [_progress(summarize(case, LAN_AGENTS, k, rounds[case, k], round_trips_per_token_over(scrapes[case, k])))
+            for case, k in plan]
 
 
 def _progress(case: dict[str, Any]) -> dict[str, Any]:

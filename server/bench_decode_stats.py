@@ -9,6 +9,7 @@
     decoded_tokens(rounds)                     # -> tokens the agents' decode steps made for them
     counters_settled(before, now, expected, unchanged_s)  # -> whether a scrape holds every step
     round_trips_per_token(before, after)       # -> float, or None when a counter is missing
+    round_trips_per_token_over([(before, after), ...])  # the same, summed over interleaved rounds
     summarize(case, agents, streams, rounds)   # -> one case's JSON-ready figures
     targets(data)                              # -> [Target(name, measured, met)]
 
@@ -161,12 +162,23 @@ def round_trips_per_token(before: DecodeCounters | None, after: DecodeCounters |
     """(round trips + steps) / tokens between two scrapes: a step is one scheduler <-> home round
     trip, the rest wait on peers. None when a scrape is missing (its counters never settled), a
     counter is missing or no token was counted (a build whose decode does not run on a home agent)."""
-    if before is None or after is None:
-        return None
-    diffs = [None if a is None or b is None else a - b for a, b in
-             ((after.round_trips, before.round_trips), (after.tokens, before.tokens), (after.steps, before.steps))]
-    trips, tokens, steps = diffs
-    if trips is None or steps is None or not tokens:
+    return round_trips_per_token_over([(before, after)])
+
+
+def round_trips_per_token_over(spans: Sequence[tuple[DecodeCounters | None, DecodeCounters | None]]) -> float | None:
+    """`round_trips_per_token` over several (before, after) pairs of scrapes, summed: a case whose
+    rounds ran between other cases' rounds. None where any pair would give none for a missing
+    scrape or counter."""
+    trips = tokens = steps = 0.0
+    for before, after in spans:
+        if before is None or after is None:
+            return None
+        diffs = [None if a is None or b is None else a - b for a, b in
+                 ((after.round_trips, before.round_trips), (after.tokens, before.tokens), (after.steps, before.steps))]
+        if None in diffs:
+            return None
+        trips, tokens, steps = trips + (diffs[0] or 0.0), tokens + (diffs[1] or 0.0), steps + (diffs[2] or 0.0)
+    if not spans or not tokens:
         return None
     return (trips + steps) / tokens
 

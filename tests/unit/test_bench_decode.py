@@ -13,7 +13,7 @@ from server.bench_decode_io import IO_RUNS
 from server.bench_decode_report import text_table, write_report
 from server.bench_decode_stats import (COUNTERS_UNCHANGED_S, Arrival, DecodeCounters, StreamTiming, activity,
                                        aggregate_tokens_per_s, counters_settled, decoded_tokens, inter_token_gaps,
-                                       lan_bound_s, round_trips_per_token, summarize, targets,
+                                       lan_bound_s, round_trips_per_token, round_trips_per_token_over, summarize, targets,
                                        tokens_in_chunk)  # fmt: skip
 from server.cli import build_parser
 from server.inventory import parse_inventory
@@ -77,6 +77,16 @@ def test_round_trips_are_unknown_without_the_counters_or_without_decoded_tokens(
     assert round_trips_per_token(missing, missing) is None
     idle = DecodeCounters.from_metrics(metrics_text([agent("a")]))
     assert round_trips_per_token(idle, idle) is None  # decode ran elsewhere: nothing to divide
+
+
+def test_round_trips_of_interleaved_rounds_add_up_each_round_s_scrapes() -> None:
+    a, b, c, d = (DecodeCounters(t, n, n) for t, n in ((0.0, 0.0), (70.0, 10.0), (100.0, 50.0), (170.0, 60.0)))
+    # Rounds 1 and 3 of a case (b - a, d - c) between which another case's round ran (c - b).
+    assert round_trips_per_token_over([(a, b), (c, d)]) == (70 + 70 + 10 + 10) / 20
+    assert round_trips_per_token_over([(a, b)]) == round_trips_per_token(a, b) == 8.0
+    assert round_trips_per_token_over([(a, b), (c, None)]) is None  # a round whose counters never settled
+    assert round_trips_per_token_over([(a, b), (DecodeCounters(None, 1.0, 1.0), d)]) is None
+    assert round_trips_per_token_over([]) is None
 
 
 def test_counters_settle_once_they_count_every_decoded_token_or_stop_changing() -> None:
