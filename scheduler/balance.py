@@ -267,30 +267,27 @@ def expert_kinds(experts: Iterable[ExpertId], held: Mapping[NodeId, frozenset[Ex
     return kinds
 
 
-def decode_runs(agents: Sequence[Agent], home: NodeId, model: CostModel, experts: Iterable[ExpertId],
-                held: Mapping[NodeId, frozenset[ExpertId]], slices: Mapping[NodeId, frozenset[SliceId]],
-                mode: SplitMode = "auto", split_overhead_s: float = 0.0,
-                per_step: int = DECODE_STEP_UNHELD, known: dict[Kind, list[Run]] | None = None,
-                kinds: Mapping[Kind, Sequence[ExpertId]] | None = None) -> dict[ExpertId, tuple[NodeId, ...]]:
-    """Where `home` runs each expert it does not hold in a decode step, where that is not the
-    default (whole on a holder, else read by the home): split, slice i on nodes[i], or whole on
-    another agent that reads it (nodes of one). From `balance` of a one-token step that needs
-    `per_step` experts alike in what each agent holds of them (whole, or slices); expert e takes
-    the run of the (e mod per_step)-th, so that two such experts of one step tend to go to
-    different disks. Experts of a kind get the same answer, computed once (most share one:
-    held by nobody, or by one agent). The scheduler publishes the result in the home's routing
-    table.
+def decode_runs(agents: Sequence[Agent], home: NodeId, model: CostModel, kinds: Mapping[Kind, Sequence[ExpertId]],
+                mode: SplitMode = "auto", split_overhead_s: float = 0.0, per_step: int = DECODE_STEP_UNHELD,
+                known: dict[Kind, list[Run]] | None = None) -> dict[ExpertId, tuple[NodeId, ...]]:
+    """Where `home` runs each expert of `kinds` that it does not hold in a decode step, where
+    that is not the default (whole on a holder, else read by the home): split, slice i on
+    nodes[i], or whole on another agent that reads it (nodes of one). From `balance` of a
+    one-token step that needs `per_step` experts alike in what each agent holds of them (whole,
+    or slices); expert e takes the run of the (e mod per_step)-th, so that two such experts of
+    one step tend to go to different disks. Experts of a kind get the same answer, computed once (most share one:
+    held by nobody, or by one agent); `kinds` is `expert_kinds`, one grouping for every home.
+    The scheduler publishes the result in the home's routing table.
 
     Per table rather than per step, a departure from the balance of a whole step: the home
     cannot import the scheduler, and its step's experts are only known on it. What the table
     cannot see is which experts one step really needs together, or reads already queued.
 
     `known`: answers worked out before for the same agents, home, model and settings, by kind;
-    read and added to (`decode_plan.RunsMemo` keeps them from one table to the next). `kinds`:
-    `expert_kinds` of the arguments, where the caller has it (one grouping for every home)."""
+    read and added to (`decode_plan.RunsMemo` keeps them from one table to the next)."""
     alike: dict[Kind, list[Run]] = {} if known is None else known
     out: dict[ExpertId, tuple[NodeId, ...]] = {}
-    for key, eids in (expert_kinds(experts, held, slices) if kinds is None else kinds).items():
+    for key, eids in kinds.items():
         whole, parts = key
         if home in whole:
             continue

@@ -13,7 +13,7 @@ they lack.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping, Sequence, Set
 from dataclasses import dataclass, replace
 
 from protos.ids import ExpertId, NodeId, SliceId
@@ -159,6 +159,10 @@ class RunsMemo:
         self.measured = out
         return out
 
+    def keep(self, homes: Set[NodeId]) -> None:
+        """Forget the answers of agents no longer among the homes."""
+        self.homes = {h: kept for h, kept in self.homes.items() if h in homes}
+
     def known(self, home: NodeId, context: object, most: int) -> dict[Kind, list[Run]]:
         """The answers kept for `home` if worked out in the same `context`, else none; dropped
         past `most` kinds (held slices come and go, and each pattern of them is a kind)."""
@@ -185,7 +189,7 @@ def home_runs(profiles: Mapping[NodeId, AgentProfile], latency_s: Mapping[NodeId
         return {}
     if memo is not None:
         measured = memo.steady(measured)
-        memo.homes = {h: kept for h, kept in memo.homes.items() if h in profiles}
+        memo.keep(profiles.keys())
     disk = {n: p.disk_bytes_per_s or (cost.expert_bytes / m.expert_read_s
                                        if (m := measured.get(n, Measured())).expert_read_s > 0 else 0.0)
             for n, p in profiles.items()}
@@ -198,7 +202,7 @@ def home_runs(profiles: Mapping[NodeId, AgentProfile], latency_s: Mapping[NodeId
         overhead = SPLIT_OVERHEAD_ROUND_TRIPS * max(rt, 2 * max(a.latency_s for a in agents))
         context = (tuple((a.profile, a.latency_s) for a in agents), cost, mode, overhead)
         known = None if memo is None else memo.known(home, context, len(experts))
-        out[home] = decode_runs(agents, home, cost, experts, held, slices, mode, overhead, known=known, kinds=kinds)
+        out[home] = decode_runs(agents, home, cost, kinds, mode, overhead, known=known)
     return out
 
 

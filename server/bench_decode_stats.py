@@ -171,16 +171,23 @@ def round_trips_per_token_over(spans: Sequence[tuple[DecodeCounters | None, Deco
     scrape or counter."""
     trips = tokens = steps = 0.0
     for before, after in spans:
-        if before is None or after is None:
+        if (spent := _spent(before, after)) is None:
             return None
-        diffs = [None if a is None or b is None else a - b for a, b in
-                 ((after.round_trips, before.round_trips), (after.tokens, before.tokens), (after.steps, before.steps))]
-        if None in diffs:
-            return None
-        trips, tokens, steps = trips + (diffs[0] or 0.0), tokens + (diffs[1] or 0.0), steps + (diffs[2] or 0.0)
-    if not spans or not tokens:
+        trips, tokens, steps = trips + spent[0], tokens + spent[1], steps + spent[2]
+    if not tokens:
         return None
     return (trips + steps) / tokens
+
+
+def _spent(before: DecodeCounters | None, after: DecodeCounters | None) -> tuple[float, float, float] | None:
+    """(round trips, tokens, steps) counted between two scrapes; None where either lacks one."""
+    if before is None or after is None:
+        return None
+    t0, n0, s0 = before.round_trips, before.tokens, before.steps
+    t1, n1, s1 = after.round_trips, after.tokens, after.steps
+    if t0 is None or n0 is None or s0 is None or t1 is None or n1 is None or s1 is None:
+        return None
+    return t1 - t0, n1 - n0, s1 - s0
 
 
 def summarize(case: str, agents: int, streams: int, rounds: Sequence[Sequence[StreamTiming]],

@@ -10,7 +10,8 @@ from itertools import combinations, permutations
 import pytest
 
 from protos.ids import ExpertId, NodeId, SliceId
-from scheduler.balance import WHOLE, Agent, Need, Run, Slice, SplitMode, Timeline, _slices, balance, decode_runs, finish_s
+from scheduler.balance import (WHOLE, Agent, Need, Run, Slice, SplitMode, Timeline, _slices, balance, decode_runs,
+                               expert_kinds, finish_s)
 from scheduler.cost_model import AgentProfile, AgentTime, CostModel
 
 # The bench preset's expert (hidden 512, intermediate 768, float32): 4.7 MB, 2.4 MFLOP a token.
@@ -165,33 +166,34 @@ def test_decode_runs_an_unheld_expert_over_every_disk_and_leaves_held_ones_whole
     four, a2 = agents(4), NodeId("a2")
     experts = [e(0), e(1), e(2)]
     held = {a2: frozenset({e(1)}), HOME: frozenset({e(2)})}
-    splits = decode_runs(four, HOME, MODEL, experts, held, {})
+    splits = decode_runs(four, HOME, MODEL, expert_kinds(experts, held, {}))
     assert splits == {e(0): tuple(a.node for a in four)}  # slice i on the i-th; e(1) to a2, e(2) at home
-    assert decode_runs(four, HOME, MODEL, experts, held, {}, mode="never") == {}
-    always = decode_runs(four, HOME, MODEL, experts, held, {}, mode="always")
+    assert decode_runs(four, HOME, MODEL, expert_kinds(experts, held, {}), mode="never") == {}
+    always = decode_runs(four, HOME, MODEL, expert_kinds(experts, held, {}), mode="always")
     assert set(always) == {e(0), e(1)}  # never what the home holds itself
 
 
 def test_decode_runs_nothing_where_reads_are_free_or_cost_less_than_the_split() -> None:
     experts = [e(0), e(1)]
-    assert decode_runs(agents(4, disk=0.0), HOME, MODEL, experts, {}, {}) == {}  # unlimited disks
+    assert decode_runs(agents(4, disk=0.0), HOME, MODEL, expert_kinds(experts, {}, {})) == {}  # unlimited disks
     fast = agents(4, disk=5e9)  # a page-cached read: about 1 ms, near a round trip
-    assert decode_runs(fast, HOME, MODEL, experts, {}, {}) == {}
-    assert set(decode_runs(agents(4), HOME, MODEL, experts, {}, {})) == set(experts)  # 94 ms reads: split
+    assert decode_runs(fast, HOME, MODEL, expert_kinds(experts, {}, {})) == {}
+    assert set(decode_runs(agents(4), HOME, MODEL, expert_kinds(experts, {}, {}))) == set(experts)  # 94 ms reads: split
     # What the model leaves out of a split, priced: the split must save more than that. The
     # step's second unheld expert then goes whole to another disk than the home's.
     read_s = MODEL.expert_bytes / 50e6
-    assert decode_runs(agents(4), HOME, MODEL, experts, {}, {}, split_overhead_s=read_s) == {e(1): (NodeId("a1"),)}
+    runs = decode_runs(agents(4), HOME, MODEL, expert_kinds(experts, {}, {}), split_overhead_s=read_s)
+    assert runs == {e(1): (NodeId("a1"),)}
 
 
 def test_decode_runs_leave_out_a_slow_disk_and_give_a_held_slice_to_its_holder() -> None:
     three = agents(3)
     slow = Agent(AgentProfile(NodeId("a3"), 5e6, 125e6, 10e9, None), 0.001)  # a tenth of the others' rate
-    [(_, nodes)] = decode_runs([*three, slow], HOME, MODEL, [e(0)], {}, {}).items()
+    [(_, nodes)] = decode_runs([*three, slow], HOME, MODEL, expert_kinds([e(0)], {}, {})).items()
     assert sorted(nodes) == [a.node for a in three]
     # a1 holds slice 2 of 3 (and a2 slice 0): each is seated where it is held.
     held_slices = {NodeId("a1"): frozenset({SliceId(e(4), 2, 3)}), NodeId("a2"): frozenset({SliceId(e(4), 0, 3)})}
-    runs = decode_runs(three, HOME, MODEL, [e(4), e(5)], {}, held_slices)
+    runs = decode_runs(three, HOME, MODEL, expert_kinds([e(4), e(5)], {}, held_slices))
     assert runs[e(4)] == (NodeId("a2"), HOME, NodeId("a1")) and runs[e(5)] == (HOME, NodeId("a1"), NodeId("a2"))
 
 
@@ -200,5 +202,5 @@ def test_decode_runs_send_a_slow_homes_reads_to_faster_disks_two_ways() -> None:
     the fastest disk and split over the three faster ones, in turn by index, not both to one disk."""
     rates = {"a0": 25e6, "a1": 200e6, "a2": 100e6, "a3": 50e6}
     mixed = [Agent(AgentProfile(NodeId(n), r, 125e6, 10e9, None), 0.001) for n, r in rates.items()]
-    runs = decode_runs(mixed, HOME, MODEL, [e(0), e(1), e(2)], {}, {}, split_overhead_s=0.002)
+    runs = decode_runs(mixed, HOME, MODEL, expert_kinds([e(0), e(1), e(2)], {}, {}), split_overhead_s=0.002)
     assert runs[e(0)] == runs[e(2)] == (NodeId("a1"),) and sorted(runs[e(1)]) == [NodeId(n) for n in ("a1", "a2", "a3")]
