@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Literal
 
 from protos.ids import ExpertId, NodeId, SliceId
@@ -50,8 +51,24 @@ class Need:
     held: Mapping[NodeId, frozenset[Slice]] = field(default_factory=dict)
 
     def has(self, node: NodeId, part: Slice) -> bool:
-        got = self.held.get(node, frozenset())
-        return WHOLE in got or part in got
+        return self.holds(node, part.index, part.of)
+
+    def holds(self, node: NodeId, index: int, of: int) -> bool:
+        """`has(node, Slice(index, of))`, with no Slice made: the balance asks this most."""
+        whole, parts = self._holdings
+        return node in whole or (node, index, of) in parts
+
+    @cached_property
+    def _holdings(self) -> tuple[frozenset[NodeId], frozenset[tuple[NodeId, int, int]]]:
+        """(agents holding it whole, (agent, index, of) of every slice held), as plain tuples:
+        a frozen dataclass's hash is a Python call, and a table of a 48-layer, 128-expert model
+        on 8 agents made about a million."""
+        whole = frozenset(n for n, got in self.held.items() if WHOLE in got)
+        return whole, frozenset((n, s.index, s.of) for n, got in self.held.items() for s in got)
+
+    def cuts(self, of: int) -> bool:
+        """Whether some agent holds a slice of it cut `of` ways."""
+        return any(o == of for _, _, o in self._holdings[1])
 
 
 @dataclass(frozen=True)
@@ -84,11 +101,16 @@ class Agent:
 class Timeline:
     """Each agent's seconds of disk, compute and link so far in the step."""
 
-    def __init__(self, agents: Sequence[Agent], home: NodeId, model: CostModel) -> None:
+    def __init__(self, agents: Sequence[Agent], home: NodeId, model: CostModel,
+                 start_ends: dict[tuple[NodeId, int, bool, int], float] | None = None) -> None:
+        """`start_ends`: `end_s`'s answers before any work is added, to share between timelines of
+        the same agents, home and model (the decode tables balance each kind of expert from the
+        same start)."""
         self.agents = {a.node: a for a in agents}
         self.home, self.model = home, model
         self.time = {a.node: _plus(a.busy, AgentTime()) for a in agents}  # copies
         self.called: set[NodeId] = set()  # agents other than the home given work: a round trip each
+        self._ends = {} if start_ends is None else start_ends  # `end_s`'s answers since the last `add`
 
     def added(self, node: NodeId, need: Need, part: Slice) -> AgentTime:
         """The seconds `part` of `need` adds on `node`: its read unless held, its compute, and
@@ -103,10 +125,23 @@ class Timeline:
         called = node != self.home and (extra is not None or node in self.called)
         return t.finish_s + (2 * self.agents[node].latency_s if called else 0.0)
 
+    def end_s(self, node: NodeId, need: Need, index: int, of: int) -> float:
+        """When `node` would finish with slice `index` of `of` of `need` added (of 1: whole).
+        What it adds depends on the need only through whether `node` holds that slice and the
+        tokens, so the answer is kept, by those, until the timeline next changes: the options
+        of one need, and the needs alike that follow it, ask again for the same few."""
+        holds = need.holds(node, index, of)
+        key = (node, of, holds, need.tokens)
+        end = self._ends.get(key)
+        if end is None:
+            end = self._ends[key] = self.finish_s(node, self.added(node, need, Slice(index, of)))
+        return end
+
     def step_s(self) -> float:
         return max((self.finish_s(n) for n in self.time), default=0.0)
 
     def add(self, node: NodeId, extra: AgentTime) -> None:
+        self._ends = {}
         self.time[node] = _plus(self.time[node], extra)
         if node != self.home:
             self.called.add(node)
@@ -148,31 +183,25 @@ def _slices(line: Timeline, need: Need, nodes: list[NodeId], m: int) -> tuple[No
     """Slice i of m to a distinct agent each, so that the slice ending last ends soonest (a
     bottleneck assignment: the least bound under which every slice finds its own agent, by
     augmenting paths). An agent holding a slice ends it sooner, having nothing to read."""
-    if not any(s.of == m for got in need.held.values() for s in got):
+    if not need.cuts(m):
         # No agent holds a slice of m: each agent ends any slice alike, and the assignment is
         # the m that end soonest (ties by name), in name order. This is what the search below
         # returns there, at a fraction of the cost (the prefill's token scheduling asks for
         # every unheld expert of a layer, each time a split is weighed).
-        ends_at = {n: line.finish_s(n, line.added(n, need, Slice(0, m))) for n in nodes}
+        ends_at = {n: line.end_s(n, need, 0, m) for n in nodes}
         return tuple(sorted(sorted(nodes, key=lambda n: (ends_at[n], n))[:m]))
-    memo: dict[tuple[NodeId, bool], float] = {}  # slice i differs on an agent only in whether it holds it
-
-    def end(i: int, n: NodeId) -> float:
-        key = (n, need.has(n, Slice(i, m)))
-        if key not in memo:
-            memo[key] = line.finish_s(n, line.added(n, need, Slice(i, m)))
-        return memo[key]
-
-    ends = {(i, n): end(i, n) for i in range(m) for n in nodes}
+    # Slice i differs on an agent only in whether it holds it (`Timeline.end_s` keeps both).
+    ends = {(i, n): line.end_s(n, need, i, m) for i in range(m) for n in nodes}
+    order = {i: sorted(nodes, key=lambda n: (ends[i, n], n)) for i in range(m)}  # soonest first
     bounds = sorted(set(ends.values()))
     lo, hi = 0, len(bounds) - 1  # seating is monotone in the bound: find the least that seats all
     while lo < hi:
         mid = (lo + hi) // 2
-        if _seat_all(ends, nodes, m, bounds[mid]) is None:
+        if _seat_all(ends, order, m, bounds[mid]) is None:
             lo = mid + 1
         else:
             hi = mid
-    owner = _seat_all(ends, nodes, m, bounds[lo])
+    owner = _seat_all(ends, order, m, bounds[lo])
     assert owner is not None, "m <= len(nodes): the largest bound seats every slice"
     # The same agents in name order where that keeps the bound: every home then asks an agent
     # for the same slice, which it may hold from the last time.
@@ -183,13 +212,14 @@ def _slices(line: Timeline, need: Need, nodes: list[NodeId], m: int) -> tuple[No
     return tuple(by_slice[i] for i in range(m))
 
 
-def _seat_all(ends: Mapping[tuple[int, NodeId], float], nodes: list[NodeId], m: int, bound: float
+def _seat_all(ends: Mapping[tuple[int, NodeId], float], order: Mapping[int, list[NodeId]], m: int, bound: float
               ) -> dict[NodeId, int] | None:
-    """Agent -> its slice, every slice on an agent that ends it by `bound`; None if none fits."""
+    """Agent -> its slice, every slice on an agent that ends it by `bound`; None if none fits.
+    `order`: per slice, the agents by when they would end it (then by name)."""
     owner: dict[NodeId, int] = {}
 
     def seat(i: int, seen: set[NodeId]) -> bool:
-        for n in sorted(nodes, key=lambda n: (ends[i, n], n)):
+        for n in order[i]:
             if ends[i, n] <= bound and n not in seen:
                 seen.add(n)
                 if n not in owner or seat(owner[n], seen):
@@ -205,26 +235,28 @@ def _trial(line: Timeline, run: Run, need: Need, split_overhead_s: float, now: M
     """(the step's finish with `run` added, the seconds it adds over its agents, its agents);
     `now`: each agent's finish before it."""
     m = len(run.nodes)
-    ends = {n: line.finish_s(n, line.added(n, need, Slice(i, m) if m > 1 else WHOLE)) for i, n in enumerate(run.nodes)}
+    ends = {n: line.end_s(n, need, i if m > 1 else 0, m) for i, n in enumerate(run.nodes)}
     last = max([*ends.values(), *(t for n, t in now.items() if n not in ends)], default=0.0)
     spent = sum(t - now[n] for n, t in ends.items())
     return last + (split_overhead_s if m > 1 else 0.0), spent, m
 
 
 def balance(agents: Sequence[Agent], home: NodeId, model: CostModel, needs: Sequence[Need],
-            mode: SplitMode = "auto", max_split: int | None = None, split_overhead_s: float = 0.0) -> list[Run]:
+            mode: SplitMode = "auto", max_split: int | None = None, split_overhead_s: float = 0.0,
+            start_ends: dict[tuple[NodeId, int, bool, int], float] | None = None) -> list[Run]:
     """Each need's run, chosen to end the step soonest: the needs in order of their cheapest
     whole run, longest first (as LPT scheduling), each given the option (whole on one agent, or
     split over m agents, m up to `max_split`) that ends the step soonest so far; ties go to the
     option that adds the fewest seconds, then to fewer agents. `never` only runs experts whole,
     `always` only split (where there are two agents or more); `auto` weighs both, so a resident
     expert is split only where that ends the step sooner, by more than `split_overhead_s` (what
-    the model leaves out of a split: the calls' and the partial sums' own cost)."""
+    the model leaves out of a split: the calls' and the partial sums' own cost). `start_ends`:
+    as `Timeline`'s, shared by calls with the same agents, home and model."""
     if not agents:
         raise ValueError("balance needs at least one agent")
     if mode not in ("auto", "never", "always"):
         raise ValueError(f"split mode must be auto, never or always, got {mode!r}")
-    line = Timeline(agents, home, model)
+    line = Timeline(agents, home, model, start_ends)
     widest = len(agents) if max_split is None else max(1, min(max_split, len(agents)))
 
     def cheapest_whole(need: Need) -> float:
@@ -286,6 +318,7 @@ def decode_runs(agents: Sequence[Agent], home: NodeId, model: CostModel, kinds: 
     `known`: answers worked out before for the same agents, home, model and settings, by kind;
     read and added to (`decode_plan.RunsMemo` keeps them from one table to the next)."""
     alike: dict[Kind, list[Run]] = {} if known is None else known
+    start: dict[tuple[NodeId, int, bool, int], float] = {}  # every kind's balance starts from the same timeline
     out: dict[ExpertId, tuple[NodeId, ...]] = {}
     for key, eids in kinds.items():
         whole, parts = key
@@ -296,7 +329,8 @@ def decode_runs(agents: Sequence[Agent], home: NodeId, model: CostModel, kinds: 
             for node, part in parts:
                 got.setdefault(node, set()).add(part)
             needs = [Need(ExpertId(-1, j), 1, {n: frozenset(p) for n, p in got.items()}) for j in range(per_step)]
-            alike[key] = balance(agents, home, model, needs, mode, split_overhead_s=split_overhead_s)
+            alike[key] = balance(agents, home, model, needs, mode, split_overhead_s=split_overhead_s,
+                                 start_ends=start)
         runs = alike[key]
         for eid in eids:
             run = runs[eid.index % per_step]

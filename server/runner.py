@@ -16,6 +16,7 @@ import asyncio
 import dataclasses
 import logging
 import signal
+import sys
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
@@ -37,6 +38,13 @@ from server.launcher import AgentExited, LocalAgents
 log = logging.getLogger("potluck.server")
 
 WATCH_INTERVAL_S = 0.5  # how often `up` checks that its agent processes still run
+
+# How long a thread may hold the GIL while another waits for it (Python's default: 5 ms). The
+# scheduler works out routing tables and placements in worker threads, pure Python for up to
+# seconds with a 48-layer, 128-expert model on 8 agents, beside the event loop that streams
+# tokens: there, every wake-up of the loop came 5.4 ms late while a table was worked out, and
+# 0.76 ms late with this (the table took 4% longer; 0.1 ms late with the loop alone).
+GIL_SWITCH_S = 0.0005
 
 
 @dataclass(frozen=True)
@@ -97,6 +105,7 @@ class Reload:
 def serve_http(options: ServerOptions, nodes: Sequence[NodeSpec], agents: LocalAgents | None = None,
                on_join: JoinHook | None = None, reload: Reload | None = None) -> int:
     """Run the server until it is asked to stop; 0 when it stopped cleanly, 1 otherwise."""
+    sys.setswitchinterval(GIL_SWITCH_S)
     settings = ServerSettings(options.model_dir, options.served_model_name, options.api_key, options.max_body_bytes)
     slot = _EngineSlot()
     app = create_app(settings, slot.attach)  # loads the tokenizer: a broken one fails before any agent call

@@ -204,3 +204,27 @@ def test_decode_runs_send_a_slow_homes_reads_to_faster_disks_two_ways() -> None:
     mixed = [Agent(AgentProfile(NodeId(n), r, 125e6, 10e9, None), 0.001) for n, r in rates.items()]
     runs = decode_runs(mixed, HOME, MODEL, expert_kinds([e(0), e(1), e(2)], {}, {}), split_overhead_s=0.002)
     assert runs[e(0)] == runs[e(2)] == (NodeId("a1"),) and sorted(runs[e(1)]) == [NodeId(n) for n in ("a1", "a2", "a3")]
+
+
+def test_the_timelines_kept_ends_are_the_ones_it_would_work_out() -> None:
+    """`Timeline.end_s` keeps answers by (agent, cut, held, tokens) until work is added, and
+    timelines from one start share them: each equals the finish worked out from nothing, before
+    and after work is added to either timeline."""
+    rnd = random.Random(5)
+    group = [Agent(a.profile, a.latency_s, AgentTime(rnd.uniform(0, 0.02), rnd.uniform(0, 0.02), 0.0))
+             for a in agents(4)]
+    nodes = [a.node for a in group]
+    needs = [Need(e(j), rnd.randint(1, 40), {n: frozenset({Slice(rnd.randrange(of), of)}) if rnd.random() < 0.5
+                                             else frozenset({WHOLE}) for n in rnd.sample(nodes, 2)})
+             for j, of in enumerate((2, 3, 4, 2, 3))]
+    start: dict[tuple[NodeId, int, bool, int], float] = {}
+    lines = [Timeline(group, HOME, MODEL, start), Timeline(group, HOME, MODEL, start)]
+    for need in needs:
+        for line in lines:
+            for node in nodes:
+                for of in (1, 2, 3, 4):
+                    for index in range(of):
+                        part = Slice(index, of)
+                        assert need.holds(node, index, of) == need.has(node, part)
+                        assert line.end_s(node, need, index, of) == line.finish_s(node, line.added(node, need, part))
+        lines[0].place(Run(need.expert, tuple(nodes[:2])), need)  # only the first timeline moves on
