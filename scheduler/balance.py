@@ -29,6 +29,8 @@ from protos.ids import ExpertId, NodeId, SliceId
 from scheduler.cost_model import AgentProfile, AgentTime, CostModel
 
 SplitMode = Literal["auto", "never", "always"]
+# `Timeline.end_s`'s answers: (agent, cut, whether it holds the slice, tokens) -> its finish.
+Ends = dict[tuple[NodeId, int, bool, int], float]
 
 
 @dataclass(frozen=True)
@@ -102,7 +104,7 @@ class Timeline:
     """Each agent's seconds of disk, compute and link so far in the step."""
 
     def __init__(self, agents: Sequence[Agent], home: NodeId, model: CostModel,
-                 start_ends: dict[tuple[NodeId, int, bool, int], float] | None = None) -> None:
+                 start_ends: Ends | None = None) -> None:
         """`start_ends`: `end_s`'s answers before any work is added, to share between timelines of
         the same agents, home and model (the decode tables balance each kind of expert from the
         same start)."""
@@ -110,7 +112,7 @@ class Timeline:
         self.home, self.model = home, model
         self.time = {a.node: _plus(a.busy, AgentTime()) for a in agents}  # copies
         self.called: set[NodeId] = set()  # agents other than the home given work: a round trip each
-        self._ends = {} if start_ends is None else start_ends  # `end_s`'s answers since the last `add`
+        self._ends: Ends = {} if start_ends is None else start_ends  # `end_s`'s answers since the last `add`
 
     def added(self, node: NodeId, need: Need, part: Slice) -> AgentTime:
         """The seconds `part` of `need` adds on `node`: its read unless held, its compute, and
@@ -235,7 +237,7 @@ def _trial(line: Timeline, run: Run, need: Need, split_overhead_s: float, now: M
     """(the step's finish with `run` added, the seconds it adds over its agents, its agents);
     `now`: each agent's finish before it."""
     m = len(run.nodes)
-    ends = {n: line.end_s(n, need, i if m > 1 else 0, m) for i, n in enumerate(run.nodes)}
+    ends = {n: line.end_s(n, need, i, m) for i, n in enumerate(run.nodes)}  # (m = 1: i = 0, whole)
     last = max([*ends.values(), *(t for n, t in now.items() if n not in ends)], default=0.0)
     spent = sum(t - now[n] for n, t in ends.items())
     return last + (split_overhead_s if m > 1 else 0.0), spent, m
@@ -243,7 +245,7 @@ def _trial(line: Timeline, run: Run, need: Need, split_overhead_s: float, now: M
 
 def balance(agents: Sequence[Agent], home: NodeId, model: CostModel, needs: Sequence[Need],
             mode: SplitMode = "auto", max_split: int | None = None, split_overhead_s: float = 0.0,
-            start_ends: dict[tuple[NodeId, int, bool, int], float] | None = None) -> list[Run]:
+            start_ends: Ends | None = None) -> list[Run]:
     """Each need's run, chosen to end the step soonest: the needs in order of their cheapest
     whole run, longest first (as LPT scheduling), each given the option (whole on one agent, or
     split over m agents, m up to `max_split`) that ends the step soonest so far; ties go to the
@@ -307,9 +309,9 @@ def decode_runs(agents: Sequence[Agent], home: NodeId, model: CostModel, kinds: 
     nodes[i], or whole on another agent that reads it (nodes of one). From `balance` of a
     one-token step that needs `per_step` experts alike in what each agent holds of them (whole,
     or slices); expert e takes the run of the (e mod per_step)-th, so that two such experts of
-    one step tend to go to different disks. Experts of a kind get the same answer, computed once (most share one:
-    held by nobody, or by one agent); `kinds` is `expert_kinds`, one grouping for every home.
-    The scheduler publishes the result in the home's routing table.
+    one step tend to go to different disks. Experts of a kind get the same answer, computed
+    once (most share one: held by nobody, or by one agent); `kinds` is `expert_kinds`, one
+    grouping for every home. The scheduler publishes the result in the home's routing table.
 
     Per table rather than per step, a departure from the balance of a whole step: the home
     cannot import the scheduler, and its step's experts are only known on it. What the table
@@ -318,7 +320,7 @@ def decode_runs(agents: Sequence[Agent], home: NodeId, model: CostModel, kinds: 
     `known`: answers worked out before for the same agents, home, model and settings, by kind;
     read and added to (`decode_plan.RunsMemo` keeps them from one table to the next)."""
     alike: dict[Kind, list[Run]] = {} if known is None else known
-    start: dict[tuple[NodeId, int, bool, int], float] = {}  # every kind's balance starts from the same timeline
+    start: Ends = {}  # every kind's balance starts from the same timeline
     out: dict[ExpertId, tuple[NodeId, ...]] = {}
     for key, eids in kinds.items():
         whole, parts = key

@@ -10,8 +10,8 @@ from itertools import combinations, permutations
 import pytest
 
 from protos.ids import ExpertId, NodeId, SliceId
-from scheduler.balance import (WHOLE, Agent, Need, Run, Slice, SplitMode, Timeline, _slices, balance, decode_runs,
-                               expert_kinds, finish_s)
+from scheduler.balance import (WHOLE, Agent, Ends, Need, Run, Slice, SplitMode, Timeline, _slices, balance,
+                               decode_runs, expert_kinds, finish_s)
 from scheduler.cost_model import AgentProfile, AgentTime, CostModel
 
 # The bench preset's expert (hidden 512, intermediate 768, float32): 4.7 MB, 2.4 MFLOP a token.
@@ -217,7 +217,7 @@ def test_the_timelines_kept_ends_are_the_ones_it_would_work_out() -> None:
     needs = [Need(e(j), rnd.randint(1, 40), {n: frozenset({Slice(rnd.randrange(of), of)}) if rnd.random() < 0.5
                                              else frozenset({WHOLE}) for n in rnd.sample(nodes, 2)})
              for j, of in enumerate((2, 3, 4, 2, 3))]
-    start: dict[tuple[NodeId, int, bool, int], float] = {}
+    start: Ends = {}
     lines = [Timeline(group, HOME, MODEL, start), Timeline(group, HOME, MODEL, start)]
     for need in needs:
         for line in lines:
