@@ -77,19 +77,26 @@ def evictable(entries: Mapping[Key, Entry], placed: Set[ExpertId] = frozenset())
 
 
 def choose_victim(entries: Mapping[Key, Entry], policy: EvictionPolicy[Key], placed: Set[ExpertId],
-                  protected: Set[ExpertId], allow_protected: bool, evict_whole: bool = True) -> Key | None:
+                  protected: Set[ExpertId], allow_protected: bool, evict_whole: bool = True,
+                  elsewhere: Set[ExpertId] = frozenset()) -> Key | None:
     """The entry to evict for a new read, or None: the policy's choice among the evictable ones,
-    slices first, then whole experts (unless not `evict_whole`), those the current plan needs
-    (`protected`) only if `allow_protected` and no other is left."""
+    slices first, then whole experts (unless not `evict_whole`), those another agent also holds
+    (`elsewhere`) before those held only here, and those the current plan needs (`protected`)
+    only if `allow_protected` and no other is left."""
     free = set(evictable(entries, placed))
     # Slices go before whole experts: a whole expert is in the routing table homes read (one
     # gone sends them to a holder that must read all of it again), a slice is 1/N of a read.
     slices: set[Key] = {k for k in free if isinstance(k, SliceId)}
     free = slices or (free if evict_whole else set())
-    victim = next(iter(policy.victims(free - protected)), None)
-    if victim is None and allow_protected:
-        victim = next(iter(policy.victims(free)), None)
-    return victim
+    for allowed in (free - protected, free if allow_protected else set()):
+        # A second copy goes before the pool's only one: dropping it costs a round trip to the
+        # other holder where it is next needed here, dropping the only copy a read from disk
+        # (the routing table is a hint: a copy it names may be gone, and is read again then).
+        order = list(policy.victims(allowed))
+        victim = next((k for k in order if k in elsewhere), order[0] if order else None)
+        if victim is not None:
+            return victim
+    return None
 
 
 def unstarted_fill(entries: Mapping[Key, Entry]) -> Key | None:

@@ -133,6 +133,8 @@ class Decoder:
         if table.version >= self.sends.table.version:  # a late, older table never replaces a newer one
             self.sends.table = table
             self.prefetch.enabled = table.decode_prefetch
+            self.buffer.elsewhere = frozenset(e for e, holders in table.holders.items()
+                                              if any(h != self.name for h in holders))
 
     # One step -------------------------------------------------------------------------------
 

@@ -3,8 +3,9 @@ evicts.
 
 Invariant: bytes of resident experts + bytes reserved by loads in flight <= capacity, always (a
 load reserves its bytes before it starts reading, evicting unpinned experts or waiting). Which
-expert goes is the policy's choice (`cache_policy.py`), except that experts the current plan needs
-(`protect`) go last, and a prefetch never evicts them. A fill (an expert no agent holds, read into
+expert goes is the policy's choice (`cache_policy.py`), except that experts another agent holds too
+(`elsewhere`, from the routing table) go before the pool's only copies, experts the current plan
+needs (`protect`) go last, and a prefetch never evicts them. A fill (an expert no agent holds, read into
 free memory while the disk is idle) never evicts anything, gives its reservation back to any load
 that needs the room before its read starts, and yields the disk between chunks to any demand or
 prefetch read (it goes back in the queue and starts over). The placement's experts (`place`, the
@@ -66,6 +67,7 @@ class ExpertBuffer:
                                      self._install, self._read_failed)
         self.protected: frozenset[ExpertId] = frozenset()
         self.placed: frozenset[ExpertId] = frozenset()  # never evicted (`place`)
+        self.elsewhere: frozenset[ExpertId] = frozenset()  # held by another agent too: evicted first
         self._placing: asyncio.Task[None] | None = None  # reads the placement's missing experts
 
     @property
@@ -296,11 +298,12 @@ class ExpertBuffer:
     def fill(self, eid: ExpertId, prefetch: bool = False) -> bool:
         """Queue a read of an expert into free memory at the lowest disk priority, or with
         `prefetch` at a prefetch's (after demand reads; a fill's room is given back to any load
-        that needs it, a prefetch's is not); never evicts. Returns whether it is resident or on
-        its way (False: no free room)."""
+        that needs it, a prefetch's is not); never evicts a whole expert, but takes the room of
+        slices nobody uses (a slice is 1/N of a read; the whole expert the scheduler asks for is
+        one no agent holds). Returns whether it is resident or on its way (False: no room)."""
         if eid in self._entries:
             return True
-        if not self._fits(eid):
+        if not self._fits(eid) and not self._room_from_slices(eid):
             return False
         priority = PREFETCH if prefetch else FILL
         entry = Entry(self.expert_nbytes, priority=priority)
@@ -311,6 +314,18 @@ class ExpertBuffer:
             self.counters.fills += 1
         self._disk_queue.push(priority, eid, entry)
         return True
+
+    def _room_from_slices(self, eid: ExpertId) -> bool:
+        """Evict unused slices, the policy's choice first, until eid fits; none if they cannot
+        make room for it. Whether it fits now."""
+        slices = {k for k in evictable(self._entries, self.placed) if isinstance(k, SliceId)}
+        if self.bytes_used - sum(self._entries[k].nbytes for k in slices) + self.nbytes(eid) > self.capacity:
+            return False
+        for key in list(self.policy.victims(slices)):
+            if self._fits(eid):
+                break
+            self._evict(key)
+        return self._fits(eid)
 
     async def give_up(self, eid: ExpertId) -> bool:
         """Evict a resident expert at the scheduler's word (it chose others for this memory):
@@ -371,7 +386,7 @@ class ExpertBuffer:
                     self._drop(fill)  # its reservation goes to this load; the reader skips its queue item
                     continue
                 victim = choose_victim(self._entries, self.policy, self.placed, self.protected, allow_protected,
-                                       evict_whole)
+                                       evict_whole, self.elsewhere)
                 if victim is None:
                     if not allow_protected:
                         return None  # a prefetch never waits or evicts what is needed

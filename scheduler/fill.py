@@ -5,14 +5,16 @@ such expert is a disk read some later request waits for. A prefill, for one, run
 for its final token only, so it never reads most of that layer's experts, which every decoded
 token then needs. After a request the scheduler gives each expert that no agent holds (or is
 reading) to an agent with free room; the agents read them at their disks' lowest priority, never
-evicting (`node_agent/expert_buffer.py`).
+evicting a whole expert (`node_agent/expert_buffer.py`). Where the pooled memory holds every
+expert once, one that finds no free room takes the room of a second copy (`plan_swaps`).
 
     AgentHoldings (from the agents' cache reports) -> plan_fill -> {agent: experts to read}
+                                                   -> plan_swaps -> {agent: (reads, copies to give up)}
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from protos.ids import ExpertId
@@ -25,6 +27,7 @@ class AgentHoldings:
     held: frozenset[ExpertId]  # resident or being read
     free_slots: int | None  # experts that still fit in its expert memory (None: unlimited)
     disk_bytes_per_s: float  # its read bandwidth (0: unlimited)
+    placed: frozenset[ExpertId] = frozenset()  # the placement it keeps: never given up
 
 
 def plan_fill(agents: Sequence[AgentHoldings], experts: Sequence[ExpertId], expert_bytes: int,
@@ -53,6 +56,47 @@ def plan_fill(agents: Sequence[AgentHoldings], experts: Sequence[ExpertId], expe
         per_layer[best.node][eid.layer] = per_layer[best.node].get(eid.layer, 0) + 1
         free[best.node] -= 1
     return {n: tuple(es) for n, es in queued.items() if es}
+
+
+def plan_swaps(agents: Sequence[AgentHoldings], experts: Sequence[ExpertId], filled: Mapping[NodeId, Sequence[ExpertId]]
+               ) -> dict[NodeId, tuple[tuple[ExpertId, ...], tuple[ExpertId, ...]]]:
+    """For a pool whose memory holds every expert of `experts` once: each expert that no agent
+    holds nor is to read (`filled`, the fills planned) is read in place of a second copy, one an
+    agent holds and another agent holds too, outside its placement. Left alone, such a pool
+    keeps an expert on no agent for every second copy, and whoever needs one reads it from disk
+    at every use, evicting another that then goes missing (on the 4-agent LAN case, with a home
+    that read experts on demand during its first request, 8-11 reads a 64-token stream). The
+    copy given up is of the layer the agent holds most of, so that a layer's work spreads; the
+    expert goes to the agent with the fewest reads queued. Returns per agent (experts to read,
+    copies to give up first), each copy given up at most once while another holder keeps it."""
+    planned = {e for es in filled.values() for e in es}
+    holders: dict[ExpertId, set[NodeId]] = {}
+    for a in agents:
+        for e in a.held:
+            holders.setdefault(e, set()).add(a.node)
+    queued = {a.node: len(filled.get(a.node, ())) for a in agents}
+    per_layer = {a.node: _count_layers(a.held) for a in agents}
+    placed = {a.node: a.placed for a in agents}
+    out: dict[NodeId, tuple[list[ExpertId], list[ExpertId]]] = {}
+    for eid in experts:
+        if eid in holders or eid in planned:
+            continue
+        offers = {n: [c for c, hs in holders.items() if n in hs and len(hs) > 1 and c not in placed[n]]
+                  for n in sorted(queued)}
+        open_ = [n for n, copies in offers.items() if copies]
+        if not open_:
+            break
+        node = min(open_, key=lambda n: (queued[n], per_layer[n].get(eid.layer, 0), n))
+        copy = max(offers[node], key=lambda c: (per_layer[node][c.layer], c.layer, c.index))
+        holders[copy].discard(node)
+        per_layer[node][copy.layer] -= 1
+        per_layer[node][eid.layer] = per_layer[node].get(eid.layer, 0) + 1
+        holders[eid] = {node}
+        queued[node] += 1
+        loads, gone = out.setdefault(node, ([], []))
+        loads.append(eid)
+        gone.append(copy)
+    return {n: (tuple(loads), tuple(gone)) for n, (loads, gone) in out.items()}
 
 
 def _count_layers(experts: frozenset[ExpertId]) -> dict[int, int]:

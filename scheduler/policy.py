@@ -15,7 +15,7 @@ from typing import Literal
 from protos.ids import ExpertId
 from scheduler.cost_model import AgentProfile, CostModel
 from scheduler.balance import SplitMode
-from scheduler.fill import AgentHoldings, plan_fill
+from scheduler.fill import AgentHoldings, plan_fill, plan_swaps
 from scheduler.partition import contiguous_prefill, zigzag_prefill
 from scheduler.routing import resident_first
 from scheduler.token_scheduling import schedule_layer
@@ -157,6 +157,15 @@ class Policy:
         order = sorted(a.node for a in agents)
         owner = (lambda e: _static_owner(order, e.index, num_experts)) if self.name == "expert-parallel" else None
         return plan_fill(agents, experts, expert_bytes, owner)
+
+    def swaps(self, agents: Sequence[AgentHoldings], experts: Sequence[ExpertId],
+              filled: Mapping[NodeId, Sequence[ExpertId]]) -> dict[NodeId, tuple[tuple[ExpertId, ...], tuple[ExpertId, ...]]]:
+        """For a pool whose memory holds every expert once, the experts the fills left on no
+        agent, each read in place of a second copy (`plan_swaps`); none where nothing is filled,
+        nor under `expert-parallel`, whose experts go to their owners only."""
+        if not self.fill or self.name in ("naive", "expert-parallel"):
+            return {}
+        return plan_swaps(agents, experts, filled)
 
 
 def _prefetch_room(r: LayerReport, p: AgentProfile, cost: CostModel) -> int | None:

@@ -39,24 +39,39 @@ class PoolCache:
         agents = [c for c in self.engine.up_clients() if c.name in self.engine.infos]
         if shape is None or not agents:
             return
-        E, clients = shape.num_experts, {c.name: c for c in agents}
-        plan = self.engine.policy.fills([self._holdings(c.name, E) for c in agents], shape.routed_experts(),
-                                        self.engine.infos[agents[0].name].expert_bytes, E)
-        sent = list(plan.items())
-        results = await asyncio.gather(*(clients[n].fill([expert_to_wire(e, E) for e in es]) for n, es in sent),
+        E, clients, routed = shape.num_experts, {c.name: c for c in agents}, shape.routed_experts()
+        snaps = [self.engine.snapshots[c.name] for c in agents]
+        expert_bytes = self.engine.infos[agents[0].name].expert_bytes
+        # A pool whose memory holds every expert once should hold every one: slices (split runs
+        # of experts no agent held) give their room to the fills, and second copies to the
+        # experts still left over (`plan_swaps`).
+        whole = all(s.capacity_bytes for s in snaps) and sum(s.capacity_bytes // expert_bytes for s in snaps) >= len(routed)
+        holdings = [self._holdings(c.name, E, slices_free=whole) for c in agents]
+        plan = self.engine.policy.fills(holdings, routed, expert_bytes, E)
+        swaps = self.engine.policy.swaps(holdings, routed, plan) if whole else {}
+        sent = [(n, (*plan.get(n, ()), *swaps.get(n, ((), ()))[0]), swaps.get(n, ((), ()))[1])
+                for n in sorted(set(plan) | set(swaps))]
+        results = await asyncio.gather(*(clients[n].fill([expert_to_wire(e, E) for e in es],
+                                                         [expert_to_wire(e, E) for e in gone]) for n, es, gone in sent),
                                        return_exceptions=True)
-        for (node, es), result in zip(sent, results):
+        for (node, es, _), result in zip(sent, results):
             if isinstance(result, BaseException):  # only a lost chance to read ahead: the next request reads on demand
                 log.warning("fill of %d experts on %s failed: %s", len(es), node, result)
-            elif result[0] and node in self.engine.snapshots:  # held from now on (being read): the next table names them
+            elif node in self.engine.snapshots:  # held from now on (being read), the copies given up gone
                 snap = self.engine.snapshots[node]
-                self.engine.snapshots[node] = dataclasses.replace(snap, held=snap.held | frozenset(result[0]))
+                held = (snap.held | frozenset(result[0])) - frozenset(result[1])
+                self.engine.snapshots[node] = dataclasses.replace(snap, held=held)
 
-    def _holdings(self, name: str, num_experts: int) -> AgentHoldings:
+    def _holdings(self, name: str, num_experts: int, slices_free: bool = False) -> AgentHoldings:
+        """What an agent holds and has room for; with `slices_free`, the room its slices take
+        counts as free (a fill of a whole expert takes it, `ExpertBuffer.fill`)."""
         snap, info = self.engine.snapshots[name], self.engine.infos[name]
-        free = (snap.capacity_bytes - snap.bytes_used) // info.expert_bytes if snap.capacity_bytes else None
-        held = experts_from_wire(snap.held, num_experts)
-        return AgentHoldings(snap.name, held, free, info.disk_bytes_per_s)
+        free = None
+        if snap.capacity_bytes:
+            used = snap.bytes_used - (sum(info.expert_bytes // of for _, _, of in snap.slices) if slices_free else 0)
+            free = max(0, snap.capacity_bytes - used) // info.expert_bytes
+        return AgentHoldings(snap.name, experts_from_wire(snap.held, num_experts), free, info.disk_bytes_per_s,
+                             experts_from_wire(snap.placed, num_experts))
 
     async def cache_prompts(self) -> None:
         """The decode prefetch, pool-wide (`decode_plan.prompt_cache`): the agents' cache memory

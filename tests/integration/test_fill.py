@@ -11,8 +11,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from protos.convert import expert_from_wire
+from node_agent.model.config import MoeConfig
+from protos.convert import expert_batch_to_proto, expert_from_wire, expert_result_from_proto, expert_to_wire
 from protos.ids import ExpertId
+from protos.messages import ExpertBatch
+from protos.potluck.v1 import agent_pb2_grpc as pb_grpc
+from protos.routing import RoutingTable
 from scheduler.policy import Policy
 from scheduler.engine_settings import EngineSettings
 from scheduler.service import EngineService, start_engine
@@ -119,3 +123,64 @@ async def test_engine_fills_after_each_request(qwen_tiny: Path) -> None:
             partial = a.bytes_read - b.bytes_read - whole
             assert 0 <= partial <= (a.fill_preemptions - b.fill_preemptions) * size, (a, b)
         assert sum(s.decode_remote_experts for s in after) > 0
+
+
+async def test_a_full_agent_drops_a_second_copy_before_the_pools_only_one(qwen_tiny: Path) -> None:
+    """Two agents whose memory holds the model once hold every expert but one, whose room a
+    second copy takes. Asked to run the missing expert, the full agent reads it and drops its
+    copy of the one the routing table names on the other agent too, though its policy would
+    drop another first: the pool then holds every expert, where dropping the policy's choice
+    would leave that one on no agent, to be read again by whoever needs it next."""
+    async with local_cluster(qwen_tiny, AGENTS) as probe:
+        experts = sorted(routed(probe))
+    E, half = probe.shape.num_experts, len(experts) // AGENTS
+    mine, missing, theirs = experts[:half], experts[half], experts[half + 1:]
+    policy_first = ExpertId(0, 0)  # the least recently read, of the layer the agent needs last
+    copy = ExpertId(missing.layer, 0)  # of the layer being read: the policy would drop it last
+    assert {copy, policy_first} <= set(mine) and len(theirs) + 1 == half
+    async with local_cluster(qwen_tiny, AGENTS, expert_memory=half * expert_bytes(qwen_tiny)) as cluster:
+        for client, share in zip(cluster.clients, (mine, [*theirs, copy])):
+            await client.fill([expert_to_wire(e, E) for e in share])
+        before = await settle(cluster)
+        assert [held(cluster, s) for s in before] == [set(mine), {*theirs, copy}]
+        holders = {e: tuple(s.name for s in before if e in held(cluster, s)) for e in experts}
+        table = RoutingTable(version=1, addresses={s.name: s.address for s in cluster.specs},
+                             holders={e: h for e, h in holders.items() if h})
+        for client in cluster.clients:
+            await client.set_routing_table(table, E)
+        hidden = MoeConfig.load(qwen_tiny).hidden_size
+        batch = ExpertBatch(request_id="decode", layer=missing.layer, hidden=torch.randn(1, hidden),
+                            expert_ids=torch.tensor([[missing.index]], dtype=torch.int32),
+                            weights=torch.ones(1, 1), decode=True)
+        async with cluster.enrolment.channel(cluster.specs[0]) as channel:
+            out = expert_result_from_proto(await pb_grpc.NodeAgentStub(channel).RunExperts(expert_batch_to_proto(batch)))
+        assert out.shape == (1, hidden)
+        after = await settle(cluster)
+    assert held(cluster, after[0]) == set(mine) - {copy} | {missing}
+    assert set().union(*(held(cluster, s) for s in after)) == set(experts)
+    assert after[0].evictions - before[0].evictions == 1
+
+
+async def test_the_engine_reads_what_no_agent_holds_in_place_of_a_second_copy(qwen_tiny: Path) -> None:
+    """Wired in: two full agents whose memory holds the model once, one expert on both and one
+    on neither. After a request the engine's fill has one of them give its copy up and read the
+    missing expert: every expert is then on exactly one agent."""
+    async with local_cluster(qwen_tiny, AGENTS) as probe:
+        experts = sorted(routed(probe))
+    E, half = probe.shape.num_experts, len(experts) // AGENTS
+    mine, missing, theirs = experts[:half], experts[half], experts[half + 1:]
+    async with local_cluster(qwen_tiny, AGENTS, expert_memory=half * expert_bytes(qwen_tiny)) as cluster:
+        for client, share in zip(cluster.clients, (mine, [*theirs, mine[0]])):
+            await client.fill([expert_to_wire(e, E) for e in share])
+        before = await settle(cluster)
+        assert missing not in set().union(*(held(cluster, s) for s in before))
+        engine = EngineService(qwen_tiny, cluster.specs, EngineSettings(credentials=cluster.enrolment.server), Policy())
+        try:
+            await engine.poll()
+            await engine.fill()
+            after = await settle(cluster, covered=True)
+        finally:
+            await engine.stop()
+    now = [held(cluster, s) for s in after]
+    assert set().union(*now) == set(experts) and sum(map(len, now)) == len(experts)
+    assert sum(s.evictions for s in after) - sum(s.evictions for s in before) == 1

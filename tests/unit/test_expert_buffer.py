@@ -126,6 +126,30 @@ async def test_lru_evicts_least_recently_used_and_pins_are_kept(qwen_tiny: Path)
     assert b in buffer.all_resident() and len(buffer.all_resident()) == 2
 
 
+async def test_a_copy_another_agent_holds_goes_before_the_pools_only_one(qwen_tiny: Path) -> None:
+    # The routing table names b on another agent too: a read that needs room drops b, though a
+    # is the least recently used (dropping a would leave it on no agent, to be read again).
+    buffer, _, _ = make(qwen_tiny, 3)
+    a, b, c, d, e = (ExpertId(0, i) for i in range(5))
+    for eid in (a, b, c):
+        async with buffer.pinned(eid):
+            pass
+    buffer.elsewhere = frozenset({b, e})
+    async with buffer.pinned(d):
+        pass
+    assert buffer.all_resident() == [a, c, d]
+    # No copy elsewhere left to drop: the policy's own choice again (a, the least recently used).
+    async with buffer.pinned(b):
+        pass
+    assert buffer.all_resident() == [b, c, d]
+    # A pinned copy held elsewhere stays: the next one the policy would drop goes.
+    buffer.elsewhere = frozenset({b, c})
+    async with buffer.pinned(b), buffer.pinned(c):
+        async with buffer.pinned(a):
+            pass
+    assert buffer.all_resident() == [a, b, c]
+
+
 async def test_concurrent_requests_for_one_expert_load_it_once(qwen_tiny: Path) -> None:
     buffer, store, _ = make(qwen_tiny, 4)
     eid = ExpertId(1, 3)

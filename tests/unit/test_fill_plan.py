@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from protos.ids import ExpertId
-from scheduler.fill import AgentHoldings, plan_fill
+from scheduler.fill import AgentHoldings, plan_fill, plan_swaps
 from scheduler.policy import Policy
 from scheduler.types import NodeId
 
@@ -54,3 +54,27 @@ def test_policies_choose_whether_and_where_to_fill() -> None:
     ep = Policy.from_flags("expert-parallel").fills(agents, EXPERTS, MB, 4)
     assert {e.index for e in ep[NodeId("a")]} == {0, 1} and {e.index for e in ep[NodeId("b")]} == {2, 3}
     assert Policy.from_flags("sirius", no_fill=True).label == "sirius --no-fill"
+
+
+def test_a_pool_that_holds_every_expert_once_reads_the_missing_in_place_of_second_copies() -> None:
+    # Full agents; (0,0) and (0,1) on both, so (1,2) and (1,3) are on neither.
+    a = agent("a", {(0, 0), (0, 1), (0, 2), (0, 3)}, free=0)
+    b = agent("b", {(0, 0), (0, 1), (1, 0), (1, 1)}, free=0)
+    assert plan_fill([a, b], EXPERTS, MB) == {}
+    swaps = plan_swaps([a, b], EXPERTS, {})
+    held = {n.node: set(n.held) for n in (a, b)}
+    for node, (loads, gone) in swaps.items():
+        assert len(loads) == len(gone) and not set(gone) & set(loads)
+        held[node] = held[node] - set(gone) | set(loads)
+    assert held[NodeId("a")] | held[NodeId("b")] == set(EXPERTS)  # every expert on some agent, once
+    assert sum(map(len, held.values())) == len(EXPERTS)
+    assert [len(loads) for loads, _ in swaps.values()] == [1, 1]  # spread: each agent reads one
+    # An expert already being filled is not read again; a placed copy is never given up.
+    filled = {NodeId("a"): [ExpertId(1, 2)]}
+    assert plan_swaps([a, b], EXPERTS, filled) == {NodeId("b"): ((ExpertId(1, 3),), (ExpertId(0, 1),))}
+    kept = AgentHoldings(NodeId("a"), a.held, 0, a.disk_bytes_per_s, placed=frozenset({ExpertId(0, 0), ExpertId(0, 1)}))
+    only_b = plan_swaps([kept, b], EXPERTS, {})
+    assert set(only_b) == {NodeId("b")} and len(only_b[NodeId("b")][0]) == 2  # b gives up both copies
+    assert Policy.from_flags("naive").swaps([a, b], EXPERTS, {}) == {}
+    assert Policy.from_flags("expert-parallel").swaps([a, b], EXPERTS, {}) == {}
+    assert Policy.from_flags("sirius").swaps([a, b], EXPERTS, {}) == swaps

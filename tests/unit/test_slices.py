@@ -113,3 +113,25 @@ async def test_a_slice_with_only_whole_experts_to_evict_is_streamed_not_held(qwe
     assert torch.equal(got.gate, want.gate) and torch.equal(got.down, want.down)
     assert buffer.all_resident() == [ExpertId(0, 1), ExpertId(0, 2)] and buffer.resident_slices() == []
     assert (buffer.counters.evictions, buffer.counters.streamed) == (0, 1)
+
+
+async def test_a_fill_takes_the_room_of_unused_slices_never_of_a_whole_expert(qwen_tiny: Path) -> None:
+    # The scheduler fills an expert no agent holds: worth more here than slices of split runs.
+    cfg = MoeConfig.load(qwen_tiny)
+    store = ExpertStore(Checkpoint(qwen_tiny), cfg, torch.float32, Throttle(0))
+    buffer = ExpertBuffer(2 * store.expert_nbytes, store.expert_nbytes, store.load, ThreadPoolExecutor(1),
+                          intermediate=cfg.expert_size)
+    async with buffer.pinned(ExpertId(0, 1)):
+        pass
+    halves = [SliceId(ExpertId(1, e), 0, 2) for e in (2, 3)]
+    for half in halves:
+        async with buffer.pinned(half):
+            pass
+    async with buffer.pinned(halves[1]):  # in use: it stays, and half an expert is too little room
+        assert not buffer.fill(ExpertId(1, 4))
+        assert buffer.resident_slices() == halves and buffer.counters.evictions == 0
+    assert buffer.fill(ExpertId(1, 4))
+    await buffer.release(await buffer.acquire(ExpertId(1, 4)))  # its read done
+    assert buffer.resident_slices() == [] and buffer.all_resident() == [ExpertId(0, 1), ExpertId(1, 4)]
+    assert not buffer.fill(ExpertId(1, 5))  # only whole experts left: it never evicts one
+    assert buffer.all_resident() == [ExpertId(0, 1), ExpertId(1, 4)]
