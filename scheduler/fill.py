@@ -69,29 +69,29 @@ def plan_swaps(agents: Sequence[AgentHoldings], experts: Sequence[ExpertId], fil
     copy given up is of the layer the agent holds most of, so that a layer's work spreads; the
     expert goes to the agent with the fewest reads queued. Returns per agent (experts to read,
     copies to give up first), each copy given up at most once while another holder keeps it."""
-    planned = {e for es in filled.values() for e in es}
+    held = frozenset().union(*(a.held for a in agents)) | {e for es in filled.values() for e in es}
     holders: dict[ExpertId, set[NodeId]] = {}
     for a in agents:
         for e in a.held:
             holders.setdefault(e, set()).add(a.node)
+    copies = {a.node: {e for e in a.held if len(holders[e]) > 1 and e not in a.placed} for a in agents}
     queued = {a.node: len(filled.get(a.node, ())) for a in agents}
     per_layer = {a.node: _count_layers(a.held) for a in agents}
-    placed = {a.node: a.placed for a in agents}
     out: dict[NodeId, tuple[list[ExpertId], list[ExpertId]]] = {}
     for eid in experts:
-        if eid in holders or eid in planned:
+        if eid in held:
             continue
-        offers = {n: [c for c, hs in holders.items() if n in hs and len(hs) > 1 and c not in placed[n]]
-                  for n in sorted(queued)}
-        open_ = [n for n, copies in offers.items() if copies]
+        open_ = [n for n in sorted(copies) if copies[n]]
         if not open_:
             break
         node = min(open_, key=lambda n: (queued[n], per_layer[n].get(eid.layer, 0), n))
-        copy = max(offers[node], key=lambda c: (per_layer[node][c.layer], c.layer, c.index))
+        copy = max(copies[node], key=lambda c: (per_layer[node][c.layer], c.layer, c.index))
         holders[copy].discard(node)
+        copies[node].discard(copy)
+        if len(holders[copy]) == 1:  # the copy left is that agent's only one now
+            copies[next(iter(holders[copy]))].discard(copy)
         per_layer[node][copy.layer] -= 1
         per_layer[node][eid.layer] = per_layer[node].get(eid.layer, 0) + 1
-        holders[eid] = {node}
         queued[node] += 1
         loads, gone = out.setdefault(node, ([], []))
         loads.append(eid)
