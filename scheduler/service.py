@@ -258,7 +258,14 @@ class EngineService:
         tally = self.batcher.prefetch
         return EngineSnapshot(len(self.batcher.running), len(self.batcher.waiting), tuple(self._snapshots.values()),
                               p.migrations, p.migration_bytes, p.cost(), prefetch_experts=self.pool.prefetched_experts,
-                              prefetch_hits=tally.hits, prefetch_misses=tally.misses)
+                              prefetch_hits=tally.hits, prefetch_misses=tally.misses, unheld_experts=self._unheld())
+
+    def _unheld(self) -> int | None:
+        """Routed experts that no agent up holds or is reading, as last polled."""
+        if self.shape is None:
+            return None
+        held = frozenset().union(*(experts for experts in self._resident().values()))
+        return len(set(self.shape.routed_experts()) - held)
 
     def _selections(self, home: NodeId, selections: torch.Tensor) -> None:
         """A decode step's expert choices, into the activation window."""

@@ -85,6 +85,7 @@ class EngineSnapshot:
     prefetch_experts: int = 0  # experts the pool-wide decode prefetch had agents read
     prefetch_hits: int = 0  # decode selections of an expert it read
     prefetch_misses: int = 0  # decode selections of one no agent held when it planned, nor read
+    unheld_experts: int | None = None  # routed experts no agent up holds (resident or being read); None: no model yet
 
 
 @dataclass(frozen=True)

@@ -112,6 +112,11 @@ class EngineCollector(Collector):
             family = CounterMetricFamily(name, doc)
             family.add_metric([], value)
             yield family
+        unheld = GaugeMetricFamily("potluck_experts_unheld", "Routed experts no agent up holds (resident or "
+                                   "being read), at the last poll: each is read from disk wherever it is next needed. "
+                                   "0 once the agents' memory holds the whole model (NaN before the model is known).")
+        unheld.add_metric([], math.nan if snap is None or snap.unheld_experts is None else snap.unheld_experts)
+        yield unheld
         cost = GaugeMetricFamily("potluck_placement_cost", "C(P) of the placement in force: the last re-plan "
                                  "period's expert selections whose home agent did not hold the expert (NaN before "
                                  "the first re-plan).")

@@ -278,6 +278,9 @@ def test_admin_placement_and_replan(client: OpenAI, model_id: str, base_url: str
     cost = next(line for line in httpx.get(f"{base_url}/metrics").text.splitlines()
                 if line.startswith("potluck_placement_cost "))
     assert float(cost.split()[1]) >= 0, cost  # NaN until a re-plan set it
+    unheld = next(line for line in httpx.get(f"{base_url}/metrics").text.splitlines()
+                  if line.startswith("potluck_experts_unheld "))
+    assert float(unheld.split()[1]) >= 0, unheld  # the model is known once a request ran
 
 
 def test_one_log_line_per_request_in_human_units(client: OpenAI, model_id: str, potluck: PotluckUp) -> None:

@@ -177,8 +177,11 @@ async def test_the_engine_reads_what_no_agent_holds_in_place_of_a_second_copy(qw
         engine = EngineService(qwen_tiny, cluster.specs, EngineSettings(credentials=cluster.enrolment.server), Policy())
         try:
             await engine.poll()
+            assert engine.snapshot().unheld_experts == 1  # potluck_experts_unheld
             await engine.fill()
             after = await settle(cluster, covered=True)
+            await engine.poll()
+            assert engine.snapshot().unheld_experts == 0
         finally:
             await engine.stop()
     now = [held(cluster, s) for s in after]
