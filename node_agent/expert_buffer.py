@@ -3,12 +3,13 @@ evicts.
 
 Invariant: bytes of resident experts + bytes reserved by loads in flight <= capacity, always (a
 load reserves its bytes before it starts reading, evicting unpinned experts or waiting). Which
-expert goes is the policy's choice (`cache_policy.py`), except that experts another agent holds too
-(`elsewhere`, from the routing table) go before the pool's only copies, experts the current plan
-needs (`protect`) go last, and a prefetch never evicts them. A fill (an expert no agent holds, read into
-free memory while the disk is idle) never evicts anything, gives its reservation back to any load
-that needs the room before its read starts, and yields the disk between chunks to any demand or
-prefetch read (it goes back in the queue and starts over). The placement's experts (`place`, the
+expert goes is the policy's choice (`cache_policy.py`), except that experts another agent holds
+too (`elsewhere`, from the routing table) go before the pool's only copies, experts the current
+plan needs (`protect`) go last, and a prefetch never evicts them. A fill (an expert no agent
+holds, read into free memory while the disk is idle) never evicts a whole expert (it may take
+unused slices' room), gives its reservation back to any load that needs the room before its read
+starts, and yields the disk between chunks to any demand or prefetch read (it goes back in the
+queue and starts over). The placement's experts (`place`, the
 scheduler's choice of what this agent keeps) are never evicted; those not resident are read after
 demand and prefetch reads, each taking the room of an unplaced expert nobody uses (the rest of
 the memory stays a cache). The disk reads one expert at a time, most urgent first (`disk_queue.py`).

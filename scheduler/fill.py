@@ -65,7 +65,7 @@ def plan_swaps(agents: Sequence[AgentHoldings], experts: Sequence[ExpertId], fil
     agent holds and another agent holds too, outside its placement. Left alone, such a pool
     keeps an expert on no agent for every second copy, and whoever needs one reads it from disk
     at every use, evicting another that then goes missing (on the 4-agent LAN case, with a home
-    that read experts on demand during its first request, 8-11 reads a 64-token stream). The
+    that read experts on demand during its first request, 6-11 reads a 64-token stream). The
     copy given up is of the layer the agent holds most of, so that a layer's work spreads; the
     expert goes to the agent with the fewest reads queued. Returns per agent (experts to read,
     copies to give up first), each copy given up at most once while another holder keeps it."""

@@ -158,11 +158,12 @@ class Policy:
         owner = (lambda e: _static_owner(order, e.index, num_experts)) if self.name == "expert-parallel" else None
         return plan_fill(agents, experts, expert_bytes, owner)
 
-    def swaps(self, agents: Sequence[AgentHoldings], experts: Sequence[ExpertId],
-              filled: Mapping[NodeId, Sequence[ExpertId]]) -> dict[NodeId, tuple[tuple[ExpertId, ...], tuple[ExpertId, ...]]]:
+    def swaps(self, agents: Sequence[AgentHoldings], experts: Sequence[ExpertId], filled: Mapping[NodeId, Sequence[ExpertId]]
+              ) -> dict[NodeId, tuple[tuple[ExpertId, ...], tuple[ExpertId, ...]]]:
         """For a pool whose memory holds every expert once, the experts the fills left on no
-        agent, each read in place of a second copy (`plan_swaps`); none where nothing is filled,
-        nor under `expert-parallel`, whose experts go to their owners only."""
+        agent, each read in place of a second copy (`plan_swaps`); none where the policy does
+        not fill (`naive`, `--no-fill`), nor under `expert-parallel`, whose experts go to their
+        owners only."""
         if not self.fill or self.name in ("naive", "expert-parallel"):
             return {}
         return plan_swaps(agents, experts, filled)

@@ -45,7 +45,8 @@ class PoolCache:
         # A pool whose memory holds every expert once should hold every one: slices (split runs
         # of experts no agent held) give their room to the fills, and second copies to the
         # experts still left over (`plan_swaps`).
-        whole = all(s.capacity_bytes for s in snaps) and sum(s.capacity_bytes // expert_bytes for s in snaps) >= len(routed)
+        whole = (all(s.capacity_bytes for s in snaps)
+                 and sum(s.capacity_bytes // expert_bytes for s in snaps) >= len(routed))
         holdings = [self._holdings(c.name, E, slices_free=whole) for c in agents]
         plan = self.engine.policy.fills(holdings, routed, expert_bytes, E)
         swaps = self.engine.policy.swaps(holdings, routed, plan) if whole else {}
