@@ -99,6 +99,23 @@ def choose_victim(entries: Mapping[Key, Entry], policy: EvictionPolicy[Key], pla
     return None
 
 
+def slices_to_free(entries: Mapping[Key, Entry], policy: EvictionPolicy[Key], placed: Set[ExpertId],
+                   budget: int) -> list[Key] | None:
+    """The unused slices to evict, the policy's choice first, so that the entries take at most
+    `budget` bytes; None if evicting every one of them would not do."""
+    used = sum(e.nbytes for e in entries.values())
+    slices = {k for k in evictable(entries, placed) if isinstance(k, SliceId)}
+    if used - sum(entries[k].nbytes for k in slices) > budget:
+        return None
+    out: list[Key] = []
+    for key in policy.victims(slices):
+        if used <= budget:
+            break
+        out.append(key)
+        used -= entries[key].nbytes
+    return out
+
+
 def unstarted_fill(entries: Mapping[Key, Entry]) -> Key | None:
     """A fill whose read has not begun and that nobody waits for: its reservation may go to a
     load that needs the room."""

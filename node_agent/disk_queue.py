@@ -8,6 +8,7 @@ expert buffer's reader, `expert_buffer.py`).
 A fill (the lowest priority) yields the disk between chunks to any demand, prefetch or placement
 read queued meanwhile: its read stops (ReadPreempted) and goes back in the queue to start over.
 A streamed read whose `loaded` is cancelled (a read-ahead given up) stops there too, for good.
+A placed expert may come from a peer's memory instead (`fetch`), and from the disk if that fails.
 An entry queued twice, already read, given up, or dropped from the buffer since (`current` says
 no) is skipped. Runs on the agent's event loop; only the reads happen in the disk thread.
 """
@@ -17,12 +18,16 @@ from __future__ import annotations
 import asyncio
 import heapq
 import itertools
+import logging
 import threading
 from collections.abc import Awaitable, Callable
 from concurrent.futures import Executor
 
-from node_agent.buffer_entries import FILL, BufferCounters, Entry, Key, LoadFn, ReadPreempted
+from node_agent.buffer_entries import FILL, BufferCounters, Entry, FetchFn, Key, LoadFn, ReadPreempted
 from node_agent.model.moe import ExpertWeights
+from protos.ids import ExpertId
+
+log = logging.getLogger("potluck.agent")
 
 
 class DiskQueue:
@@ -37,7 +42,7 @@ class DiskQueue:
         self._order = itertools.count()
         self._reader: asyncio.Task[None] | None = None
         self._urgent = threading.Event()  # a read other than a fill is queued (read by the disk thread)
-        self.counters = counters  # the buffer's: fill_preemptions counted here
+        self.counters = counters  # the buffer's: fill_preemptions and fetches counted here
 
     def push(self, priority: int, key: Key, entry: Entry) -> None:
         """Queue a read of `key` into `entry` at `priority` (its entry keeps the most urgent it
@@ -48,6 +53,26 @@ class DiskQueue:
         heapq.heappush(self._heap, (priority, next(self._order), key, entry))
         if self._reader is None or self._reader.done():
             self._reader = asyncio.get_running_loop().create_task(self._read_forever())
+
+    async def fetch(self, eid: ExpertId, entry: Entry, source: FetchFn) -> None:
+        """Fill a reserved entry from a peer; on failure, queue its disk read instead."""
+        entry.started = True  # the reader leaves it alone
+        try:
+            weights = await source(eid)
+        except BaseException as exc:  # the peer dropped it, went away or sent the wrong shape: the disk has it
+            entry.started = False  # (cancelled too: a new placement began, and others may wait on this entry)
+            self.push(entry.priority, eid, entry)
+            if not isinstance(exc, Exception):
+                raise
+            self.counters.fetch_failures += 1
+            # A holder that made room for its own new experts meanwhile is the expected case in a
+            # migration (NOT_FOUND); anything else an admin may want to see.
+            level = logging.INFO if getattr(exc, "code", None) == "NOT_FOUND" else logging.WARNING
+            log.log(level, "expert %s/%s: fetching it from a peer failed (%s); reading it from disk", eid.layer,
+                    eid.index, exc)
+            return
+        self.counters.fetches += 1
+        await self._done(eid, entry, weights)
 
     def hurry(self, key: Key, entry: Entry, priority: int) -> None:
         """A queued read is now wanted at `priority`: it moves up, unless its read has begun."""

@@ -25,21 +25,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 from collections.abc import AsyncIterator, Iterable, Mapping
 from concurrent.futures import Executor
 
 from node_agent.buffer_entries import (DEMAND, FILL, PLACE, PREFETCH, BufferCounters, BufferTooSmall, Entry, FetchFn,
                                        Key, LayerPins, LoadFn, NotResident, ReadPreempted, choose_victim, evictable,
-                                       unstarted_fill)
+                                       slices_to_free, unstarted_fill)
 from node_agent.cache_policy import EvictionPolicy, LRUPolicy
 from node_agent.disk_queue import DiskQueue
 from node_agent.model.moe import ExpertWeights
 from protos.ids import ExpertId, SliceId
 
 __all__ = ["BufferCounters", "BufferTooSmall", "ExpertBuffer", "FetchFn", "Key", "LayerPins", "NotResident", "ReadPreempted"]  # callers import these
-
-log = logging.getLogger("potluck.agent")
 
 
 class ExpertBuffer:
@@ -166,7 +163,7 @@ class ExpertBuffer:
             if queued:
                 self.counters.placements += 1
             if queued and source is not None:
-                await self._fetch_into(eid, entry, source)
+                await self._disk_queue.fetch(eid, entry, source)
             try:
                 await asyncio.shield(entry.loaded)
             except Exception:  # the read's own waiters hear why; the placement goes on without it
@@ -317,16 +314,11 @@ class ExpertBuffer:
         return True
 
     def _room_from_slices(self, eid: ExpertId) -> bool:
-        """Evict unused slices, the policy's choice first, until eid fits; none if they cannot
-        make room for it. Whether it fits now."""
-        slices = {k for k in evictable(self._entries, self.placed) if isinstance(k, SliceId)}
-        if self.bytes_used - sum(self._entries[k].nbytes for k in slices) + self.nbytes(eid) > self.capacity:
-            return False
-        for key in list(self.policy.victims(slices)):
-            if self._fits(eid):
-                break
+        """Evict the unused slices that make room for eid (`slices_to_free`); whether they do."""
+        victims = slices_to_free(self._entries, self.policy, self.placed, self.capacity - self.nbytes(eid))
+        for key in victims or ():
             self._evict(key)
-        return self._fits(eid)
+        return victims is not None
 
     async def give_up(self, eid: ExpertId) -> bool:
         """Evict a resident expert at the scheduler's word (it chose others for this memory):
@@ -338,26 +330,6 @@ class ExpertBuffer:
         self._evict(eid)
         await self._room_freed()
         return True
-
-    async def _fetch_into(self, eid: ExpertId, entry: Entry, source: FetchFn) -> None:
-        """Fill a reserved entry from a peer; on failure, queue its disk read instead."""
-        entry.started = True  # the reader leaves it alone
-        try:
-            weights = await source(eid)
-        except BaseException as exc:  # the peer dropped it, went away or sent the wrong shape: the disk has it
-            entry.started = False  # (cancelled too: a new placement began, and others may wait on this entry)
-            self._disk_queue.push(entry.priority, eid, entry)
-            if not isinstance(exc, Exception):
-                raise
-            self.counters.fetch_failures += 1
-            # A holder that made room for its own new experts meanwhile is the expected case in a
-            # migration (NOT_FOUND); anything else an admin may want to see.
-            level = logging.INFO if getattr(exc, "code", None) == "NOT_FOUND" else logging.WARNING
-            log.log(level, "expert %s/%s: fetching it from a peer failed (%s); reading it from disk", eid.layer,
-                    eid.index, exc)
-            return
-        self.counters.fetches += 1
-        await self._install(eid, entry, weights)
 
     async def _install(self, eid: Key, entry: Entry, weights: ExpertWeights) -> None:
         """A read or fetch of eid is done: resident, its waiters woken."""
@@ -401,7 +373,7 @@ class ExpertBuffer:
             entry = Entry(self.nbytes(eid),
                            priority=priority if priority is not None else DEMAND if allow_protected else PREFETCH)
             self._add(eid, entry)
-        if read:  # else the caller fills it (`_fetch_into`)
+        if read:  # else the caller fills it (`DiskQueue.fetch`)
             self._disk_queue.push(entry.priority, eid, entry)
         return entry, True
 

@@ -20,6 +20,7 @@ from protos.ids import ExpertId, NodeId, SliceId
 from protos.routing import ExpertSplit, RoutingTable
 from scheduler.balance import Agent, Kind, Run, decode_runs, expert_kinds
 from scheduler.cost_model import AgentProfile, CostModel
+from scheduler.fill import holds_every
 
 
 HOME_BATCH = 8  # requests decoding on one home before the next one goes to another agent
@@ -240,7 +241,7 @@ def prompt_cache(counts: Mapping[ExpertId, float], rooms: Mapping[NodeId, CacheR
     On the bench model (16 experts top-2, half the experts pooled) the half of each layer's
     experts a request's own prompt chose most held 63% of its decode choices, against 50% for
     an unrelated prompt's half (docs/split.md); the home's memory alone is a quarter of the pool."""
-    if not counts or any(r.slots is None for r in rooms.values()) or sum(r.slots or 0 for r in rooms.values()) >= routed:
+    if not counts or holds_every((r.slots for r in rooms.values()), routed):
         return {}
     by_layer: dict[int, list[ExpertId]] = {}
     for eid in sorted(counts, key=lambda e: (-counts[e], e.layer, e.index)):

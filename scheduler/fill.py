@@ -14,7 +14,7 @@ expert once, one that finds no free room takes the room of a second copy (`plan_
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from protos.ids import ExpertId
@@ -28,6 +28,14 @@ class AgentHoldings:
     free_slots: int | None  # experts that still fit in its expert memory (None: unlimited)
     disk_bytes_per_s: float  # its read bandwidth (0: unlimited)
     placed: frozenset[ExpertId] = frozenset()  # the placement it keeps: never given up
+
+
+def holds_every(slots: Iterable[int | None], experts: int) -> bool:
+    """Whether agents whose memory takes these many experts each (None: unlimited) can hold
+    `experts` at once: then the fills and swaps keep each on one agent, and the decode prefetch
+    has nothing to move (`decode_plan.prompt_cache`)."""
+    slots = list(slots)
+    return any(n is None for n in slots) or sum(n or 0 for n in slots) >= experts
 
 
 def plan_fill(agents: Sequence[AgentHoldings], experts: Sequence[ExpertId], expert_bytes: int,

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 from protos.convert import expert_from_wire, expert_to_wire, experts_from_wire
 from protos.ids import ExpertId
 from scheduler.decode_plan import CacheRoom, prompt_cache
-from scheduler.fill import AgentHoldings
+from scheduler.fill import AgentHoldings, holds_every
 from scheduler.runner import ModelShape
 
 if TYPE_CHECKING:
@@ -40,13 +40,12 @@ class PoolCache:
         if shape is None or not agents:
             return
         E, clients, routed = shape.num_experts, {c.name: c for c in agents}, shape.routed_experts()
-        snaps = [self.engine.snapshots[c.name] for c in agents]
         expert_bytes = self.engine.infos[agents[0].name].expert_bytes
         # A pool whose memory holds every expert once should hold every one: slices (split runs
         # of experts no agent held) give their room to the fills, and second copies to the
         # experts still left over (`plan_swaps`).
-        whole = (all(s.capacity_bytes for s in snaps)
-                 and sum(s.capacity_bytes // expert_bytes for s in snaps) >= len(routed))
+        snaps = [self.engine.snapshots[c.name] for c in agents]
+        whole = holds_every([s.capacity_bytes // expert_bytes if s.capacity_bytes else None for s in snaps], len(routed))
         holdings = [self._holdings(c.name, E, slices_free=whole) for c in agents]
         plan = self.engine.policy.fills(holdings, routed, expert_bytes, E)
         swaps = self.engine.policy.swaps(holdings, routed, plan) if whole else {}
