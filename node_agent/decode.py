@@ -18,8 +18,10 @@ arriving), and not at all when every expert it needs is resident here: then it i
 a prompt's K/V is still moving here, a layer whose rows are further off than a round trip is
 attended where they are instead (split-KV: the home's partial over the rows it holds, merged
 with the sources' partials, `decode_attention.py`); that layer waits once for them, and once more
-if it also sends experts. Peers are reached through an injected transport and torch work goes
-through the agent's compute thread, as in prefill.
+if it also sends experts. A step of many rows over several requests (prompts prefilled together)
+goes on, after its first layer that called peers, as two halves at once, each with its own
+round trip a layer (`decode_batch.halves`). Peers are reached through an injected transport and
+torch work goes through the agent's compute thread, as in prefill.
 """
 
 from __future__ import annotations
@@ -27,18 +29,18 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
 from typing import TypeVar
 
 import torch
 
 from node_agent.attention import Compute
 from node_agent.dataplane import DataClient
-from node_agent.decode_attention import Partial, attend_spans, merge_split
-from node_agent.decode_batch import DecodeBatch, decode_batch
+from node_agent.decode_attention import attend_spans, merge_split
+from node_agent.decode_batch import DecodeBatch, decode_batch, halves
 from node_agent.decode_prefetch import HomePrefetch
-from node_agent.decode_sends import DecodePeers, Dispatch, LayerSends, Rows, gather, hand_over
-from node_agent.expert_buffer import ExpertBuffer, LayerPins
+from node_agent.decode_run import Run, Waits, join, parts_of
+from node_agent.decode_sends import DecodePeers, Dispatch, LayerSends, gather, hand_over
+from node_agent.expert_buffer import ExpertBuffer
 from node_agent.kv_cache import HomeCaches, attend_where_it_is
 from node_agent.model import moe, slots
 from node_agent.model.config import MoeConfig
@@ -47,38 +49,6 @@ from protos.messages import DecodeResult, DecodeSpan, TokenEvent
 from protos.routing import RoutingTable
 from protos.sampling import sample, token_generator
 
-
-
-@dataclass
-class Waits:
-    """Seconds of decode steps spent waiting rather than computing (metrics; see CacheCounters)."""
-
-    peers_s: float = 0.0  # on peers only: remote experts, split attention, K/V still arriving
-    reads_s: float = 0.0  # on experts read here on demand (no agent held them), peers' runs beside
-
-
-@dataclass
-class _Run:
-    """Where one decode step has got to, handed between the event loop and the compute thread
-    (only one of them touches it at a time)."""
-
-    batch: DecodeBatch
-    cos: torch.Tensor  # [T, 1, hd] rotary rows at the batch's positions
-    sin: torch.Tensor
-    pins: dict[int, LayerPins] = field(default_factory=dict)  # layer -> its resident experts, pinned for a job
-    used: dict[int, list[int]] = field(default_factory=dict)  # layer -> experts a job ran here (cache hits)
-    layer: int = 0  # the next layer to run
-    h: torch.Tensor | None = None  # [T, D] residual stream after the layers run so far
-    done: list[Rows] = field(default_factory=list)  # remote outputs still to add to h
-    logits: torch.Tensor | None = None  # [B, V] once the step is through
-    tokens: tuple[TokenEvent | None, ...] = ()  # sampled after each span (None inside a prompt), with the logits
-    split: frozenset[int] = frozenset()  # spans attending at `layer` over prompt K/V still at its sources
-    paused: tuple[torch.Tensor, torch.Tensor] | None = None  # (h, attn) of `layer`, waiting on split partials
-    partials: dict[int, list[Partial]] = field(default_factory=dict)  # span -> its partials at `layer`
-    chosen: list[torch.Tensor] = field(default_factory=list)  # [T, k] experts each token chose, per MoE layer run
-    # An inline layer's local experts left to the compute thread (x, ids, weights, experts): see
-    # INLINE_LOCAL_EXPERTS; their output still to add to h, the layer's remote outputs beside it.
-    local: tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[int, moe.ExpertWeights]] | None = None
 
 
 # What a synchronous wait on peers costs until one is measured: a LAN round trip with both
@@ -163,9 +133,49 @@ class Decoder:
         """Logits [B, V] (float32) after each span's last token, the round trips it made, the
         token sampled after each span that reaches past its prompt, and the experts every token
         chose at each MoE layer ([MoE layers, T, k] int16; None for a model without them)."""
-        loop, began_step = asyncio.get_running_loop(), time.monotonic()
+        began_step = time.monotonic()
         cos, sin = self.rope.at(batch.positions)
-        run = _Run(batch, cos, sin)
+        run = Run(batch, cos, sin)
+        parts = halves(batch)
+        trips, called, waits = await self._layers(run, fork=parts is not None)
+        if run.logits is None and parts is not None:  # the rest of the layers as two halves at once
+            split = parts_of(run, parts)
+            tasks = [asyncio.ensure_future(self._layers(part)) for part in split]
+            try:
+                tallies = await asyncio.gather(*tasks)
+            except BaseException:  # neither half may outlive the step (its turn, its caches)
+                for task in tasks:
+                    task.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+                raise
+            join(run, split)
+            trips += max(t[0] for t in tallies)
+            called |= any(t[1] for t in tallies)
+            waits = Waits(waits.peers_s + max(t[2].peers_s for t in tallies),
+                          waits.reads_s + max(t[2].reads_s for t in tallies))
+        self._went_remote = called
+        for span, cache in zip(batch.spans, batch.caches):
+            cache.next = span.end
+        decoded = sum(span.position >= cache.prompt for span, cache in zip(batch.spans, batch.caches))
+        self.prompt_tokens += sum(max(0, min(s.end, c.prompt) - s.position) for s, c in zip(batch.spans, batch.caches))
+        if decoded:  # a step that only prefills is not a decode step (nor are its round trips)
+            self.steps += 1
+            self.tokens += decoded
+            self.round_trips += trips
+            self.step_s += time.monotonic() - began_step
+            self.waits_s.peers_s += waits.peers_s
+            self.waits_s.reads_s += waits.reads_s
+        assert run.logits is not None
+        if run.chosen:
+            self._prefetch_counts(batch, run.chosen)
+        chosen = torch.stack(run.chosen).to(torch.int16) if run.chosen else None
+        return run.logits, trips, run.tokens, chosen
+
+    async def _layers(self, run: Run, fork: bool = False) -> tuple[int, bool, Waits]:
+        """Run's layers from `run.layer` on, through the logits: (round trips, whether it called
+        peers, its waits). With `fork`, it stops after the first layer whose experts went to
+        peers, before the next (`halves`)."""
+        loop, batch = asyncio.get_running_loop(), run.batch
         trips, called, waits = 0, False, Waits()
         while run.logits is None:
             inline = self.inline and self._went_remote and len(batch.token_ids) <= HOME_INLINE_ROWS
@@ -215,32 +225,18 @@ class Decoder:
                 waits.peers_s += waited_s
                 if not dispatch.split:  # (a split's slices may wait on reads: not a round trip)
                     self.round_trip_s = waited_s  # the pace a split-KV or split-expert choice weighs
-        self._went_remote = called
-        for span, cache in zip(batch.spans, batch.caches):
-            cache.next = span.end
-        decoded = sum(span.position >= cache.prompt for span, cache in zip(batch.spans, batch.caches))
-        self.prompt_tokens += sum(max(0, min(s.end, c.prompt) - s.position) for s, c in zip(batch.spans, batch.caches))
-        if decoded:  # a step that only prefills is not a decode step (nor are its round trips)
-            self.steps += 1
-            self.tokens += decoded
-            self.round_trips += trips
-            self.step_s += time.monotonic() - began_step
-            self.waits_s.peers_s += waits.peers_s
-            self.waits_s.reads_s += waits.reads_s
-        assert run.logits is not None
-        if run.chosen:
-            self._prefetch_counts(batch, run.chosen)
-        chosen = torch.stack(run.chosen).to(torch.int16) if run.chosen else None
-        return run.logits, trips, run.tokens, chosen
+            if fork and dispatch.remote and run.paused is None and run.layer < self.cfg.num_layers:
+                break
+        return trips, called, waits
 
-    def _run_layers(self, loop: asyncio.AbstractEventLoop, dispatch: Dispatch, run: _Run) -> None:
+    def _run_layers(self, loop: asyncio.AbstractEventLoop, dispatch: Dispatch, run: Run) -> None:
         """On the compute thread: layers from `run.layer` on, until one hands experts to the event
         loop (their outputs are needed before the next layer), or the next layer's prompt K/V is
         not in yet; and the logits if it gets through the last layer with nothing handed out.
         With every expert resident here, a whole step is one job."""
         self._layers_from(loop, dispatch, run)
 
-    async def _run_local(self, run: _Run) -> None:
+    async def _run_local(self, run: Run) -> None:
         """The local experts an inline layer left (`run.local`), on the compute thread once the
         layer's sends have had a turn of the loop to leave; their pins are still held."""
         if run.local is None:
@@ -252,7 +248,7 @@ class Decoder:
             assert run.h is not None
             run.h = run.h + out
 
-    def _split(self, run: _Run) -> frozenset[int]:
+    def _split(self, run: Run) -> frozenset[int]:
         """The decode tokens that attend at `run.layer` over prompt K/V still at its sources:
         their layer is further off than a round trip (`attend_where_it_is`)."""
         return frozenset(
@@ -260,7 +256,7 @@ class Decoder:
             if not c.ready_at(run.layer) and len(span.token_ids) == 1
             and attend_where_it_is(c.arrival_s(run.layer), self.round_trip_s))
 
-    def _layers_from(self, loop: asyncio.AbstractEventLoop, dispatch: Dispatch, run: _Run) -> None:
+    def _layers_from(self, loop: asyncio.AbstractEventLoop, dispatch: Dispatch, run: Run) -> None:
         L, first = self.cfg.num_layers, True  # the event loop saw to the first layer's K/V
         while run.layer < L:
             layer = run.layer
@@ -282,7 +278,7 @@ class Decoder:
                 return
         run.logits = self._logits(run)
 
-    def _layer(self, loop: asyncio.AbstractEventLoop, dispatch: Dispatch, run: _Run, layer: int
+    def _layer(self, loop: asyncio.AbstractEventLoop, dispatch: Dispatch, run: Run, layer: int
                ) -> tuple[torch.Tensor, list[int]] | None:
         """One layer: (new h [T, D], experts run here); None when split spans wait for their
         sources' partial attention (the layer resumes from `run.paused`)."""
@@ -300,7 +296,7 @@ class Decoder:
                        batch.caches[i].sources)
         return None
 
-    def _experts(self, loop: asyncio.AbstractEventLoop, dispatch: Dispatch, run: _Run, layer: int,
+    def _experts(self, loop: asyncio.AbstractEventLoop, dispatch: Dispatch, run: Run, layer: int,
                  h: torch.Tensor, attn: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
         """The rest of a layer after attention: (new h [T, D], experts run here)."""
         cfg, w = self.cfg, self.dense.layers[layer]
@@ -337,7 +333,7 @@ class Decoder:
         """`slots.mix_experts` on a decode batch a peer sent."""
         return slots.mix_experts(x, ids, weights, experts)
 
-    def _logits(self, run: _Run) -> torch.Tensor:
+    def _logits(self, run: Run) -> torch.Tensor:
         """Logits [B, V] of each span's last token."""
         assert run.h is not None
         h, run.done = slots.with_rows(run.h, run.done), []
@@ -372,5 +368,3 @@ class Decoder:
 
 
 R = TypeVar("R")
-
-

@@ -27,11 +27,43 @@ class DecodeBatch:
     positions: torch.Tensor  # [T] int64
     caches: tuple[KVCache, ...]  # span i's request's cache
     starts: tuple[int, ...]  # span i's first row
+    offset: int = 0  # a part's first row in the step's batch (`part`)
+
+    def part(self, first: int, last: int) -> DecodeBatch:
+        """Spans first..last-1 as a batch of their own (their rows are rows[first's start:last's])."""
+        begin = self.starts[first]
+        end = self.starts[last] if last < len(self.spans) else len(self.token_ids)
+        return DecodeBatch(self.spans[first:last], self.token_ids[begin:end], self.positions[begin:end],
+                           self.caches[first:last], tuple(s - begin for s in self.starts[first:last]),
+                           self.offset + begin)
 
     @property
     def last_rows(self) -> torch.Tensor:
         """[B] each span's last row: the token whose logits the step returns."""
         return torch.tensor([start + len(s.token_ids) - 1 for start, s in zip(self.starts, self.spans)])
+
+
+# A step of at least this many rows over two or more requests runs, after the first layer that
+# waited on peers, as two halves at once (`halves`, Decoder.step): while one half's tokens are
+# on the link or at the holders, the home computes the other's layer. Four 128-token prompts
+# prefilled together on the emulated LAN (4 agents, 1 Gbit/s, 1 ms): the home's dense work
+# (14 ms a layer), its sends (14 ms through its uplink) and the holders' experts (15-23 ms)
+# followed each other in every layer, 60 ms a layer. Each half streams the experts its rows
+# need again, so the split waits for a layer that calls peers: on the layers all local to the
+# home there is nothing to overlap.
+PIPELINE_ROWS = 256
+
+
+def halves(batch: DecodeBatch) -> tuple[DecodeBatch, DecodeBatch] | None:
+    """The batch as its first spans and the rest, the cut nearest half its rows; None where it
+    has fewer than PIPELINE_ROWS rows or one span, or no cut leaves each half a quarter of them."""
+    total = len(batch.token_ids)
+    if total < PIPELINE_ROWS or len(batch.spans) < 2:
+        return None
+    cut = min(range(1, len(batch.spans)), key=lambda i: abs(2 * batch.starts[i] - total))
+    if 4 * min(batch.starts[cut], total - batch.starts[cut]) < total:
+        return None
+    return batch.part(0, cut), batch.part(cut, len(batch.spans))
 
 
 def decode_batch(spans: Sequence[DecodeSpan], caches: Mapping[str, KVCache], vocab_size: int, agent: str

@@ -5,9 +5,12 @@ agents over real gRPC, real generated checkpoints)."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
+import torch
 
+from node_agent import decode, decode_batch
 from protos.ids import RequestId
 from protos.messages import DecodeSpan
 from scheduler.errors import AgentFailed
@@ -60,6 +63,52 @@ async def test_greedy_tokens_match_transformers(tiny_models: dict[str, Path], ar
     assert sum(s.decode_tokens for s in snaps) == 15  # the prompt's steps are not decode steps
     assert sum(s.home_prefill_tokens for s in snaps) == PROMPT_LEN
     assert all(s.requests == 0 for s in snaps)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+async def test_prompts_prefilled_together_go_on_as_two_halves(tiny_models: dict[str, Path], arch: str,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two prompts in a step of PIPELINE_ROWS rows or more (lowered here) go on as two halves
+    after the first layer that called peers: each prompt gets transformers' logits, and the step
+    the tokens and selections it gets whole."""
+    model_dir = tiny_models[arch]
+    ids, expected, _ = transformers_outputs(model_dir)
+    short = PROMPT_LEN - 3
+    forks: list[list[int]] = []
+    parts_of = decode.parts_of
+
+    def spy(run: Any, parts: Any) -> Any:
+        forks.append([len(p.token_ids) for p in parts])
+        return parts_of(run, parts)
+
+    monkeypatch.setattr(decode, "parts_of", spy)
+    results = []
+    async with local_cluster(model_dir, 3, expert_memory=2 * expert_bytes(model_dir)) as cluster:
+        async with cluster.engine() as engine:
+            await engine.refresh()  # most experts on holders: the layers call peers
+            home = cluster.clients[0]
+            greedy = SamplingParams(max_tokens=1, temperature=0)
+            for rows in (decode_batch.PIPELINE_ROWS, 8):  # whole, then as two halves
+                monkeypatch.setattr(decode_batch, "PIPELINE_ROWS", rows)
+                await home.adopt_kv(f"a{rows}", PROMPT_LEN + 1, PROMPT_LEN, [], prefill_here=True, sampling=greedy)
+                await home.adopt_kv(f"b{rows}", short + 1, short, [], prefill_here=True, sampling=greedy)
+                results.append(await home.decode_step(
+                    [DecodeSpan(request_id=RequestId(f"a{rows}"), token_ids=tuple(ids), position=0),
+                     DecodeSpan(request_id=RequestId(f"b{rows}"), token_ids=tuple(ids[:short]), position=0)],
+                    logits=True))
+                await home.release(f"a{rows}")
+                await home.release(f"b{rows}")
+    assert forks == [[PROMPT_LEN, short]]  # the second step only
+    whole, halves = results
+    for result in results:
+        assert result.logits is not None
+        assert (result.logits[0] - expected[PROMPT_LEN - 1]).abs().max().item() <= ATOL
+        assert (result.logits[1] - expected[short - 1]).abs().max().item() <= ATOL
+    assert [t.token_id for t in halves.tokens if t] == [t.token_id for t in whole.tokens if t]
+    assert len(halves.tokens) == 2 and None not in halves.tokens
+    assert halves.selections is not None and whole.selections is not None
+    assert halves.selections.shape == (whole.selections.shape[0], PROMPT_LEN + short, whole.selections.shape[2])
+    assert torch.equal(halves.selections, whole.selections)
 
 
 async def test_a_span_that_skips_or_repeats_positions_is_refused(qwen_tiny: Path) -> None:
