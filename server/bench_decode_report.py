@@ -14,7 +14,7 @@ from server.bench_decode_stats import find, lan_bound_s, targets
 from server.bench_report import target_lines
 
 HEADER = ("case", "agents", "streams", "median inter-token ms", "each stream's median ms", "tokens per stream (min)",
-          "tokens/s, all streams", "round trips per token")  # fmt: skip
+          "tokens/s, all streams", "first token ms (last stream's)", "round trips per token")  # fmt: skip
 
 
 def label(case: dict[str, Any]) -> str:
@@ -44,7 +44,8 @@ def rows(data: dict[str, Any]) -> list[tuple[str, ...]]:
         rate = c["aggregate_tokens_per_s"]
         trips = c["round_trips_per_token"]
         out.append((label(c), str(c["agents"]), str(c["streams"]), _ms(c["median_itl_s"]), each, str(c["min_tokens"]),
-                    "n/a" if rate is None else f"{rate:.1f}", "n/a" if trips is None else f"{trips:.1f}"))
+                    "n/a" if rate is None else f"{rate:.1f}", _ms(c.get("first_token_s")),
+                    "n/a" if trips is None else f"{trips:.1f}"))
     return out
 
 
@@ -74,6 +75,8 @@ def settings(data: dict[str, Any]) -> list[str]:
                      f"layers x one round trip "
                      f"({2 * latency * 1e3:g} ms) = {_ms(lan_bound_s(data))} ms.")
     lines += io_settings(data)
+    lines.append("Tokens/s, all streams: tokens received / time from the first request sent to the last token, "
+                 "so the prompts' prefill counts; first token: the last stream's, median over rounds.")
     lines.append("Round trips per token = (decode round trips + decode steps) / decode tokens of the agents' "
                  "counters (/metrics), scraped once settled before and after the timed requests; n/a where the "
                  "server does not count them or they did not settle.")

@@ -63,6 +63,11 @@ class StreamTiming:
         return statistics.median(gaps) if gaps else None
 
     @property
+    def first_token_s(self) -> float | None:
+        """Seconds from the request sent to its first token (None: no token came)."""
+        return self.arrivals[0].at_s - self.sent_s if self.arrivals else None
+
+    @property
     def last_s(self) -> float:
         return self.arrivals[-1].at_s if self.arrivals else self.sent_s
 
@@ -194,8 +199,10 @@ def summarize(case: str, agents: int, streams: int, rounds: Sequence[Sequence[St
               trips_per_token: float | None = None) -> dict[str, Any]:
     """One case's figures over its rounds (each a list of concurrent streams): the median over
     rounds of the streams' median gap, each stream's median gap over rounds, the median aggregate
-    tokens/s, and what every round measured."""
+    tokens/s, the median over rounds of the last stream's first token (the aggregate counts from
+    the requests sent, so it counts the prompts' prefill), and what every round measured."""
     per_round = [median_or_none([s.median_gap_s for s in r]) for r in rounds]
+    first = [max((t for s in r if (t := s.first_token_s) is not None), default=None) for r in rounds]
     return {
         "case": case, "agents": agents, "streams": streams,
         "median_itl_s": median_or_none(per_round),
@@ -203,11 +210,12 @@ def summarize(case: str, agents: int, streams: int, rounds: Sequence[Sequence[St
         "min_tokens": min((s.tokens for r in rounds for s in r), default=0),
         "stopped": sum(s.finish_reason == "stop" for r in rounds for s in r),  # streams an EOS token ended
         "aggregate_tokens_per_s": median_or_none([aggregate_tokens_per_s(r) for r in rounds]),
+        "first_token_s": median_or_none(first),
         "round_trips_per_token": trips_per_token,
-        "rounds": [{"median_itl_s": m, "aggregate_tokens_per_s": aggregate_tokens_per_s(r),
+        "rounds": [{"median_itl_s": m, "aggregate_tokens_per_s": aggregate_tokens_per_s(r), "first_token_s": f,
                     "tokens": [s.tokens for s in r], "finish_reasons": [s.finish_reason for s in r],
                     "gaps_s": [s.gaps_s for s in r]}
-                   for m, r in zip(per_round, rounds)],
+                   for m, f, r in zip(per_round, first, rounds)],
     }  # fmt: skip
 
 

@@ -139,6 +139,15 @@ def test_summary_is_the_median_over_rounds_of_each_rounds_median() -> None:
     s = summarize("compute", 1, 1, rounds)
     assert s["median_itl_s"] == pytest.approx(0.05) and s["min_tokens"] == 3 and s["stopped"] == 1
     assert s["round_trips_per_token"] is None and len(s["rounds"]) == 3
+    assert s["first_token_s"] == pytest.approx(1.0)
+
+
+def test_first_token_is_the_last_streams_median_over_rounds() -> None:
+    rounds = [[stream(0.0, (t, 1), (t + 0.05, 1)), stream(0.1, (t + 0.3, 1))] for t in (0.2, 0.5, 0.4)]
+    s = summarize("streams", 4, 2, rounds)
+    assert [r["first_token_s"] for r in s["rounds"]] == pytest.approx([0.4, 0.7, 0.6])  # the second stream's
+    assert s["first_token_s"] == pytest.approx(0.6)
+    assert stream(0.0).first_token_s is None
 
 
 def test_targets_can_be_met_missed_or_not_measurable() -> None:
