@@ -4,6 +4,7 @@ agents over real gRPC, real generated checkpoints)."""
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 from typing import Any
 
@@ -109,6 +110,47 @@ async def test_prompts_prefilled_together_go_on_as_two_halves(tiny_models: dict[
     assert halves.selections is not None and whole.selections is not None
     assert halves.selections.shape == (whole.selections.shape[0], PROMPT_LEN + short, whole.selections.shape[2])
     assert torch.equal(halves.selections, whole.selections)
+
+
+async def test_a_half_that_fails_fails_its_step_and_the_other_half_stops(qwen_tiny: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """The second half raises while the first still runs: the step fails with the error, the
+    first half is cancelled rather than left running past its step, and the home goes on."""
+    ids, expected, _ = transformers_outputs(qwen_tiny)
+    monkeypatch.setattr(decode_batch, "PIPELINE_ROWS", 8)
+    layers = decode.Decoder._layers
+    cancelled = asyncio.Event()
+
+    async def failing(self: decode.Decoder, run: Any, fork: bool = False) -> Any:
+        if fork or not run.batch.offset and len(run.batch.spans) != 1:
+            return await layers(self, run, fork)  # the whole step, or a step that is no half
+        if run.batch.offset:  # the second half
+            raise RuntimeError("the second half failed")
+        try:  # the first half: still running when the second fails
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+
+    async with local_cluster(qwen_tiny, 3, expert_memory=2 * expert_bytes(qwen_tiny)) as cluster:
+        async with cluster.engine() as engine:
+            await engine.refresh()
+            home = cluster.clients[0]
+            for rid in ("a", "b"):
+                await home.adopt_kv(rid, PROMPT_LEN + 1, PROMPT_LEN, [], prefill_here=True)
+            monkeypatch.setattr(decode.Decoder, "_layers", failing)
+            with pytest.raises(AgentFailed, match="the second half failed"):
+                await home.decode_step([DecodeSpan(request_id=RequestId(rid), token_ids=tuple(ids), position=0)
+                                        for rid in ("a", "b")])
+            assert cancelled.is_set()
+            monkeypatch.setattr(decode.Decoder, "_layers", layers)
+            await home.release("a")
+            await home.release("b")
+            await home.adopt_kv("c", PROMPT_LEN + 1, PROMPT_LEN, [], prefill_here=True)
+            result = await home.decode_step([DecodeSpan(request_id=RequestId("c"), token_ids=tuple(ids), position=0)],
+                                            logits=True)
+            assert result.logits is not None
+            assert (result.logits[0] - expected[PROMPT_LEN - 1]).abs().max().item() <= ATOL
 
 
 async def test_a_span_that_skips_or_repeats_positions_is_refused(qwen_tiny: Path) -> None:
