@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 
+from node_agent import decode, decode_batch
 from scheduler.types import GenerationRequest, RequestId, SamplingParams, TokenEvent
 from tests.integration.cluster import Cluster, expert_bytes, local_cluster
 from tests.integration.test_equivalence import prompt, reference
@@ -111,10 +113,22 @@ async def test_decode_reading_experts_no_agent_holds_counts_its_waits_on_the_dis
     assert snap.decode_peer_wait_s == 0 and 0 < snap.decode_read_wait_s < snap.decode_step_s
 
 
-async def test_batched_steps_on_a_pooled_memory_home_match_the_requests_alone(qwen_tiny: Path) -> None:
+@pytest.mark.parametrize("pipeline_rows", [decode_batch.PIPELINE_ROWS, 16], ids=["whole", "halves"])
+async def test_batched_steps_on_a_pooled_memory_home_match_the_requests_alone(qwen_tiny: Path, pipeline_rows: int,
+                                                                              monkeypatch: pytest.MonkeyPatch) -> None:
     """Three agents with room for a third of the experts each, four requests on one home: its
     batched steps run on its event loop, a layer's sends leaving before its local experts (on
-    the compute thread when there are more than one); the tokens are each request's alone."""
+    the compute thread when there are more than one); the tokens are each request's alone. With
+    `halves`, the step that prefills the four prompts (120 rows) goes on as two halves."""
+    monkeypatch.setattr(decode_batch, "PIPELINE_ROWS", pipeline_rows)
+    forks: list[int] = []
+    parts_of = decode.parts_of
+
+    def spy(run: Any, parts: Any) -> Any:
+        forks.append(len(parts))
+        return parts_of(run, parts)
+
+    monkeypatch.setattr(decode, "parts_of", spy)
     reqs = requests(1000)
     total = 3 * 8  # tiny preset: 3 MoE layers of 8 experts
     async with local_cluster(qwen_tiny, 3, expert_memory=(total // 3) * expert_bytes(qwen_tiny)) as cluster:
@@ -127,6 +141,7 @@ async def test_batched_steps_on_a_pooled_memory_home_match_the_requests_alone(qw
             assert a.logprob is not None and b.logprob is not None and abs(a.logprob - b.logprob) < 1e-4
     assert sum(s.decode_remote_experts for s in snaps) > 0 and sum(s.decode_local_experts for s in snaps) > 0
     assert sum(s.decode_steps for s in snaps) < sum(s.decode_tokens for s in snaps)  # several requests a step
+    assert (forks and set(forks) == {2}) if pipeline_rows == 16 else not forks  # steps of prompts only
 
 
 async def test_pooled_memory_decode_calls_holders_at_most_once_per_layer(qwen_tiny: Path) -> None:
