@@ -35,6 +35,9 @@ the same rounds (the same prompts). Cases:
   `--max-running` = the most streams): tokens all streams received over the wall time from the
   first request sent to the last token, and each stream's median inter-token time. The lan and
   streams cases take turns round by round, so that they share the host's drift.
+- lan-disk: the LAN cluster with each agent's disk read at `--lan-disk` (where the lan case's
+  reads are page-cache copies), 1 and 4 concurrent streams, their rounds taking turns: where the
+  pool's reads leave its experts, and what a stream costs then. No target: a figure to compare.
 - io: experts that must be read (`bench_decode_io.py`): 2 and 4 agents (`--io-agents`) holding
   half the experts together, disk `--io-disk`, the LAN's link; whole experts on demand
   (`--expert-split never --no-decode-prefetch`) against split experts, + the load balance, + the
@@ -75,7 +78,8 @@ from server.bench_decode_io import expert_token_s, run_io
 from server.bench_prefill import NO_REPLAN_S, prompts_for, wait_healthy
 from server.launcher import die_with_parent, free_ports, stop_process, threads_per_agent
 
-CASES = ("compute", "lan", "streams", "io")
+CASES = ("compute", "lan", "streams", "lan-disk", "io")
+DISK_STREAMS = (1, 4)  # the lan-disk case's concurrent streams
 LAN_AGENTS = 4
 LINK = "1Gbit/s"
 SETTLE_POLL_S = 1.0  # /metrics scrapes this far apart must agree before a timed request
@@ -99,6 +103,7 @@ class DecodeRun:
     lan_memory: int  # expert memory of each LAN agent, bytes
     lan_latency_s: float  # one-way link latency of the LAN agents, seconds; 0: none
     io_disk: float = 200e6  # disk rate of each I/O-bound agent, bytes/s
+    lan_disk: float = 50e6  # disk rate of each agent of the lan-disk case, bytes/s
     io_pool: int = 0  # expert memory of the I/O-bound agents together, bytes (half the experts)
 
 
@@ -275,16 +280,16 @@ async def run_lan_reference(run: DecodeRun) -> dict[str, Any]:
     return _progress(summarize("lan-compute", 1, 1, rounds, trips))
 
 
-async def run_lan(run: DecodeRun, cases: list[str], stream_counts: list[int]) -> list[dict[str, Any]]:
-    """The LAN cluster: one stream at a time, then each number of concurrent streams, their rounds
-    interleaved (round r of every case before round r + 1 of any), so that the host's drift over
-    the minutes of the run falls on the one-stream baseline as on the cases compared with it. The
-    agents' counters are scraped between rounds: each round's round trips go to its case."""
-    plan = ([("lan", 1)] if "lan" in cases else []) + [("streams", k) for k in stream_counts if "streams" in cases]
+async def run_lan(run: DecodeRun, plan: list[tuple[str, int]], disk: float = 0.0) -> list[dict[str, Any]]:
+    """The LAN cluster (each agent's disk read at `disk`; 0: no throttle), the (case, streams) of
+    `plan` with their rounds interleaved (round r of every case before round r + 1 of any), so
+    that the host's drift over the minutes of the run falls on the one-stream baseline as on the
+    cases compared with it. The agents' counters are scraped between rounds: each round's round
+    trips go to its case."""
     rounds: dict[tuple[str, int], list[list[StreamTiming]]] = {p: [] for p in plan}
     scrapes: dict[tuple[str, int], list[tuple[DecodeCounters | None, DecodeCounters | None]]] = {p: [] for p in plan}
     async with DecodeCluster(run, LAN_AGENTS, run.lan_memory, LINK, run.lan_latency_s,
-                             max(stream_counts, default=1), run.lan_threads) as cluster:  # fmt: skip
+                             max(k for _, k in plan), run.lan_threads, disk=disk) as cluster:  # fmt: skip
         await cluster.stream(run.warmup, run.gen_tokens)
         before = await cluster.settled_counters()
         for r, prompt in enumerate(run.prompts):
@@ -343,7 +348,7 @@ def main(args: argparse.Namespace) -> int:
     # it, so that the LAN case never measures oversubscription (ARCHITECTURE: one torch thread each
     # on a 2-core host); its bound is one agent's compute on as many threads.
     lan_threads = args.lan_threads or threads_per_agent(LAN_AGENTS, os.cpu_count() or 1)
-    most = max(stream_counts) if "streams" in cases else 1
+    most = max([*(stream_counts if "streams" in cases else [1]), *(DISK_STREAMS if "lan-disk" in cases else [])])
     # Seeded: every case (and a rerun) decodes the same prompts.
     prompts = prompts_for(args.prompt_tokens, cfg.vocab_size, 1 + args.rounds * (1 + most), seed=args.prompt_tokens)
     data: dict[str, Any] = {
@@ -353,6 +358,8 @@ def main(args: argparse.Namespace) -> int:
         "lan_expert_memory": expert_bytes // LAN_AGENTS, "link": LINK, "link_latency_s": args.lan_latency,
         "max_running": most,
     }  # fmt: skip
+    if "lan-disk" in cases:
+        data.update(lan_disk=args.lan_disk, lan_disk_streams=list(DISK_STREAMS))
     if "io" in cases:
         data.update(io_disk=args.io_disk, io_pool=expert_bytes // 2, io_expert_token_s=expert_token_s(model_dir),
                     io_expert_read_s=expert_bytes / (len(moe_layers) * cfg.num_experts) / args.io_disk)
@@ -365,7 +372,7 @@ def main(args: argparse.Namespace) -> int:
             stream_prompts=[prompts[1 + args.rounds + r * most:1 + args.rounds + (r + 1) * most]
                             for r in range(args.rounds)],
             lan_memory=expert_bytes // LAN_AGENTS, lan_latency_s=args.lan_latency, io_disk=args.io_disk,
-            io_pool=expert_bytes // 2,
+            io_pool=expert_bytes // 2, lan_disk=args.lan_disk,
         )  # fmt: skip
         data["cases"] = asyncio.run(_run_cases(run, cases, agent_counts, stream_counts, io_counts))
     data["min_tokens"] = min(c["min_tokens"] for c in data["cases"])
@@ -385,7 +392,10 @@ async def _run_cases(run: DecodeRun, cases: list[str], agent_counts: list[int], 
     if "lan" in cases and not (run.lan_threads == run.threads and "compute" in cases and 1 in agent_counts):
         results.append(await run_lan_reference(run))
     if "lan" in cases or "streams" in cases:
-        results += await run_lan(run, cases, stream_counts)
+        plan = [("lan", 1)] if "lan" in cases else []
+        results += await run_lan(run, plan + [("streams", k) for k in stream_counts if "streams" in cases])
+    if "lan-disk" in cases:
+        results += await run_lan(run, [("lan-disk", k) for k in DISK_STREAMS], disk=run.lan_disk)
     if "io" in cases:
         results += await run_io(run, io_counts)
     return results

@@ -26,6 +26,7 @@ def label(case: dict[str, Any]) -> str:
         "lan-compute": "compute-bound, 1 agent, a LAN agent's threads",
         "lan": "LAN",
         "streams": f"LAN, {case['streams']} stream{'s' if case['streams'] > 1 else ''}",
+        "lan-disk": f"LAN with disks, {case['streams']} stream{'s' if case['streams'] > 1 else ''}",
     }[case["case"]]
 
 
@@ -64,7 +65,7 @@ def settings(data: dict[str, Any]) -> list[str]:
     if "compute" in cases:
         lines.append("Compute-bound: every expert resident (unlimited expert memory), no throttles; transformers "
                      "decodes in the bench's process between the 1-agent cluster's requests.")
-    if cases & {"lan", "streams"}:
+    if cases & {"lan", "streams", "lan-disk"}:
         lines.append(
             f"LAN: {data['lan_agents']} agents of {_threads(data.get('lan_threads', data['threads']))} each, link "
             f"{data['link']}, latency {latency * 1e3:g} ms one way, expert "
@@ -74,6 +75,10 @@ def settings(data: dict[str, Any]) -> list[str]:
         lines.append(f"LAN bound: 1-agent compute per token on a LAN agent's threads + {data['moe_layers']} MoE "
                      f"layers x one round trip "
                      f"({2 * latency * 1e3:g} ms) = {_ms(lan_bound_s(data))} ms.")
+    if "lan-disk" in cases:
+        lines.append(f"LAN with disks: the LAN cluster with each agent's disk read at {format_rate(data['lan_disk'])} "
+                     f"and --max-running {max(data['lan_disk_streams'])} (the LAN case has no disk throttle: its reads are "
+                     "page-cache copies); no target.")
     lines += io_settings(data)
     lines.append("Tokens/s, all streams: tokens received / time from the first request sent to the last token, "
                  "so the prompts' prefill counts; first token: the last stream's, median over rounds.")

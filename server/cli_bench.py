@@ -92,13 +92,16 @@ def add_bench(commands: argparse._SubParsersAction) -> None:  # type: ignore[typ
     p.add_argument("--cases", default="all", metavar="C,C",
                    help="decode: compute (1..N agents, every expert resident, and transformers), lan (4 agents, "
                         "1Gbit/s, --lan-latency, 25%% of the experts each), streams (concurrent streams on the LAN "
-                        "cluster), io (--io-agents holding half the experts, disk --io-disk: whole experts against "
-                        "split ones), or all (default)")  # fmt: skip
+                        "cluster), lan-disk (the LAN cluster with disks read at --lan-disk, 1 and 4 streams), io "
+                        "(--io-agents holding half the experts, disk --io-disk: whole experts against split ones), or "
+                        "all (default)")  # fmt: skip
     p.add_argument("--decode-agents", default="1,2,4", metavar="N,N", help="decode: agent counts of the compute case")
     p.add_argument("--streams", default="1,2,4,8", metavar="N,N", help="decode: concurrent streams of the streams case")
     p.add_argument("--io-agents", default="2,4", metavar="N,N", help="decode: agent counts of the io case")
     p.add_argument("--io-disk", default="200MB/s", metavar="RATE", type=rate,
                    help="decode: disk rate of each agent of the io case (default 200MB/s)")
+    p.add_argument("--lan-disk", default="50MB/s", metavar="RATE", type=rate,
+                   help="decode: disk rate of each agent of the lan-disk case (default 50MB/s)")
     p.add_argument("--prompt-tokens", type=positive, default=128, metavar="N",
                    help="decode, placement: prompt tokens per request")
     p.add_argument("--gen-tokens", type=positive, default=64, metavar="N",

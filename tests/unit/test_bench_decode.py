@@ -206,7 +206,19 @@ def test_decode_suite_flags_and_the_shared_rounds_default() -> None:
     assert (args.prompt_tokens, args.gen_tokens, args.streams, args.lan_latency) == (128, 64, "1,2,4,8", 0.002)
     assert (args.io_agents, args.io_disk, args.lan_threads) == ("2,4", 200e6, 0)  # 0: the fair share
     args = build_parser().parse_args(["bench", "decode", "--io-disk", "50MB/s", "--io-agents", "4"])
-    assert (args.io_agents, args.io_disk) == ("4", 50e6)
+    assert (args.io_agents, args.io_disk, args.lan_disk) == ("4", 50e6, 50e6)
+    assert build_parser().parse_args(["bench", "decode", "--lan-disk", "20MB/s"]).lan_disk == 20e6
+
+
+def test_the_lan_disk_case_is_reported_with_its_disk_and_no_target(tmp_path: Path) -> None:
+    cases = [case("lan", 33.0, agents=4, trips=7.1), case("lan-disk", 41.0, 4, 1, rate=22.0),
+             case("lan-disk", 64.0, 4, 4, rate=56.0)]
+    data = {**run_data(cases), "lan_disk": 50e6, "lan_disk_streams": [1, 4]}
+    write_report(json.loads(json.dumps(data)), tmp_path)
+    md = (tmp_path / "decode.md").read_text()
+    assert "| LAN with disks, 1 stream | 4 | 1 | 41.0 |" in md and "| LAN with disks, 4 streams | 4 | 4 | 64.0 |" in md
+    assert "each agent's disk read at 50 MB/s and --max-running 4" in md
+    assert [t.name for t in targets(data) if "disk" in t.name] == []  # a figure to compare, not a target
 
 
 def test_the_io_case_reports_each_mode_its_bytes_and_the_split_target(tmp_path: Path) -> None:
