@@ -143,11 +143,10 @@ class Decoder:
             tasks = [asyncio.ensure_future(self._layers(part)) for part in split]
             try:
                 tallies = await asyncio.gather(*tasks)
-            except BaseException:  # neither half may outlive the step (its turn, its caches)
+            finally:  # should one half fail, the other may not outlive the step (its turn, its caches)
                 for task in tasks:
-                    task.cancel()
+                    task.cancel()  # (a task that is done stays as it is)
                 await asyncio.gather(*tasks, return_exceptions=True)
-                raise
             join(run, split)
             trips += max(t[0] for t in tallies)
             called |= any(t[1] for t in tallies)
