@@ -66,8 +66,8 @@ def parts_of(run: Run, parts: Sequence[DecodeBatch]) -> list[Run]:
 
 def join(run: Run, parts: Sequence[Run]) -> None:
     """The logits, tokens and selections of halves that went on from `run`, in `run`'s order."""
-    run.logits = torch.cat([p.logits for p in parts if p.logits is not None])
+    logits = [p.logits for p in parts if p.logits is not None]
+    assert len(logits) == len(parts), "a half ended before its logits"
+    run.logits = torch.cat(logits)
     run.tokens = tuple(t for p in parts for t in p.tokens)
     run.chosen += [torch.cat(layer) for layer in zip(*(p.chosen for p in parts))]
-
-

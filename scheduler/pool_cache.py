@@ -49,8 +49,10 @@ class PoolCache:
         holdings = [self._holdings(c.name, E, slices_free=whole) for c in agents]
         plan = self.engine.policy.fills(holdings, routed, expert_bytes, E)
         swaps = self.engine.policy.swaps(holdings, routed, plan) if whole else {}
-        sent = [(n, (*plan.get(n, ()), *swaps.get(n, ((), ()))[0]), swaps.get(n, ((), ()))[1])
-                for n in sorted(set(plan) | set(swaps))]
+        sent = []  # (agent, experts to read, copies to give up)
+        for n in sorted(set(plan) | set(swaps)):
+            reads, gone = swaps.get(n, ((), ()))
+            sent.append((n, (*plan.get(n, ()), *reads), gone))
         results = await asyncio.gather(*(clients[n].fill([expert_to_wire(e, E) for e in es],
                                                          [expert_to_wire(e, E) for e in gone]) for n, es, gone in sent),
                                        return_exceptions=True)

@@ -264,7 +264,7 @@ class EngineService:
         """Routed experts that no agent up holds or is reading, as last polled."""
         if self.shape is None:
             return None
-        held = frozenset().union(*(experts for experts in self._resident().values()))
+        held = frozenset().union(*self._resident().values())
         return len(set(self.shape.routed_experts()) - held)
 
     def _selections(self, home: NodeId, selections: torch.Tensor) -> None:

@@ -30,6 +30,7 @@ from node_agent.model.moe import swiglu
 from node_agent.throttle import Throttle
 from protos.human import format_rate
 from protos.ids import ExpertId
+from server.bench_decode_cluster import LINK, DecodeCluster, DecodeRun
 from server.bench_decode_stats import decoded_tokens, metric_samples, round_trips_per_token, summarize, summed
 from server.launcher import threads_per_agent
 
@@ -89,9 +90,9 @@ def prefetch_counts(metrics: str) -> tuple[float, ...]:
     return (*pool, *(summed(s, f"potluck_agent_{k}_total") or 0.0 for k in names))
 
 
-async def run_io(run: Any, agent_counts: list[int]) -> list[dict[str, Any]]:
+async def run_io(run: DecodeRun, agent_counts: list[int]) -> list[dict[str, Any]]:
     """Each agent count, each mode: a fresh cluster, the same warm-up and rounds as every case."""
-    from server.bench_decode import LINK, DecodeCluster, _progress  # the decode bench's cluster and output
+    from server.bench_decode import _progress  # the decode bench's progress line
 
     out = []
     for agents in agent_counts:

@@ -46,7 +46,7 @@ import yaml
 from node_agent.model.checkpoint import Checkpoint
 from node_agent.model.config import MoeConfig
 from node_agent.model.synth import TOPIC_VERSION, init_model, topic_ranges
-from server.bench_decode import UpCluster
+from server.bench_decode_cluster import UpCluster
 from server.bench_decode_stats import metric_samples, summed, tokens_in_chunk
 from server.bench_placement_report import markdown, plot
 from server.bench_placement_stats import (Request, combined_placement, combined_shift, keep, locality, progress,
