@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -53,6 +53,19 @@ class LayerWeights:
     post_norm: torch.Tensor  # [D]
     router: torch.Tensor | None  # [E, D]; None for a dense-MLP layer
     dense_mlp: ExpertWeights | None  # the MLP of a dense layer
+    qkv: torch.Tensor | None = None  # [(H + 2 KVH) * hd, D]: q, k, v stacked (`stacked`; q, k, v are its views)
+    qk_norm: torch.Tensor | None = None  # [H + KVH, hd]: q_norm for each query head, then k_norm for each K/V head
+
+    def stacked(self) -> LayerWeights:
+        """The same layer with q, k and v as views of one stacked matrix (no extra memory), for
+        the few-row projection of `qkv_at`."""
+        qkv = torch.cat([self.q, self.k, self.v])
+        q, k, v = qkv.split([self.q.shape[0], self.k.shape[0], self.v.shape[0]])
+        qk_norm = None
+        if self.q_norm is not None and self.k_norm is not None:
+            hd = self.q_norm.shape[0]
+            qk_norm = torch.cat([self.q_norm.expand(self.q.shape[0] // hd, hd), self.k_norm.expand(self.k.shape[0] // hd, hd)])
+        return replace(self, q=q, k=k, v=v, qkv=qkv, qk_norm=qk_norm)
 
 
 @dataclass(frozen=True)
@@ -87,7 +100,7 @@ def load_dense(ckpt: Checkpoint, cfg: MoeConfig, dtype: torch.dtype, progress: C
                 post_norm=get(f"{p}.post_attention_layernorm.weight"),
                 router=get(f"{cfg.prefix(i)}.gate.weight") if cfg.is_moe(i) else None,
                 dense_mlp=dense,
-            )
+            ).stacked()
         )
         if progress:
             progress(f"dense weights: layer {i + 1}/{cfg.num_layers}")
@@ -100,6 +113,16 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     if x.dtype == torch.float32 and weight.dtype == torch.float32:  # one fused op, the same values
         return F.rms_norm(x, weight.shape, weight, eps)
     # Normalise in float32 whatever the compute dtype, as the reference implementation does.
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
+
+
+def _head_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """`rms_norm` of each head of x [T, heads, hd], head i scaled by weight[i] ([heads, hd]):
+    the values `rms_norm` gives head by head with that head's weight row."""
+    if x.dtype == torch.float32 and weight.dtype == torch.float32:
+        return F.rms_norm(x, weight.shape[-1:], None, eps) * weight
     xf = x.float()
     xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
     return weight * xf.to(x.dtype)
@@ -258,11 +281,28 @@ class RopeTable:
         return self.cos[positions], self.sin[positions]
 
 
+# Up to this many rows (decode steps), Q/K/V come from one matmul on the stacked weights, with one
+# norm and one rotation over the query and key heads together: the same values (the same dot
+# products, the same elementwise ops: equal bit for bit), in fewer ops. On one bench-model token,
+# 66 against 88 us a layer with 2 threads, 103 against 122 with one; 32 rows 0.34 against 0.40
+# ms. From about 64 rows on, the views' strides make the norm and the rotation cost more than the
+# two matmuls saved (128 rows: 1.10 against 1.07 ms).
+STACKED_QKV_ROWS = 32
+
+
 def qkv_at(w: LayerWeights, cfg: MoeConfig, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """`qkv` with the rotary tables given (cos, sin [T, 1, hd] from a `RopeTable`)."""
     x = rms_norm(h, w.input_norm, cfg.rms_eps)
     T = x.shape[0]
+    if w.qkv is not None and T <= STACKED_QKV_ROWS:
+        H, KVH = cfg.num_heads, cfg.num_kv_heads
+        y = F.linear(x, w.qkv).view(T, H + 2 * KVH, cfg.head_dim)
+        qk, v = y[:, :H + KVH], y[:, H + KVH:]
+        if w.qk_norm is not None:
+            qk = _head_norm(qk, w.qk_norm, cfg.rms_eps)
+        qk = rope(qk, cos, sin)
+        return qk[:, :H], qk[:, H:], v
     q = F.linear(x, w.q).view(T, cfg.num_heads, cfg.head_dim)
     k = F.linear(x, w.k).view(T, cfg.num_kv_heads, cfg.head_dim)
     v = F.linear(x, w.v).view(T, cfg.num_kv_heads, cfg.head_dim)
