@@ -10,7 +10,8 @@
                  a span), router, the experts this agent holds; a layer needing experts it lacks
                  hands their tokens to the event loop from inside the job (`decode_sends.py`), which
                  sends them to their holders (RoutingTable, on the data plane) while the job runs
-                 the local ones, and ends the job -> logits of each span's last token -> the token
+                 the local ones, and ends the job (the last layer's experts run for each span's
+                 last row only) -> logits of each span's last token -> the token
                  sampled after each span past its prompt (`step_order.StepOrder` orders a request's steps)
 
 A step waits on peers at most once per layer (the remote holders, in parallel; or K/V still
@@ -297,14 +298,21 @@ class Decoder:
 
     def _experts(self, loop: asyncio.AbstractEventLoop, dispatch: Dispatch, run: Run, layer: int,
                  h: torch.Tensor, attn: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
-        """The rest of a layer after attention: (new h [T, D], experts run here)."""
+        """The rest of a layer after attention: (new h [T, D], experts run here). The last layer
+        goes on with each span's last row only (`Run.narrowed`)."""
         cfg, w = self.cfg, self.dense.layers[layer]
         h = moe.attention_output(w, h, attn)
         x = moe.rms_norm(h, w.post_norm, cfg.rms_eps)  # [T, D]
+        last = layer == cfg.num_layers - 1 and h.shape[0] > len(run.batch.spans)
         if w.dense_mlp is not None:
+            if last:
+                h, x, run.narrowed = h[run.batch.last_rows], x[run.batch.last_rows], True
             return h + moe.swiglu(w.dense_mlp, x), []
         ids, weights = moe.route(w, cfg, x)  # [T, k]
-        run.chosen.append(ids)
+        run.chosen.append(ids)  # every row's choice: the prefetch and the placement count them
+        if last:  # only the logits rows' experts: a prompt's other rows are done once their K/V is in
+            keep = run.batch.last_rows
+            h, x, ids, weights, run.narrowed = h[keep], x[keep], ids[keep], weights[keep], True
         held = run.pins[layer].weights
         needed = set(ids.flatten().tolist())
         elsewhere = sorted(needed - held.keys())
@@ -336,7 +344,7 @@ class Decoder:
         """Logits [B, V] of each span's last token."""
         assert run.h is not None
         h, run.done = slots.with_rows(run.h, run.done), []
-        logits = moe.final_logits(self.dense, self.cfg, h[run.batch.last_rows])
+        logits = moe.final_logits(self.dense, self.cfg, h if run.narrowed else h[run.batch.last_rows])
         tokens: list[TokenEvent | None] = []
         for row, span, cache in zip(logits, run.batch.spans, run.batch.caches):
             token = None

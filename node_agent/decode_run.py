@@ -48,6 +48,10 @@ class Run:
     paused: tuple[torch.Tensor, torch.Tensor] | None = None  # (h, attn) of `layer`, waiting on split partials
     partials: dict[int, list[Partial]] = field(default_factory=dict)  # span -> its partials at `layer`
     chosen: list[torch.Tensor] = field(default_factory=list)  # [T, k] experts each token chose, per MoE layer run
+    # The last layer's experts ran for each span's last row only, and `h` holds those rows alone
+    # ([B, D], span order): no other row's output is read after the last layer (a prompt's
+    # other rows leave their K/V, written before), so their expert work, sends and reads are skipped.
+    narrowed: bool = False
     # An inline layer's local experts left to the compute thread (x, ids, weights, experts): see
     # INLINE_LOCAL_EXPERTS; their output still to add to h, the layer's remote outputs beside it.
     local: tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[int, moe.ExpertWeights]] | None = None
@@ -55,7 +59,7 @@ class Run:
 
 def parts_of(run: Run, parts: Sequence[DecodeBatch]) -> list[Run]:
     """Where `run` has got to, for each of `parts` (`halves`: runs of its rows)."""
-    assert run.h is not None and run.paused is None
+    assert run.h is not None and run.paused is None and not run.narrowed
     h, run.done = slots.with_rows(run.h, run.done), []
     out = []
     for part in parts:

@@ -18,7 +18,13 @@ from scheduler.errors import AgentFailed
 from scheduler.types import GenerationRequest, SamplingParams
 from tests.conftest import ARCHS
 from tests.integration.cluster import expert_bytes, local_cluster
+from node_agent.model.config import MoeConfig
 from tests.integration.test_equivalence import ATOL, PROMPT_LEN, transformers_outputs
+
+
+def expected_moe_layers(model_dir: Path) -> list[int]:
+    cfg = MoeConfig.load(model_dir)
+    return [i for i in range(cfg.num_layers) if cfg.is_moe(i)]
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -64,6 +70,39 @@ async def test_greedy_tokens_match_transformers(tiny_models: dict[str, Path], ar
     assert sum(s.decode_tokens for s in snaps) == 15  # the prompt's steps are not decode steps
     assert sum(s.home_prefill_tokens for s in snaps) == PROMPT_LEN
     assert all(s.requests == 0 for s in snaps)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+async def test_the_last_layer_runs_only_the_logits_rows_experts(tiny_models: dict[str, Path], arch: str) -> None:
+    """Past the last layer only each span's last row is read (its logits): that layer's experts
+    run for those rows alone, while every row's choice is still reported."""
+    model_dir = tiny_models[arch]
+    ids, expected, _ = transformers_outputs(model_dir)
+    half = PROMPT_LEN // 2
+    async with local_cluster(model_dir, 1) as cluster:  # every expert resident: each run is a local one
+        async with cluster.engine() as engine:
+            await engine.refresh()
+            home = cluster.clients[0]
+            experts = (await home.info()).num_experts * len(expected_moe_layers(model_dir))
+            while len(await home.resident()) < experts:  # the fill reads every expert in the background
+                await asyncio.sleep(0.05)
+            for rid in ("a", "b"):
+                await home.adopt_kv(rid, PROMPT_LEN + 1, PROMPT_LEN, [], prefill_here=True)
+            before = await home.snapshot()
+            result = await home.decode_step([DecodeSpan(request_id=RequestId("a"), token_ids=tuple(ids[:half]), position=0),
+                                             DecodeSpan(request_id=RequestId("b"), token_ids=tuple(ids), position=0)],
+                                            logits=True)
+            after = await home.snapshot()
+    assert result.logits is not None and result.selections is not None
+    assert (result.logits[0] - expected[half - 1]).abs().max().item() <= ATOL
+    assert (result.logits[1] - expected[PROMPT_LEN - 1]).abs().max().item() <= ATOL
+    chosen = result.selections  # [MoE layers, rows, k]: the last layer's too, for every row
+    assert chosen.shape[1] == half + PROMPT_LEN
+    last_rows = [half - 1, half + PROMPT_LEN - 1]
+    runs = (sum(len(set(layer.flatten().tolist())) for layer in chosen[:-1])
+            + len(set(chosen[-1][last_rows].flatten().tolist())))
+    assert len(set(chosen[-1].flatten().tolist())) > len(set(chosen[-1][last_rows].flatten().tolist()))
+    assert after.decode_local_experts - before.decode_local_experts == runs
 
 
 @pytest.mark.parametrize("arch", ARCHS)
