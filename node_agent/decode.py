@@ -19,9 +19,10 @@ arriving), and not at all when every expert it needs is resident here: then it i
 a prompt's K/V is still moving here, a layer whose rows are further off than a round trip is
 attended where they are instead (split-KV: the home's partial over the rows it holds, merged
 with the sources' partials, `decode_attention.py`); that layer waits once for them, and once more
-if it also sends experts. A step of many rows over several requests (prompts prefilled together)
+if it also sends experts. A step of many rows (prompts prefilled together, or one long prompt)
 goes on, after its first layer that called peers, as two halves at once, each with its own
-round trip a layer (`decode_batch.halves`). Peers are reached through an injected transport and
+round trip a layer (`decode_batch.halves`); where the cut falls inside a prompt, the second
+piece's layers wait for the first's, whose K/V they attend to (`Run.after`). Peers are reached through an injected transport and
 torch work goes through the agent's compute thread, as in prefill.
 """
 
@@ -181,6 +182,7 @@ class Decoder:
             inline = self.inline and self._went_remote and len(batch.token_ids) <= HOME_INLINE_ROWS
             if run.layer == self.cfg.num_layers:  # the last layer's remote outputs are in
                 run.logits = self._inline(self._logits, run) if inline else await self.compute(self._logits, run)
+                run.moved()
                 break
             if run.paused is None:
                 run.split = self._split(run)
@@ -193,6 +195,8 @@ class Decoder:
             # The resident experts of the layers ahead, pinned for one job, so that it can run
             # layer after layer; unpinned before waiting on anything, so that reads the job asked
             # for (or peers' batches) can find room.
+            if run.after is not None:  # cut inside a span: the first piece's K/V of this layer first
+                await run.after.past(run.layer)
             ahead = run.layer + 1 if inline else self.cfg.num_layers  # an inline job runs one layer
             run.pins = {layer: self.buffer.pin_layer(layer) for layer in range(run.layer, ahead)}
             run.used = {}
@@ -207,6 +211,7 @@ class Decoder:
                 for pins in run.pins.values():
                     await self.buffer.unpin_layer(pins, run.used.get(pins.layer, ()))
                 self.local_experts += sum(len(used) for used in run.used.values())
+            run.moved()
             if dispatch.remote or dispatch.attends:
                 trips, called = trips + 1, True
                 self.remote_experts += dispatch.remote
@@ -303,7 +308,7 @@ class Decoder:
         cfg, w = self.cfg, self.dense.layers[layer]
         h = moe.attention_output(w, h, attn)
         x = moe.rms_norm(h, w.post_norm, cfg.rms_eps)  # [T, D]
-        last = layer == cfg.num_layers - 1 and h.shape[0] > len(run.batch.spans)
+        last = layer == cfg.num_layers - 1 and h.shape[0] > run.batch.ended
         if w.dense_mlp is not None:
             if last:
                 h, x, run.narrowed = h[run.batch.last_rows], x[run.batch.last_rows], True
@@ -346,7 +351,7 @@ class Decoder:
         h, run.done = slots.with_rows(run.h, run.done), []
         logits = moe.final_logits(self.dense, self.cfg, h if run.narrowed else h[run.batch.last_rows])
         tokens: list[TokenEvent | None] = []
-        for row, span, cache in zip(logits, run.batch.spans, run.batch.caches):
+        for row, span, cache in zip(logits, run.batch.spans, run.batch.caches):  # the spans that end here
             token = None
             if span.end >= cache.prompt:
                 token = sample(row, cache.sampling, token_generator(cache.sampling.seed or 0, cache.drawn))

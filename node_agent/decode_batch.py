@@ -28,6 +28,11 @@ class DecodeBatch:
     caches: tuple[KVCache, ...]  # span i's request's cache
     starts: tuple[int, ...]  # span i's first row
     offset: int = 0  # a part's first row in the step's batch (`part`)
+    # A part cut inside a span (`cut`): its last span goes on in the next part (that row is no
+    # span's end: no logits, no token), and the next part's first span attends, in every layer,
+    # to the K/V this part writes.
+    cut_after: bool = False
+    cut_before: bool = False
 
     def part(self, first: int, last: int) -> DecodeBatch:
         """Spans first..last-1 as a batch of their own (their rows are rows[first's start:last's])."""
@@ -37,33 +42,58 @@ class DecodeBatch:
                            self.caches[first:last], tuple(s - begin for s in self.starts[first:last]),
                            self.offset + begin)
 
+    def cut(self, row: int) -> tuple[DecodeBatch, DecodeBatch]:
+        """The rows before `row` and from it, as two parts; a span that `row` falls inside is cut
+        in two pieces of one request (one cache), the first ending the first part."""
+        i = max(j for j, start in enumerate(self.starts) if start <= row)
+        if self.starts[i] == row:
+            return self.part(0, i), self.part(i, len(self.spans))
+        span, k = self.spans[i], row - self.starts[i]
+        head = DecodeSpan(request_id=span.request_id, token_ids=span.token_ids[:k], position=span.position)
+        tail = DecodeSpan(request_id=span.request_id, token_ids=span.token_ids[k:], position=span.position + k)
+        first = DecodeBatch((*self.spans[:i], head), self.token_ids[:row], self.positions[:row], self.caches[:i + 1],
+                            self.starts[:i + 1], self.offset, cut_after=True)
+        second = DecodeBatch((tail, *self.spans[i + 1:]), self.token_ids[row:], self.positions[row:], self.caches[i:],
+                             (0, *(s - row for s in self.starts[i + 1:])), self.offset + row, cut_before=True)
+        return first, second
+
+    @property
+    def ended(self) -> int:
+        """The spans that end in this batch (all but a last one cut off, `cut_after`): those
+        whose last row's logits the step returns."""
+        return len(self.spans) - self.cut_after
+
     @property
     def last_rows(self) -> torch.Tensor:
-        """[B] each span's last row: the token whose logits the step returns."""
-        return torch.tensor([start + len(s.token_ids) - 1 for start, s in zip(self.starts, self.spans)])
+        """[B] the last row of each span that ends here (`ended`): the token whose logits the
+        step returns."""
+        return torch.tensor([start + len(s.token_ids) - 1 for start, s in zip(self.starts, self.spans)][:self.ended],
+                            dtype=torch.long)
 
 
-# A step of at least this many rows over two or more requests runs, after the first layer that
-# waited on peers, as two halves at once (`halves`, Decoder.step): while one half's tokens are
-# on the link or at the holders, the home computes the other's layer. Four 128-token prompts
-# prefilled together on the emulated LAN (4 agents, 1 Gbit/s, 1 ms): the home's dense work
-# (14 ms a layer), its sends (14 ms through its uplink) and the holders' experts (15-23 ms)
-# followed each other in every layer, 60 ms a layer. Each half streams the experts its rows
-# need again, so the split waits for a layer that calls peers: on the layers all local to the
-# home there is nothing to overlap.
+# A step of at least this many rows runs, after the first layer that waited on peers, as two
+# halves at once (`halves`, Decoder.step): while one half's tokens are on the link or at the
+# holders, the home computes the other's layer. Four 128-token prompts prefilled together on the
+# emulated LAN (4 agents, 1 Gbit/s, 1 ms): the home's dense work (14 ms a layer), its sends (14
+# ms through its uplink) and the holders' experts (15-23 ms) followed each other in every layer,
+# 60 ms a layer. Each half streams the experts its rows need again, so the split waits for a
+# layer that calls peers: on the layers all local to the home there is nothing to overlap.
 PIPELINE_ROWS = 256
 
 
 def halves(batch: DecodeBatch) -> tuple[DecodeBatch, DecodeBatch] | None:
-    """The batch as its first spans and the rest, the cut nearest half its rows; None where it
-    has fewer than PIPELINE_ROWS rows or one span, or no cut leaves each half a quarter of them."""
+    """The batch as two parts, None where it has fewer than PIPELINE_ROWS rows. The cut falls
+    between spans, nearest half the rows, where that leaves each part a quarter of them; else
+    (one long prompt) at half the rows, inside the span there (`DecodeBatch.cut`), and the second
+    part's layers then wait for the first's (its rows attend to the first's K/V)."""
     total = len(batch.token_ids)
-    if total < PIPELINE_ROWS or len(batch.spans) < 2:
+    if total < PIPELINE_ROWS:
         return None
-    cut = min(range(1, len(batch.spans)), key=lambda i: abs(2 * batch.starts[i] - total))
-    if 4 * min(batch.starts[cut], total - batch.starts[cut]) < total:
-        return None
-    return batch.part(0, cut), batch.part(cut, len(batch.spans))
+    if len(batch.spans) > 1:
+        cut = min(range(1, len(batch.spans)), key=lambda i: abs(2 * batch.starts[i] - total))
+        if 4 * min(batch.starts[cut], total - batch.starts[cut]) >= total:
+            return batch.part(0, cut), batch.part(cut, len(batch.spans))
+    return batch.cut(total // 2)
 
 
 def decode_batch(spans: Sequence[DecodeSpan], caches: Mapping[str, KVCache], vocab_size: int, agent: str

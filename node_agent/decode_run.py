@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -52,6 +53,26 @@ class Run:
     # ([B, D], span order): no other row's output is read after the last layer (a prompt's
     # other rows leave their K/V, written before), so their expert work, sends and reads are skipped.
     narrowed: bool = False
+    # The part before this one where the step was cut inside a span (`DecodeBatch.cut`): this
+    # part's rows attend to its K/V, so each of this part's layers waits until it is written.
+    after: Run | None = None
+    _waiters: list[tuple[int, asyncio.Future[None]]] = field(default_factory=list)  # (layer, woken past it)
+
+    def moved(self) -> None:
+        """On the event loop, after a job: wake the parts waiting for a layer this one is past."""
+        done = self.logits is not None
+        for layer, waiter in self._waiters:
+            if (done or self.layer > layer) and not waiter.done():
+                waiter.set_result(None)
+        self._waiters = [(layer, w) for layer, w in self._waiters if not w.done()]
+
+    async def past(self, layer: int) -> None:
+        """Until this part's jobs have run `layer` (its K/V of that layer is written)."""
+        if self.logits is not None or self.layer > layer:
+            return
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters.append((layer, waiter))
+        await waiter
     # An inline layer's local experts left to the compute thread (x, ids, weights, experts): see
     # INLINE_LOCAL_EXPERTS; their output still to add to h, the layer's remote outputs beside it.
     local: tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[int, moe.ExpertWeights]] | None = None
@@ -61,10 +82,11 @@ def parts_of(run: Run, parts: Sequence[DecodeBatch]) -> list[Run]:
     """Where `run` has got to, for each of `parts` (`halves`: runs of its rows)."""
     assert run.h is not None and run.paused is None and not run.narrowed
     h, run.done = slots.with_rows(run.h, run.done), []
-    out = []
+    out: list[Run] = []
     for part in parts:
-        rows = slice(part.offset, part.offset + len(part.token_ids))
-        out.append(Run(part, run.cos[rows], run.sin[rows], layer=run.layer, h=h[rows]))
+        rows = slice(part.offset - run.batch.offset, part.offset - run.batch.offset + len(part.token_ids))
+        out.append(Run(part, run.cos[rows], run.sin[rows], layer=run.layer, h=h[rows],
+                       after=out[-1] if part.cut_before and out else None))
     return out
 
 

@@ -5,6 +5,7 @@ agents over real gRPC, real generated checkpoints)."""
 from __future__ import annotations
 
 import asyncio
+import contextvars
 from pathlib import Path
 from typing import Any
 
@@ -149,6 +150,60 @@ async def test_prompts_prefilled_together_go_on_as_two_halves(tiny_models: dict[
     assert halves.selections is not None and whole.selections is not None
     assert halves.selections.shape == (whole.selections.shape[0], PROMPT_LEN + short, whole.selections.shape[2])
     assert torch.equal(halves.selections, whole.selections)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+async def test_one_long_prompt_goes_on_as_two_pieces(tiny_models: dict[str, Path], arch: str,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """One prompt of PIPELINE_ROWS rows or more (lowered here) is cut at half its rows after the
+    first layer that called peers. The second piece attends to the first's K/V, so each of its
+    layers waits for the first's, even when the first piece's holders answer later (slowed
+    here): the step gives transformers' logits, and the token and selections it gives whole."""
+    model_dir = tiny_models[arch]
+    ids, expected, _ = transformers_outputs(model_dir)
+    forks: list[list[int]] = []
+    parts_of, layers, gather = decode.parts_of, decode.Decoder._layers, decode.gather
+    first_piece = contextvars.ContextVar("first_piece", default=False)
+
+    def spy(run: Any, parts: Any) -> Any:
+        forks.append([len(p.token_ids) for p in parts])
+        return parts_of(run, parts)
+
+    async def marked(self: decode.Decoder, run: Any, fork: bool = False) -> Any:
+        if run.batch.cut_after:
+            first_piece.set(True)  # this task's context only
+        return await layers(self, run, fork)
+
+    async def gather_late(runs: Any) -> Any:
+        done = await gather(runs)
+        if first_piece.get():
+            await asyncio.sleep(0.05)  # the second piece's outputs come first
+        return done
+
+    monkeypatch.setattr(decode, "parts_of", spy)
+    monkeypatch.setattr(decode.Decoder, "_layers", marked)
+    monkeypatch.setattr(decode, "gather", gather_late)
+    results = []
+    async with local_cluster(model_dir, 3, expert_memory=2 * expert_bytes(model_dir)) as cluster:
+        async with cluster.engine() as engine:
+            await engine.refresh()  # most experts on holders: the layers call peers
+            home = cluster.clients[0]
+            greedy = SamplingParams(max_tokens=1, temperature=0)
+            for rows in (decode_batch.PIPELINE_ROWS, 8):  # whole, then as two pieces
+                monkeypatch.setattr(decode_batch, "PIPELINE_ROWS", rows)
+                await home.adopt_kv(f"a{rows}", PROMPT_LEN + 1, PROMPT_LEN, [], prefill_here=True, sampling=greedy)
+                results.append(await home.decode_step(
+                    [DecodeSpan(request_id=RequestId(f"a{rows}"), token_ids=tuple(ids), position=0)], logits=True))
+                await home.release(f"a{rows}")
+    assert forks == [[PROMPT_LEN // 2, PROMPT_LEN - PROMPT_LEN // 2]]  # the second step only
+    whole, pieces = results
+    for result in results:
+        assert result.logits is not None and result.logits.shape[0] == 1
+        assert (result.logits[0] - expected[PROMPT_LEN - 1]).abs().max().item() <= ATOL
+    assert len(pieces.tokens) == 1 and pieces.tokens[0] is not None and whole.tokens[0] is not None
+    assert pieces.tokens[0].token_id == whole.tokens[0].token_id
+    assert pieces.selections is not None and whole.selections is not None
+    assert torch.equal(pieces.selections, whole.selections)
 
 
 async def test_a_half_that_fails_fails_its_step_and_the_other_half_stops(qwen_tiny: Path,
