@@ -13,13 +13,13 @@ import pytest
 import torch
 
 from node_agent import decode, decode_batch
+from node_agent.model.config import MoeConfig
 from protos.ids import RequestId
-from protos.messages import DecodeSpan
+from protos.messages import DecodeResult, DecodeSpan
 from scheduler.errors import AgentFailed
 from scheduler.types import GenerationRequest, SamplingParams
 from tests.conftest import ARCHS
 from tests.integration.cluster import expert_bytes, local_cluster
-from node_agent.model.config import MoeConfig
 from tests.integration.test_equivalence import ATOL, PROMPT_LEN, transformers_outputs
 
 
@@ -106,6 +106,41 @@ async def test_the_last_layer_runs_only_the_logits_rows_experts(tiny_models: dic
     assert after.decode_local_experts - before.decode_local_experts == runs
 
 
+def record_forks(monkeypatch: pytest.MonkeyPatch) -> list[list[int]]:
+    """The rows of each part every step from now on goes on as (`decode.parts_of`)."""
+    forks: list[list[int]] = []
+    parts_of = decode.parts_of
+
+    def spy(run: Any, parts: Any) -> Any:
+        forks.append([len(p.token_ids) for p in parts])
+        return parts_of(run, parts)
+
+    monkeypatch.setattr(decode, "parts_of", spy)
+    return forks
+
+
+async def whole_then_halves(model_dir: Path, monkeypatch: pytest.MonkeyPatch, ids: list[int],
+                            prompts: dict[str, int]) -> list[DecodeResult]:
+    """One step prefilling these prompts (name -> its first tokens of `ids`) on a home whose
+    layers call peers, whole, then again with PIPELINE_ROWS lowered to 8 (as two halves)."""
+    results = []
+    async with local_cluster(model_dir, 3, expert_memory=2 * expert_bytes(model_dir)) as cluster:
+        async with cluster.engine() as engine:
+            await engine.refresh()  # most experts on holders: the layers call peers
+            home = cluster.clients[0]
+            greedy = SamplingParams(max_tokens=1, temperature=0)
+            for rows in (decode_batch.PIPELINE_ROWS, 8):
+                monkeypatch.setattr(decode_batch, "PIPELINE_ROWS", rows)
+                for name, n in prompts.items():
+                    await home.adopt_kv(f"{name}{rows}", n + 1, n, [], prefill_here=True, sampling=greedy)
+                results.append(await home.decode_step(
+                    [DecodeSpan(request_id=RequestId(f"{name}{rows}"), token_ids=tuple(ids[:n]), position=0)
+                     for name, n in prompts.items()], logits=True))
+                for name in prompts:
+                    await home.release(f"{name}{rows}")
+    return results
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 async def test_prompts_prefilled_together_go_on_as_two_halves(tiny_models: dict[str, Path], arch: str,
                                                               monkeypatch: pytest.MonkeyPatch) -> None:
@@ -115,30 +150,8 @@ async def test_prompts_prefilled_together_go_on_as_two_halves(tiny_models: dict[
     model_dir = tiny_models[arch]
     ids, expected, _ = transformers_outputs(model_dir)
     short = PROMPT_LEN - 3
-    forks: list[list[int]] = []
-    parts_of = decode.parts_of
-
-    def spy(run: Any, parts: Any) -> Any:
-        forks.append([len(p.token_ids) for p in parts])
-        return parts_of(run, parts)
-
-    monkeypatch.setattr(decode, "parts_of", spy)
-    results = []
-    async with local_cluster(model_dir, 3, expert_memory=2 * expert_bytes(model_dir)) as cluster:
-        async with cluster.engine() as engine:
-            await engine.refresh()  # most experts on holders: the layers call peers
-            home = cluster.clients[0]
-            greedy = SamplingParams(max_tokens=1, temperature=0)
-            for rows in (decode_batch.PIPELINE_ROWS, 8):  # whole, then as two halves
-                monkeypatch.setattr(decode_batch, "PIPELINE_ROWS", rows)
-                await home.adopt_kv(f"a{rows}", PROMPT_LEN + 1, PROMPT_LEN, [], prefill_here=True, sampling=greedy)
-                await home.adopt_kv(f"b{rows}", short + 1, short, [], prefill_here=True, sampling=greedy)
-                results.append(await home.decode_step(
-                    [DecodeSpan(request_id=RequestId(f"a{rows}"), token_ids=tuple(ids), position=0),
-                     DecodeSpan(request_id=RequestId(f"b{rows}"), token_ids=tuple(ids[:short]), position=0)],
-                    logits=True))
-                await home.release(f"a{rows}")
-                await home.release(f"b{rows}")
+    forks = record_forks(monkeypatch)
+    results = await whole_then_halves(model_dir, monkeypatch, ids, {"a": PROMPT_LEN, "b": short})
     assert forks == [[PROMPT_LEN, short]]  # the second step only
     whole, halves = results
     for result in results:
@@ -161,13 +174,9 @@ async def test_one_long_prompt_goes_on_as_two_pieces(tiny_models: dict[str, Path
     here): the step gives transformers' logits, and the token and selections it gives whole."""
     model_dir = tiny_models[arch]
     ids, expected, _ = transformers_outputs(model_dir)
-    forks: list[list[int]] = []
-    parts_of, layers, gather = decode.parts_of, decode.Decoder._layers, decode.gather
+    forks = record_forks(monkeypatch)
+    layers, gather = decode.Decoder._layers, decode.gather
     first_piece = contextvars.ContextVar("first_piece", default=False)
-
-    def spy(run: Any, parts: Any) -> Any:
-        forks.append([len(p.token_ids) for p in parts])
-        return parts_of(run, parts)
 
     async def marked(self: decode.Decoder, run: Any, fork: bool = False) -> Any:
         if run.batch.cut_after:
@@ -180,21 +189,9 @@ async def test_one_long_prompt_goes_on_as_two_pieces(tiny_models: dict[str, Path
             await asyncio.sleep(0.05)  # the second piece's outputs come first
         return done
 
-    monkeypatch.setattr(decode, "parts_of", spy)
     monkeypatch.setattr(decode.Decoder, "_layers", marked)
     monkeypatch.setattr(decode, "gather", gather_late)
-    results = []
-    async with local_cluster(model_dir, 3, expert_memory=2 * expert_bytes(model_dir)) as cluster:
-        async with cluster.engine() as engine:
-            await engine.refresh()  # most experts on holders: the layers call peers
-            home = cluster.clients[0]
-            greedy = SamplingParams(max_tokens=1, temperature=0)
-            for rows in (decode_batch.PIPELINE_ROWS, 8):  # whole, then as two pieces
-                monkeypatch.setattr(decode_batch, "PIPELINE_ROWS", rows)
-                await home.adopt_kv(f"a{rows}", PROMPT_LEN + 1, PROMPT_LEN, [], prefill_here=True, sampling=greedy)
-                results.append(await home.decode_step(
-                    [DecodeSpan(request_id=RequestId(f"a{rows}"), token_ids=tuple(ids), position=0)], logits=True))
-                await home.release(f"a{rows}")
+    results = await whole_then_halves(model_dir, monkeypatch, ids, {"a": PROMPT_LEN})
     assert forks == [[PROMPT_LEN // 2, PROMPT_LEN - PROMPT_LEN // 2]]  # the second step only
     whole, pieces = results
     for result in results:
