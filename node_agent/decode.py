@@ -308,15 +308,15 @@ class Decoder:
         cfg, w = self.cfg, self.dense.layers[layer]
         h = moe.attention_output(w, h, attn)
         x = moe.rms_norm(h, w.post_norm, cfg.rms_eps)  # [T, D]
-        last = layer == cfg.num_layers - 1 and h.shape[0] > run.batch.ended
+        # In the last layer only the logits rows go on: a prompt's other rows are done once their K/V is in.
+        keep = run.batch.last_rows if layer == cfg.num_layers - 1 and h.shape[0] > run.batch.ended else None
         if w.dense_mlp is not None:
-            if last:
-                h, x, run.narrowed = h[run.batch.last_rows], x[run.batch.last_rows], True
+            if keep is not None:
+                h, x, run.narrowed = h[keep], x[keep], True
             return h + moe.swiglu(w.dense_mlp, x), []
         ids, weights = moe.route(w, cfg, x)  # [T, k]
         run.chosen.append(ids)  # every row's choice: the prefetch and the placement count them
-        if last:  # only the logits rows' experts: a prompt's other rows are done once their K/V is in
-            keep = run.batch.last_rows
+        if keep is not None:
             h, x, ids, weights, run.narrowed = h[keep], x[keep], ids[keep], weights[keep], True
         held = run.pins[layer].weights
         needed = set(ids.flatten().tolist())

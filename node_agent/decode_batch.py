@@ -92,7 +92,7 @@ def halves(batch: DecodeBatch) -> tuple[DecodeBatch, DecodeBatch] | None:
     if len(batch.spans) > 1:
         cut = min(range(1, len(batch.spans)), key=lambda i: abs(2 * batch.starts[i] - total))
         if 4 * min(batch.starts[cut], total - batch.starts[cut]) >= total:
-            return batch.part(0, cut), batch.part(cut, len(batch.spans))
+            return batch.cut(batch.starts[cut])
     return batch.cut(total // 2)
 
 

@@ -57,6 +57,9 @@ class Run:
     # part's rows attend to its K/V, so each of this part's layers waits until it is written.
     after: Run | None = None
     _waiters: list[tuple[int, asyncio.Future[None]]] = field(default_factory=list)  # (layer, woken past it)
+    # An inline layer's local experts left to the compute thread (x, ids, weights, experts): see
+    # INLINE_LOCAL_EXPERTS; their output still to add to h, the layer's remote outputs beside it.
+    local: tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[int, moe.ExpertWeights]] | None = None
 
     def moved(self) -> None:
         """On the event loop, after a job: wake the parts waiting for a layer this one is past."""
@@ -73,9 +76,6 @@ class Run:
         waiter = asyncio.get_running_loop().create_future()
         self._waiters.append((layer, waiter))
         await waiter
-    # An inline layer's local experts left to the compute thread (x, ids, weights, experts): see
-    # INLINE_LOCAL_EXPERTS; their output still to add to h, the layer's remote outputs beside it.
-    local: tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[int, moe.ExpertWeights]] | None = None
 
 
 def parts_of(run: Run, parts: Sequence[DecodeBatch]) -> list[Run]:

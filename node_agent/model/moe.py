@@ -112,10 +112,14 @@ def load_dense(ckpt: Checkpoint, cfg: MoeConfig, dtype: torch.dtype, progress: C
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     if x.dtype == torch.float32 and weight.dtype == torch.float32:  # one fused op, the same values
         return F.rms_norm(x, weight.shape, weight, eps)
-    # Normalise in float32 whatever the compute dtype, as the reference implementation does.
+    return weight * _normalized(x, eps)
+
+
+def _normalized(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """x over its root mean square (last dim), computed in float32 whatever the compute dtype, as
+    the reference implementation does, and given back in x's dtype."""
     xf = x.float()
-    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * xf.to(x.dtype)
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
 
 
 def _head_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -123,9 +127,7 @@ def _head_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tenso
     the values `rms_norm` gives head by head with that head's weight row."""
     if x.dtype == torch.float32 and weight.dtype == torch.float32:
         return F.rms_norm(x, weight.shape[-1:], None, eps) * weight
-    xf = x.float()
-    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * xf.to(x.dtype)
+    return weight * _normalized(x, eps)
 
 
 def rope_tables(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
