@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
@@ -26,10 +27,18 @@ from node_agent.decode_attention import Partial
 from node_agent.dispatch import ExpertCalls, Rows, only, routed_rows, rows_with
 from node_agent.expert_buffer import ExpertBuffer
 from node_agent.model import slots
+from node_agent.peers import PeerFailed
 from node_agent.read_ahead import MAX_AHEAD
 from node_agent.state import KVShard
 from protos.ids import ExpertId, NodeId, SliceId
 from protos.routing import RoutingTable
+
+log = logging.getLogger(__name__)
+
+# A call that failed with one of these reached no holder (killed, its connection lost, or stopped
+# past the data plane's keepalive): the home runs that work itself, reading what it lacks, and
+# the step goes on. An error the holder answered with is the holder's, and fails the step.
+UNREACHABLE = frozenset({"UNAVAILABLE", "DEADLINE_EXCEEDED"})
 
 # auto splits an unheld expert where the read it saves beats this many round trips: a split also
 # costs every agent a call and a slice's compute, and a page-cached read's time varies (on the
@@ -84,6 +93,9 @@ class LayerSends:
         self.read_ahead: ReadAheadFn | None = None  # begins reading one of my slices (the agent's executor)
         self._ahead_tasks: set[asyncio.Future[Any]] = set()
         self._may_split: tuple[RoutingTable | None, bool] = (None, False)
+        # Holders a call could not reach, until the next table: their work runs here meanwhile.
+        self._unreachable: tuple[RoutingTable | None, set[NodeId]] = (None, set())
+        self.fallback_experts = 0  # (layer, expert) runs (slices too) of an unreachable holder run here
 
     def attention(self, dispatch: Dispatch, span: int, layer: int, q: torch.Tensor, request_id: str,
                   sources: Sequence[tuple[str, str]]) -> None:
@@ -148,7 +160,9 @@ class LayerSends:
                 run = read = asyncio.ensure_future(self._load_and_run(layer, x[rows], sub[rows], weights[rows], es))
             else:
                 dispatch.remote += len(es)
-                run = self._call(NodeId(holder), layer, x[rows], sub[rows], weights[rows], ahead=hints.pop(NodeId(holder), []))
+                here = functools.partial(self._load_and_run, layer, x[rows], sub[rows], weights[rows], es)
+                run = self._or_here(NodeId(holder), len(es), here, layer, x[rows], sub[rows], weights[rows],
+                                    ahead=hints.pop(NodeId(holder), []))
             dispatch.runs.append(outer := asyncio.ensure_future(rows_with(rows, run)))
             if read is not None:
                 outer.add_done_callback(functools.partial(_cancel, read))
@@ -219,8 +233,9 @@ class LayerSends:
                 run = self.run_slices(layer, xs, ids_, ws, part, of)
             else:
                 dispatch.remote += len(experts)
+                here = functools.partial(self.run_slices, layer, xs, ids_, ws, part, of)
                 # Told once, with its first batch of the layer.
-                run = self._call(node, layer, xs, ids_, ws, part, of, hints.pop(node, []))
+                run = self._or_here(node, len(experts), here, layer, xs, ids_, ws, part, of, hints.pop(node, []))
             dispatch.runs.append(asyncio.ensure_future(rows_with(rows, run)))
 
     def _call(self, node: NodeId, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
@@ -232,12 +247,45 @@ class LayerSends:
         return self.peers.run_experts(node, self.table.addresses[node], "decode", layer, x, ids, weights,
                                       decode=True, part=part, of=of, read_ahead=ahead)
 
+    def _or_here(self, node: NodeId, experts: int, here: Callable[[], Awaitable[torch.Tensor]], layer: int,
+                 x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, part: int = 0, of: int = 1,
+                 ahead: Sequence[SliceId] = ()) -> Awaitable[torch.Tensor]:
+        """A batch of `experts` to `node` (`_call`: it leaves now), or `here()`, this agent running
+        the same work, where `node` cannot be reached (`UNREACHABLE`): a holder that fails loses
+        the step some time, not the request a replay."""
+        if node in self._unreachable_now():
+            self.fallback_experts += experts
+            return here()
+        return self._here_if_unreachable(node, experts, self._call(node, layer, x, ids, weights, part, of, ahead), here)
+
+    async def _here_if_unreachable(self, node: NodeId, experts: int, call: Awaitable[torch.Tensor],
+                                   here: Callable[[], Awaitable[torch.Tensor]]) -> torch.Tensor:
+        try:
+            return await call
+        except PeerFailed as exc:
+            if exc.code not in UNREACHABLE:
+                raise
+            unreachable = self._unreachable_now()
+            if node not in unreachable:
+                unreachable.add(node)
+                log.warning("agent %s is unreachable (%s); its decode work runs here until the next routing table",
+                            node, exc)
+        self.fallback_experts += experts
+        return await here()
+
+    def _unreachable_now(self) -> set[NodeId]:
+        """The holders found unreachable since the current table came (a new one starts afresh:
+        the scheduler takes an agent that is down out of it, and puts it back once it answers)."""
+        if self._unreachable[0] is not self.table:
+            self._unreachable = (self.table, set())
+        return self._unreachable[1]
+
     def _tell(self, node: NodeId, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
               pieces: Sequence[SliceId]) -> None:
         """Slices to read ahead for an agent this layer gives no work: a batch of no rows that
         carries only them, not waited for (the step does not need its empty answer). A failure
         is left to the next call to that agent, which reports it."""
-        if node not in self.table.addresses:
+        if node not in self.table.addresses or node in self._unreachable_now():
             return
         task = asyncio.ensure_future(self._call(node, layer, x[:0], ids[:0], weights[:0], ahead=pieces))
         self._ahead_tasks.add(task)

@@ -197,7 +197,7 @@ class Servicer(pb_grpc.NodeAgentServicer):
             slice_runs=core.executor.slice_runs, decode_prefetch_reads=core.decoder.prefetch.read,
             decode_prefetch_hits=core.decoder.prefetch.hits, decode_prefetch_misses=core.decoder.prefetch.misses,
             read_ahead=core.executor.read_ahead.started, read_ahead_used=core.executor.read_ahead.used,
-            prefill_split_experts=core.split_runs,
+            prefill_split_experts=core.split_runs, decode_fallback_experts=core.decoder.sends.fallback_experts,
             home_prefill_tokens=core.decoder.prompt_tokens, decode_split_attention=core.decoder.split_attention,
             cpu_s=time.process_time(), paced_cpu_s=core.pacer.paced_cpu_s,
             requests=len(core.requests.live()))

@@ -189,6 +189,7 @@ class CacheCounters:
     read_ahead: int = 0  # slices it began reading on a home's guess of its next layer (ExpertBatch.read_ahead)
     read_ahead_used: int = 0  # of those, the ones a home then asked for
     prefill_split_experts: int = 0  # (layer, expert) runs of its prefill tokens split into slices (RoutingPlan.splits)
+    decode_fallback_experts: int = 0  # (layer, expert) runs of its decode steps it ran itself, the holder unreachable
 
 
 @dataclass(frozen=True)

@@ -181,6 +181,9 @@ _AGENT_COUNTERS = (
     ("potluck_agent_prefill_split_experts", "Expert runs (per layer and expert) of the agent's sequence-parallel "
      "prefill tokens split into slices over the agents by the token scheduling's load balance.",
      "prefill_split_experts"),
+    ("potluck_agent_decode_fallback_experts", "Expert runs (per layer and expert, slices included) of the agent's "
+     "decode steps that it ran itself because the holder its routing table named could not be reached.",
+     "decode_fallback_experts"),
     ("potluck_agent_slice_runs", "Expert slices (per layer and expert) the agent ran for decoding agents' split "
      "experts, its own included.", "slice_runs"),
     ("potluck_agent_decode_prefetch_reads", "Experts the agent read ahead of a request's decode, from what the "
